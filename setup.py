@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+
+setup(
+    name="evl-hf",
+    version="0.1.0",
+    description="EVL (Frozen CLIP Models are Efficient Video Learners) as a native Hugging Face transformers model",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"evl_hf": ["metrics/*.py"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "transformers>=5.24,<6",
+        "huggingface_hub>=1.0",
+        "safetensors",
+        "av>=12",
+        "numpy",
+    ],
+    extras_require={
+        "train": ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4", "scikit-learn"],
+        "testing": [
+            "pytest",
+            "hypothesis",
+            "parameterized",
+            "scikit-video",
+            "accelerate>=1.0",
+            "datasets>=3.0",
+            "evaluate>=0.4",
+            "scikit-learn",
+        ],
+    },
+    entry_points={"console_scripts": ["evl-convert=evl_hf.convert:main"]},
+    license="Apache-2.0",
+)

@@ -1,0 +1,39 @@
+"""evl-hf: EVL ("Frozen CLIP Models are Efficient Video Learners") as a native Hugging Face transformers model.
+
+Importing the package registers EVL with `AutoConfig`, `AutoModel`, `AutoModelForVideoClassification` and
+`AutoVideoProcessor` (and so with `pipeline("video-classification")`). Saved checkpoints also carry `auto_map`, so
+`trust_remote_code=True` loads them where this package is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor
+
+from .configuration_evl import EVL_PRESETS, EVLConfig
+from .modeling_evl import EVLForVideoClassification, EVLInputError, EVLModel, EVLModelOutput, EVLPreTrainedModel
+from .video_processing_evl import EVLVideoDecodingError, EVLVideoProcessor, decode_video, sample_frame_indices
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register("evl", EVLConfig, exist_ok=True)
+AutoModel.register(EVLConfig, EVLModel, exist_ok=True)
+AutoModelForVideoClassification.register(EVLConfig, EVLForVideoClassification, exist_ok=True)
+AutoVideoProcessor.register(EVLConfig, EVLVideoProcessor, exist_ok=True)
+
+EVLConfig.register_for_auto_class()
+EVLModel.register_for_auto_class("AutoModel")
+EVLForVideoClassification.register_for_auto_class("AutoModelForVideoClassification")
+EVLVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+
+__all__ = [
+    "EVL_PRESETS",
+    "EVLConfig",
+    "EVLForVideoClassification",
+    "EVLInputError",
+    "EVLModel",
+    "EVLModelOutput",
+    "EVLPreTrainedModel",
+    "EVLVideoDecodingError",
+    "EVLVideoProcessor",
+    "decode_video",
+    "sample_frame_indices",
+]

@@ -1,0 +1,188 @@
+# Copyright 2026 The evl-hf authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""EVL model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPVisionConfig, PreTrainedConfig
+
+
+# The public OpenAI CLIP vision towers the authors built on. Kept here so that presets work offline.
+_CLIP_VISION_SHAPES = {
+    "openai/clip-vit-base-patch16": dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
+        image_size=224, projection_dim=512,
+    ),
+    "openai/clip-vit-large-patch14": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+        image_size=224, projection_dim=768,
+    ),
+    "openai/clip-vit-large-patch14-336": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+        image_size=336, projection_dim=768,
+    ),
+}  # fmt: skip
+
+# Released (and paper) configurations. `sampling_rate` and the view counts describe the authors' evaluation protocol
+# and are consumed by the video processor, not by the model.
+EVL_PRESETS = {
+    "k400-vit-b16-8f": dict(backbone="openai/clip-vit-base-patch16", num_frames=8, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=1, num_temporal_views=3),
+    "k400-vit-b16-16f": dict(backbone="openai/clip-vit-base-patch16", num_frames=16, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=3, num_temporal_views=1),
+    "k400-vit-b16-32f": dict(backbone="openai/clip-vit-base-patch16", num_frames=32, sampling_rate=8, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=3, num_temporal_views=1),
+    "k400-vit-l14-8f": dict(backbone="openai/clip-vit-large-patch14", num_frames=8, sampling_rate=16, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=1, num_temporal_views=3),
+    "k400-vit-l14-16f": dict(backbone="openai/clip-vit-large-patch14", num_frames=16, sampling_rate=16, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
+    "k400-vit-l14-32f": dict(backbone="openai/clip-vit-large-patch14", num_frames=32, sampling_rate=8, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
+    # Reported in the paper, never released.
+    "k400-vit-l14-336-32f": dict(backbone="openai/clip-vit-large-patch14-336", num_frames=32, sampling_rate=8, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
+    # The authors advise 12 decoder layers for Something-Something v2 (174 classes); no weights were released.
+    "ssv2-vit-b16-8f-dec12": dict(backbone="openai/clip-vit-base-patch16", num_frames=8, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, decoder_num_layers=12, num_labels=174, num_spatial_views=3, num_temporal_views=1),
+}  # fmt: skip
+
+_PROCESSOR_PRESET_KEYS = ("backbone", "sampling_rate", "num_spatial_views", "num_temporal_views")
+
+
+@strict
+class EVLConfig(PreTrainedConfig):
+    r"""
+    Configuration of an EVL video classifier ("Frozen CLIP Models are Efficient Video Learners", Lin et al., ECCV
+    2022): a frozen CLIP ViT image encoder run on every frame, and a light Transformer decoder whose single learned
+    query cross-attends, block by block, to the frame features of the last `decoder_num_layers` backbone blocks.
+
+    Args:
+        vision_config (`CLIPVisionConfig` or `dict`, *optional*):
+            Configuration of the CLIP vision backbone. Defaults to a ViT-B/16 shaped `CLIPVisionConfig`.
+        num_frames (`int`, *optional*, defaults to 8):
+            Frames per clip the model is trained with. It sizes the temporal position embeddings; clips with another
+            frame count still work (the embeddings are linearly interpolated along time).
+        decoder_num_layers (`int`, *optional*, defaults to 4):
+            Decoder layers. Decoder layer `i` reads backbone block `L - decoder_num_layers + i`, so this is also the
+            number of backbone blocks whose features are used. At most the backbone's depth.
+        decoder_qkv_dim (`int`, *optional*, defaults to 768):
+            Width of the decoder attention's query/key/value projections.
+        decoder_num_heads (`int`, *optional*, defaults to 12):
+            Attention heads of the decoder; must divide `decoder_qkv_dim`.
+        decoder_mlp_factor (`float`, *optional*, defaults to 4.0):
+            Hidden width of the decoder MLP as a multiple of the backbone width (rounded to an integer).
+        decoder_mlp_dropout (`float`, *optional*, defaults to 0.5):
+            Dropout inside the decoder MLP.
+        classifier_dropout (`float`, *optional*, defaults to 0.5):
+            Dropout between the final LayerNorm and the classification layer.
+        use_temporal_conv (`bool`, *optional*, defaults to `True`):
+            Add a depthwise temporal convolution (kernel 3) of the frame features to the decoder's keys/values.
+        use_temporal_pos_embed (`bool`, *optional*, defaults to `True`):
+            Add learned per-frame position embeddings to the decoder's keys/values.
+        use_temporal_cross_attention (`bool`, *optional*, defaults to `True`):
+            Add the cross-frame attention feature (attention maps between neighbouring frames, turned into features
+            through learned relative-offset tables) to the decoder's keys/values.
+        freeze_backbone (`bool`, *optional*, defaults to `True`):
+            Keep the CLIP backbone frozen: no gradient, always in eval mode, not trainable. Set to `False` to fine-tune
+            end to end.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-05):
+            Epsilon of the decoder and head LayerNorms.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser of the classification layer.
+
+    Example:
+
+    ```python
+    >>> from evl_hf import EVLConfig, EVLForVideoClassification
+
+    >>> configuration = EVLConfig(num_labels=400)
+    >>> model = EVLForVideoClassification(configuration)
+    >>> configuration = model.config
+    ```"""
+
+    model_type = "evl"
+    sub_configs_defaults = {"vision_config": CLIPVisionConfig}
+
+    vision_config: dict | PreTrainedConfig | None = None
+    num_frames: int = 8
+    decoder_num_layers: int = 4
+    decoder_qkv_dim: int = 768
+    decoder_num_heads: int = 12
+    decoder_mlp_factor: float | int = 4.0
+    decoder_mlp_dropout: float | int = 0.5
+    classifier_dropout: float | int = 0.5
+    use_temporal_conv: bool = True
+    use_temporal_pos_embed: bool = True
+    use_temporal_cross_attention: bool = True
+    freeze_backbone: bool = True
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    def validate_evl_architecture(self):
+        """Reject configurations the model cannot be built from, saying which field is wrong and why."""
+        vision = self.vision_config
+        if self.num_frames < 1:
+            raise ValueError(f"`num_frames` must be at least 1, got {self.num_frames}.")
+        if self.decoder_num_layers < 1:
+            raise ValueError(f"`decoder_num_layers` must be at least 1, got {self.decoder_num_layers}.")
+        if vision is not None and self.decoder_num_layers > vision.num_hidden_layers:
+            raise ValueError(
+                f"`decoder_num_layers` ({self.decoder_num_layers}) cannot exceed the backbone's number of layers "
+                f"(`vision_config.num_hidden_layers` = {vision.num_hidden_layers}): each decoder layer reads one "
+                "backbone block."
+            )
+        if self.decoder_qkv_dim < 1 or self.decoder_num_heads < 1:
+            raise ValueError(
+                f"`decoder_qkv_dim` ({self.decoder_qkv_dim}) and `decoder_num_heads` ({self.decoder_num_heads}) must "
+                "be positive."
+            )
+        if self.decoder_qkv_dim % self.decoder_num_heads != 0:
+            raise ValueError(
+                f"`decoder_qkv_dim` ({self.decoder_qkv_dim}) must be divisible by `decoder_num_heads` "
+                f"({self.decoder_num_heads})."
+            )
+        if self.decoder_mlp_factor <= 0:
+            raise ValueError(f"`decoder_mlp_factor` must be positive, got {self.decoder_mlp_factor}.")
+        for name in ("decoder_mlp_dropout", "classifier_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
+        if vision is not None:
+            if vision.hidden_size % vision.num_attention_heads != 0:
+                raise ValueError(
+                    f"`vision_config.hidden_size` ({vision.hidden_size}) must be divisible by "
+                    f"`vision_config.num_attention_heads` ({vision.num_attention_heads})."
+                )
+            if vision.image_size % vision.patch_size != 0:
+                raise ValueError(
+                    f"`vision_config.image_size` ({vision.image_size}) must be a multiple of "
+                    f"`vision_config.patch_size` ({vision.patch_size}) for the cross-frame attention's patch grid."
+                )
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(height, width) of the backbone's patch grid."""
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        return side, side
+
+    @classmethod
+    def from_preset(cls, name: str, vision_config: CLIPVisionConfig | None = None, **kwargs) -> "EVLConfig":
+        """
+        Build the configuration of one of the authors' released (or paper) models, see `EVL_PRESETS`. The backbone
+        shape comes from the preset unless `vision_config` is given; `kwargs` override any field.
+        """
+        if name not in EVL_PRESETS:
+            raise ValueError(f"Unknown EVL preset {name!r}; choose one of {sorted(EVL_PRESETS)}.")
+        preset = dict(EVL_PRESETS[name])
+        backbone = preset["backbone"]
+        for key in _PROCESSOR_PRESET_KEYS:
+            preset.pop(key)
+        if vision_config is None:
+            vision_config = CLIPVisionConfig(hidden_act="quick_gelu", **_CLIP_VISION_SHAPES[backbone])
+        preset.update(kwargs)
+        return cls(vision_config=vision_config, **preset)
+
+
+__all__ = ["EVLConfig", "EVL_PRESETS"]

@@ -1,0 +1,217 @@
+"""
+Convert the authors' released EVL checkpoints (`k400_vit*_dec4x*.pth`, decoder and head only) into a transformers
+checkpoint: safetensors weights, `config.json` and `video_preprocessor_config.json`, loadable with
+`AutoModelForVideoClassification`, `AutoVideoProcessor` and `pipeline("video-classification")`.
+
+    python -m evl_hf.convert --checkpoint k400_vitb16_8f_dec4x768.pth --backbone openai/clip-vit-base-patch16 \
+        --output_dir evl-vit-b16-8f-k400 --labels kinetics400_labels.json
+
+Everything the checkpoint's shapes determine (frames, decoder depth, qkv width, MLP factor, classes, which temporal
+modules exist) is read from it; the decoder head count defaults to the backbone's.
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from .configuration_evl import EVLConfig
+from .modeling_evl import EVLForVideoClassification
+from .video_processing_evl import EVLVideoProcessor
+
+
+class EVLCheckpointError(ValueError):
+    """The authors' checkpoint is unreadable or does not fit the backbone / the EVL architecture."""
+
+
+_LAYER_RENAMES = {
+    "attn.q_proj": "cross_attention.q_proj",
+    "attn.k_proj": "cross_attention.k_proj",
+    "attn.v_proj": "cross_attention.v_proj",
+    "attn.out_proj": "cross_attention.out_proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "norm1": "query_layernorm",
+    "norm2": "mlp_layernorm",
+    "norm3": "frame_layernorm",
+}
+
+
+def rename_key(key: str) -> str:
+    """Map one key of the authors' layout (without the `module.` prefix) to `EVLForVideoClassification`'s."""
+    if key == "decoder.cls_token":
+        return "evl.decoder.query"
+    if match := re.fullmatch(r"decoder\.decoder_layers\.(\d+)\.(attn\.\w+_proj|mlp\.fc\d|norm\d)\.(weight|bias)", key):
+        index, module, kind = match.groups()
+        if module in _LAYER_RENAMES:
+            return f"evl.decoder.layers.{index}.{_LAYER_RENAMES[module]}.{kind}"
+    if match := re.fullmatch(r"decoder\.temporal_conv\.(\d+)\.(weight|bias)", key):
+        return f"evl.decoder.layers.{match[1]}.temporal_conv.conv.{match[2]}"
+    if match := re.fullmatch(r"decoder\.temporal_pos_embed\.(\d+)", key):
+        return f"evl.decoder.layers.{match[1]}.temporal_position_embedding.embedding"
+    if match := re.fullmatch(r"decoder\.cross_attention\.(\d+)\.(w1|w2)", key):
+        table = "previous_frame_table" if match[2] == "w1" else "next_frame_table"
+        return f"evl.decoder.layers.{match[1]}.cross_frame_attention.{table}"
+    if match := re.fullmatch(r"proj\.(0|2)\.(weight|bias)", key):
+        return f"{'fc_norm' if match[1] == '0' else 'classifier'}.{match[2]}"
+    raise EVLCheckpointError(f"Unexpected key {key!r} in the EVL checkpoint: it is not part of the EVL decoder/head.")
+
+
+def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an authors' checkpoint (`{"model": {"module.<key>": tensor}}`) safely (`weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EVLCheckpointError(f"{path}: no such checkpoint file.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated/corrupt/unsafe pickles
+        raise EVLCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error}).")
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise EVLCheckpointError(f"{path}: expected a dict of tensors under 'model', got {type(checkpoint).__name__}.")
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    backbone_keys = [key for key in state_dict if not key.startswith(("decoder.", "proj."))]
+    if backbone_keys:
+        raise EVLCheckpointError(
+            f"{path}: expected only decoder/head weights, found {len(backbone_keys)} other keys "
+            f"(e.g. {backbone_keys[:3]}); the backbone comes from --backbone."
+        )
+    return state_dict
+
+
+def infer_config(
+    state_dict: dict[str, torch.Tensor], vision_config: CLIPVisionConfig, decoder_num_heads: int | None = None
+) -> EVLConfig:
+    """Read the EVL configuration off the checkpoint's shapes, checking that they fit the backbone."""
+    hidden_size = vision_config.hidden_size
+    layer_indices = sorted({int(m[1]) for k in state_dict if (m := re.match(r"decoder\.decoder_layers\.(\d+)\.", k))})
+    if not layer_indices or layer_indices != list(range(len(layer_indices))):
+        raise EVLCheckpointError(f"Decoder layers must be numbered 0..K-1, found {layer_indices}.")
+    num_layers = len(layer_indices)
+    for required in ("decoder.cls_token", "decoder.decoder_layers.0.attn.q_proj.weight", "decoder.decoder_layers.0.mlp.fc1.weight", "proj.2.weight"):  # fmt: skip
+        if required not in state_dict:
+            raise EVLCheckpointError(f"The checkpoint lacks {required!r}; it is not an EVL decoder checkpoint.")
+
+    width = state_dict["decoder.cls_token"].shape[-1]
+    if width != hidden_size:
+        raise EVLCheckpointError(
+            f"The checkpoint's decoder width is {width} ('decoder.cls_token' {tuple(state_dict['decoder.cls_token'].shape)}) "
+            f"but the backbone's hidden_size is {hidden_size}: it was trained on another backbone."
+        )
+    qkv_dim = state_dict["decoder.decoder_layers.0.attn.q_proj.weight"].shape[0]
+    mlp_hidden = state_dict["decoder.decoder_layers.0.mlp.fc1.weight"].shape[0]
+    num_labels = state_dict["proj.2.weight"].shape[0]
+    pos_key = "decoder.temporal_pos_embed.0"
+    use_pos = pos_key in state_dict
+    kwargs = dict(
+        decoder_num_layers=num_layers,
+        decoder_qkv_dim=qkv_dim,
+        decoder_num_heads=decoder_num_heads or vision_config.num_attention_heads,
+        decoder_mlp_factor=mlp_hidden / hidden_size,
+        use_temporal_conv="decoder.temporal_conv.0.weight" in state_dict,
+        use_temporal_pos_embed=use_pos,
+        use_temporal_cross_attention="decoder.cross_attention.0.w1" in state_dict,
+        num_labels=num_labels,
+    )
+    if use_pos:
+        kwargs["num_frames"] = state_dict[pos_key].shape[0]
+    if num_layers > vision_config.num_hidden_layers:
+        raise EVLCheckpointError(
+            f"The checkpoint has {num_layers} decoder layers but the backbone only {vision_config.num_hidden_layers} blocks."
+        )
+    try:
+        return EVLConfig(vision_config=vision_config, **kwargs)
+    except ValueError as error:
+        raise EVLCheckpointError(f"The checkpoint's shapes give an invalid EVL configuration: {error}") from error
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor], model: EVLForVideoClassification) -> dict[str, torch.Tensor]:
+    """Rename the authors' keys and check every decoder/head tensor against the model: all present, all shapes equal."""
+    converted = {rename_key(key): value for key, value in state_dict.items()}
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("evl.vision_model.")}
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    mismatched = [
+        f"{key}: checkpoint {tuple(converted[key].shape)} vs model {tuple(expected[key])}"
+        for key in sorted(set(expected) & set(converted))
+        if converted[key].shape != expected[key]
+    ]
+    if missing or unexpected or mismatched:
+        raise EVLCheckpointError(
+            "The checkpoint does not fit the EVL model built from it and the backbone:"
+            + (f"\n  missing: {missing}" if missing else "")
+            + (f"\n  unexpected: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatch: {mismatched}" if mismatched else "")
+        )
+    return converted
+
+
+def convert_evl_checkpoint(
+    checkpoint_path: str | Path,
+    backbone: str | Path,
+    decoder_num_heads: int | None = None,
+    id2label: dict[int, str] | None = None,
+    sampling_rate: int | None = None,
+) -> tuple[EVLForVideoClassification, EVLVideoProcessor]:
+    """Build the transformers model (pretrained CLIP backbone + converted decoder/head) and its video processor."""
+    state_dict = load_original_state_dict(checkpoint_path)
+    vision_model = CLIPVisionModel.from_pretrained(backbone)
+    config = infer_config(state_dict, vision_model.config, decoder_num_heads)
+    if id2label is not None:
+        if len(id2label) != config.num_labels:
+            raise EVLCheckpointError(
+                f"{len(id2label)} labels given but the checkpoint's classifier has {config.num_labels} outputs."
+            )
+        config.id2label = dict(id2label)
+        config.label2id = {label: index for index, label in id2label.items()}
+    model = EVLForVideoClassification(config)
+    model.evl.vision_model.load_state_dict(vision_model.state_dict())
+    converted = convert_state_dict(state_dict, model)
+    model.load_state_dict(converted, strict=False)
+    model.eval()
+    # The authors sample 8 or 16 frames with stride 16 and 32 frames with stride 8.
+    if sampling_rate is None:
+        sampling_rate = 8 if config.num_frames >= 32 else 16
+    size = vision_model.config.image_size
+    processor = EVLVideoProcessor(
+        num_frames=config.num_frames,
+        sampling_rate=sampling_rate,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+    )
+    return model, processor
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="The authors' .pth file (decoder and head).")
+    parser.add_argument("--backbone", required=True, help="CLIP id (e.g. openai/clip-vit-base-patch16) or local dir.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--decoder_num_heads", type=int, default=None, help="Defaults to the backbone's head count.")
+    parser.add_argument("--labels", default=None, help="JSON list of class names in index order.")
+    parser.add_argument("--sampling_rate", type=int, default=None, help="Frame stride (default: 16, or 8 for 32 frames).")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="Also upload to this Hub repository.")
+    args = parser.parse_args(argv)
+
+    id2label = None
+    if args.labels:
+        labels = json.loads(Path(args.labels).read_text())
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise EVLCheckpointError(f"{args.labels}: expected a JSON list of class names.")
+        id2label = dict(enumerate(labels))
+    model, processor = convert_evl_checkpoint(
+        args.checkpoint, args.backbone, args.decoder_num_heads, id2label, args.sampling_rate
+    )
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    print(f"Saved {type(model).__name__} ({model.config.num_labels} classes, {model.config.num_frames} frames) to {args.output_dir}")
+    if args.push_to_hub:
+        model.push_to_hub(args.push_to_hub)
+        processor.push_to_hub(args.push_to_hub)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,604 @@
+# Copyright 2026 The evl-hf authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PyTorch EVL model: a frozen CLIP ViT backbone with a light temporal Transformer decoder."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_evl import EVLConfig
+
+
+logger = logging.get_logger(__name__)
+
+# Working-set budget (in float32 elements) for one chunk of cross-frame attention maps: bounds the module's peak memory
+# independently of the number of frames.
+_CROSS_FRAME_CHUNK_ELEMENTS = 2**24
+
+
+@dataclass
+class EVLModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1, hidden_size)`):
+        The decoder's query token after the last decoder layer.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        The video embedding: the final query token, normalised by the head's LayerNorm input convention (no
+        normalisation is applied here; `EVLForVideoClassification` normalises it before classifying).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The query token before the first decoder layer and after each decoder layer, each of shape
+        `(batch_size, 1, hidden_size)`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        Attention weights of each decoder layer's query over the frame features, each of shape
+        `(batch_size, decoder_num_heads, 1, num_frames * (num_patches + 1))`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class EVLInputError(ValueError):
+    """Raised when `pixel_values` cannot be a clip for this model (wrong rank, channels, size, dtype or values)."""
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class EVLTemporalConv(nn.Module):
+    """Depthwise convolution (kernel 3, zero padded) along time, applied at every token position."""
+
+    def __init__(self, config: EVLConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
+
+    def forward(self, frame_features: torch.Tensor) -> torch.Tensor:
+        batch_size, num_frames, num_tokens, hidden_size = frame_features.shape
+        sequences = frame_features.permute(0, 2, 3, 1).reshape(batch_size * num_tokens, hidden_size, num_frames)
+        sequences = self.conv(sequences)
+        return sequences.view(batch_size, num_tokens, hidden_size, num_frames).permute(0, 3, 1, 2)
+
+
+class EVLTemporalPositionEmbedding(nn.Module):
+    """One learned embedding per frame. Other frame counts than `num_frames` get a linear interpolation over time."""
+
+    def __init__(self, config: EVLConfig):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(config.num_frames, config.vision_config.hidden_size))
+
+    def forward(self, num_frames: int) -> torch.Tensor:
+        if num_frames == self.embedding.shape[0]:
+            return self.embedding
+        resized = nn.functional.interpolate(
+            self.embedding.T.unsqueeze(0), size=num_frames, mode="linear", align_corners=True
+        )
+        return resized.squeeze(0).T
+
+
+class EVLCrossFrameAttention(nn.Module):
+    """
+    Turns the backbone's attention between the patches of neighbouring frames into features. For frame t, the patch
+    queries attend to the patch keys of frame t-1 and of frame t+1 (softmax over keys, averaged over heads); each
+    (N, N) map then selects, for every query patch q and key patch k, a learned vector indexed by the spatial offset
+    between q and k, and sums them weighted by the attention. The cls row stays zero.
+
+    The authors gather an (N, N, hidden_size) table per direction; that is 1.4 GB at ViT-L/14@336 shapes. Here each
+    map is scattered into offset space instead: row offsets become a fixed window per query row (a flip), column
+    offsets a (2w - 1)-wide scatter. One batched matmul against (h, h * (2w - 1), hidden_size) windows of the tables
+    then gives the same sum, and frames are processed in chunks so memory does not grow with the clip length.
+    """
+
+    def __init__(self, config: EVLConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.grid_height, self.grid_width = config.patch_grid
+        self.num_heads = vision_config.num_attention_heads
+        self.scale = (vision_config.hidden_size // self.num_heads) ** -0.5
+        num_offsets = (2 * self.grid_height - 1) * (2 * self.grid_width - 1)
+        self.previous_frame_table = nn.Parameter(torch.zeros(num_offsets, vision_config.hidden_size))
+        self.next_frame_table = nn.Parameter(torch.zeros(num_offsets, vision_config.hidden_size))
+        columns = torch.arange(self.grid_width)
+        # Column offset of query column j and key column k, shifted to be non-negative.
+        self.register_buffer(
+            "column_offsets", columns[:, None] - columns[None, :] + self.grid_width - 1, persistent=False
+        )
+
+    def _table_windows(self) -> torch.Tensor:
+        """(h, 2 * h * (2w - 1), D): for query row i, the table rows that its keys' row offsets can reach."""
+        height, width = self.grid_height, self.grid_width
+        windows = []
+        for table in (self.previous_frame_table, self.next_frame_table):
+            grid = table.view(2 * height - 1, 2 * width - 1, -1)
+            # unfold: [i, column offset, D, local row offset] = grid[i + local row offset, column offset]
+            windows.append(grid.unfold(0, height, 1).permute(0, 3, 1, 2))
+        return torch.stack(windows, dim=1).reshape(height, 2 * height * (2 * width - 1), -1)
+
+    def _attention_maps(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Head-averaged softmax(q k^T / sqrt(d)) of (B, c, N, heads, d) queries and keys: (B, c, N, N)."""
+        scores = torch.matmul(queries.transpose(2, 3), keys.permute(0, 1, 3, 4, 2)) * self.scale
+        return scores.softmax(dim=-1).mean(dim=2)
+
+    def _to_offsets(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, c, N, N) maps -> (B, c, h, w, h, 2w - 1): indexed by query (i, j), local row offset, column offset."""
+        height, width = self.grid_height, self.grid_width
+        maps = maps.view(*maps.shape[:2], height, width, height, width).flip(-2)
+        index = self.column_offsets.view(1, 1, 1, width, 1, width).expand(maps.shape)
+        return maps.new_zeros(*maps.shape[:-1], 2 * width - 1).scatter_(-1, index, maps)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`queries`, `keys`: (B, T, N + 1, heads, head_dim), unscaled. Returns (B, T, N + 1, hidden_size)."""
+        batch_size, num_frames, num_tokens = queries.shape[:3]
+        hidden_size = self.previous_frame_table.shape[-1]
+        height, width = self.grid_height, self.grid_width
+        output = queries.new_zeros(batch_size, num_frames, num_tokens, hidden_size)
+        if num_frames == 1:
+            return output
+        queries, keys = queries[:, :, 1:], keys[:, :, 1:]
+        num_patches = num_tokens - 1
+        windows = self._table_windows()
+        chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * self.num_heads * num_patches * num_patches))
+        for start in range(0, num_frames, chunk):
+            stop = min(start + chunk, num_frames)
+            frame_queries = queries[:, start:stop]
+            # Neighbours clamped at the clip's ends; the missing direction is zeroed below.
+            previous_keys = keys[:, max(start - 1, 0) : stop - 1]
+            next_keys = keys[:, start + 1 : min(stop + 1, num_frames)]
+            previous_maps = self._attention_maps(frame_queries[:, stop - start - previous_keys.shape[1] :], previous_keys)
+            next_maps = self._attention_maps(frame_queries[:, : next_keys.shape[1]], next_keys)
+            offsets = frame_queries.new_zeros(batch_size, stop - start, height, width, 2, height, 2 * width - 1)
+            offsets[:, stop - start - previous_maps.shape[1] :, :, :, 0] = self._to_offsets(previous_maps)
+            offsets[:, : next_maps.shape[1], :, :, 1] = self._to_offsets(next_maps)
+            # Batched over query rows: (h, B * c * w, 2 * h * (2w - 1)) @ (h, 2 * h * (2w - 1), D)
+            offsets = offsets.permute(2, 0, 1, 3, 4, 5, 6).reshape(height, -1, windows.shape[1])
+            features = torch.bmm(offsets, windows).view(height, batch_size, stop - start, width, hidden_size)
+            output[:, start:stop, 1:] = features.permute(1, 2, 0, 3, 4).reshape(
+                batch_size, stop - start, num_patches, hidden_size
+            )
+        return output
+
+
+class EVLDecoderAttention(nn.Module):
+    """Multi-head attention of the query token over the frame features (no self-attention, no attention dropout)."""
+
+    def __init__(self, config: EVLConfig):
+        super().__init__()
+        self.config = config
+        hidden_size = config.vision_config.hidden_size
+        self.num_heads = config.decoder_num_heads
+        self.head_dim = config.decoder_qkv_dim // config.decoder_num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_proj = nn.Linear(hidden_size, config.decoder_qkv_dim)
+        self.k_proj = nn.Linear(hidden_size, config.decoder_qkv_dim)
+        self.v_proj = nn.Linear(hidden_size, config.decoder_qkv_dim)
+        self.out_proj = nn.Linear(config.decoder_qkv_dim, hidden_size)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, query_length, _ = query.shape
+        queries = self.q_proj(query).view(batch_size, query_length, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = self.k_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.v_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, queries, keys, values, None, scaling=self.scaling, dropout=0.0, **kwargs
+        )
+        attn_output = attn_output.reshape(batch_size, query_length, -1).contiguous()
+        return self.out_proj(attn_output), attn_weights
+
+
+class EVLDecoderMLP(nn.Module):
+    def __init__(self, config: EVLConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        intermediate_size = round(config.decoder_mlp_factor * hidden_size)
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.activation_fn = ACT2FN["quick_gelu"]
+        self.dropout = nn.Dropout(config.decoder_mlp_dropout)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.activation_fn(self.fc1(hidden_states))))
+
+
+class EVLDecoderLayer(GradientCheckpointingLayer):
+    """
+    One decoder layer, paired with one backbone block. It builds its keys/values from that block's frame features
+    plus the enabled temporal terms (each computed from the unmodified features and added out of place, so gradients
+    into the backbone stay correct when it is fine-tuned), then updates the query: pre-LN cross-attention, then MLP.
+    """
+
+    def __init__(self, config: EVLConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        self.temporal_conv = EVLTemporalConv(config) if config.use_temporal_conv else None
+        self.temporal_position_embedding = (
+            EVLTemporalPositionEmbedding(config) if config.use_temporal_pos_embed else None
+        )
+        self.cross_frame_attention = EVLCrossFrameAttention(config) if config.use_temporal_cross_attention else None
+        self.query_layernorm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.frame_layernorm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.cross_attention = EVLDecoderAttention(config)
+        self.mlp_layernorm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = EVLDecoderMLP(config)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        frame_features: torch.Tensor,
+        frame_queries: torch.Tensor | None = None,
+        frame_keys: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, num_frames, num_tokens, hidden_size = frame_features.shape
+        memory = frame_features
+        if self.temporal_conv is not None:
+            memory = memory + self.temporal_conv(frame_features)
+        if self.temporal_position_embedding is not None:
+            memory = memory + self.temporal_position_embedding(num_frames)[:, None, :]
+        if self.cross_frame_attention is not None:
+            memory = memory + self.cross_frame_attention(frame_queries, frame_keys)
+        memory = memory.reshape(batch_size, num_frames * num_tokens, hidden_size)
+
+        attn_output, attn_weights = self.cross_attention(
+            self.query_layernorm(query), self.frame_layernorm(memory), **kwargs
+        )
+        query = query + attn_output
+        query = query + self.mlp(self.mlp_layernorm(query))
+        return query, attn_weights
+
+
+class EVLPreTrainedModel(PreTrainedModel):
+    config: EVLConfig
+    config_class = EVLConfig
+    base_model_prefix = "evl"
+    main_input_name = "pixel_values"
+    input_modalities = ("video",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "EVLDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        # The CLIP backbone is a `PreTrainedModel` of its own and is initialised by CLIP's rules.
+        if isinstance(module, EVLDecoderAttention):
+            # As the authors: Xavier-uniform projections, zero biases.
+            for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                init.xavier_uniform_(projection.weight)
+                init.zeros_(projection.bias)
+        elif isinstance(module, EVLDecoderMLP):
+            for projection in (module.fc1, module.fc2):
+                init.xavier_uniform_(projection.weight)
+                init.normal_(projection.bias, std=1e-6)
+        elif isinstance(module, EVLTemporalConv):
+            # PyTorch's default Conv1d initialisation, as the authors use.
+            init.kaiming_uniform_(module.conv.weight, a=5**0.5)
+            fan_in = module.conv.weight.shape[1] * module.conv.weight.shape[2]
+            bound = fan_in**-0.5
+            init.uniform_(module.conv.bias, -bound, bound)
+        elif isinstance(module, EVLTemporalPositionEmbedding):
+            init.zeros_(module.embedding)
+        elif isinstance(module, EVLCrossFrameAttention):
+            init.zeros_(module.previous_frame_table)
+            init.zeros_(module.next_frame_table)
+            columns = torch.arange(module.grid_width)
+            init.copy_(module.column_offsets, columns[:, None] - columns[None, :] + module.grid_width - 1)
+        elif isinstance(module, EVLDecoder):
+            init.zeros_(module.query)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+
+
+class EVLDecoder(nn.Module):
+    """The learned query token and one `EVLDecoderLayer` per used backbone block."""
+
+    def __init__(self, config: EVLConfig):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(config.vision_config.hidden_size))
+        self.layers = nn.ModuleList([EVLDecoderLayer(config) for _ in range(config.decoder_num_layers)])
+
+
+def _record_output(store: dict, key: tuple, module: nn.Module, inputs, output) -> None:
+    store[key] = output
+
+
+class EVLModel(EVLPreTrainedModel):
+    """
+    The CLIP backbone and the EVL decoder, without a classification head. Returns the video embedding (the final
+    query token).
+
+    `pixel_values` has shape `(batch_size, num_frames, num_channels, height, width)`, normalised with the CLIP
+    mean/std, at the backbone's resolution. Any frame count works; see `EVLConfig.num_frames`.
+    """
+
+    def __init__(self, config: EVLConfig):
+        super().__init__(config)
+        self.vision_model = CLIPVisionModel(config.vision_config)
+        self.decoder = EVLDecoder(config)
+        self.post_init()
+        self._apply_backbone_freeze()
+
+    def _apply_backbone_freeze(self) -> None:
+        if self.config.freeze_backbone:
+            self.vision_model.requires_grad_(False)
+            self.vision_model.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_backbone:
+            # Dropout or other train-time behaviour must never reach a frozen backbone.
+            self.vision_model.eval()
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Validate a batch of clips once, at the boundary, with an error that says what is wrong."""
+        vision_config = self.config.vision_config
+        expected = (
+            f"(batch_size, num_frames, {vision_config.num_channels}, {vision_config.image_size}, "
+            f"{vision_config.image_size})"
+        )
+        if not isinstance(pixel_values, torch.Tensor):
+            raise EVLInputError(f"`pixel_values` must be a torch.Tensor of shape {expected}, got {type(pixel_values)}.")
+        if pixel_values.ndim != 5:
+            raise EVLInputError(
+                f"`pixel_values` must have 5 dimensions {expected}, got shape {tuple(pixel_values.shape)}."
+            )
+        if not pixel_values.is_floating_point():
+            raise EVLInputError(
+                f"`pixel_values` must be a floating point tensor of normalised pixels, got dtype {pixel_values.dtype}."
+                " Run the clip through `EVLVideoProcessor` first."
+            )
+        batch_size, num_frames, num_channels, height, width = pixel_values.shape
+        if batch_size == 0 or num_frames == 0:
+            raise EVLInputError(f"`pixel_values` is empty: shape {tuple(pixel_values.shape)}, expected {expected}.")
+        if num_channels != vision_config.num_channels:
+            raise EVLInputError(
+                f"`pixel_values` has {num_channels} channels in dimension 2, the backbone expects "
+                f"{vision_config.num_channels}: expected shape {expected}, got {tuple(pixel_values.shape)}."
+            )
+        if height != vision_config.image_size or width != vision_config.image_size:
+            raise EVLInputError(
+                f"Frames are {height}x{width}, but this model's backbone and cross-frame attention tables are built "
+                f"for {vision_config.image_size}x{vision_config.image_size}. Resize/crop the clip to that size "
+                "(`EVLVideoProcessor` does)."
+            )
+        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+            raise EVLInputError("`pixel_values` contains NaN or infinite values.")
+
+    def extract_backbone_features(
+        self, pixel_values: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """
+        Run the backbone once over every frame and return, for each of its last `decoder_num_layers` blocks, the
+        block's output (all tokens) and, when cross-frame attention is used, the block's own unscaled attention
+        query and key projections, each reshaped to `(batch_size, num_frames, num_tokens, ...)` in the decoder's dtype.
+        """
+        batch_size, num_frames = pixel_values.shape[:2]
+        layers = self.vision_model.encoder.layers
+        used = range(len(layers) - self.config.decoder_num_layers, len(layers))
+        need_query_key = self.config.use_temporal_cross_attention
+        captured = {}
+        handles = []
+        for index in used:
+            layer = layers[index]
+            handles.append(layer.register_forward_hook(partial(_record_output, captured, ("output", index))))
+            if need_query_key:
+                attention = layer.self_attn
+                handles.append(attention.q_proj.register_forward_hook(partial(_record_output, captured, ("q", index))))
+                handles.append(attention.k_proj.register_forward_hook(partial(_record_output, captured, ("k", index))))
+        try:
+            frames = pixel_values.flatten(0, 1).to(self.vision_model.embeddings.patch_embedding.weight.dtype)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+                self.vision_model(pixel_values=frames)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        dtype = self.decoder.query.dtype
+        heads = self.config.vision_config.num_attention_heads
+
+        def as_clips(tensor: torch.Tensor, split_heads: bool = False) -> torch.Tensor:
+            tensor = tensor.to(dtype).view(batch_size, num_frames, *tensor.shape[1:])
+            return tensor.unflatten(-1, (heads, -1)) if split_heads else tensor
+
+        outputs = [as_clips(captured["output", index]) for index in used]
+        if not need_query_key:
+            return outputs, None, None
+        queries = [as_clips(captured["q", index], split_heads=True) for index in used]
+        keys = [as_clips(captured["k", index], split_heads=True) for index in used]
+        return outputs, queries, keys
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> EVLModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
+            Normalised frames, e.g. from [`EVLVideoProcessor`].
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        self.check_pixel_values(pixel_values)
+        outputs, queries, keys = self.extract_backbone_features(pixel_values)
+
+        query = self.decoder.query.view(1, 1, -1).expand(pixel_values.shape[0], 1, -1)
+        all_hidden_states = (query,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for index, layer in enumerate(self.decoder.layers):
+            query, attn_weights = layer(
+                query,
+                outputs[index],
+                queries[index] if queries is not None else None,
+                keys[index] if keys is not None else None,
+                **kwargs,
+            )
+            if output_hidden_states:
+                all_hidden_states += (query,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+
+        return EVLModelOutput(
+            last_hidden_state=query,
+            pooler_output=query[:, 0],
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class EVLForVideoClassification(EVLPreTrainedModel):
+    """
+    EVL with its classification head (LayerNorm, dropout, linear) on the video embedding.
+
+    `pixel_values` is `(batch_size, num_frames, channels, height, width)`, or `(batch_size, num_views, num_frames,
+    channels, height, width)` for multi-view evaluation: every view is classified and the returned `logits` are the
+    log of the view-averaged softmax probabilities (the authors' protocol), so `logits.softmax(-1)` is that average.
+    """
+
+    def __init__(self, config: EVLConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.evl = EVLModel(config)
+        hidden_size = config.vision_config.hidden_size
+        self.fc_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.evl.get_input_embeddings()
+
+    @classmethod
+    def from_backbone_pretrained(cls, pretrained_model_name_or_path: str, **config_kwargs) -> "EVLForVideoClassification":
+        """
+        Build a new EVL model around pretrained CLIP vision weights (a Hub id such as
+        `"openai/clip-vit-base-patch16"` or a local directory, holding a `CLIPModel` or a `CLIPVisionModel`).
+        The decoder and head are freshly initialised; `config_kwargs` go to `EVLConfig` (e.g. `num_frames`,
+        `id2label`, `label2id`). `preset=NAME` takes the other fields from one of `EVL_PRESETS`.
+        """
+        hub_kwargs = {
+            key: config_kwargs.pop(key)
+            for key in ("cache_dir", "revision", "token", "local_files_only", "attn_implementation")
+            if key in config_kwargs
+        }
+        preset = config_kwargs.pop("preset", None)
+        backbone = CLIPVisionModel.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if preset is not None:
+            config = EVLConfig.from_preset(preset, vision_config=backbone.config, **config_kwargs)
+        else:
+            config = EVLConfig(vision_config=backbone.config, **config_kwargs)
+        if "attn_implementation" in hub_kwargs:
+            config._attn_implementation = hub_kwargs["attn_implementation"]
+        model = cls(config)
+        model.evl.vision_model.load_state_dict(backbone.state_dict())
+        model.config.base_model = str(pretrained_model_name_or_path)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading may replace parameters; the frozen backbone must stay frozen whatever the loader did.
+        for module in model.modules():
+            if isinstance(module, EVLModel):
+                module._apply_backbone_freeze()
+        return model
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        r"""
+        pixel_values (`torch.FloatTensor`):
+            `(batch_size, num_frames, channels, height, width)`, or with a views dimension after the batch one.
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Labels for the loss. With `config.num_labels == 1` a regression (MSE) loss is computed, otherwise a
+            classification loss (cross-entropy, or BCE for `problem_type="multi_label_classification"`).
+        """
+        num_views = None
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 6:
+            num_views = pixel_values.shape[1]
+            pixel_values = pixel_values.flatten(0, 1)
+        outputs: EVLModelOutput = self.evl(
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(self.fc_norm(outputs.pooler_output)))
+        if num_views is not None:
+            probabilities = logits.float().softmax(-1).view(-1, num_views, logits.shape[-1]).mean(1)
+            logits = probabilities.log().to(logits.dtype)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+
+        return ImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["EVLForVideoClassification", "EVLModel", "EVLPreTrainedModel", "EVLModelOutput", "EVLInputError"]

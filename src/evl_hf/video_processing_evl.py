@@ -1,0 +1,396 @@
+# Copyright 2026 The evl-hf authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Video processor for EVL: PyAV decoding with seeking, the authors' frame sampling, CLIP preprocessing, multi-view."""
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
+from transformers.processing_utils import Unpack, VideosKwargs
+from transformers.video_processing_utils import BaseVideoProcessor
+from transformers.video_utils import VideoInput, VideoMetadata
+
+
+class EVLVideoDecodingError(ValueError):
+    """A video could not be opened or decoded; the message names the file and the problem."""
+
+
+class EVLVideosKwargs(VideosKwargs, total=False):
+    """
+    sampling_rate (`int`, *optional*):
+        Stride, in decoded frames, between the frames of one dense window (the authors use 16, or 8 for 32 frames).
+    frame_sampling (`str`, *optional*):
+        `"dense"` (a window of `num_frames` frames `sampling_rate` apart, the authors' protocol) or `"uniform"`
+        (`num_frames` frames spread evenly over the whole video).
+    num_temporal_views (`int`, *optional*):
+        Temporal views per video: dense windows (or uniform offsets) spread evenly over the video.
+    num_spatial_views (`int`, *optional*):
+        1 (centre crop) or 3 (crops at both ends and the centre of the long side).
+    random_temporal_offset (`bool`, *optional*):
+        Training augmentation: draw the dense window's start (or the uniform offsets) at random.
+    """
+
+    sampling_rate: int | None
+    frame_sampling: str | None
+    num_temporal_views: int | None
+    num_spatial_views: int | None
+    random_temporal_offset: bool | None
+
+
+def _video_name(source) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes of video>"
+    if isinstance(source, io.IOBase):
+        return getattr(source, "name", "<file object>")
+    return str(source)
+
+
+def _open_source(source, timeout: float):
+    """Return something `av.open` accepts, with clear errors for missing paths, directories, empty files and URLs."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise EVLVideoDecodingError(f"{_video_name(source)}: the video is empty (0 bytes).")
+        return io.BytesIO(source)
+    if isinstance(source, io.IOBase):
+        return source
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        from huggingface_hub.utils import httpx
+
+        try:
+            response = httpx.get(text, follow_redirects=True, timeout=timeout)
+            response.raise_for_status()
+        except Exception as error:
+            raise EVLVideoDecodingError(f"{text}: cannot download the video ({type(error).__name__}: {error}).") from None
+        return io.BytesIO(response.content)
+    path = Path(text)
+    if not path.exists():
+        raise EVLVideoDecodingError(f"{text}: no such file.")
+    if path.is_dir():
+        raise EVLVideoDecodingError(f"{text}: is a directory, not a video file.")
+    if path.stat().st_size == 0:
+        raise EVLVideoDecodingError(f"{text}: the file is empty (0 bytes).")
+    return text
+
+
+def decode_video(
+    source,
+    sample_indices_fn=None,
+    max_frame_pixels: int = 4096 * 4096,
+    timeout: float = 120.0,
+) -> tuple[np.ndarray, VideoMetadata]:
+    """
+    Decode the frames of `source` (a path, an http(s) URL, bytes or a file object) that `sample_indices_fn(metadata)`
+    asks for, as a `(num_indices, height, width, 3)` uint8 array, plus the video's metadata.
+
+    Only what is needed is decoded: the demuxer seeks to the key frame before the first wanted frame and decoding stops
+    after the last one. Indices past the real end of the stream (containers that over-report their length) repeat
+    the last decoded frame, as the authors do for clips shorter than the sampling window. Any failure raises
+    `EVLVideoDecodingError` naming the video and the problem.
+    """
+    import av
+
+    name = _video_name(source)
+    started = time.monotonic()
+    try:
+        container = av.open(_open_source(source, timeout), mode="r", metadata_errors="ignore")
+    except EVLVideoDecodingError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        raise EVLVideoDecodingError(f"{name}: not a readable video file ({error}).") from None
+    with container:
+        if not container.streams.video:
+            raise EVLVideoDecodingError(f"{name}: the file has no video stream.")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_frame_pixels:
+            raise EVLVideoDecodingError(
+                f"{name}: frames are {width}x{height}, over the {max_frame_pixels}-pixel limit for decoding."
+            )
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else None
+        duration = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / 1_000_000
+        total = stream.frames
+        if not total and fps and duration:
+            total = max(1, int(round(duration * fps)))
+        if not total:
+            # Neither a frame count nor a duration: count by decoding (bounded by the timeout).
+            frames = _decode_range(container, stream, name, None, 0, None, started, timeout)
+            total = len(frames)
+            metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
+            indices = _indices(sample_indices_fn, metadata)
+            return _stack([frames[min(i, total - 1)] for i in indices], name), metadata
+
+        metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
+        indices = _indices(sample_indices_fn, metadata)
+        wanted = sorted(set(indices))
+        decoded = _decode_range(container, stream, name, wanted, wanted[0], fps, started, timeout)
+        return _stack([decoded[i] for i in indices], name), metadata
+
+
+def _indices(sample_indices_fn, metadata: VideoMetadata) -> list[int]:
+    if sample_indices_fn is None:
+        return list(range(metadata.total_num_frames))
+    indices = [int(i) for i in np.asarray(sample_indices_fn(metadata=metadata)).reshape(-1)]
+    metadata.frames_indices = indices
+    return indices
+
+
+def _stack(frames: list[np.ndarray], name: str) -> np.ndarray:
+    if not frames:
+        raise EVLVideoDecodingError(f"{name}: no frames to return (the sampling asked for none).")
+    return np.stack(frames)
+
+
+def _decode_range(container, stream, name, wanted, first, fps, started, timeout):
+    """
+    Decode forward from the key frame before frame `first`. With `wanted` (sorted indices), returns {index: frame}
+    with each wanted index mapped to the first decoded frame at or after it (the last frame if the stream ends
+    early); without, returns the list of all frames.
+    """
+    import av
+
+    start_seconds = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    if wanted is not None and fps and first > 0:
+        target = int((start_seconds + first / fps) / stream.time_base)
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+    result = {} if wanted is not None else []
+    position = 0
+    last = None
+    try:
+        for frame in container.decode(stream):
+            if time.monotonic() - started > timeout:
+                raise EVLVideoDecodingError(f"{name}: decoding took longer than {timeout:.0f}s; giving up.")
+            if wanted is None:
+                result.append(frame.to_ndarray(format="rgb24"))
+                continue
+            index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else None
+            if index is None:
+                index = first + len(result)
+            if index < wanted[position]:
+                continue
+            last = frame.to_ndarray(format="rgb24")
+            while position < len(wanted) and index >= wanted[position]:
+                result[wanted[position]] = last
+                position += 1
+            if position == len(wanted):
+                break
+    except av.error.FFmpegError as error:
+        if not result and last is None:
+            raise EVLVideoDecodingError(f"{name}: the video stream cannot be decoded ({error}).") from None
+    if wanted is None:
+        if not result:
+            raise EVLVideoDecodingError(f"{name}: the video stream holds no decodable frame.")
+        return result
+    if last is None:
+        raise EVLVideoDecodingError(
+            f"{name}: no decodable frame at or after frame {first} (the container reports {stream.frames} frames)."
+        )
+    for index in wanted[position:]:
+        result[index] = last
+    return result
+
+
+def sample_frame_indices(
+    total_num_frames: int,
+    num_frames: int,
+    sampling_rate: int = 16,
+    frame_sampling: str = "dense",
+    num_temporal_views: int = 1,
+    random_temporal_offset: bool = False,
+    generator: np.random.Generator | None = None,
+) -> np.ndarray:
+    """
+    Frame indices of `num_temporal_views` clips of `num_frames` frames, concatenated view after view.
+
+    Dense (the authors' protocol): a window of frames `sampling_rate` apart; one view is centred, several are spread
+    evenly from the first to the last possible start, and `random_temporal_offset` draws the start uniformly. A video
+    shorter than the window repeats its last frame. Uniform: the video is cut into `num_frames` equal segments and
+    one frame is taken per segment, at the same relative offset in each (centred, spread over views, or random).
+    """
+    if total_num_frames < 1:
+        raise ValueError(f"Cannot sample frames from a video with {total_num_frames} frames.")
+    if num_frames < 1 or sampling_rate < 1 or num_temporal_views < 1:
+        raise ValueError(
+            f"num_frames ({num_frames}), sampling_rate ({sampling_rate}) and num_temporal_views "
+            f"({num_temporal_views}) must be positive."
+        )
+    generator = generator or np.random.default_rng()
+    views = []
+    if frame_sampling == "dense":
+        window = (num_frames - 1) * sampling_rate + 1
+        last_start = max(total_num_frames - window, 0)
+        for view in range(num_temporal_views):
+            if random_temporal_offset:
+                start = int(generator.integers(0, last_start + 1))
+            elif num_temporal_views == 1:
+                start = last_start // 2
+            else:
+                start = round(view * last_start / (num_temporal_views - 1))
+            views.append(np.minimum(start + np.arange(num_frames) * sampling_rate, total_num_frames - 1))
+    elif frame_sampling == "uniform":
+        segment = total_num_frames / num_frames
+        for view in range(num_temporal_views):
+            offset = generator.random() if random_temporal_offset else (view + 0.5) / num_temporal_views
+            views.append(np.minimum((np.arange(num_frames) + offset) * segment, total_num_frames - 1).astype(np.int64))
+    else:
+        raise ValueError(f"frame_sampling must be 'dense' or 'uniform', got {frame_sampling!r}.")
+    return np.concatenate(views).astype(np.int64)
+
+
+class EVLVideoProcessor(BaseVideoProcessor):
+    r"""
+    Prepares clips for EVL the way the authors do: decode with PyAV (seeking to the frames needed), sample frames
+    densely with a stride (or uniformly), resize the short side, centre-crop (or take 3 spatial crops), rescale and
+    normalise with the OpenAI CLIP mean/std.
+
+    Returns `pixel_values` of shape `(batch_size, num_frames, 3, crop_height, crop_width)`, or, with more than one
+    view, `(batch_size, num_views, num_frames, 3, crop_height, crop_width)` (temporal-major view order), which
+    `EVLForVideoClassification` averages.
+
+    Inputs: paths, URLs, bytes, or decoded videos (arrays/tensors `(frames, height, width, 3)` or
+    `(frames, 3, height, width)`, lists of PIL images), one or a list.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"shortest_edge": 224}
+    default_to_square = False
+    crop_size = {"height": 224, "width": 224}
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    do_sample_frames = True
+    num_frames = 8
+    sampling_rate = 16
+    frame_sampling = "dense"
+    num_temporal_views = 1
+    num_spatial_views = 1
+    random_temporal_offset = False
+    valid_kwargs = EVLVideosKwargs
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, **kwargs: Unpack[EVLVideosKwargs]):
+        super().__init__(**kwargs)
+        if self.num_spatial_views not in (1, 3):
+            raise ValueError(f"num_spatial_views must be 1 or 3, got {self.num_spatial_views}.")
+
+    def sample_frames(
+        self,
+        metadata: VideoMetadata,
+        num_frames: int | None = None,
+        sampling_rate: int | None = None,
+        frame_sampling: str | None = None,
+        num_temporal_views: int | None = None,
+        random_temporal_offset: bool | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """Indices of the frames to decode for every temporal view (see `sample_frame_indices`)."""
+        return sample_frame_indices(
+            metadata.total_num_frames,
+            num_frames or self.num_frames,
+            sampling_rate or self.sampling_rate,
+            frame_sampling or self.frame_sampling,
+            num_temporal_views or self.num_temporal_views,
+            self.random_temporal_offset if random_temporal_offset is None else random_temporal_offset,
+        )
+
+    def _decode_and_sample_videos(self, videos, video_metadata, do_sample_frames=None, sample_indices_fn=None):
+        if isinstance(videos, (str, Path, bytes, bytearray, io.IOBase)):
+            videos = [videos]
+        if isinstance(videos, (list, tuple)) and videos and all(
+            isinstance(v, (str, Path, bytes, bytearray, io.IOBase)) for v in videos
+        ):
+            decoded = [decode_video(v, sample_indices_fn if do_sample_frames else None) for v in videos]
+            return [frames for frames, _ in decoded], [metadata for _, metadata in decoded]
+        return super()._decode_and_sample_videos(videos, video_metadata, do_sample_frames, sample_indices_fn)
+
+    def _spatial_crops(self, frames: torch.Tensor, crop_size: SizeDict, num_spatial_views: int) -> list[torch.Tensor]:
+        if num_spatial_views == 1:
+            return [self.center_crop(frames, crop_size)]
+        # Three crops along the long side: start, centre, end (the authors' 3-crop testing).
+        height, width = frames.shape[-2:]
+        crop_height, crop_width = crop_size.height, crop_size.width
+        if height < crop_height or width < crop_width:
+            frames = self.center_crop(frames, SizeDict(height=max(height, crop_height), width=max(width, crop_width)))
+            height, width = frames.shape[-2:]
+        crops = []
+        for position in (0.0, 0.5, 1.0):
+            if width >= height:
+                top, left = (height - crop_height) // 2, round(position * (width - crop_width))
+            else:
+                top, left = round(position * (height - crop_height)), (width - crop_width) // 2
+            crops.append(frames[..., top : top + crop_height, left : left + crop_width])
+        return crops
+
+    def _preprocess(
+        self,
+        videos: list[torch.Tensor],
+        do_resize: bool,
+        size: SizeDict,
+        resample,
+        do_center_crop: bool,
+        crop_size: SizeDict,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean,
+        image_std,
+        return_tensors=None,
+        num_temporal_views: int | None = None,
+        num_spatial_views: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        num_temporal_views = num_temporal_views or 1
+        num_spatial_views = num_spatial_views or 1
+        if num_spatial_views not in (1, 3):
+            raise ValueError(f"num_spatial_views must be 1 or 3, got {num_spatial_views}.")
+        if num_spatial_views > 1 and not do_center_crop:
+            raise ValueError("Spatial views are crops: set do_center_crop=True to use num_spatial_views=3.")
+        processed = []
+        for video in videos:
+            if video.shape[0] % num_temporal_views:
+                raise ValueError(
+                    f"A video with {video.shape[0]} frames cannot be split into {num_temporal_views} temporal views; "
+                    "let the processor sample frames (do_sample_frames=True) for multi-view evaluation."
+                )
+            if do_resize:
+                video = self.resize(video, size=size, resample=resample)
+            crops = self._spatial_crops(video, crop_size, num_spatial_views) if do_center_crop else [video]
+            crops = [
+                self.rescale_and_normalize(crop, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+                for crop in crops
+            ]
+            # (spatial, temporal * frames, C, H, W) -> (temporal * spatial, frames, C, H, W)
+            views = torch.stack(crops).unflatten(1, (num_temporal_views, -1)).transpose(0, 1).flatten(0, 1)
+            processed.append(views[0] if views.shape[0] == 1 else views)
+        if return_tensors and len({tuple(video.shape) for video in processed}) == 1:
+            processed = torch.stack(processed)
+        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
+
+
+__all__ = ["EVLVideoProcessor", "EVLVideoDecodingError", "decode_video", "sample_frame_indices"]
