@@ -120,8 +120,12 @@ class EVLConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
 
-    def validate_evl_architecture(self):
-        """Reject configurations the model cannot be built from, saying which field is wrong and why."""
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_architecture()
+
+    def check_architecture(self):
+        """Raise a `ValueError` naming the field when the model cannot be built from this configuration."""
         vision = self.vision_config
         if self.num_frames < 1:
             raise ValueError(f"`num_frames` must be at least 1, got {self.num_frames}.")

@@ -212,15 +212,17 @@ class EVLDecoderAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, config.decoder_qkv_dim)
         self.out_proj = nn.Linear(config.decoder_qkv_dim, hidden_size)
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, query: torch.Tensor, memory: torch.Tensor, output_attentions: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, query_length, _ = query.shape
         queries = self.q_proj(query).view(batch_size, query_length, self.num_heads, self.head_dim).transpose(1, 2)
         keys = self.k_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
         values = self.v_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        # Only the eager path materialises the weights, so it serves calls that ask for them.
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self, queries, keys, values, None, scaling=self.scaling, dropout=0.0, **kwargs
         )
@@ -269,6 +271,7 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         frame_features: torch.Tensor,
         frame_queries: torch.Tensor | None = None,
         frame_keys: torch.Tensor | None = None,
+        output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, num_frames, num_tokens, hidden_size = frame_features.shape
@@ -282,7 +285,7 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         memory = memory.reshape(batch_size, num_frames * num_tokens, hidden_size)
 
         attn_output, attn_weights = self.cross_attention(
-            self.query_layernorm(query), self.frame_layernorm(memory), **kwargs
+            self.query_layernorm(query), self.frame_layernorm(memory), output_attentions, **kwargs
         )
         query = query + attn_output
         query = query + self.mlp(self.mlp_layernorm(query))
@@ -486,6 +489,7 @@ class EVLModel(EVLPreTrainedModel):
                 outputs[index],
                 queries[index] if queries is not None else None,
                 keys[index] if keys is not None else None,
+                output_attentions,
                 **kwargs,
             )
             if output_hidden_states:

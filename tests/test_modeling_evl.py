@@ -1,0 +1,404 @@
+import copy
+
+import pytest
+import torch
+from evl_reference import random_original_state_dict, reference_logits
+from helpers import pixel_values, randomize_decoder, tiny_config, tiny_vision_config
+from safetensors.torch import load_file
+from transformers import CLIPVisionModel
+
+from evl_hf import EVL_PRESETS, EVLConfig, EVLForVideoClassification, EVLInputError, EVLModel
+from evl_hf.convert import convert_evl_checkpoint
+
+
+def golden_model(golden_dir, attn_implementation=None):
+    model, _ = convert_evl_checkpoint(golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision", decoder_num_heads=4)
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- parity with the authors' implementation
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_golden_fixture_parity(golden_dir, attn_implementation):
+    reference = load_file(golden_dir / "reference.safetensors")
+    model = golden_model(golden_dir, attn_implementation)
+    with torch.no_grad():
+        logits = model(reference["pixel_values"]).logits
+    assert logits.shape == reference["logits"].shape
+    torch.testing.assert_close(logits, reference["logits"], atol=1e-4, rtol=0)
+
+
+def test_reference_oracle_reproduces_golden_fixture(golden_dir):
+    """The literal port used as the oracle below is itself checked against the authors' output."""
+    reference = load_file(golden_dir / "reference.safetensors")
+    state_dict = torch.load(golden_dir / "evl_checkpoint.pth", weights_only=True)["model"]
+    backbone = CLIPVisionModel.from_pretrained(golden_dir / "clip-vision").eval()
+    logits = reference_logits(state_dict, backbone, reference["pixel_values"], decoder_num_heads=4)
+    torch.testing.assert_close(logits, reference["logits"], atol=1e-4, rtol=0)
+
+
+PARITY_CASES = {
+    "base": dict(),
+    "wide-qkv-2-heads": dict(qkv_dim=48, decoder_heads=2),
+    "decoder-heads-differ-from-backbone": dict(qkv_dim=24, decoder_heads=6),
+    "patch16-grid2": dict(vision=dict(patch_size=16)),
+    "patch4-grid8-width48": dict(vision=dict(patch_size=4, hidden_size=48, num_attention_heads=6), qkv_dim=48),
+    "all-layers": dict(layers=3),
+    "one-layer": dict(layers=1),
+    "one-frame": dict(frames=1),
+    "two-frames": dict(frames=2),
+    "seven-frames": dict(frames=7),
+    "mlp-factor-2.5": dict(mlp_factor=2.5),
+    "no-temporal-conv": dict(temporal_conv=False),
+    "no-temporal-pos": dict(temporal_pos_embed=False),
+    "no-cross-frame": dict(cross_attention=False),
+    "no-temporal-modules": dict(temporal_conv=False, temporal_pos_embed=False, cross_attention=False),
+}
+
+
+@pytest.mark.parametrize("case", PARITY_CASES, ids=list(PARITY_CASES))
+def test_converter_parity_across_configurations(case, tmp_path):
+    spec = PARITY_CASES[case]
+    vision_config = tiny_vision_config(**spec.get("vision", {}))
+    torch.manual_seed(1)
+    CLIPVisionModel(vision_config).save_pretrained(tmp_path / "clip")
+    grid = (vision_config.image_size // vision_config.patch_size,) * 2
+    frames = spec.get("frames", 4)
+    state_dict = random_original_state_dict(
+        hidden_size=vision_config.hidden_size,
+        grid=grid,
+        num_layers=spec.get("layers", 2),
+        num_frames=frames,
+        qkv_dim=spec.get("qkv_dim", 32),
+        mlp_factor=spec.get("mlp_factor", 4.0),
+        num_classes=7,
+        temporal_conv=spec.get("temporal_conv", True),
+        temporal_pos_embed=spec.get("temporal_pos_embed", True),
+        cross_attention=spec.get("cross_attention", True),
+        seed=3,
+    )
+    torch.save({"model": state_dict}, tmp_path / "evl.pth")
+    heads = spec.get("decoder_heads")
+    model, _ = convert_evl_checkpoint(tmp_path / "evl.pth", tmp_path / "clip", decoder_num_heads=heads)
+    inputs = pixel_values(batch=2, frames=frames, size=vision_config.image_size, seed=5)
+    with torch.no_grad():
+        logits = model(inputs).logits
+    expected = reference_logits(
+        state_dict, model.evl.vision_model, inputs, decoder_num_heads=heads or vision_config.num_attention_heads
+    )
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert model.config.num_frames == frames or not spec.get("temporal_pos_embed", True)
+
+
+# ---------------------------------------------------------------- architecture behaviour
+
+
+def test_backbone_runs_once_and_hooks_are_removed():
+    model = EVLModel(tiny_config()).eval()
+    calls = []
+    handles = [
+        layer.register_forward_hook(lambda *args, index=i: calls.append(index))
+        for i, layer in enumerate(model.vision_model.encoder.layers)
+    ]
+    with torch.no_grad():
+        model(pixel_values(batch=1))
+    for handle in handles:
+        handle.remove()
+    assert calls == [0, 1, 2]
+    assert all(not layer._forward_hooks for layer in model.vision_model.encoder.layers)
+    assert all(not m._forward_hooks for layer in model.vision_model.encoder.layers for m in layer.self_attn.children())
+
+
+def test_model_output_shapes_and_optional_states():
+    config = tiny_config()
+    model = EVLModel(config).eval()
+    with torch.no_grad():
+        outputs = model(pixel_values(), output_hidden_states=True, output_attentions=True)
+    assert outputs.last_hidden_state.shape == (2, 1, 32)
+    torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state[:, 0])
+    assert len(outputs.hidden_states) == config.decoder_num_layers + 1
+    assert len(outputs.attentions) == config.decoder_num_layers
+    assert outputs.attentions[0].shape == (2, config.decoder_num_heads, 1, 4 * 17)
+    with torch.no_grad():
+        plain = model(pixel_values())
+    assert plain.hidden_states is None and plain.attentions is None
+
+
+@pytest.mark.parametrize("switch", ["use_temporal_conv", "use_temporal_pos_embed", "use_temporal_cross_attention"])
+def test_each_temporal_switch_removes_its_module_and_changes_output(switch):
+    torch.manual_seed(0)
+    full = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(full)
+    ablated = EVLForVideoClassification(tiny_config(**{switch: False})).eval()
+    missing, unexpected = ablated.load_state_dict(full.state_dict(), strict=False)
+    assert not missing
+    fragment = {
+        "use_temporal_conv": "temporal_conv",
+        "use_temporal_pos_embed": "temporal_position_embedding",
+        "use_temporal_cross_attention": "cross_frame_attention",
+    }[switch]
+    assert unexpected and all(fragment in key for key in unexpected)
+    assert not any(fragment in name for name, _ in ablated.named_parameters())
+    inputs = pixel_values()
+    with torch.no_grad():
+        assert not torch.allclose(full(inputs).logits, ablated(inputs).logits, atol=1e-5)
+
+
+def test_without_temporal_modules_frame_order_is_irrelevant():
+    torch.manual_seed(0)
+    config = tiny_config(use_temporal_conv=False, use_temporal_pos_embed=False, use_temporal_cross_attention=False)
+    model = EVLForVideoClassification(config).eval()
+    randomize_decoder(model)
+    inputs = pixel_values()
+    with torch.no_grad():
+        forward, backward = model(inputs).logits, model(inputs.flip(1)).logits
+    torch.testing.assert_close(forward, backward, atol=1e-5, rtol=1e-5)
+    full = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(full)
+    with torch.no_grad():
+        assert not torch.allclose(full(inputs).logits, full(inputs.flip(1)).logits, atol=1e-4)
+
+
+def test_other_frame_counts_interpolate_temporal_position_embeddings():
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(num_frames=4)).eval()
+    randomize_decoder(model)
+    embedding = model.evl.decoder.layers[0].temporal_position_embedding
+    resized = embedding(7)
+    assert resized.shape == (7, 32)
+    torch.testing.assert_close(resized[0], embedding.embedding[0])
+    torch.testing.assert_close(resized[-1], embedding.embedding[-1])
+    # 4 -> 7 frames with aligned ends: new frame i sits at old position i / 2.
+    torch.testing.assert_close(resized[2], embedding.embedding[1])
+    torch.testing.assert_close(resized[3], (embedding.embedding[1] + embedding.embedding[2]) / 2)
+    assert embedding(4) is embedding.embedding
+    with torch.no_grad():
+        for frames in (1, 2, 7, 9):
+            logits = model(pixel_values(batch=2, frames=frames)).logits
+            assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+def test_batch_equivalence():
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(model)
+    inputs = pixel_values(batch=3)
+    with torch.no_grad():
+        batched = model(inputs).logits
+        single = torch.cat([model(inputs[i : i + 1]).logits for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_agree():
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(model)
+    inputs = pixel_values()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(inputs).logits
+    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa = model(inputs).logits
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_view_input_averages_view_probabilities():
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(model)
+    views = torch.stack([pixel_values(batch=2, seed=s) for s in range(3)], dim=1)  # (B, V, T, C, H, W)
+    with torch.no_grad():
+        combined = model(views).logits
+        per_view = torch.stack([model(views[:, v]).logits.softmax(-1) for v in range(3)], dim=1)
+    torch.testing.assert_close(combined.softmax(-1), per_view.mean(1), atol=1e-6, rtol=1e-5)
+
+
+def test_loss_follows_problem_type():
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    inputs = pixel_values()
+    out = model(inputs, labels=torch.tensor([1, 3]))
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([1, 3])))
+    multi = EVLForVideoClassification(tiny_config(problem_type="multi_label_classification")).eval()
+    targets = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
+    out = multi(inputs, labels=targets)
+    torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, targets))
+    regression = EVLForVideoClassification(tiny_config(num_labels=1)).eval()
+    out = regression(inputs, labels=torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, -1.0])))
+
+
+def test_return_dict_false_gives_tuple():
+    model = EVLForVideoClassification(tiny_config()).eval()
+    with torch.no_grad():
+        result = model(pixel_values(), labels=torch.tensor([0, 1]), return_dict=False)
+    assert isinstance(result, tuple) and result[1].shape == (2, 5)
+
+
+# ---------------------------------------------------------------- frozen backbone
+
+
+def _train_step(model, steps=1):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = model(pixel_values(), labels=torch.tensor([0, 1])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def test_frozen_backbone_is_untouched_by_a_real_optimizer_step():
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).train()
+    backbone_before = copy.deepcopy(model.evl.vision_model.state_dict())
+    decoder_before = {k: v.clone() for k, v in model.state_dict().items() if "vision_model" not in k}
+    assert not model.evl.vision_model.training and model.evl.decoder.training
+    optimizer = _train_step(model)
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in model.evl.vision_model.parameters()}
+    for parameter in model.evl.vision_model.parameters():
+        assert parameter.grad is None and not parameter.requires_grad
+    for key, value in model.evl.vision_model.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key
+    changed = [k for k, v in model.state_dict().items() if k in decoder_before and not torch.equal(v, decoder_before[k])]
+    assert "classifier.weight" in changed and any("decoder.layers" in k for k in changed)
+
+
+def test_frozen_backbone_survives_save_and_from_pretrained(tmp_path):
+    model = EVLForVideoClassification(tiny_config())
+    model.save_pretrained(tmp_path)
+    loaded = EVLForVideoClassification.from_pretrained(tmp_path)
+    assert not any(p.requires_grad for p in loaded.evl.vision_model.parameters())
+    assert all(p.requires_grad for n, p in loaded.named_parameters() if "vision_model" not in n)
+    loaded.train()
+    assert not loaded.evl.vision_model.training
+    assert not any(m.training for m in loaded.evl.vision_model.modules())
+
+
+def test_unfrozen_backbone_fine_tunes_end_to_end():
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(freeze_backbone=False)).train()
+    assert model.evl.vision_model.training
+    before = copy.deepcopy(model.evl.vision_model.state_dict())
+    loss = model(pixel_values(), labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    # Gradients reach every backbone block the decoder reads, through both the features and the q/k projections.
+    last = model.evl.vision_model.encoder.layers[-1]
+    assert last.self_attn.q_proj.weight.grad is not None and last.self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.evl.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(before["embeddings.patch_embedding.weight"], model.evl.vision_model.embeddings.patch_embedding.weight)
+
+
+# ---------------------------------------------------------------- save/load, construction, presets
+
+
+def test_save_and_load_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(id2label={i: f"class {i}" for i in range(5)})).eval()
+    randomize_decoder(model)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = EVLForVideoClassification.from_pretrained(tmp_path).eval()
+    inputs = pixel_values()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, loaded(inputs).logits, atol=0, rtol=0)
+    assert loaded.config.id2label[3] == "class 3"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_from_backbone_pretrained_uses_the_clip_weights(tiny_backbone_dir):
+    model = EVLForVideoClassification.from_backbone_pretrained(
+        tiny_backbone_dir, num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=3
+    )
+    clip = CLIPVisionModel.from_pretrained(tiny_backbone_dir)
+    for key, value in clip.state_dict().items():
+        assert torch.equal(model.evl.vision_model.state_dict()[key], value), key
+    assert model.config.num_labels == 3 and model.config.vision_config.hidden_size == 32
+    assert not any(p.requires_grad for p in model.evl.vision_model.parameters())
+
+
+def test_presets_match_the_released_configurations():
+    config = EVLConfig.from_preset("k400-vit-b16-8f", num_labels=400)
+    assert (config.vision_config.hidden_size, config.vision_config.patch_size, config.vision_config.num_hidden_layers) == (768, 16, 12)
+    assert (config.num_frames, config.decoder_num_layers, config.decoder_qkv_dim, config.decoder_num_heads) == (8, 4, 768, 12)
+    large = EVLConfig.from_preset("k400-vit-l14-336-32f")
+    assert (large.vision_config.image_size, large.vision_config.patch_size, large.num_frames, large.decoder_qkv_dim) == (336, 14, 32, 1024)
+    assert large.patch_grid == (24, 24)
+    ssv2 = EVLConfig.from_preset("ssv2-vit-b16-8f-dec12")
+    assert ssv2.decoder_num_layers == 12 and ssv2.num_labels == 174
+    assert len(EVL_PRESETS) == 8
+    with pytest.raises(ValueError, match="Unknown EVL preset"):
+        EVLConfig.from_preset("k400-vit-h14")
+
+
+# ---------------------------------------------------------------- configuration validation and bad inputs
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(decoder_num_layers=4), "cannot exceed the backbone's number of layers"),
+        (dict(decoder_num_layers=0), "decoder_num_layers"),
+        (dict(decoder_qkv_dim=30, decoder_num_heads=4), "divisible by `decoder_num_heads`"),
+        (dict(num_frames=0), "num_frames"),
+        (dict(decoder_mlp_factor=0.0), "decoder_mlp_factor"),
+        (dict(classifier_dropout=1.5), "classifier_dropout"),
+    ],
+)
+def test_invalid_configurations_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_config_with_wrong_field_type_is_rejected(tmp_path):
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    text = (tmp_path / "config.json").read_text().replace('"num_frames": 4', '"num_frames": "four"')
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(Exception, match="num_frames"):
+        EVLConfig.from_pretrained(tmp_path)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = tiny_config(use_temporal_conv=False, freeze_backbone=False)
+    config.save_pretrained(tmp_path)
+    loaded = EVLConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict() or loaded.to_diff_dict() == config.to_diff_dict()
+    assert loaded.vision_config.patch_size == 8 and not loaded.use_temporal_conv and not loaded.freeze_backbone
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (torch.zeros(2, 3, 32, 32), "5 dimensions"),
+        (torch.zeros(2, 4, 1, 32, 32), "channels"),
+        (torch.zeros(2, 4, 3, 48, 48), "48x48"),
+        (torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8), "floating point"),
+        (torch.zeros(0, 4, 3, 32, 32), "empty"),
+        (torch.full((1, 4, 3, 32, 32), float("nan")), "NaN"),
+        ([[0.0]], "torch.Tensor"),
+    ],
+)
+def test_bad_pixel_values_get_clear_errors(inputs, message):
+    model = EVLForVideoClassification(tiny_config()).eval()
+    with pytest.raises(EVLInputError, match=message):
+        model(inputs)
+
+
+def test_torch_compile_matches_eager_execution():
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(model)
+    inputs = pixel_values()
+    with torch.no_grad():
+        expected = model(inputs).logits
+        compiled = torch.compile(model, backend="eager")
+        torch.testing.assert_close(compiled(inputs).logits, expected, atol=1e-5, rtol=1e-5)
