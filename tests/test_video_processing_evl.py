@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+from helpers import frame_index, index_coded_frames, write_clip
+from transformers import AutoVideoProcessor
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from evl_hf import EVLVideoDecodingError, EVLVideoProcessor, decode_video, sample_frame_indices
+
+
+@pytest.fixture(scope="module")
+def coded_clip(tmp_path_factory):
+    return write_clip(tmp_path_factory.mktemp("clips") / "coded.mp4", index_coded_frames(300), gop=12)
+
+
+def small_processor(**kwargs):
+    values = dict(num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    values.update(kwargs)
+    return EVLVideoProcessor(**values)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_dense_sampling_centres_one_view_and_spreads_several():
+    assert sample_frame_indices(100, 8, 4).tolist() == list(range(35, 35 + 29, 4))  # window 29, start (100-29)//2
+    views = sample_frame_indices(100, 4, 10, num_temporal_views=3).reshape(3, 4)
+    assert views[:, 0].tolist() == [0, 34, 69] and views[-1, -1] == 99
+    assert (np.diff(views, axis=1) == 10).all()
+
+
+def test_dense_sampling_repeats_the_last_frame_of_a_short_clip():
+    assert sample_frame_indices(20, 8, 4).tolist() == [0, 4, 8, 12, 16, 19, 19, 19]
+    assert sample_frame_indices(1, 4, 16).tolist() == [0, 0, 0, 0]
+
+
+def test_random_dense_start_stays_inside_the_video():
+    rng = np.random.default_rng(0)
+    starts = {int(sample_frame_indices(100, 4, 10, random_temporal_offset=True, generator=rng)[0]) for _ in range(200)}
+    assert min(starts) >= 0 and max(starts) <= 100 - 31 and len(starts) > 30
+
+
+def test_uniform_sampling_takes_one_frame_per_segment():
+    assert sample_frame_indices(80, 8, frame_sampling="uniform").tolist() == [5, 15, 25, 35, 45, 55, 65, 75]
+    views = sample_frame_indices(80, 4, frame_sampling="uniform", num_temporal_views=2).reshape(2, 4)
+    assert views.tolist() == [[5, 25, 45, 65], [15, 35, 55, 75]]
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_frames=0), dict(sampling_rate=0), dict(frame_sampling="random")])
+def test_invalid_sampling_arguments(kwargs):
+    args = dict(total_num_frames=10, num_frames=4) | kwargs
+    with pytest.raises(ValueError):
+        sample_frame_indices(**args)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("start", [0, 7, 40, 150, 290])
+def test_decoding_seeks_to_exactly_the_requested_frames(coded_clip, start):
+    wanted = list(range(start, min(start + 10, 300), 2))
+    frames, metadata = decode_video(coded_clip, lambda metadata: wanted)
+    assert [frame_index(frame) for frame in frames] == wanted
+    assert metadata.total_num_frames == 300 and metadata.fps == 25 and (metadata.width, metadata.height) == (64, 48)
+    assert frames.dtype == np.uint8 and frames.shape == (len(wanted), 48, 64, 3)
+
+
+def test_decoding_accepts_bytes_and_returns_repeated_indices(coded_clip):
+    frames, _ = decode_video(coded_clip.read_bytes(), lambda metadata: [5, 5, 299, 299])
+    assert [frame_index(frame) for frame in frames] == [5, 5, 299, 299]
+
+
+def test_processor_samples_the_dense_window_from_a_file(coded_clip):
+    processor = small_processor(do_normalize=False, do_rescale=False, do_resize=False, do_center_crop=False)
+    out = processor(str(coded_clip), return_tensors="pt", return_metadata=True)
+    frames = out["pixel_values"][0].permute(0, 2, 3, 1).numpy()
+    expected = sample_frame_indices(300, 4, 3).tolist()
+    assert [frame_index(frame) for frame in frames] == expected
+    assert out["video_metadata"][0].frames_indices == expected
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.mp4", "no such file"),
+        (lambda d: d, "is a directory"),
+        (lambda d: write(d / "empty.mp4", b""), "empty"),
+        (lambda d: write(d / "noise.mp4", np.random.default_rng(0).bytes(4096)), "not a readable video"),
+    ],
+)
+def test_unreadable_inputs_raise_a_decoding_error_naming_the_file(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(EVLVideoDecodingError, match=message) as error:
+        small_processor()(str(path), return_tensors="pt")
+    assert str(path) in str(error.value)
+
+
+def test_unreachable_url_is_a_clear_error():
+    with pytest.raises(EVLVideoDecodingError, match="cannot download"):
+        small_processor()("http://127.0.0.1:9/clip.mp4", return_tensors="pt")
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def test_preprocessing_resizes_crops_and_normalises_with_clip_statistics():
+    processor = small_processor()
+    video = np.full((10, 40, 80, 3), 255, dtype=np.uint8)
+    out = processor(video, return_tensors="pt")["pixel_values"]
+    assert out.shape == (1, 4, 3, 32, 32)
+    expected = (1.0 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    torch.testing.assert_close(out[0, 0, :, 16, 16], expected, atol=1e-3, rtol=0)
+
+
+def test_three_spatial_views_cover_both_ends_of_the_long_side():
+    processor = small_processor(do_normalize=False, do_rescale=False, num_spatial_views=3)
+    video = np.zeros((4, 32, 96, 3), dtype=np.uint8)
+    video[..., :32, :] = 10
+    video[..., 32:64, :] = 20
+    video[..., 64:, :] = 30
+    out = processor(video, return_tensors="pt", do_sample_frames=False)["pixel_values"]
+    assert out.shape == (1, 3, 4, 3, 32, 32)
+    assert [round(float(view.float().mean())) for view in out[0]] == [10, 20, 30]
+
+
+def test_temporal_and_spatial_views_are_ordered_temporal_major():
+    # Channel 0 carries the frame index, channel 1 the horizontal position (third of the width).
+    video = np.zeros((100, 32, 96, 3), dtype=np.uint8)
+    video[..., 0] = np.arange(100, dtype=np.uint8)[:, None, None]
+    video[..., 1] = (np.arange(96) // 32 * 50).astype(np.uint8)[None, None, :]
+    processor = small_processor(do_normalize=False, do_rescale=False, sampling_rate=10,
+                                num_temporal_views=2, num_spatial_views=3)  # fmt: skip
+    out = processor(video, return_tensors="pt")["pixel_values"]
+    assert out.shape == (1, 6, 4, 3, 32, 32)
+    windows = sample_frame_indices(100, 4, 10, num_temporal_views=2).reshape(2, 4)
+    for view in range(6):
+        temporal, spatial = divmod(view, 3)
+        assert out[0, view, :, 0, 0, 0].tolist() == windows[temporal].tolist()
+        assert int(out[0, view, 0, 1].float().mean()) == 50 * spatial
+
+
+def test_processor_round_trips_through_auto_video_processor(tmp_path):
+    processor = small_processor(num_temporal_views=3, sampling_rate=5)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoVideoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, EVLVideoProcessor)
+    assert (loaded.num_frames, loaded.sampling_rate, loaded.num_temporal_views) == (4, 5, 3)
+    assert loaded.crop_size["height"] == 32
+
+
+def test_batch_of_arrays_and_tensors():
+    processor = small_processor()
+    videos = [np.zeros((12, 40, 40, 3), dtype=np.uint8), torch.zeros(20, 3, 50, 60, dtype=torch.uint8)]
+    out = processor(videos, return_tensors="pt")["pixel_values"]
+    assert out.shape == (2, 4, 3, 32, 32)
