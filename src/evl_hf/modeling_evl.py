@@ -305,23 +305,34 @@ class EVLPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # Loading may replace parameters; the frozen backbone must stay frozen whatever the loader did.
+        for module in model.modules():
+            if isinstance(module, EVLModel):
+                module._apply_backbone_freeze()
+        return loaded
+
     def _init_weights(self, module):
+        # Initialised where each tensor is owned, so that weights missing from a checkpoint get the same values.
         # The CLIP backbone is a `PreTrainedModel` of its own and is initialised by CLIP's rules.
-        if isinstance(module, EVLDecoderAttention):
-            # As the authors: Xavier-uniform projections, zero biases.
-            for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                init.xavier_uniform_(projection.weight)
-                init.zeros_(projection.bias)
-        elif isinstance(module, EVLDecoderMLP):
-            for projection in (module.fc1, module.fc2):
-                init.xavier_uniform_(projection.weight)
-                init.normal_(projection.bias, std=1e-6)
-        elif isinstance(module, EVLTemporalConv):
-            # PyTorch's default Conv1d initialisation, as the authors use.
-            init.kaiming_uniform_(module.conv.weight, a=5**0.5)
-            fan_in = module.conv.weight.shape[1] * module.conv.weight.shape[2]
-            bound = fan_in**-0.5
-            init.uniform_(module.conv.bias, -bound, bound)
+        if module is getattr(self, "classifier", None):
+            init.normal_(module.weight, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            # As the authors' decoder: Xavier-uniform projections, zero biases.
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            # The temporal convolution keeps PyTorch's default initialisation, as the authors'.
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+            bound = (module.weight.shape[1] * module.weight.shape[2]) ** -0.5
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, EVLTemporalPositionEmbedding):
             init.zeros_(module.embedding)
         elif isinstance(module, EVLCrossFrameAttention):
@@ -331,12 +342,6 @@ class EVLPreTrainedModel(PreTrainedModel):
             init.copy_(module.column_offsets, columns[:, None] - columns[None, :] + module.grid_width - 1)
         elif isinstance(module, EVLDecoder):
             init.zeros_(module.query)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, std=self.config.initializer_range)
-            init.zeros_(module.bias)
 
 
 class EVLDecoder(nn.Module):
@@ -352,6 +357,12 @@ def _record_output(store: dict, key: tuple, module: nn.Module, inputs, output) -
     store[key] = output
 
 
+def _selected_indices(requested, count: int) -> set[int] | None:
+    if isinstance(requested, (list, tuple)):
+        return {index % count for index in requested}
+    return None
+
+
 class EVLModel(EVLPreTrainedModel):
     """
     The CLIP backbone and the EVL decoder, without a classification head. Returns the video embedding (the final
@@ -363,8 +374,10 @@ class EVLModel(EVLPreTrainedModel):
 
     def __init__(self, config: EVLConfig):
         super().__init__(config)
-        self.vision_model = CLIPVisionModel(config.vision_config)
+        # The trainable decoder is registered first: it is what `modules()` / `named_parameters()` consumers (optimizers,
+        # gradient checkpointing, parameter summaries) meet first, while the frozen backbone runs under no_grad.
         self.decoder = EVLDecoder(config)
+        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
         self.post_init()
         self._apply_backbone_freeze()
 
@@ -477,6 +490,10 @@ class EVLModel(EVLPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        # transformers also accepts a list of layer indices: keep only those states (negative indices from the end).
+        keep_hidden_states = _selected_indices(output_hidden_states, self.config.decoder_num_layers + 1)
+        keep_attentions = _selected_indices(output_attentions, self.config.decoder_num_layers)
+        output_hidden_states, output_attentions = bool(output_hidden_states), bool(output_attentions)
         self.check_pixel_values(pixel_values)
         outputs, queries, keys = self.extract_backbone_features(pixel_values)
 
@@ -497,6 +514,10 @@ class EVLModel(EVLPreTrainedModel):
             if output_attentions:
                 all_attentions += (attn_weights,)
 
+        if keep_hidden_states is not None:
+            all_hidden_states = tuple(s if i in keep_hidden_states else None for i, s in enumerate(all_hidden_states))
+        if keep_attentions is not None:
+            all_attentions = tuple(a if i in keep_attentions else None for i, a in enumerate(all_attentions))
         return EVLModelOutput(
             last_hidden_state=query,
             pooler_output=query[:, 0],
@@ -551,15 +572,6 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         model = cls(config)
         model.evl.vision_model.load_state_dict(backbone.state_dict())
         model.config.base_model = str(pretrained_model_name_or_path)
-        return model
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        # Loading may replace parameters; the frozen backbone must stay frozen whatever the loader did.
-        for module in model.modules():
-            if isinstance(module, EVLModel):
-                module._apply_backbone_freeze()
         return model
 
     @can_return_tuple

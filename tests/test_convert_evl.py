@@ -1,0 +1,121 @@
+import json
+import pickle
+
+import pytest
+import torch
+from evl_reference import random_original_state_dict
+from helpers import save_tiny_backbone
+from safetensors.torch import load_file
+from transformers import AutoModelForVideoClassification, AutoVideoProcessor, pipeline
+
+from evl_hf import EVLForVideoClassification, EVLVideoProcessor
+from evl_hf.convert import EVLCheckpointError, convert_evl_checkpoint, main
+
+
+def test_cli_converts_the_golden_checkpoint_with_labels(golden_dir, tmp_path, capsys):
+    labels = ["archery", "bowling", "cooking", "dancing", "eating"]
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    main([
+        "--checkpoint", str(golden_dir / "evl_checkpoint.pth"), "--backbone", str(golden_dir / "clip-vision"),
+        "--output_dir", str(tmp_path / "out"), "--decoder_num_heads", "4", "--labels", str(tmp_path / "labels.json"),
+    ])  # fmt: skip
+    assert "Saved EVLForVideoClassification (5 classes, 4 frames)" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert {"config.json", "model.safetensors", "video_preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+    model = AutoModelForVideoClassification.from_pretrained(out).eval()
+    assert isinstance(model, EVLForVideoClassification)
+    assert model.config.id2label == dict(enumerate(labels))
+    assert (model.config.num_frames, model.config.decoder_num_layers, model.config.decoder_qkv_dim) == (4, 2, 64)
+    reference = load_file(golden_dir / "reference.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(reference["pixel_values"]).logits, reference["logits"], atol=1e-4, rtol=0)
+    processor = AutoVideoProcessor.from_pretrained(out)
+    assert isinstance(processor, EVLVideoProcessor)
+    assert (processor.num_frames, processor.sampling_rate, processor.crop_size["height"]) == (4, 16, 64)
+    assert pipeline("video-classification", model=str(out)).model.config.id2label[0] == "archery"
+
+
+def test_every_decoder_tensor_is_loaded_from_the_checkpoint(golden_dir):
+    model, _ = convert_evl_checkpoint(golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision", 4)
+    original = torch.load(golden_dir / "evl_checkpoint.pth", weights_only=True)["model"]
+    state = model.state_dict()
+    decoder_keys = [k for k in state if not k.startswith("evl.vision_model.")]
+    assert len(decoder_keys) == len(original)
+    from evl_hf.convert import rename_key
+
+    for key, value in original.items():
+        assert torch.equal(state[rename_key(key.removeprefix("module."))], value), key
+
+
+def test_heads_default_to_the_backbone_and_the_sampling_rate_to_the_authors(golden_dir):
+    model, processor = convert_evl_checkpoint(golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision")
+    assert model.config.decoder_num_heads == 4 and processor.sampling_rate == 16
+
+
+def _write(tmp_path, state_dict, name="evl.pth"):
+    torch.save({"model": state_dict}, tmp_path / name)
+    return tmp_path / name
+
+
+def test_checkpoint_of_another_backbone_width_is_refused(golden_dir, tmp_path):
+    state = random_original_state_dict(96, (4, 4), 2, 4, 96, 4.0, 5)
+    with pytest.raises(EVLCheckpointError, match="decoder width is 96.*hidden_size is 64"):
+        convert_evl_checkpoint(_write(tmp_path, state), golden_dir / "clip-vision")
+
+
+def test_checkpoint_for_another_patch_grid_names_the_mismatched_tables(golden_dir, tmp_path):
+    state = random_original_state_dict(64, (7, 7), 2, 4, 64, 4.0, 5)
+    with pytest.raises(EVLCheckpointError, match=r"cross_frame_attention.previous_frame_table: checkpoint \(169, 64\) vs model \(49, 64\)"):
+        convert_evl_checkpoint(_write(tmp_path, state), golden_dir / "clip-vision")
+
+
+def test_missing_keys_are_listed(golden_dir, tmp_path):
+    state = random_original_state_dict(64, (4, 4), 2, 4, 64, 4.0, 5)
+    del state["module.decoder.decoder_layers.1.mlp.fc2.bias"]
+    with pytest.raises(EVLCheckpointError, match=r"missing: \['evl.decoder.layers.1.mlp.fc2.bias'\]"):
+        convert_evl_checkpoint(_write(tmp_path, state), golden_dir / "clip-vision")
+
+
+def test_more_decoder_layers_than_backbone_blocks_is_refused(golden_dir, tmp_path):
+    state = random_original_state_dict(64, (4, 4), 5, 4, 64, 4.0, 5)
+    with pytest.raises(EVLCheckpointError, match="5 decoder layers but the backbone only 4 blocks"):
+        convert_evl_checkpoint(_write(tmp_path, state), golden_dir / "clip-vision")
+
+
+def test_unknown_keys_are_refused(golden_dir, tmp_path):
+    state = random_original_state_dict(64, (4, 4), 2, 4, 64, 4.0, 5)
+    state["module.decoder.extra.weight"] = torch.zeros(3)
+    with pytest.raises(EVLCheckpointError, match="Unexpected key 'decoder.extra.weight'"):
+        convert_evl_checkpoint(_write(tmp_path, state), golden_dir / "clip-vision")
+
+
+def test_truncated_file_is_a_clear_error(golden_dir, tmp_path):
+    data = (golden_dir / "evl_checkpoint.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EVLCheckpointError, match="cut.pth: cannot be read"):
+        convert_evl_checkpoint(tmp_path / "cut.pth", golden_dir / "clip-vision")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickles_with_code_are_refused_not_executed(golden_dir, tmp_path, capsys):
+    with open(tmp_path / "evil.pth", "wb") as handle:
+        pickle.dump({"model": _Payload()}, handle)
+    with pytest.raises(EVLCheckpointError, match="evil.pth: cannot be read"):
+        convert_evl_checkpoint(tmp_path / "evil.pth", golden_dir / "clip-vision")
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_label_count_must_match_the_classifier(golden_dir):
+    with pytest.raises(EVLCheckpointError, match="3 labels given but the checkpoint's classifier has 5"):
+        convert_evl_checkpoint(golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision", id2label={0: "a", 1: "b", 2: "c"})
+
+
+def test_32_frame_checkpoints_default_to_stride_8(tmp_path):
+    save_tiny_backbone(tmp_path / "clip")
+    state = random_original_state_dict(32, (4, 4), 2, 32, 32, 4.0, 3)
+    model, processor = convert_evl_checkpoint(_write(tmp_path, state), tmp_path / "clip")
+    assert model.config.num_frames == 32 and processor.sampling_rate == 8 and processor.num_frames == 32

@@ -1,0 +1,149 @@
+"""
+transformers' own model contract (`ModelTesterMixin` from the installed release's `tests/test_modeling_common.py`)
+run against EVL. The test files come from transformers' PyPI source distribution (see
+`tools/fetch_transformers_tests.py`); they are not part of this repository.
+
+That source distribution ships `test_modeling_common.py` but not two helper modules it imports:
+`tests/exporters/test_export.py` (the `ExportTesterMixin` base class, torch.export checks) and
+`tests/generation/test_utils.py` (`GenerationTesterMixin`, only for models that generate). They are stood in for by
+empty classes below; torch.export of EVL is checked by `test_torch_export` in this file instead.
+"""
+
+import copy
+import sys
+import types
+import unittest
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from fetch_transformers_tests import PACKAGE, fetch  # noqa: E402
+
+
+sys.path.insert(0, str(fetch()))
+for name, attribute in (("exporters.test_export", "ExportTesterMixin"), ("generation.test_utils", "GenerationTesterMixin")):
+    parent = types.ModuleType(f"{PACKAGE}.{name.split('.')[0]}")
+    module = types.ModuleType(f"{PACKAGE}.{name}")
+    setattr(module, attribute, type(attribute, (), {}))
+    sys.modules.setdefault(parent.__name__, parent)
+    sys.modules.setdefault(module.__name__, module)
+
+from transformers.models.auto.modeling_auto import (  # noqa: E402
+    MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
+)
+from transformers_upstream_tests.test_modeling_common import (  # noqa: E402
+    ModelTesterMixin,
+    floats_tensor,
+    seeded_weight_init,
+)
+
+from evl_hf import EVLConfig, EVLForVideoClassification, EVLModel  # noqa: E402
+from helpers import tiny_vision_config  # noqa: E402
+
+
+# A model that lives inside transformers is listed in these name tables; `AutoModel.register` (what `import evl_hf`
+# does) fills the lazy mappings only. The mixin reads the tables to know the base model and the classifier's labels.
+MODEL_MAPPING_NAMES.setdefault("evl", "EVLModel")
+MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES.setdefault("evl", "EVLForVideoClassification")
+
+
+class EVLModelTester:
+    def __init__(self, parent, batch_size=2, num_frames=3, image_size=32, patch_size=8, hidden_size=32,
+                 num_backbone_layers=3, decoder_num_layers=2, decoder_num_heads=4, decoder_qkv_dim=32, num_labels=4,
+                 is_training=True):  # fmt: skip
+        self.parent = parent
+        self.batch_size = batch_size
+        self.num_frames = num_frames
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_backbone_layers = num_backbone_layers
+        self.decoder_num_layers = decoder_num_layers
+        self.decoder_qkv_dim = decoder_qkv_dim
+        self.num_labels = num_labels
+        self.is_training = is_training
+        # What the common tests read: the decoder's layers, heads and query length. Hidden states are the decoder's
+        # query states (one per layer plus the initial query).
+        self.num_hidden_layers = decoder_num_layers
+        self.num_attention_heads = decoder_num_heads
+        self.seq_length = 1
+        self.expected_num_hidden_layers = decoder_num_layers + 1
+        self.key_length = num_frames * ((image_size // patch_size) ** 2 + 1)
+
+    def get_config(self) -> EVLConfig:
+        return EVLConfig(
+            vision_config=tiny_vision_config(
+                hidden_size=self.hidden_size, num_hidden_layers=self.num_backbone_layers, patch_size=self.patch_size,
+                image_size=self.image_size,
+            ),
+            num_frames=self.num_frames,
+            decoder_num_layers=self.decoder_num_layers,
+            decoder_num_heads=self.num_attention_heads,
+            decoder_qkv_dim=self.decoder_qkv_dim,
+            num_labels=self.num_labels,
+        )  # fmt: skip
+
+    def prepare_config_and_inputs(self):
+        pixel_values = floats_tensor([self.batch_size, self.num_frames, 3, self.image_size, self.image_size])
+        labels = torch.randint(0, self.num_labels, (self.batch_size,))
+        return self.get_config(), pixel_values, labels
+
+    def prepare_config_and_inputs_for_common(self):
+        config, pixel_values, _ = self.prepare_config_and_inputs()
+        return config, {"pixel_values": pixel_values}
+
+
+class EVLModelTest(ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (EVLModel, EVLForVideoClassification)
+    # As for transformers' own vision models (VideoMAE, CLIP vision, ViViT): no token embeddings to resize.
+    test_resize_embeddings = False
+    test_torch_exportable = False  # ExportTesterMixin is not in the source distribution; see test_torch_export
+    _is_composite = True
+
+    def setUp(self):
+        self.model_tester = EVLModelTester(self)
+
+    def test_model_get_set_embeddings(self):
+        # As transformers' CLIP vision tests: the input "embedding" is the patch-embedding convolution.
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            model = model_class(config)
+            self.assertIsInstance(model.get_input_embeddings(), torch.nn.Conv2d)
+            self.assertIsNone(model.get_output_embeddings())
+
+    def test_can_init_all_missing_weights(self):
+        # The upstream check, restricted to EVL's own tensors: CLIP's `_init_weights` initialises its attention/MLP
+        # projections from their parent module, for which transformers exempts CLIP (a model added before 2023).
+        # Backbone tensors must still come out initialised (finite, off the meta device).
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            with seeded_weight_init():
+                from_init = model_class(copy.deepcopy(config)).state_dict()
+                from_pretrained = model_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
+            loaded = from_pretrained.state_dict()
+            self.assertEqual(sorted(loaded), sorted(from_init))
+            for key, value in loaded.items():
+                self.assertNotEqual(value.device.type, "meta", key)
+                if "vision_model." in key:
+                    self.assertTrue(torch.isfinite(value).all() and value.abs().max() < 100, key)
+                else:
+                    self.assertTrue(torch.equal(value, from_init[key]), key)
+
+    @unittest.skip(reason="EVL does not use inputs_embeds (pixel input only), like transformers' vision models")
+    def test_inputs_embeds(self):
+        pass
+
+    @unittest.skip(reason="EVL does not use inputs_embeds (pixel input only), like transformers' vision models")
+    def test_inputs_embeds_matches_input_ids(self):
+        pass
+
+    def test_torch_export(self):
+        model = EVLForVideoClassification(self.model_tester.get_config()).eval()
+        _, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        with torch.no_grad():
+            expected = model(**inputs).logits
+            program = torch.export.export(model, args=(), kwargs=inputs, strict=False)
+            torch.testing.assert_close(program.module()(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
