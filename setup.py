@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"evl_hf": ["metrics/*.py"]},
+    package_data={"evl_hf": ["metrics/video_accuracy/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -60,6 +60,23 @@ class EVLModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class EVLBackboneFeatures(ModelOutput):
+    r"""
+    What the EVL decoder reads from the frozen backbone: computing it is most of the model's cost, and it depends on
+    no trained parameter, so it can be cached per clip.
+
+    frame_features (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, num_patches + 1, hidden_size)`):
+        The outputs (all tokens, cls first) of the backbone's last `decoder_num_layers` blocks.
+    cross_frame_maps (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, 2, num_patches, num_patches)`, *optional*):
+        Those blocks' head-averaged attention between neighbouring frames (see `cross_frame_attention_maps`); only
+        when `use_temporal_cross_attention`.
+    """
+
+    frame_features: torch.FloatTensor | None = None
+    cross_frame_maps: torch.FloatTensor | None = None
+
+
 class EVLInputError(ValueError):
     """Raised when `pixel_values` cannot be a clip for this model (wrong rank, channels, size, dtype or values)."""
 
@@ -114,28 +131,51 @@ class EVLTemporalPositionEmbedding(nn.Module):
         return resized.squeeze(0).T
 
 
+def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """
+    The backbone's attention between the patches of neighbouring frames, as the authors' cross-frame module reads it.
+
+    `queries`, `keys`: one block's unscaled attention projections, (B, T, N + 1, heads, head_dim). Returns
+    (B, T, 2, N, N): `[:, t, 0]` is softmax(q_t k_{t-1}^T / sqrt(head_dim)) over keys averaged over heads (zero for
+    t = 0), `[:, t, 1]` the same towards frame t + 1 (zero for the last frame); cls tokens are dropped. The maps have
+    no learned parameter, so they can be computed once per clip and cached. Frames are processed in chunks so the
+    per-head scores never need more than a fixed working set.
+    """
+    batch_size, num_frames, num_tokens, num_heads, head_dim = queries.shape
+    num_patches = num_tokens - 1
+    queries, keys = queries[:, :, 1:].transpose(2, 3), keys[:, :, 1:].permute(0, 1, 3, 4, 2)
+    maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches)
+    chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_heads * num_patches * num_patches))
+    scale = head_dim**-0.5
+    for start in range(0, num_frames - 1, chunk):
+        stop = min(start + chunk, num_frames - 1)
+        # Frame pairs (t, t + 1) for t in [start, stop): t + 1 looks back at t, t looks ahead at t + 1.
+        backward = torch.matmul(queries[:, start + 1 : stop + 1], keys[:, start:stop]) * scale
+        maps[:, start + 1 : stop + 1, 0] = backward.softmax(dim=-1).mean(dim=2)
+        forward = torch.matmul(queries[:, start:stop], keys[:, start + 1 : stop + 1]) * scale
+        maps[:, start:stop, 1] = forward.softmax(dim=-1).mean(dim=2)
+    return maps
+
+
 class EVLCrossFrameAttention(nn.Module):
     """
-    Turns the backbone's attention between the patches of neighbouring frames into features. For frame t, the patch
-    queries attend to the patch keys of frame t-1 and of frame t+1 (softmax over keys, averaged over heads); each
-    (N, N) map then selects, for every query patch q and key patch k, a learned vector indexed by the spatial offset
-    between q and k, and sums them weighted by the attention. The cls row stays zero.
+    Turns the backbone's attention between the patches of neighbouring frames (see `cross_frame_attention_maps`) into
+    features: for every query patch q and key patch k of frame t and its neighbour, a learned vector indexed by the
+    spatial offset between q and k, summed with the attention weights, one table per direction. The cls row stays 0.
 
     The authors gather an (N, N, hidden_size) table per direction; that is 1.4 GB at ViT-L/14@336 shapes. Here each
     map is scattered into offset space instead: row offsets become a fixed window per query row (a flip), column
-    offsets a (2w - 1)-wide scatter. One batched matmul against (h, h * (2w - 1), hidden_size) windows of the tables
-    then gives the same sum, and frames are processed in chunks so memory does not grow with the clip length.
+    offsets a (2w - 1)-wide scatter. One batched matmul against (h, 2 * h * (2w - 1), hidden_size) windows of the
+    two tables then gives the same sums, frames in chunks so memory does not grow with the clip length.
     """
 
     def __init__(self, config: EVLConfig):
         super().__init__()
-        vision_config = config.vision_config
+        hidden_size = config.vision_config.hidden_size
         self.grid_height, self.grid_width = config.patch_grid
-        self.num_heads = vision_config.num_attention_heads
-        self.scale = (vision_config.hidden_size // self.num_heads) ** -0.5
         num_offsets = (2 * self.grid_height - 1) * (2 * self.grid_width - 1)
-        self.previous_frame_table = nn.Parameter(torch.zeros(num_offsets, vision_config.hidden_size))
-        self.next_frame_table = nn.Parameter(torch.zeros(num_offsets, vision_config.hidden_size))
+        self.previous_frame_table = nn.Parameter(torch.zeros(num_offsets, hidden_size))
+        self.next_frame_table = nn.Parameter(torch.zeros(num_offsets, hidden_size))
         columns = torch.arange(self.grid_width)
         # Column offset of query column j and key column k, shifted to be non-negative.
         self.register_buffer(
@@ -152,48 +192,37 @@ class EVLCrossFrameAttention(nn.Module):
             windows.append(grid.unfold(0, height, 1).permute(0, 3, 1, 2))
         return torch.stack(windows, dim=1).reshape(height, 2 * height * (2 * width - 1), -1)
 
-    def _attention_maps(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Head-averaged softmax(q k^T / sqrt(d)) of (B, c, N, heads, d) queries and keys: (B, c, N, N)."""
-        scores = torch.matmul(queries.transpose(2, 3), keys.permute(0, 1, 3, 4, 2)) * self.scale
-        return scores.softmax(dim=-1).mean(dim=2)
-
     def _to_offsets(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, c, N, N) maps -> (B, c, h, w, h, 2w - 1): indexed by query (i, j), local row offset, column offset."""
+        """(B, c, 2, N, N) maps -> (h, B * c * w, 2 * h * (2w - 1)), indexed by query row, then the other query
+        coordinates, then (direction, local row offset, column offset)."""
         height, width = self.grid_height, self.grid_width
-        maps = maps.view(*maps.shape[:2], height, width, height, width).flip(-2)
-        index = self.column_offsets.view(1, 1, 1, width, 1, width).expand(maps.shape)
-        return maps.new_zeros(*maps.shape[:-1], 2 * width - 1).scatter_(-1, index, maps)
+        batch_size, num_frames = maps.shape[:2]
+        maps = maps.reshape(batch_size, num_frames, 2, height, width, height, width).flip(-2)
+        index = self.column_offsets.view(1, 1, 1, 1, width, 1, width).expand(maps.shape)
+        offsets = maps.new_zeros(*maps.shape[:-1], 2 * width - 1).scatter_(-1, index, maps)
+        # (B, c, 2, h, w, h, 2w - 1) -> (h, B, c, w, 2, h, 2w - 1)
+        return offsets.permute(3, 0, 1, 4, 2, 5, 6).reshape(height, batch_size * num_frames * width, -1)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """`queries`, `keys`: (B, T, N + 1, heads, head_dim), unscaled. Returns (B, T, N + 1, hidden_size)."""
-        batch_size, num_frames, num_tokens = queries.shape[:3]
-        hidden_size = self.previous_frame_table.shape[-1]
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """`maps`: (B, T, 2, N, N) from `cross_frame_attention_maps`. Returns (B, T, N + 1, hidden_size)."""
+        batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
-        output = queries.new_zeros(batch_size, num_frames, num_tokens, hidden_size)
-        if num_frames == 1:
-            return output
-        queries, keys = queries[:, :, 1:], keys[:, :, 1:]
-        num_patches = num_tokens - 1
-        windows = self._table_windows()
-        chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * self.num_heads * num_patches * num_patches))
+        if num_patches != height * width:
+            raise ValueError(
+                f"Cross-frame attention maps cover {num_patches} patches, the offset tables a {height}x{width} grid."
+            )
+        windows = self._table_windows().to(maps.dtype)
+        hidden_size = windows.shape[-1]
+        chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * windows.shape[1]))
+        features = []
         for start in range(0, num_frames, chunk):
             stop = min(start + chunk, num_frames)
-            frame_queries = queries[:, start:stop]
-            # Neighbours clamped at the clip's ends; the missing direction is zeroed below.
-            previous_keys = keys[:, max(start - 1, 0) : stop - 1]
-            next_keys = keys[:, start + 1 : min(stop + 1, num_frames)]
-            previous_maps = self._attention_maps(frame_queries[:, stop - start - previous_keys.shape[1] :], previous_keys)
-            next_maps = self._attention_maps(frame_queries[:, : next_keys.shape[1]], next_keys)
-            offsets = frame_queries.new_zeros(batch_size, stop - start, height, width, 2, height, 2 * width - 1)
-            offsets[:, stop - start - previous_maps.shape[1] :, :, :, 0] = self._to_offsets(previous_maps)
-            offsets[:, : next_maps.shape[1], :, :, 1] = self._to_offsets(next_maps)
-            # Batched over query rows: (h, B * c * w, 2 * h * (2w - 1)) @ (h, 2 * h * (2w - 1), D)
-            offsets = offsets.permute(2, 0, 1, 3, 4, 5, 6).reshape(height, -1, windows.shape[1])
-            features = torch.bmm(offsets, windows).view(height, batch_size, stop - start, width, hidden_size)
-            output[:, start:stop, 1:] = features.permute(1, 2, 0, 3, 4).reshape(
-                batch_size, stop - start, num_patches, hidden_size
-            )
-        return output
+            chunk_features = torch.bmm(self._to_offsets(maps[:, start:stop]), windows)
+            chunk_features = chunk_features.view(height, batch_size, stop - start, width, hidden_size)
+            features.append(chunk_features.permute(1, 2, 0, 3, 4).reshape(batch_size, stop - start, num_patches, -1))
+        features = torch.cat(features, dim=1) if len(features) > 1 else features[0]
+        # The cls row stays zero.
+        return nn.functional.pad(features, (0, 0, 1, 0))
 
 
 class EVLDecoderAttention(nn.Module):
@@ -269,8 +298,7 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         self,
         query: torch.Tensor,
         frame_features: torch.Tensor,
-        frame_queries: torch.Tensor | None = None,
-        frame_keys: torch.Tensor | None = None,
+        cross_frame_maps: torch.Tensor | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -281,7 +309,7 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         if self.temporal_position_embedding is not None:
             memory = memory + self.temporal_position_embedding(num_frames)[:, None, :]
         if self.cross_frame_attention is not None:
-            memory = memory + self.cross_frame_attention(frame_queries, frame_keys)
+            memory = memory + self.cross_frame_attention(cross_frame_maps)
         memory = memory.reshape(batch_size, num_frames * num_tokens, hidden_size)
 
         attn_output, attn_weights = self.cross_attention(
@@ -431,13 +459,11 @@ class EVLModel(EVLPreTrainedModel):
         if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
             raise EVLInputError("`pixel_values` contains NaN or infinite values.")
 
-    def extract_backbone_features(
-        self, pixel_values: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    def extract_backbone_features(self, pixel_values: torch.Tensor) -> EVLBackboneFeatures:
         """
-        Run the backbone once over every frame and return, for each of its last `decoder_num_layers` blocks, the
-        block's output (all tokens) and, when cross-frame attention is used, the block's own unscaled attention
-        query and key projections, each reshaped to `(batch_size, num_frames, num_tokens, ...)` in the decoder's dtype.
+        Run the backbone once over every frame and return what the decoder reads from its last `decoder_num_layers`
+        blocks: each block's output (all tokens) and, when cross-frame attention is used, the attention maps between
+        neighbouring frames computed from that block's own attention queries and keys (captured, not recomputed).
         """
         batch_size, num_frames = pixel_values.shape[:2]
         layers = self.vision_model.encoder.layers
@@ -452,32 +478,61 @@ class EVLModel(EVLPreTrainedModel):
                 attention = layer.self_attn
                 handles.append(attention.q_proj.register_forward_hook(partial(_record_output, captured, ("q", index))))
                 handles.append(attention.k_proj.register_forward_hook(partial(_record_output, captured, ("k", index))))
+        grad_enabled = torch.is_grad_enabled() and not self.config.freeze_backbone
         try:
             frames = pixel_values.flatten(0, 1).to(self.vision_model.embeddings.patch_embedding.weight.dtype)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+            with torch.set_grad_enabled(grad_enabled):
                 self.vision_model(pixel_values=frames)
         finally:
             for handle in handles:
                 handle.remove()
 
+        # The decoder works in its own dtype (float32 unless the whole model was cast), whatever the backbone's.
         dtype = self.decoder.query.dtype
         heads = self.config.vision_config.num_attention_heads
 
-        def as_clips(tensor: torch.Tensor, split_heads: bool = False) -> torch.Tensor:
-            tensor = tensor.to(dtype).view(batch_size, num_frames, *tensor.shape[1:])
-            return tensor.unflatten(-1, (heads, -1)) if split_heads else tensor
+        def as_clips(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(dtype).view(batch_size, num_frames, *tensor.shape[1:])
 
-        outputs = [as_clips(captured["output", index]) for index in used]
-        if not need_query_key:
-            return outputs, None, None
-        queries = [as_clips(captured["q", index], split_heads=True) for index in used]
-        keys = [as_clips(captured["k", index], split_heads=True) for index in used]
-        return outputs, queries, keys
+        frame_features = torch.stack([as_clips(captured["output", index]) for index in used], dim=1)
+        cross_frame_maps = None
+        if need_query_key:
+            with torch.set_grad_enabled(grad_enabled):
+                cross_frame_maps = torch.stack(
+                    [
+                        cross_frame_attention_maps(
+                            as_clips(captured["q", index]).unflatten(-1, (heads, -1)),
+                            as_clips(captured["k", index]).unflatten(-1, (heads, -1)),
+                        )
+                        for index in used
+                    ],
+                    dim=1,
+                )
+        return EVLBackboneFeatures(frame_features=frame_features, cross_frame_maps=cross_frame_maps)
+
+    def check_backbone_features(self, frame_features: torch.Tensor, cross_frame_maps: torch.Tensor | None) -> None:
+        """Validate precomputed features (e.g. from a feature cache) against this model's configuration."""
+        config = self.config
+        num_tokens = config.patch_grid[0] * config.patch_grid[1] + 1
+        if frame_features.ndim != 5 or frame_features.shape[1] != config.decoder_num_layers or frame_features.shape[
+            3:
+        ] != (num_tokens, config.vision_config.hidden_size):
+            raise EVLInputError(
+                f"`frame_features` must be (batch_size, {config.decoder_num_layers}, num_frames, {num_tokens}, "
+                f"{config.vision_config.hidden_size}), got {tuple(frame_features.shape)}."
+            )
+        if config.use_temporal_cross_attention:
+            expected = (*frame_features.shape[:3], 2, num_tokens - 1, num_tokens - 1)
+            if cross_frame_maps is None or tuple(cross_frame_maps.shape) != expected:
+                shape = None if cross_frame_maps is None else tuple(cross_frame_maps.shape)
+                raise EVLInputError(f"`cross_frame_maps` must be {expected} for this model, got {shape}.")
 
     @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
+        cross_frame_maps: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
@@ -485,6 +540,10 @@ class EVLModel(EVLPreTrainedModel):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
             Normalised frames, e.g. from [`EVLVideoProcessor`].
+        frame_features (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, num_patches + 1, hidden_size)`, *optional*):
+            Precomputed backbone features (`extract_backbone_features`, or a feature cache) instead of `pixel_values`.
+        cross_frame_maps (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, 2, num_patches, num_patches)`, *optional*):
+            Precomputed cross-frame attention maps, with `frame_features` when cross-frame attention is used.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -494,18 +553,24 @@ class EVLModel(EVLPreTrainedModel):
         keep_hidden_states = _selected_indices(output_hidden_states, self.config.decoder_num_layers + 1)
         keep_attentions = _selected_indices(output_attentions, self.config.decoder_num_layers)
         output_hidden_states, output_attentions = bool(output_hidden_states), bool(output_attentions)
-        self.check_pixel_values(pixel_values)
-        outputs, queries, keys = self.extract_backbone_features(pixel_values)
+        if frame_features is None:
+            self.check_pixel_values(pixel_values)
+            features = self.extract_backbone_features(pixel_values)
+            frame_features, cross_frame_maps = features.frame_features, features.cross_frame_maps
+        else:
+            self.check_backbone_features(frame_features, cross_frame_maps)
+            dtype = self.decoder.query.dtype
+            frame_features = frame_features.to(dtype)
+            cross_frame_maps = cross_frame_maps.to(dtype) if cross_frame_maps is not None else None
 
-        query = self.decoder.query.view(1, 1, -1).expand(pixel_values.shape[0], 1, -1)
+        query = self.decoder.query.view(1, 1, -1).expand(frame_features.shape[0], 1, -1)
         all_hidden_states = (query,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for index, layer in enumerate(self.decoder.layers):
             query, attn_weights = layer(
                 query,
-                outputs[index],
-                queries[index] if queries is not None else None,
-                keys[index] if keys is not None else None,
+                frame_features[:, index],
+                cross_frame_maps[:, index] if cross_frame_maps is not None else None,
                 output_attentions,
                 **kwargs,
             )
@@ -579,6 +644,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
+        cross_frame_maps: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
@@ -586,6 +653,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         r"""
         pixel_values (`torch.FloatTensor`):
             `(batch_size, num_frames, channels, height, width)`, or with a views dimension after the batch one.
+        frame_features, cross_frame_maps (*optional*):
+            Precomputed backbone features instead of `pixel_values`, see [`EVLModel.forward`].
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Labels for the loss. With `config.num_labels == 1` a regression (MSE) loss is computed, otherwise a
             classification loss (cross-entropy, or BCE for `problem_type="multi_label_classification"`).
@@ -596,6 +665,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             pixel_values = pixel_values.flatten(0, 1)
         outputs: EVLModelOutput = self.evl(
             pixel_values,
+            frame_features=frame_features,
+            cross_frame_maps=cross_frame_maps,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             **kwargs,
@@ -617,4 +688,12 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         )
 
 
-__all__ = ["EVLForVideoClassification", "EVLModel", "EVLPreTrainedModel", "EVLModelOutput", "EVLInputError"]
+__all__ = [
+    "EVLBackboneFeatures",
+    "EVLForVideoClassification",
+    "EVLInputError",
+    "EVLModel",
+    "EVLModelOutput",
+    "EVLPreTrainedModel",
+    "cross_frame_attention_maps",
+]
