@@ -26,6 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from evl_hf import EVLConfig, EVLForVideoClassification, EVLVideoProcessor
 from evl_hf.data.video_dataset import (
+    EpochCallback,
     SkippingVideoCollator,
     VideoEvalTransform,
     VideoTrainTransform,
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None):
         return data.select(range(min(maximum, len(data)))) if maximum is not None else data
 
     train_dataset = eval_dataset = predict_dataset = None
+    callbacks = []
     if training_args.do_train:
         if "train" not in dataset:
             raise ValueError("--do_train needs a train split.")
@@ -189,8 +191,12 @@ def main(argv: list[str] | None = None):
             )  # fmt: skip
             logger.info("Feature cache: %d clips cached, %d skipped", len(train_dataset), skipped)
         else:
-            train_transform = VideoTrainTransform(processor, num_frames, data_args.sampling_rate, data_args.rand_augment)
+            train_transform = VideoTrainTransform(
+                processor, num_frames, data_args.sampling_rate, data_args.rand_augment, seed=training_args.seed
+            )
+            train_dataset = train_dataset.add_column("clip_index", list(range(len(train_dataset))))
             train_dataset.set_transform(with_skipping(train_transform))
+            callbacks.append(EpochCallback(train_transform))
     eval_transform = with_skipping(
         VideoEvalTransform(processor, num_frames, data_args.sampling_rate, data_args.num_temporal_views, data_args.num_spatial_views)
     )  # fmt: skip
@@ -213,11 +219,12 @@ def main(argv: list[str] | None = None):
         data_collator=SkippingVideoCollator(),
         compute_metrics=make_compute_metrics(top_k=5),
         processing_class=processor,
+        callbacks=callbacks,
     )
 
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
-        if checkpoint is None and os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
+        if checkpoint is None and os.path.isdir(training_args.output_dir):
             checkpoint = get_last_checkpoint(training_args.output_dir)
             if checkpoint is not None:
                 logger.info("Resuming training from %s", checkpoint)
@@ -233,6 +240,8 @@ def main(argv: list[str] | None = None):
         output = trainer.predict(data, metric_key_prefix=prefix)
         trainer.log_metrics(prefix, output.metrics)
         trainer.save_metrics(prefix, output.metrics)
+        if prefix == "eval":
+            trainer.log(output.metrics)  # into the log history, where the model card reads evaluation results
         if trainer.is_world_process_zero() and output.label_ids is not None and len(output.label_ids):
             write_per_class_report(output.predictions, output.label_ids, model.config.id2label, training_args.output_dir, prefix)
 

@@ -7,8 +7,10 @@ cannot be decoded, and the frozen-backbone feature cache.
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
+from transformers import TrainerCallback
 
 from ..video_processing_evl import EVLVideoDecodingError, EVLVideoProcessor, decode_video, sample_frame_indices
 
@@ -108,14 +110,22 @@ class VideoTrainTransform:
     The authors' training augmentation: a random dense window, then RandAugment with the same ops and magnitudes for
     every frame of a clip, then one random resized crop box (scale 0.08-1, ratio 3/4-4/3) for all frames, then CLIP
     normalisation. (torchvision's RandAugment has no per-op magnitude noise, the authors' `mstd 0.5`.)
+
+    The randomness of a clip is a function of (`seed`, `epoch`, clip index) only, not of a global generator's state,
+    so a run resumed from a checkpoint sees exactly the augmentations of an uninterrupted one (`EpochCallback` keeps
+    `epoch` in step with the Trainer).
     """
 
-    def __init__(self, processor: EVLVideoProcessor, num_frames: int, sampling_rate: int, rand_augment: bool = True):
+    def __init__(
+        self, processor: EVLVideoProcessor, num_frames: int, sampling_rate: int, rand_augment: bool = True, seed: int = 0
+    ):
         from torchvision.transforms import v2
 
         self.processor = processor
         self.num_frames = num_frames
         self.sampling_rate = sampling_rate
+        self.seed = seed
+        self.epoch = 0
         crop = processor.crop_size["height"], processor.crop_size["width"]
         steps = [v2.RandAugment(num_ops=4, magnitude=7)] if rand_augment else []
         steps.append(v2.RandomResizedCrop(crop, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True))
@@ -123,16 +133,30 @@ class VideoTrainTransform:
         self.mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
 
-    def __call__(self, video) -> torch.Tensor:
+    def __call__(self, video, index: int = 0) -> torch.Tensor:
+        generator = np.random.default_rng([self.seed, self.epoch, index])
         frames, _ = decode_video(
             video,
             lambda metadata: sample_frame_indices(
-                metadata.total_num_frames, self.num_frames, self.sampling_rate, random_temporal_offset=True
+                metadata.total_num_frames, self.num_frames, self.sampling_rate, random_temporal_offset=True,
+                generator=generator,
             ),
-        )
+        )  # fmt: skip
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, C, H, W) uint8
-        frames = self.augment(frames)  # v2 transforms draw their parameters once per call: same for every frame
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(generator.integers(2**63 - 1)))
+            frames = self.augment(frames)  # v2 transforms draw their parameters once per call: same for every frame
         return (frames.float() / 255 - self.mean) / self.std
+
+
+class EpochCallback(TrainerCallback):
+    """Tell a `VideoTrainTransform` which epoch the Trainer is in (also when resuming mid-epoch)."""
+
+    def __init__(self, transform: VideoTrainTransform):
+        self.transform = transform
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.transform.epoch = int(state.epoch or 0)
 
 
 class VideoEvalTransform:
@@ -145,7 +169,7 @@ class VideoEvalTransform:
             num_spatial_views=spatial_views, return_tensors="pt",
         )  # fmt: skip
 
-    def __call__(self, video) -> torch.Tensor:
+    def __call__(self, video, index: int = 0) -> torch.Tensor:
         return self.processor(video, **self.kwargs)["pixel_values"][0]
 
 
@@ -154,10 +178,11 @@ def with_skipping(transform):
 
     def apply(batch: dict) -> dict:
         pixel_values = []
-        for video in batch["video"]:
+        indices = batch.get("clip_index", [0] * len(batch["video"]))
+        for video, index in zip(batch["video"], indices):
             path = _video_path(video)
             try:
-                pixel_values.append(transform(path))
+                pixel_values.append(transform(path, index))
             except (EVLVideoDecodingError, ValueError) as error:
                 logger.warning("Skipping a clip that cannot be used: %s", error)
                 pixel_values.append(None)
