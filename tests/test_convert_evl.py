@@ -18,6 +18,7 @@ def test_cli_converts_the_golden_checkpoint_with_labels(golden_dir, tmp_path, ca
     main([
         "--checkpoint", str(golden_dir / "evl_checkpoint.pth"), "--backbone", str(golden_dir / "clip-vision"),
         "--output_dir", str(tmp_path / "out"), "--decoder_num_heads", "4", "--labels", str(tmp_path / "labels.json"),
+        "--num_temporal_views", "3",
     ])  # fmt: skip
     assert "Saved EVLForVideoClassification (5 classes, 4 frames)" in capsys.readouterr().out
     out = tmp_path / "out"
@@ -32,6 +33,7 @@ def test_cli_converts_the_golden_checkpoint_with_labels(golden_dir, tmp_path, ca
     processor = AutoVideoProcessor.from_pretrained(out)
     assert isinstance(processor, EVLVideoProcessor)
     assert (processor.num_frames, processor.sampling_rate, processor.crop_size["height"]) == (4, 16, 64)
+    assert (processor.num_temporal_views, processor.num_spatial_views) == (3, 1)
     assert pipeline("video-classification", model=str(out)).model.config.id2label[0] == "archery"
 
 

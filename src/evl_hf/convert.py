@@ -155,6 +155,8 @@ def convert_evl_checkpoint(
     decoder_num_heads: int | None = None,
     id2label: dict[int, str] | None = None,
     sampling_rate: int | None = None,
+    num_spatial_views: int = 1,
+    num_temporal_views: int = 1,
 ) -> tuple[EVLForVideoClassification, EVLVideoProcessor]:
     """Build the transformers model (pretrained CLIP backbone + converted decoder/head) and its video processor."""
     state_dict = load_original_state_dict(checkpoint_path)
@@ -181,6 +183,8 @@ def convert_evl_checkpoint(
         sampling_rate=sampling_rate,
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
+        num_spatial_views=num_spatial_views,
+        num_temporal_views=num_temporal_views,
     )
     return model, processor
 
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoder_num_heads", type=int, default=None, help="Defaults to the backbone's head count.")
     parser.add_argument("--labels", default=None, help="JSON list of class names in index order.")
     parser.add_argument("--sampling_rate", type=int, default=None, help="Frame stride (default: 16, or 8 for 32 frames).")
+    parser.add_argument("--num_spatial_views", type=int, default=1, help="Evaluation crops saved in the processor (1 or 3).")
+    parser.add_argument("--num_temporal_views", type=int, default=1, help="Evaluation windows saved in the processor.")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="Also upload to this Hub repository.")
     args = parser.parse_args(argv)
 
@@ -203,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
             raise EVLCheckpointError(f"{args.labels}: expected a JSON list of class names.")
         id2label = dict(enumerate(labels))
     model, processor = convert_evl_checkpoint(
-        args.checkpoint, args.backbone, args.decoder_num_heads, id2label, args.sampling_rate
-    )
+        args.checkpoint, args.backbone, args.decoder_num_heads, id2label, args.sampling_rate,
+        args.num_spatial_views, args.num_temporal_views,
+    )  # fmt: skip
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     print(f"Saved {type(model).__name__} ({model.config.num_labels} classes, {model.config.num_frames} frames) to {args.output_dir}")
