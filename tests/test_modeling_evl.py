@@ -400,5 +400,55 @@ def test_torch_compile_matches_eager_execution():
     inputs = pixel_values()
     with torch.no_grad():
         expected = model(inputs).logits
-        compiled = torch.compile(model, backend="eager")
-        torch.testing.assert_close(compiled(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+        compiled = torch.compile(model)  # inductor, generating and building real kernels
+        torch.testing.assert_close(compiled(inputs).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- precomputed features and low precision
+
+
+def test_precomputed_backbone_features_give_the_same_logits():
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(model)
+    inputs = pixel_values()
+    with torch.no_grad():
+        features = model.evl.extract_backbone_features(inputs)
+        assert features.frame_features.shape == (2, 2, 4, 17, 32)
+        assert features.cross_frame_maps.shape == (2, 2, 4, 2, 16, 16)
+        # Rows of the maps are softmax distributions; the first frame has no previous one, the last no next one.
+        torch.testing.assert_close(features.cross_frame_maps[:, :, 1:, 0].sum(-1), torch.ones(2, 2, 3, 16))
+        assert features.cross_frame_maps[:, :, 0, 0].abs().sum() == 0 and features.cross_frame_maps[:, :, -1, 1].abs().sum() == 0
+        direct = model(inputs).logits
+        cached = model(frame_features=features.frame_features, cross_frame_maps=features.cross_frame_maps).logits
+    torch.testing.assert_close(cached, direct, atol=0, rtol=0)
+    with pytest.raises(EVLInputError, match="cross_frame_maps"):
+        model(frame_features=features.frame_features)
+    with pytest.raises(EVLInputError, match="frame_features"):
+        model(frame_features=features.frame_features[:, :1], cross_frame_maps=features.cross_frame_maps)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_backbone_keeps_a_float32_decoder(golden_dir, dtype, tmp_path):
+    reference = load_file(golden_dir / "reference.safetensors")
+    model = golden_model(golden_dir)
+    model.config.backbone_dtype = dtype
+    model.evl._apply_backbone_freeze()
+    assert model.evl.vision_model.embeddings.patch_embedding.weight.dtype == getattr(torch, dtype)
+    assert model.classifier.weight.dtype == torch.float32 and model.evl.decoder.query.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(reference["pixel_values"]).logits
+    assert logits.dtype == torch.float32
+    difference = (logits - reference["logits"]).abs().max()
+    assert 0 < difference < 0.05, difference
+    model.save_pretrained(tmp_path)
+    loaded = EVLForVideoClassification.from_pretrained(tmp_path)
+    assert loaded.evl.vision_model.embeddings.patch_embedding.weight.dtype == getattr(torch, dtype)
+    assert loaded.classifier.weight.dtype == torch.float32
+
+
+def test_low_precision_backbone_requires_a_frozen_backbone():
+    with pytest.raises(ValueError, match="freeze_backbone=True"):
+        tiny_config(backbone_dtype="bfloat16", freeze_backbone=False)
+    with pytest.raises(ValueError, match="backbone_dtype"):
+        tiny_config(backbone_dtype="int8")

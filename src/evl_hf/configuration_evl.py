@@ -87,6 +87,10 @@ class EVLConfig(PreTrainedConfig):
         freeze_backbone (`bool`, *optional*, defaults to `True`):
             Keep the CLIP backbone frozen: no gradient, always in eval mode, not trainable. Set to `False` to fine-tune
             end to end.
+        backbone_dtype (`str`, *optional*):
+            Run the frozen backbone in `"float16"` or `"bfloat16"` (as the authors run it in fp16) while the decoder
+            keeps the model's dtype (float32 by default); its features are cast to the decoder's dtype. `None` keeps
+            the backbone in the model's dtype. Only with `freeze_backbone=True`.
         layer_norm_eps (`float`, *optional*, defaults to 1e-05):
             Epsilon of the decoder and head LayerNorms.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -117,6 +121,7 @@ class EVLConfig(PreTrainedConfig):
     use_temporal_pos_embed: bool = True
     use_temporal_cross_attention: bool = True
     freeze_backbone: bool = True
+    backbone_dtype: str | None = None
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
 
@@ -147,6 +152,12 @@ class EVLConfig(PreTrainedConfig):
                 f"`decoder_qkv_dim` ({self.decoder_qkv_dim}) must be divisible by `decoder_num_heads` "
                 f"({self.decoder_num_heads})."
             )
+        if self.backbone_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"`backbone_dtype` must be None, 'float32', 'float16' or 'bfloat16', got {self.backbone_dtype!r}."
+            )
+        if self.backbone_dtype not in (None, "float32") and not self.freeze_backbone:
+            raise ValueError("`backbone_dtype` lowers the precision of a frozen backbone only; set freeze_backbone=True.")
         if self.decoder_mlp_factor <= 0:
             raise ValueError(f"`decoder_mlp_factor` must be positive, got {self.decoder_mlp_factor}.")
         for name in ("decoder_mlp_dropout", "classifier_dropout"):

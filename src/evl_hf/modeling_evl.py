@@ -413,6 +413,8 @@ class EVLModel(EVLPreTrainedModel):
         if self.config.freeze_backbone:
             self.vision_model.requires_grad_(False)
             self.vision_model.eval()
+        if self.config.backbone_dtype is not None:
+            self.vision_model.to(getattr(torch, self.config.backbone_dtype))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -1,0 +1,78 @@
+"""
+Target 3: training cost at ViT-B/16 shapes, batch 2, 8 frames, float32, CPU. A training step is forward + backward +
+AdamW step.
+
+* EVL step (frozen backbone) / end-to-end fine-tuning step of the same model (`freeze_backbone=False`): time
+  (target <= 0.42) and peak memory (target <= 0.35), each variant's memory in a fresh process;
+* EVL step / EVL inference forward: time (target <= 1.25).
+
+Peak memory is the process's peak RSS above what it held once the model and the batch existed (the weights, identical
+for both variants); the ratio of whole-process peaks is printed too.
+
+    python benchmarks/bench_training_cost.py [--repeats 3]
+"""
+
+import argparse
+
+import torch
+from common import alternate, evl_config, machine, peak_rss_bytes, rss_bytes, run_isolated
+
+from evl_hf import EVLForVideoClassification
+
+
+def build(freeze: bool):
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(evl_config(freeze_backbone=freeze, decoder_mlp_dropout=0.5)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    clip = torch.randn(2, 8, 3, 224, 224)
+    labels = torch.tensor([1, 2])
+
+    def step():
+        loss = model(clip, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step, clip
+
+
+def peak_memory(freeze: bool) -> dict:
+    model, step, _ = build(freeze)
+    before = rss_bytes()
+    step()
+    step()
+    return {"above_model_gb": (peak_rss_bytes() - before) / 1e9, "process_gb": peak_rss_bytes() / 1e9}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    frozen, frozen_step, clip = build(True)
+    finetune, finetune_step, _ = build(False)
+
+    def inference():
+        with torch.inference_mode():
+            frozen.eval()
+            frozen(clip)
+            frozen.train()
+
+    medians = alternate(
+        {"EVL inference forward": inference, "EVL training step": frozen_step, "fine-tuning step": finetune_step},
+        repeats=args.repeats,
+    )
+    for name, seconds in medians.items():
+        print(f"{name:<24} median {seconds:7.2f} s")
+    print(f"time   EVL step / fine-tuning step: {medians['EVL training step'] / medians['fine-tuning step']:.3f} (target <= 0.42)")
+    print(f"time   EVL step / EVL inference:    {medians['EVL training step'] / medians['EVL inference forward']:.3f} (target <= 1.25)")
+    del frozen, finetune
+    memory = {name: run_isolated("bench_training_cost", "peak_memory", freeze) for name, freeze in (("EVL", True), ("fine-tuning", False))}
+    for name, result in memory.items():
+        print(f"peak memory {name:<12} above model {result['above_model_gb']:.3f} GB, whole process {result['process_gb']:.3f} GB")
+    print(f"memory EVL step / fine-tuning step: {memory['EVL']['above_model_gb'] / memory['fine-tuning']['above_model_gb']:.3f} "
+          f"(target <= 0.35); whole-process peaks: {memory['EVL']['process_gb'] / memory['fine-tuning']['process_gb']:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Helpers for the benchmarks: ViT-B/16-shaped models with random weights, alternating timing, peak memory."""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig
+
+
+ROOT = Path(__file__).resolve().parent.parent
+B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16, image_size=224)  # fmt: skip
+L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=336)  # fmt: skip
+
+
+def vision_config(shape=B16) -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_act="quick_gelu", attn_implementation="sdpa", **shape)
+
+
+def evl_config(shape=B16, num_frames=8, **overrides):
+    from evl_hf import EVLConfig
+
+    values = dict(num_frames=num_frames, decoder_num_layers=4, decoder_qkv_dim=shape["hidden_size"],
+                  decoder_num_heads=shape["num_attention_heads"], num_labels=400)  # fmt: skip
+    values.update(overrides)
+    config = EVLConfig(vision_config=vision_config(shape), **values)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def alternate(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Run the variants alternately (after warm-up) and return each one's median seconds."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_isolated(module: str, function: str, *args) -> dict:
+    """Run `module.function(*args)` in a fresh interpreter (for peak-memory measurements) and return its dict."""
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import {module} as m; "
+        f"print('RESULT' + json.dumps(m.{function}(*{args!r})))"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT"))[6:])
