@@ -148,6 +148,15 @@ def decode_video(
         return _stack([decoded[i] for i in indices], name), metadata
 
 
+def _to_rgb(frame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB as a player shows the frame: any pixel format converted, display rotation applied."""
+    array = frame.to_ndarray(format="rgb24")
+    rotation = frame.rotation  # counterclockwise degrees from the stream's display matrix (phone videos)
+    if rotation:
+        array = np.ascontiguousarray(np.rot90(array, k=round(rotation / 90) % 4))
+    return array
+
+
 def _indices(sample_indices_fn, metadata: VideoMetadata) -> list[int]:
     if sample_indices_fn is None:
         return list(range(metadata.total_num_frames))
@@ -182,14 +191,14 @@ def _decode_range(container, stream, name, wanted, first, fps, started, timeout)
             if time.monotonic() - started > timeout:
                 raise EVLVideoDecodingError(f"{name}: decoding took longer than {timeout:.0f}s; giving up.")
             if wanted is None:
-                result.append(frame.to_ndarray(format="rgb24"))
+                result.append(_to_rgb(frame))
                 continue
             index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else None
             if index is None:
                 index = first + len(result)
             if index < wanted[position]:
                 continue
-            last = frame.to_ndarray(format="rgb24")
+            last = _to_rgb(frame)
             while position < len(wanted) and index >= wanted[position]:
                 result[wanted[position]] = last
                 position += 1

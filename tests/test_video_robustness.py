@@ -1,0 +1,186 @@
+"""Every kind of bad or unusual video file: it works correctly, or raises EVLVideoDecodingError naming the file."""
+
+import io
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+from helpers import frame_index, index_coded_frames, write_clip
+from PIL import Image
+
+from evl_hf import EVLVideoDecodingError, EVLVideoProcessor, decode_video
+
+
+def processor(**kwargs):
+    values = dict(num_frames=4, sampling_rate=2, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return EVLVideoProcessor(**(values | kwargs))
+
+
+def encode(path, frames, codec="libx264", pix_fmt="yuv420p", fps=25, container_format=None, rotation=None, pts=None):
+    """Encode RGB frames with any codec/pixel format; optional display rotation and explicit timestamps (VFR)."""
+    with av.open(str(path), mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = pix_fmt
+        if pts is not None:
+            stream.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for index, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if pts is not None:
+                video_frame.pts, video_frame.time_base = pts[index], Fraction(1, 1000)
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode())
+    return path
+
+
+def assert_named_error(path, message, **kwargs):
+    with pytest.raises(EVLVideoDecodingError, match=message) as error:
+        processor(**kwargs)(str(path), return_tensors="pt")
+    assert str(path) in str(error.value)
+
+
+# ---------------------------------------------------------------- files that are not (usable) videos
+
+
+def test_truncated_at_half_its_size(tmp_path):
+    good = write_clip(tmp_path / "good.mp4", index_coded_frames(60))
+    cut = tmp_path / "half.mp4"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert_named_error(cut, "not a readable video")
+
+
+def test_audio_only_file(tmp_path):
+    path = tmp_path / "audio.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        samples = np.zeros((1, 16000), dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    assert_named_error(path, "no video stream")
+
+
+def test_still_image_renamed_mp4_decodes_as_its_one_frame(tmp_path):
+    image = np.zeros((40, 60, 3), dtype=np.uint8)
+    image[:, :30] = 255
+    path = tmp_path / "photo.mp4"
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
+    frames, metadata = decode_video(path, lambda metadata: [0, 0, 0])
+    assert metadata.total_num_frames == 1
+    np.testing.assert_array_equal(frames[0], image)
+
+
+def test_text_file_and_missing_path_and_directory(tmp_path):
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 50)
+    assert_named_error(text, "not a readable video")
+    assert_named_error(tmp_path / "nowhere.mp4", "no such file")
+    assert_named_error(tmp_path, "is a directory")
+
+
+# ---------------------------------------------------------------- unusual but valid videos
+
+
+def test_one_frame_video_repeats_its_frame(tmp_path):
+    path = write_clip(tmp_path / "one.mp4", index_coded_frames(1))
+    frames, metadata = decode_video(path, lambda metadata: [0, 0, 0, 0])
+    assert metadata.total_num_frames == 1 and [frame_index(f) for f in frames] == [0, 0, 0, 0]
+    assert processor()(str(path), return_tensors="pt")["pixel_values"].shape == (1, 4, 3, 32, 32)
+
+
+def test_clip_shorter_than_the_window_repeats_the_last_frame(tmp_path):
+    path = write_clip(tmp_path / "short.mp4", index_coded_frames(5))
+    out = processor(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False, num_frames=4,
+                    sampling_rate=3)(str(path), return_tensors="pt")["pixel_values"][0]  # fmt: skip
+    assert [frame_index(f.permute(1, 2, 0).numpy()) for f in out] == [0, 3, 4, 4]
+
+
+def test_one_by_one_pixel_video(tmp_path):
+    frames = np.full((6, 1, 1, 3), 200, dtype=np.uint8)
+    path = encode(tmp_path / "pixel.mkv", frames, codec="ffv1", pix_fmt="bgr0")
+    out = processor(do_normalize=False)(str(path), return_tensors="pt")["pixel_values"]
+    assert out.shape == (1, 4, 3, 32, 32)
+    torch.testing.assert_close(out, torch.full_like(out, 200 / 255), atol=2 / 255, rtol=0)
+
+
+def test_very_large_frames_are_decoded_and_resized(tmp_path):
+    frames = np.zeros((2, 3000, 4000, 3), dtype=np.uint8)
+    frames[:, :, 2000:] = 255
+    path = encode(tmp_path / "large.mp4", frames)
+    out = processor(do_normalize=False, do_center_crop=False, size={"shortest_edge": 30})(str(path), return_tensors="pt")
+    pixels = out["pixel_values"][0]
+    assert pixels.shape == (4, 3, 30, 40)
+    assert pixels[:, :, :, :18].max() < 0.1 and pixels[:, :, :, 22:].min() > 0.9
+
+
+def test_frame_size_guard(tmp_path):
+    path = encode(tmp_path / "big.mp4", np.zeros((1, 480, 640, 3), dtype=np.uint8))
+    with pytest.raises(EVLVideoDecodingError, match="640x480, over the 100000-pixel limit") as error:
+        decode_video(path, max_frame_pixels=100_000)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "codec, pix_fmt, height, width",
+    [("libx264", "gray", 48, 64), ("libx264", "yuv444p", 48, 64), ("libx264", "yuv420p10le", 48, 64),
+     ("libx264", "yuv444p", 47, 63), ("ffv1", "yuv420p", 45, 61)],
+)  # fmt: skip
+def test_pixel_formats_bit_depths_and_odd_sizes(tmp_path, codec, pix_fmt, height, width):
+    frames = index_coded_frames(20, height=height - height % 2, width=width - width % 8)
+    padded = np.zeros((20, height, width, 3), dtype=np.uint8)
+    padded[:, : frames.shape[1], : frames.shape[2]] = frames
+    path = encode(tmp_path / f"{pix_fmt}.mkv", padded, codec=codec, pix_fmt=pix_fmt)
+    decoded, metadata = decode_video(path, lambda metadata: [0, 7, 19])
+    assert decoded.shape == (3, height, width, 3) and decoded.dtype == np.uint8
+    assert [frame_index(f[: frames.shape[1], : frames.shape[2]]) for f in decoded] == [0, 7, 19]
+    assert metadata.total_num_frames == 20
+
+
+def test_phone_rotation_metadata_is_applied(tmp_path):
+    frames = np.zeros((4, 32, 64, 3), dtype=np.uint8)
+    frames[:, :, :32] = 255  # left half white
+    path = encode(tmp_path / "phone.mp4", frames, rotation=90)
+    decoded, _ = decode_video(path, lambda metadata: [0])
+    # Displayed rotated 90 degrees counterclockwise: portrait, the white half on the bottom.
+    assert decoded.shape == (1, 64, 32, 3)
+    assert decoded[0, 40:].mean() > 200 and decoded[0, :24].mean() < 50
+
+
+def test_variable_frame_rate_picks_frames_by_timestamp(tmp_path):
+    # 30 frames: the first 10 at 10 ms spacing, then 100 ms spacing; nominal rate from the average.
+    pts = [i * 10 for i in range(10)] + [100 + i * 100 for i in range(20)]
+    path = encode(tmp_path / "vfr.mkv", index_coded_frames(30), pts=pts)
+    frames, metadata = decode_video(path, lambda metadata: list(range(0, metadata.total_num_frames, 3)))
+    indices = [frame_index(f) for f in frames]
+    assert indices == sorted(indices) and indices[-1] >= 25 and len(set(indices)) > 3
+
+
+def test_stream_without_frame_count_or_duration(tmp_path):
+    # A raw H.264 elementary stream carries neither a frame count nor a duration: frames are counted by decoding.
+    path = encode(tmp_path / "raw.h264", index_coded_frames(12), container_format="h264")
+    frames, metadata = decode_video(path, lambda metadata: [0, metadata.total_num_frames - 1])
+    assert metadata.total_num_frames == 12
+    assert [frame_index(f) for f in frames] == [0, 11]
+
+
+def test_corrupt_payload_after_a_valid_header(tmp_path):
+    good = write_clip(tmp_path / "good.mp4", index_coded_frames(60)).read_bytes()
+    damaged = bytearray(good)
+    rng = np.random.default_rng(0)
+    for position in rng.integers(len(good) // 10, len(good) * 9 // 10, 400):
+        damaged[position] = rng.integers(0, 256)
+    path = tmp_path / "damaged.mp4"
+    path.write_bytes(bytes(damaged))
+    try:
+        out = processor()(str(path), return_tensors="pt")["pixel_values"]
+    except EVLVideoDecodingError as error:
+        assert str(path) in str(error)
+    else:
+        assert out.shape == (1, 4, 3, 32, 32) and torch.isfinite(out).all()
