@@ -212,3 +212,37 @@ def test_two_process_data_parallel_training_keeps_replicas_identical(data_dir, b
     initial = EVLForVideoClassification.from_backbone_pretrained(backbone_dir, num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=10)
     trained = load_file(output / "model.safetensors")
     assert not torch.equal(trained["classifier.weight"], initial.state_dict()["classifier.weight"])
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_result(data_dir, backbone_dir, tmp_path):
+    import signal
+    import time
+
+    def command(output):
+        return [sys.executable, str(SCRIPT), *base_args(data_dir, backbone_dir, output, "--do_train", "--do_eval",
+                "--max_steps", "12", "--save_steps", "2", "--logging_steps", "1")]  # fmt: skip
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    uninterrupted = tmp_path / "uninterrupted"
+    subprocess.run(command(uninterrupted), check=True, capture_output=True, env=env, timeout=600)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoint-6" / "trainer_state.json").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "all_results.json").exists()
+
+    # Same command again: it finds the last complete checkpoint and continues from there.
+    subprocess.run(command(killed), check=True, capture_output=True, env=env, timeout=600)
+    expected = json.loads((uninterrupted / "all_results.json").read_text())
+    actual = json.loads((killed / "all_results.json").read_text())
+    for key in ("eval_loss", "eval_top1_accuracy", "eval_top5_accuracy"):
+        assert actual[key] == expected[key], key
+    reference, resumed = load_file(uninterrupted / "model.safetensors"), load_file(killed / "model.safetensors")
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key

@@ -184,3 +184,23 @@ def test_corrupt_payload_after_a_valid_header(tmp_path):
         assert str(path) in str(error)
     else:
         assert out.shape == (1, 4, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_a_window_of_a_long_video_decodes_only_what_it_needs(tmp_path):
+    import tracemalloc
+
+    # 4 minutes at 25 fps, a key frame every 50 frames.
+    path = write_clip(tmp_path / "long.mp4", index_coded_frames(6000, height=32, width=64), gop=50)
+    for start in (100, 3000, 5880):
+        stats = {}
+        wanted = list(range(start, start + 113, 16))  # the authors' 8 x 16 window
+        tracemalloc.start()
+        frames, metadata = decode_video(path, lambda metadata: wanted, stats=stats)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert metadata.total_num_frames == 6000
+        assert [frame_index(f) for f in frames] == wanted
+        # Seek to the key frame before the window, decode forward to its last frame: at most window + one GOP.
+        assert stats["decoded_frames"] <= 113 + 50, stats
+        # Only the wanted frames are kept (8 x 32 x 64 x 3 bytes), never the video.
+        assert peak < 2_000_000, peak

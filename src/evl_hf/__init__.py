@@ -8,7 +8,15 @@ Importing the package registers EVL with `AutoConfig`, `AutoModel`, `AutoModelFo
 from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor
 
 from .configuration_evl import EVL_PRESETS, EVLConfig
-from .modeling_evl import EVLForVideoClassification, EVLInputError, EVLModel, EVLModelOutput, EVLPreTrainedModel
+from .modeling_evl import (
+    EVLBackboneFeatures,
+    EVLCheckpointError,
+    EVLForVideoClassification,
+    EVLInputError,
+    EVLModel,
+    EVLModelOutput,
+    EVLPreTrainedModel,
+)
 from .video_processing_evl import EVLVideoDecodingError, EVLVideoProcessor, decode_video, sample_frame_indices
 
 
@@ -26,6 +34,8 @@ EVLVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
 __all__ = [
     "EVL_PRESETS",
+    "EVLBackboneFeatures",
+    "EVLCheckpointError",
     "EVLConfig",
     "EVLForVideoClassification",
     "EVLInputError",

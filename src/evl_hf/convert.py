@@ -19,12 +19,8 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from .configuration_evl import EVLConfig
-from .modeling_evl import EVLForVideoClassification
+from .modeling_evl import EVLCheckpointError, EVLForVideoClassification
 from .video_processing_evl import EVLVideoProcessor
-
-
-class EVLCheckpointError(ValueError):
-    """The authors' checkpoint is unreadable or does not fit the backbone / the EVL architecture."""
 
 
 _LAYER_RENAMES = {

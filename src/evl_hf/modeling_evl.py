@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
-from transformers import CLIPVisionModel, PreTrainedModel
+from transformers import CLIPVisionModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -44,8 +45,7 @@ class EVLModelOutput(ModelOutput):
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1, hidden_size)`):
         The decoder's query token after the last decoder layer.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-        The video embedding: the final query token, normalised by the head's LayerNorm input convention (no
-        normalisation is applied here; `EVLForVideoClassification` normalises it before classifying).
+        The video embedding: the final query token, before the classification head's LayerNorm.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
         The query token before the first decoder layer and after each decoder layer, each of shape
         `(batch_size, 1, hidden_size)`.
@@ -79,6 +79,10 @@ class EVLBackboneFeatures(ModelOutput):
 
 class EVLInputError(ValueError):
     """Raised when `pixel_values` cannot be a clip for this model (wrong rank, channels, size, dtype or values)."""
+
+
+class EVLCheckpointError(ValueError):
+    """A checkpoint is unreadable or does not fit the model: the message names the file, keys and shapes."""
 
 
 def eager_attention_forward(
@@ -150,10 +154,11 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor) -> tor
     for start in range(0, num_frames - 1, chunk):
         stop = min(start + chunk, num_frames - 1)
         # Frame pairs (t, t + 1) for t in [start, stop): t + 1 looks back at t, t looks ahead at t + 1.
-        backward = torch.matmul(queries[:, start + 1 : stop + 1], keys[:, start:stop]) * scale
-        maps[:, start + 1 : stop + 1, 0] = backward.softmax(dim=-1).mean(dim=2)
-        forward = torch.matmul(queries[:, start:stop], keys[:, start + 1 : stop + 1]) * scale
-        maps[:, start:stop, 1] = forward.softmax(dim=-1).mean(dim=2)
+        scores = torch.matmul(queries[:, start + 1 : stop + 1], keys[:, start:stop]) * scale
+        maps[:, start + 1 : stop + 1, 0] = scores.softmax(dim=-1).mean(dim=2)
+        del scores  # before the next direction's scores exist
+        scores = torch.matmul(queries[:, start:stop], keys[:, start + 1 : stop + 1]) * scale
+        maps[:, start:stop, 1] = scores.softmax(dim=-1).mean(dim=2)
     return maps
 
 
@@ -165,8 +170,9 @@ class EVLCrossFrameAttention(nn.Module):
 
     The authors gather an (N, N, hidden_size) table per direction; that is 1.4 GB at ViT-L/14@336 shapes. Here each
     map is scattered into offset space instead: row offsets become a fixed window per query row (a flip), column
-    offsets a (2w - 1)-wide scatter. One batched matmul against (h, 2 * h * (2w - 1), hidden_size) windows of the
-    two tables then gives the same sums, frames in chunks so memory does not grow with the clip length.
+    offsets a (2w - 1)-wide scatter. For query row i the reachable table rows are one contiguous block, so one
+    matmul per query row and direction against a view of the table gives the same sums without copying the table,
+    frames in chunks so memory does not grow with the clip length.
     """
 
     def __init__(self, config: EVLConfig):
@@ -182,26 +188,16 @@ class EVLCrossFrameAttention(nn.Module):
             "column_offsets", columns[:, None] - columns[None, :] + self.grid_width - 1, persistent=False
         )
 
-    def _table_windows(self) -> torch.Tensor:
-        """(h, 2 * h * (2w - 1), D): for query row i, the table rows that its keys' row offsets can reach."""
-        height, width = self.grid_height, self.grid_width
-        windows = []
-        for table in (self.previous_frame_table, self.next_frame_table):
-            grid = table.view(2 * height - 1, 2 * width - 1, -1)
-            # unfold: [i, column offset, D, local row offset] = grid[i + local row offset, column offset]
-            windows.append(grid.unfold(0, height, 1).permute(0, 3, 1, 2))
-        return torch.stack(windows, dim=1).reshape(height, 2 * height * (2 * width - 1), -1)
-
     def _to_offsets(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, c, 2, N, N) maps -> (h, B * c * w, 2 * h * (2w - 1)), indexed by query row, then the other query
-        coordinates, then (direction, local row offset, column offset)."""
+        """(B, c, N, N) maps of one direction -> (h, B * c * w, h * (2w - 1)): indexed by query row, then the other
+        query coordinates, then (local row offset, column offset)."""
         height, width = self.grid_height, self.grid_width
         batch_size, num_frames = maps.shape[:2]
-        maps = maps.reshape(batch_size, num_frames, 2, height, width, height, width).flip(-2)
-        index = self.column_offsets.view(1, 1, 1, 1, width, 1, width).expand(maps.shape)
+        maps = maps.reshape(batch_size, num_frames, height, width, height, width).flip(-2)
+        index = self.column_offsets.view(1, 1, 1, width, 1, width).expand(maps.shape)
         offsets = maps.new_zeros(*maps.shape[:-1], 2 * width - 1).scatter_(-1, index, maps)
-        # (B, c, 2, h, w, h, 2w - 1) -> (h, B, c, w, 2, h, 2w - 1)
-        return offsets.permute(3, 0, 1, 4, 2, 5, 6).reshape(height, batch_size * num_frames * width, -1)
+        # (B, c, h, w, h, 2w - 1) -> (h, B, c, w, h, 2w - 1)
+        return offsets.permute(2, 0, 1, 3, 4, 5).reshape(height, batch_size * num_frames * width, -1)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """`maps`: (B, T, 2, N, N) from `cross_frame_attention_maps`. Returns (B, T, N + 1, hidden_size)."""
@@ -211,18 +207,25 @@ class EVLCrossFrameAttention(nn.Module):
             raise ValueError(
                 f"Cross-frame attention maps cover {num_patches} patches, the offset tables a {height}x{width} grid."
             )
-        windows = self._table_windows().to(maps.dtype)
-        hidden_size = windows.shape[-1]
-        chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * windows.shape[1]))
-        features = []
+        hidden_size = self.previous_frame_table.shape[-1]
+        # The table rows that query row i can reach form a contiguous block: grid rows i .. i + h - 1 (no copy).
+        grids = [
+            table.to(maps.dtype).view(2 * height - 1, (2 * width - 1) * hidden_size)
+            for table in (self.previous_frame_table, self.next_frame_table)
+        ]
+        output = maps.new_zeros(batch_size, num_frames, num_patches + 1, hidden_size)
+        patches = output[:, :, 1:].view(batch_size, num_frames, height, width, hidden_size)  # the cls row stays 0
+        chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * height * (2 * width - 1)))
         for start in range(0, num_frames, chunk):
             stop = min(start + chunk, num_frames)
-            chunk_features = torch.bmm(self._to_offsets(maps[:, start:stop]), windows)
-            chunk_features = chunk_features.view(height, batch_size, stop - start, width, hidden_size)
-            features.append(chunk_features.permute(1, 2, 0, 3, 4).reshape(batch_size, stop - start, num_patches, -1))
-        features = torch.cat(features, dim=1) if len(features) > 1 else features[0]
-        # The cls row stays zero.
-        return nn.functional.pad(features, (0, 0, 1, 0))
+            previous_offsets = self._to_offsets(maps[:, start:stop, 0])
+            next_offsets = self._to_offsets(maps[:, start:stop, 1])
+            for row in range(height):
+                previous_window = grids[0][row : row + height].view(-1, hidden_size)
+                next_window = grids[1][row : row + height].view(-1, hidden_size)
+                features = torch.addmm(previous_offsets[row] @ previous_window, next_offsets[row], next_window)
+                patches[:, start:stop, row] = features.view(batch_size, stop - start, width, hidden_size)
+        return output
 
 
 class EVLDecoderAttention(nn.Module):
@@ -244,17 +247,36 @@ class EVLDecoderAttention(nn.Module):
     def forward(
         self, query: torch.Tensor, memory: torch.Tensor, output_attentions: bool = False, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size, query_length, _ = query.shape
-        queries = self.q_proj(query).view(batch_size, query_length, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = self.k_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.v_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
-
         # Only the eager path materialises the weights, so it serves calls that ask for them.
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        attn_output, attn_weights = attention_interface(
-            self, queries, keys, values, None, scaling=self.scaling, dropout=0.0, **kwargs
-        )
+        batch_size, query_length, hidden_size = query.shape
+        queries = self.q_proj(query).view(batch_size, query_length, self.num_heads, self.head_dim).transpose(1, 2)
+        if implementation in ("eager", "sdpa"):
+            # A handful of queries against thousands of frame tokens: instead of projecting every token to keys and
+            # values, fold the key projection into the queries and apply the value projection after the weighted
+            # sum. q.(W_k x + b_k) = (W_k^T q).x + q.b_k, and the constant q.b_k cancels in the softmax; the weights
+            # sum to 1, so sum_i a_i (W_v x_i + b_v) = W_v (sum_i a_i x_i) + b_v. Same attention, ~1/head_dim the
+            # FLOPs. The heads become query positions of one shared "head" whose keys and values are the tokens.
+            key_weight = self.k_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
+            folded = torch.einsum("bhqd,hde->bqhe", queries, key_weight).reshape(batch_size, 1, -1, hidden_size)
+            tokens = memory.unsqueeze(1)
+            attn_output, attn_weights = attention_interface(
+                self, folded, tokens, tokens, None, scaling=self.scaling, dropout=0.0, **kwargs
+            )
+            attn_output = attn_output.view(batch_size, query_length, self.num_heads, hidden_size)
+            value_weight = self.v_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
+            attn_output = torch.einsum("bqhe,hde->bqhd", attn_output, value_weight) + self.v_proj.bias.view(
+                self.num_heads, self.head_dim
+            )
+            if attn_weights is not None:
+                attn_weights = attn_weights.view(batch_size, query_length, self.num_heads, -1).transpose(1, 2)
+        else:
+            keys = self.k_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+            values = self.v_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+            attn_output, attn_weights = attention_interface(
+                self, queries, keys, values, None, scaling=self.scaling, dropout=0.0, **kwargs
+            )
         attn_output = attn_output.reshape(batch_size, query_length, -1).contiguous()
         return self.out_proj(attn_output), attn_weights
 
@@ -334,14 +356,69 @@ class EVLPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """
+        `PreTrainedModel.from_pretrained`, stricter: a checkpoint that lacks decoder or backbone tensors, or whose
+        tensors do not fit the configuration, raises `EVLCheckpointError` listing them instead of leaving freshly
+        initialised weights behind (only the classification head may be new, e.g. when starting from an `EVLModel`
+        checkpoint, or with `ignore_mismatched_sizes=True`). A truncated or corrupt weights file is named in the error.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+            if isinstance(error, SafetensorError) or "deserializ" in str(error) or "header" in str(error).lower():
+                raise EVLCheckpointError(
+                    f"{pretrained_model_name_or_path}: the weights file is truncated or corrupt ({error})."
+                ) from error
+            if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
+                details = cls._describe_shape_mismatches(pretrained_model_name_or_path, kwargs.get("config"))
+                raise EVLCheckpointError(
+                    f"{pretrained_model_name_or_path}: tensors do not fit the configuration "
+                    f"(pass ignore_mismatched_sizes=True to re-initialise them, e.g. for a new label set):{details}"
+                ) from error
+            raise
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+            head = ("classifier.", "fc_norm.")
+            missing = [key for key in info.get("missing_keys", []) if not key.startswith(head)]
+            mismatched = [] if kwargs.get("ignore_mismatched_sizes") else info.get("mismatched_keys", [])
+            if missing or mismatched:
+                raise EVLCheckpointError(
+                    f"{pretrained_model_name_or_path}: the checkpoint does not fit {cls.__name__}; refusing to leave "
+                    "randomly initialised weights in their place."
+                    + (f"\n  missing: {sorted(missing)}" if missing else "")
+                    + (f"\n  shape mismatch: {mismatched}" if mismatched else "")
+                )
         # Loading may replace parameters; the frozen backbone must stay frozen whatever the loader did.
         for module in model.modules():
             if isinstance(module, EVLModel):
                 module._apply_backbone_freeze()
-        return loaded
+        return (model, info) if output_loading_info else model
+
+    @classmethod
+    def _describe_shape_mismatches(cls, pretrained_model_name_or_path, config=None) -> str:
+        """'key: checkpoint (...) vs model (...)' lines for a local safetensors checkpoint, read without loading it."""
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        directory = Path(str(pretrained_model_name_or_path))
+        files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+        if not files:
+            return ""
+        config = config if isinstance(config, PreTrainedConfig) else cls.config_class.from_pretrained(directory)
+        with torch.device("meta"):
+            expected = {key: tuple(value.shape) for key, value in cls(config).state_dict().items()}
+        lines = []
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    if key in expected and expected[key] != shape:
+                        lines.append(f"\n  {key}: checkpoint {shape} vs model {expected[key]}")
+        return "".join(lines)
 
     def _init_weights(self, module):
         # Initialised where each tensor is owned, so that weights missing from a checkpoint get the same values.
@@ -692,6 +769,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
 
 __all__ = [
     "EVLBackboneFeatures",
+    "EVLCheckpointError",
     "EVLForVideoClassification",
     "EVLInputError",
     "EVLModel",

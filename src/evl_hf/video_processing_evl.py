@@ -93,6 +93,7 @@ def decode_video(
     sample_indices_fn=None,
     max_frame_pixels: int = 4096 * 4096,
     timeout: float = 120.0,
+    stats: dict | None = None,
 ) -> tuple[np.ndarray, VideoMetadata]:
     """
     Decode the frames of `source` (a path, an http(s) URL, bytes or a file object) that `sample_indices_fn(metadata)`
@@ -101,7 +102,8 @@ def decode_video(
     Only what is needed is decoded: the demuxer seeks to the key frame before the first wanted frame and decoding stops
     after the last one. Indices past the real end of the stream (containers that over-report their length) repeat
     the last decoded frame, as the authors do for clips shorter than the sampling window. Any failure raises
-    `EVLVideoDecodingError` naming the video and the problem.
+    `EVLVideoDecodingError` naming the video and the problem. Frames over `max_frame_pixels` and decoding past
+    `timeout` seconds are refused. `stats`, when given, receives `decoded_frames` (how many frames were decoded).
     """
     import av
 
@@ -135,7 +137,7 @@ def decode_video(
             total = max(1, int(round(duration * fps)))
         if not total:
             # Neither a frame count nor a duration: count by decoding (bounded by the timeout).
-            frames = _decode_range(container, stream, name, None, 0, None, started, timeout)
+            frames = _decode_range(container, stream, name, None, 0, None, started, timeout, stats)
             total = len(frames)
             metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
             indices = _indices(sample_indices_fn, metadata)
@@ -144,7 +146,7 @@ def decode_video(
         metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
         indices = _indices(sample_indices_fn, metadata)
         wanted = sorted(set(indices))
-        decoded = _decode_range(container, stream, name, wanted, wanted[0], fps, started, timeout)
+        decoded = _decode_range(container, stream, name, wanted, wanted[0], fps, started, timeout, stats)
         return _stack([decoded[i] for i in indices], name), metadata
 
 
@@ -171,7 +173,7 @@ def _stack(frames: list[np.ndarray], name: str) -> np.ndarray:
     return np.stack(frames)
 
 
-def _decode_range(container, stream, name, wanted, first, fps, started, timeout):
+def _decode_range(container, stream, name, wanted, first, fps, started, timeout, stats=None):
     """
     Decode forward from the key frame before frame `first`. With `wanted` (sorted indices), returns {index: frame}
     with each wanted index mapped to the first decoded frame at or after it (the last frame if the stream ends
@@ -186,8 +188,10 @@ def _decode_range(container, stream, name, wanted, first, fps, started, timeout)
     result = {} if wanted is not None else []
     position = 0
     last = None
+    decoded = 0
     try:
         for frame in container.decode(stream):
+            decoded += 1
             if time.monotonic() - started > timeout:
                 raise EVLVideoDecodingError(f"{name}: decoding took longer than {timeout:.0f}s; giving up.")
             if wanted is None:
@@ -205,8 +209,12 @@ def _decode_range(container, stream, name, wanted, first, fps, started, timeout)
             if position == len(wanted):
                 break
     except av.error.FFmpegError as error:
+        if stats is not None:
+            stats["decoded_frames"] = decoded
         if not result and last is None:
             raise EVLVideoDecodingError(f"{name}: the video stream cannot be decoded ({error}).") from None
+    if stats is not None:
+        stats["decoded_frames"] = decoded
     if wanted is None:
         if not result:
             raise EVLVideoDecodingError(f"{name}: the video stream holds no decodable frame.")

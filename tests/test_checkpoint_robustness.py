@@ -1,0 +1,82 @@
+"""Bad checkpoints: clear errors naming the file, keys and shapes; never silently re-initialised weights."""
+
+import json
+
+import pytest
+import torch
+from helpers import randomize_decoder, tiny_config
+from safetensors.torch import load_file, save_file
+
+from evl_hf import EVLCheckpointError, EVLForVideoClassification, EVLModel
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config())
+    randomize_decoder(model)
+    model.save_pretrained(tmp_path)
+    return tmp_path, model
+
+
+def test_every_tensor_loads_exactly_nothing_zeroed(saved):
+    directory, model = saved
+    loaded = EVLForVideoClassification.from_pretrained(directory)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # Biases and zero-initialised-by-default tensors really came from the file.
+    assert loaded.evl.decoder.layers[0].cross_attention.k_proj.bias.abs().sum() > 0
+    assert loaded.evl.decoder.layers[1].cross_frame_attention.next_frame_table.abs().sum() > 0
+
+
+def test_truncated_weights_file(saved):
+    directory, _ = saved
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(EVLCheckpointError, match="truncated or corrupt") as error:
+        EVLForVideoClassification.from_pretrained(directory)
+    assert str(directory) in str(error.value)
+
+
+def test_corrupt_weights_header(saved):
+    directory, _ = saved
+    weights = directory / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"\xff" * 32
+    weights.write_bytes(bytes(data))
+    with pytest.raises(EVLCheckpointError, match="truncated or corrupt"):
+        EVLForVideoClassification.from_pretrained(directory)
+
+
+def test_missing_decoder_tensors_are_refused_not_reinitialised(saved):
+    directory, _ = saved
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["evl.decoder.layers.1.mlp.fc2.bias"], tensors["evl.decoder.query"]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EVLCheckpointError, match=r"missing: \['evl.decoder.layers.1.mlp.fc2.bias', 'evl.decoder.query'\]"):
+        EVLForVideoClassification.from_pretrained(directory)
+
+
+def test_shapes_that_do_not_fit_the_config_are_refused(saved):
+    directory, _ = saved
+    config = json.loads((directory / "config.json").read_text())
+    config["num_frames"] = 6  # the saved temporal position embeddings have 4 rows
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EVLCheckpointError, match=r"temporal_position_embedding.embedding: checkpoint \(4, 32\) vs model \(6, 32\)"):
+        EVLForVideoClassification.from_pretrained(directory)
+
+
+def test_new_head_on_a_base_model_checkpoint_is_allowed(tmp_path):
+    torch.manual_seed(0)
+    base = EVLModel(tiny_config())
+    base.save_pretrained(tmp_path)
+    model = EVLForVideoClassification.from_pretrained(tmp_path)
+    for key, value in base.state_dict().items():
+        assert torch.equal(model.evl.state_dict()[key], value), key
+
+
+def test_new_label_count_with_ignore_mismatched_sizes(saved):
+    directory, model = saved
+    resized = EVLForVideoClassification.from_pretrained(directory, num_labels=3, ignore_mismatched_sizes=True)
+    assert resized.classifier.weight.shape == (3, 32)
+    assert torch.equal(resized.evl.decoder.query, model.evl.decoder.query)
