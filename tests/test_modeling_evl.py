@@ -452,3 +452,19 @@ def test_low_precision_backbone_requires_a_frozen_backbone():
         tiny_config(backbone_dtype="bfloat16", freeze_backbone=False)
     with pytest.raises(ValueError, match="backbone_dtype"):
         tiny_config(backbone_dtype="int8")
+
+
+def test_cross_frame_training_and_inference_paths_agree():
+    torch.manual_seed(0)
+    model = EVLModel(tiny_config(num_frames=5)).eval()
+    randomize_decoder(model)
+    module = model.decoder.layers[0].cross_frame_attention
+    with torch.no_grad():
+        maps = model.extract_backbone_features(pixel_values(frames=5)).cross_frame_maps[:, 0]
+        by_row = module(maps)
+    batched = module(maps)  # grad enabled and the tables require grad: the batched path
+    assert batched.requires_grad and not by_row.requires_grad
+    torch.testing.assert_close(batched, by_row, atol=1e-6, rtol=1e-6)
+    assert batched[:, :, 0].abs().sum() == 0  # the cls row stays 0
+    batched.sum().backward()
+    assert module.previous_frame_table.grad.abs().sum() > 0 and module.next_frame_table.grad.abs().sum() > 0

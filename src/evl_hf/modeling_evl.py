@@ -170,9 +170,9 @@ class EVLCrossFrameAttention(nn.Module):
 
     The authors gather an (N, N, hidden_size) table per direction; that is 1.4 GB at ViT-L/14@336 shapes. Here each
     map is scattered into offset space instead: row offsets become a fixed window per query row (a flip), column
-    offsets a (2w - 1)-wide scatter. For query row i the reachable table rows are one contiguous block, so one
-    matmul per query row and direction against a view of the table gives the same sums without copying the table,
-    frames in chunks so memory does not grow with the clip length.
+    offsets a (2w - 1)-wide scatter, and a matmul against the table rows each query row can reach gives the same sums:
+    at inference one matmul per query row against a view of the table (no copy, frames in chunks, so memory does not
+    grow with the clip length), in training one batched matmul against copied windows (a cheap backward).
     """
 
     def __init__(self, config: EVLConfig):
@@ -201,14 +201,38 @@ class EVLCrossFrameAttention(nn.Module):
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """`maps`: (B, T, 2, N, N) from `cross_frame_attention_maps`. Returns (B, T, N + 1, hidden_size)."""
+        num_patches = maps.shape[-1]
+        if num_patches != self.grid_height * self.grid_width:
+            raise ValueError(
+                f"Cross-frame attention maps cover {num_patches} patches, the offset tables a "
+                f"{self.grid_height}x{self.grid_width} grid."
+            )
+        if torch.is_grad_enabled() and (self.previous_frame_table.requires_grad or maps.requires_grad):
+            return self._forward_batched(maps)
+        return self._forward_by_row(maps)
+
+    def _forward_batched(self, maps: torch.Tensor) -> torch.Tensor:
+        """Training: one batched matmul against copied (h, 2 * h * (2w - 1), D) table windows, whose backward is a
+        single fold into the tables (row-wise views would scatter a full-size gradient per row)."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
-        if num_patches != height * width:
-            raise ValueError(
-                f"Cross-frame attention maps cover {num_patches} patches, the offset tables a {height}x{width} grid."
-            )
+        windows = []
+        for table in (self.previous_frame_table, self.next_frame_table):
+            grid = table.to(maps.dtype).view(2 * height - 1, 2 * width - 1, -1)
+            # unfold: [i, column offset, D, local row offset] = grid[i + local row offset, column offset]
+            windows.append(grid.unfold(0, height, 1).permute(0, 3, 1, 2).reshape(height, height * (2 * width - 1), -1))
+        windows = torch.cat(windows, dim=1)
+        offsets = torch.cat([self._to_offsets(maps[:, :, 0]), self._to_offsets(maps[:, :, 1])], dim=-1)
+        features = torch.bmm(offsets, windows).view(height, batch_size, num_frames, width, -1)
+        features = features.permute(1, 2, 0, 3, 4).reshape(batch_size, num_frames, num_patches, -1)
+        return nn.functional.pad(features, (0, 0, 1, 0))  # the cls row stays 0
+
+    def _forward_by_row(self, maps: torch.Tensor) -> torch.Tensor:
+        """Inference: the table rows that query row i can reach form a contiguous block (grid rows i .. i + h - 1),
+        so one matmul per query row and direction against a view, no copy; frames in chunks."""
+        batch_size, num_frames, _, num_patches, _ = maps.shape
+        height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
-        # The table rows that query row i can reach form a contiguous block: grid rows i .. i + h - 1 (no copy).
         grids = [
             table.to(maps.dtype).view(2 * height - 1, (2 * width - 1) * hidden_size)
             for table in (self.previous_frame_table, self.next_frame_table)
