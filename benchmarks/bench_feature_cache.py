@@ -7,6 +7,7 @@ that logits from cached float32 features equal the uncached ones and reports the
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ def epoch(model, optimizer, data, batch_size=2):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"machine: {machine()}")
     workdir = Path(tempfile.mkdtemp())
@@ -59,14 +61,17 @@ def main():
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     uncached = dataset.with_transform(with_skipping(transform))
-    epoch(model, optimizer, uncached.select(range(2)))  # warm-up
-    uncached_seconds = epoch(model, optimizer, uncached)
     start = time.perf_counter()
     cache16, _ = build_feature_cache(model, dataset, transform, workdir / "cache16", dtype=torch.float16, progress=False)
     build_seconds = time.perf_counter() - start
     cache32, _ = build_feature_cache(model, dataset, transform, workdir / "cache32", dtype=torch.float32, progress=False)
-    epoch(model, optimizer, cache16.select(range(2)))  # warm-up
-    cached_seconds = epoch(model, optimizer, cache16)
+    epoch(model, optimizer, uncached.select(range(2)))  # warm-up
+    epoch(model, optimizer, cache16.select(range(2)))
+    times = {"uncached": [], "cached": []}
+    for _ in range(args.repeats):  # alternating epochs, medians
+        times["uncached"].append(epoch(model, optimizer, uncached))
+        times["cached"].append(epoch(model, optimizer, cache16))
+    uncached_seconds, cached_seconds = (statistics.median(times[k]) for k in ("uncached", "cached"))
 
     model.eval()
     with torch.inference_mode():
@@ -75,7 +80,8 @@ def main():
         from32 = model(frame_features=row["frame_features"][None], cross_frame_maps=row["cross_frame_maps"][None]).logits
         row = cache16[0]
         from16 = model(frame_features=row["frame_features"][None], cross_frame_maps=row["cross_frame_maps"][None]).logits
-    print(f"{args.clips} clips, batch 2: uncached epoch {uncached_seconds:.2f} s, warm-cache epoch {cached_seconds:.2f} s "
+    print(f"{args.clips} clips, batch 2, median of {args.repeats} alternating epochs each: uncached epoch "
+          f"{uncached_seconds:.2f} s, warm-cache epoch {cached_seconds:.2f} s "
           f"(building the cache: {build_seconds:.2f} s)")  # fmt: skip
     print(f"ratio warm-cache epoch / uncached epoch: {cached_seconds / uncached_seconds:.3f} (target <= 0.1)")
     print(f"max |logits from cached features - uncached logits|: float32 cache {(from32 - direct).abs().max():.2e}, "

@@ -39,7 +39,7 @@ def test_sampled_indices_are_always_valid(total, frames, rate, views, sampling, 
     video=arrays(
         dtype=st.sampled_from([np.uint8, np.float32, np.float64]),
         shape=st.tuples(st.integers(1, 12), st.integers(1, 40), st.integers(1, 40), st.just(3)),
-        elements=st.floats(0, 255, width=32),
+        elements=st.integers(0, 255),
     ),
     frames=st.integers(1, 6),
     rate=st.integers(1, 4),
@@ -52,12 +52,15 @@ def test_processor_output_shape_and_values_for_any_array(video, frames, rate, la
                                   crop_size={"height": 16, "width": 16}, do_rescale=video.dtype == np.uint8)  # fmt: skip
     if layout == "first":
         video = np.ascontiguousarray(video.transpose(0, 3, 1, 2))
-    out = processor(video, return_tensors="pt")["pixel_values"]
+    data_format = "channels_first" if layout == "first" else "channels_last"
+    out = processor(video, return_tensors="pt", input_data_format=data_format)["pixel_values"]
     assert out.shape == (1, frames, 3, 16, 16) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
+    # Normalised [0, 1] pixels, plus the overshoot bicubic resampling may add (under 15% of the range).
     low = (0 - max(processor.image_mean)) / min(processor.image_std)
     high = (1 - min(processor.image_mean)) / min(processor.image_std)
-    assert out.min() >= low - 0.05 and out.max() <= high + 0.05
+    margin = 0.15 / min(processor.image_std)
+    assert out.min() >= low - margin and out.max() <= high + margin
 
 
 @pytest.fixture(scope="module")

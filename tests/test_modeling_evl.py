@@ -384,6 +384,7 @@ def test_config_round_trips_through_json(tmp_path):
         (torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8), "floating point"),
         (torch.zeros(0, 4, 3, 32, 32), "empty"),
         (torch.full((1, 4, 3, 32, 32), float("nan")), "NaN"),
+        (torch.full((1, 4, 3, 32, 32), float("inf")), "infinite"),
         ([[0.0]], "torch.Tensor"),
     ],
 )

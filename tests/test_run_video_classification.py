@@ -107,6 +107,16 @@ def test_starting_from_an_evl_checkpoint_with_overrides(data_dir, backbone_dir, 
     assert json.loads((tmp_path / "second" / "eval_results.json").read_text())["eval_skipped_clips"] == 1
 
 
+def test_bf16_mixed_precision_training(data_dir, backbone_dir, tmp_path):
+    trainer = load_script().main(
+        base_args(data_dir, backbone_dir, tmp_path / "bf16", "--do_train", "--max_steps", "2", "--bf16", "true", "--use_cpu", "true",
+                  "--save_strategy", "no", "--rand_augment", "false")
+    )  # fmt: skip
+    assert trainer.args.bf16 and trainer.state.global_step == 2
+    assert json.loads((tmp_path / "bf16" / "train_results.json").read_text())["train_loss"] > 0
+    assert trainer.model.classifier.weight.dtype == torch.float32  # mixed precision: float32 master weights
+
+
 def test_config_overrides_are_typed():
     overrides = load_script().parse_overrides("use_temporal_conv=false,decoder_num_layers=2,decoder_mlp_factor=2.5")
     assert overrides == {"use_temporal_conv": False, "decoder_num_layers": 2, "decoder_mlp_factor": 2.5}

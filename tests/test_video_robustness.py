@@ -204,3 +204,25 @@ def test_a_window_of_a_long_video_decodes_only_what_it_needs(tmp_path):
         assert stats["decoded_frames"] <= 113 + 50, stats
         # Only the wanted frames are kept (8 x 32 x 64 x 3 bytes), never the video.
         assert peak < 2_000_000, peak
+
+
+def test_pipeline_reports_the_bad_file(tmp_path):
+    from transformers import pipeline
+
+    from helpers import tiny_config
+    from evl_hf import EVLForVideoClassification
+
+    EVLForVideoClassification(tiny_config()).save_pretrained(tmp_path / "model")
+    processor().save_pretrained(tmp_path / "model")
+    classifier = pipeline("video-classification", model=str(tmp_path / "model"))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    with pytest.raises(EVLVideoDecodingError, match="broken.mp4: not a readable video"):
+        classifier(str(broken))
+
+
+def test_decoding_time_guard(tmp_path):
+    path = write_clip(tmp_path / "clip.mp4", index_coded_frames(200))
+    with pytest.raises(EVLVideoDecodingError, match="decoding took longer than 0s") as error:
+        decode_video(path, lambda metadata: [199], timeout=0.0)
+    assert str(path) in str(error.value)

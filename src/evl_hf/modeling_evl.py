@@ -81,8 +81,9 @@ class EVLInputError(ValueError):
     """Raised when `pixel_values` cannot be a clip for this model (wrong rank, channels, size, dtype or values)."""
 
 
-class EVLCheckpointError(ValueError):
-    """A checkpoint is unreadable or does not fit the model: the message names the file, keys and shapes."""
+class EVLCheckpointError(ValueError, RuntimeError):
+    """A checkpoint is unreadable or does not fit the model: the message names the file, keys and shapes. (Also a
+    `RuntimeError`, what transformers raises for weights of the wrong shape.)"""
 
 
 def eager_attention_forward(
@@ -267,6 +268,10 @@ class EVLDecoderAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, config.decoder_qkv_dim)
         self.v_proj = nn.Linear(hidden_size, config.decoder_qkv_dim)
         self.out_proj = nn.Linear(config.decoder_qkv_dim, hidden_size)
+        # q.b_k is the same for every key, so it cancels in the softmax: the key bias has an identically zero
+        # gradient. It is kept (the authors' checkpoints carry it) but not trained, so no optimizer or DDP sees an
+        # unused parameter.
+        self.k_proj.bias.requires_grad_(False)
 
     def forward(
         self, query: torch.Tensor, memory: torch.Tensor, output_attentions: bool = False, **kwargs
@@ -283,18 +288,24 @@ class EVLDecoderAttention(nn.Module):
             # sum to 1, so sum_i a_i (W_v x_i + b_v) = W_v (sum_i a_i x_i) + b_v. Same attention, ~1/head_dim the
             # FLOPs. The heads become query positions of one shared "head" whose keys and values are the tokens.
             key_weight = self.k_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
-            folded = torch.einsum("bhqd,hde->bqhe", queries, key_weight).reshape(batch_size, 1, -1, hidden_size)
-            tokens = memory.unsqueeze(1)
-            attn_output, attn_weights = attention_interface(
-                self, folded, tokens, tokens, None, scaling=self.scaling, dropout=0.0, **kwargs
-            )
-            attn_output = attn_output.view(batch_size, query_length, self.num_heads, hidden_size)
+            folded = torch.einsum("bhqd,hde->bhqe", queries, key_weight)  # (B, heads, q, D)
+            tokens = memory.unsqueeze(1)  # one key/value "head" shared by all query heads: (B, 1, L, D)
+            if implementation == "eager":
+                # Broadcasts over heads; the returned weights are the ones the output was computed from.
+                attn_output, attn_weights = attention_interface(
+                    self, folded, tokens, tokens, None, scaling=self.scaling, dropout=0.0, **kwargs
+                )
+            else:
+                # sdpa wants matching head counts: the heads become query positions of the single head.
+                packed = folded.transpose(1, 2).reshape(batch_size, 1, query_length * self.num_heads, hidden_size)
+                attn_output, attn_weights = attention_interface(
+                    self, packed, tokens, tokens, None, scaling=self.scaling, dropout=0.0, **kwargs
+                )
+            attn_output = attn_output.reshape(batch_size, query_length, self.num_heads, hidden_size)
             value_weight = self.v_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
             attn_output = torch.einsum("bqhe,hde->bqhd", attn_output, value_weight) + self.v_proj.bias.view(
                 self.num_heads, self.head_dim
             )
-            if attn_weights is not None:
-                attn_weights = attn_weights.view(batch_size, query_length, self.num_heads, -1).transpose(1, 2)
         else:
             keys = self.k_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
             values = self.v_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
@@ -386,6 +397,7 @@ class EVLPreTrainedModel(PreTrainedModel):
         tensors do not fit the configuration, raises `EVLCheckpointError` listing them instead of leaving freshly
         initialised weights behind (only the classification head may be new, e.g. when starting from an `EVLModel`
         checkpoint, or with `ignore_mismatched_sizes=True`). A truncated or corrupt weights file is named in the error.
+        With `output_loading_info=True` missing keys are reported in the returned info instead, for the caller to handle.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
@@ -404,7 +416,8 @@ class EVLPreTrainedModel(PreTrainedModel):
                     f"(pass ignore_mismatched_sizes=True to re-initialise them, e.g. for a new label set):{details}"
                 ) from error
             raise
-        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+        # With output_loading_info=True the caller asked for the report and handles missing keys itself.
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None and not output_loading_info:
             head = ("classifier.", "fc_norm.")
             missing = [key for key in info.get("missing_keys", []) if not key.startswith(head)]
             mismatched = [] if kwargs.get("ignore_mismatched_sizes") else info.get("mismatched_keys", [])
@@ -516,6 +529,8 @@ class EVLModel(EVLPreTrainedModel):
             self.vision_model.eval()
         if self.config.backbone_dtype is not None:
             self.vision_model.to(getattr(torch, self.config.backbone_dtype))
+        for layer in self.decoder.layers:
+            layer.cross_attention.k_proj.bias.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)

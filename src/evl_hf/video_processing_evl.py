@@ -116,38 +116,48 @@ def decode_video(
     except (av.error.FFmpegError, OSError, ValueError) as error:
         raise EVLVideoDecodingError(f"{name}: not a readable video file ({error}).") from None
     with container:
-        if not container.streams.video:
-            raise EVLVideoDecodingError(f"{name}: the file has no video stream.")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > max_frame_pixels:
-            raise EVLVideoDecodingError(
-                f"{name}: frames are {width}x{height}, over the {max_frame_pixels}-pixel limit for decoding."
-            )
-        rate = stream.average_rate or stream.guessed_rate
-        fps = float(rate) if rate else None
-        duration = None
-        if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / 1_000_000
-        total = stream.frames
-        if not total and fps and duration:
-            total = max(1, int(round(duration * fps)))
-        if not total:
-            # Neither a frame count nor a duration: count by decoding (bounded by the timeout).
-            frames = _decode_range(container, stream, name, None, 0, None, started, timeout, stats)
-            total = len(frames)
-            metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
-            indices = _indices(sample_indices_fn, metadata)
-            return _stack([frames[min(i, total - 1)] for i in indices], name), metadata
+        try:
+            return _decode_container(container, name, sample_indices_fn, max_frame_pixels, timeout, started, stats)
+        except av.error.FFmpegError as error:
+            raise EVLVideoDecodingError(f"{name}: the video cannot be decoded ({error}).") from None
 
+
+def _decode_container(container, name, sample_indices_fn, max_frame_pixels, timeout, started, stats):
+    """The body of `decode_video` once the container is open."""
+    if not container.streams.video:
+        raise EVLVideoDecodingError(f"{name}: the file has no video stream.")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise EVLVideoDecodingError(f"{name}: the video stream has no usable codec.")
+    stream.thread_type = "AUTO"
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width * height > max_frame_pixels:
+        raise EVLVideoDecodingError(
+            f"{name}: frames are {width}x{height}, over the {max_frame_pixels}-pixel limit for decoding."
+        )
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else None
+    duration = None
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1_000_000
+    total = stream.frames
+    if not total and fps and duration:
+        total = max(1, int(round(duration * fps)))
+    if not total:
+        # Neither a frame count nor a duration: count by decoding (bounded by the timeout).
+        frames = _decode_range(container, stream, name, None, 0, None, started, timeout, stats)
+        total = len(frames)
         metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
         indices = _indices(sample_indices_fn, metadata)
-        wanted = sorted(set(indices))
-        decoded = _decode_range(container, stream, name, wanted, wanted[0], fps, started, timeout, stats)
-        return _stack([decoded[i] for i in indices], name), metadata
+        return _stack([frames[min(i, total - 1)] for i in indices], name), metadata
+
+    metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
+    indices = _indices(sample_indices_fn, metadata)
+    wanted = sorted(set(indices))
+    decoded = _decode_range(container, stream, name, wanted, wanted[0], fps, started, timeout, stats)
+    return _stack([decoded[i] for i in indices], name), metadata
 
 
 def _to_rgb(frame) -> np.ndarray:
@@ -170,6 +180,8 @@ def _indices(sample_indices_fn, metadata: VideoMetadata) -> list[int]:
 def _stack(frames: list[np.ndarray], name: str) -> np.ndarray:
     if not frames:
         raise EVLVideoDecodingError(f"{name}: no frames to return (the sampling asked for none).")
+    if len({frame.shape for frame in frames}) > 1:
+        raise EVLVideoDecodingError(f"{name}: the frame size changes within the stream ({sorted({f.shape for f in frames})}).")
     return np.stack(frames)
 
 
@@ -184,7 +196,10 @@ def _decode_range(container, stream, name, wanted, first, fps, started, timeout,
     start_seconds = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     if wanted is not None and fps and first > 0:
         target = int((start_seconds + first / fps) / stream.time_base)
-        container.seek(target, stream=stream, backward=True, any_frame=False)
+        try:
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        except av.error.FFmpegError:
+            pass  # an unseekable (e.g. damaged) stream: decode forward from where the demuxer is
     result = {} if wanted is not None else []
     position = 0
     last = None
