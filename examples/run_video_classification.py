@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import AutoVideoProcessor, CLIPVisionConfig, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoVideoProcessor, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from evl_hf import EVLConfig, EVLForVideoClassification, EVLVideoProcessor

@@ -23,7 +23,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.video_processing_utils import BaseVideoProcessor
-from transformers.video_utils import VideoInput, VideoMetadata
+from transformers.video_utils import VideoMetadata
 
 
 class EVLVideoDecodingError(ValueError):

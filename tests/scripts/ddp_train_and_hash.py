@@ -5,7 +5,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import torch
 
 
 spec = importlib.util.spec_from_file_location(
