@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig
 
 from .configuration_evl import EVLConfig
 from .modeling_evl import EVLCheckpointError, EVLForVideoClassification
@@ -156,8 +156,7 @@ def convert_evl_checkpoint(
 ) -> tuple[EVLForVideoClassification, EVLVideoProcessor]:
     """Build the transformers model (pretrained CLIP backbone + converted decoder/head) and its video processor."""
     state_dict = load_original_state_dict(checkpoint_path)
-    vision_model = CLIPVisionModel.from_pretrained(backbone)
-    config = infer_config(state_dict, vision_model.config, decoder_num_heads)
+    config = infer_config(state_dict, CLIPVisionConfig.from_pretrained(backbone), decoder_num_heads)
     if id2label is not None:
         if len(id2label) != config.num_labels:
             raise EVLCheckpointError(
@@ -165,15 +164,14 @@ def convert_evl_checkpoint(
             )
         config.id2label = dict(id2label)
         config.label2id = {label: index for index, label in id2label.items()}
-    model = EVLForVideoClassification(config)
-    model.evl.vision_model.load_state_dict(vision_model.state_dict())
+    model = EVLForVideoClassification.from_backbone_pretrained(backbone, config=config)
     converted = convert_state_dict(state_dict, model)
     model.load_state_dict(converted, strict=False)
     model.eval()
     # The authors sample 8 or 16 frames with stride 16 and 32 frames with stride 8.
     if sampling_rate is None:
         sampling_rate = 8 if config.num_frames >= 32 else 16
-    size = vision_model.config.image_size
+    size = config.vision_config.image_size
     processor = EVLVideoProcessor(
         num_frames=config.num_frames,
         sampling_rate=sampling_rate,

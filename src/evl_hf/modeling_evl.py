@@ -737,7 +737,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         Build a new EVL model around pretrained CLIP vision weights (a Hub id such as
         `"openai/clip-vit-base-patch16"` or a local directory, holding a `CLIPModel` or a `CLIPVisionModel`).
         The decoder and head are freshly initialised; `config_kwargs` go to `EVLConfig` (e.g. `num_frames`,
-        `id2label`, `label2id`). `preset=NAME` takes the other fields from one of `EVL_PRESETS`.
+        `id2label`, `label2id`). `preset=NAME` takes the other fields from one of `EVL_PRESETS`; `config=` gives a
+        complete `EVLConfig` instead (its `vision_config` must describe this backbone).
         """
         hub_kwargs = {
             key: config_kwargs.pop(key)
@@ -745,8 +746,12 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             if key in config_kwargs
         }
         preset = config_kwargs.pop("preset", None)
+        config = config_kwargs.pop("config", None)
         backbone = CLIPVisionModel.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        if preset is not None:
+        if config is not None:
+            if config_kwargs or preset is not None:
+                raise ValueError("Pass either `config` or configuration fields/`preset`, not both.")
+        elif preset is not None:
             config = EVLConfig.from_preset(preset, vision_config=backbone.config, **config_kwargs)
         else:
             config = EVLConfig(vision_config=backbone.config, **config_kwargs)
