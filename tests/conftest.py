@@ -32,3 +32,16 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
     from helpers import save_tiny_backbone
 
     return save_tiny_backbone(tmp_path_factory.mktemp("clip-tiny"))
+
+
+@pytest.fixture(params=["pyav", "torchcodec"])
+def decoding_backend(request) -> str:
+    """Run a decoding test with each backend. torchcodec is part of the test install: if it cannot load, fail, never skip."""
+    from evl_hf.video_processing_evl import _torchcodec_can_decode_video
+
+    if request.param == "torchcodec" and not _torchcodec_can_decode_video():
+        pytest.fail(
+            "torchcodec cannot decode video here: install the torchcodec matching torch (scripts/install.sh pins it) "
+            "and FFmpeg's shared libraries (apt-get install ffmpeg)."
+        )
+    return request.param

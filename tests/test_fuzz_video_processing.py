@@ -68,9 +68,9 @@ def seed_clip(tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("fuzz") / "seed.mp4", index_coded_frames(30), gop=5).read_bytes()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_mutated_files_decode_or_raise_a_decoding_error(seed_clip, data):
+def test_mutated_files_decode_or_raise_a_decoding_error(seed_clip, decoding_backend, data):
     blob = bytearray(seed_clip)
     kind = data.draw(st.sampled_from(["flip", "truncate", "splice", "zero_block"]))
     if kind == "flip":
@@ -86,7 +86,7 @@ def test_mutated_files_decode_or_raise_a_decoding_error(seed_clip, data):
         blob[start : start + data.draw(st.integers(1, 4096))] = bytes(4096)[: len(blob[start : start + 4096])]
     wanted = data.draw(st.lists(st.integers(0, 40), min_size=1, max_size=8))
     try:
-        frames, _ = decode_video(bytes(blob), lambda metadata: wanted, timeout=20)
+        frames, _ = decode_video(bytes(blob), lambda metadata: wanted, timeout=20, backend=decoding_backend)
     except EVLVideoDecodingError as error:
         assert "bytes of video" in str(error)
     else:

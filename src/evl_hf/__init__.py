@@ -17,7 +17,13 @@ from .modeling_evl import (
     EVLModelOutput,
     EVLPreTrainedModel,
 )
-from .video_processing_evl import EVLVideoDecodingError, EVLVideoProcessor, decode_video, sample_frame_indices
+from .video_processing_evl import (
+    EVLVideoDecodingError,
+    EVLVideoProcessor,
+    decode_video,
+    resolve_decoding_backend,
+    sample_frame_indices,
+)
 
 
 __version__ = "0.1.0"
@@ -45,5 +51,6 @@ __all__ = [
     "EVLVideoDecodingError",
     "EVLVideoProcessor",
     "decode_video",
+    "resolve_decoding_backend",
     "sample_frame_indices",
 ]

@@ -11,8 +11,9 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Video processor for EVL: PyAV decoding with seeking, the authors' frame sampling, CLIP preprocessing, multi-view."""
+"""Video processor for EVL: torchcodec or PyAV decoding with seeking, the authors' frame sampling, CLIP preprocessing, multi-view."""
 
+import functools
 import io
 import time
 from pathlib import Path
@@ -22,8 +23,16 @@ import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import Unpack, VideosKwargs
+from transformers.utils import is_torchcodec_usable, logging
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
+
+
+logger = logging.get_logger(__name__)
+
+DECODING_BACKENDS = ("auto", "torchcodec", "pyav")
+# Frames fetched per torchcodec call: small enough that the decoding timeout is checked often.
+_TORCHCODEC_CHUNK = 16
 
 
 class EVLVideoDecodingError(ValueError):
@@ -43,6 +52,8 @@ class EVLVideosKwargs(VideosKwargs, total=False):
         1 (centre crop) or 3 (crops at both ends and the centre of the long side).
     random_temporal_offset (`bool`, *optional*):
         Training augmentation: draw the dense window's start (or the uniform offsets) at random.
+    decoding_backend (`str`, *optional*):
+        `"auto"` (torchcodec when it can load, else PyAV), `"torchcodec"` or `"pyav"`; see `decode_video`.
     """
 
     sampling_rate: int | None
@@ -50,6 +61,28 @@ class EVLVideosKwargs(VideosKwargs, total=False):
     num_temporal_views: int | None
     num_spatial_views: int | None
     random_temporal_offset: bool | None
+    decoding_backend: str | None
+
+
+@functools.cache
+def _torchcodec_can_decode_video() -> bool:
+    # torchcodec's native libraries must match torch and find FFmpeg's shared libraries; transformers checks both.
+    return is_torchcodec_usable(decode="video")
+
+
+def resolve_decoding_backend(backend: str = "auto") -> str:
+    """The backend `decode_video` uses for `backend`: `"auto"` is torchcodec when it can decode video, else PyAV."""
+    if backend not in DECODING_BACKENDS:
+        raise ValueError(f"decoding_backend must be one of {DECODING_BACKENDS}, got {backend!r}.")
+    if backend == "auto":
+        return "torchcodec" if _torchcodec_can_decode_video() else "pyav"
+    if backend == "torchcodec" and not _torchcodec_can_decode_video():
+        raise ImportError(
+            "decoding_backend='torchcodec' needs torchcodec built for the installed torch and FFmpeg's shared "
+            "libraries (e.g. `apt-get install ffmpeg`); see https://github.com/meta-pytorch/torchcodec#installing-torchcodec. "
+            "Use decoding_backend='pyav' (or 'auto') to decode with PyAV."
+        )
+    return backend
 
 
 def _video_name(source) -> str:
@@ -94,25 +127,94 @@ def decode_video(
     max_frame_pixels: int = 4096 * 4096,
     timeout: float = 120.0,
     stats: dict | None = None,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, VideoMetadata]:
     """
     Decode the frames of `source` (a path, an http(s) URL, bytes or a file object) that `sample_indices_fn(metadata)`
     asks for, as a `(num_indices, height, width, 3)` uint8 array, plus the video's metadata.
 
     Only what is needed is decoded: the demuxer seeks to the key frame before the first wanted frame and decoding stops
-    after the last one. Indices past the real end of the stream (containers that over-report their length) repeat
-    the last decoded frame, as the authors do for clips shorter than the sampling window. Any failure raises
-    `EVLVideoDecodingError` naming the video and the problem. Frames over `max_frame_pixels` and decoding past
-    `timeout` seconds are refused. `stats`, when given, receives `decoded_frames` (how many frames were decoded).
-    """
-    import av
+    after the last one. Frame `i` is the frame shown at `i / fps` seconds (the container's frame count and average rate,
+    so both backends pick the same frames). Indices past the real end of the stream (containers that over-report their
+    length) repeat the last decoded frame, as the authors do for clips shorter than the sampling window. Display
+    rotation (phone videos) is applied. Any failure raises `EVLVideoDecodingError` naming the video and the problem.
+    Frames over `max_frame_pixels` and decoding past `timeout` seconds are refused.
 
+    `backend`: `"torchcodec"`, `"pyav"`, or `"auto"` (torchcodec when it can load, else PyAV). A video torchcodec
+    cannot handle (a stream with no frame count or duration to seek by, a damaged file, ...) is decoded with PyAV
+    instead, so torchcodec never fails a video that PyAV decodes. `stats`, when given, receives `backend` (the one
+    that decoded the video) and, for PyAV, `decoded_frames` (how many frames were decoded).
+    """
+    backend = resolve_decoding_backend(backend)
     name = _video_name(source)
     started = time.monotonic()
+    opened = _open_source(source, timeout)
+    if isinstance(opened, io.IOBase) and not opened.seekable():
+        backend = "pyav"  # torchcodec seeks in file objects, and a failed try could not be rewound for PyAV
+    if backend == "torchcodec":
+        start_position = opened.tell() if isinstance(opened, io.IOBase) else None
+        try:
+            result = _decode_with_torchcodec(opened, name, sample_indices_fn, max_frame_pixels, timeout, started)
+        except EVLVideoDecodingError:
+            raise  # a size or time limit: PyAV would refuse the video the same way
+        except Exception as error:
+            logger.info(f"{name}: torchcodec cannot decode it ({type(error).__name__}: {error}); decoding with PyAV.")
+            if start_position is not None:
+                opened.seek(start_position)
+        else:
+            if stats is not None:
+                stats["backend"] = "torchcodec"
+            return result
+    if stats is not None:
+        stats["backend"] = "pyav"
+    return _decode_with_pyav(opened, name, sample_indices_fn, max_frame_pixels, timeout, started, stats)
+
+
+def _check_frame_size(name: str, width: int, height: int, max_frame_pixels: int) -> None:
+    if width * height > max_frame_pixels:
+        raise EVLVideoDecodingError(
+            f"{name}: frames are {width}x{height}, over the {max_frame_pixels}-pixel limit for decoding."
+        )
+
+
+def _check_time(name: str, started: float, timeout: float) -> None:
+    if time.monotonic() - started > timeout:
+        raise EVLVideoDecodingError(f"{name}: decoding took longer than {timeout:.0f}s; giving up.")
+
+
+def _decode_with_torchcodec(opened, name, sample_indices_fn, max_frame_pixels, timeout, started):
+    """
+    Decode with torchcodec, or raise (anything but `EVLVideoDecodingError`) for `decode_video` to fall back to PyAV.
+    Approximate seek mode: the frame count, rate and key frames come from the container's index, so opening a long
+    video does not read all of it (exact mode scans every packet first).
+    """
+    from torchcodec.decoders import VideoDecoder
+
+    decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0)
+    stream = decoder.metadata
+    # Width and height are after rotation, as the frames come out; their product is what the limit is about.
+    _check_frame_size(name, stream.width, stream.height, max_frame_pixels)
+    total, fps = stream.num_frames, stream.average_fps
+    if not total or not fps:
+        raise ValueError("the container gives no frame count or rate to seek by")
+    metadata = VideoMetadata(total, float(fps), stream.width, stream.height, stream.duration_seconds, "torchcodec")
+    indices = _indices(sample_indices_fn, metadata)
+    wanted = sorted({min(index, total - 1) for index in indices})
+    if wanted and wanted[0] < 0:
+        raise ValueError(f"negative frame index {wanted[0]}")
+    decoded = {}
+    for chunk_start in range(0, len(wanted), _TORCHCODEC_CHUNK):
+        _check_time(name, started, timeout)
+        chunk = wanted[chunk_start : chunk_start + _TORCHCODEC_CHUNK]
+        decoded.update(zip(chunk, decoder.get_frames_at(chunk).data.numpy()))
+    return _stack([decoded[min(index, total - 1)] for index in indices], name), metadata
+
+
+def _decode_with_pyav(opened, name, sample_indices_fn, max_frame_pixels, timeout, started, stats):
+    import av
+
     try:
-        container = av.open(_open_source(source, timeout), mode="r", metadata_errors="ignore")
-    except EVLVideoDecodingError:
-        raise
+        container = av.open(opened, mode="r", metadata_errors="ignore")
     except (av.error.FFmpegError, OSError, ValueError) as error:
         raise EVLVideoDecodingError(f"{name}: not a readable video file ({error}).") from None
     with container:
@@ -131,10 +233,7 @@ def _decode_container(container, name, sample_indices_fn, max_frame_pixels, time
         raise EVLVideoDecodingError(f"{name}: the video stream has no usable codec.")
     stream.thread_type = "AUTO"
     width, height = stream.codec_context.width, stream.codec_context.height
-    if width * height > max_frame_pixels:
-        raise EVLVideoDecodingError(
-            f"{name}: frames are {width}x{height}, over the {max_frame_pixels}-pixel limit for decoding."
-        )
+    _check_frame_size(name, width, height, max_frame_pixels)
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else None
     duration = None
@@ -151,13 +250,19 @@ def _decode_container(container, name, sample_indices_fn, max_frame_pixels, time
         total = len(frames)
         metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
         indices = _indices(sample_indices_fn, metadata)
-        return _stack([frames[min(i, total - 1)] for i in indices], name), metadata
+        return _displayed(_stack([frames[min(i, total - 1)] for i in indices], name), metadata)
 
     metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
     indices = _indices(sample_indices_fn, metadata)
     wanted = sorted(set(indices))
     decoded = _decode_range(container, stream, name, wanted, wanted[0], fps, started, timeout, stats)
-    return _stack([decoded[i] for i in indices], name), metadata
+    return _displayed(_stack([decoded[i] for i in indices], name), metadata)
+
+
+def _displayed(frames: np.ndarray, metadata: VideoMetadata) -> tuple[np.ndarray, VideoMetadata]:
+    # The coded size is known before decoding; a display rotation of 90 degrees swaps it (torchcodec reports it so).
+    metadata.height, metadata.width = frames.shape[1:3]
+    return frames, metadata
 
 
 def _to_rgb(frame) -> np.ndarray:
@@ -202,13 +307,13 @@ def _decode_range(container, stream, name, wanted, first, fps, started, timeout,
             pass  # an unseekable (e.g. damaged) stream: decode forward from where the demuxer is
     result = {} if wanted is not None else []
     position = 0
-    last = None
+    latest = None  # the last frame decoded; converted to RGB only if it has to stand in for frames past the end
     decoded = 0
     try:
         for frame in container.decode(stream):
             decoded += 1
-            if time.monotonic() - started > timeout:
-                raise EVLVideoDecodingError(f"{name}: decoding took longer than {timeout:.0f}s; giving up.")
+            latest = frame
+            _check_time(name, started, timeout)
             if wanted is None:
                 result.append(_to_rgb(frame))
                 continue
@@ -217,29 +322,31 @@ def _decode_range(container, stream, name, wanted, first, fps, started, timeout,
                 index = first + len(result)
             if index < wanted[position]:
                 continue
-            last = _to_rgb(frame)
+            rgb = _to_rgb(frame)
             while position < len(wanted) and index >= wanted[position]:
-                result[wanted[position]] = last
+                result[wanted[position]] = rgb
                 position += 1
             if position == len(wanted):
                 break
     except av.error.FFmpegError as error:
+        if latest is None:
+            raise EVLVideoDecodingError(f"{name}: the video stream cannot be decoded ({error}).") from None
+    finally:
         if stats is not None:
             stats["decoded_frames"] = decoded
-        if not result and last is None:
-            raise EVLVideoDecodingError(f"{name}: the video stream cannot be decoded ({error}).") from None
-    if stats is not None:
-        stats["decoded_frames"] = decoded
     if wanted is None:
         if not result:
             raise EVLVideoDecodingError(f"{name}: the video stream holds no decodable frame.")
         return result
-    if last is None:
+    if latest is None:
         raise EVLVideoDecodingError(
             f"{name}: no decodable frame at or after frame {first} (the container reports {stream.frames} frames)."
         )
-    for index in wanted[position:]:
-        result[index] = last
+    if position < len(wanted):
+        # The stream ended before these indices (a container that over-reports its length): repeat its last frame.
+        rgb = _to_rgb(latest)
+        for index in wanted[position:]:
+            result[index] = rgb
     return result
 
 
@@ -292,7 +399,8 @@ def sample_frame_indices(
 
 class EVLVideoProcessor(BaseVideoProcessor):
     r"""
-    Prepares clips for EVL the way the authors do: decode with PyAV (seeking to the frames needed), sample frames
+    Prepares clips for EVL the way the authors do: decode (torchcodec, or PyAV where torchcodec is not installed or
+    cannot read a file; both seek to the frames needed and pick the same frames, see `decode_video`), sample frames
     densely with a stride (or uniformly), resize the short side, centre-crop (or take 3 spatial crops), rescale and
     normalise with the OpenAI CLIP mean/std.
 
@@ -323,6 +431,7 @@ class EVLVideoProcessor(BaseVideoProcessor):
     num_temporal_views = 1
     num_spatial_views = 1
     random_temporal_offset = False
+    decoding_backend = "auto"
     valid_kwargs = EVLVideosKwargs
     model_input_names = ["pixel_values"]
 
@@ -330,6 +439,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
         super().__init__(**kwargs)
         if self.num_spatial_views not in (1, 3):
             raise ValueError(f"num_spatial_views must be 1 or 3, got {self.num_spatial_views}.")
+        if self.decoding_backend not in DECODING_BACKENDS:
+            raise ValueError(f"decoding_backend must be one of {DECODING_BACKENDS}, got {self.decoding_backend!r}.")
 
     def sample_frames(
         self,
@@ -357,7 +468,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
         if isinstance(videos, (list, tuple)) and videos and all(
             isinstance(v, (str, Path, bytes, bytearray, io.IOBase)) for v in videos
         ):
-            decoded = [decode_video(v, sample_indices_fn if do_sample_frames else None) for v in videos]
+            sample = sample_indices_fn if do_sample_frames else None
+            decoded = [decode_video(v, sample, backend=self.decoding_backend) for v in videos]
             return [frames for frames, _ in decoded], [metadata for _, metadata in decoded]
         return super()._decode_and_sample_videos(videos, video_metadata, do_sample_frames, sample_indices_fn)
 
@@ -425,4 +537,10 @@ class EVLVideoProcessor(BaseVideoProcessor):
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
 
-__all__ = ["EVLVideoProcessor", "EVLVideoDecodingError", "decode_video", "sample_frame_indices"]
+__all__ = [
+    "EVLVideoProcessor",
+    "EVLVideoDecodingError",
+    "decode_video",
+    "resolve_decoding_backend",
+    "sample_frame_indices",
+]

@@ -64,7 +64,7 @@ def load_video_dataset(
     """
     A `DatasetDict` with a `video` column of paths and a `label` ClassLabel column, from videofolder directories
     (`split/<label>/<clip>`), list files, or a `datasets` data set with a video and a label column. Videos are not
-    decoded here (`datasets.Video(decode=False)`): decoding happens in the transforms, with PyAV.
+    decoded here (`datasets.Video(decode=False)`): the transforms decode them, with the processor's `decoding_backend`.
     """
     splits = {}
     if dataset_name:
@@ -141,6 +141,7 @@ class VideoTrainTransform:
                 metadata.total_num_frames, self.num_frames, self.sampling_rate, random_temporal_offset=True,
                 generator=generator,
             ),
+            backend=self.processor.decoding_backend,
         )  # fmt: skip
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, C, H, W) uint8
         with torch.random.fork_rng(devices=[]):
