@@ -22,11 +22,14 @@ setup(
     ],
     extras_require={
         "train": ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4", "scikit-learn"],
+        # Optional faster/default decoder; it needs a build matching torch and FFmpeg's shared libraries.
+        "torchcodec": ["torchcodec>=0.16"],
         "testing": [
             "pytest",
             "hypothesis",
             "parameterized",
             "scikit-video",
+            "torchcodec>=0.16",
             "accelerate>=1.0",
             "datasets>=3.0",
             "evaluate>=0.4",

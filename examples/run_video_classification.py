@@ -72,6 +72,10 @@ class DataTrainingArguments:
     num_frames: int | None = field(default=None, metadata={"help": "Frames per clip (default: the model's)."})
     sampling_rate: int = field(default=16, metadata={"help": "Stride between sampled frames."})
     num_spatial_views: int = field(default=1, metadata={"help": "Evaluation crops per window: 1 or 3."})
+    decoding_backend: str = field(
+        default="auto",
+        metadata={"help": "auto (torchcodec when it loads, else PyAV), torchcodec or pyav.", "choices": ["auto", "torchcodec", "pyav"]},
+    )
     num_temporal_views: int = field(default=1, metadata={"help": "Evaluation windows per clip."})
     rand_augment: bool = field(default=True, metadata={"help": "RandAugment (same ops for every frame) in training."})
     cache_backbone_features: bool = field(
@@ -136,6 +140,7 @@ def build_model(model_args, data_args, labels: list[str]):
         processor = EVLVideoProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     processor.num_frames = model.config.num_frames if data_args.num_frames is None else data_args.num_frames
     processor.sampling_rate = data_args.sampling_rate
+    processor.decoding_backend = data_args.decoding_backend
     return model, processor
 
 

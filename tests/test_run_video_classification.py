@@ -84,11 +84,14 @@ def test_train_evaluate_with_three_crops_and_predict(data_dir, backbone_dir, tmp
 def test_resume_from_a_checkpoint_reaches_the_same_weights(data_dir, backbone_dir, tmp_path):
     script = load_script()
     full = tmp_path / "full"
-    script.main(base_args(data_dir, backbone_dir, full, "--do_train", "--max_steps", "4", "--save_steps", "2"))
+    # PyAV here (the other runs decode with torchcodec, the default where it loads); the choice is saved.
+    steps = ("--do_train", "--max_steps", "4", "--save_steps", "2", "--decoding_backend", "pyav")
+    script.main(base_args(data_dir, backbone_dir, full, *steps))
+    assert json.loads((full / "video_preprocessor_config.json").read_text())["decoding_backend"] == "pyav"
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    trainer = script.main(base_args(data_dir, backbone_dir, resumed, "--do_train", "--max_steps", "4", "--save_steps", "2"))
+    trainer = script.main(base_args(data_dir, backbone_dir, resumed, *steps))
     assert trainer.state.global_step == 4
     expected, actual = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == actual.keys()

@@ -3,7 +3,7 @@ A longer byte-level fuzz of `evl_hf.decode_video` than the test suite's bounded 
 (bit flips, truncation, splices, zeroed blocks) for `--seconds`, each decode in a child process so that a crash or a
 hang in FFmpeg is caught and the input kept in `--out` for reproduction.
 
-    python tools/fuzz_decoding.py --seconds 600 --out fuzz_findings
+    python tools/fuzz_decoding.py --seconds 600 --out fuzz_findings [--backend torchcodec|pyav|auto]
 """
 
 import argparse
@@ -50,9 +50,9 @@ def mutate(blob: bytes, rng: np.random.Generator) -> bytes:
     return bytes(data)
 
 
-def decode_one(blob: bytes, queue) -> None:
+def decode_one(blob: bytes, backend: str, queue) -> None:
     try:
-        frames, _ = decode_video(blob, lambda metadata: [0, 3, 7, 50], timeout=30)
+        frames, _ = decode_video(blob, lambda metadata: [0, 3, 7, 50], timeout=30, backend=backend)
         assert frames.dtype == np.uint8 and frames.shape[0] == 4
         queue.put("ok")
     except EVLVideoDecodingError:
@@ -64,6 +64,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--out", default="fuzz_findings")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="auto", choices=["auto", "torchcodec", "pyav"])
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     corpus = seeds()
@@ -74,7 +75,7 @@ def main():
     while time.monotonic() < deadline:
         blob = mutate(corpus[rng.integers(len(corpus))], rng)
         queue = context.Queue()
-        process = context.Process(target=decode_one, args=(blob, queue))
+        process = context.Process(target=decode_one, args=(blob, args.backend, queue))
         process.start()
         process.join(60)
         if process.is_alive():
@@ -88,7 +89,7 @@ def main():
         if outcome not in ("ok", "error"):
             out.mkdir(exist_ok=True)
             (out / f"{outcome}_{sum(counts.values())}.mp4").write_bytes(blob)
-    print(counts)
+    print(args.backend, counts)
     sys.exit(1 if counts["crash"] or counts["hang"] or counts["other exception"] else 0)
 
 
