@@ -128,6 +128,8 @@ def test_both_backends_return_identical_frames_and_metadata(clip):
         assert stats["backend"] == backend
     (pyav_frames, pyav_metadata), (codec_frames, codec_metadata) = results["pyav"], results["torchcodec"]
     np.testing.assert_array_equal(pyav_frames, codec_frames)
+    with clip.open("rb") as file:  # large frames reopen torchcodec's decoder with threads: the file is rewound
+        np.testing.assert_array_equal(decode_video(file, lambda metadata: codec_metadata.frames_indices)[0], codec_frames)
     for field in ("total_num_frames", "width", "height", "frames_indices"):
         assert getattr(pyav_metadata, field) == getattr(codec_metadata, field), field
     assert pyav_metadata.fps == pytest.approx(codec_metadata.fps)

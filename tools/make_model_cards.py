@@ -68,7 +68,7 @@ checked for numerical parity (logits within 1e-4) with the authors' implementati
 
 ## Evaluation protocol
 
-Decode with PyAV, take {frames} frames {stride} decoded frames apart (a {window}-frame window; a shorter clip repeats its last
+Decode (torchcodec or PyAV: the same frames), take {frames} frames {stride} decoded frames apart (a {window}-frame window; a shorter clip repeats its last
 frame), resize the short side to {size}, normalise with the OpenAI CLIP mean/std; {views_text}; average the softmax
 scores of the views. `EVLVideoProcessor` does all of this, and `EVLForVideoClassification` averages views when given a
 `(batch, views, frames, 3, H, W)` input:

@@ -33,6 +33,9 @@ logger = logging.get_logger(__name__)
 DECODING_BACKENDS = ("auto", "torchcodec", "pyav")
 # Frames fetched per torchcodec call: small enough that the decoding timeout is checked often.
 _TORCHCODEC_CHUNK = 16
+# FFmpeg's decoding threads pay off on large frames; on small ones (Kinetics clips are about 340x256) synchronising
+# them costs more than they save: 1.25-1.4x the single-threaded time with either backend (benchmarks/bench_decoding.py).
+_SINGLE_THREAD_MAX_PIXELS = 160_000
 
 
 class EVLVideoDecodingError(ValueError):
@@ -190,10 +193,16 @@ def _decode_with_torchcodec(opened, name, sample_indices_fn, max_frame_pixels, t
     """
     from torchcodec.decoders import VideoDecoder
 
-    decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0)
+    start_position = opened.tell() if isinstance(opened, io.IOBase) else None
+    decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1)
     stream = decoder.metadata
     # Width and height are after rotation, as the frames come out; their product is what the limit is about.
     _check_frame_size(name, stream.width, stream.height, max_frame_pixels)
+    if stream.width * stream.height > _SINGLE_THREAD_MAX_PIXELS:
+        # The thread count is fixed when the decoder opens: reopen (milliseconds, against 100s of ms of decoding).
+        if start_position is not None:
+            opened.seek(start_position)
+        decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0)
     total, fps = stream.num_frames, stream.average_fps
     if not total or not fps:
         raise ValueError("the container gives no frame count or rate to seek by")
@@ -231,9 +240,10 @@ def _decode_container(container, name, sample_indices_fn, max_frame_pixels, time
     stream = container.streams.video[0]
     if stream.codec_context is None:
         raise EVLVideoDecodingError(f"{name}: the video stream has no usable codec.")
-    stream.thread_type = "AUTO"
     width, height = stream.codec_context.width, stream.codec_context.height
     _check_frame_size(name, width, height, max_frame_pixels)
+    if width * height > _SINGLE_THREAD_MAX_PIXELS:
+        stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else None
     duration = None
