@@ -129,7 +129,10 @@ def test_both_backends_return_identical_frames_and_metadata(clip):
     (pyav_frames, pyav_metadata), (codec_frames, codec_metadata) = results["pyav"], results["torchcodec"]
     np.testing.assert_array_equal(pyav_frames, codec_frames)
     with clip.open("rb") as file:  # large frames reopen torchcodec's decoder with threads: the file is rewound
-        np.testing.assert_array_equal(decode_video(file, lambda metadata: codec_metadata.frames_indices)[0], codec_frames)
+        stats = {}
+        from_file, _ = decode_video(file, lambda metadata: codec_metadata.frames_indices, backend="torchcodec", stats=stats)
+        assert stats["backend"] == "torchcodec"
+        np.testing.assert_array_equal(from_file, codec_frames)
     for field in ("total_num_frames", "width", "height", "frames_indices"):
         assert getattr(pyav_metadata, field) == getattr(codec_metadata, field), field
     assert pyav_metadata.fps == pytest.approx(codec_metadata.fps)
@@ -170,6 +173,24 @@ def test_unreadable_inputs_raise_a_decoding_error_naming_the_file(tmp_path, make
     with pytest.raises(EVLVideoDecodingError, match=message) as error:
         small_processor(decoding_backend=decoding_backend)(str(path), return_tensors="pt")
     assert str(path) in str(error.value)
+
+
+def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(coded_clip.parent))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/{coded_clip.name}"
+        try:
+            stats = {}
+            frames, _ = decode_video(url, lambda metadata: [10, 200], backend=decoding_backend, stats=stats)
+        finally:
+            server.shutdown()
+    assert stats["backend"] == decoding_backend and [frame_index(frame) for frame in frames] == [10, 200]
 
 
 def test_unreachable_url_is_a_clear_error(decoding_backend):

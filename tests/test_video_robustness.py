@@ -117,14 +117,17 @@ def test_one_frame_video_repeats_its_frame(tmp_path, decoding_backend):
 def test_clip_shorter_than_the_window_repeats_the_last_frame(tmp_path, decoding_backend):
     path = write_clip(tmp_path / "short.mp4", index_coded_frames(5))
     out = processor(decoding_backend, do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False,
-                    num_frames=4, sampling_rate=3)(str(path), return_tensors="pt")["pixel_values"][0]  # fmt: skip
-    assert [frame_index(f.permute(1, 2, 0).numpy()) for f in out] == [0, 3, 4, 4]
+                    num_frames=4, sampling_rate=3)(str(path), return_tensors="pt", return_metadata=True)  # fmt: skip
+    assert out["video_metadata"][0].video_backend == decoding_backend
+    assert [frame_index(f.permute(1, 2, 0).numpy()) for f in out["pixel_values"][0]] == [0, 3, 4, 4]
 
 
 def test_one_by_one_pixel_video(tmp_path, decoding_backend):
     frames = np.full((6, 1, 1, 3), 200, dtype=np.uint8)
     path = encode(tmp_path / "pixel.mkv", frames, codec="ffv1", pix_fmt="bgr0")
-    out = processor(decoding_backend, do_normalize=False)(str(path), return_tensors="pt")["pixel_values"]
+    out = processor(decoding_backend, do_normalize=False)(str(path), return_tensors="pt", return_metadata=True)
+    assert out["video_metadata"][0].video_backend == decoding_backend
+    out = out["pixel_values"]
     assert out.shape == (1, 4, 3, 32, 32)
     torch.testing.assert_close(out, torch.full_like(out, 200 / 255), atol=2 / 255, rtol=0)
 
@@ -134,8 +137,9 @@ def test_very_large_frames_are_decoded_and_resized(tmp_path, decoding_backend):
     frames[:, :, 2000:] = 255
     path = encode(tmp_path / "large.mp4", frames)
     out = processor(decoding_backend, do_normalize=False, do_center_crop=False, size={"shortest_edge": 30})(
-        str(path), return_tensors="pt"
+        str(path), return_tensors="pt", return_metadata=True
     )
+    assert out["video_metadata"][0].video_backend == decoding_backend
     pixels = out["pixel_values"][0]
     assert pixels.shape == (4, 3, 30, 40)
     assert pixels[:, :, :, :18].max() < 0.1 and pixels[:, :, :, 22:].min() > 0.9
