@@ -157,7 +157,9 @@ def decode_video(
     if backend == "torchcodec":
         start_position = opened.tell() if isinstance(opened, io.IOBase) else None
         try:
-            result = _decode_with_torchcodec(opened, name, sample_indices_fn, max_frame_pixels, timeout, started)
+            result = _decode_with_torchcodec(
+                opened, start_position, name, sample_indices_fn, max_frame_pixels, timeout, started
+            )
         except EVLVideoDecodingError:
             raise  # a size or time limit: PyAV would refuse the video the same way
         except Exception as error:
@@ -185,15 +187,15 @@ def _check_time(name: str, started: float, timeout: float) -> None:
         raise EVLVideoDecodingError(f"{name}: decoding took longer than {timeout:.0f}s; giving up.")
 
 
-def _decode_with_torchcodec(opened, name, sample_indices_fn, max_frame_pixels, timeout, started):
+def _decode_with_torchcodec(opened, start_position, name, sample_indices_fn, max_frame_pixels, timeout, started):
     """
     Decode with torchcodec, or raise (anything but `EVLVideoDecodingError`) for `decode_video` to fall back to PyAV.
-    Approximate seek mode: the frame count, rate and key frames come from the container's index, so opening a long
-    video does not read all of it (exact mode scans every packet first).
+    `start_position` is where a file object `opened` starts (None for a path). Approximate seek mode: the
+    frame count, rate and key frames come from the container's index, so opening a long video does not read all of it
+    (exact mode scans every packet first).
     """
     from torchcodec.decoders import VideoDecoder
 
-    start_position = opened.tell() if isinstance(opened, io.IOBase) else None
     decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1)
     stream = decoder.metadata
     # Width and height are after rotation, as the frames come out; their product is what the limit is about.
