@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -88,3 +89,24 @@ def frame_index(frame: np.ndarray) -> int:
         block = frame[row * block_h + 2 : (row + 1) * block_h - 2, column * block_w + 2 : (column + 1) * block_w - 2]
         index |= int(block.mean() > 127) << bit
     return index
+
+
+def decode_on_backend(source, sample_indices_fn, backend, decoded_by=None, **kwargs):
+    """
+    `decode_video` with `backend`, checking which backend did the work (`decoded_by`, default: `backend` itself) and,
+    for torchcodec on a path, that PyAV returns the very same frames and metadata.
+    """
+    import io
+
+    from evl_hf import decode_video
+
+    stats = {}
+    frames, metadata = decode_video(source, sample_indices_fn, backend=backend, stats=stats, **kwargs)
+    assert stats["backend"] == metadata.video_backend == (decoded_by or backend), stats
+    if backend == "torchcodec" and not isinstance(source, io.IOBase):
+        pyav_frames, pyav_metadata = decode_video(source, sample_indices_fn, backend="pyav", **kwargs)
+        np.testing.assert_array_equal(frames, pyav_frames)
+        for field in ("total_num_frames", "width", "height", "frames_indices"):
+            assert getattr(metadata, field) == getattr(pyav_metadata, field), field
+        assert metadata.fps == pytest.approx(pyav_metadata.fps)
+    return frames, metadata

@@ -8,6 +8,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers import decode_on_backend as decode
 from helpers import frame_index, index_coded_frames, write_clip
 from PIL import Image
 
@@ -17,23 +18,6 @@ from evl_hf import EVLVideoDecodingError, EVLVideoProcessor, decode_video
 def processor(backend, **kwargs):
     values = dict(num_frames=4, sampling_rate=2, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return EVLVideoProcessor(decoding_backend=backend, **(values | kwargs))
-
-
-def decode(path, sample_indices_fn, backend, decoded_by=None, **kwargs):
-    """
-    decode_video with `backend`, checking which backend did the work (`decoded_by`, default: `backend` itself) and,
-    for torchcodec, that PyAV returns the very same frames and metadata.
-    """
-    stats = {}
-    frames, metadata = decode_video(path, sample_indices_fn, backend=backend, stats=stats, **kwargs)
-    assert stats["backend"] == metadata.video_backend == (decoded_by or backend), stats
-    if backend == "torchcodec" and not isinstance(path, io.IOBase):
-        pyav_frames, pyav_metadata = decode_video(path, sample_indices_fn, backend="pyav", **kwargs)
-        np.testing.assert_array_equal(frames, pyav_frames)
-        assert (metadata.total_num_frames, metadata.width, metadata.height, metadata.frames_indices) == (
-            pyav_metadata.total_num_frames, pyav_metadata.width, pyav_metadata.height, pyav_metadata.frames_indices
-        )  # fmt: skip
-    return frames, metadata
 
 
 def encode(path, frames, codec="libx264", pix_fmt="yuv420p", fps=25, container_format=None, rotation=None, pts=None):
