@@ -1,13 +1,15 @@
 import copy
+import re
 
 import pytest
 import torch
 from evl_reference import random_original_state_dict, reference_logits
-from helpers import pixel_values, randomize_decoder, tiny_config, tiny_vision_config
-from safetensors.torch import load_file
+from helpers import pixel_values, randomize_decoder, save_tiny_backbone, tiny_config, tiny_vision_config
+from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel
 
 from evl_hf import EVL_PRESETS, EVLConfig, EVLForVideoClassification, EVLInputError, EVLModel
+from evl_hf.modeling_evl import EVLCheckpointError
 from evl_hf.convert import convert_evl_checkpoint
 
 
@@ -327,6 +329,86 @@ def test_from_backbone_pretrained_uses_the_clip_weights(tiny_backbone_dir):
         assert torch.equal(model.evl.vision_model.state_dict()[key], value), key
     assert model.config.num_labels == 3 and model.config.vision_config.hidden_size == 32
     assert not any(p.requires_grad for p in model.evl.vision_model.parameters())
+
+
+BACKBONE_KWARGS = dict(num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=3)
+
+
+def _save_tiny_non_clip(kind, directory):
+    from transformers import ConvNextConfig, ConvNextModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    vit_like = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )  # fmt: skip
+    if kind == "dinov2":
+        Dinov2Model(Dinov2Config(**vit_like)).save_pretrained(directory)
+    elif kind == "vit":
+        ViTModel(ViTConfig(**vit_like)).save_pretrained(directory)
+    elif kind == "convnext":
+        ConvNextModel(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(directory)
+    else:
+        EVLForVideoClassification(tiny_config()).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "vit", "convnext", "evl"])
+def test_from_backbone_pretrained_refuses_other_architectures(kind, tmp_path):
+    directory = _save_tiny_non_clip(kind, tmp_path / kind)
+    with pytest.raises(ValueError, match=f"{re.escape(str(directory))} is a `{kind}` checkpoint") as raised:
+        EVLForVideoClassification.from_backbone_pretrained(directory, **BACKBONE_KWARGS)
+    assert "`clip_vision_model`" in str(raised.value) and "`clip`" in str(raised.value)
+    assert not isinstance(raised.value, EVLCheckpointError)
+    if kind == "evl":
+        assert "EVLForVideoClassification.from_pretrained" in str(raised.value)
+
+
+def _edit_tensors(state_dict, problem):
+    if problem == "missing":
+        del state_dict["encoder.layers.2.self_attn.q_proj.bias"]
+        return "encoder.layers.2.self_attn.q_proj.bias"
+    if problem == "unexpected":
+        state_dict["encoder.layers.3.mlp.fc1.weight"] = torch.ones(64, 32)
+        return "encoder.layers.3.mlp.fc1.weight"
+    state_dict["post_layernorm.weight"] = torch.ones(31)
+    return "post_layernorm.weight: checkpoint (31,) vs model (32,)"
+
+
+@pytest.mark.parametrize("problem", ["missing", "unexpected", "shape mismatch"])
+def test_from_backbone_pretrained_refuses_a_clip_checkpoint_with_wrong_tensors(problem, tmp_path):
+    directory = save_tiny_backbone(tmp_path / "clip")
+    state_dict = load_file(directory / "model.safetensors")
+    key = _edit_tensors(state_dict, problem)
+    save_file(state_dict, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EVLCheckpointError) as raised:
+        EVLForVideoClassification.from_backbone_pretrained(directory, **BACKBONE_KWARGS)
+    message = str(raised.value)
+    assert str(directory) in message and "`clip_vision_model`" in message
+    assert f"{problem}: [" in message and key in message, message
+
+
+def test_from_backbone_pretrained_takes_the_vision_tower_of_a_full_clip_checkpoint(tmp_path):
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    text_config = CLIPTextConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    config = CLIPConfig(
+        text_config=text_config.to_dict(), vision_config=tiny_vision_config().to_dict(), projection_dim=16
+    )
+    torch.manual_seed(0)
+    clip = CLIPModel(config)
+    clip.save_pretrained(tmp_path / "clip")
+    # The text tower and projections are not loaded, and are not an error.
+    model = EVLForVideoClassification.from_backbone_pretrained(tmp_path / "clip", **BACKBONE_KWARGS)
+    expected = clip.vision_model.state_dict()
+    loaded = model.evl.vision_model.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    assert model.config.vision_config.model_type == "clip_vision_model"
+    assert model.config.vision_config.hidden_size == 32
 
 
 def test_presets_match_the_released_configurations():

@@ -86,6 +86,13 @@ class EVLCheckpointError(ValueError, RuntimeError):
     `RuntimeError`, what transformers raises for weights of the wrong shape.)"""
 
 
+# Checkpoints `from_backbone_pretrained` can take its backbone from, by `model_type`.
+_BACKBONE_MODEL_TYPES = {"clip_vision_model": "CLIPVisionModel", "clip": "CLIPModel (its vision tower is used)"}
+# What a `CLIPModel` (or `CLIPVisionModelWithProjection`) checkpoint holds besides the vision tower: EVL does not use
+# it, so it is not loaded, and not an error. Any other unexpected tensor is.
+_UNUSED_CLIP_TENSORS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -739,6 +746,9 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         The decoder and head are freshly initialised; `config_kwargs` go to `EVLConfig` (e.g. `num_frames`,
         `id2label`, `label2id`). `preset=NAME` takes the other fields from one of `EVL_PRESETS`; `config=` gives a
         complete `EVLConfig` instead (its `vision_config` must describe this backbone).
+
+        Any other kind of checkpoint raises a `ValueError`; one whose vision tensors are missing, extra or of the
+        wrong shape raises `EVLCheckpointError`, so no backbone weight is ever left randomly initialised.
         """
         hub_kwargs = {
             key: config_kwargs.pop(key)
@@ -747,7 +757,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         }
         preset = config_kwargs.pop("preset", None)
         config = config_kwargs.pop("config", None)
-        backbone = CLIPVisionModel.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        backbone = cls._load_backbone(pretrained_model_name_or_path, hub_kwargs)
         if config is not None:
             if config_kwargs or preset is not None:
                 raise ValueError("Pass either `config` or configuration fields/`preset`, not both.")
@@ -761,6 +771,47 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         model.evl.vision_model.load_state_dict(backbone.state_dict())
         model.config.base_model = str(pretrained_model_name_or_path)
         return model
+
+    @staticmethod
+    def _load_backbone(pretrained_model_name_or_path, hub_kwargs: dict) -> CLIPVisionModel:
+        """
+        Load the CLIP vision tower, strictly: `CLIPVisionModel.from_pretrained` would build a CLIP from any config and
+        leave every tensor it cannot find randomly initialised, so a DINOv2 or an EVL checkpoint would train on noise.
+        """
+        name = str(pretrained_model_name_or_path)
+        config_kwargs = {key: value for key, value in hub_kwargs.items() if key != "attn_implementation"}
+        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **config_kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type not in _BACKBONE_MODEL_TYPES:
+            supported = ", ".join(f"`{key}` ({value})" for key, value in _BACKBONE_MODEL_TYPES.items())
+            hint = (
+                " It is a whole EVL model: load it with `EVLForVideoClassification.from_pretrained`."
+                if model_type == EVLConfig.model_type
+                else ""
+            )
+            raise ValueError(
+                f"{name} is a `{model_type}` checkpoint, not CLIP vision weights: `from_backbone_pretrained` supports "
+                f"{supported}.{hint}"
+            )
+        # Shape mismatches are collected and reported below rather than raised by the loader.
+        backbone, info = CLIPVisionModel.from_pretrained(
+            pretrained_model_name_or_path, output_loading_info=True, ignore_mismatched_sizes=True, **hub_kwargs
+        )
+        problems = {
+            "missing": sorted(info["missing_keys"]),
+            "unexpected": sorted(key for key in info["unexpected_keys"] if not key.startswith(_UNUSED_CLIP_TENSORS)),
+            "shape mismatch": [
+                f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
+                for key, found, expected in sorted(info["mismatched_keys"], key=lambda item: item[0])
+            ],
+        }
+        if any(problems.values()):
+            raise EVLCheckpointError(
+                f"{name}: the `{model_type}` checkpoint does not hold exactly a CLIP vision tower; refusing to leave "
+                "randomly initialised backbone weights in place."
+                + "".join(f"\n  {kind}: {keys}" for kind, keys in problems.items() if keys)
+            )
+        return backbone
 
     @can_return_tuple
     def forward(
