@@ -21,7 +21,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "train": ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4", "scikit-learn"],
+        "train": ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4", "scikit-learn", "timm>=1.0"],
         # Optional faster/default decoder; it needs a build matching torch and FFmpeg's shared libraries.
         "torchcodec": ["torchcodec>=0.16"],
         "testing": [
@@ -34,6 +34,7 @@ setup(
             "datasets>=3.0",
             "evaluate>=0.4",
             "scikit-learn",
+            "timm>=1.0",
         ],
     },
     entry_points={"console_scripts": ["evl-convert=evl_hf.convert:main"]},
