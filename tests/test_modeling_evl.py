@@ -555,3 +555,56 @@ def test_cross_frame_training_and_inference_paths_agree():
     assert batched[:, :, 0].abs().sum() == 0  # the cls row stays 0
     batched.sum().backward()
     assert module.previous_frame_table.grad.abs().sum() > 0 and module.next_frame_table.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- training with Trainer
+
+
+def _clips(count=4):
+    inputs = pixel_values(batch=count, seed=1)
+    labels = torch.tensor([0, 3, 1, 4])[:count]
+    return [{"pixel_values": inputs[i], "labels": labels[i]} for i in range(count)]
+
+
+def _train_with_trainer(tmp_path, batch_size, accumulation, learning_rate):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config())
+    randomize_decoder(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"run-{batch_size}x{accumulation}"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, learning_rate=learning_rate, num_train_epochs=1, optim="sgd",
+        weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=_clips())
+    result = trainer.train()
+    assert trainer.state.global_step == 1
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return model, result.training_loss, logged
+
+
+def test_trainer_loss_does_not_depend_on_gradient_accumulation(tmp_path):
+    # The model returns a batch mean, so Trainer must average over the accumulated micro-batches itself.
+    clips = _clips()
+    inputs = torch.stack([clip["pixel_values"] for clip in clips])
+    labels = torch.stack([clip["labels"] for clip in clips])
+    for batch_size, accumulation in [(4, 1), (2, 2), (1, 4)]:
+        model, training_loss, logged = _train_with_trainer(tmp_path, batch_size, accumulation, learning_rate=0.0)
+        with torch.no_grad():
+            expected = model.eval()(inputs, labels=labels).loss.item()
+        assert training_loss == pytest.approx(expected, abs=1e-5), (batch_size, accumulation)
+        assert logged == [pytest.approx(expected, abs=1e-5)], (batch_size, accumulation)
+
+
+def test_trainer_step_with_accumulation_matches_the_full_batch(tmp_path):
+    full, _, _ = _train_with_trainer(tmp_path, 4, 1, learning_rate=1.0)
+    accumulated, _, _ = _train_with_trainer(tmp_path, 2, 2, learning_rate=1.0)
+    torch.manual_seed(0)
+    initial = EVLForVideoClassification(tiny_config())
+    randomize_decoder(initial)
+    assert not torch.equal(full.classifier.weight, initial.classifier.weight)  # the step did move the weights
+    accumulated_parameters = dict(accumulated.named_parameters())
+    for name, parameter in full.named_parameters():
+        torch.testing.assert_close(accumulated_parameters[name], parameter, atol=1e-6, rtol=1e-6, msg=name)

@@ -391,6 +391,10 @@ class EVLPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("video",)
     supports_gradient_checkpointing = True
+    # `forward(**kwargs)` only forwards attention kwargs, and the loss is a batch mean, not a sum over
+    # `num_items_in_batch`: without this, `Trainer` would read the `**kwargs` as taking `num_items_in_batch` and skip
+    # its own division by the gradient accumulation steps (and multiply by the number of processes).
+    accepts_loss_kwargs = False
     _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "EVLDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
