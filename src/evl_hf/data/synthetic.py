@@ -17,6 +17,16 @@ its temporal modules switched off) cannot separate the two classes of a pair.
     python -m evl_hf.data.synthetic --out DIR [--train_per_class 40 --validation_per_class 10 --test_per_class 10]
 
 writes mp4 clips (PyAV, H.264) in videofolder layout: `DIR/{train,validation,test}/<class>/<clip>.mp4`.
+
+The output is reproducible. Each clip draws from its own generator,
+`np.random.default_rng([seed, split_id, class_id, index])` (split_id: position in `SPLITS`, class_id: position in
+`MOTION_CLASSES`), so a clip's content depends only on (seed, split, class, index): adding clips to a split, or
+leaving out classes, keeps every other clip the same. The encoder runs on one thread (`write_video`: x264 and the
+RGB-to-YUV conversion both run on a single thread), so the same seed gives the same bytes on the same machine and
+library build, whatever number of CPUs the process gets. If you leave PyAV at its default (`thread_count=0`, as many
+threads as there are CPUs), x264 picks its thread count, and with it its slices and its output, from the CPU count
+once frames are about 128 pixels tall or more. The mp4 muxer writes no creation time (its fields stay 0). The x264
+and Lavf version strings in each file are fixed for one build, so another PyAV/FFmpeg build can give other bytes.
 """
 
 import argparse
@@ -30,6 +40,8 @@ MOTION_CLASSES = (
     "moving_left", "moving_right", "moving_up", "moving_down", "growing", "shrinking",
     "rotating_clockwise", "rotating_anticlockwise", "appearing", "disappearing",
 )  # fmt: skip
+
+SPLITS = ("train", "validation", "test")
 
 # Each class sweeps one attribute over [low, high] (or [high, low]); static attributes are drawn from the same range.
 _RANGES = {"x": (0.25, 0.75), "y": (0.25, 0.75), "size": (0.12, 0.3), "angle": (0.0, np.pi), "opacity": (0.15, 1.0)}
@@ -81,6 +93,9 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 16) -> Path:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        # One thread: x264's automatic thread count (and so its slicing) depends on the CPU count and the frame
+        # height, and PyAV hands the same count to the RGB-to-YUV conversion; at these sizes one thread is as fast.
+        stream.codec_context.thread_count = 1
         stream.options = {"crf": "18", "preset": "veryfast"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
@@ -98,12 +113,17 @@ def generate_motion_dataset(
     seed: int = 0,
     classes: tuple[str, ...] = MOTION_CLASSES,
 ) -> Path:
-    """Write the data set in videofolder layout and a `labels.json` with the class names; return `out`."""
+    """Write the data set in videofolder layout and a `labels.json` with the class names; return `out`.
+
+    The same arguments give the same bytes; a clip depends only on (seed, split, class, index), see the module docstring.
+    """
     out = Path(out)
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train_per_class), ("validation", validation_per_class), ("test", test_per_class)):
+    for split_id, (split, count) in enumerate(zip(SPLITS, (train_per_class, validation_per_class, test_per_class))):
         for label in classes:
+            class_id = MOTION_CLASSES.index(label)
             for index in range(count):
+                # One generator per clip, so a clip depends only on (seed, split, class, index).
+                rng = np.random.default_rng([seed, split_id, class_id, index])
                 write_video(out / split / label / f"{label}_{index:04d}.mp4", render_clip(label, num_frames, size, rng))
     (out / "labels.json").write_text(json.dumps(list(classes)))
     return out
