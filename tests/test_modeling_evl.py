@@ -608,3 +608,62 @@ def test_trainer_step_with_accumulation_matches_the_full_batch(tmp_path):
     accumulated_parameters = dict(accumulated.named_parameters())
     for name, parameter in full.named_parameters():
         torch.testing.assert_close(accumulated_parameters[name], parameter, atol=1e-6, rtol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def _gradients_and_calls(model):
+    """Gradients of every trainable parameter after one backward, and how often the first decoder layer's and the
+    last backbone block's MLPs ran (twice when their layer is checkpointed: forward, then the recompute)."""
+    calls = {"decoder": 0, "backbone": 0}
+
+    def count(key):
+        return lambda *_: calls.__setitem__(key, calls[key] + 1)
+
+    handles = [
+        model.evl.decoder.layers[0].mlp.register_forward_pre_hook(count("decoder")),
+        model.evl.vision_model.encoder.layers[-1].mlp.register_forward_pre_hook(count("backbone")),
+    ]
+    model.zero_grad()
+    model(pixel_values(), labels=torch.tensor([0, 3])).loss.backward()
+    for handle in handles:
+        handle.remove()
+    # Every trainable tensor but the backbone's unused post-LayerNorm (EVL reads the blocks' outputs) gets a gradient.
+    gradients = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    unused = {n for n, p in model.named_parameters() if p.requires_grad} - gradients.keys()
+    assert unused <= {"evl.vision_model.post_layernorm.weight", "evl.vision_model.post_layernorm.bias"}, unused
+    return gradients, calls
+
+
+GRADIENT_CHECKPOINTING_CASES = [
+    (freeze_backbone, "gradient_checkpointing_enable", use_reentrant)
+    for freeze_backbone in (True, False)
+    for use_reentrant in (None, True, False)
+] + [(False, "activation_checkpointing_enable", True)]  # the entry point Trainer calls
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(en|dis)able` is deprecated:FutureWarning")
+def test_gradient_checkpointing_gives_the_same_gradients():
+    for freeze_backbone, entry_point, use_reentrant in GRADIENT_CHECKPOINTING_CASES:
+        case = f"freeze_backbone={freeze_backbone}, {entry_point}, use_reentrant={use_reentrant}"
+        torch.manual_seed(0)
+        model = EVLForVideoClassification(tiny_config(freeze_backbone=freeze_backbone)).train()
+        randomize_decoder(model)
+        assert model.config.use_temporal_cross_attention
+        expected, calls = _gradients_and_calls(model)
+        assert calls == {"decoder": 1, "backbone": 1}, case
+        kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+        getattr(model, entry_point)(kwargs)
+        gradients, calls = _gradients_and_calls(model)
+        # The decoder is recomputed; the backbone too when it trains (a frozen one runs without autograd).
+        assert calls == {"decoder": 2, "backbone": 1 if freeze_backbone else 2}, case
+        assert gradients.keys() == expected.keys(), case
+        for name, gradient in expected.items():
+            # float32 sums taken in another order: tolerance relative to the tensor's scale.
+            scale = max(1.0, gradient.abs().max().item())
+            torch.testing.assert_close(
+                gradients[name], gradient, atol=2e-6 * scale, rtol=1e-5, msg=lambda m: f"{case}: {name}\n{m}"
+            )
+        model.gradient_checkpointing_disable()
+        assert _gradients_and_calls(model)[1] == {"decoder": 1, "backbone": 1}, case

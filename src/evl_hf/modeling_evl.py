@@ -20,6 +20,7 @@ from functools import partial
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -444,6 +445,26 @@ class EVLPreTrainedModel(PreTrainedModel):
             if isinstance(module, EVLModel):
                 module._apply_backbone_freeze()
         return (model, info) if output_loading_info else model
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ):
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        if not enable:
+            return
+        for module in self.modules():
+            if not isinstance(module, EVLModel):
+                continue
+            if module.config.freeze_backbone:
+                # A frozen backbone runs without autograd: there is nothing to recompute, only the decoder checkpoints.
+                module.vision_model._set_gradient_checkpointing(enable=False)
+            else:
+                # The cross-frame maps are built from q/k captured by hooks inside the backbone's blocks. A reentrant
+                # checkpoint runs a block under no_grad and only its output joins the graph, so the maps' gradient
+                # into the backbone would be lost: a trainable backbone always checkpoints non-reentrantly.
+                module.vision_model._set_gradient_checkpointing(
+                    True, partial(gradient_checkpointing_func, use_reentrant=False), every_n_layers
+                )
 
     @classmethod
     def _describe_shape_mismatches(cls, pretrained_model_name_or_path, config=None) -> str:
