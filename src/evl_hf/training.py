@@ -1,81 +1,179 @@
-"""Trainer glue for EVL: skipped-clip accounting, top-k metrics through `evaluate`, per-class reports."""
+"""Trainer glue for EVL: the bad-clip policy (counted, masked in evaluation), top-k metrics through `evaluate`,
+per-class reports, and model-card metadata for the Hub."""
 
 import csv
 import json
+import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer
+from transformers import EvalPrediction, Trainer
 
+from .data.video_dataset import IGNORE_LABEL, EpochShuffleSampler, TrainingClips
 from .metrics import load_video_accuracy
+
+
+logger = logging.getLogger(__name__)
 
 
 class EVLTrainer(Trainer):
     """
-    `Trainer` that adds up the clips the data collator had to skip (undecodable files), per phase, and reports them
-    as `train_skipped_clips` in the training metrics and `<prefix>_skipped_clips` in evaluation/prediction metrics.
-    Everything else is the stock Trainer (accelerate, mixed precision, gradient accumulation, checkpoints, Hub).
+    The stock `Trainer` (accelerate, mixed precision, gradient accumulation, checkpoints, Hub) with EVL's data policy:
+
+    - training clips come from `TrainingClips` with an `EpochShuffleSampler` (augmentation keyed by seed, epoch and
+      clip; unusable clips replaced), so every process and every resumed run sees the same clips;
+    - in evaluation, slots whose clip could not be decoded (label -100) are left out of the loss and the metrics; the
+      evaluation loss is computed over all usable clips at once, so it does not depend on how clips are batched or
+      split across processes;
+    - the number of distinct unusable clips, over all processes, is reported as `train_unusable_clips` and
+      `<prefix>_unusable_clips`.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.skipped_clips = {"train": 0, "eval": 0}
+        self._user_compute_metrics = self.compute_metrics
+        self.compute_metrics = self._metrics_of_usable_clips
+        self.unusable_clips = {"train": set(), "eval": set()}
 
-    def _count_skipped(self, inputs: dict, phase: str) -> None:
-        skipped = inputs.pop("num_skipped_clips", None)
-        if skipped is not None:
-            self.skipped_clips[phase] += int(skipped)
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, TrainingClips):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochShuffleSampler(len(dataset), seed=seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def _record_unusable(self, inputs: dict, phase: str) -> None:
+        inputs.pop("clip_indices", None)
+        self.unusable_clips[phase].update(int(i) for i in inputs.pop("unusable_clip_indices", ()))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._count_skipped(inputs, "train")
-        if "labels" not in inputs:  # every clip of the batch was unusable: a zero loss that still has a graph
-            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-            return (loss, None) if return_outputs else loss
+        self._record_unusable(inputs, "train")
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        self._count_skipped(inputs, "eval")
-        if "labels" not in inputs:
-            return None, None, None
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        self._record_unusable(inputs, "eval")
+        # The loss comes from `_metrics_of_usable_clips`, over the gathered logits: a per-batch mean would weigh
+        # clips by how they fall into batches and processes, and count the masked slots' batches.
+        labels = inputs.pop("labels", None)
+        _, logits, _ = super().prediction_step(model, inputs, prediction_loss_only=False, ignore_keys=ignore_keys)
+        return None, logits, labels
 
-    def evaluate(self, *args, metric_key_prefix: str = "eval", **kwargs):
-        self.skipped_clips["eval"] = 0
-        metrics = super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-        metrics[f"{metric_key_prefix}_skipped_clips"] = self._total_across_processes(self.skipped_clips["eval"])
-        self.log({f"{metric_key_prefix}_skipped_clips": metrics[f"{metric_key_prefix}_skipped_clips"]})
+    def _metrics_of_usable_clips(self, eval_prediction: EvalPrediction) -> dict:
+        logits = eval_prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        labels = eval_prediction.label_ids
+        if labels is None:
+            return {}
+        usable = labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL
+        logits, labels = logits[usable], labels[usable]
+        metrics = {}
+        if len(labels):
+            model = self.accelerator.unwrap_model(self.model)
+            loss = model.loss_function(torch.from_numpy(labels), torch.from_numpy(logits).float(), model.config)
+            metrics["loss"] = float(loss)
+        if self._user_compute_metrics is not None and len(labels):
+            metrics.update(self._user_compute_metrics(EvalPrediction(predictions=logits, label_ids=labels)))
         return metrics
 
-    def predict(self, *args, metric_key_prefix: str = "test", **kwargs):
-        self.skipped_clips["eval"] = 0
-        output = super().predict(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-        output.metrics[f"{metric_key_prefix}_skipped_clips"] = self._total_across_processes(self.skipped_clips["eval"])
+    def _count_unusable(self, phase: str) -> int:
+        from accelerate.utils import gather_object
+
+        indices = sorted(self.unusable_clips[phase])
+        if self.accelerator.num_processes > 1:
+            indices = gather_object(indices)
+        return len(set(indices))
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self.unusable_clips["eval"] = set()
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        metrics[f"{metric_key_prefix}_unusable_clips"] = self._count_unusable("eval")
+        self.log({f"{metric_key_prefix}_unusable_clips": metrics[f"{metric_key_prefix}_unusable_clips"]})
+        return metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        self.unusable_clips["eval"] = set()
+        output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        output.metrics[f"{metric_key_prefix}_unusable_clips"] = self._count_unusable("eval")
         return output
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
-        result.metrics["train_skipped_clips"] = self._total_across_processes(self.skipped_clips["train"])
+        count = self._count_unusable("train")
+        result.metrics["train_unusable_clips"] = count
+        total = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else 0
+        if total and count * 10 > total:
+            logger.warning("%d of the %d training clips could not be decoded and were replaced: check the data set.",
+                           count, total)  # fmt: skip
         return result
 
     def create_model_card(self, *args, **kwargs) -> None:
-        """Trainer's card, plus the metadata the Hub needs for a video classifier (pipeline tag, base model)."""
+        """
+        Trainer's card, plus the metadata the Hub needs for a video classifier: the pipeline tag, `base_model` as a
+        Hub id (left out when the backbone came from a local directory of unknown origin) and `model-index` with the
+        latest evaluation results.
+        """
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():
             return
-        from huggingface_hub import ModelCard
+        from huggingface_hub import EvalResult, ModelCard
 
         path = Path(self.args.output_dir) / "README.md"
         card = ModelCard.load(path)
         card.data.pipeline_tag = "video-classification"
         card.data.library_name = "transformers"
-        if kwargs.get("finetuned_from"):
-            card.data.base_model = kwargs["finetuned_from"]
+        card.data.base_model = hub_repo_id(kwargs.get("finetuned_from"))  # None: left out of the metadata
+        dataset = kwargs.get("dataset")
+        dataset_type = kwargs.get("dataset_tags") or ("videofolder" if dataset and os.path.isdir(str(dataset)) else dataset)
+        results = latest_evaluation(self.state.log_history)
+        if results and dataset_type:
+            name = Path(str(dataset)).name if os.path.isdir(str(dataset)) else str(dataset)
+            card.data.model_name = Path(self.args.output_dir).name if self.hub_model_id is None else self.hub_model_id.split("/")[-1]
+            card.data.eval_results = [
+                EvalResult(
+                    task_type="video-classification", task_name="Video Classification", dataset_type=str(dataset_type),
+                    dataset_name=name, dataset_split="validation", metric_type="accuracy", metric_name=metric_name,
+                    metric_value=value,
+                )  # fmt: skip
+                for metric_name, value in results.items()
+            ]
         card.save(path)
 
-    def _total_across_processes(self, count: int) -> int:
-        total = torch.tensor([count], device=self.accelerator.device)
-        return int(self.accelerator.reduce(total, reduction="sum").item())
+
+def latest_evaluation(log_history: list[dict]) -> dict:
+    """Top-1/top-5 accuracy of the last evaluation in a Trainer log history, keyed by the metric names of the card."""
+    for entry in reversed(log_history):
+        if "eval_top1_accuracy" in entry:
+            return {
+                f"Top-{k} accuracy": float(entry[f"eval_top{k}_accuracy"]) for k in (1, 5) if f"eval_top{k}_accuracy" in entry
+            }
+    return {}
+
+
+_HUB_CACHE_FOLDER = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)")
+
+
+def hub_repo_id(name_or_path: str | None) -> str | None:
+    """
+    The Hub id a model came from: the id itself, or the repository of a `huggingface_hub` cache snapshot
+    (`.../models--owner--name/snapshots/<revision>`). None for any other local directory: the Hub's `base_model`
+    must name a repository, never a local path.
+    """
+    if not name_or_path:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = str(name_or_path)
+    if os.path.exists(text):
+        match = _HUB_CACHE_FOLDER.search(Path(text).resolve().as_posix())
+        return f"{match['owner']}/{match['name']}" if match else None
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
 
 
 def make_compute_metrics(top_k: int = 5):
@@ -90,7 +188,10 @@ def make_compute_metrics(top_k: int = 5):
 
 
 def write_per_class_report(logits: np.ndarray, labels: np.ndarray, id2label: dict, output_dir: str, prefix: str) -> dict:
-    """Write `<prefix>_per_class_accuracy.json` and `<prefix>_confusion_matrix.csv` (rows: true class)."""
+    """Write `<prefix>_per_class_accuracy.json` and `<prefix>_confusion_matrix.csv` (rows: true class). Slots of
+    clips that could not be decoded (label -100) are left out."""
+    usable = labels != IGNORE_LABEL
+    logits, labels = logits[usable], labels[usable]
     metric = load_video_accuracy()
     report = metric.compute(
         predictions=logits, references=labels, top_k=1, num_classes=len(id2label), per_class=True

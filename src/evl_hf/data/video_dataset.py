@@ -1,16 +1,28 @@
 """
 Video data sets for EVL training and evaluation with `datasets`: loading (videofolder, `<path> <label>` list files,
-Hub data sets), the authors' training augmentation, multi-view evaluation inputs, a collator that skips clips that
-cannot be decoded, and the frozen-backbone feature cache.
+Hub data sets), the authors' training augmentation, multi-view evaluation inputs, the bad-clip policy, and the
+frozen-backbone feature cache.
+
+The bad-clip policy keeps every process of a data-parallel run in step: every rank always gets full batches of the
+same shapes, so it runs the same collectives.
+- Training: a clip that cannot be decoded is replaced by another clip of the data set, drawn from (seed, epoch, clip
+  index) alone, so every process and every resumed run makes the same replacement (`TrainingClips`).
+- Evaluation: the clip keeps its slot, with zero pixels and the label -100, and is left out of the loss and the
+  metrics (`EvaluationClips`, `EVLTrainer`).
+- Only decoding failures of a file (`EVLVideoDecodingError`) are handled this way; any other error stops the run.
+Both report the indices of the unusable clips in the batch (`unusable_clip_indices`), and `EVLTrainer` counts
+distinct clips across processes.
 """
 
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
-from transformers import TrainerCallback
 
 from ..video_processing_evl import EVLVideoDecodingError, EVLVideoProcessor, decode_video, sample_frame_indices
 
@@ -18,6 +30,8 @@ from ..video_processing_evl import EVLVideoDecodingError, EVLVideoProcessor, dec
 logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+# The label of an evaluation slot whose clip could not be decoded: ignored by the loss and the metrics.
+IGNORE_LABEL = -100
 
 
 def _video_path(example_video) -> str:
@@ -30,6 +44,8 @@ def _video_path(example_video) -> str:
 def read_list_file(path: str | Path, class_names: list[str] | None = None) -> Dataset:
     """The authors' list format: one `<video path> <integer label>` per line (paths relative to the list file)."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: the list file does not exist." if not path.exists() else f"{path}: is not a file.")
     videos, labels = [], []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -42,9 +58,30 @@ def read_list_file(path: str | Path, class_names: list[str] | None = None) -> Da
         video_path = Path(video)
         videos.append(str(video_path if video_path.is_absolute() else path.parent / video_path))
         labels.append(label)
+    if not videos:
+        raise ValueError(f"{path}: the list file has no clips.")
     names = class_names or [str(i) for i in range(max(labels) + 1)]
     features = Features({"video": Value("string"), "label": ClassLabel(names=names)})
     return Dataset.from_dict({"video": videos, "label": labels}, features=features)
+
+
+def _videofolder_files(folder: str | Path) -> list[str]:
+    """The clips of a `split/<label>/<clip>` folder, or a `ValueError` that says what is wrong with the path."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ValueError(f"{folder}: the directory does not exist.")
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: is not a directory (expected a folder with one sub-folder per label).")
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in <label>/ sub-folders.")
+    loose = [f for f in files if Path(f).parent == folder]
+    if loose:
+        raise ValueError(
+            f"{folder}: {len(loose)} video file(s) lie directly in the folder (e.g. {Path(loose[0]).name}); the "
+            "videofolder layout needs one sub-folder per label: <split>/<label>/<clip>."
+        )
+    return files
 
 
 def load_video_dataset(
@@ -77,15 +114,7 @@ def load_video_dataset(
             splits[split] = dataset
     folders = {"train": train_dir, "validation": validation_dir, "test": test_dir}
     if any(folders.values()):
-        data_files = {}
-        for split, folder in folders.items():
-            if folder:
-                files = sorted(
-                    str(p) for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-                )
-                if not files:
-                    raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in <label>/ folders.")
-                data_files[split] = files
+        data_files = {split: _videofolder_files(folder) for split, folder in folders.items() if folder}
         splits.update(load_dataset("videofolder", data_files=data_files, cache_dir=cache_dir))
     for split, list_file in (("train", train_list), ("validation", validation_list), ("test", test_list)):
         if list_file:
@@ -107,34 +136,33 @@ def load_video_dataset(
 
 class VideoTrainTransform:
     """
-    The authors' training augmentation: a random dense window, then RandAugment with the same ops and magnitudes for
-    every frame of a clip, then one random resized crop box (scale 0.08-1, ratio 3/4-4/3) for all frames, then CLIP
-    normalisation. (torchvision's RandAugment has no per-op magnitude noise, the authors' `mstd 0.5`.)
+    The authors' training augmentation: a random dense window, then RandAugment (timm's `rand-m7-n4-mstd0.5-inc1`,
+    the same ops and magnitudes for every frame of a clip, see `ClipRandAugment`), then one random resized crop box (scale 0.08-1,
+    ratio 3/4-4/3) for all frames, then CLIP normalisation.
 
-    The randomness of a clip is a function of (`seed`, `epoch`, clip index) only, not of a global generator's state,
-    so a run resumed from a checkpoint sees exactly the augmentations of an uninterrupted one (`EpochCallback` keeps
-    `epoch` in step with the Trainer).
+    All randomness comes from the `generator` given with each clip, never from a global state, so the caller decides
+    what it depends on (`TrainingClips`: seed, epoch and clip index).
     """
 
-    def __init__(
-        self, processor: EVLVideoProcessor, num_frames: int, sampling_rate: int, rand_augment: bool = True, seed: int = 0
-    ):
+    def __init__(self, processor: EVLVideoProcessor, num_frames: int, sampling_rate: int, rand_augment: bool = True):
         from torchvision.transforms import v2
 
+        if num_frames < 1 or sampling_rate < 1:
+            raise ValueError(f"num_frames ({num_frames}) and sampling_rate ({sampling_rate}) must be positive.")
         self.processor = processor
         self.num_frames = num_frames
         self.sampling_rate = sampling_rate
-        self.seed = seed
-        self.epoch = 0
         crop = processor.crop_size["height"], processor.crop_size["width"]
-        steps = [v2.RandAugment(num_ops=4, magnitude=7)] if rand_augment else []
-        steps.append(v2.RandomResizedCrop(crop, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True))
-        self.augment = v2.Compose(steps)
+        self.rand_augment = None
+        if rand_augment:
+            from .augmentation import ClipRandAugment
+
+            self.rand_augment = ClipRandAugment()
+        self.crop = v2.RandomResizedCrop(crop, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
         self.mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
 
-    def __call__(self, video, index: int = 0) -> torch.Tensor:
-        generator = np.random.default_rng([self.seed, self.epoch, index])
+    def __call__(self, video, generator: np.random.Generator) -> torch.Tensor:
         frames, _ = decode_video(
             video,
             lambda metadata: sample_frame_indices(
@@ -144,68 +172,213 @@ class VideoTrainTransform:
             backend=self.processor.decoding_backend,
         )  # fmt: skip
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, C, H, W) uint8
+        if self.rand_augment is not None:
+            frames = self.rand_augment(frames, seed=int(generator.integers(2**63 - 1)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(generator.integers(2**63 - 1)))
-            frames = self.augment(frames)  # v2 transforms draw their parameters once per call: same for every frame
+            frames = self.crop(frames)  # v2 transforms draw their parameters once per call: same box for every frame
         return (frames.float() / 255 - self.mean) / self.std
-
-
-class EpochCallback(TrainerCallback):
-    """Tell a `VideoTrainTransform` which epoch the Trainer is in (also when resuming mid-epoch)."""
-
-    def __init__(self, transform: VideoTrainTransform):
-        self.transform = transform
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.transform.epoch = int(state.epoch or 0)
 
 
 class VideoEvalTransform:
     """Deterministic evaluation input: the processor's dense window(s) and crop(s), `num_views = temporal x spatial`."""
 
-    def __init__(self, processor: EVLVideoProcessor, num_frames: int, sampling_rate: int, temporal_views: int = 1, spatial_views: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        processor: EVLVideoProcessor,
+        num_frames: int | None = None,
+        sampling_rate: int | None = None,
+        temporal_views: int | None = None,
+        spatial_views: int | None = None,
+    ):
         self.processor = processor
+        num_frames = processor.num_frames if num_frames is None else num_frames
+        sampling_rate = processor.sampling_rate if sampling_rate is None else sampling_rate
+        temporal_views = processor.num_temporal_views if temporal_views is None else temporal_views
+        spatial_views = processor.num_spatial_views if spatial_views is None else spatial_views
+        # Settings are checked here, once: an impossible one must stop the run, not turn every clip into a bad one.
+        if num_frames < 1 or sampling_rate < 1 or temporal_views < 1:
+            raise ValueError(
+                f"num_frames ({num_frames}), sampling_rate ({sampling_rate}) and num_temporal_views ({temporal_views}) "
+                "must be positive."
+            )
+        if spatial_views not in (1, 3):
+            raise ValueError(f"num_spatial_views must be 1 or 3, got {spatial_views}.")
         self.kwargs = dict(
             num_frames=num_frames, sampling_rate=sampling_rate, num_temporal_views=temporal_views,
             num_spatial_views=spatial_views, return_tensors="pt",
         )  # fmt: skip
+        num_views = temporal_views * spatial_views
+        clip_shape = (num_frames, 3, processor.crop_size["height"], processor.crop_size["width"])
+        self.output_shape = clip_shape if num_views == 1 else (num_views, *clip_shape)
 
-    def __call__(self, video, index: int = 0) -> torch.Tensor:
+    @property
+    def num_frames(self) -> int:
+        return self.kwargs["num_frames"]
+
+    def __call__(self, video) -> torch.Tensor:
         return self.processor(video, **self.kwargs)["pixel_values"][0]
 
 
-def with_skipping(transform):
-    """Wrap a per-clip transform for `Dataset.set_transform`: a clip that cannot be decoded becomes `None`."""
+class _WarnOnce:
+    """Log a bad clip once per process (a replaced training clip fails again every epoch)."""
 
-    def apply(batch: dict) -> dict:
-        pixel_values = []
-        indices = batch.get("clip_index", [0] * len(batch["video"]))
-        for video, index in zip(batch["video"], indices):
-            path = _video_path(video)
+    def __init__(self):
+        self.seen = set()
+
+    def __call__(self, index: int, error: Exception, action: str) -> None:
+        if index not in self.seen:
+            self.seen.add(index)
+            logger.warning("Clip %d cannot be decoded, %s: %s", index, action, error)
+
+
+class TrainingClips(torch.utils.data.Dataset):
+    """
+    Training clips of a `datasets.Dataset` (`video`, `label`), decoded and augmented by a `VideoTrainTransform`.
+
+    Items are addressed as `epoch * len(self) + clip_index` (`EpochShuffleSampler` yields such keys), so the
+    augmentation of every clip depends on (seed, epoch, clip index) only. That holds in dataloader worker processes,
+    persistent or not, which never see a callback's update, and it makes a resumed run exact.
+
+    A clip that cannot be decoded is replaced by another clip, drawn from the same (seed, epoch, clip index), and its
+    index is reported in `unusable_clip_indices`. After `max_replacements` failures in a row the data set is taken to
+    be broken and the run stops.
+    """
+
+    def __init__(self, dataset: Dataset, transform: VideoTrainTransform, seed: int = 0, max_replacements: int = 10):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.max_replacements = max_replacements
+        self._warn = _WarnOnce()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> dict:
+        epoch, index = divmod(int(key), len(self.dataset))
+        draws = np.random.default_rng([self.seed, epoch, index])
+        unusable, errors = [], []
+        candidate = index
+        for attempt in range(self.max_replacements + 1):
+            example = self.dataset[candidate]
             try:
-                pixel_values.append(transform(path, index))
-            except (EVLVideoDecodingError, ValueError) as error:
-                logger.warning("Skipping a clip that cannot be used: %s", error)
-                pixel_values.append(None)
-        return {"pixel_values": pixel_values, "labels": list(batch["label"])}
+                pixel_values = self.transform(
+                    _video_path(example["video"]), np.random.default_rng([self.seed, epoch, index, attempt])
+                )
+            except EVLVideoDecodingError as error:
+                self._warn(candidate, error, "replaced by another clip")
+                unusable.append(candidate)
+                errors.append(str(error))
+                candidate = int(draws.integers(len(self.dataset)))
+                continue
+            return {"pixel_values": pixel_values, "labels": int(example["label"]), "clip_index": index,
+                    "unusable_clip_indices": unusable}  # fmt: skip
+        raise RuntimeError(
+            f"{len(errors)} clips in a row could not be decoded; the data set looks broken. First errors: "
+            + "; ".join(errors[:3])
+        )
 
-    return apply
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """
+    A new permutation of the clips every epoch, drawn from (seed, epoch), yielding `epoch * num_clips + index` for
+    `TrainingClips`. The Trainer calls `set_epoch` at the start of every epoch, also on resume.
+    """
+
+    def __init__(self, num_clips: int, seed: int = 0):
+        self.num_clips = num_clips
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        offset = self.epoch * self.num_clips
+        return iter((offset + torch.randperm(self.num_clips, generator=generator)).tolist())
 
 
-class SkippingVideoCollator:
-    """Stack clips into a batch, dropping those the transform marked unusable; the count rides along in the batch
-    as `num_skipped_clips` for `EVLTrainer` to add up (it works with dataloader worker processes too)."""
+class EvaluationClips(torch.utils.data.Dataset):
+    """
+    Evaluation clips of a `datasets.Dataset` (`video`, `label`) through a `VideoEvalTransform`. A clip that cannot
+    be decoded keeps its slot, with zero pixels and label `IGNORE_LABEL`, so every process of a distributed
+    evaluation gathers batches of the same size; `EVLTrainer` leaves such slots out of the loss and the metrics.
+    """
+
+    def __init__(self, dataset: Dataset, transform: VideoEvalTransform):
+        self.dataset = dataset
+        self.transform = transform
+        self._warn = _WarnOnce()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.dataset[int(index)]
+        try:
+            pixel_values, label, unusable = self.transform(_video_path(example["video"])), int(example["label"]), []
+        except EVLVideoDecodingError as error:
+            self._warn(index, error, "left out of the evaluation")
+            pixel_values, label, unusable = torch.zeros(self.transform.output_shape), IGNORE_LABEL, [int(index)]
+        return {"pixel_values": pixel_values, "labels": label, "clip_index": int(index), "unusable_clip_indices": unusable}
+
+
+class VideoClipCollator:
+    """
+    Stack clips (`pixel_values`, or cached `frame_features` / `cross_frame_maps`) and labels into a batch. The indices
+    of clips that could not be decoded ride along as `unusable_clip_indices` (a list) for `EVLTrainer` to count; it
+    works in dataloader worker processes too. A batch that is mostly unusable clips is reported loudly.
+    """
 
     def __call__(self, examples: list[dict]) -> dict:
-        usable = [e for e in examples if e.get("pixel_values") is not None or e.get("frame_features") is not None]
-        batch = {"num_skipped_clips": torch.tensor(len(examples) - len(usable))}
-        if not usable:
-            return batch
+        batch = {}
         for key in ("pixel_values", "frame_features", "cross_frame_maps"):
-            if usable[0].get(key) is not None:
-                batch[key] = torch.stack([torch.as_tensor(e[key]) for e in usable])
-        batch["labels"] = torch.tensor([int(e["labels"]) for e in usable])
+            if examples[0].get(key) is not None:
+                batch[key] = torch.stack([torch.as_tensor(e[key]) for e in examples])
+        batch["labels"] = torch.tensor([int(e["labels"]) for e in examples])
+        if "clip_index" in examples[0]:
+            batch["clip_indices"] = torch.tensor([int(e["clip_index"]) for e in examples])
+        unusable = [index for e in examples for index in e.get("unusable_clip_indices", [])]
+        batch["unusable_clip_indices"] = unusable
+        if len(examples) >= 4 and 2 * len(unusable) > len(examples):
+            logger.warning(
+                "%d of the %d clips of this batch could not be decoded (clips %s): check the data set.",
+                len(unusable), len(examples), sorted(set(unusable)),
+            )  # fmt: skip
         return batch
+
+
+def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTransform, dtype: torch.dtype) -> str:
+    """
+    A hash of everything a cached clip depends on: the backbone's weights, which blocks and maps the decoder reads,
+    the evaluation transform (processor settings, frames, stride), the storage dtype, and the clips (paths, labels,
+    file sizes and modification times). A cache is reused only when all of it is unchanged.
+    """
+    evl = model.evl if hasattr(model, "evl") else model
+    digest = hashlib.sha256(b"evl-hf feature cache v2")
+    for name, tensor in sorted(evl.vision_model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    config = evl.config
+    settings = {
+        "decoder_num_layers": config.decoder_num_layers,
+        "cross_frame_maps": config.use_temporal_cross_attention,
+        "backbone_dtype": str(getattr(config, "backbone_dtype", None)),
+        "transform": {k: v for k, v in transform.kwargs.items() if k != "return_tensors"},
+        "processor": transform.processor.to_dict(),
+        "dtype": str(dtype),
+    }
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for example in dataset:
+        path = _video_path(example["video"])
+        stat = os.stat(path) if isinstance(path, str) and os.path.exists(path) else None
+        digest.update(json.dumps([str(path)[:4096], int(example["label"]), stat and (stat.st_size, stat.st_mtime_ns)]).encode())
+    return digest.hexdigest()[:20]
 
 
 def build_feature_cache(
@@ -219,64 +392,102 @@ def build_feature_cache(
 ) -> tuple[Dataset, int]:
     """
     Run the frozen backbone once per clip and store what the decoder reads (`EVLModel.extract_backbone_features`:
-    the last blocks' outputs and the cross-frame attention maps) in a `datasets` Arrow file under `cache_dir`,
-    in `dtype` (float16 halves the disk cost; float32 makes cached logits equal uncached ones to float precision).
-    Clips that cannot be decoded are skipped and counted. Returns the cached data set (torch format) and that count.
-    Only for training without augmentation: the cache freezes one view of every clip.
+    the last blocks' outputs and the cross-frame attention maps) as Arrow files under
+    `cache_dir/<fingerprint>/`, in `dtype` (float16 halves the disk cost; float32 makes cached logits equal uncached
+    ones to float precision). The backbone runs where the model is (put it on the accelerator first).
+
+    Under `accelerate launch` / torchrun every process caches its own contiguous share of the clips and writes one
+    shard; all processes then read all shards, in the data set's order. Batches are formed from fixed groups of
+    `batch_size` consecutive clips, so the cache is the same whatever the number of processes. A complete cache with
+    the same fingerprint (see `feature_cache_fingerprint`) is reused. Clips that cannot be decoded are left out.
+    Returns the cached data set (torch format) and the number of clips left out. Only for training without
+    augmentation: the cache freezes one view of every clip.
     """
-    from datasets import Array4D, Array5D
+    from accelerate import PartialState
+    from datasets import Array4D, Array5D, concatenate_datasets
+    from datasets.arrow_writer import ArrowWriter
     from tqdm.auto import tqdm
 
+    if len(transform.output_shape) != 4:
+        raise ValueError("The feature cache stores one view per clip: use 1 temporal and 1 spatial view.")
+    state = PartialState()
     evl = model.evl if hasattr(model, "evl") else model
     config = evl.config
     num_tokens = config.patch_grid[0] * config.patch_grid[1] + 1
-    arrow_dtype = {torch.float16: "float16", torch.float32: "float32", torch.bfloat16: "float32"}[dtype]
-    num_frames = transform.kwargs["num_frames"]
+    arrow_dtype = {torch.float16: "float16", torch.float32: "float32"}[dtype]
     feature_spec = {
         "frame_features": Array4D(
-            (config.decoder_num_layers, num_frames, num_tokens, config.vision_config.hidden_size), arrow_dtype
+            (config.decoder_num_layers, transform.num_frames, num_tokens, config.vision_config.hidden_size), arrow_dtype
         ),
         "labels": Value("int64"),
     }
     if config.use_temporal_cross_attention:
         feature_spec["cross_frame_maps"] = Array5D(
-            (config.decoder_num_layers, num_frames, 2, num_tokens - 1, num_tokens - 1), arrow_dtype
+            (config.decoder_num_layers, transform.num_frames, 2, num_tokens - 1, num_tokens - 1), arrow_dtype
         )
-    skipped = []
+    features = Features(feature_spec)
+    directory = Path(cache_dir) / feature_cache_fingerprint(model, dataset, transform, dtype)
+    manifest = directory / "cache.json"
 
-    def generate():
+    complete = manifest.exists()
+    if state.num_processes > 1:  # one decision for all processes, or they would run different collectives
+        from accelerate.utils import broadcast_object_list
+
+        complete = broadcast_object_list([complete])[0]
+    if not complete:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Whole groups of `batch_size` clips per process: the batches, and so the numbers, do not depend on the world.
+        groups = -(-len(dataset) // batch_size)
+        first_group = groups * state.process_index // state.num_processes
+        last_group = groups * (state.process_index + 1) // state.num_processes
+        indices = range(first_group * batch_size, min(last_group * batch_size, len(dataset)))
+        shard = directory / f"shard-{state.process_index:05d}-of-{state.num_processes:05d}.arrow"
+        unusable = []
+        device = next(evl.parameters()).device
+        was_training = evl.training
         evl.eval()
-        pending = []
+        partial = shard.with_suffix(".arrow.partial")
+        with ArrowWriter(features=features, path=str(partial)) as writer:
+            bar = tqdm(total=len(indices), desc="Caching backbone features", unit="clip",
+                       disable=not progress or not state.is_local_main_process)  # fmt: skip
+            for start in range(indices.start, indices.stop, batch_size):
+                pending = []
+                for index in range(start, min(start + batch_size, indices.stop)):
+                    example = dataset[index]
+                    try:
+                        pending.append((transform(_video_path(example["video"])), int(example["label"])))
+                    except EVLVideoDecodingError as error:
+                        logger.warning("Clip %d cannot be decoded, left out of the feature cache: %s", index, error)
+                        unusable.append(index)
+                bar.update(min(start + batch_size, indices.stop) - start)
+                if not pending:
+                    continue
+                with torch.no_grad():
+                    output = evl.extract_backbone_features(torch.stack([p for p, _ in pending]).to(device))
+                for row, (_, label) in enumerate(pending):
+                    item = {"frame_features": output.frame_features[row].to(dtype).cpu().float().numpy(), "labels": label}
+                    if output.cross_frame_maps is not None:
+                        item["cross_frame_maps"] = output.cross_frame_maps[row].to(dtype).cpu().float().numpy()
+                    writer.write(item)
+            bar.close()
+            writer.finalize()
+        evl.train(was_training)
+        os.replace(partial, shard)
+        shard.with_suffix(".json").write_text(json.dumps({"unusable_clip_indices": unusable}))
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shards = sorted(directory.glob(f"shard-*-of-{state.num_processes:05d}.arrow"))
+            unusable = sorted(i for s in shards for i in json.loads(s.with_suffix(".json").read_text())["unusable_clip_indices"])
+            manifest.write_text(json.dumps({"shards": [s.name for s in shards], "num_clips": len(dataset),
+                                            "unusable_clip_indices": unusable}, indent=1))  # fmt: skip
+        state.wait_for_everyone()
+    else:
+        logger.info("Reusing the backbone feature cache in %s", directory)
 
-        def flush():
-            with torch.no_grad():
-                features = evl.extract_backbone_features(torch.stack([p for p, _ in pending]))
-            for row, (_, label) in enumerate(pending):
-                item = {"frame_features": features.frame_features[row].to(dtype).float().numpy(), "labels": label}
-                if features.cross_frame_maps is not None:
-                    item["cross_frame_maps"] = features.cross_frame_maps[row].to(dtype).float().numpy()
-                yield item
-            pending.clear()
-
-        for example in tqdm(dataset, desc="Caching backbone features", unit="clip", disable=not progress):
-            try:
-                pixel_values = transform(_video_path(example["video"]))
-            except (EVLVideoDecodingError, ValueError) as error:
-                logger.warning("Skipping a clip that cannot be used: %s", error)
-                skipped.append(str(error))
-                continue
-            if pixel_values.ndim != 4:
-                raise ValueError("The feature cache stores one view per clip: use 1 temporal and 1 spatial view.")
-            pending.append((pixel_values, int(example["label"])))
-            if len(pending) == batch_size:
-                yield from flush()
-        if pending:
-            yield from flush()
-
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cached = Dataset.from_generator(generate, features=Features(feature_spec), cache_dir=str(cache_dir))
-    return cached.with_format("torch"), len(skipped)
+    info = json.loads(manifest.read_text())
+    shards = [Dataset.from_file(str(directory / name)) for name in info["shards"]]
+    cached = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
+    return cached.with_format("torch"), len(info["unusable_clip_indices"])
 
 
 def feature_cache_bytes_per_clip(config, num_frames: int, dtype: torch.dtype = torch.float16) -> int:
