@@ -64,9 +64,9 @@ def test_train_evaluate_with_three_crops_and_predict(data_dir, backbone_dir, tmp
                   "--num_spatial_views", "3", "--save_strategy", "no")
     )  # fmt: skip
     results = json.loads((output / "all_results.json").read_text())
-    # 2 unusable training clips, seen once per epoch; the validation file with a cut header is skipped too.
-    assert results["train_skipped_clips"] == 4
-    assert results["eval_skipped_clips"] == 1 and results["test_skipped_clips"] == 0
+    # 2 distinct unusable training clips (replaced in both epochs); the validation file with a cut header is masked.
+    assert results["train_unusable_clips"] == 2
+    assert results["eval_unusable_clips"] == 1 and results["test_unusable_clips"] == 0
     for key in ("eval_top1_accuracy", "eval_top5_accuracy", "test_top1_accuracy", "test_top5_accuracy", "train_loss"):
         assert key in results and 0 <= results[key] <= (1 if "accuracy" in key else 100)
     per_class = json.loads((output / "eval_per_class_accuracy.json").read_text())
@@ -75,8 +75,17 @@ def test_train_evaluate_with_three_crops_and_predict(data_dir, backbone_dir, tmp
     assert len(rows) == 11 and sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == 10
     assert trainer.model.evl.vision_model.training is False
     # The saved run is a complete checkpoint: model, config, video processor, card.
-    card = (output / "README.md").read_text()
-    assert "pipeline_tag: video-classification" in card and f"base_model: {backbone_dir}" in card
+    from huggingface_hub import ModelCard
+
+    metadata = ModelCard.load(output / "README.md").data.to_dict()
+    assert metadata["pipeline_tag"] == "video-classification"
+    # The backbone came from a local directory of unknown origin: no local path as the Hub's base_model.
+    assert "base_model" not in metadata
+    (entry,) = metadata["model-index"][0]["results"]
+    assert entry["task"]["type"] == "video-classification" and entry["dataset"]["type"] == "videofolder"
+    assert {m["name"]: m["value"] for m in entry["metrics"]} == {
+        "Top-1 accuracy": results["eval_top1_accuracy"], "Top-5 accuracy": results["eval_top5_accuracy"]
+    }
     result = pipeline("video-classification", model=str(output))(str(next((data_dir / "test").rglob("*.mp4"))))
     assert {r["label"] for r in result} <= set(MOTION_CLASSES)
 
@@ -107,7 +116,7 @@ def test_starting_from_an_evl_checkpoint_with_overrides(data_dir, backbone_dir, 
     args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(first)]
     trainer = script.main(args)
     assert isinstance(trainer.model, EVLForVideoClassification)
-    assert json.loads((tmp_path / "second" / "eval_results.json").read_text())["eval_skipped_clips"] == 1
+    assert json.loads((tmp_path / "second" / "eval_results.json").read_text())["eval_unusable_clips"] == 1
 
 
 def test_bf16_mixed_precision_training(data_dir, backbone_dir, tmp_path):
@@ -130,10 +139,11 @@ def test_config_overrides_are_typed():
 def test_feature_cache_training_matches_the_uncached_model(data_dir, backbone_dir, tmp_path):
     trainer = load_script().main(
         base_args(data_dir, backbone_dir, tmp_path / "cached", "--do_train", "--do_eval", "--max_steps", "3",
-                  "--cache_backbone_features", "true", "--feature_cache_dtype", "float32", "--save_strategy", "no")
+                  "--cache_backbone_features", "true", "--feature_cache_dtype", "float32", "--save_strategy", "no",
+                  "--feature_cache_dir", str(tmp_path / "feature-cache"))
     )  # fmt: skip
     cached = trainer.train_dataset
-    assert len(cached) == 20  # the two unusable clips are skipped at caching time
+    assert len(cached) == 20  # the two unusable clips are left out at caching time
     model = trainer.model.eval()
     first = cached[0]
     clip = sorted((data_dir / "train").rglob("*.mp4"))
@@ -194,37 +204,20 @@ def test_push_to_hub_through_trainer_writes_a_loadable_repository(data_dir, back
     monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
     load_script().main(
         base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "2",
-                  "--save_strategy", "no", "--push_to_hub", "--hub_model_id", "someone/evl-tiny-motion")
+                  "--save_strategy", "no", "--push_to_hub", "--hub_model_id", "someone/evl-tiny-motion",
+                  "--cache_backbone_features", "--feature_cache_dir", str(tmp_path / "feature-cache"))
     )  # fmt: skip
     repo = tmp_path / "hub" / "someone" / "evl-tiny-motion"
-    assert fake.commits and {"model.safetensors", "config.json", "README.md", "video_preprocessor_config.json"} <= set(fake.commits[-1][1])
+    pushed = {path for _, paths in fake.commits for path in paths}
+    assert {"model.safetensors", "config.json", "README.md", "video_preprocessor_config.json"} <= set(fake.commits[-1][1])
+    assert not any("cache" in path or path.endswith((".arrow", ".lock")) for path in pushed), pushed
+    assert any((tmp_path / "feature-cache").rglob("*.arrow"))
     card = (repo / "README.md").read_text()
-    assert "pipeline_tag: video-classification" in card and f"base_model: {backbone_dir}" in card
+    assert "pipeline_tag: video-classification" in card and "base_model" not in card
     assert fake.validated_cards and fake.validated_cards[-1] == card
     assert "videofolder" in card and "learning_rate: 0.001" in card and "Loss" in card
     result = pipeline("video-classification", model=str(repo))(str(next((data_dir / "test").rglob("*.mp4"))), top_k=2)
     assert len(result) == 2 and result[0]["label"] in MOTION_CLASSES
-
-
-def test_two_process_data_parallel_training_keeps_replicas_identical(data_dir, backbone_dir, tmp_path):
-    output = tmp_path / "ddp"
-    command = [
-        # `--cpu` selects accelerate's single-process launcher; `--multi_gpu` launches the processes through torchrun,
-        # and with `--use_cpu` they train data-parallel on the CPU (gloo), as on a machine without GPUs.
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-        str(ROOT / "tests" / "scripts" / "ddp_train_and_hash.py"),
-        *base_args(data_dir, backbone_dir, output, "--do_train", "--max_steps", "3", "--save_strategy", "no",
-                   "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true"),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    digests = [(output / f"weights_rank{rank}_of_2.sha256").read_text() for rank in (0, 1)]
-    assert digests[0] == digests[1]
-    initial = EVLForVideoClassification.from_backbone_pretrained(backbone_dir, num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=10)
-    trained = load_file(output / "model.safetensors")
-    assert not torch.equal(trained["classifier.weight"], initial.state_dict()["classifier.weight"])
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_result(data_dir, backbone_dir, tmp_path):
@@ -259,3 +252,167 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_result(data_dir, backbone
     reference, resumed = load_file(uninterrupted / "model.safetensors"), load_file(killed / "model.safetensors")
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
+
+
+def test_persistent_workers_see_every_epoch(data_dir, backbone_dir, tmp_path, monkeypatch):
+    """Two persistent dataloader workers, two epochs: each clip's augmentation is the one of its epoch (a callback
+    updating the main process's transform never reaches persistent workers), and the epochs differ."""
+    from evl_hf.training import EVLTrainer
+
+    seen = []
+    compute_loss = EVLTrainer.compute_loss
+
+    def recording_compute_loss(self, model, inputs, *args, **kwargs):
+        seen.append((self.state.global_step, inputs["clip_indices"].tolist(), inputs["pixel_values"].detach().clone()))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(EVLTrainer, "compute_loss", recording_compute_loss)
+    args = base_args(data_dir, backbone_dir, tmp_path / "workers", "--do_train", "--num_train_epochs", "2",
+                     "--save_strategy", "no", "--learning_rate", "0")  # fmt: skip
+    args[args.index("--dataloader_num_workers") + 1] = "2"
+    trainer = load_script().main([*args, "--dataloader_persistent_workers", "true"])
+    clips = trainer.train_dataset
+    steps_per_epoch = -(-len(clips) // 4)
+    by_epoch = {0: {}, 1: {}}
+    for step, indices, pixel_values in seen:
+        for index, clip in zip(indices, pixel_values):
+            by_epoch[step // steps_per_epoch][index] = clip
+    assert sorted(by_epoch[0]) == sorted(by_epoch[1]) == list(range(len(clips)))
+    for epoch in (0, 1):
+        for index in (0, 5, 17):
+            torch.testing.assert_close(by_epoch[epoch][index], clips[epoch * len(clips) + index]["pixel_values"], atol=0, rtol=0)
+    assert all(not torch.equal(by_epoch[0][i], by_epoch[1][i]) for i in range(len(clips)))
+
+
+def test_configuration_errors_stop_the_run_instead_of_skipping_clips(data_dir, backbone_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="num_spatial_views must be 1 or 3"):
+        load_script().main(base_args(data_dir, backbone_dir, tmp_path / "views", "--do_eval", "--num_spatial_views", "2"))
+    # An error that is not a decoding failure of a file (here: a bug in frame sampling) stops training.
+    import evl_hf.data.video_dataset as video_dataset
+
+    def broken_sampling(*args, **kwargs):
+        raise ValueError("a bug, not a bad file")
+
+    monkeypatch.setattr(video_dataset, "sample_frame_indices", broken_sampling)
+    with pytest.raises(ValueError, match="a bug, not a bad file"):
+        load_script().main(base_args(data_dir, backbone_dir, tmp_path / "bug", "--do_train", "--max_steps", "1"))
+
+
+def test_a_data_set_of_broken_files_stops_with_a_clear_error(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    from evl_hf import EVLVideoProcessor
+    from evl_hf.data.video_dataset import TrainingClips, VideoTrainTransform
+
+    for number in range(3):
+        (tmp_path / f"broken_{number}.mp4").write_bytes(b"not a video" * (number + 1))
+    rows = Dataset.from_dict(
+        {"video": [str(tmp_path / f"broken_{n}.mp4") for n in range(3)], "label": [0, 0, 0]},
+        features=Features({"video": Value("string"), "label": ClassLabel(names=["a"])}),
+    )
+    processor = EVLVideoProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    clips = TrainingClips(rows, VideoTrainTransform(processor, 4, 2, rand_augment=False), max_replacements=4)
+    with pytest.raises(RuntimeError, match="5 clips in a row could not be decoded; the data set looks broken"):
+        clips[0]
+
+
+def saved_checkpoint(data_dir, backbone_dir, tmp_path, name="checkpoint"):
+    output = tmp_path / name
+    load_script().main(base_args(data_dir, backbone_dir, output, "--do_train", "--max_steps", "1", "--save_strategy", "no"))
+    return output
+
+
+def test_a_loaded_checkpoint_keeps_its_processor_settings_unless_a_flag_says_otherwise(data_dir, backbone_dir, tmp_path):
+    checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
+    settings = json.loads((checkpoint / "video_preprocessor_config.json").read_text())
+    settings.update(sampling_rate=3, num_temporal_views=2, num_spatial_views=3, decoding_backend="pyav")
+    (checkpoint / "video_preprocessor_config.json").write_text(json.dumps(settings))
+
+    def evaluate(output, *flags):
+        args = base_args(data_dir, backbone_dir, output, "--do_train", "--max_steps", "1", "--do_eval", *flags)
+        args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(checkpoint)]
+        args[args.index("--sampling_rate") : args.index("--sampling_rate") + 2] = []  # no flag: the checkpoint's
+        return load_script().main(args).processing_class
+
+    processor = evaluate(tmp_path / "defaults")
+    assert (processor.sampling_rate, processor.num_temporal_views, processor.num_spatial_views) == (3, 2, 3)
+    assert processor.decoding_backend == "pyav"
+    saved = json.loads((tmp_path / "defaults" / "video_preprocessor_config.json").read_text())
+    assert (saved["sampling_rate"], saved["num_temporal_views"], saved["num_spatial_views"]) == (3, 2, 3)
+    processor = evaluate(tmp_path / "flags", "--sampling_rate", "1", "--num_temporal_views", "1")
+    assert (processor.sampling_rate, processor.num_temporal_views, processor.num_spatial_views) == (1, 1, 3)
+
+
+def test_labels_map_to_the_checkpoint_by_name(data_dir, backbone_dir, tmp_path):
+    checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
+    config = json.loads((checkpoint / "config.json").read_text())
+    # The checkpoint's classes in reverse alphabetical order: the data set's folders must map to them by name.
+    names = sorted(MOTION_CLASSES, reverse=True)
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+
+    def args_for(output, *flags, data=data_dir):
+        args = base_args(data, backbone_dir, output, "--do_eval", *flags)
+        args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(checkpoint)]
+        return args
+
+    trainer = load_script().main(args_for(tmp_path / "mapped"))
+    assert trainer.model.config.id2label == dict(enumerate(names))
+    clips = trainer.eval_dataset.dataset
+    for row in clips:
+        assert names[row["label"]] == Path(row["video"]["path"]).parent.name
+
+    other = tmp_path / "other-classes"
+    for split in ("train", "validation", "test"):
+        shutil.copytree(data_dir / split, other / split)
+        (other / split / "growing").rename(other / split / "expanding")
+    with pytest.raises(ValueError, match=r"classes the checkpoint does not know: \['expanding'\].*--ignore_mismatched_sizes"):
+        load_script().main(args_for(tmp_path / "refused", data=other))
+    trainer = load_script().main(args_for(tmp_path / "new-head", "--ignore_mismatched_sizes", data=other))
+    assert "expanding" in trainer.model.config.label2id
+    old_head = load_file(checkpoint / "model.safetensors")["classifier.weight"]
+    assert not torch.equal(trainer.model.classifier.weight.detach(), old_head)
+
+
+def test_rerunning_into_a_checkpointed_output_dir_warns_about_changed_arguments(data_dir, backbone_dir, tmp_path, caplog):
+    import logging
+
+    output = tmp_path / "run"
+    steps = ("--do_train", "--save_steps", "1", "--rand_augment", "false")
+    load_script().main(base_args(data_dir, backbone_dir, output, *steps, "--max_steps", "1"))
+    assert (output / "checkpoint-1" / "evl_run_arguments.json").exists()
+    with caplog.at_level(logging.WARNING, logger="evl_hf.run_video_classification"):
+        load_script().main(base_args(data_dir, backbone_dir, output, *steps, "--max_steps", "2", "--learning_rate", "2e-3"))
+    warning = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Resuming training from" in warning and "with different arguments" in warning
+    assert "learning_rate: 0.001 -> 0.002" in warning and "max_steps: 1 -> 2" in warning
+    assert "seed" not in warning.split("arguments")[-1].replace("data_seed", "")  # unchanged ones are not listed
+
+
+def test_data_directories_that_are_not_videofolders_say_what_is_wrong(data_dir, backbone_dir, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((data_dir / "train").rglob("*.mp4")), flat / "clip.mp4")
+    for folder, message in ((tmp_path / "missing", "the directory does not exist"), (flat, "one sub-folder per label"),
+                            (flat / "clip.mp4", "is not a directory")):  # fmt: skip
+        args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train")
+        args[args.index("--train_dir") + 1] = str(folder)
+        with pytest.raises(ValueError, match=message):
+            load_script().main(args)
+
+
+def test_hub_repo_id_of_a_backbone():
+    from evl_hf.training import hub_repo_id
+
+    assert hub_repo_id("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
+    assert hub_repo_id(str(ROOT)) is None  # a local directory of unknown origin
+    assert hub_repo_id(None) is None and hub_repo_id("not a repo id!") is None
+
+
+def test_hub_repo_id_of_a_cached_snapshot(tmp_path):
+    from evl_hf.training import hub_repo_id
+
+    snapshot = tmp_path / "hub" / "models--openai--clip-vit-base-patch16" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    assert hub_repo_id(str(snapshot)) == "openai/clip-vit-base-patch16"

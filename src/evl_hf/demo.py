@@ -1,45 +1,66 @@
 """
 The offline EVL demo: a few minutes on 2 CPU cores, no network.
 
-1. Generates the synthetic motion data set (classes only temporal order can tell apart; `evl_hf.data.synthetic`).
-2. Saves a small random CLIP vision tower and builds EVL around it with `from_backbone_pretrained`, the path a user
+1. Generates the synthetic motion data set (classes only temporal order can tell apart; `evl_hf.data.synthetic`),
+   the same bytes for the same seed.
+2. Saves a small random CLIP vision tower: the backbone is loaded with `from_backbone_pretrained`, the path a user
    takes with `openai/clip-vit-base-patch16`.
-3. Trains full EVL and EVL with its three temporal modules switched off (the paper's temporal ablation) with
-   `EVLTrainer`, from a frozen-backbone feature cache (the backbone runs once per clip).
-4. Evaluates both, saves the full model, and classifies a held-out clip with `pipeline("video-classification")`.
+3. Trains and evaluates full EVL and EVL with its three temporal modules switched off (the paper's temporal
+   ablation) with `evl_hf.run_video_classification`, the code behind `examples/run_video_classification.py`, from a
+   frozen-backbone feature cache (the backbone runs once per training clip).
+4. Classifies a held-out clip with `pipeline("video-classification")` from the saved full model.
 
     python -m evl_hf.demo --output_dir demo_output
 """
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, TrainingArguments, pipeline, set_seed
-from transformers.utils import logging as hf_logging
+from transformers import CLIPVisionConfig, CLIPVisionModel, pipeline, set_seed
 
 from .data.synthetic import MOTION_CLASSES, generate_motion_dataset
-from .data.video_dataset import SkippingVideoCollator, VideoEvalTransform, build_feature_cache, load_video_dataset
-from .modeling_evl import EVLForVideoClassification
-from .training import EVLTrainer, make_compute_metrics
-from .video_processing_evl import EVLVideoProcessor
+from .run_video_classification import main as run_video_classification
 
 
 NUM_FRAMES, SAMPLING_RATE, IMAGE_SIZE = 8, 2, 32
+DECODER = "decoder_num_layers=2,decoder_qkv_dim=64,decoder_num_heads=4,decoder_mlp_dropout=0.0,classifier_dropout=0.0"
+VARIANTS = {
+    "full EVL": ("evl-full", ""),
+    "temporal modules off": (
+        "evl-no-temporal", ",use_temporal_conv=false,use_temporal_pos_embed=false,use_temporal_cross_attention=false"
+    ),
+}
 
 
-def pair_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """Top-1, accuracy at telling the time-reversed pair (classes 2k, 2k+1), and direction accuracy within it."""
-    predicted = logits.argmax(-1)
-    right_pair = predicted // 2 == labels // 2
+def pair_metrics(confusion: np.ndarray) -> dict:
+    """
+    From a confusion matrix (rows: true class) in `MOTION_CLASSES` order, where classes 2k and 2k+1 are a
+    time-reversed pair: top-1, accuracy at telling the pair, and direction accuracy among clips whose pair was right.
+    """
+    total = confusion.sum()
+    pairs = np.arange(len(confusion)) // 2
+    right_pair = confusion[pairs[:, None] == pairs[None, :]].sum()
+    right = np.trace(confusion)
     return {
-        "top1": float((predicted == labels).mean()),
-        "pair": float(right_pair.mean()),
-        "direction_given_pair": float((predicted == labels)[right_pair].mean()) if right_pair.any() else 0.0,
+        "top1": float(right / total),
+        "pair": float(right_pair / total),
+        "direction_given_pair": float(right / right_pair) if right_pair else 0.0,
     }
+
+
+def read_confusion_matrix(path: Path) -> np.ndarray:
+    """`eval_confusion_matrix.csv` as written by the training script, reordered to `MOTION_CLASSES`."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    names = rows[0][1:]
+    matrix = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
+    order = [names.index(name) for name in MOTION_CLASSES]
+    return matrix[np.ix_(order, order)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,12 +70,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=float, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     output = Path(args.output_dir)
     started = time.perf_counter()
@@ -63,11 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not (data_dir / "labels.json").exists():
         print(f"Generating the synthetic motion data set in {data_dir} ...", flush=True)
         generate_motion_dataset(data_dir, args.train_per_class, 20, 5, num_frames=16, size=48, seed=args.seed)
-    dataset = load_video_dataset(data_dir / "train", data_dir / "validation", data_dir / "test")
-    labels = dataset["train"].features["label"].names
-    assert sorted(labels) == sorted(MOTION_CLASSES)
-    # Order the classes so that time-reversed pairs are (2k, 2k + 1).
-    order = [labels.index(name) for name in MOTION_CLASSES]
 
     set_seed(args.seed)
     backbone_dir = output / "clip-vit-tiny-random"
@@ -77,62 +87,31 @@ def main(argv: list[str] | None = None) -> dict:
             image_size=IMAGE_SIZE, hidden_act="quick_gelu",
         )  # fmt: skip
     ).save_pretrained(backbone_dir)
-    processor = EVLVideoProcessor(
-        num_frames=NUM_FRAMES, sampling_rate=SAMPLING_RATE, size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-    )  # fmt: skip
-    id2label = dict(enumerate(labels))
-    label2id = {name: index for index, name in id2label.items()}
-    common = dict(
-        num_frames=NUM_FRAMES, decoder_num_layers=2, decoder_qkv_dim=64, decoder_num_heads=4,
-        decoder_mlp_dropout=0.0, classifier_dropout=0.0, id2label=id2label, label2id=label2id,
-    )  # fmt: skip
-    variants = {
-        "full EVL": {},
-        "temporal modules off": dict(use_temporal_conv=False, use_temporal_pos_embed=False, use_temporal_cross_attention=False),
-    }  # fmt: skip
 
-    transform = VideoEvalTransform(processor, NUM_FRAMES, SAMPLING_RATE)
-    caches = {}
     results = {}
-    for name, switches in variants.items():
-        set_seed(args.seed)
-        model = EVLForVideoClassification.from_backbone_pretrained(backbone_dir, **common, **switches)
-        if not caches:
-            # The backbone is shared and frozen: cache its features once, with the full model (it needs the most).
-            cache_started = time.perf_counter()
-            for split in ("train", "validation"):
-                caches[split], _ = build_feature_cache(
-                    model, dataset[split], transform, output / "feature_cache" / split, progress=False
-                )
-            results["cache seconds"] = time.perf_counter() - cache_started
-        train_data, eval_data = caches["train"], caches["validation"]
-        if not model.config.use_temporal_cross_attention:
-            train_data, eval_data = (d.remove_columns("cross_frame_maps") for d in (train_data, eval_data))
-        run_dir = output / ("evl-full" if not switches else "evl-no-temporal")
-        training_args = TrainingArguments(
-            output_dir=str(run_dir), per_device_train_batch_size=16, per_device_eval_batch_size=32,
-            learning_rate=2e-3, weight_decay=0.05, lr_scheduler_type="cosine", warmup_steps=0.1,
-            num_train_epochs=args.epochs, logging_strategy="no", save_strategy="no", report_to=[],
-            remove_unused_columns=False, seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,
-        )  # fmt: skip
-        trainer = EVLTrainer(
-            model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-            data_collator=SkippingVideoCollator(), compute_metrics=make_compute_metrics(),
-        )  # fmt: skip
-        print(f"Training {name} ...", flush=True)
+    for name, (folder, switches) in VARIANTS.items():
+        print(f"\n=== Training {name} with examples/run_video_classification.py's code ===", flush=True)
+        run_dir = output / folder
         train_started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - train_started
-        prediction = trainer.predict(eval_data, metric_key_prefix="eval")
-        remap = np.array([order.index(i) for i in range(len(labels))])
-        metrics = pair_metrics(prediction.predictions[:, order], remap[prediction.label_ids])
-        metrics["top5"] = prediction.metrics["eval_top5_accuracy"]
-        metrics["train_seconds"] = train_seconds
+        run_video_classification([
+            "--backbone", str(backbone_dir), "--train_dir", str(data_dir / "train"),
+            "--validation_dir", str(data_dir / "validation"), "--output_dir", str(run_dir),
+            "--do_train", "--do_eval", "--num_frames", str(NUM_FRAMES), "--sampling_rate", str(SAMPLING_RATE),
+            "--config_overrides", DECODER + switches, "--cache_backbone_features",
+            "--feature_cache_dir", str(output / "feature_cache"),
+            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--learning_rate", "2e-3",
+            "--weight_decay", "0.05", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1",
+            "--num_train_epochs", str(args.epochs), "--logging_strategy", "epoch", "--save_strategy", "no",
+            "--report_to", "none", "--seed", str(args.seed), "--dataloader_num_workers", "0",
+            "--log_level", "warning",
+        ])  # fmt: skip
+        seconds = time.perf_counter() - train_started
+        evaluation = json.loads((run_dir / "all_results.json").read_text())
+        metrics = pair_metrics(read_confusion_matrix(run_dir / "eval_confusion_matrix.csv"))
+        metrics["top5"] = evaluation["eval_top5_accuracy"]
+        metrics["train_seconds"] = evaluation["train_runtime"]
+        metrics["run_seconds"] = seconds
         results[name] = metrics
-        if not switches:
-            trainer.save_model(str(run_dir))
-            processor.save_pretrained(run_dir)
 
     classifier = pipeline("video-classification", model=str(output / "evl-full"))
     test_clip = sorted((data_dir / "test").rglob("*.mp4"))[0]
@@ -141,14 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
     results["total seconds"] = time.perf_counter() - started
     (output / "demo_results.json").write_text(json.dumps(results, indent=2))
 
+    num_validation = sum(1 for _ in (data_dir / "validation").rglob("*.mp4"))
     print()
-    print(f"Validation ({len(caches['validation'])} clips, {len(labels)} classes in 5 time-reversed pairs; chance 0.10):")
+    print(f"Validation ({num_validation} clips, {len(MOTION_CLASSES)} classes in 5 time-reversed pairs; chance 0.10):")
     print(f"{'variant':<22} {'top-1':>6} {'top-5':>6} {'pair':>6} {'direction|pair':>15} {'train time':>11}")
-    for name in variants:
+    for name in VARIANTS:
         m = results[name]
         print(f"{name:<22} {m['top1']:>6.3f} {m['top5']:>6.3f} {m['pair']:>6.3f} {m['direction_given_pair']:>15.3f} {m['train_seconds']:>10.1f}s")
     print("(direction|pair: right direction among clips whose time-reversed pair was right; chance 0.5)")
-    print(f"Backbone feature cache: {results['cache seconds']:.1f}s for {len(caches['train']) + len(caches['validation'])} clips")
     print(f"pipeline('video-classification') on held-out {test_clip.name} (true: {test_clip.parent.name}):")
     for item in prediction:
         print(f"    {item['label']:<24} {item['score']:.3f}")

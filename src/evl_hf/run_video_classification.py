@@ -1,0 +1,406 @@
+# Copyright 2026 The evl-hf authors. Licensed under the Apache License, Version 2.0.
+"""
+Train, evaluate and predict with EVL on video folders, list files or a `datasets` data set, with `EVLTrainer`.
+`examples/run_video_classification.py` and the demo (`python -m evl_hf.demo`) both run this module's `main`.
+
+Start from pretrained CLIP (the frozen backbone) or from an EVL checkpoint:
+
+    python examples/run_video_classification.py --backbone openai/clip-vit-base-patch16 \
+        --train_dir data/train --validation_dir data/val --output_dir evl-out \
+        --do_train --do_eval --num_frames 8 --sampling_rate 16 --learning_rate 4e-4 --weight_decay 0.05 \
+        --lr_scheduler_type cosine --per_device_train_batch_size 32 --num_train_epochs 30 --bf16
+
+Works unchanged under `accelerate launch` / torchrun (data parallel, mixed precision, gradient accumulation).
+
+With `--model_name_or_path`, the checkpoint's own video processor gives the defaults (frames, stride, evaluation
+views, sizes); a flag given on the command line overrides it. The data set's labels are mapped to the checkpoint's
+by name.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoVideoProcessor, HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .configuration_evl import EVLConfig
+from .data.video_dataset import (
+    EvaluationClips,
+    TrainingClips,
+    VideoClipCollator,
+    VideoEvalTransform,
+    VideoTrainTransform,
+    build_feature_cache,
+    load_video_dataset,
+)
+from .modeling_evl import EVLForVideoClassification
+from .training import EVLTrainer, make_compute_metrics, write_per_class_report
+from .video_processing_evl import EVLVideoProcessor
+
+
+logger = logging.getLogger(__name__)
+
+RUN_ARGUMENTS_FILE = "evl_run_arguments.json"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "An EVL checkpoint (dir or Hub id)."})
+    backbone: str | None = field(
+        default=None, metadata={"help": "A CLIP model (e.g. openai/clip-vit-base-patch16 or a dir) to start a new EVL."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "EVLConfig fields to override, e.g. 'use_temporal_conv=false,decoder_num_layers=2'."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Start a new classification head when the checkpoint's labels are not the data set's."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models/data sets are cached."})
+
+
+@dataclass
+class DataTrainingArguments:
+    train_dir: str | None = field(default=None, metadata={"help": "videofolder layout: train/<label>/<clip>."})
+    validation_dir: str | None = field(default=None)
+    test_dir: str | None = field(default=None)
+    train_list: str | None = field(default=None, metadata={"help": "The authors' '<path> <label>' list format."})
+    validation_list: str | None = field(default=None)
+    test_list: str | None = field(default=None)
+    class_names_file: str | None = field(default=None, metadata={"help": "JSON list of class names for list files."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` data set with video and label."})
+    dataset_config_name: str | None = field(default=None)
+    video_column: str = field(default="video")
+    label_column: str = field(default="label")
+    # Processor settings: None means "the checkpoint's" (or EVLVideoProcessor's default for a new model).
+    num_frames: int | None = field(default=None, metadata={"help": "Frames per clip (default: the model's)."})
+    sampling_rate: int | None = field(
+        default=None, metadata={"help": "Stride between sampled frames (default: the checkpoint's, else 16)."}
+    )
+    num_spatial_views: int | None = field(
+        default=None, metadata={"help": "Evaluation crops per window: 1 or 3 (default: the checkpoint's, else 1)."}
+    )
+    num_temporal_views: int | None = field(
+        default=None, metadata={"help": "Evaluation windows per clip (default: the checkpoint's, else 1)."}
+    )
+    decoding_backend: str | None = field(
+        default=None,
+        metadata={"help": "auto (torchcodec when it loads, else PyAV), torchcodec or pyav (default: the checkpoint's, "
+                  "else auto).", "choices": ["auto", "torchcodec", "pyav"]},
+    )  # fmt: skip
+    rand_augment: bool = field(default=True, metadata={"help": "RandAugment (same ops for every frame) in training."})
+    cache_backbone_features: bool = field(
+        default=False,
+        metadata={"help": "Run the frozen backbone once per training clip and train the decoder from the cache "
+                  "(no augmentation; see README)."},
+    )  # fmt: skip
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where feature caches live (one sub-folder per fingerprint); default: the datasets cache. "
+                  "Never inside --output_dir, which is saved and pushed."},
+    )  # fmt: skip
+    feature_cache_dtype: str = field(default="float16", metadata={"help": "float16 or float32."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    max_predict_samples: int | None = field(default=None)
+
+
+def parse_overrides(text: str | None) -> dict:
+    """'a=1,b=false,c=0.5' -> {'a': 1, 'b': False, 'c': 0.5}."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        if not _:
+            raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
+        lowered = value.strip().lower()
+        if lowered in ("true", "false"):
+            parsed = lowered == "true"
+        else:
+            try:
+                parsed = int(value)
+            except ValueError:
+                try:
+                    parsed = float(value)
+                except ValueError:
+                    parsed = value.strip()
+        overrides[key.strip()] = parsed
+    return overrides
+
+
+def checkpoint_labels(config: EVLConfig, data_labels: list[str], ignore_mismatched_sizes: bool) -> dict | None:
+    """
+    The id2label to train/evaluate with when starting from an EVL checkpoint: the checkpoint's own when every class
+    of the data set is one of its classes (the data set is then mapped to it by name), None (a new head for the data
+    set's labels) for a checkpoint without a head or with `--ignore_mismatched_sizes`; otherwise a `ValueError`.
+    """
+    if "EVLForVideoClassification" not in (config.architectures or []):
+        return None  # an EVLModel checkpoint: the head is new
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    missing = sorted(set(data_labels) - set(names))
+    if not missing:
+        return dict(enumerate(names))
+    if ignore_mismatched_sizes:
+        logger.warning("The data set's classes are not the checkpoint's: training a new head for %d classes.", len(data_labels))
+        return None
+    raise ValueError(
+        f"The data set has classes the checkpoint does not know: {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+        f"(the checkpoint has {len(names)} classes, e.g. {names[:5]}). Give --ignore_mismatched_sizes to train a new "
+        "classification head for the data set's classes."
+    )
+
+
+def build_model(model_args, data_args, labels: list[str]):
+    """The model and its processor: the checkpoint's (flags given on the command line override the processor's
+    settings) or a new EVL around `--backbone`."""
+    overrides = parse_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        config = EVLConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+        kept = checkpoint_labels(config, labels, model_args.ignore_mismatched_sizes)
+        new_head = kept is None and "EVLForVideoClassification" in (config.architectures or [])
+        id2label = kept or dict(enumerate(labels))
+        label2id = {label: index for index, label in id2label.items()}
+        config = EVLConfig.from_dict({**config.to_dict(), **overrides, "id2label": id2label, "label2id": label2id})
+        model = EVLForVideoClassification.from_pretrained(
+            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        )  # fmt: skip
+        if new_head:  # other classes: a head of the same size must not keep the old classes' weights either
+            with torch.no_grad():
+                torch.nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
+                torch.nn.init.zeros_(model.classifier.bias)
+        try:
+            processor = AutoVideoProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+        except OSError:
+            processor = None
+    elif model_args.backbone:
+        if data_args.num_frames is not None:
+            overrides.setdefault("num_frames", data_args.num_frames)
+        id2label = dict(enumerate(labels))
+        label2id = {label: index for index, label in id2label.items()}
+        model = EVLForVideoClassification.from_backbone_pretrained(
+            model_args.backbone, id2label=id2label, label2id=label2id, cache_dir=model_args.cache_dir, **overrides
+        )
+        processor = None
+    else:
+        raise ValueError("Give --model_name_or_path (an EVL checkpoint) or --backbone (a CLIP model).")
+    if processor is None:
+        image_size = model.config.vision_config.image_size
+        processor = EVLVideoProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            num_frames=model.config.num_frames,
+        )  # fmt: skip
+    for name in ("num_frames", "sampling_rate", "num_spatial_views", "num_temporal_views", "decoding_backend"):
+        value = getattr(data_args, name)
+        if value is not None:
+            setattr(processor, name, value)
+    if processor.num_spatial_views not in (1, 3):
+        raise ValueError(f"--num_spatial_views must be 1 or 3, got {processor.num_spatial_views}.")
+    return model, processor
+
+
+class SaveRunArgumentsCallback(TrainerCallback):
+    """Write every argument of the run into each checkpoint, so that a resumed run can say what it changed."""
+
+    def __init__(self, arguments: dict):
+        self.arguments = arguments
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / RUN_ARGUMENTS_FILE).write_text(json.dumps(self.arguments, indent=1, default=str))
+
+
+# Arguments that may differ between a run and its resumption without changing what is trained.
+_RESUME_NEUTRAL = {
+    "output_dir", "logging_dir", "run_name", "resume_from_checkpoint", "overwrite_output_dir", "do_train", "do_eval",
+    "do_predict", "push_to_hub", "hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "report_to",
+    "disable_tqdm", "dataloader_num_workers", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "cache_dir", "feature_cache_dir", "local_rank", "max_eval_samples", "max_predict_samples", "validation_dir",
+    "validation_list", "test_dir", "test_list", "per_device_eval_batch_size", "logging_steps", "save_total_limit",
+}  # fmt: skip
+
+
+def run_arguments(model_args, data_args, training_args) -> dict:
+    from dataclasses import asdict
+
+    return {**asdict(model_args), **asdict(data_args), **training_args.to_dict()}
+
+
+def warn_about_changed_arguments(checkpoint: str, current: dict) -> list[str]:
+    """Compare the arguments saved in `checkpoint` with this run's; log a warning listing what differs."""
+    saved_path = Path(checkpoint) / RUN_ARGUMENTS_FILE
+    if not saved_path.exists():
+        logger.warning("Resuming from %s, which does not record its run's arguments: they cannot be compared.", checkpoint)
+        return []
+    saved = json.loads(saved_path.read_text())
+    current = json.loads(json.dumps(current, default=str))
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if key not in _RESUME_NEUTRAL and saved.get(key) != current.get(key)
+    ]
+    if changed:
+        logger.warning(
+            "Resuming from %s with different arguments than the run that saved it (use a new --output_dir to start "
+            "afresh):\n  %s", checkpoint, "\n  ".join(changed),
+        )  # fmt: skip
+    return changed
+
+
+def parse_arguments(argv: list[str]):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def feature_cache_root(data_args, training_args) -> Path:
+    """Where feature caches live: never inside the output directory, which is saved and pushed to the Hub."""
+    if data_args.feature_cache_dir:
+        root = Path(data_args.feature_cache_dir).resolve()
+    else:
+        import datasets
+
+        root = Path(datasets.config.HF_DATASETS_CACHE).resolve() / "evl_hf_feature_cache"
+    output = Path(training_args.output_dir).resolve()
+    if root == output or output in root.parents:
+        raise ValueError(
+            f"--feature_cache_dir {root} is inside --output_dir {output}, which is saved and pushed to the Hub: "
+            "put the cache elsewhere."
+        )
+    return root
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--demo" in argv:
+        from .demo import main as demo_main
+
+        return demo_main([a for a in argv if a != "--demo"])
+
+    model_args, data_args, training_args = parse_arguments(argv)
+    # Clips are decoded in the transforms, so the raw columns must reach them.
+    training_args.remove_unused_columns = False
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    logger.setLevel(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    class_names = None
+    if data_args.class_names_file:
+        with open(data_args.class_names_file) as handle:
+            class_names = json.load(handle)
+    dataset = load_video_dataset(
+        data_args.train_dir, data_args.validation_dir, data_args.test_dir, data_args.train_list,
+        data_args.validation_list, data_args.test_list, data_args.dataset_name, data_args.dataset_config_name,
+        data_args.video_column, data_args.label_column, class_names, model_args.cache_dir,
+    )  # fmt: skip
+    labels = next(iter(dataset.values())).features["label"].names
+    model, processor = build_model(model_args, data_args, labels)
+    if list(model.config.id2label.values()) != list(labels):
+        # Map the data set's labels to the model's by name (`datasets` renumbers the label column).
+        dataset = dataset.align_labels_with_mapping(model.config.label2id, "label")
+
+    def limit(split, maximum):
+        data = dataset[split]
+        return data.select(range(min(maximum, len(data)))) if maximum is not None else data
+
+    train_split = eval_dataset = predict_dataset = None
+    train_dataset = None
+    if training_args.do_train:
+        if "train" not in dataset:
+            raise ValueError("--do_train needs a train split.")
+        train_split = limit("train", data_args.max_train_samples)
+        if not data_args.cache_backbone_features:
+            train_transform = VideoTrainTransform(
+                processor, processor.num_frames, processor.sampling_rate, data_args.rand_augment
+            )
+            seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+            train_dataset = TrainingClips(train_split, train_transform, seed=seed)
+    eval_transform = VideoEvalTransform(processor)
+    if training_args.do_eval:
+        if "validation" not in dataset:
+            raise ValueError("--do_eval needs a validation split.")
+        eval_dataset = EvaluationClips(limit("validation", data_args.max_eval_samples), eval_transform)
+    if training_args.do_predict:
+        if "test" not in dataset:
+            raise ValueError("--do_predict needs a test split.")
+        predict_dataset = EvaluationClips(limit("test", data_args.max_predict_samples), eval_transform)
+
+    arguments = run_arguments(model_args, data_args, training_args)
+    trainer = EVLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=VideoClipCollator(),
+        compute_metrics=make_compute_metrics(top_k=5),
+        processing_class=processor,
+        callbacks=[SaveRunArgumentsCallback(arguments)],
+    )
+
+    if training_args.do_train and data_args.cache_backbone_features:
+        # After the Trainer has put the model on its device: the backbone runs on the accelerator, each process
+        # caching its share of the clips.
+        if data_args.rand_augment:
+            logger.info("Training from the feature cache: one fixed view per clip, no augmentation.")
+        dtype = {"float16": torch.float16, "float32": torch.float32}[data_args.feature_cache_dtype]
+        trainer.train_dataset, unusable = build_feature_cache(
+            trainer.model, train_split, VideoEvalTransform(processor, temporal_views=1, spatial_views=1),
+            feature_cache_root(data_args, training_args), dtype=dtype,
+            batch_size=training_args.per_device_eval_batch_size, progress=not training_args.disable_tqdm,
+        )  # fmt: skip
+        logger.info("Feature cache: %d clips cached, %d could not be decoded", len(trainer.train_dataset), unusable)
+
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint
+        if checkpoint is None and os.path.isdir(training_args.output_dir):
+            checkpoint = get_last_checkpoint(training_args.output_dir)
+            if checkpoint is not None:
+                logger.warning("Resuming training from %s (found in --output_dir)", checkpoint)
+        if checkpoint is not None:
+            warn_about_changed_arguments(checkpoint, arguments)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        if data_args.cache_backbone_features:
+            result.metrics["train_unusable_clips"] = unusable
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+
+    for prefix, data in (("eval", eval_dataset), ("test", predict_dataset)):
+        if data is None:
+            continue
+        output = trainer.predict(data, metric_key_prefix=prefix)
+        trainer.log_metrics(prefix, output.metrics)
+        trainer.save_metrics(prefix, output.metrics)
+        if prefix == "eval":
+            trainer.log(output.metrics)  # into the log history, where the model card reads evaluation results
+        if trainer.is_world_process_zero() and output.label_ids is not None and len(output.label_ids):
+            write_per_class_report(output.predictions, output.label_ids, model.config.id2label, training_args.output_dir, prefix)
+
+    dataset_id = data_args.dataset_name or data_args.train_dir or data_args.train_list or data_args.validation_dir
+    card = {
+        "finetuned_from": model_args.backbone or model_args.model_name_or_path,
+        "tasks": "video-classification",
+        "dataset": dataset_id,
+        "tags": ["evl", "video-classification"],
+    }
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""
+Real multi-process runs of the training script on the CPU (gloo), launched as users launch them: through
+`accelerate launch --multi_gpu --num_processes 2 ... --use_cpu true` and through `torchrun --nproc_per_node 2`.
+Each is compared with single-process runs of the same global batch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import save_tiny_backbone
+from safetensors.torch import load_file
+
+from evl_hf.data.synthetic import MOTION_CLASSES, generate_motion_dataset
+from evl_hf.run_video_classification import main as run_script
+
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "scripts" / "ddp_train_and_hash.py"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """12 training clips (2 unusable) and 11 validation clips (2 unusable): 11 does not divide into 2 x 2 batches."""
+    root = generate_motion_dataset(tmp_path_factory.mktemp("motion"), 1, 1, 0, num_frames=12, size=32, seed=3)
+    (root / "train" / "growing" / "random_bytes.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    good = (root / "train" / "appearing" / "appearing_0000.mp4").read_bytes()
+    (root / "train" / "shrinking" / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    (root / "validation" / "moving_up" / "moving_up_0000.mp4").unlink()
+    (root / "validation" / "appearing" / "empty.mp4").write_bytes(b"")
+    (root / "validation" / "rotating_clockwise" / "truncated_header.mp4").write_bytes(good[:200])
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    return save_tiny_backbone(tmp_path_factory.mktemp("clip"))
+
+
+def script_args(data_dir, backbone_dir, output_dir, *extra):
+    return [
+        "--backbone", str(backbone_dir), "--train_dir", str(data_dir / "train"),
+        "--validation_dir", str(data_dir / "validation"), "--output_dir", str(output_dir),
+        "--config_overrides", "decoder_num_layers=2,decoder_qkv_dim=32,decoder_num_heads=4,decoder_mlp_dropout=0.0,"
+        "classifier_dropout=0.0", "--num_frames", "4", "--sampling_rate", "2", "--report_to", "none", "--seed", "7",
+        "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--save_strategy", "no", "--use_cpu", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+def launch(launcher: str, args: list[str], port: int) -> None:
+    if launcher == "accelerate":
+        # `--cpu` would start one process only; `--multi_gpu` with `--use_cpu` trains data-parallel on the CPU (gloo).
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(port)]  # fmt: skip
+    else:
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    result = subprocess.run([*prefix, str(WORKER), *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def step_losses(log_history: list[dict]) -> list[float]:
+    return [entry["loss"] for entry in log_history if "loss" in entry]
+
+
+# One epoch of the 12 training clips in 3 optimizer steps of a global batch of 4, then evaluation in batches of 2.
+SGD_STEPS = ("--do_train", "--do_eval", "--max_steps", "3", "--optim", "sgd", "--learning_rate", "0.5",
+             "--lr_scheduler_type", "constant", "--weight_decay", "0", "--logging_steps", "1",
+             "--per_device_eval_batch_size", "2")  # fmt: skip
+
+
+def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, backbone_dir, tmp_path):
+    """
+    1 process x batch 4, 1 x batch 1 x accumulation 4, 2 processes x batch 2 (accelerate launch) and 2 x batch 1 x
+    accumulation 2 (torchrun) log the same loss at every step and reach the same weights after three SGD steps with
+    gradient clipping; the replicas of a run are identical; every run counts the 2 unusable training clips; the
+    evaluation with unusable clips, split unevenly over 2 processes, gives the single-process metrics.
+    """
+    runs = {
+        "1x4": ("in-process", ("--per_device_train_batch_size", "4")),
+        "1x1x4": ("in-process", ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4")),
+        "2x2": ("accelerate", ("--per_device_train_batch_size", "2")),
+        "2x1x2": ("torchrun", ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")),
+    }
+    results, losses, weights = {}, {}, {}
+    for port, (name, (launcher, batch)) in enumerate(runs.items(), 29611):
+        output = tmp_path / name
+        args = script_args(data_dir, backbone_dir, output, *SGD_STEPS, *batch)
+        if launcher == "in-process":
+            trainer = run_script(args)
+            history = trainer.state.log_history
+        else:
+            launch(launcher, args, port)
+            digests = {(output / f"weights_rank{rank}_of_2.sha256").read_text() for rank in (0, 1)}
+            assert len(digests) == 1, f"{name}: the replicas differ"
+            history = json.loads((output / "log_history_rank0_of_2.json").read_text())
+        results[name] = json.loads((output / "all_results.json").read_text())
+        losses[name] = step_losses(history)
+        weights[name] = load_file(output / "model.safetensors")
+
+    reference = "1x4"
+    assert len(losses[reference]) == 3
+    initial_loss = losses[reference][0]
+    for name in runs:
+        np.testing.assert_allclose(losses[name], losses[reference], rtol=1e-5, err_msg=name)
+        assert results[name]["train_unusable_clips"] == 2, name
+        assert results[name]["eval_unusable_clips"] == 2, name
+        for metric in ("eval_top1_accuracy", "eval_top5_accuracy"):
+            assert results[name][metric] == results[reference][metric], (name, metric)
+        assert results[name]["eval_loss"] == pytest.approx(results[reference]["eval_loss"], rel=1e-5), name
+        for key, tensor in weights[reference].items():
+            torch.testing.assert_close(weights[name][key], tensor, atol=2e-6, rtol=1e-5, msg=f"{name}: {key}")
+    assert initial_loss == pytest.approx(np.log(len(MOTION_CLASSES)), rel=0.2)  # a fresh head: about log(10)
+    assert not torch.equal(weights[reference]["classifier.weight"], torch.zeros_like(weights[reference]["classifier.weight"]))
+
+
+def test_feature_cache_built_by_two_processes_equals_the_single_process_one(data_dir, backbone_dir, tmp_path):
+    cache_args = ("--do_train", "--max_steps", "1", "--per_device_train_batch_size", "2", "--cache_backbone_features",
+                  "--feature_cache_dtype", "float32", "--per_device_eval_batch_size", "4")  # fmt: skip
+    single = tmp_path / "single-cache"
+    # One thread, as each launched process has (OMP_NUM_THREADS=1): the thread count changes float summation order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_script(script_args(data_dir, backbone_dir, tmp_path / "single", *cache_args, "--feature_cache_dir", str(single)))
+    finally:
+        torch.set_num_threads(threads)
+    double = tmp_path / "two-process-cache"
+    launch("accelerate", script_args(data_dir, backbone_dir, tmp_path / "double", *cache_args, "--feature_cache_dir", str(double)), 29621)
+
+    def read(root):
+        (directory,) = [d for d in root.iterdir() if d.is_dir()]
+        manifest = json.loads((directory / "cache.json").read_text())
+        from datasets import Dataset, concatenate_datasets
+
+        rows = concatenate_datasets([Dataset.from_file(str(directory / name)) for name in manifest["shards"]])
+        return directory.name, manifest, rows.with_format("numpy")[:]
+
+    name_1, manifest_1, rows_1 = read(single)
+    name_2, manifest_2, rows_2 = read(double)
+    assert name_1 == name_2  # the same fingerprint
+    assert len(manifest_1["shards"]) == 1 and len(manifest_2["shards"]) == 2
+    assert manifest_1["unusable_clip_indices"] == manifest_2["unusable_clip_indices"] and len(manifest_1["unusable_clip_indices"]) == 2
+    assert len(rows_1["labels"]) == 10
+    for key in ("labels", "frame_features", "cross_frame_maps"):
+        np.testing.assert_array_equal(rows_2[key], rows_1[key], err_msg=key)
+    for run in ("single", "double"):
+        saved = {p.name for p in (tmp_path / run).rglob("*")}
+        assert not any("cache" in name or name.endswith((".arrow", ".lock")) for name in saved), saved
+        assert json.loads((tmp_path / run / "train_results.json").read_text())["train_unusable_clips"] == 2
