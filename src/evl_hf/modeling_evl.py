@@ -455,10 +455,8 @@ class EVLPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if not isinstance(module, EVLModel):
                 continue
-            if module.config.freeze_backbone:
-                # A frozen backbone runs without autograd: there is nothing to recompute, only the decoder checkpoints.
-                module.vision_model._set_gradient_checkpointing(enable=False)
-            else:
+            # A frozen backbone stays in eval mode, where transformers' layers never checkpoint: nothing to change.
+            if not module.config.freeze_backbone:
                 # The cross-frame maps are built from q/k captured by hooks inside the backbone's blocks. A reentrant
                 # checkpoint runs a block under no_grad and only its output joins the graph, so the maps' gradient
                 # into the backbone would be lost: a trainable backbone always checkpoints non-reentrantly.
