@@ -20,19 +20,20 @@ from datasets import ClassLabel, Dataset, Features, Value
 from evl_hf import EVLForVideoClassification, EVLVideoProcessor
 from evl_hf.data.synthetic import write_video
 from evl_hf.data.video_dataset import (
-    SkippingVideoCollator,
+    EvaluationClips,
+    VideoClipCollator,
     VideoEvalTransform,
     build_feature_cache,
     feature_cache_bytes_per_clip,
-    with_skipping,
 )
 
 
 def epoch(model, optimizer, data, batch_size=2):
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=SkippingVideoCollator())
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=VideoClipCollator())
     start = time.perf_counter()
     for batch in loader:
-        batch.pop("num_skipped_clips")
+        batch.pop("unusable_clip_indices")
+        batch.pop("clip_indices", None)
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -60,12 +61,12 @@ def main():
     model = EVLForVideoClassification(evl_config()).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    uncached = dataset.with_transform(with_skipping(transform))
+    uncached = EvaluationClips(dataset, transform)
     start = time.perf_counter()
     cache16, _ = build_feature_cache(model, dataset, transform, workdir / "cache16", dtype=torch.float16, progress=False)
     build_seconds = time.perf_counter() - start
     cache32, _ = build_feature_cache(model, dataset, transform, workdir / "cache32", dtype=torch.float32, progress=False)
-    epoch(model, optimizer, uncached.select(range(2)))  # warm-up
+    epoch(model, optimizer, torch.utils.data.Subset(uncached, range(2)))  # warm-up
     epoch(model, optimizer, cache16.select(range(2)))
     times = {"uncached": [], "cached": []}
     for _ in range(args.repeats):  # alternating epochs, medians

@@ -298,24 +298,6 @@ def test_configuration_errors_stop_the_run_instead_of_skipping_clips(data_dir, b
         load_script().main(base_args(data_dir, backbone_dir, tmp_path / "bug", "--do_train", "--max_steps", "1"))
 
 
-def test_a_data_set_of_broken_files_stops_with_a_clear_error(tmp_path):
-    from datasets import ClassLabel, Dataset, Features, Value
-
-    from evl_hf import EVLVideoProcessor
-    from evl_hf.data.video_dataset import TrainingClips, VideoTrainTransform
-
-    for number in range(3):
-        (tmp_path / f"broken_{number}.mp4").write_bytes(b"not a video" * (number + 1))
-    rows = Dataset.from_dict(
-        {"video": [str(tmp_path / f"broken_{n}.mp4") for n in range(3)], "label": [0, 0, 0]},
-        features=Features({"video": Value("string"), "label": ClassLabel(names=["a"])}),
-    )
-    processor = EVLVideoProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    clips = TrainingClips(rows, VideoTrainTransform(processor, 4, 2, rand_augment=False), max_replacements=4)
-    with pytest.raises(RuntimeError, match="5 clips in a row could not be decoded; the data set looks broken"):
-        clips[0]
-
-
 def saved_checkpoint(data_dir, backbone_dir, tmp_path, name="checkpoint"):
     output = tmp_path / name
     load_script().main(base_args(data_dir, backbone_dir, output, "--do_train", "--max_steps", "1", "--save_strategy", "no"))
@@ -416,3 +398,45 @@ def test_hub_repo_id_of_a_cached_snapshot(tmp_path):
     snapshot = tmp_path / "hub" / "models--openai--clip-vit-base-patch16" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     assert hub_repo_id(str(snapshot)) == "openai/clip-vit-base-patch16"
+
+
+def test_the_feature_cache_is_reused_and_never_inside_the_output_dir(data_dir, backbone_dir, tmp_path, caplog):
+    import logging
+
+    cache = tmp_path / "feature-cache"
+    steps = ("--do_train", "--max_steps", "1", "--save_strategy", "no", "--cache_backbone_features",
+             "--feature_cache_dir", str(cache))  # fmt: skip
+    load_script().main(base_args(data_dir, backbone_dir, tmp_path / "first", *steps))
+    (fingerprint,) = [d.name for d in cache.iterdir()]
+    with caplog.at_level(logging.INFO, logger="evl_hf.data.video_dataset"):
+        trainer = load_script().main(base_args(data_dir, backbone_dir, tmp_path / "second", *steps))
+    assert "Reusing the backbone feature cache" in caplog.text and [d.name for d in cache.iterdir()] == [fingerprint]
+    assert len(trainer.train_dataset) == 20
+    inside = base_args(data_dir, backbone_dir, tmp_path / "third", *steps)
+    inside[inside.index("--feature_cache_dir") + 1] = str(tmp_path / "third" / "cache")
+    with pytest.raises(ValueError, match="is inside --output_dir"):
+        load_script().main(inside)
+
+
+def test_settings_the_script_cannot_train_are_refused(data_dir, backbone_dir, tmp_path):
+    args = base_args(data_dir, backbone_dir, tmp_path / "unfrozen", "--do_train", "--cache_backbone_features")
+    args[args.index("--config_overrides") + 1] += ",freeze_backbone=false"
+    with pytest.raises(ValueError, match="cannot train a backbone with freeze_backbone=false"):
+        load_script().main(args)
+    args = base_args(data_dir, backbone_dir, tmp_path / "regression", "--do_train")
+    args[args.index("--config_overrides") + 1] += ",problem_type=multi_label_classification"
+    with pytest.raises(ValueError, match="single-label video classification"):
+        load_script().main(args)
+
+
+def test_an_evaluation_where_no_clip_decodes_stops_with_an_error(data_dir, backbone_dir, tmp_path):
+    broken = tmp_path / "broken"
+    for label in ("growing", "shrinking"):
+        (broken / label).mkdir(parents=True)
+        (broken / label / "clip.mp4").write_bytes(b"\x00" * 500)
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_eval")
+    args[args.index("--validation_dir") + 1] = str(broken)
+    args[args.index("--train_dir") + 1] = str(broken)
+    args[args.index("--test_dir") : args.index("--test_dir") + 2] = []
+    with pytest.raises(ValueError, match="None of the 2 evaluation clips could be decoded"):
+        load_script().main(args)

@@ -54,7 +54,7 @@ def script_args(data_dir, backbone_dir, output_dir, *extra):
     ]  # fmt: skip
 
 
-def launch(launcher: str, args: list[str], port: int) -> None:
+def launch(launcher: str, args: list[str], port: int) -> str:
     if launcher == "accelerate":
         # `--cpu` would start one process only; `--multi_gpu` with `--use_cpu` trains data-parallel on the CPU (gloo).
         prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -64,40 +64,51 @@ def launch(launcher: str, args: list[str], port: int) -> None:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     result = subprocess.run([*prefix, str(WORKER), *args], capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result.stderr
 
 
 def step_losses(log_history: list[dict]) -> list[float]:
     return [entry["loss"] for entry in log_history if "loss" in entry]
 
 
-# One epoch of the 12 training clips in 3 optimizer steps of a global batch of 4, then evaluation in batches of 2.
-SGD_STEPS = ("--do_train", "--do_eval", "--max_steps", "3", "--optim", "sgd", "--learning_rate", "0.5",
+# 12 training clips in optimizer steps of a global batch of 4 (epoch 0: steps 1-3, epoch 1: steps 4-5), then
+# evaluation in batches of 2.
+SGD_STEPS = ("--do_train", "--do_eval", "--max_steps", "5", "--optim", "sgd", "--learning_rate", "0.5",
              "--lr_scheduler_type", "constant", "--weight_decay", "0", "--logging_steps", "1",
              "--per_device_eval_batch_size", "2")  # fmt: skip
 
 
-def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, backbone_dir, tmp_path):
+def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, backbone_dir, tmp_path, caplog):
     """
     1 process x batch 4, 1 x batch 1 x accumulation 4, 2 processes x batch 2 (accelerate launch) and 2 x batch 1 x
-    accumulation 2 (torchrun) log the same loss at every step and reach the same weights after three SGD steps with
-    gradient clipping; the replicas of a run are identical; every run counts the 2 unusable training clips; the
-    evaluation with unusable clips, split unevenly over 2 processes, gives the single-process metrics.
+    accumulation 2 (torchrun) log the same loss at every step and reach the same weights after five SGD steps over
+    two epochs with gradient clipping; the replicas of a run are identical; every run counts the 2 unusable training
+    clips; the evaluation with unusable clips, split unevenly over 2 processes, gives the single-process metrics; a
+    2-process run resumed mid-epoch 1 ends where the uninterrupted one does.
     """
+    import logging
+    import shutil
+
+    save = ("--save_strategy", "steps", "--save_steps", "4")
     runs = {
         "1x4": ("in-process", ("--per_device_train_batch_size", "4")),
         "1x1x4": ("in-process", ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4")),
-        "2x2": ("accelerate", ("--per_device_train_batch_size", "2")),
+        "2x2": ("accelerate", ("--per_device_train_batch_size", "2", *save)),
         "2x1x2": ("torchrun", ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")),
+        "2x2-resumed": ("accelerate", ("--per_device_train_batch_size", "2", *save)),
     }
-    results, losses, weights = {}, {}, {}
+    results, losses, weights, logs = {}, {}, {}, {}
     for port, (name, (launcher, batch)) in enumerate(runs.items(), 29611):
         output = tmp_path / name
         args = script_args(data_dir, backbone_dir, output, *SGD_STEPS, *batch)
+        if name == "2x2-resumed":  # the same command over a copy of the 2x2 run's mid-epoch-1 checkpoint
+            shutil.copytree(tmp_path / "2x2" / "checkpoint-4", output / "checkpoint-4")
         if launcher == "in-process":
-            trainer = run_script(args)
+            with caplog.at_level(logging.WARNING, logger="evl_hf"):
+                trainer = run_script(args)
             history = trainer.state.log_history
         else:
-            launch(launcher, args, port)
+            logs[name] = launch(launcher, args, port)
             digests = {(output / f"weights_rank{rank}_of_2.sha256").read_text() for rank in (0, 1)}
             assert len(digests) == 1, f"{name}: the replicas differ"
             history = json.loads((output / "log_history_rank0_of_2.json").read_text())
@@ -106,9 +117,18 @@ def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, 
         weights[name] = load_file(output / "model.safetensors")
 
     reference = "1x4"
-    assert len(losses[reference]) == 3
+    assert len(losses[reference]) == 5
     initial_loss = losses[reference][0]
-    for name in runs:
+    # A data set with 2 of 12 clips unusable is reported loudly, besides the one warning per clip.
+    assert "2 of the 12 training clips could not be decoded and were replaced" in caplog.text
+    resumed, uninterrupted = weights.pop("2x2-resumed"), weights["2x2"]
+    assert "Resuming training from" in logs["2x2-resumed"] and "Resuming training from" not in logs["2x2"]
+    assert losses["2x2-resumed"] == losses["2x2"]  # steps 1-4 come from the checkpoint's log history
+    for key, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], tensor, atol=0, rtol=0, msg=f"resumed: {key}")
+    for metric in ("eval_loss", "eval_top1_accuracy", "eval_top5_accuracy", "eval_unusable_clips"):
+        assert results["2x2-resumed"][metric] == results["2x2"][metric], metric
+    for name in weights:
         np.testing.assert_allclose(losses[name], losses[reference], rtol=1e-5, err_msg=name)
         assert results[name]["train_unusable_clips"] == 2, name
         assert results[name]["eval_unusable_clips"] == 2, name

@@ -16,6 +16,7 @@ The offline EVL demo: a few minutes on 2 CPU cores, no network.
 import argparse
 import csv
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--train_per_class", type=int, default=100)
+    parser.add_argument("--validation_per_class", type=int, default=20)
     parser.add_argument("--epochs", type=float, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -75,9 +77,15 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
 
     data_dir = output / "motion_data"
-    if not (data_dir / "labels.json").exists():
+    generation = {"train_per_class": args.train_per_class, "validation_per_class": args.validation_per_class, "test_per_class": 5,
+                  "num_frames": 16, "size": 48, "seed": args.seed}  # fmt: skip
+    recorded = data_dir / "generation.json"
+    if not recorded.exists() or json.loads(recorded.read_text()) != generation:
+        # A data set made with other settings (or a run cut short) is made anew, never silently reused.
+        shutil.rmtree(data_dir, ignore_errors=True)
         print(f"Generating the synthetic motion data set in {data_dir} ...", flush=True)
-        generate_motion_dataset(data_dir, args.train_per_class, 20, 5, num_frames=16, size=48, seed=args.seed)
+        generate_motion_dataset(data_dir, **generation)
+        recorded.write_text(json.dumps(generation))
 
     set_seed(args.seed)
     backbone_dir = output / "clip-vit-tiny-random"

@@ -231,7 +231,11 @@ _RESUME_NEUTRAL = {
 def run_arguments(model_args, data_args, training_args) -> dict:
     from dataclasses import asdict
 
-    return {**asdict(model_args), **asdict(data_args), **training_args.to_dict()}
+    # The world size changes the global batch as much as the per-device batch does.
+    world = {"world_size": training_args.world_size,
+             "total_train_batch_size": training_args.world_size * training_args.per_device_train_batch_size
+             * training_args.gradient_accumulation_steps}  # fmt: skip
+    return {**asdict(model_args), **asdict(data_args), **training_args.to_dict(), **world}
 
 
 def warn_about_changed_arguments(checkpoint: str, current: dict) -> list[str]:
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None):
         return demo_main([a for a in argv if a != "--demo"])
 
     model_args, data_args, training_args = parse_arguments(argv)
-    # Clips are decoded in the transforms, so the raw columns must reach them.
+    # The data sets hand the model exactly its inputs (decoded clips); the raw columns are read by the transforms.
     training_args.remove_unused_columns = False
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -306,13 +310,24 @@ def main(argv: list[str] | None = None):
     )  # fmt: skip
     labels = next(iter(dataset.values())).features["label"].names
     model, processor = build_model(model_args, data_args, labels)
+    if model.config.problem_type not in (None, "single_label_classification"):
+        raise ValueError(
+            f"problem_type={model.config.problem_type!r}: this script trains and evaluates single-label video "
+            "classification (one class per clip); use EVLForVideoClassification with your own Trainer for others."
+        )
+    if data_args.cache_backbone_features and not model.config.freeze_backbone:
+        raise ValueError("--cache_backbone_features stores the frozen backbone's outputs; it cannot train a backbone "
+                         "with freeze_backbone=false.")  # fmt: skip
     if list(model.config.id2label.values()) != list(labels):
         # Map the data set's labels to the model's by name (`datasets` renumbers the label column).
         dataset = dataset.align_labels_with_mapping(model.config.label2id, "label")
 
     def limit(split, maximum):
+        # Shuffled first, as transformers' examples do: folders list clips class by class.
         data = dataset[split]
-        return data.select(range(min(maximum, len(data)))) if maximum is not None else data
+        if maximum is None or maximum >= len(data):
+            return data
+        return data.shuffle(seed=training_args.seed).select(range(maximum))
 
     train_split = eval_dataset = predict_dataset = None
     train_dataset = None
@@ -352,7 +367,8 @@ def main(argv: list[str] | None = None):
         # After the Trainer has put the model on its device: the backbone runs on the accelerator, each process
         # caching its share of the clips.
         if data_args.rand_augment:
-            logger.info("Training from the feature cache: one fixed view per clip, no augmentation.")
+            logger.warning("Training from the feature cache: one fixed view per clip, no augmentation (RandAugment "
+                           "and the random crop are not applied).")  # fmt: skip
         dtype = {"float16": torch.float16, "float32": torch.float32}[data_args.feature_cache_dtype]
         trainer.train_dataset, unusable = build_feature_cache(
             trainer.model, train_split, VideoEvalTransform(processor, temporal_views=1, spatial_views=1),

@@ -42,8 +42,18 @@ class EVLTrainer(Trainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if isinstance(dataset, TrainingClips):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return EpochShuffleSampler(len(dataset), seed=seed)
+            self._epoch_sampler = EpochShuffleSampler(len(dataset), seed=seed)
+            return self._epoch_sampler
         return super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, *args, **kwargs):
+        # Trainer's and accelerate's `set_epoch` reach the sampler through at most two wrappers; a run resumed
+        # mid-epoch on several processes has three (skip, shard, batch), so set the epoch here, before the
+        # sampler is iterated.
+        sampler = getattr(self, "_epoch_sampler", None)
+        if sampler is not None:
+            sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
+        return super()._run_epoch(*args, **kwargs)
 
     def _record_unusable(self, inputs: dict, phase: str) -> None:
         inputs.pop("clip_indices", None)
@@ -68,6 +78,11 @@ class EVLTrainer(Trainer):
         if labels is None:
             return {}
         usable = labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL
+        if len(labels) and not usable.any():
+            raise ValueError(
+                f"None of the {len(labels)} evaluation clips could be decoded (see the warnings above): check the "
+                "data paths and files."
+            )
         logits, labels = logits[usable], labels[usable]
         metrics = {}
         if len(labels):
@@ -115,6 +130,12 @@ class EVLTrainer(Trainer):
         Hub id (left out when the backbone came from a local directory of unknown origin) and `model-index` with the
         latest evaluation results.
         """
+        # Trainer links `finetuned_from` and `dataset` as Hub repositories in the card's text: only Hub ids may go there.
+        kwargs["finetuned_from"] = hub_repo_id(kwargs.get("finetuned_from"))
+        dataset = kwargs.get("dataset")
+        local_dataset = dataset is not None and os.path.exists(str(dataset))
+        if local_dataset:
+            kwargs["dataset"] = dataset_display_name(dataset)
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():
             return
@@ -124,12 +145,16 @@ class EVLTrainer(Trainer):
         card = ModelCard.load(path)
         card.data.pipeline_tag = "video-classification"
         card.data.library_name = "transformers"
-        card.data.base_model = hub_repo_id(kwargs.get("finetuned_from"))  # None: left out of the metadata
-        dataset = kwargs.get("dataset")
-        dataset_type = kwargs.get("dataset_tags") or ("videofolder" if dataset and os.path.isdir(str(dataset)) else dataset)
+        card.data.base_model = kwargs["finetuned_from"]  # None: left out of the metadata
+        if kwargs["finetuned_from"] is None:
+            # Trainer falls back to the model's empty `_name_or_path` and writes an empty Hub link.
+            card.text = card.text.replace(
+                "a fine-tuned version of [](https://huggingface.co/)", "an EVL video classifier (frozen image backbone) trained"
+            )
+        dataset_type = kwargs.get("dataset_tags") or (("videofolder" if os.path.isdir(str(dataset)) else "custom") if local_dataset else dataset)
         results = latest_evaluation(self.state.log_history)
         if results and dataset_type:
-            name = Path(str(dataset)).name if os.path.isdir(str(dataset)) else str(dataset)
+            name = kwargs["dataset"]
             card.data.model_name = Path(self.args.output_dir).name if self.hub_model_id is None else self.hub_model_id.split("/")[-1]
             card.data.eval_results = [
                 EvalResult(
@@ -150,6 +175,14 @@ def latest_evaluation(log_history: list[dict]) -> dict:
                 f"Top-{k} accuracy": float(entry[f"eval_top{k}_accuracy"]) for k in (1, 5) if f"eval_top{k}_accuracy" in entry
             }
     return {}
+
+
+def dataset_display_name(path) -> str:
+    """A local data set's name for a card: its folder (the parent of a `train/` split folder), never a full path."""
+    path = Path(str(path)).resolve()
+    if path.is_file():
+        return path.stem
+    return path.parent.name if path.name in ("train", "training", "validation", "val", "test") else path.name
 
 
 _HUB_CACHE_FOLDER = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)")

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,14 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 IGNORE_LABEL = -100
 
 
-def _video_path(example_video) -> str:
-    """A video column entry as a path: a str, or `datasets.Video(decode=False)`'s {"path", "bytes"} dict."""
+def _video_path(example_video) -> str | bytes:
+    """
+    A video column entry as something `decode_video` reads: a path, or the bytes of `datasets.Video(decode=False)`'s
+    {"path", "bytes"} dict. Bytes come first: a data set stored as Parquet keeps the clip in `bytes` and only the
+    original file name in `path`.
+    """
     if isinstance(example_video, dict):
-        return example_video.get("path") or example_video.get("bytes")
+        return example_video["bytes"] if example_video.get("bytes") is not None else example_video.get("path")
     return example_video
 
 
@@ -123,11 +128,21 @@ def load_video_dataset(
         raise ValueError("No data: give --train_dir/--validation_dir/--test_dir, list files, or --dataset_name.")
     result = DatasetDict()
     for split, dataset in splits.items():
-        if "video" in dataset.features and dataset.features["video"].__class__.__name__ == "Video":
+        if "video" not in dataset.features or "label" not in dataset.features:
+            raise ValueError(f"The {split} split has the columns {list(dataset.features)}: it needs 'video' and 'label' "
+                             "(see --video_column / --label_column).")  # fmt: skip
+        if dataset.features["video"].__class__.__name__ == "Video":
             from datasets import Video
 
             dataset = dataset.cast_column("video", Video(decode=False))
         result[split] = dataset
+    plain = [split for split, d in result.items() if not isinstance(d.features["label"], ClassLabel)]
+    if plain:
+        # Labels given as strings or integers: a ClassLabel of their sorted values.
+        names = sorted({str(v) for split in plain for v in result[split].unique("label")})
+        for split in plain:
+            labels = result[split].cast_column("label", Value("string"))
+            result[split] = labels.cast_column("label", ClassLabel(names=names))
     names = {tuple(d.features["label"].names) for d in result.values() if isinstance(d.features["label"], ClassLabel)}
     if len(names) > 1:
         raise ValueError(f"The splits disagree on the class names: {sorted(names)}")
@@ -345,10 +360,11 @@ class VideoClipCollator:
             batch["clip_indices"] = torch.tensor([int(e["clip_index"]) for e in examples])
         unusable = [index for e in examples for index in e.get("unusable_clip_indices", [])]
         batch["unusable_clip_indices"] = unusable
-        if len(examples) >= 4 and 2 * len(unusable) > len(examples):
+        affected = sum(1 for e in examples if e.get("unusable_clip_indices"))
+        if len(examples) > 1 and 2 * affected > len(examples):
             logger.warning(
                 "%d of the %d clips of this batch could not be decoded (clips %s): check the data set.",
-                len(unusable), len(examples), sorted(set(unusable)),
+                affected, len(examples), sorted(set(unusable)),
             )  # fmt: skip
         return batch
 
@@ -375,9 +391,13 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for example in dataset:
-        path = _video_path(example["video"])
-        stat = os.stat(path) if isinstance(path, str) and os.path.exists(path) else None
-        digest.update(json.dumps([str(path)[:4096], int(example["label"]), stat and (stat.st_size, stat.st_mtime_ns)]).encode())
+        video = _video_path(example["video"])
+        if isinstance(video, (bytes, bytearray)):
+            identity = hashlib.sha256(video).hexdigest()  # clips stored in the data set: their content
+        else:
+            stat = os.stat(video) if os.path.exists(str(video)) else None
+            identity = [str(video), stat and (stat.st_size, stat.st_mtime_ns)]
+        digest.update(json.dumps([identity, int(example["label"])]).encode())
     return digest.hexdigest()[:20]
 
 
@@ -446,7 +466,8 @@ def build_feature_cache(
         device = next(evl.parameters()).device
         was_training = evl.training
         evl.eval()
-        partial = shard.with_suffix(".arrow.partial")
+        # Unique temporary names and atomic renames: two runs sharing the cache may build the same shard at once.
+        partial = shard.with_name(f"{shard.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
         with ArrowWriter(features=features, path=str(partial)) as writer:
             bar = tqdm(total=len(indices), desc="Caching backbone features", unit="clip",
                        disable=not progress or not state.is_local_main_process)  # fmt: skip
@@ -472,14 +493,14 @@ def build_feature_cache(
             bar.close()
             writer.finalize()
         evl.train(was_training)
+        _write_atomically(shard.with_suffix(".json"), json.dumps({"unusable_clip_indices": unusable}))
         os.replace(partial, shard)
-        shard.with_suffix(".json").write_text(json.dumps({"unusable_clip_indices": unusable}))
         state.wait_for_everyone()
         if state.is_main_process:
             shards = sorted(directory.glob(f"shard-*-of-{state.num_processes:05d}.arrow"))
             unusable = sorted(i for s in shards for i in json.loads(s.with_suffix(".json").read_text())["unusable_clip_indices"])
-            manifest.write_text(json.dumps({"shards": [s.name for s in shards], "num_clips": len(dataset),
-                                            "unusable_clip_indices": unusable}, indent=1))  # fmt: skip
+            _write_atomically(manifest, json.dumps({"shards": [s.name for s in shards], "num_clips": len(dataset),
+                                                    "unusable_clip_indices": unusable}, indent=1))  # fmt: skip
         state.wait_for_everyone()
     else:
         logger.info("Reusing the backbone feature cache in %s", directory)
@@ -488,6 +509,12 @@ def build_feature_cache(
     shards = [Dataset.from_file(str(directory / name)) for name in info["shards"]]
     cached = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     return cached.with_format("torch"), len(info["unusable_clip_indices"])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def feature_cache_bytes_per_clip(config, num_frames: int, dtype: torch.dtype = torch.float16) -> int:

@@ -1,0 +1,119 @@
+"""Data sets, bad-clip policy and feature cache of `evl_hf.data.video_dataset`, below the training script."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Value, Video
+from helpers import tiny_config, write_clip
+
+from evl_hf import EVLForVideoClassification, EVLVideoProcessor
+from evl_hf.data.video_dataset import (
+    EvaluationClips,
+    TrainingClips,
+    VideoClipCollator,
+    VideoEvalTransform,
+    VideoTrainTransform,
+    feature_cache_fingerprint,
+    load_video_dataset,
+)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    rng = np.random.default_rng(0)
+    return [write_clip(folder / f"clip{i}.mp4", rng.integers(0, 255, (12, 32, 40, 3), dtype=np.uint8)) for i in range(3)]
+
+
+def processor():
+    return EVLVideoProcessor(num_frames=4, sampling_rate=2, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def rows(videos, labels=None, video_feature=None):
+    features = Features({"video": video_feature or Value("string"), "label": ClassLabel(names=["a", "b", "c"])})
+    return Dataset.from_dict({"video": videos, "label": labels or [0] * len(videos)}, features=features)
+
+
+def test_clips_stored_as_bytes_are_decoded_from_their_bytes(clips, tmp_path):
+    # A Parquet-backed `Video(decode=False)` column keeps the clip in `bytes` and only the original name in `path`.
+    stored = [{"bytes": path.read_bytes(), "path": path.name} for path in clips]
+    data = rows(stored, [0, 1, 2], video_feature=Video(decode=False))
+    data.to_parquet(str(tmp_path / "train.parquet"))
+    loaded = load_video_dataset(dataset_name=str(tmp_path))["train"]
+    evaluation = EvaluationClips(loaded, VideoEvalTransform(processor()))
+    from_bytes = [evaluation[i] for i in range(3)]
+    assert [item["unusable_clip_indices"] for item in from_bytes] == [[], [], []]
+    from_paths = EvaluationClips(rows([str(p) for p in clips], [0, 1, 2]), VideoEvalTransform(processor()))
+    for i in range(3):
+        torch.testing.assert_close(from_bytes[i]["pixel_values"], from_paths[i]["pixel_values"], atol=0, rtol=0)
+
+
+def test_string_labels_of_a_hub_style_data_set_become_a_class_label(clips, tmp_path):
+    import json
+
+    for split, labels in (("train", ["run", "jump", "run"]), ("validation", ["jump", "swim", "run"])):
+        lines = [json.dumps({"video": str(path), "label": label}) for path, label in zip(clips, labels)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines))
+    loaded = load_video_dataset(dataset_name=str(tmp_path))
+    for split in ("train", "validation"):
+        assert loaded[split].features["label"].names == ["jump", "run", "swim"]
+    assert loaded["train"]["label"] == [1, 0, 1] and loaded["validation"]["label"] == [0, 2, 1]
+
+
+def test_the_cache_fingerprint_follows_the_clips_content(clips, tmp_path):
+    model = EVLForVideoClassification(tiny_config())
+    transform = VideoEvalTransform(processor())
+    paths = [tmp_path / p.name for p in clips]
+    for source, target in zip(clips, paths):
+        target.write_bytes(source.read_bytes())
+    by_path = rows([str(p) for p in paths])
+    first = feature_cache_fingerprint(model, by_path, transform, torch.float16)
+    assert feature_cache_fingerprint(model, by_path, transform, torch.float16) == first
+    assert feature_cache_fingerprint(model, by_path, transform, torch.float32) != first
+    data = bytearray(paths[0].read_bytes())
+    data[-200:] = bytes(200)  # same size, other content, later modification time
+    paths[0].write_bytes(bytes(data))
+    import os
+
+    os.utime(paths[0], ns=(1, 1))
+    assert feature_cache_fingerprint(model, by_path, transform, torch.float16) != first
+
+    stored = [{"bytes": p.read_bytes(), "path": p.name} for p in clips]
+    by_bytes = rows(stored, video_feature=Video(decode=False))
+    changed = [dict(stored[0], bytes=stored[0]["bytes"][:-10] + bytes(10)), *stored[1:]]
+    assert feature_cache_fingerprint(model, by_bytes, transform, torch.float16) != feature_cache_fingerprint(
+        model, rows(changed, video_feature=Video(decode=False)), transform, torch.float16
+    )
+
+
+def test_a_batch_of_mostly_unusable_clips_is_reported_loudly(clips, tmp_path, caplog):
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    data = rows([str(clips[0]), str(tmp_path / "bad.mp4"), str(tmp_path / "bad.mp4")])
+    evaluation = EvaluationClips(data, VideoEvalTransform(processor()))
+    with caplog.at_level(logging.WARNING, logger="evl_hf.data.video_dataset"):
+        batch = VideoClipCollator()([evaluation[i] for i in range(3)])
+    assert batch["labels"].tolist() == [0, -100, -100] and batch["unusable_clip_indices"] == [1, 2]
+    assert batch["pixel_values"].shape == (3, 4, 3, 32, 32) and batch["pixel_values"][1:].abs().sum() == 0
+    assert "2 of the 3 clips of this batch could not be decoded (clips [1, 2])" in caplog.text
+
+
+def test_a_data_set_of_broken_files_stops_with_a_clear_error(tmp_path):
+    for number in range(3):
+        (tmp_path / f"broken_{number}.mp4").write_bytes(b"not a video" * (number + 1))
+    data = rows([str(tmp_path / f"broken_{n}.mp4") for n in range(3)])
+    training = TrainingClips(data, VideoTrainTransform(processor(), 4, 2, rand_augment=False), max_replacements=4)
+    with pytest.raises(RuntimeError, match="5 clips in a row could not be decoded; the data set looks broken"):
+        training[0]
+
+
+def test_a_replaced_training_clip_depends_on_seed_epoch_and_index_only(clips, tmp_path):
+    (tmp_path / "bad.mp4").write_bytes(b"")
+    data = rows([str(clips[0]), str(tmp_path / "bad.mp4"), str(clips[1]), str(clips[2])])
+    make = lambda: TrainingClips(data, VideoTrainTransform(processor(), 4, 2), seed=3)  # noqa: E731
+    first, second = make(), make()
+    item = first[1 * 4 + 1]  # epoch 1, the unusable clip
+    assert item["unusable_clip_indices"][0] == 1 and item["clip_index"] == 1
+    torch.testing.assert_close(second[1 * 4 + 1]["pixel_values"], item["pixel_values"], atol=0, rtol=0)
+    assert not torch.equal(first[0]["pixel_values"], first[4]["pixel_values"])  # epoch 0 vs epoch 1 of clip 0
