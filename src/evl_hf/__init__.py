@@ -1,8 +1,10 @@
 """evl-hf: EVL ("Frozen CLIP Models are Efficient Video Learners") as a native Hugging Face transformers model.
 
 Importing the package registers EVL with `AutoConfig`, `AutoModel`, `AutoModelForVideoClassification` and
-`AutoVideoProcessor` (and so with `pipeline("video-classification")`). Saved checkpoints also carry `auto_map`, so
-`trust_remote_code=True` loads them where this package is not installed.
+`AutoVideoProcessor` (and so with `pipeline("video-classification")`), and makes `EVLVideoClassificationPipeline` the
+`"video-classification"` pipeline (transformers' own for every other model; for EVL it honours `frame_sampling_rate`
+and `batch_size`). Saved checkpoints also carry `auto_map`, so `trust_remote_code=True` loads them where this package
+is not installed (there the pipeline is transformers' own: the processor's saved sampling rate, no batching).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor
@@ -17,6 +19,7 @@ from .modeling_evl import (
     EVLModelOutput,
     EVLPreTrainedModel,
 )
+from .pipeline_evl import EVLVideoClassificationPipeline, register_pipeline
 from .video_processing_evl import (
     EVLVideoDecodingError,
     EVLVideoProcessor,
@@ -37,6 +40,7 @@ EVLConfig.register_for_auto_class()
 EVLModel.register_for_auto_class("AutoModel")
 EVLForVideoClassification.register_for_auto_class("AutoModelForVideoClassification")
 EVLVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+register_pipeline()
 
 __all__ = [
     "EVL_PRESETS",
@@ -48,6 +52,7 @@ __all__ = [
     "EVLModel",
     "EVLModelOutput",
     "EVLPreTrainedModel",
+    "EVLVideoClassificationPipeline",
     "EVLVideoDecodingError",
     "EVLVideoProcessor",
     "decode_video",
