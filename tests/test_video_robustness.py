@@ -67,17 +67,34 @@ def test_audio_only_file(tmp_path, decoding_backend):
     assert_named_error(path, "no video stream", decoding_backend)
 
 
-def test_still_image_renamed_mp4_decodes_as_its_one_frame(tmp_path, decoding_backend):
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "GIF", "WEBP"])
+def test_still_image_renamed_mp4_is_not_a_video(tmp_path, image_format, decoding_backend):
+    # FFmpeg would open it as a one-frame video, trained on as num_frames copies of the photo.
     image = np.zeros((40, 60, 3), dtype=np.uint8)
     image[:, :30] = 255
     path = tmp_path / "photo.mp4"
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format=image_format)
     path.write_bytes(buffer.getvalue())
-    # torchcodec finds no frame rate to seek by in a still image, so PyAV decodes it.
-    frames, metadata = decode(path, lambda metadata: [0, 0, 0], decoding_backend, decoded_by="pyav")
-    assert metadata.total_num_frames == 1
-    np.testing.assert_array_equal(frames[0], image)
+    assert_named_error(path, "is a still image", decoding_backend)
+    with pytest.raises(EVLVideoDecodingError, match="photo.mp4: the file is a still image"):
+        decode_video(path, lambda metadata: [0] * 8, backend=decoding_backend)
+
+
+def test_one_jpeg_is_a_still_image_but_a_raw_stream_of_them_is_a_video(tmp_path, decoding_backend):
+    jpegs = []
+    for index in range(6):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((40, 64, 3), 40 * index, dtype=np.uint8)).save(buffer, format="JPEG", quality=95)
+        jpegs.append(buffer.getvalue())
+    photo = tmp_path / "photo.mp4"
+    photo.write_bytes(jpegs[0])
+    assert_named_error(photo, "is a still image", decoding_backend)
+    # Concatenated JPEGs (a raw MJPEG stream, FFmpeg's `mjpeg` demuxer) are a video.
+    path = tmp_path / "frames.mjpeg"
+    path.write_bytes(b"".join(jpegs))
+    frames, metadata = decode(path, lambda metadata: [0, 5], decoding_backend, decoded_by="pyav")
+    assert metadata.total_num_frames == 6 and abs(int(frames[1].mean()) - 200) <= 2
 
 
 def test_text_file_and_missing_path_and_directory(tmp_path, decoding_backend):
@@ -106,14 +123,18 @@ def test_clip_shorter_than_the_window_repeats_the_last_frame(tmp_path, decoding_
     assert [frame_index(f.permute(1, 2, 0).numpy()) for f in out["pixel_values"][0]] == [0, 3, 4, 4]
 
 
-def test_one_by_one_pixel_video(tmp_path, decoding_backend):
-    frames = np.full((6, 1, 1, 3), 200, dtype=np.uint8)
+@pytest.mark.parametrize("height, width", [(1, 1), (3, 5), (1, 3)])
+def test_frames_one_or_three_pixels_tall_keep_their_colour(tmp_path, height, width, decoding_backend):
+    # (frames, 1, 1, 3) or (frames, 3, W, 3): inferred, the channel axis would be read as the first one (grey out).
+    frames = np.empty((6, height, width, 3), dtype=np.uint8)
+    frames[...] = (200, 30, 90)
     path = encode(tmp_path / "pixel.mkv", frames, codec="ffv1", pix_fmt="bgr0")
     out = processor(decoding_backend, do_normalize=False)(str(path), return_tensors="pt", return_metadata=True)
     assert out["video_metadata"][0].video_backend == decoding_backend
     out = out["pixel_values"]
     assert out.shape == (1, 4, 3, 32, 32)
-    torch.testing.assert_close(out, torch.full_like(out, 200 / 255), atol=2 / 255, rtol=0)
+    expected = torch.tensor([200, 30, 90]).view(1, 1, 3, 1, 1).expand_as(out) / 255
+    torch.testing.assert_close(out, expected, atol=2 / 255, rtol=0)
 
 
 def test_very_large_frames_are_decoded_and_resized(tmp_path, decoding_backend):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling, SizeDict
 from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.utils import is_torchcodec_usable, logging
 from transformers.video_processing_utils import BaseVideoProcessor
@@ -36,6 +36,7 @@ _TORCHCODEC_CHUNK = 16
 # FFmpeg's decoding threads pay off on large frames; on small ones (Kinetics clips are about 340x256) synchronising
 # them costs more than they save: 1.25-1.4x the single-threaded time with either backend (benchmarks/bench_decoding.py).
 _SINGLE_THREAD_MAX_PIXELS = 160_000
+_VIDEO_SOURCE_TYPES = (str, Path, bytes, bytearray, io.IOBase)
 
 
 class EVLVideoDecodingError(ValueError):
@@ -86,6 +87,13 @@ def resolve_decoding_backend(backend: str = "auto") -> str:
             "Use decoding_backend='pyav' (or 'auto') to decode with PyAV."
         )
     return backend
+
+
+def _is_video_source(videos) -> bool:
+    """Whether `videos` is one file (path, URL, bytes, file object) or a list of them, for `decode_video`."""
+    if isinstance(videos, _VIDEO_SOURCE_TYPES):
+        return True
+    return isinstance(videos, (list, tuple)) and bool(videos) and all(isinstance(v, _VIDEO_SOURCE_TYPES) for v in videos)
 
 
 def _video_name(source) -> str:
@@ -141,7 +149,8 @@ def decode_video(
     so both backends pick the same frames). Indices past the real end of the stream (containers that over-report their
     length) repeat the last decoded frame, as the authors do for clips shorter than the sampling window. Display
     rotation (phone videos) is applied. Any failure raises `EVLVideoDecodingError` naming the video and the problem.
-    Frames over `max_frame_pixels` and decoding past `timeout` seconds are refused.
+    Frames over `max_frame_pixels`, decoding past `timeout` seconds and still images (a photo renamed `.mp4`, which
+    FFmpeg would open as a one-frame video) are refused.
 
     `backend`: `"torchcodec"`, `"pyav"`, or `"auto"` (torchcodec when it can load, else PyAV). A video torchcodec
     cannot handle (a stream with no frame count or duration to seek by, a damaged file, ...) is decoded with PyAV
@@ -182,6 +191,15 @@ def _check_frame_size(name: str, width: int, height: int, max_frame_pixels: int)
         )
 
 
+def _check_not_still_image(name: str, demuxer: str | None, codec: str | None, total: int | None) -> None:
+    # FFmpeg opens a photo (one renamed .mp4) as a one-frame video, which would train and evaluate as num_frames
+    # copies of itself. Its still-image demuxers are `image2` and the `*_pipe` family; a GIF has a demuxer of its own.
+    if demuxer is not None and (demuxer == "image2" or demuxer.endswith("_pipe")):
+        raise EVLVideoDecodingError(f"{name}: the file is a still image ({codec or demuxer}), not a video.")
+    if codec == "gif" and total == 1:
+        raise EVLVideoDecodingError(f"{name}: the file is a still image (a one-frame GIF), not a video.")
+
+
 def _check_time(name: str, started: float, timeout: float) -> None:
     if time.monotonic() - started > timeout:
         raise EVLVideoDecodingError(f"{name}: decoding took longer than {timeout:.0f}s; giving up.")
@@ -206,6 +224,7 @@ def _decode_with_torchcodec(opened, start_position, name, sample_indices_fn, max
             opened.seek(start_position)
         decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0)
     total, fps = stream.num_frames, stream.average_fps
+    _check_not_still_image(name, None, stream.codec, total)
     if not total or not fps:
         raise ValueError("the container gives no frame count or rate to seek by")
     metadata = VideoMetadata(total, float(fps), stream.width, stream.height, stream.duration_seconds, "torchcodec")
@@ -243,6 +262,7 @@ def _decode_container(container, name, sample_indices_fn, max_frame_pixels, time
     if stream.codec_context is None:
         raise EVLVideoDecodingError(f"{name}: the video stream has no usable codec.")
     width, height = stream.codec_context.width, stream.codec_context.height
+    _check_not_still_image(name, container.format.name, stream.codec_context.name, stream.frames)
     _check_frame_size(name, width, height, max_frame_pixels)
     if width * height > _SINGLE_THREAD_MAX_PIXELS:
         stream.thread_type = "AUTO"
@@ -421,7 +441,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
     `EVLForVideoClassification` averages.
 
     Inputs: paths, URLs, bytes, or decoded videos (arrays/tensors `(frames, height, width, 3)` or
-    `(frames, 3, height, width)`, lists of PIL images), one or a list.
+    `(frames, 3, height, width)`, lists of PIL images), one or a list. Frames decoded from a file are known to be
+    channels-last; for an array whose layout is ambiguous (frames 1 or 3 pixels tall) pass `input_data_format`.
     """
 
     resample = PILImageResampling.BICUBIC
@@ -474,12 +495,16 @@ class EVLVideoProcessor(BaseVideoProcessor):
             self.random_temporal_offset if random_temporal_offset is None else random_temporal_offset,
         )
 
+    def preprocess(self, videos, **kwargs: Unpack[EVLVideosKwargs]) -> BatchFeature:
+        if _is_video_source(videos) and kwargs.get("input_data_format") is None:
+            # Decoded frames are (frames, height, width, 3). Inferred, the layout of a frame 1 or 3 pixels tall is
+            # ambiguous and read as channels first: a 1x1 video would come out grey.
+            kwargs["input_data_format"] = ChannelDimension.LAST
+        return super().preprocess(videos, **kwargs)
+
     def _decode_and_sample_videos(self, videos, video_metadata, do_sample_frames=None, sample_indices_fn=None):
-        if isinstance(videos, (str, Path, bytes, bytearray, io.IOBase)):
-            videos = [videos]
-        if isinstance(videos, (list, tuple)) and videos and all(
-            isinstance(v, (str, Path, bytes, bytearray, io.IOBase)) for v in videos
-        ):
+        if _is_video_source(videos):
+            videos = [videos] if isinstance(videos, _VIDEO_SOURCE_TYPES) else videos
             sample = sample_indices_fn if do_sample_frames else None
             decoded = [decode_video(v, sample, backend=self.decoding_backend) for v in videos]
             return [frames for frames, _ in decoded], [metadata for _, metadata in decoded]
