@@ -668,3 +668,51 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             )
         model.gradient_checkpointing_disable()
         assert _gradients_and_calls(model)[1] == {"decoder": 1, "backbone": 1}, case
+
+
+def test_torch_compile_fullgraph_matches_eager_execution():
+    # The backbone's block outputs and q/k are read without per-call hooks, so the whole forward is one graph.
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(vision_overrides=dict(num_hidden_layers=2))).eval()
+    randomize_decoder(model)
+    inputs = pixel_values(batch=1, frames=2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(inputs).logits
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(inputs).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_concurrent_forwards_of_one_model_match_sequential_ones():
+    # A web server shares one model between threads: no forward may see another's backbone outputs.
+    import threading
+
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(model)
+    num_threads, repetitions = 4, 8
+    inputs = [pixel_values(batch=1, seed=seed) for seed in range(num_threads)]
+    with torch.no_grad():
+        expected = [model(clip).logits for clip in inputs]
+    barrier = threading.Barrier(num_threads)
+    mismatches, errors = [], []
+
+    def worker(index):
+        try:
+            for repetition in range(repetitions):
+                barrier.wait()
+                with torch.no_grad():
+                    logits = model(inputs[index]).logits
+                if not torch.allclose(logits, expected[index], atol=1e-6, rtol=1e-6):
+                    mismatches.append((index, repetition))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(num_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert not mismatches, f"{len(mismatches)} of {num_threads * repetitions} concurrent forwards differ: {mismatches}"

@@ -15,12 +15,10 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -446,24 +444,6 @@ class EVLPreTrainedModel(PreTrainedModel):
                 module._apply_backbone_freeze()
         return (model, info) if output_loading_info else model
 
-    def _set_gradient_checkpointing(
-        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
-    ):
-        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
-        if not enable:
-            return
-        for module in self.modules():
-            if not isinstance(module, EVLModel):
-                continue
-            # A frozen backbone stays in eval mode, where transformers' layers never checkpoint: nothing to change.
-            if not module.config.freeze_backbone:
-                # The cross-frame maps are built from q/k captured by hooks inside the backbone's blocks. A reentrant
-                # checkpoint runs a block under no_grad and only its output joins the graph, so the maps' gradient
-                # into the backbone would be lost: a trainable backbone always checkpoints non-reentrantly.
-                module.vision_model._set_gradient_checkpointing(
-                    True, partial(gradient_checkpointing_func, use_reentrant=False), every_n_layers
-                )
-
     @classmethod
     def _describe_shape_mismatches(cls, pretrained_model_name_or_path, config=None) -> str:
         """'key: checkpoint (...) vs model (...)' lines for a local safetensors checkpoint, read without loading it."""
@@ -523,10 +503,6 @@ class EVLDecoder(nn.Module):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(config.vision_config.hidden_size))
         self.layers = nn.ModuleList([EVLDecoderLayer(config) for _ in range(config.decoder_num_layers)])
-
-
-def _record_output(store: dict, key: tuple, module: nn.Module, inputs, output) -> None:
-    store[key] = output
 
 
 def _selected_indices(requested, count: int) -> set[int] | None:
@@ -611,29 +587,30 @@ class EVLModel(EVLPreTrainedModel):
         """
         Run the backbone once over every frame and return what the decoder reads from its last `decoder_num_layers`
         blocks: each block's output (all tokens) and, when cross-frame attention is used, the attention maps between
-        neighbouring frames computed from that block's own attention queries and keys (captured, not recomputed).
+        neighbouring frames computed from that block's own attention queries and keys.
         """
         batch_size, num_frames = pixel_values.shape[:2]
-        layers = self.vision_model.encoder.layers
-        used = range(len(layers) - self.config.decoder_num_layers, len(layers))
+        backbone = self.vision_model
+        layers = backbone.encoder.layers
+        first_used = len(layers) - self.config.decoder_num_layers
         need_query_key = self.config.use_temporal_cross_attention
-        captured = {}
-        handles = []
-        for index in used:
-            layer = layers[index]
-            handles.append(layer.register_forward_hook(partial(_record_output, captured, ("output", index))))
-            if need_query_key:
-                attention = layer.self_attn
-                handles.append(attention.q_proj.register_forward_hook(partial(_record_output, captured, ("q", index))))
-                handles.append(attention.k_proj.register_forward_hook(partial(_record_output, captured, ("k", index))))
         grad_enabled = torch.is_grad_enabled() and not self.config.freeze_backbone
-        try:
-            frames = pixel_values.flatten(0, 1).to(self.vision_model.embeddings.patch_embedding.weight.dtype)
-            with torch.set_grad_enabled(grad_enabled):
-                self.vision_model(pixel_values=frames)
-        finally:
-            for handle in handles:
-                handle.remove()
+        block_outputs, queries, keys = [], [], []
+        # The backbone's own modules, called in CLIPVisionModel's order (its post-LayerNorm is unused): no hook or
+        # shared state, so the forward is one graph under `torch.compile` and safe in concurrent threads.
+        with torch.set_grad_enabled(grad_enabled):
+            frames = pixel_values.flatten(0, 1).to(backbone.embeddings.patch_embedding.weight.dtype)
+            hidden_states = backbone.pre_layrnorm(backbone.embeddings(frames))
+            for index, layer in enumerate(layers):
+                if index >= first_used and need_query_key:
+                    # The q/k the block attends with, from its own LayerNorm and projections. Computed outside the
+                    # block, so they stay in the autograd graph when a trainable block is checkpointed.
+                    normed = layer.layer_norm1(hidden_states)
+                    queries.append(layer.self_attn.q_proj(normed))
+                    keys.append(layer.self_attn.k_proj(normed))
+                hidden_states = layer(hidden_states, None)
+                if index >= first_used:
+                    block_outputs.append(hidden_states)
 
         # The decoder works in its own dtype (float32 unless the whole model was cast), whatever the backbone's.
         dtype = self.decoder.query.dtype
@@ -642,17 +619,16 @@ class EVLModel(EVLPreTrainedModel):
         def as_clips(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(dtype).view(batch_size, num_frames, *tensor.shape[1:])
 
-        frame_features = torch.stack([as_clips(captured["output", index]) for index in used], dim=1)
+        frame_features = torch.stack([as_clips(output) for output in block_outputs], dim=1)
         cross_frame_maps = None
         if need_query_key:
             with torch.set_grad_enabled(grad_enabled):
                 cross_frame_maps = torch.stack(
                     [
                         cross_frame_attention_maps(
-                            as_clips(captured["q", index]).unflatten(-1, (heads, -1)),
-                            as_clips(captured["k", index]).unflatten(-1, (heads, -1)),
+                            as_clips(query).unflatten(-1, (heads, -1)), as_clips(key).unflatten(-1, (heads, -1))
                         )
-                        for index in used
+                        for query, key in zip(queries, keys)
                     ],
                     dim=1,
                 )
