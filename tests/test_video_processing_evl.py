@@ -242,3 +242,15 @@ def test_batch_of_arrays_and_tensors():
     videos = [np.zeros((12, 40, 40, 3), dtype=np.uint8), torch.zeros(20, 3, 50, 60, dtype=torch.uint8)]
     out = processor(videos, return_tensors="pt")["pixel_values"]
     assert out.shape == (2, 4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["num_frames", "sampling_rate", "num_temporal_views"])
+@pytest.mark.parametrize("do_sample_frames", [True, False])
+def test_zero_frames_strides_or_views_are_an_error_not_the_default(name, do_sample_frames, coded_clip):
+    # `num_frames=0` (e.g. from a pipeline argument) used to fall back silently to the processor's 8 frames.
+    video = np.zeros((12, 40, 40, 3), dtype=np.uint8)
+    for source in (video, str(coded_clip)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+            small_processor()(source, return_tensors="pt", do_sample_frames=do_sample_frames, **{name: 0})
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+        small_processor(**{name: 0})

@@ -382,6 +382,13 @@ def _decode_range(container, stream, name, wanted, first, fps, started, timeout,
     return result
 
 
+def _check_positive(**values) -> None:
+    # None means "the processor's default"; anything given must be a whole number of frames, views or a stride.
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
 def sample_frame_indices(
     total_num_frames: int,
     num_frames: int,
@@ -401,11 +408,7 @@ def sample_frame_indices(
     """
     if total_num_frames < 1:
         raise ValueError(f"Cannot sample frames from a video with {total_num_frames} frames.")
-    if num_frames < 1 or sampling_rate < 1 or num_temporal_views < 1:
-        raise ValueError(
-            f"num_frames ({num_frames}), sampling_rate ({sampling_rate}) and num_temporal_views "
-            f"({num_temporal_views}) must be positive."
-        )
+    _check_positive(num_frames=num_frames, sampling_rate=sampling_rate, num_temporal_views=num_temporal_views)
     generator = generator or np.random.default_rng()
     views = []
     if frame_sampling == "dense":
@@ -470,6 +473,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
 
     def __init__(self, **kwargs: Unpack[EVLVideosKwargs]):
         super().__init__(**kwargs)
+        _check_positive(num_frames=self.num_frames, sampling_rate=self.sampling_rate,
+                        num_temporal_views=self.num_temporal_views)  # fmt: skip
         if self.num_spatial_views not in (1, 3):
             raise ValueError(f"num_spatial_views must be 1 or 3, got {self.num_spatial_views}.")
         if self.decoding_backend not in DECODING_BACKENDS:
@@ -486,16 +491,19 @@ class EVLVideoProcessor(BaseVideoProcessor):
         **kwargs,
     ) -> np.ndarray:
         """Indices of the frames to decode for every temporal view (see `sample_frame_indices`)."""
+        # `is None`, not `or`: an explicit 0 is an error, never the default.
         return sample_frame_indices(
             metadata.total_num_frames,
-            num_frames or self.num_frames,
-            sampling_rate or self.sampling_rate,
+            self.num_frames if num_frames is None else num_frames,
+            self.sampling_rate if sampling_rate is None else sampling_rate,
             frame_sampling or self.frame_sampling,
-            num_temporal_views or self.num_temporal_views,
+            self.num_temporal_views if num_temporal_views is None else num_temporal_views,
             self.random_temporal_offset if random_temporal_offset is None else random_temporal_offset,
         )
 
     def preprocess(self, videos, **kwargs: Unpack[EVLVideosKwargs]) -> BatchFeature:
+        # Checked before any decoding, sampled or not: `num_frames=0` is a mistake, not "the default".
+        _check_positive(**{key: kwargs.get(key) for key in ("num_frames", "sampling_rate", "num_temporal_views")})
         if _is_video_source(videos) and kwargs.get("input_data_format") is None:
             # Decoded frames are (frames, height, width, 3). Inferred, the layout of a frame 1 or 3 pixels tall is
             # ambiguous and read as channels first: a 1x1 video would come out grey.
@@ -546,8 +554,9 @@ class EVLVideoProcessor(BaseVideoProcessor):
         num_spatial_views: int | None = None,
         **kwargs,
     ) -> BatchFeature:
-        num_temporal_views = num_temporal_views or 1
-        num_spatial_views = num_spatial_views or 1
+        num_temporal_views = 1 if num_temporal_views is None else num_temporal_views
+        num_spatial_views = 1 if num_spatial_views is None else num_spatial_views
+        _check_positive(num_temporal_views=num_temporal_views)
         if num_spatial_views not in (1, 3):
             raise ValueError(f"num_spatial_views must be 1 or 3, got {num_spatial_views}.")
         if num_spatial_views > 1 and not do_center_crop:
