@@ -254,3 +254,29 @@ def test_zero_frames_strides_or_views_are_an_error_not_the_default(name, do_samp
             small_processor()(source, return_tensors="pt", do_sample_frames=do_sample_frames, **{name: 0})
     with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
         small_processor(**{name: 0})
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_frames_given_as_a_clip_of_num_frames_are_used_as_they_are(as_tensor):
+    # They used to be re-sampled with the dense stride as if decoded: frame 0, then copies of the last frame.
+    video = index_coded_frames(4)
+    video = torch.from_numpy(video).permute(0, 3, 1, 2) if as_tensor else video
+    raw = dict(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False)
+    out = small_processor(**raw)(video, return_tensors="pt", return_metadata=True)
+    assert [frame_index(f.permute(1, 2, 0).numpy()) for f in out["pixel_values"][0]] == [0, 1, 2, 3]
+    assert list(out["video_metadata"][0].frames_indices) == [0, 1, 2, 3]
+    # Several temporal views of such a clip are the clip itself, as a video shorter than the window would give.
+    views = small_processor(num_temporal_views=2, **raw)(video, return_tensors="pt")["pixel_values"][0]
+    assert [[frame_index(f.permute(1, 2, 0).numpy()) for f in view] for view in views] == [[0, 1, 2, 3]] * 2
+
+
+def test_frames_given_as_an_array_of_other_lengths():
+    raw = dict(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False)
+    # Longer: sampled like a decoded video (the dense window, centred).
+    out = small_processor(**raw)(index_coded_frames(30), return_tensors="pt")["pixel_values"][0]
+    assert [frame_index(f.permute(1, 2, 0).numpy()) for f in out] == sample_frame_indices(30, 4, 3).tolist()
+    # Shorter: an error, as transformers' samplers raise; a file that short repeats its last frame instead.
+    with pytest.raises(ValueError, match="The video has 3 frames, fewer than num_frames=4"):
+        small_processor()(index_coded_frames(3), return_tensors="pt")
+    out = small_processor(**raw)(index_coded_frames(3), return_tensors="pt", do_sample_frames=False)["pixel_values"]
+    assert out.shape[1] == 3

@@ -446,6 +446,20 @@ class EVLVideoProcessor(BaseVideoProcessor):
     Inputs: paths, URLs, bytes, or decoded videos (arrays/tensors `(frames, height, width, 3)` or
     `(frames, 3, height, width)`, lists of PIL images), one or a list. Frames decoded from a file are known to be
     channels-last; for an array whose layout is ambiguous (frames 1 or 3 pixels tall) pass `input_data_format`.
+
+    Frames given as an array: exactly `num_frames` of them are a clip already sampled and are used as they are (every
+    temporal view is that clip); more are sampled like a decoded video; fewer raise a `ValueError` (a file that short
+    repeats its last frame, as the authors' evaluation does). `do_sample_frames=False` takes any array as it is.
+
+    ```python
+    >>> import numpy as np
+    >>> from evl_hf import EVLVideoProcessor
+
+    >>> processor = EVLVideoProcessor()  # 8 frames, 16 apart, 224x224 centre crop
+    >>> clip = np.random.randint(0, 256, (8, 240, 320, 3), dtype=np.uint8)  # already 8 frames: used as they are
+    >>> processor(clip, return_tensors="pt")["pixel_values"].shape
+    torch.Size([1, 8, 3, 224, 224])
+    ```
     """
 
     resample = PILImageResampling.BICUBIC
@@ -488,16 +502,34 @@ class EVLVideoProcessor(BaseVideoProcessor):
         frame_sampling: str | None = None,
         num_temporal_views: int | None = None,
         random_temporal_offset: bool | None = None,
+        given_frames: bool = False,
         **kwargs,
     ) -> np.ndarray:
-        """Indices of the frames to decode for every temporal view (see `sample_frame_indices`)."""
+        """
+        Indices of the frames to take for every temporal view (see `sample_frame_indices`).
+
+        `given_frames`: the frames were given as an array rather than decoded from a file. Such a clip of exactly
+        `num_frames` frames is taken as already sampled and used as it is (for every temporal view); a longer one is
+        sampled like a decoded video; a shorter one is an error, as in transformers' samplers (a file shorter than
+        the window repeats its last frame instead, as the authors' evaluation does).
+        """
         # `is None`, not `or`: an explicit 0 is an error, never the default.
+        num_frames = self.num_frames if num_frames is None else num_frames
+        num_temporal_views = self.num_temporal_views if num_temporal_views is None else num_temporal_views
+        total = metadata.total_num_frames
+        if given_frames and total == num_frames:
+            return np.tile(np.arange(total), num_temporal_views)
+        if given_frames and total < num_frames:
+            raise ValueError(
+                f"The video has {total} frames, fewer than num_frames={num_frames}. Pass at least {num_frames} frames, "
+                "the video file (short videos repeat their last frame), or do_sample_frames=False to use them as they are."
+            )
         return sample_frame_indices(
-            metadata.total_num_frames,
-            self.num_frames if num_frames is None else num_frames,
+            total,
+            num_frames,
             self.sampling_rate if sampling_rate is None else sampling_rate,
             frame_sampling or self.frame_sampling,
-            self.num_temporal_views if num_temporal_views is None else num_temporal_views,
+            num_temporal_views,
             self.random_temporal_offset if random_temporal_offset is None else random_temporal_offset,
         )
 
@@ -516,6 +548,9 @@ class EVLVideoProcessor(BaseVideoProcessor):
             sample = sample_indices_fn if do_sample_frames else None
             decoded = [decode_video(v, sample, backend=self.decoding_backend) for v in videos]
             return [frames for frames, _ in decoded], [metadata for _, metadata in decoded]
+        if do_sample_frames and sample_indices_fn is not None:
+            # transformers samples an array as if it were a whole decoded video; tell `sample_frames` it is not.
+            sample_indices_fn = functools.partial(sample_indices_fn, given_frames=True)
         return super()._decode_and_sample_videos(videos, video_metadata, do_sample_frames, sample_indices_fn)
 
     def _spatial_crops(self, frames: torch.Tensor, crop_size: SizeDict, num_spatial_views: int) -> list[torch.Tensor]:
