@@ -32,3 +32,8 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "torchcodec==0.16.0"
 .venv/bin/python -m pip install --quiet -e ".[testing]"
+# The test suite runs transformers' own model tests (ModelTesterMixin) against EVL; they ship in transformers' source
+# distribution, not in its wheel. Fetch them now, so that the tests run offline (they never download anything).
+.venv/bin/python tools/fetch_transformers_tests.py >/dev/null \
+    || echo "warning: could not fetch transformers' test files from PyPI: tests/test_modeling_evl_common.py stops" \
+        "with an error until \`.venv/bin/python tools/fetch_transformers_tests.py\` succeeds." >&2

@@ -1,7 +1,8 @@
 """
 transformers' own model contract (`ModelTesterMixin` from the installed release's `tests/test_modeling_common.py`)
 run against EVL. The test files come from transformers' PyPI source distribution (see
-`tools/fetch_transformers_tests.py`); they are not part of this repository.
+`tools/fetch_transformers_tests.py`, which `scripts/install.sh` runs); they are not part of this repository, and this
+module never downloads them: without them its collection fails, saying how to fetch them.
 
 That source distribution ships `test_modeling_common.py` but not two helper modules it imports:
 `tests/exporters/test_export.py` (the `ExportTesterMixin` base class, torch.export checks) and
@@ -10,19 +11,33 @@ empty classes below; torch.export of EVL is checked by `test_torch_export` in th
 """
 
 import copy
+import os
+import shutil
+import subprocess
 import sys
 import types
 import unittest
 from pathlib import Path
 
+import pytest
 import torch
+import transformers
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from fetch_transformers_tests import PACKAGE, fetch  # noqa: E402
+REPOSITORY = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPOSITORY / "tools"))
+from fetch_transformers_tests import DEFAULT_ROOT, PACKAGE  # noqa: E402
 
 
-sys.path.insert(0, str(fetch()))
+UPSTREAM_TESTS = DEFAULT_ROOT / transformers.__version__
+if not (UPSTREAM_TESTS / PACKAGE / "test_modeling_common.py").is_file():
+    pytest.fail(
+        f"transformers {transformers.__version__}'s own test files (ModelTesterMixin) are missing from "
+        f"{UPSTREAM_TESTS / PACKAGE}: run scripts/install.sh, or `python tools/fetch_transformers_tests.py`, once "
+        "with access to PyPI (they come from transformers' source distribution). The tests never download them.",
+        pytrace=False,
+    )
+sys.path.insert(0, str(UPSTREAM_TESTS))
 for name, attribute in (("exporters.test_export", "ExportTesterMixin"), ("generation.test_utils", "GenerationTesterMixin")):
     parent = types.ModuleType(f"{PACKAGE}.{name.split('.')[0]}")
     module = types.ModuleType(f"{PACKAGE}.{name}")
@@ -42,6 +57,25 @@ from transformers_upstream_tests.test_modeling_common import (  # noqa: E402
 
 from evl_hf import EVLConfig, EVLForVideoClassification, EVLModel  # noqa: E402
 from helpers import tiny_vision_config  # noqa: E402
+
+
+def test_missing_transformers_test_files_stop_collection_with_instructions(tmp_path):
+    """A clean clone, offline, before `scripts/install.sh`: a collection error that says what to run, no download."""
+    for name in ("tests/test_modeling_evl_common.py", "tests/conftest.py", "tests/helpers.py",
+                 "tools/fetch_transformers_tests.py"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(REPOSITORY / name, tmp_path / name)
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS="", PIP_CONFIG_FILE=os.devnull)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "run scripts/install.sh" in output, output[-3000:]
+    assert "pip download" not in output and "CalledProcessError" not in output, output[-3000:]  # no download tried
+    assert not (tmp_path / ".cache").exists()
+    assert "tools/fetch_transformers_tests.py" in (REPOSITORY / "scripts" / "install.sh").read_text()
 
 
 # A model that lives inside transformers is listed in these name tables; `AutoModel.register` (what `import evl_hf`
