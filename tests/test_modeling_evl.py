@@ -716,3 +716,69 @@ def test_concurrent_forwards_of_one_model_match_sequential_ones():
         thread.join()
     assert not errors, errors
     assert not mismatches, f"{len(mismatches)} of {num_threads * repetitions} concurrent forwards differ: {mismatches}"
+
+
+def _views_and_per_view_logits(model, num_views=3):
+    views = torch.stack([pixel_values(batch=2, seed=s) for s in range(num_views)], dim=1)  # (B, V, T, C, H, W)
+    with torch.no_grad():
+        per_view = torch.stack([model(views[:, v]).logits for v in range(num_views)], dim=1)
+    return views, per_view
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_multi_view_regression_averages_the_views_outputs(num_labels):
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(num_labels=num_labels, problem_type="regression")).eval()
+    randomize_decoder(model)
+    views, per_view = _views_and_per_view_logits(model)
+    labels = torch.randn(2, num_labels).squeeze(-1)
+    with torch.no_grad():
+        outputs = model(views, labels=labels)
+    torch.testing.assert_close(outputs.logits, per_view.mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(outputs.loss, torch.nn.functional.mse_loss(per_view.mean(1).squeeze(-1), labels))
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", None])  # None: inferred from float labels
+def test_multi_view_multi_label_averages_the_views_sigmoids(problem_type):
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(problem_type=problem_type)).eval()
+    randomize_decoder(model, scale=2.0)  # large logits: the combination must stay finite
+    views, per_view = _views_and_per_view_logits(model)
+    targets = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
+    with torch.no_grad():
+        outputs = model(views, labels=targets)
+    probabilities = per_view.double().sigmoid().mean(1)  # float64: some are within float32 rounding of 0 or 1
+    assert torch.isfinite(outputs.logits).all()
+    # What the pipeline's sigmoid and the BCE loss see is the views' mean probability.
+    torch.testing.assert_close(outputs.logits.sigmoid(), probabilities.float(), atol=1e-6, rtol=1e-5)
+    expected_loss = torch.nn.functional.binary_cross_entropy(probabilities, targets.double())
+    torch.testing.assert_close(outputs.loss, expected_loss.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_multi_view_hidden_states_and_attentions_are_per_clip_and_view():
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = EVLForVideoClassification(config).eval()
+    randomize_decoder(model)
+    views = torch.stack([pixel_values(batch=2, seed=s) for s in range(3)], dim=1)
+    with torch.no_grad():
+        outputs = model(views, output_hidden_states=True, output_attentions=True)
+        single = model(views[:, 1], output_hidden_states=True, output_attentions=True)
+    assert outputs.logits.shape == (2, 5)
+    assert len(outputs.hidden_states) == config.decoder_num_layers + 1
+    assert all(state.shape == (2, 3, 1, 32) for state in outputs.hidden_states)
+    assert all(weights.shape == (2, 3, config.decoder_num_heads, 1, 4 * 17) for weights in outputs.attentions)
+    for combined, view in zip(outputs.hidden_states + outputs.attentions, single.hidden_states + single.attentions):
+        torch.testing.assert_close(combined[:, 1], view, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_docstring_examples_run():
+    import doctest
+
+    for forward in (EVLModel.forward, EVLForVideoClassification.forward):
+        finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+        examples = [test for test in finder.find(forward, forward.__qualname__, globs={}) if test.examples]
+        assert examples, f"{forward.__qualname__} has no runnable example"
+        for example in examples:
+            runner.run(example)
+        assert runner.summarize(verbose=False).failed == 0, forward.__qualname__

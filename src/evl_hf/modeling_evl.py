@@ -13,6 +13,7 @@
 # limitations under the License.
 """PyTorch EVL model: a frozen CLIP ViT backbone with a light temporal Transformer decoder."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -668,6 +669,37 @@ class EVLModel(EVLPreTrainedModel):
             Precomputed backbone features (`extract_backbone_features`, or a feature cache) instead of `pixel_values`.
         cross_frame_maps (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, 2, num_patches, num_patches)`, *optional*):
             Precomputed cross-frame attention maps, with `frame_features` when cross-frame attention is used.
+
+        Example (a tiny random model; a converted checkpoint loads with `EVLModel.from_pretrained(path)`):
+
+        ```python
+        >>> import torch
+        >>> from transformers import CLIPVisionConfig
+        >>> from evl_hf import EVLConfig, EVLModel
+
+        >>> vision_config = CLIPVisionConfig(
+        ...     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        ...     patch_size=8,
+        ... )
+        >>> config = EVLConfig(
+        ...     vision_config=vision_config, num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32,
+        ...     decoder_num_heads=4,
+        ... )
+        >>> model = EVLModel(config).eval()
+        >>> clip = torch.randn(2, 4, 3, 32, 32)  # (batch_size, num_frames, channels, height, width)
+        >>> with torch.no_grad():
+        ...     outputs = model(clip, output_attentions=True)
+        >>> outputs.pooler_output.shape  # the video embedding
+        torch.Size([2, 32])
+        >>> outputs.attentions[0].shape  # (batch_size, decoder_num_heads, 1, num_frames * (num_patches + 1))
+        torch.Size([2, 4, 1, 68])
+        >>> features = model.extract_backbone_features(clip)  # cacheable: the frozen backbone's share of the work
+        >>> with torch.no_grad():
+        ...     cached = model(frame_features=features.frame_features, cross_frame_maps=features.cross_frame_maps)
+        >>> torch.allclose(cached.pooler_output, outputs.pooler_output, atol=1e-6)
+        True
+
+        ```
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -720,8 +752,17 @@ class EVLForVideoClassification(EVLPreTrainedModel):
     EVL with its classification head (LayerNorm, dropout, linear) on the video embedding.
 
     `pixel_values` is `(batch_size, num_frames, channels, height, width)`, or `(batch_size, num_views, num_frames,
-    channels, height, width)` for multi-view evaluation: every view is classified and the returned `logits` are the
-    log of the view-averaged softmax probabilities (the authors' protocol), so `logits.softmax(-1)` is that average.
+    channels, height, width)` for multi-view evaluation: every view is classified and the returned `logits`
+    (`(batch_size, num_labels)`) combine the views' predictions, as `config.problem_type` reads them:
+
+    - single-label classification: the log of the view-averaged softmax probabilities (the authors' protocol), so
+      `logits.softmax(-1)` is that average;
+    - multi-label classification: the logit of the view-averaged sigmoid probabilities, so `logits.sigmoid()` is that
+      average;
+    - regression: the mean of the views' outputs.
+
+    The loss is that of the combined prediction. An unset `problem_type` is inferred as transformers' classification
+    losses do (`num_labels == 1`: regression; float `labels`: multi-label; otherwise single-label).
     """
 
     def __init__(self, config: EVLConfig):
@@ -825,12 +866,48 @@ class EVLForVideoClassification(EVLPreTrainedModel):
     ) -> ImageClassifierOutput:
         r"""
         pixel_values (`torch.FloatTensor`):
-            `(batch_size, num_frames, channels, height, width)`, or with a views dimension after the batch one.
+            `(batch_size, num_frames, channels, height, width)`, or `(batch_size, num_views, num_frames, channels,
+            height, width)`: the views' predictions are then combined (see the class docstring), and each of
+            `hidden_states` and `attentions` gets a views dimension after the batch one, e.g. `(batch_size, num_views,
+            1, hidden_size)`.
         frame_features, cross_frame_maps (*optional*):
             Precomputed backbone features instead of `pixel_values`, see [`EVLModel.forward`].
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Labels for the loss. With `config.num_labels == 1` a regression (MSE) loss is computed, otherwise a
             classification loss (cross-entropy, or BCE for `problem_type="multi_label_classification"`).
+
+        Example (a tiny random model; a converted checkpoint loads with `EVLForVideoClassification.from_pretrained`,
+        and `EVLVideoProcessor` makes `pixel_values` from a video file):
+
+        ```python
+        >>> import torch
+        >>> from transformers import CLIPVisionConfig
+        >>> from evl_hf import EVLConfig, EVLForVideoClassification
+
+        >>> vision_config = CLIPVisionConfig(
+        ...     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        ...     patch_size=8,
+        ... )
+        >>> config = EVLConfig(
+        ...     vision_config=vision_config, num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32,
+        ...     decoder_num_heads=4, num_labels=3,
+        ... )
+        >>> model = EVLForVideoClassification(config).eval()
+        >>> clip = torch.randn(2, 4, 3, 32, 32)  # (batch_size, num_frames, channels, height, width)
+        >>> with torch.no_grad():
+        ...     outputs = model(clip, labels=torch.tensor([0, 2]))
+        >>> outputs.logits.shape
+        torch.Size([2, 3])
+
+        >>> views = torch.randn(2, 3, 4, 3, 32, 32)  # three crops of each clip: (batch_size, num_views, ...)
+        >>> with torch.no_grad():
+        ...     outputs = model(views, output_hidden_states=True)
+        >>> outputs.logits.shape  # one prediction per clip: the log of the views' mean softmax
+        torch.Size([2, 3])
+        >>> outputs.hidden_states[-1].shape  # (batch_size, num_views, 1, hidden_size)
+        torch.Size([2, 3, 1, 32])
+
+        ```
         """
         num_views = None
         if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 6:
@@ -845,20 +922,43 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             **kwargs,
         )
         logits = self.classifier(self.dropout(self.fc_norm(outputs.pooler_output)))
+        hidden_states, attentions = outputs.hidden_states, outputs.attentions
         if num_views is not None:
-            probabilities = logits.float().softmax(-1).view(-1, num_views, logits.shape[-1]).mean(1)
-            logits = probabilities.log().to(logits.dtype)
+            logits = self._combine_views(logits.unflatten(0, (-1, num_views)), labels)
+
+            def per_view(states):
+                if states is None:
+                    return None
+                return tuple(state if state is None else state.unflatten(0, (-1, num_views)) for state in states)
+
+            hidden_states, attentions = per_view(hidden_states), per_view(attentions)
 
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
 
-        return ImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
+
+    def _combine_views(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """(batch_size, num_views, num_labels) per-view logits -> (batch_size, num_labels), see the class docstring."""
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels is not None and labels.dtype not in (torch.long, torch.int):
+                problem_type = "multi_label_classification"
+        if problem_type == "regression":
+            return logits.mean(1)
+        # In log space, so that confident views give finite logits: log(mean_v p_v) = logsumexp_v(log p_v) - log(V).
+        views = logits.float()
+        if problem_type == "multi_label_classification":
+            # logit(p) = log(p) - log(1 - p), with p the mean sigmoid and 1 - p the mean of sigmoid(-x).
+            combined = torch.logsumexp(nn.functional.logsigmoid(views), 1) - torch.logsumexp(
+                nn.functional.logsigmoid(-views), 1
+            )
+        else:
+            combined = torch.logsumexp(views.log_softmax(-1), 1) - math.log(views.shape[1])
+        return combined.to(logits.dtype)
 
 
 __all__ = [
