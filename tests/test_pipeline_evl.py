@@ -151,18 +151,85 @@ def test_pipeline_batches_videos_like_one_at_a_time(saved_model, clip_path, tmp_
         np.testing.assert_allclose([r["score"] for r in single], [r["score"] for r in together], atol=1e-5)
 
 
-def test_trust_remote_code_loads_where_evl_hf_cannot_be_imported(saved_model, clip_path, tmp_path):
-    script = f"""
-import sys
-sys.modules["evl_hf"] = None  # make `import evl_hf` fail in this process
-from transformers import AutoModelForVideoClassification, pipeline
-model = AutoModelForVideoClassification.from_pretrained({str(saved_model)!r}, trust_remote_code=True)
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-classifier = pipeline("video-classification", model={str(saved_model)!r}, trust_remote_code=True)
-print(classifier({str(clip_path)!r}, top_k=1)[0]["label"])
+# Run at the start of a child process (as its sitecustomize): `evl_hf` and `torchcodec` are not installed there, as
+# far as the import system and the package metadata can tell (`import` raises ModuleNotFoundError, `find_spec` gives
+# None, importlib.metadata finds no distribution), which is what transformers' availability and remote-code checks see.
+HIDE_PACKAGES = """
+import importlib.abc, sys
+
+HIDDEN = {"evl_hf", "torchcodec"}
+HIDDEN_DISTRIBUTIONS = {"evl-hf", "evl_hf", "torchcodec"}
+
+
+class Hide(importlib.abc.MetaPathFinder):
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def find_distributions(self, *args, **kwargs):
+        find = getattr(self.finder, "find_distributions", None)
+        for distribution in find(*args, **kwargs) if find else ():
+            if (distribution.metadata["Name"] or "").lower() not in HIDDEN_DISTRIBUTIONS:
+                yield distribution
+
+    def invalidate_caches(self):
+        if hasattr(self.finder, "invalidate_caches"):
+            self.finder.invalidate_caches()
+
+
+sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
 """
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_trust_remote_code_loads_where_evl_hf_and_torchcodec_are_not_installed(saved_model, clip_path, tmp_path):
+    """A user of transformers alone: remote model, base model, processor and pipeline, with no torchcodec installed."""
+    (tmp_path / "checkpoint").mkdir()
+    checkpoint = copy_checkpoint(saved_model, tmp_path / "checkpoint")
+    auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
+    assert auto_map.get("AutoModel") == "modeling_evl.EVLModel", auto_map
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_PACKAGES)
+    expected_pixels = EVLVideoProcessor.from_pretrained(checkpoint, decoding_backend="pyav")(
+        str(clip_path), return_tensors="pt"
+    )["pixel_values"]
+    np.save(tmp_path / "expected_pixels.npy", expected_pixels.numpy())
+    script = f"""
+import importlib.metadata, importlib.util, json
+import numpy as np, torch
+for name in ("evl_hf", "torchcodec"):
+    assert importlib.util.find_spec(name) is None, name
+    try:
+        __import__(name)
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise AssertionError(name + " is importable")
+from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor, pipeline
+from transformers.utils import is_torchcodec_available
+assert not is_torchcodec_available()
+
+checkpoint = {str(checkpoint)!r}
+remote = lambda cls: cls.from_pretrained(checkpoint, trust_remote_code=True)
+for loaded, name in ((remote(AutoConfig), "EVLConfig"), (remote(AutoModel), "EVLModel"),
+                     (remote(AutoModelForVideoClassification), "EVLForVideoClassification"),
+                     (remote(AutoVideoProcessor), "EVLVideoProcessor")):
+    assert type(loaded).__name__ == name and type(loaded).__module__.startswith("transformers_modules"), type(loaded)
+pixels = remote(AutoVideoProcessor)({str(clip_path)!r}, return_tensors="pt")["pixel_values"]
+np.testing.assert_allclose(pixels.numpy(), np.load({str(tmp_path / "expected_pixels.npy")!r}), atol=1e-6)
+classifier = pipeline("video-classification", model=checkpoint, trust_remote_code=True)
+print(json.dumps(classifier({str(clip_path)!r}, top_k=5)))
+"""
+    env = dict(
+        os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = LABELS[int(expected_scores(saved_model, str(clip_path)).argmax())]
-    assert result.stdout.strip().splitlines()[-1] == expected
+    check_result(json.loads(result.stdout.strip().splitlines()[-1]), expected_scores(checkpoint, str(clip_path)), 5)

@@ -50,6 +50,10 @@ EVL_PRESETS = {
 
 _PROCESSOR_PRESET_KEYS = ("backbone", "sampling_rate", "num_spatial_views", "num_temporal_views")
 
+# The auto classes of the models in `modeling_evl.py`. Saving a model writes only its own class into `auto_map`; a
+# checkpoint's remote code (`trust_remote_code=True`) holds both, so both are listed.
+_AUTO_MODEL_CLASSES = {"AutoModel": "EVLModel", "AutoModelForVideoClassification": "EVLForVideoClassification"}
+
 
 @strict
 class EVLConfig(PreTrainedConfig):
@@ -175,6 +179,22 @@ class EVLConfig(PreTrainedConfig):
                     f"`vision_config.image_size` ({vision.image_size}) must be a multiple of "
                     f"`vision_config.patch_size` ({vision.patch_size}) for the cross-frame attention's patch grid."
                 )
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        auto_map = output.get("auto_map")
+        if isinstance(auto_map, dict):
+            # A saved model's remote code module ("modeling_evl", or "repo--modeling_evl" once loaded from the Hub)
+            # serves every EVL model class.
+            modules = [
+                auto_map[auto_class].rpartition(".")[0]
+                for auto_class, name in _AUTO_MODEL_CLASSES.items()
+                if isinstance(auto_map.get(auto_class), str) and auto_map[auto_class].endswith(f".{name}")
+            ]
+            if modules:
+                for auto_class, name in _AUTO_MODEL_CLASSES.items():
+                    auto_map.setdefault(auto_class, f"{modules[0]}.{name}")
+        return output
 
     @property
     def patch_grid(self) -> tuple[int, int]:
