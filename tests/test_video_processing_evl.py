@@ -280,3 +280,19 @@ def test_frames_given_as_an_array_of_other_lengths():
         small_processor()(index_coded_frames(3), return_tensors="pt")
     out = small_processor(**raw)(index_coded_frames(3), return_tensors="pt", do_sample_frames=False)["pixel_values"]
     assert out.shape[1] == 3
+
+
+def test_fps_samples_by_time_and_excludes_num_frames(coded_clip):
+    # BaseVideoProcessor's contract, which `fps` used to ignore: 300 frames at 25 fps are 12 s, one frame a second.
+    raw = dict(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False)
+    out = small_processor(**raw)(str(coded_clip), fps=1, return_tensors="pt", return_metadata=True)
+    indices = [frame_index(f.permute(1, 2, 0).numpy()) for f in out["pixel_values"][0]]
+    assert indices == out["video_metadata"][0].frames_indices == [12 + 25 * second for second in range(12)]
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        small_processor()(str(coded_clip), fps=1, num_frames=4)
+    with pytest.raises(ValueError, match="needs the video's frame rate"):
+        small_processor()(np.zeros((30, 8, 8, 3), dtype=np.uint8), fps=1)
+    # A processor saved with fps samples by time; a call's num_frames takes over.
+    by_time = small_processor(fps=0.5, **raw)
+    assert by_time(str(coded_clip), return_tensors="pt")["pixel_values"].shape[1] == 6
+    assert by_time(str(coded_clip), num_frames=4, return_tensors="pt")["pixel_values"].shape[1] == 4

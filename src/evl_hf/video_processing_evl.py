@@ -43,8 +43,14 @@ class EVLVideoDecodingError(ValueError):
     """A video could not be opened or decoded; the message names the file and the problem."""
 
 
-class EVLVideosKwargs(VideosKwargs, total=False):
+class EVLVideoProcessorKwargs(VideosKwargs, total=False):
     """
+    `fps` (transformers' argument) samples by time instead of `num_frames`: `duration * fps` frames spread evenly over
+    the video (one per `1 / fps` seconds). It needs the video's frame rate (decoded files have it; for an array pass
+    `video_metadata`) and excludes `num_frames`: giving both in one call is an error. A processor saved with `fps`
+    samples by time unless a call gives `num_frames`. EVL checkpoints take a fixed number of frames, so `fps` suits
+    feature extraction more than classification.
+
     sampling_rate (`int`, *optional*):
         Stride, in decoded frames, between the frames of one dense window (the authors use 16, or 8 for 32 frames).
     frame_sampling (`str`, *optional*):
@@ -66,6 +72,10 @@ class EVLVideosKwargs(VideosKwargs, total=False):
     num_spatial_views: int | None
     random_temporal_offset: bool | None
     decoding_backend: str | None
+
+
+# The name this module had before transformers' lookup (`<Processor>Kwargs`) was followed.
+EVLVideosKwargs = EVLVideoProcessorKwargs
 
 
 @functools.cache
@@ -476,19 +486,22 @@ class EVLVideoProcessor(BaseVideoProcessor):
     do_convert_rgb = True
     do_sample_frames = True
     num_frames = 8
+    fps = None
     sampling_rate = 16
     frame_sampling = "dense"
     num_temporal_views = 1
     num_spatial_views = 1
     random_temporal_offset = False
     decoding_backend = "auto"
-    valid_kwargs = EVLVideosKwargs
+    valid_kwargs = EVLVideoProcessorKwargs
     model_input_names = ["pixel_values"]
 
-    def __init__(self, **kwargs: Unpack[EVLVideosKwargs]):
+    def __init__(self, **kwargs: Unpack[EVLVideoProcessorKwargs]):
         super().__init__(**kwargs)
         _check_positive(num_frames=self.num_frames, sampling_rate=self.sampling_rate,
                         num_temporal_views=self.num_temporal_views)  # fmt: skip
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be positive, got {self.fps!r}.")
         if self.num_spatial_views not in (1, 3):
             raise ValueError(f"num_spatial_views must be 1 or 3, got {self.num_spatial_views}.")
         if self.decoding_backend not in DECODING_BACKENDS:
@@ -503,20 +516,46 @@ class EVLVideoProcessor(BaseVideoProcessor):
         num_temporal_views: int | None = None,
         random_temporal_offset: bool | None = None,
         given_frames: bool = False,
+        fps: float | None = None,
         **kwargs,
     ) -> np.ndarray:
         """
         Indices of the frames to take for every temporal view (see `sample_frame_indices`).
+
+        `fps` (exclusive with `num_frames`; default `self.fps`): sample one frame per `1 / fps` seconds of the video
+        instead, evenly over its whole length, which needs `metadata.fps`.
 
         `given_frames`: the frames were given as an array rather than decoded from a file. Such a clip of exactly
         `num_frames` frames is taken as already sampled and used as it is (for every temporal view); a longer one is
         sampled like a decoded video; a shorter one is an error, as in transformers' samplers (a file shorter than
         the window repeats its last frame instead, as the authors' evaluation does).
         """
+        if fps is not None and num_frames is not None:
+            raise ValueError("`num_frames` and `fps` are mutually exclusive arguments, please use only one!")
+        if fps is None and num_frames is None:
+            fps = self.fps
         # `is None`, not `or`: an explicit 0 is an error, never the default.
-        num_frames = self.num_frames if num_frames is None else num_frames
         num_temporal_views = self.num_temporal_views if num_temporal_views is None else num_temporal_views
+        random_temporal_offset = self.random_temporal_offset if random_temporal_offset is None else random_temporal_offset
         total = metadata.total_num_frames
+        if fps is not None:
+            if not fps > 0:
+                raise ValueError(f"fps must be positive, got {fps!r}.")
+            if not metadata.fps:
+                raise ValueError(
+                    f"Sampling at fps={fps} needs the video's frame rate: pass `video_metadata` with `fps` (frames "
+                    "decoded from a file have it), or `num_frames` instead."
+                )
+            num_frames = max(1, int(total / metadata.fps * fps))
+            if num_frames > total:
+                raise ValueError(
+                    f"fps={fps} asks for {num_frames} frames, more than the video's {total} ({metadata.fps:g} fps)."
+                )
+            # One frame per 1/fps seconds: evenly spread over the whole video, whatever `frame_sampling` says.
+            return sample_frame_indices(total, num_frames, frame_sampling="uniform",
+                                        num_temporal_views=num_temporal_views,
+                                        random_temporal_offset=random_temporal_offset)  # fmt: skip
+        num_frames = self.num_frames if num_frames is None else num_frames
         if given_frames and total == num_frames:
             return np.tile(np.arange(total), num_temporal_views)
         if given_frames and total < num_frames:
@@ -530,12 +569,20 @@ class EVLVideoProcessor(BaseVideoProcessor):
             self.sampling_rate if sampling_rate is None else sampling_rate,
             frame_sampling or self.frame_sampling,
             num_temporal_views,
-            self.random_temporal_offset if random_temporal_offset is None else random_temporal_offset,
+            random_temporal_offset,
         )
 
-    def preprocess(self, videos, **kwargs: Unpack[EVLVideosKwargs]) -> BatchFeature:
+    def preprocess(self, videos, **kwargs: Unpack[EVLVideoProcessorKwargs]) -> BatchFeature:
         # Checked before any decoding, sampled or not: `num_frames=0` is a mistake, not "the default".
         _check_positive(**{key: kwargs.get(key) for key in ("num_frames", "sampling_rate", "num_temporal_views")})
+        # transformers fills every argument not given from the processor, so `sample_frames` would always see our
+        # default `num_frames` next to an `fps`: decide here which one this call samples by.
+        if kwargs.get("fps") is not None and kwargs.get("num_frames") is not None:
+            raise ValueError("`num_frames` and `fps` are mutually exclusive arguments, please use only one!")
+        if kwargs.get("num_frames") is not None:
+            kwargs["fps"] = None
+        elif kwargs.get("fps") is not None or self.fps is not None:
+            kwargs["num_frames"] = None
         if _is_video_source(videos) and kwargs.get("input_data_format") is None:
             # Decoded frames are (frames, height, width, 3). Inferred, the layout of a frame 1 or 3 pixels tall is
             # ambiguous and read as channels first: a 1x1 video would come out grey.
@@ -620,6 +667,7 @@ class EVLVideoProcessor(BaseVideoProcessor):
 
 __all__ = [
     "EVLVideoProcessor",
+    "EVLVideoProcessorKwargs",
     "EVLVideoDecodingError",
     "decode_video",
     "resolve_decoding_backend",
