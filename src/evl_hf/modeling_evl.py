@@ -468,6 +468,15 @@ class EVLPreTrainedModel(PreTrainedModel):
                         lines.append(f"\n  {key}: checkpoint {shape} vs model {expected[key]}")
         return "".join(lines)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers treats models defined outside it as code whose `_init_weights` may write tensors in place, and
+        # then skips every module without parameters of its own, for the backbone too: CLIP initialises its attention
+        # and MLP projections from those parameter-less parents, so weights missing from a checkpoint would get
+        # another distribution than at construction. EVL's and CLIP's `_init_weights` both go through
+        # `transformers.initialization`, which never overwrites a loaded tensor, so they need no such guard.
+        return False
+
     def _init_weights(self, module):
         # Initialised where each tensor is owned, so that weights missing from a checkpoint get the same values.
         # The CLIP backbone is a `PreTrainedModel` of its own and is initialised by CLIP's rules.
