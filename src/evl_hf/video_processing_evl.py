@@ -64,6 +64,8 @@ class EVLVideoProcessorKwargs(VideosKwargs, total=False):
         Training augmentation: draw the dense window's start (or the uniform offsets) at random.
     decoding_backend (`str`, *optional*):
         `"auto"` (torchcodec when it can load, else PyAV), `"torchcodec"` or `"pyav"`; see `decode_video`.
+    antialias (`bool`, *optional*):
+        Antialias when resizing. Off by default, as in the authors' evaluation (the released checkpoints' accuracy).
     """
 
     sampling_rate: int | None
@@ -72,6 +74,7 @@ class EVLVideoProcessorKwargs(VideosKwargs, total=False):
     num_spatial_views: int | None
     random_temporal_offset: bool | None
     decoding_backend: str | None
+    antialias: bool | None
 
 
 # The name this module had before transformers' lookup (`<Processor>Kwargs`) was followed.
@@ -413,7 +416,9 @@ def sample_frame_indices(
 
     Dense (the authors' protocol): a window of frames `sampling_rate` apart; one view is centred, several are spread
     evenly from the first to the last possible start, and `random_temporal_offset` draws the start uniformly. A video
-    shorter than the window repeats its last frame. Uniform: the video is cut into `num_frames` equal segments and
+    shorter than the window repeats its last frame, or, with `random_temporal_offset` (training), the last index of
+    the window inside the video, as the authors' training sampler does (20 frames, 8 x 4:
+    `[0, 4, 8, 12, 16, 16, 16, 16]`; evaluation: `[0, 4, 8, 12, 16, 19, 19, 19]`). Uniform: the video is cut into `num_frames` equal segments and
     one frame is taken per segment, at the same relative offset in each (centred, spread over views, or random).
     """
     if total_num_frames < 1:
@@ -430,8 +435,14 @@ def sample_frame_indices(
             elif num_temporal_views == 1:
                 start = last_start // 2
             else:
-                start = round(view * last_start / (num_temporal_views - 1))
-            views.append(np.minimum(start + np.arange(num_frames) * sampling_rate, total_num_frames - 1))
+                # The authors' order of operations, so a start that lands on .5 rounds the same way.
+                start = round(last_start / (num_temporal_views - 1) * view)
+            indices = start + np.arange(num_frames) * sampling_rate
+            if random_temporal_offset:
+                # The authors' training sampler repeats the last index it could sample, their evaluation (and
+                # ours) the video's last frame.
+                indices[indices >= total_num_frames] = indices[indices < total_num_frames][-1]
+            views.append(np.minimum(indices, total_num_frames - 1))
     elif frame_sampling == "uniform":
         segment = total_num_frames / num_frames
         for view in range(num_temporal_views):
@@ -444,10 +455,13 @@ def sample_frame_indices(
 
 class EVLVideoProcessor(BaseVideoProcessor):
     r"""
-    Prepares clips for EVL the way the authors do: decode (torchcodec, or PyAV where torchcodec is not installed or
-    cannot read a file; both seek to the frames needed and pick the same frames, see `decode_video`), sample frames
-    densely with a stride (or uniformly), resize the short side, centre-crop (or take 3 spatial crops), rescale and
-    normalise with the OpenAI CLIP mean/std.
+    Prepares clips for EVL the way the authors' evaluation does: decode (torchcodec, or PyAV where torchcodec is not
+    installed or cannot read a file; both seek to the frames needed and pick the same frames, see `decode_video`),
+    sample frames densely with a stride (or uniformly), resize the short side of float frames with bilinear
+    interpolation and no antialiasing, centre-crop (or take 3 spatial crops at offsets `0, margin // 2, margin` of the
+    long side), rescale and normalise with the OpenAI CLIP mean/std. On the authors' evaluation transform this matches
+    to within 1e-5 (`tests/evl_reference_transform.py`); bicubic with antialias on uint8 frames, the defaults before,
+    moved pixels by 0.02 on average. `resample` and `antialias` can be set for other preprocessing.
 
     Returns `pixel_values` of shape `(batch_size, num_frames, 3, crop_height, crop_width)`, or, with more than one
     view, `(batch_size, num_views, num_frames, 3, crop_height, crop_width)` (temporal-major view order), which
@@ -472,7 +486,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
     ```
     """
 
-    resample = PILImageResampling.BICUBIC
+    resample = PILImageResampling.BILINEAR
+    antialias = False
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
     size = {"shortest_edge": 224}
@@ -610,11 +625,12 @@ class EVLVideoProcessor(BaseVideoProcessor):
             frames = self.center_crop(frames, SizeDict(height=max(height, crop_height), width=max(width, crop_width)))
             height, width = frames.shape[-2:]
         crops = []
-        for position in (0.0, 0.5, 1.0):
+        margin = width - crop_width if width >= height else height - crop_height
+        for start in (0, margin // 2, margin):  # the authors floor the centre crop's offset
             if width >= height:
-                top, left = (height - crop_height) // 2, round(position * (width - crop_width))
+                top, left = (height - crop_height) // 2, start
             else:
-                top, left = round(position * (height - crop_height)), (width - crop_width) // 2
+                top, left = start, (width - crop_width) // 2
             crops.append(frames[..., top : top + crop_height, left : left + crop_width])
         return crops
 
@@ -634,6 +650,7 @@ class EVLVideoProcessor(BaseVideoProcessor):
         return_tensors=None,
         num_temporal_views: int | None = None,
         num_spatial_views: int | None = None,
+        antialias: bool | None = None,
         **kwargs,
     ) -> BatchFeature:
         num_temporal_views = 1 if num_temporal_views is None else num_temporal_views
@@ -651,7 +668,9 @@ class EVLVideoProcessor(BaseVideoProcessor):
                     "let the processor sample frames (do_sample_frames=True) for multi-view evaluation."
                 )
             if do_resize:
-                video = self.resize(video, size=size, resample=resample)
+                # The authors resize float frames: resizing uint8 would round every resized pixel to an integer.
+                video = video if video.is_floating_point() else video.float()
+                video = self.resize(video, size=size, resample=resample, antialias=bool(antialias))
             crops = self._spatial_crops(video, crop_size, num_spatial_views) if do_center_crop else [video]
             crops = [
                 self.rescale_and_normalize(crop, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
