@@ -15,8 +15,8 @@ against. The steps and their order are theirs:
 Views come out spatial-major, `(C, T, spatial_size, spatial_size)` each, as theirs do.
 
 One liberty, for memory only: steps 2-4 act on each frame independently, so they are applied to the frames that step
-5 keeps rather than to the whole decoded video (a 720p clip of 132 frames would be 1.5 GB of floats). No step mixes frames, so the result
-is the same.
+5 keeps rather than to the whole decoded video (a 720p clip of 132 frames would be 1.5 GB of floats). No step mixes
+frames, so the result is the same.
 """
 
 import av

@@ -418,8 +418,9 @@ def sample_frame_indices(
     evenly from the first to the last possible start, and `random_temporal_offset` draws the start uniformly. A video
     shorter than the window repeats its last frame, or, with `random_temporal_offset` (training), the last index of
     the window inside the video, as the authors' training sampler does (20 frames, 8 x 4:
-    `[0, 4, 8, 12, 16, 16, 16, 16]`; evaluation: `[0, 4, 8, 12, 16, 19, 19, 19]`). Uniform: the video is cut into `num_frames` equal segments and
-    one frame is taken per segment, at the same relative offset in each (centred, spread over views, or random).
+    `[0, 4, 8, 12, 16, 16, 16, 16]`; evaluation: `[0, 4, 8, 12, 16, 19, 19, 19]`). Uniform: the video is cut into
+    `num_frames` equal segments and one frame is taken per segment, at the same relative offset in each (centred,
+    spread over views, or random).
     """
     if total_num_frames < 1:
         raise ValueError(f"Cannot sample frames from a video with {total_num_frames} frames.")
@@ -461,7 +462,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
     interpolation and no antialiasing, centre-crop (or take 3 spatial crops at offsets `0, margin // 2, margin` of the
     long side), rescale and normalise with the OpenAI CLIP mean/std. On the authors' evaluation transform this matches
     to within 1e-5 (`tests/evl_reference_transform.py`); bicubic with antialias on uint8 frames, the defaults before,
-    moved pixels by 0.02 on average. `resample` and `antialias` can be set for other preprocessing.
+    differed from it by 0.02 on average (normalised units, on a real clip). `resample` and `antialias` can be set for
+    other preprocessing; a processor saved before keeps the `resample` it was saved with.
 
     Returns `pixel_values` of shape `(batch_size, num_frames, 3, crop_height, crop_width)`, or, with more than one
     view, `(batch_size, num_views, num_frames, 3, crop_height, crop_width)` (temporal-major view order), which
@@ -551,7 +553,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
             fps = self.fps
         # `is None`, not `or`: an explicit 0 is an error, never the default.
         num_temporal_views = self.num_temporal_views if num_temporal_views is None else num_temporal_views
-        random_temporal_offset = self.random_temporal_offset if random_temporal_offset is None else random_temporal_offset
+        if random_temporal_offset is None:
+            random_temporal_offset = self.random_temporal_offset
         total = metadata.total_num_frames
         if fps is not None:
             if not fps > 0:
@@ -575,8 +578,9 @@ class EVLVideoProcessor(BaseVideoProcessor):
             return np.tile(np.arange(total), num_temporal_views)
         if given_frames and total < num_frames:
             raise ValueError(
-                f"The video has {total} frames, fewer than num_frames={num_frames}. Pass at least {num_frames} frames, "
-                "the video file (short videos repeat their last frame), or do_sample_frames=False to use them as they are."
+                f"The video has {total} frames, fewer than num_frames={num_frames}. Pass at least {num_frames} "
+                "frames, the video file (short videos repeat their last frame), or do_sample_frames=False to use "
+                "them as they are."
             )
         return sample_frame_indices(
             total,
