@@ -23,10 +23,15 @@ import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling, SizeDict
 from transformers.processing_utils import Unpack, VideosKwargs
-from transformers.utils import is_torchcodec_usable, logging
+from transformers.utils import is_av_available, is_torchcodec_usable, logging
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+
+# Optional decoders, guarded (as transformers' own files do) so that transformers' remote-code check, which requires
+# every unguarded import, loads this file where they are not installed.
+if is_av_available():
+    import av
 
 logger = logging.get_logger(__name__)
 
@@ -225,7 +230,10 @@ def _decode_with_torchcodec(opened, start_position, name, sample_indices_fn, max
     frame count, rate and key frames come from the container's index, so opening a long video does not read all of it
     (exact mode scans every packet first).
     """
-    from torchcodec.decoders import VideoDecoder
+    try:  # guarded for transformers' remote-code check; `resolve_decoding_backend` checked that it loads
+        from torchcodec.decoders import VideoDecoder
+    except ImportError as error:  # `decode_video` decodes with PyAV instead
+        raise ImportError(f"torchcodec cannot be imported: {error}") from error
 
     decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1)
     stream = decoder.metadata
@@ -254,7 +262,8 @@ def _decode_with_torchcodec(opened, start_position, name, sample_indices_fn, max
 
 
 def _decode_with_pyav(opened, name, sample_indices_fn, max_frame_pixels, timeout, started, stats):
-    import av
+    if not is_av_available():
+        raise ImportError(f"{name}: decoding a video file without torchcodec needs PyAV: pip install av")
 
     try:
         container = av.open(opened, mode="r", metadata_errors="ignore")
@@ -341,8 +350,6 @@ def _decode_range(container, stream, name, wanted, first, fps, started, timeout,
     with each wanted index mapped to the first decoded frame at or after it (the last frame if the stream ends
     early); without, returns the list of all frames.
     """
-    import av
-
     start_seconds = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     if wanted is not None and fps and first > 0:
         target = int((start_seconds + first / fps) / stream.time_base)
