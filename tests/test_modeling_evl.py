@@ -782,3 +782,34 @@ def test_forward_docstring_examples_run():
         for example in examples:
             runner.run(example)
         assert runner.summarize(verbose=False).failed == 0, forward.__qualname__
+
+
+def test_from_pretrained_passes_other_loading_errors_through(saved_tiny_model, monkeypatch):
+    # EVL's checkpoint errors come from reading the files themselves, never from the wording of another error: an
+    # unrelated failure whose message happens to say "header" or "size mismatch" stays what it is.
+    from transformers import PreTrainedModel
+
+    def failing_from_pretrained(*args, **kwargs):
+        raise OSError("Could not read the response header from the proxy (size mismatch in chunk)")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(failing_from_pretrained))
+    with pytest.raises(OSError, match="proxy") as error:
+        EVLForVideoClassification.from_pretrained(saved_tiny_model)
+    assert not isinstance(error.value, EVLCheckpointError)
+
+
+@pytest.fixture()
+def saved_tiny_model(tmp_path):
+    torch.manual_seed(0)
+    EVLForVideoClassification(tiny_config()).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_from_pretrained_names_tensors_that_do_not_fit_config_overrides(saved_tiny_model):
+    with pytest.raises(EVLCheckpointError, match=r"temporal_position_embedding.embedding: checkpoint \(4, 32\) vs model \(6, 32\)"):
+        EVLForVideoClassification.from_pretrained(saved_tiny_model, num_frames=6)
+    with pytest.raises(EVLCheckpointError, match=r"classifier.weight: checkpoint \(5, 32\) vs model \(3, 32\)"):
+        EVLForVideoClassification.from_pretrained(saved_tiny_model, num_labels=3)
+    # An EVLModel reads the same checkpoint's (prefixed) tensors.
+    with pytest.raises(EVLCheckpointError, match=r"temporal_position_embedding.embedding: checkpoint \(4, 32\)"):
+        EVLModel.from_pretrained(saved_tiny_model, num_frames=6)

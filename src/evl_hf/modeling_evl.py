@@ -13,12 +13,14 @@
 # limitations under the License.
 """PyTorch EVL model: a frozen CLIP ViT backbone with a light temporal Transformer decoder."""
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -411,22 +413,9 @@ class EVLPreTrainedModel(PreTrainedModel):
         With `output_loading_info=True` missing keys are reported in the returned info instead, for the caller to handle.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-            )
-        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-            if isinstance(error, SafetensorError) or "deserializ" in str(error) or "header" in str(error).lower():
-                raise EVLCheckpointError(
-                    f"{pretrained_model_name_or_path}: the weights file is truncated or corrupt ({error})."
-                ) from error
-            if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
-                details = cls._describe_shape_mismatches(pretrained_model_name_or_path, kwargs.get("config"))
-                raise EVLCheckpointError(
-                    f"{pretrained_model_name_or_path}: tensors do not fit the configuration "
-                    f"(pass ignore_mismatched_sizes=True to re-initialise them, e.g. for a new label set):{details}"
-                ) from error
-            raise
+        if kwargs.get("state_dict") is None:
+            cls._check_local_checkpoint(pretrained_model_name_or_path, kwargs)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         # With output_loading_info=True the caller asked for the report and handles missing keys itself.
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None and not output_loading_info:
             head = ("classifier.", "fc_norm.")
@@ -446,27 +435,48 @@ class EVLPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
     @classmethod
-    def _describe_shape_mismatches(cls, pretrained_model_name_or_path, config=None) -> str:
-        """'key: checkpoint (...) vs model (...)' lines for a local safetensors checkpoint, read without loading it."""
-        from pathlib import Path
-
-        from safetensors import safe_open
-
-        directory = Path(str(pretrained_model_name_or_path))
-        files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
-        if not files:
-            return ""
-        config = config if isinstance(config, PreTrainedConfig) else cls.config_class.from_pretrained(directory)
+    def _check_local_checkpoint(cls, pretrained_model_name_or_path, kwargs: dict) -> None:
+        """
+        Read a local checkpoint's safetensors headers before loading it, so that what is wrong is found in the files
+        rather than guessed from the loader's error messages: an unreadable file, or tensors whose shapes do not fit
+        the configuration (with `kwargs`' overrides applied), raise `EVLCheckpointError` naming them.
+        """
+        if pretrained_model_name_or_path is None:
+            return
+        directory = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "")
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
+        shapes = {}
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    shapes.update((key, tuple(handle.get_slice(key).get_shape())) for key in handle.keys())
+            except SafetensorError as error:
+                raise EVLCheckpointError(f"{file}: the weights file is truncated or corrupt ({error}).") from error
+        if not shapes or kwargs.get("ignore_mismatched_sizes"):
+            return
+        config = kwargs.get("config")
+        if not isinstance(config, PreTrainedConfig):
+            defaults = cls.config_class()
+            overrides = {key: value for key, value in kwargs.items() if hasattr(defaults, key)}
+            config = cls.config_class.from_pretrained(directory, **overrides)
         with torch.device("meta"):
             expected = {key: tuple(value.shape) for key, value in cls(config).state_dict().items()}
+        prefix = f"{cls.base_model_prefix}."
         lines = []
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    shape = tuple(handle.get_slice(key).get_shape())
-                    if key in expected and expected[key] != shape:
-                        lines.append(f"\n  {key}: checkpoint {shape} vs model {expected[key]}")
-        return "".join(lines)
+        for key, shape in shapes.items():
+            # An EVLModel checkpoint in an EVLForVideoClassification, or the other way round.
+            name = next((k for k in (key, prefix + key, key.removeprefix(prefix)) if k in expected), None)
+            if name is not None and expected[name] != shape:
+                lines.append(f"\n  {name}: checkpoint {shape} vs model {expected[name]}")
+        if lines:
+            raise EVLCheckpointError(
+                f"{pretrained_model_name_or_path}: tensors do not fit the configuration (pass "
+                "ignore_mismatched_sizes=True to re-initialise them, e.g. for a new label set):" + "".join(lines)
+            )
 
     @classmethod
     def is_custom_code(cls) -> bool:
