@@ -20,7 +20,6 @@ from evl_hf.run_video_classification import (  # noqa: F401  (re-exported for sc
     ModelArguments,
     build_model,
     main,
-    parse_overrides,
 )
 
 

@@ -129,11 +129,17 @@ def test_bf16_mixed_precision_training(data_dir, backbone_dir, tmp_path):
     assert trainer.model.classifier.weight.dtype == torch.float32  # mixed precision: float32 master weights
 
 
-def test_config_overrides_are_typed():
-    overrides = load_script().parse_overrides("use_temporal_conv=false,decoder_num_layers=2,decoder_mlp_factor=2.5")
-    assert overrides == {"use_temporal_conv": False, "decoder_num_layers": 2, "decoder_mlp_factor": 2.5}
-    with pytest.raises(ValueError, match="key=value"):
-        load_script().parse_overrides("decoder_num_layers")
+def test_config_overrides_are_typed_by_the_configuration(data_dir, backbone_dir, tmp_path):
+    args = base_args(data_dir, backbone_dir, tmp_path / "overrides", "--do_eval")
+    args[args.index("--config_overrides") + 1] += ",use_temporal_conv=false,decoder_mlp_factor=2.5"
+    config = load_script().main(args).model.config
+    assert (config.use_temporal_conv, config.decoder_num_layers, config.decoder_mlp_factor) == (False, 2, 2.5)
+    args[args.index("--config_overrides") + 1] = "decoder_num_layers"
+    with pytest.raises(ValueError, match="expected key=value pairs.*'decoder_num_layers'"):
+        load_script().main(args)
+    args[args.index("--config_overrides") + 1] = "decoder_num_layers=7"  # deeper than the 3-block backbone
+    with pytest.raises(ValueError, match="cannot exceed the backbone's number of layers"):
+        load_script().main(args)
 
 
 def test_feature_cache_training_matches_the_uncached_model(data_dir, backbone_dir, tmp_path):
@@ -423,8 +429,11 @@ def test_settings_the_script_cannot_train_are_refused(data_dir, backbone_dir, tm
     args[args.index("--config_overrides") + 1] += ",freeze_backbone=false"
     with pytest.raises(ValueError, match="cannot train a backbone with freeze_backbone=false"):
         load_script().main(args)
-    args = base_args(data_dir, backbone_dir, tmp_path / "regression", "--do_train")
-    args[args.index("--config_overrides") + 1] += ",problem_type=multi_label_classification"
+    checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    args = base_args(data_dir, backbone_dir, tmp_path / "multi-label", "--do_train")
+    args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(checkpoint)]
     with pytest.raises(ValueError, match="single-label video classification"):
         load_script().main(args)
 

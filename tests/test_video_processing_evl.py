@@ -348,3 +348,16 @@ def test_three_crops_floor_the_centre_offset_and_resize_is_bilinear_on_floats():
         torch.from_numpy(ramp).permute(0, 3, 1, 2).float(), size=(32, 32), mode="bilinear", align_corners=False
     )
     torch.testing.assert_close(resized, expected, atol=1e-5, rtol=0)
+
+
+def test_the_processor_for_a_model_configuration_follows_the_authors_protocol():
+    from evl_hf import EVL_PRESETS, EVLConfig
+
+    for preset in ("k400-vit-b16-8f", "k400-vit-b16-16f", "k400-vit-l14-32f", "k400-vit-l14-336-32f"):
+        config = EVLConfig.from_preset(preset)
+        processor = EVLVideoProcessor.from_model_config(config)
+        assert processor.num_frames == config.num_frames
+        assert processor.sampling_rate == EVL_PRESETS[preset]["sampling_rate"]
+        size = config.vision_config.image_size
+        assert processor.size["shortest_edge"] == size and processor.crop_size == {"height": size, "width": size}
+    assert EVLVideoProcessor.from_model_config(config, sampling_rate=4, num_temporal_views=3).sampling_rate == 4

@@ -168,17 +168,9 @@ def convert_evl_checkpoint(
     converted = convert_state_dict(state_dict, model)
     model.load_state_dict(converted, strict=False)
     model.eval()
-    # The authors sample 8 or 16 frames with stride 16 and 32 frames with stride 8.
-    if sampling_rate is None:
-        sampling_rate = 8 if config.num_frames >= 32 else 16
-    size = config.vision_config.image_size
-    processor = EVLVideoProcessor(
-        num_frames=config.num_frames,
-        sampling_rate=sampling_rate,
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        num_spatial_views=num_spatial_views,
-        num_temporal_views=num_temporal_views,
+    overrides = {"sampling_rate": sampling_rate} if sampling_rate is not None else {}
+    processor = EVLVideoProcessor.from_model_config(
+        config, num_spatial_views=num_spatial_views, num_temporal_views=num_temporal_views, **overrides
     )
     return model, processor
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoVideoProcessor, HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_evl import EVLConfig
@@ -112,26 +112,17 @@ class DataTrainingArguments:
     max_predict_samples: int | None = field(default=None)
 
 
-def parse_overrides(text: str | None) -> dict:
-    """'a=1,b=false,c=0.5' -> {'a': 1, 'b': False, 'c': 0.5}."""
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        key, _, value = item.partition("=")
-        if not _:
-            raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
-        lowered = value.strip().lower()
-        if lowered in ("true", "false"):
-            parsed = lowered == "true"
-        else:
-            try:
-                parsed = int(value)
-            except ValueError:
-                try:
-                    parsed = float(value)
-                except ValueError:
-                    parsed = value.strip()
-        overrides[key.strip()] = parsed
-    return overrides
+def apply_overrides(config: EVLConfig, text: str | None, check: bool = True) -> EVLConfig:
+    """`--config_overrides "a=1,b=false"` through `PretrainedConfig.update_from_string` (typed by each field's current
+    value), then the configuration's own checks."""
+    if text:
+        malformed = [item for item in text.split(",") if "=" not in item]
+        if malformed:
+            raise ValueError(f"--config_overrides: expected key=value pairs separated by commas, got {malformed[0]!r}.")
+        config.update_from_string(text)
+    if check:
+        config.check_architecture()
+    return config
 
 
 def checkpoint_labels(config: EVLConfig, data_labels: list[str], ignore_mismatched_sizes: bool) -> dict | None:
@@ -159,14 +150,13 @@ def checkpoint_labels(config: EVLConfig, data_labels: list[str], ignore_mismatch
 def build_model(model_args, data_args, labels: list[str]):
     """The model and its processor: the checkpoint's (flags given on the command line override the processor's
     settings) or a new EVL around `--backbone`."""
-    overrides = parse_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
         config = EVLConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
         kept = checkpoint_labels(config, labels, model_args.ignore_mismatched_sizes)
         new_head = kept is None and "EVLForVideoClassification" in (config.architectures or [])
         id2label = kept or dict(enumerate(labels))
-        label2id = {label: index for index, label in id2label.items()}
-        config = EVLConfig.from_dict({**config.to_dict(), **overrides, "id2label": id2label, "label2id": label2id})
+        config.id2label, config.label2id = id2label, {label: index for index, label in id2label.items()}
+        config = apply_overrides(config, model_args.config_overrides)
         model = EVLForVideoClassification.from_pretrained(
             model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
@@ -180,22 +170,26 @@ def build_model(model_args, data_args, labels: list[str]):
         except OSError:
             processor = None
     elif model_args.backbone:
-        if data_args.num_frames is not None:
-            overrides.setdefault("num_frames", data_args.num_frames)
         id2label = dict(enumerate(labels))
-        label2id = {label: index for index, label in id2label.items()}
-        model = EVLForVideoClassification.from_backbone_pretrained(
-            model_args.backbone, id2label=id2label, label2id=label2id, cache_dir=model_args.cache_dir, **overrides
-        )
+        fields = dict(id2label=id2label, label2id={label: index for index, label in id2label.items()})
+        if data_args.num_frames is not None:
+            fields["num_frames"] = data_args.num_frames
+        backbone_config = AutoConfig.from_pretrained(model_args.backbone, cache_dir=model_args.cache_dir)
+        vision_config = getattr(backbone_config, "vision_config", backbone_config)
+        if backbone_config.model_type in ("clip", "clip_vision_model"):
+            # Overrides first, then the backbone: the defaults alone may not fit it (e.g. 4 decoder layers on a
+            # 3-block backbone that the overrides give 2).
+            config = apply_overrides(EVLConfig(**fields), model_args.config_overrides, check=False)
+            config.vision_config = vision_config
+            config.check_architecture()
+            fields = {"config": config}
+        # Anything but CLIP is refused there, naming the model type it found.
+        model = EVLForVideoClassification.from_backbone_pretrained(model_args.backbone, cache_dir=model_args.cache_dir, **fields)
         processor = None
     else:
         raise ValueError("Give --model_name_or_path (an EVL checkpoint) or --backbone (a CLIP model).")
     if processor is None:
-        image_size = model.config.vision_config.image_size
-        processor = EVLVideoProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-            num_frames=model.config.num_frames,
-        )  # fmt: skip
+        processor = EVLVideoProcessor.from_model_config(model.config)
     for name in ("num_frames", "sampling_rate", "num_spatial_views", "num_temporal_views", "decoding_backend"):
         value = getattr(data_args, name)
         if value is not None:

@@ -531,6 +531,30 @@ class EVLVideoProcessor(BaseVideoProcessor):
         if self.decoding_backend not in DECODING_BACKENDS:
             raise ValueError(f"decoding_backend must be one of {DECODING_BACKENDS}, got {self.decoding_backend!r}.")
 
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "EVLVideoProcessor":
+        """
+        The processor for a model of this `EVLConfig`, as the authors prepare its clips: `config.num_frames` frames
+        with stride 16 (8 for 32 frames or more), short side and crop at the backbone's image size. `kwargs` override
+        any field. The converter and the training script build their processors here.
+
+        Example:
+
+        ```python
+        >>> from evl_hf import EVLConfig, EVLVideoProcessor
+        >>> processor = EVLVideoProcessor.from_model_config(EVLConfig.from_preset("k400-vit-b16-32f"))
+        >>> processor.num_frames, processor.sampling_rate, processor.crop_size["height"]
+        (32, 8, 224)
+        ```
+        """
+        size = config.vision_config.image_size
+        values = dict(
+            num_frames=config.num_frames, sampling_rate=8 if config.num_frames >= 32 else 16,
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        )  # fmt: skip
+        values.update(kwargs)
+        return cls(**values)
+
     def sample_frames(
         self,
         metadata: VideoMetadata,
