@@ -693,17 +693,27 @@ def test_concurrent_forwards_of_one_model_match_sequential_ones():
     num_threads, repetitions = 4, 8
     inputs = [pixel_values(batch=1, seed=seed) for seed in range(num_threads)]
     with torch.no_grad():
-        expected = [model(clip).logits for clip in inputs]
+        expected = [model(clip, output_hidden_states=True) for clip in inputs]
     barrier = threading.Barrier(num_threads)
     mismatches, errors = [], []
 
     def worker(index):
+        # Every other thread also asks for the decoder's states: each must get its own, and only when asked.
+        record = index % 2 == 0
         try:
             for repetition in range(repetitions):
                 barrier.wait()
                 with torch.no_grad():
-                    logits = model(inputs[index]).logits
-                if not torch.allclose(logits, expected[index], atol=1e-6, rtol=1e-6):
+                    outputs = model(inputs[index], output_hidden_states=record)
+                same = torch.allclose(outputs.logits, expected[index].logits, atol=1e-6, rtol=1e-6)
+                if record:
+                    same &= len(outputs.hidden_states) == len(expected[index].hidden_states) and all(
+                        torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+                        for a, b in zip(outputs.hidden_states, expected[index].hidden_states)
+                    )
+                else:
+                    same &= outputs.hidden_states is None
+                if not same:
                     mismatches.append((index, repetition))
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
@@ -813,3 +823,18 @@ def test_from_pretrained_names_tensors_that_do_not_fit_config_overrides(saved_ti
     # An EVLModel reads the same checkpoint's (prefixed) tensors.
     with pytest.raises(EVLCheckpointError, match=r"temporal_position_embedding.embedding: checkpoint \(4, 32\)"):
         EVLModel.from_pretrained(saved_tiny_model, num_frames=6)
+
+
+def test_decoder_owns_its_layer_loop():
+    # EVLDecoder runs on features alone (e.g. from a cache); EVLModel records its layers' states around it.
+    torch.manual_seed(0)
+    model = EVLModel(tiny_config()).eval()
+    randomize_decoder(model)
+    with torch.no_grad():
+        features = model.extract_backbone_features(pixel_values())
+        decoded = model.decoder(features.frame_features, features.cross_frame_maps)
+        outputs = model(pixel_values(), output_hidden_states=[0, -1], output_attentions=True)
+    torch.testing.assert_close(decoded.last_hidden_state, outputs.last_hidden_state, atol=1e-5, rtol=1e-5)  # sdpa vs eager
+    assert outputs.hidden_states[1] is None and len(outputs.hidden_states) == 3
+    torch.testing.assert_close(outputs.hidden_states[-1], outputs.last_hidden_state)
+    assert len(outputs.attentions) == 2

@@ -26,10 +26,11 @@ from transformers import CLIPVisionModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_evl import EVLConfig
 
@@ -402,6 +403,12 @@ class EVLPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Hidden states are the decoder's query states (the initial query, then each layer's output); attentions are the
+    # weights of each layer's query over the frame tokens.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(EVLDecoderLayer, index=0, num_hidden_layers_key="decoder_num_layers"),
+        "attentions": OutputRecorder(EVLDecoderAttention, index=1),
+    }
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -524,11 +531,29 @@ class EVLDecoder(nn.Module):
         self.query = nn.Parameter(torch.zeros(config.vision_config.hidden_size))
         self.layers = nn.ModuleList([EVLDecoderLayer(config) for _ in range(config.decoder_num_layers)])
 
-
-def _selected_indices(requested, count: int) -> set[int] | None:
-    if isinstance(requested, (list, tuple)):
-        return {index % count for index in requested}
-    return None
+    def forward(
+        self,
+        frame_features: torch.Tensor,
+        cross_frame_maps: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> BaseModelOutput:
+        """
+        `frame_features` and `cross_frame_maps` as in [`EVLBackboneFeatures`]; layer `i` reads block `i`'s. Returns
+        the query token after the last layer, `(batch_size, 1, hidden_size)`. The states and attention weights of
+        each layer are recorded by [`EVLModel`] (`output_hidden_states`, `output_attentions`).
+        """
+        query = self.query.view(1, 1, -1).expand(frame_features.shape[0], 1, -1)
+        for index, layer in enumerate(self.layers):
+            query, _ = layer(
+                query,
+                frame_features[:, index],
+                cross_frame_maps[:, index] if cross_frame_maps is not None else None,
+                bool(output_attentions),  # the eager path, which materialises the weights
+                **kwargs,
+            )
+        return BaseModelOutput(last_hidden_state=query)
 
 
 class EVLModel(EVLPreTrainedModel):
@@ -724,10 +749,6 @@ class EVLModel(EVLPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        # transformers also accepts a list of layer indices: keep only those states (negative indices from the end).
-        keep_hidden_states = _selected_indices(output_hidden_states, self.config.decoder_num_layers + 1)
-        keep_attentions = _selected_indices(output_attentions, self.config.decoder_num_layers)
-        output_hidden_states, output_attentions = bool(output_hidden_states), bool(output_attentions)
         if frame_features is None:
             self.check_pixel_values(pixel_values)
             features = self.extract_backbone_features(pixel_values)
@@ -737,33 +758,23 @@ class EVLModel(EVLPreTrainedModel):
             dtype = self.decoder.query.dtype
             frame_features = frame_features.to(dtype)
             cross_frame_maps = cross_frame_maps.to(dtype) if cross_frame_maps is not None else None
-
-        query = self.decoder.query.view(1, 1, -1).expand(frame_features.shape[0], 1, -1)
-        all_hidden_states = (query,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for index, layer in enumerate(self.decoder.layers):
-            query, attn_weights = layer(
-                query,
-                frame_features[:, index],
-                cross_frame_maps[:, index] if cross_frame_maps is not None else None,
-                output_attentions,
-                **kwargs,
-            )
-            if output_hidden_states:
-                all_hidden_states += (query,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-
-        if keep_hidden_states is not None:
-            all_hidden_states = tuple(s if i in keep_hidden_states else None for i, s in enumerate(all_hidden_states))
-        if keep_attentions is not None:
-            all_attentions = tuple(a if i in keep_attentions else None for i, a in enumerate(all_attentions))
-        return EVLModelOutput(
-            last_hidden_state=query,
-            pooler_output=query[:, 0],
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+        return self._decode(
+            frame_features,
+            cross_frame_maps,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
         )
+
+    # Outputs are recorded around the decoder only: the backbone's blocks, called directly by
+    # `extract_backbone_features`, carry CLIP's own recorders, which would otherwise add their states to EVL's.
+    @capture_outputs
+    def _decode(
+        self, frame_features: torch.Tensor, cross_frame_maps: torch.Tensor | None, **kwargs
+    ) -> EVLModelOutput:
+        query = self.decoder(frame_features, cross_frame_maps, **kwargs).last_hidden_state
+        return EVLModelOutput(last_hidden_state=query, pooler_output=query[:, 0])
 
 
 class EVLForVideoClassification(EVLPreTrainedModel):
