@@ -68,7 +68,7 @@ def main():
                   f"{times['torchcodec'] * 1e3:7.1f} ms  ratio torchcodec/pyav {ratio:.3f}  identical frames: {identical}")  # fmt: skip
     print(f"geometric mean ratio torchcodec/pyav: {float(np.exp(np.mean(np.log(ratios)))):.3f}")
 
-    from evl_hf import video_processing_evl
+    from evl_hf import video_decoding_evl
 
     print("three 8x16 windows, FFmpeg's threads on every clip vs one thread on every clip:")
     for clip_name in ("synthetic 340x256 10 s (K400-like)", "bigbuckbunny.mp4 1280x720 5 s"):
@@ -78,7 +78,7 @@ def main():
             return sample_frame_indices(metadata.total_num_frames, 8, 16, num_temporal_views=3)
 
         def run(backend, threshold):
-            video_processing_evl._SINGLE_THREAD_MAX_PIXELS = threshold
+            video_decoding_evl._SINGLE_THREAD_MAX_PIXELS = threshold
             decode_video(path, sample, backend=backend)
 
         for backend in ("pyav", "torchcodec"):

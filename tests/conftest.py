@@ -37,7 +37,7 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
 @pytest.fixture(params=["pyav", "torchcodec"])
 def decoding_backend(request) -> str:
     """Run a decoding test with each backend. torchcodec is part of the test install: if it cannot load, fail, never skip."""
-    from evl_hf.video_processing_evl import _torchcodec_can_decode_video
+    from evl_hf.video_decoding_evl import _torchcodec_can_decode_video
 
     if request.param == "torchcodec" and not _torchcodec_can_decode_video():
         pytest.fail(

