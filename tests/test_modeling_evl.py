@@ -668,9 +668,14 @@ def test_torch_compile_fullgraph_matches_eager_execution():
     inputs = pixel_values(batch=1, frames=2)
     torch._dynamo.reset()
     with torch.no_grad():
-        expected = model(inputs).logits
+        # Compiled first, before any eager call: transformers' output recorders must already be in place.
         compiled = torch.compile(model, fullgraph=True)
-        torch.testing.assert_close(compiled(inputs).logits, expected, atol=1e-4, rtol=1e-4)
+        output = compiled(inputs, output_hidden_states=True, output_attentions=True)
+        expected = model(inputs, output_hidden_states=True, output_attentions=True)
+    torch.testing.assert_close(output.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    for name in ("hidden_states", "attentions"):
+        for got, want in zip(getattr(output, name), getattr(expected, name)):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_concurrent_forwards_of_one_model_match_sequential_ones():

@@ -122,6 +122,14 @@ def test_pipeline_frame_sampling_rate_with_uniform_sampling_is_an_error(saved_mo
         classifier(str(clip_path), frame_sampling_rate=8)
 
 
+def test_pipeline_frame_sampling_rate_with_time_sampling_is_an_error(saved_model, clip_path, tmp_path):
+    copy_checkpoint(saved_model, tmp_path)
+    EVLVideoProcessor.from_pretrained(saved_model, fps=2.0).save_pretrained(tmp_path)
+    classifier = pipeline("video-classification", model=str(tmp_path))
+    with pytest.raises(ValueError, match=r"samples by time \(fps=2.0\), which has no stride"):
+        classifier(str(clip_path), frame_sampling_rate=8)
+
+
 @pytest.mark.parametrize("name", ["num_frames", "frame_sampling_rate"])
 @pytest.mark.parametrize("value", [0, -2, 2.5, True, "8"])
 def test_pipeline_rejects_invalid_frame_arguments(saved_model, clip_path, name, value):

@@ -227,3 +227,37 @@ def test_the_processor_for_a_model_configuration_follows_the_authors_protocol():
         size = config.vision_config.image_size
         assert processor.size["shortest_edge"] == size and processor.crop_size == {"height": size, "width": size}
     assert EVLVideoProcessor.from_model_config(config, sampling_rate=4, num_temporal_views=3).sampling_rate == 4
+
+
+def test_the_processor_for_a_preset_has_its_stride_and_views():
+    from evl_hf import EVL_PRESETS, EVLConfig
+
+    for preset in ("k400-vit-b16-8f", "k400-vit-l14-32f"):
+        processor = EVLVideoProcessor.from_model_config(EVLConfig.from_preset(preset), preset=preset)
+        for key in ("sampling_rate", "num_spatial_views", "num_temporal_views"):
+            assert getattr(processor, key) == EVL_PRESETS[preset][key], (preset, key)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        EVLVideoProcessor.from_model_config(EVLConfig.from_preset("k400-vit-b16-8f"), preset="k400-vit-b16-7f")
+
+
+def test_a_processor_saved_by_an_earlier_version_keeps_its_antialiased_resize(tmp_path, caplog):
+    import json
+    import logging
+
+    small_processor().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "video_preprocessor_config.json").read_text())
+    saved.pop("antialias")
+    saved["resample"] = 3  # bicubic with antialias, the defaults of earlier versions
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING):
+        processor = EVLVideoProcessor.from_pretrained(tmp_path)
+    assert processor.antialias is True and processor.resample == 3
+    assert "saved by an earlier evl-hf" in caplog.text
+    assert EVLVideoProcessor.from_pretrained(tmp_path, antialias=False).antialias is False
+
+
+def test_a_list_mixing_files_and_frames_is_refused(coded_clip):
+    frames = np.zeros((8, 32, 32, 3), dtype=np.uint8)
+    for videos in ([str(coded_clip), frames], [frames, str(coded_clip)]):
+        with pytest.raises(ValueError, match="mixes video files"):
+            small_processor()(videos, return_tensors="pt")

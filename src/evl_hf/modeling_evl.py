@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .configuration_evl import EVLConfig
 
@@ -572,6 +572,9 @@ class EVLModel(EVLPreTrainedModel):
         self.decoder = EVLDecoder(config)
         self.vision_model = CLIPVisionModel._from_config(config.vision_config)
         self.post_init()
+        # transformers installs its output recorders on the first call that asks for them, under a lock that
+        # torch.compile(fullgraph=True) cannot trace: install them now.
+        maybe_install_capturing_hooks(self)
         self._apply_backbone_freeze()
 
     def _apply_backbone_freeze(self) -> None:

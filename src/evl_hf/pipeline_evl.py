@@ -86,6 +86,11 @@ class EVLVideoClassificationPipeline(VideoClassificationPipeline):
             _check_positive_int("num_frames", num_frames)
         if frame_sampling_rate is not None:
             _check_positive_int("frame_sampling_rate", frame_sampling_rate)
+            if self.video_processor.fps is not None and num_frames is None:
+                raise ValueError(
+                    f"This video processor samples by time (fps={self.video_processor.fps}), which has no stride: "
+                    "give `num_frames` too, or load the processor without `fps`, to use `frame_sampling_rate`."
+                )
             if self.video_processor.frame_sampling != "dense":
                 raise ValueError(
                     f"`frame_sampling_rate` is the stride of dense sampling, but this video processor samples frames "

@@ -204,11 +204,25 @@ class EVLVideoProcessor(BaseVideoProcessor):
             raise ValueError(f"decoding_backend must be one of {DECODING_BACKENDS}, got {self.decoding_backend!r}.")
 
     @classmethod
-    def from_model_config(cls, config, **kwargs) -> "EVLVideoProcessor":
+    def from_dict(cls, video_processor_dict: dict, **kwargs):
+        if "antialias" not in video_processor_dict:
+            # Saved before the authors' evaluation preprocessing became the default: keep that version's antialiased
+            # resize, and say how to get the authors' (which the released checkpoints' accuracy depends on).
+            logger.warning(
+                "This video processor was saved by an earlier evl-hf and keeps its resampling with antialias. The "
+                "authors' evaluation resizes bilinearly without antialias: set resample=2 (bilinear) and "
+                "antialias=False, and save it again."
+            )
+            video_processor_dict = {**video_processor_dict, "antialias": True}
+        return super().from_dict(video_processor_dict, **kwargs)
+
+    @classmethod
+    def from_model_config(cls, config, preset: str | None = None, **kwargs) -> "EVLVideoProcessor":
         """
         The processor for a model of this `EVLConfig`, as the authors prepare its clips: `config.num_frames` frames
-        with stride 16 (8 for 32 frames or more), short side and crop at the backbone's image size. `kwargs` override
-        any field. The converter and the training script build their processors here.
+        with stride 16 (8 for 32 frames or more), short side and crop at the backbone's image size. With `preset`
+        (one of `EVL_PRESETS`), that preset's stride and evaluation views. `kwargs` override any field. The converter
+        and the training script build their processors here.
 
         Example:
 
@@ -224,6 +238,13 @@ class EVLVideoProcessor(BaseVideoProcessor):
             num_frames=config.num_frames, sampling_rate=8 if config.num_frames >= 32 else 16,
             size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         )  # fmt: skip
+        if preset is not None:
+            from .configuration_evl import EVL_PRESETS
+
+            if preset not in EVL_PRESETS:
+                raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(EVL_PRESETS)}.")
+            protocol = EVL_PRESETS[preset]
+            values.update({key: protocol[key] for key in ("sampling_rate", "num_spatial_views", "num_temporal_views")})
         values.update(kwargs)
         return cls(**values)
 
@@ -312,6 +333,14 @@ class EVLVideoProcessor(BaseVideoProcessor):
         return super().preprocess(videos, **kwargs)
 
     def _decode_and_sample_videos(self, videos, video_metadata, do_sample_frames=None, sample_indices_fn=None):
+        if (
+            isinstance(videos, (list, tuple)) and not _is_video_source(videos)
+            and any(isinstance(v, _VIDEO_SOURCE_TYPES) for v in videos)
+        ):  # fmt: skip
+            # Files are decoded and sampled here; decoded frames go through transformers' path: one call does one.
+            raise ValueError(
+                "A list mixes video files (paths, URLs, bytes, file objects) with decoded frames; pass one kind per call."
+            )
         if _is_video_source(videos):
             videos = [videos] if isinstance(videos, _VIDEO_SOURCE_TYPES) else videos
             sample = sample_indices_fn if do_sample_frames else None
