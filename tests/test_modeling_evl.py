@@ -107,8 +107,10 @@ def test_backbone_runs_once_and_a_forward_leaves_no_hooks_behind():
 
     before = hooks()
     calls = []
+    # Every block's MLP runs once per forward (the blocks EVL reads run from their own modules, see
+    # `_clip_block_with_query_key`).
     handles = [
-        layer.register_forward_hook(lambda *args, index=i: calls.append(index))
+        layer.mlp.register_forward_hook(lambda *args, index=i: calls.append(index))
         for i, layer in enumerate(model.vision_model.encoder.layers)
     ]
     with torch.no_grad():

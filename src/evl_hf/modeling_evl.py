@@ -115,6 +115,33 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def _clip_block_with_query_key(layer: nn.Module, hidden_states: torch.Tensor):
+    """
+    `CLIPEncoderLayer.forward` (pre-LN attention and MLP blocks, no mask), computed from the layer's own modules,
+    returning the block's output and its attention's queries and keys: the cross-frame maps read those, and a second
+    projection would cost a sixth of the block.
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden_states)
+    query, key, value = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+    heads_shape = (*normed.shape[:-1], -1, attention.head_dim)
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, eager_attention_forward
+    )
+    attended, _ = attention_interface(
+        attention,
+        query.view(heads_shape).transpose(1, 2),
+        key.view(heads_shape).transpose(1, 2),
+        value.view(heads_shape).transpose(1, 2),
+        None,
+        scaling=attention.scale,
+        dropout=0.0 if not attention.training else attention.dropout,
+    )
+    hidden_states = hidden_states + attention.out_proj(attended.reshape(*normed.shape[:-1], -1).contiguous())
+    hidden_states = hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+    return hidden_states, query, key
+
+
 class EVLTemporalConv(nn.Module):
     """Depthwise convolution (kernel 3, zero padded) along time, applied at every token position."""
 
@@ -651,12 +678,19 @@ class EVLModel(EVLPreTrainedModel):
             hidden_states = backbone.pre_layrnorm(backbone.embeddings(frames))
             for index, layer in enumerate(layers):
                 if index >= first_used and need_query_key:
-                    # The q/k the block attends with, from its own LayerNorm and projections. Computed outside the
-                    # block, so they stay in the autograd graph when a trainable block is checkpointed.
-                    normed = layer.layer_norm1(hidden_states)
-                    queries.append(layer.self_attn.q_proj(normed))
-                    keys.append(layer.self_attn.k_proj(normed))
-                hidden_states = layer(hidden_states, None)
+                    # The block, from its own modules, returning the q/k it attends with (projected once). They are
+                    # outputs of the checkpointed function, so they keep their graph when a trainable block is
+                    # checkpointed, reentrant or not.
+                    if layer.gradient_checkpointing and layer.training:
+                        hidden_states, query, key = layer._gradient_checkpointing_func(
+                            _clip_block_with_query_key, layer, hidden_states
+                        )
+                    else:
+                        hidden_states, query, key = _clip_block_with_query_key(layer, hidden_states)
+                    queries.append(query)
+                    keys.append(key)
+                else:
+                    hidden_states = layer(hidden_states, None)
                 if index >= first_used:
                     block_outputs.append(hidden_states)
 
