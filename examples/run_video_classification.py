@@ -20,8 +20,9 @@ from evl_hf.run_video_classification import (  # noqa: F401  (re-exported for sc
     ModelArguments,
     build_model,
     main,
+    run,
 )
 
 
 if __name__ == "__main__":
-    main()
+    run()

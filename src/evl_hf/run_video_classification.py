@@ -412,5 +412,12 @@ def main(argv: list[str] | None = None):
     return trainer
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """`main`, then leave the process group (under accelerate launch / torchrun) before the interpreter exits."""
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run()

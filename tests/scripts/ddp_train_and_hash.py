@@ -20,3 +20,10 @@ output = Path(trainer.args.output_dir)
 (output / f"weights_rank{rank}_of_{world}.sha256").write_text(digest.hexdigest())
 (output / f"log_history_rank{rank}_of_{world}.json").write_text(json.dumps(trainer.state.log_history))
 assert trainer.state.global_step > 0
+
+# Leave the process group before the interpreter exits: torch's threads torn down at exit can abort a rank
+# ("terminate called without an active exception"), as PyTorch's docs warn.
+import torch.distributed
+
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
