@@ -40,6 +40,9 @@ logger = logging.get_logger(__name__)
 # Working-set budget (in float32 elements) for one chunk of cross-frame attention maps: bounds the module's peak memory
 # independently of the number of frames.
 _CROSS_FRAME_CHUNK_ELEMENTS = 2**24
+# The per-head scores of the cross-frame maps are softmaxed and averaged right away: a chunk that stays in the CPU's
+# cache (one frame pair at ViT-B/16) is faster than a large one, which also costs a page fault per 4 kB.
+_CROSS_FRAME_SCORES_CHUNK_ELEMENTS = 2**19
 
 
 @dataclass
@@ -151,10 +154,13 @@ class EVLTemporalConv(nn.Module):
         self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
 
     def forward(self, frame_features: torch.Tensor) -> torch.Tensor:
-        batch_size, num_frames, num_tokens, hidden_size = frame_features.shape
-        sequences = frame_features.permute(0, 2, 3, 1).reshape(batch_size * num_tokens, hidden_size, num_frames)
-        sequences = self.conv(sequences)
-        return sequences.view(batch_size, num_tokens, hidden_size, num_frames).permute(0, 3, 1, 2)
+        # The convolution written out as three shifted multiply-adds over (B, T, tokens, D): a Conv1d would need the
+        # features permuted to (B * tokens, D, T) and back, which costs more than the convolution itself.
+        weight = self.conv.weight.squeeze(1).to(frame_features.dtype)  # (D, 3): taps for frames t - 1, t, t + 1
+        output = torch.addcmul(self.conv.bias.to(frame_features.dtype), frame_features, weight[:, 1])
+        output[:, 1:].addcmul_(frame_features[:, :-1], weight[:, 0])
+        output[:, :-1].addcmul_(frame_features[:, 1:], weight[:, 2])
+        return output
 
 
 class EVLTemporalPositionEmbedding(nn.Module):
@@ -185,17 +191,17 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor) -> tor
     """
     batch_size, num_frames, num_tokens, num_heads, head_dim = queries.shape
     num_patches = num_tokens - 1
-    queries, keys = queries[:, :, 1:].transpose(2, 3), keys[:, :, 1:].permute(0, 1, 3, 4, 2)
+    # The scale goes on the queries, a third the size of the scores.
+    queries, keys = (queries[:, :, 1:] * head_dim**-0.5).transpose(2, 3), keys[:, :, 1:].permute(0, 1, 3, 4, 2)
     maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches)
-    chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_heads * num_patches * num_patches))
-    scale = head_dim**-0.5
+    chunk = max(1, _CROSS_FRAME_SCORES_CHUNK_ELEMENTS // (batch_size * num_heads * num_patches * num_patches))
     for start in range(0, num_frames - 1, chunk):
         stop = min(start + chunk, num_frames - 1)
         # Frame pairs (t, t + 1) for t in [start, stop): t + 1 looks back at t, t looks ahead at t + 1.
-        scores = torch.matmul(queries[:, start + 1 : stop + 1], keys[:, start:stop]) * scale
+        scores = torch.matmul(queries[:, start + 1 : stop + 1], keys[:, start:stop])
         maps[:, start + 1 : stop + 1, 0] = scores.softmax(dim=-1).mean(dim=2)
         del scores  # before the next direction's scores exist
-        scores = torch.matmul(queries[:, start:stop], keys[:, start + 1 : stop + 1]) * scale
+        scores = torch.matmul(queries[:, start:stop], keys[:, start + 1 : stop + 1])
         maps[:, start:stop, 1] = scores.softmax(dim=-1).mean(dim=2)
     return maps
 
@@ -267,12 +273,14 @@ class EVLCrossFrameAttention(nn.Module):
 
     def _forward_by_row(self, maps: torch.Tensor) -> torch.Tensor:
         """Inference: the table rows that query row i can reach form a contiguous block (grid rows i .. i + h - 1),
-        so one matmul per query row and direction against a view, no copy; frames in chunks."""
+        so the h blocks are one overlapping strided view of the table (no copy) and each direction is one batched
+        matmul over query rows; frames in chunks."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
-        grids = [
-            table.to(maps.dtype).view(2 * height - 1, (2 * width - 1) * hidden_size)
+        row_length = (2 * width - 1) * hidden_size
+        windows = [
+            table.to(maps.dtype).as_strided((height, height * (2 * width - 1), hidden_size), (row_length, hidden_size, 1))
             for table in (self.previous_frame_table, self.next_frame_table)
         ]
         output = maps.new_zeros(batch_size, num_frames, num_patches + 1, hidden_size)
@@ -280,13 +288,11 @@ class EVLCrossFrameAttention(nn.Module):
         chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * height * (2 * width - 1)))
         for start in range(0, num_frames, chunk):
             stop = min(start + chunk, num_frames)
-            previous_offsets = self._to_offsets(maps[:, start:stop, 0])
-            next_offsets = self._to_offsets(maps[:, start:stop, 1])
-            for row in range(height):
-                previous_window = grids[0][row : row + height].view(-1, hidden_size)
-                next_window = grids[1][row : row + height].view(-1, hidden_size)
-                features = torch.addmm(previous_offsets[row] @ previous_window, next_offsets[row], next_window)
-                patches[:, start:stop, row] = features.view(batch_size, stop - start, width, hidden_size)
+            features = torch.bmm(self._to_offsets(maps[:, start:stop, 0]), windows[0])
+            features = features.baddbmm_(self._to_offsets(maps[:, start:stop, 1]), windows[1])
+            # (h, B * c * w, D) -> (B, c, h, w, D)
+            features = features.view(height, batch_size, stop - start, width, hidden_size).permute(1, 2, 0, 3, 4)
+            patches[:, start:stop] = features
         return output
 
 
