@@ -1,14 +1,16 @@
 """
 Target 1: EVL inference forward / the same CLIPVisionModel forward alone, batch 1, 8 frames, ViT-B/16 shapes,
-float32, CPU. The backbone alone is the floor; by FLOP count the decoder adds about 8%.
+float32, CPU. The backbone alone is the floor; by FLOP count the decoder and the cross-frame maps add about 4%.
 
     python benchmarks/bench_inference_overhead.py [--repeats 5]
 """
 
 import argparse
+import statistics
+import time
 
 import torch
-from common import alternate, evl_config, machine
+from common import evl_config, machine
 
 from evl_hf import EVLForVideoClassification
 
@@ -22,16 +24,24 @@ def main():
     backbone = model.evl.vision_model
     clip = torch.randn(1, 8, 3, 224, 224)
     frames = clip.flatten(0, 1)
+    variants = {"CLIPVisionModel alone": lambda: backbone(pixel_values=frames), "EVL forward": lambda: model(clip)}
+    times = {name: [] for name in variants}
     with torch.inference_mode():
-        medians = alternate(
-            {"CLIPVisionModel alone": lambda: backbone(pixel_values=frames), "EVL forward": lambda: model(clip)},
-            repeats=args.repeats,
-        )
+        for function in variants.values():
+            function()
+        for _ in range(args.repeats):
+            for name, function in variants.items():
+                start = time.perf_counter()
+                function()
+                times[name].append(time.perf_counter() - start)
     print(f"machine: {machine()}")
-    for name, seconds in medians.items():
-        print(f"{name:<24} median {seconds * 1000:8.1f} ms")
-    ratio = medians["EVL forward"] / medians["CLIPVisionModel alone"]
-    print(f"ratio EVL / backbone alone: {ratio:.3f} (target <= 1.12)")
+    for name, seconds in times.items():
+        print(f"{name:<24} median {statistics.median(seconds) * 1000:8.1f} ms")
+    # Each round's two runs are back to back, so their ratio cancels the VM's slow drifts in speed.
+    ratios = sorted(evl / alone for evl, alone in zip(times["EVL forward"], times["CLIPVisionModel alone"]))
+    ratio = statistics.median(times["EVL forward"]) / statistics.median(times["CLIPVisionModel alone"])
+    print(f"ratio EVL / backbone alone: {ratio:.3f} (target <= 1.06)")
+    print(f"per-round ratios: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -554,6 +554,46 @@ def test_cross_frame_training_and_inference_paths_agree():
     assert module.previous_frame_table.grad.abs().sum() > 0 and module.next_frame_table.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("num_frames", [1, 2, 5])
+def test_temporal_conv_equals_a_depthwise_conv1d_over_time(num_frames):
+    """The shifted multiply-adds are the authors' Conv1d (kernel 3, zero padding), in value and in gradients."""
+    torch.manual_seed(0)
+    module = EVLModel(tiny_config()).decoder.layers[0].temporal_conv
+    torch.nn.init.normal_(module.conv.weight)
+    torch.nn.init.normal_(module.conv.bias)
+    features = torch.randn(2, num_frames, 5, module.conv.in_channels, requires_grad=True)
+
+    def as_conv1d(x):
+        batch_size, frames, tokens, hidden_size = x.shape
+        sequences = module.conv(x.permute(0, 2, 3, 1).reshape(batch_size * tokens, hidden_size, frames))
+        return sequences.view(batch_size, tokens, hidden_size, frames).permute(0, 3, 1, 2)
+
+    upstream = torch.randn(2, num_frames, 5, module.conv.in_channels)
+    results = []
+    for function in (module, as_conv1d):
+        features.grad = None
+        module.zero_grad()
+        output = function(features)
+        (output * upstream).sum().backward()
+        results.append((output.detach(), features.grad.clone(), module.conv.weight.grad.clone(), module.conv.bias.grad.clone()))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_frame_maps_do_not_depend_on_the_chunk_size(monkeypatch):
+    import evl_hf.modeling_evl as modeling
+
+    torch.manual_seed(0)
+    queries, keys = torch.randn(2, 5, 17, 4, 8), torch.randn(2, 5, 17, 4, 8)
+    one_pair = modeling.cross_frame_attention_maps(queries, keys)  # the default budget: one frame pair at a time
+    monkeypatch.setattr(modeling, "_CROSS_FRAME_SCORES_CHUNK_ELEMENTS", 2**30)
+    all_pairs = modeling.cross_frame_attention_maps(queries, keys)
+    torch.testing.assert_close(one_pair, all_pairs, atol=0, rtol=0)
+    scores = torch.einsum("btqhd,btkhd->bthqk", queries[:, 1:, 1:], keys[:, :-1, 1:]) * 8**-0.5
+    torch.testing.assert_close(one_pair[:, 1:, 0], scores.softmax(-1).mean(2), atol=1e-6, rtol=1e-5)
+    assert one_pair[:, 0, 0].abs().sum() == 0 and one_pair[:, -1, 1].abs().sum() == 0
+
+
 # ---------------------------------------------------------------- training with Trainer
 
 

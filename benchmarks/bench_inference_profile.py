@@ -1,0 +1,60 @@
+"""
+Where EVL's inference time goes (issue 11's profile), ViT-B/16 shapes, batch 1, 8 frames, float32, CPU.
+
+Each section runs alternately with the CLIPVisionModel forward alone and is printed as a share of it; then the
+operators with the most self time in a `torch.profiler` trace of the whole EVL forward.
+
+    python benchmarks/bench_inference_profile.py [--repeats 5]
+"""
+
+import argparse
+
+import torch
+from common import alternate, evl_config, machine
+from torch.profiler import ProfilerActivity, profile
+
+import evl_hf.modeling_evl as modeling
+from evl_hf import EVLForVideoClassification
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(evl_config()).eval()
+    evl, backbone = model.evl, model.evl.vision_model
+    clip = torch.randn(1, 8, 3, 224, 224)
+    frames = clip.flatten(0, 1)
+    # One block's attention queries and keys, as the cross-frame maps receive them: (batch, frames, tokens, heads, dim).
+    queries, keys = torch.randn(2, 1, 8, 197, 12, 64).unbind(0)
+
+    with torch.inference_mode():
+        features = evl.extract_backbone_features(clip)
+        frame_features, maps = features.frame_features, features.cross_frame_maps
+        layer = evl.decoder.layers[0]
+        sections = {
+            "CLIPVisionModel alone": lambda: backbone(pixel_values=frames),
+            "EVL's backbone pass + maps": lambda: evl.extract_backbone_features(clip),
+            "  cross-frame maps x4": lambda: [modeling.cross_frame_attention_maps(queries, keys) for _ in range(4)],
+            "decoder from features (4 layers)": lambda: model(frame_features=frame_features, cross_frame_maps=maps),
+            "  cross-frame module x4": lambda: [layer.cross_frame_attention(maps[:, 0]) for _ in range(4)],
+            "  temporal conv x4": lambda: [layer.temporal_conv(frame_features[:, 0]) for _ in range(4)],
+            "EVL forward": lambda: model(clip),
+        }
+        medians = alternate(sections, repeats=args.repeats)
+        with profile(activities=[ProfilerActivity.CPU]) as trace:
+            model(clip)
+    print(f"machine: {machine()}")
+    base = medians["CLIPVisionModel alone"]
+    for name, seconds in medians.items():
+        print(f"{name:<36} median {seconds * 1000:8.1f} ms   {seconds / base:6.3f} of the backbone alone")
+    print("operators with the most self CPU time in one EVL forward:")
+    events = sorted(trace.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in events)
+    for event in events[:10]:
+        print(f"  {event.key:<48} {event.self_cpu_time_total / total:6.1%}  ({event.count} calls)")
+
+
+if __name__ == "__main__":
+    main()
