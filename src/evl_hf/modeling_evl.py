@@ -215,8 +215,8 @@ class EVLCrossFrameAttention(nn.Module):
     The authors gather an (N, N, hidden_size) table per direction; that is 1.4 GB at ViT-L/14@336 shapes. Here each
     map is scattered into offset space instead: row offsets become a fixed window per query row (a flip), column
     offsets a (2w - 1)-wide scatter, and a matmul against the table rows each query row can reach gives the same sums:
-    at inference one matmul per query row against a view of the table (no copy, frames in chunks, so memory does not
-    grow with the clip length), in training one batched matmul against copied windows (a cheap backward).
+    at inference one batched matmul per direction against an overlapping strided view of the table (no copy, frames
+    in chunks, so memory does not grow with the clip length), in training one batched matmul against copied windows (a cheap backward).
     """
 
     def __init__(self, config: EVLConfig):
