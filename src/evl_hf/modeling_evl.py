@@ -216,7 +216,8 @@ class EVLCrossFrameAttention(nn.Module):
     map is scattered into offset space instead: row offsets become a fixed window per query row (a flip), column
     offsets a (2w - 1)-wide scatter, and a matmul against the table rows each query row can reach gives the same sums:
     at inference one batched matmul per direction against an overlapping strided view of the table (no copy, frames
-    in chunks, so memory does not grow with the clip length), in training one batched matmul against copied windows (a cheap backward).
+    in chunks, so memory does not grow with the clip length), in training one batched matmul against copied windows
+    (a cheap backward).
     """
 
     def __init__(self, config: EVLConfig):
@@ -280,7 +281,9 @@ class EVLCrossFrameAttention(nn.Module):
         hidden_size = self.previous_frame_table.shape[-1]
         row_length = (2 * width - 1) * hidden_size
         windows = [
-            table.to(maps.dtype).as_strided((height, height * (2 * width - 1), hidden_size), (row_length, hidden_size, 1))
+            table.to(maps.dtype)
+            .contiguous()
+            .as_strided((height, height * (2 * width - 1), hidden_size), (row_length, hidden_size, 1))
             for table in (self.previous_frame_table, self.next_frame_table)
         ]
         output = maps.new_zeros(batch_size, num_frames, num_patches + 1, hidden_size)
