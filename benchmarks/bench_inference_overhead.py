@@ -7,33 +7,21 @@ float32, CPU. The backbone alone is the floor; by FLOP count the decoder and the
 
 import argparse
 import statistics
-import time
 
 import torch
-from common import evl_config, machine
-
-from evl_hf import EVLForVideoClassification
+from common import alternate_times, b16_classifier_and_clip, machine
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(evl_config()).eval()
+    model, clip = b16_classifier_and_clip()
     backbone = model.evl.vision_model
-    clip = torch.randn(1, 8, 3, 224, 224)
     frames = clip.flatten(0, 1)
     variants = {"CLIPVisionModel alone": lambda: backbone(pixel_values=frames), "EVL forward": lambda: model(clip)}
-    times = {name: [] for name in variants}
     with torch.inference_mode():
-        for function in variants.values():
-            function()
-        for _ in range(args.repeats):
-            for name, function in variants.items():
-                start = time.perf_counter()
-                function()
-                times[name].append(time.perf_counter() - start)
+        times = alternate_times(variants, repeats=args.repeats)
     print(f"machine: {machine()}")
     for name, seconds in times.items():
         print(f"{name:<24} median {statistics.median(seconds) * 1000:8.1f} ms")

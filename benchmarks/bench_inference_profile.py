@@ -10,21 +10,18 @@ operators with the most self time in a `torch.profiler` trace of the whole EVL f
 import argparse
 
 import torch
-from common import alternate, evl_config, machine
+from common import alternate, b16_classifier_and_clip, machine
 from torch.profiler import ProfilerActivity, profile
 
 import evl_hf.modeling_evl as modeling
-from evl_hf import EVLForVideoClassification
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(evl_config()).eval()
+    model, clip = b16_classifier_and_clip()
     evl, backbone = model.evl, model.evl.vision_model
-    clip = torch.randn(1, 8, 3, 224, 224)
     frames = clip.flatten(0, 1)
     # One block's attention queries and keys, as the cross-frame maps receive them: (batch, frames, tokens, heads, dim).
     queries, keys = torch.randn(2, 1, 8, 197, 12, 64).unbind(0)

@@ -37,8 +37,8 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def alternate(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
-    """Run the variants alternately (after warm-up) and return each one's median seconds."""
+def alternate_times(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Run the variants alternately (after warm-up) and return each one's list of seconds, one entry per round."""
     for function in functions.values():
         for _ in range(warmup):
             function()
@@ -48,7 +48,21 @@ def alternate(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
             start = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def alternate(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Run the variants alternately (after warm-up) and return each one's median seconds."""
+    times = alternate_times(functions, repeats=repeats, warmup=warmup)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def b16_classifier_and_clip():
+    """The inference benchmarks' subject: a seeded ViT-B/16-shaped EVL classifier in eval mode and one 8-frame clip."""
+    from evl_hf import EVLForVideoClassification
+
+    torch.manual_seed(0)
+    return EVLForVideoClassification(evl_config()).eval(), torch.randn(1, 8, 3, 224, 224)
 
 
 def rss_bytes() -> int:
