@@ -84,6 +84,20 @@ def render_clip(label: str, num_frames: int = 16, size: int = 64, rng: np.random
     return frames
 
 
+def _x264_deterministic_options() -> dict:
+    # x264's AVX-512 code gives different bytes from run to run for the same frames (seen on an AMD EPYC with
+    # AVX-512), so where the CPU has it the encoder is held to its AVX2 code, which is present on any such CPU.
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return {}
+    return {"x264-params": "asm=AVX2"} if "avx512f" in flags and "avx2" in flags else {}
+
+
+_X264_DETERMINISTIC_OPTIONS = _x264_deterministic_options()
+
+
 def write_video(path: Path, frames: np.ndarray, fps: int = 16) -> Path:
     """Encode (T, H, W, 3) uint8 frames as H.264 mp4 with PyAV (no system ffmpeg needed)."""
     import av
@@ -96,7 +110,7 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 16) -> Path:
         # One thread: x264's automatic thread count (and so its slicing) depends on the CPU count and the frame
         # height, and PyAV hands the same count to the RGB-to-YUV conversion; at these sizes one thread is as fast.
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": "18", "preset": "veryfast"}
+        stream.options = {"crf": "18", "preset": "veryfast", **_X264_DETERMINISTIC_OPTIONS}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
