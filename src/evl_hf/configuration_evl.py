@@ -92,9 +92,13 @@ class EVLConfig(PreTrainedConfig):
             Keep the CLIP backbone frozen: no gradient, always in eval mode, not trainable. Set to `False` to fine-tune
             end to end.
         backbone_dtype (`str`, *optional*):
-            Run the frozen backbone in `"float16"` or `"bfloat16"` (as the authors run it in fp16) while the decoder
-            keeps the model's dtype (float32 by default); its features are cast to the decoder's dtype. `None` keeps
-            the backbone in the model's dtype. Only with `freeze_backbone=True`.
+            Run the frozen backbone in `"float16"` or `"bfloat16"` (as the authors run it in fp16) while the decoder's
+            parameters keep the model's dtype (float32 by default). The cross-frame maps are computed in the
+            backbone's dtype; at inference the decoder's work over the frame tokens runs in it too, its work on the
+            query token in float32; in training the features are cast to the decoder's dtype. `"auto"` picks
+            bfloat16 where the hardware runs it natively (CUDA with bf16, CPUs with AMX or AVX-512 BF16) and the
+            model's dtype elsewhere, decided when the model is built. `None` keeps the backbone in the model's dtype.
+            Only with `freeze_backbone=True`.
         layer_norm_eps (`float`, *optional*, defaults to 1e-05):
             Epsilon of the decoder and head LayerNorms.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -156,9 +160,10 @@ class EVLConfig(PreTrainedConfig):
                 f"`decoder_qkv_dim` ({self.decoder_qkv_dim}) must be divisible by `decoder_num_heads` "
                 f"({self.decoder_num_heads})."
             )
-        if self.backbone_dtype not in (None, "float32", "float16", "bfloat16"):
+        if self.backbone_dtype not in (None, "float32", "float16", "bfloat16", "auto"):
             raise ValueError(
-                f"`backbone_dtype` must be None, 'float32', 'float16' or 'bfloat16', got {self.backbone_dtype!r}."
+                "`backbone_dtype` must be None, 'float32', 'float16', 'bfloat16' or 'auto', got "
+                f"{self.backbone_dtype!r}."
             )
         if self.backbone_dtype not in (None, "float32") and not self.freeze_backbone:
             raise ValueError("`backbone_dtype` lowers the precision of a frozen backbone only; set freeze_backbone=True.")

@@ -99,6 +99,35 @@ _BACKBONE_MODEL_TYPES = {"clip_vision_model": "CLIPVisionModel", "clip": "CLIPMo
 _UNUSED_CLIP_TENSORS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX-512 BF16); elsewhere torch emulates
+    bfloat16, several times slower than float32."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    if all(hasattr(torch.cpu, check) for check in checks):
+        return any(getattr(torch.cpu, check)() for check in checks)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_backbone_dtype(backbone_dtype: str | None) -> torch.dtype | None:
+    """
+    The dtype `EVLConfig.backbone_dtype` asks for, `None` for the model's own. `"auto"` is decided when the model is
+    built, on the hardware it will run on: bfloat16 where that is native (a CUDA device with bf16, the GPU deciding
+    when one is visible; else a CPU with AMX or AVX-512 BF16), the model's own dtype elsewhere.
+    """
+    if backbone_dtype == "auto":
+        if torch.cuda.is_available():
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        else:
+            native = cpu_has_native_bfloat16()
+        return torch.bfloat16 if native else None
+    return getattr(torch, backbone_dtype) if backbone_dtype is not None else None
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -334,7 +363,8 @@ class EVLDecoderAttention(nn.Module):
             # sum to 1, so sum_i a_i (W_v x_i + b_v) = W_v (sum_i a_i x_i) + b_v. Same attention, ~1/head_dim the
             # FLOPs. The heads become query positions of one shared "head" whose keys and values are the tokens.
             key_weight = self.k_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
-            folded = torch.einsum("bhqd,hde->bhqe", queries, key_weight)  # (B, heads, q, D)
+            # In the tokens' dtype: they may be lower precision than the query (see `reduced_precision_inference_dtype`).
+            folded = torch.einsum("bhqd,hde->bhqe", queries, key_weight).to(memory.dtype)  # (B, heads, q, D)
             tokens = memory.unsqueeze(1)  # one key/value "head" shared by all query heads: (B, 1, L, D)
             if implementation == "eager":
                 # Broadcasts over heads; the returned weights are the ones the output was computed from.
@@ -347,12 +377,13 @@ class EVLDecoderAttention(nn.Module):
                 attn_output, attn_weights = attention_interface(
                     self, packed, tokens, tokens, None, scaling=self.scaling, dropout=0.0, **kwargs
                 )
-            attn_output = attn_output.reshape(batch_size, query_length, self.num_heads, hidden_size)
+            attn_output = attn_output.reshape(batch_size, query_length, self.num_heads, hidden_size).to(query.dtype)
             value_weight = self.v_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
             attn_output = torch.einsum("bqhe,hde->bqhd", attn_output, value_weight) + self.v_proj.bias.view(
                 self.num_heads, self.head_dim
             )
         else:
+            memory = memory.to(query.dtype)
             keys = self.k_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
             values = self.v_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
             attn_output, attn_weights = attention_interface(
@@ -410,14 +441,17 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         if self.temporal_conv is not None:
             memory = memory + self.temporal_conv(frame_features)
         if self.temporal_position_embedding is not None:
-            memory = memory + self.temporal_position_embedding(num_frames)[:, None, :]
+            memory = memory + self.temporal_position_embedding(num_frames).to(memory.dtype)[:, None, :]
         if self.cross_frame_attention is not None:
             memory = memory + self.cross_frame_attention(cross_frame_maps)
         memory = memory.reshape(batch_size, num_frames * num_tokens, hidden_size)
-
-        attn_output, attn_weights = self.cross_attention(
-            self.query_layernorm(query), self.frame_layernorm(memory), output_attentions, **kwargs
+        # The frame tokens stay in the features' dtype (lower than the decoder's at reduced-precision inference).
+        norm = self.frame_layernorm
+        memory = nn.functional.layer_norm(
+            memory, norm.normalized_shape, norm.weight.to(memory.dtype), norm.bias.to(memory.dtype), norm.eps
         )
+
+        attn_output, attn_weights = self.cross_attention(self.query_layernorm(query), memory, output_attentions, **kwargs)
         query = query + attn_output
         query = query + self.mlp(self.mlp_layernorm(query))
         return query, attn_weights
@@ -617,8 +651,9 @@ class EVLModel(EVLPreTrainedModel):
         if self.config.freeze_backbone:
             self.vision_model.requires_grad_(False)
             self.vision_model.eval()
-        if self.config.backbone_dtype is not None:
-            self.vision_model.to(getattr(torch, self.config.backbone_dtype))
+        backbone_dtype = resolve_backbone_dtype(self.config.backbone_dtype)
+        if backbone_dtype is not None:
+            self.vision_model.to(backbone_dtype)
         for layer in self.decoder.layers:
             layer.cross_attention.k_proj.bias.requires_grad_(False)
 
@@ -671,8 +706,30 @@ class EVLModel(EVLPreTrainedModel):
         """
         Run the backbone once over every frame and return what the decoder reads from its last `decoder_num_layers`
         blocks: each block's output (all tokens) and, when cross-frame attention is used, the attention maps between
-        neighbouring frames computed from that block's own attention queries and keys.
+        neighbouring frames computed from that block's own attention queries and keys. Both come in the decoder's
+        dtype; the maps are computed in the backbone's.
         """
+        return self._extract_backbone_features(pixel_values, self.decoder.query.dtype)
+
+    def reduced_precision_inference_dtype(self) -> torch.dtype | None:
+        """
+        The dtype of the frame features and cross-frame maps the decoder reads at inference: a frozen float16/bfloat16
+        backbone's (`backbone_dtype`) when no gradient is recorded and the decoder is float32, `None` (the decoder's
+        own dtype) otherwise. The decoder's work over the frame tokens (temporal terms, LayerNorm, attention over the
+        tokens) then runs in that dtype, and its work on the query token in float32: next to a backbone that fast, a
+        float32 pass over every token costs a third of the forward. Training keeps the decoder in float32.
+        """
+        backbone_dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
+        if (
+            backbone_dtype in (torch.float16, torch.bfloat16)
+            and self.config.freeze_backbone
+            and self.decoder.query.dtype == torch.float32
+            and not torch.is_grad_enabled()
+        ):
+            return backbone_dtype
+        return None
+
+    def _extract_backbone_features(self, pixel_values: torch.Tensor, dtype: torch.dtype) -> EVLBackboneFeatures:
         batch_size, num_frames = pixel_values.shape[:2]
         backbone = self.vision_model
         layers = backbone.encoder.layers
@@ -703,14 +760,15 @@ class EVLModel(EVLPreTrainedModel):
                 if index >= first_used:
                     block_outputs.append(hidden_states)
 
-        # The decoder works in its own dtype (float32 unless the whole model was cast), whatever the backbone's.
-        dtype = self.decoder.query.dtype
         heads = self.config.vision_config.num_attention_heads
 
         def as_clips(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.to(dtype).view(batch_size, num_frames, *tensor.shape[1:])
+            return tensor.view(batch_size, num_frames, *tensor.shape[1:])
 
-        frame_features = torch.stack([as_clips(output) for output in block_outputs], dim=1)
+        # Returned in `dtype` (the decoder's unless it computes in the backbone's, see
+        # `reduced_precision_inference_dtype`); the maps are computed in the backbone's dtype, whose GEMMs are the
+        # fast ones, and the softmax accumulates in float32 whatever the dtype.
+        frame_features = torch.stack([as_clips(output).to(dtype) for output in block_outputs], dim=1)
         cross_frame_maps = None
         if need_query_key:
             with torch.set_grad_enabled(grad_enabled):
@@ -718,7 +776,7 @@ class EVLModel(EVLPreTrainedModel):
                     [
                         cross_frame_attention_maps(
                             as_clips(query).unflatten(-1, (heads, -1)), as_clips(key).unflatten(-1, (heads, -1))
-                        )
+                        ).to(dtype)
                         for query, key in zip(queries, keys)
                     ],
                     dim=1,
@@ -795,13 +853,13 @@ class EVLModel(EVLPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        dtype = self.reduced_precision_inference_dtype() or self.decoder.query.dtype
         if frame_features is None:
             self.check_pixel_values(pixel_values)
-            features = self.extract_backbone_features(pixel_values)
+            features = self._extract_backbone_features(pixel_values, dtype)
             frame_features, cross_frame_maps = features.frame_features, features.cross_frame_maps
         else:
             self.check_backbone_features(frame_features, cross_frame_maps)
-            dtype = self.decoder.query.dtype
             frame_features = frame_features.to(dtype)
             cross_frame_maps = cross_frame_maps.to(dtype) if cross_frame_maps is not None else None
         return self._decode(

@@ -376,7 +376,8 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
     file sizes and modification times). A cache is reused only when all of it is unchanged.
     """
     evl = model.evl if hasattr(model, "evl") else model
-    digest = hashlib.sha256(b"evl-hf feature cache v2")
+    # v3: the cross-frame maps are computed in the backbone's dtype.
+    digest = hashlib.sha256(b"evl-hf feature cache v3")
     for name, tensor in sorted(evl.vision_model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -384,7 +385,7 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
     settings = {
         "decoder_num_layers": config.decoder_num_layers,
         "cross_frame_maps": config.use_temporal_cross_attention,
-        "backbone_dtype": str(getattr(config, "backbone_dtype", None)),
+        "backbone_dtype": str(evl.vision_model.dtype),  # what `backbone_dtype="auto"` resolved to on this machine
         "transform": {k: v for k, v in transform.kwargs.items() if k != "return_tensors"},
         "processor": transform.processor.to_dict(),
         "dtype": str(dtype),
