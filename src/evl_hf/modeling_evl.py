@@ -216,22 +216,24 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor) -> tor
     (B, T, 2, N, N): `[:, t, 0]` is softmax(q_t k_{t-1}^T / sqrt(head_dim)) over keys averaged over heads (zero for
     t = 0), `[:, t, 1]` the same towards frame t + 1 (zero for the last frame); cls tokens are dropped. The maps have
     no learned parameter, so they can be computed once per clip and cached. Frames are processed in chunks so the
-    per-head scores never need more than a fixed working set.
+    per-head scores never need more than a fixed working set. The scores are computed in the inputs' dtype (a bf16
+    backbone's matmuls are the fast ones), the softmax, the head mean and the result in at least float32.
     """
     batch_size, num_frames, num_tokens, num_heads, head_dim = queries.shape
     num_patches = num_tokens - 1
     # The scale goes on the queries, a third the size of the scores.
     queries, keys = (queries[:, :, 1:] * head_dim**-0.5).transpose(2, 3), keys[:, :, 1:].permute(0, 1, 3, 4, 2)
-    maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches)
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches, dtype=dtype)
     chunk = max(1, _CROSS_FRAME_SCORES_CHUNK_ELEMENTS // (batch_size * num_heads * num_patches * num_patches))
     for start in range(0, num_frames - 1, chunk):
         stop = min(start + chunk, num_frames - 1)
         # Frame pairs (t, t + 1) for t in [start, stop): t + 1 looks back at t, t looks ahead at t + 1.
         scores = torch.matmul(queries[:, start + 1 : stop + 1], keys[:, start:stop])
-        maps[:, start + 1 : stop + 1, 0] = scores.softmax(dim=-1).mean(dim=2)
+        maps[:, start + 1 : stop + 1, 0] = scores.softmax(dim=-1, dtype=dtype).mean(dim=2)
         del scores  # before the next direction's scores exist
         scores = torch.matmul(queries[:, start:stop], keys[:, start + 1 : stop + 1])
-        maps[:, start:stop, 1] = scores.softmax(dim=-1).mean(dim=2)
+        maps[:, start:stop, 1] = scores.softmax(dim=-1, dtype=dtype).mean(dim=2)
     return maps
 
 
@@ -363,8 +365,7 @@ class EVLDecoderAttention(nn.Module):
             # sum to 1, so sum_i a_i (W_v x_i + b_v) = W_v (sum_i a_i x_i) + b_v. Same attention, ~1/head_dim the
             # FLOPs. The heads become query positions of one shared "head" whose keys and values are the tokens.
             key_weight = self.k_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
-            # In the tokens' dtype: they may be lower precision than the query (see `reduced_precision_inference_dtype`).
-            folded = torch.einsum("bhqd,hde->bhqe", queries, key_weight).to(memory.dtype)  # (B, heads, q, D)
+            folded = torch.einsum("bhqd,hde->bhqe", queries, key_weight)  # (B, heads, q, D)
             tokens = memory.unsqueeze(1)  # one key/value "head" shared by all query heads: (B, 1, L, D)
             if implementation == "eager":
                 # Broadcasts over heads; the returned weights are the ones the output was computed from.
@@ -377,13 +378,12 @@ class EVLDecoderAttention(nn.Module):
                 attn_output, attn_weights = attention_interface(
                     self, packed, tokens, tokens, None, scaling=self.scaling, dropout=0.0, **kwargs
                 )
-            attn_output = attn_output.reshape(batch_size, query_length, self.num_heads, hidden_size).to(query.dtype)
+            attn_output = attn_output.reshape(batch_size, query_length, self.num_heads, hidden_size)
             value_weight = self.v_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
             attn_output = torch.einsum("bqhe,hde->bqhd", attn_output, value_weight) + self.v_proj.bias.view(
                 self.num_heads, self.head_dim
             )
         else:
-            memory = memory.to(query.dtype)
             keys = self.k_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
             values = self.v_proj(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
             attn_output, attn_weights = attention_interface(
@@ -441,17 +441,14 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         if self.temporal_conv is not None:
             memory = memory + self.temporal_conv(frame_features)
         if self.temporal_position_embedding is not None:
-            memory = memory + self.temporal_position_embedding(num_frames).to(memory.dtype)[:, None, :]
+            memory = memory + self.temporal_position_embedding(num_frames)[:, None, :]
         if self.cross_frame_attention is not None:
             memory = memory + self.cross_frame_attention(cross_frame_maps)
         memory = memory.reshape(batch_size, num_frames * num_tokens, hidden_size)
-        # The frame tokens stay in the features' dtype (lower than the decoder's at reduced-precision inference).
-        norm = self.frame_layernorm
-        memory = nn.functional.layer_norm(
-            memory, norm.normalized_shape, norm.weight.to(memory.dtype), norm.bias.to(memory.dtype), norm.eps
-        )
 
-        attn_output, attn_weights = self.cross_attention(self.query_layernorm(query), memory, output_attentions, **kwargs)
+        attn_output, attn_weights = self.cross_attention(
+            self.query_layernorm(query), self.frame_layernorm(memory), output_attentions, **kwargs
+        )
         query = query + attn_output
         query = query + self.mlp(self.mlp_layernorm(query))
         return query, attn_weights
@@ -707,17 +704,17 @@ class EVLModel(EVLPreTrainedModel):
         Run the backbone once over every frame and return what the decoder reads from its last `decoder_num_layers`
         blocks: each block's output (all tokens) and, when cross-frame attention is used, the attention maps between
         neighbouring frames computed from that block's own attention queries and keys. Both come in the decoder's
-        dtype; the maps are computed in the backbone's.
+        dtype; the maps' scores are computed in the backbone's.
         """
         return self._extract_backbone_features(pixel_values, self.decoder.query.dtype)
 
     def reduced_precision_inference_dtype(self) -> torch.dtype | None:
         """
-        The dtype of the frame features and cross-frame maps the decoder reads at inference: a frozen float16/bfloat16
-        backbone's (`backbone_dtype`) when no gradient is recorded and the decoder is float32, `None` (the decoder's
-        own dtype) otherwise. The decoder's work over the frame tokens (temporal terms, LayerNorm, attention over the
-        tokens) then runs in that dtype, and its work on the query token in float32: next to a backbone that fast, a
-        float32 pass over every token costs a third of the forward. Training keeps the decoder in float32.
+        The dtype the decoder's cross-frame module computes in at inference: a frozen float16/bfloat16 backbone's
+        (`backbone_dtype`) when no gradient is recorded and the decoder is float32, `None` (the decoder's own dtype)
+        otherwise. That module is the decoder's one large matmul; next to a backbone that fast, it would cost a
+        third of the decoder in float32. The rest of the decoder (elementwise work, LayerNorms, the attention of a
+        single query) is no faster in bf16 on CPUs and stays in float32, as does training.
         """
         backbone_dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
         if (
@@ -729,7 +726,7 @@ class EVLModel(EVLPreTrainedModel):
             return backbone_dtype
         return None
 
-    def _extract_backbone_features(self, pixel_values: torch.Tensor, dtype: torch.dtype) -> EVLBackboneFeatures:
+    def _extract_backbone_features(self, pixel_values: torch.Tensor, maps_dtype: torch.dtype) -> EVLBackboneFeatures:
         batch_size, num_frames = pixel_values.shape[:2]
         backbone = self.vision_model
         layers = backbone.encoder.layers
@@ -765,10 +762,9 @@ class EVLModel(EVLPreTrainedModel):
         def as_clips(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.view(batch_size, num_frames, *tensor.shape[1:])
 
-        # Returned in `dtype` (the decoder's unless it computes in the backbone's, see
-        # `reduced_precision_inference_dtype`); the maps are computed in the backbone's dtype, whose GEMMs are the
-        # fast ones, and the softmax accumulates in float32 whatever the dtype.
-        frame_features = torch.stack([as_clips(output).to(dtype) for output in block_outputs], dim=1)
+        # The features in the decoder's dtype (float32 unless the whole model was cast), whatever the backbone's; the
+        # maps in `maps_dtype`, the dtype the cross-frame module computes in (see `reduced_precision_inference_dtype`).
+        frame_features = torch.stack([as_clips(output).to(self.decoder.query.dtype) for output in block_outputs], dim=1)
         cross_frame_maps = None
         if need_query_key:
             with torch.set_grad_enabled(grad_enabled):
@@ -776,7 +772,7 @@ class EVLModel(EVLPreTrainedModel):
                     [
                         cross_frame_attention_maps(
                             as_clips(query).unflatten(-1, (heads, -1)), as_clips(key).unflatten(-1, (heads, -1))
-                        ).to(dtype)
+                        ).to(maps_dtype)
                         for query, key in zip(queries, keys)
                     ],
                     dim=1,
@@ -853,15 +849,15 @@ class EVLModel(EVLPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        dtype = self.reduced_precision_inference_dtype() or self.decoder.query.dtype
+        maps_dtype = self.reduced_precision_inference_dtype() or self.decoder.query.dtype
         if frame_features is None:
             self.check_pixel_values(pixel_values)
-            features = self._extract_backbone_features(pixel_values, dtype)
+            features = self._extract_backbone_features(pixel_values, maps_dtype)
             frame_features, cross_frame_maps = features.frame_features, features.cross_frame_maps
         else:
             self.check_backbone_features(frame_features, cross_frame_maps)
-            frame_features = frame_features.to(dtype)
-            cross_frame_maps = cross_frame_maps.to(dtype) if cross_frame_maps is not None else None
+            frame_features = frame_features.to(self.decoder.query.dtype)
+            cross_frame_maps = cross_frame_maps.to(maps_dtype) if cross_frame_maps is not None else None
         return self._decode(
             frame_features,
             cross_frame_maps,
