@@ -1,10 +1,11 @@
 """
-Where EVL's inference time goes (issue 11's profile), ViT-B/16 shapes, batch 1, 8 frames, float32, CPU.
+Where EVL's inference time goes (issue 11's profile), ViT-B/16 shapes, batch 1, 8 frames, CPU, float32 or with a
+bfloat16 backbone (`--backbone_dtype bfloat16`, meaningful where the CPU runs bfloat16 natively).
 
 Each section runs alternately with the CLIPVisionModel forward alone and is printed as a share of it; then the
 operators with the most self time in a `torch.profiler` trace of the whole EVL forward.
 
-    python benchmarks/bench_inference_profile.py [--repeats 5]
+    python benchmarks/bench_inference_profile.py [--repeats 5] [--backbone_dtype bfloat16]
 """
 
 import argparse
@@ -19,15 +20,17 @@ import evl_hf.modeling_evl as modeling
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backbone_dtype", choices=["bfloat16", "float16"])
     args = parser.parse_args()
-    model, clip = b16_classifier_and_clip()
+    model, clip = b16_classifier_and_clip(args.backbone_dtype)
     evl, backbone = model.evl, model.evl.vision_model
-    frames = clip.flatten(0, 1)
+    frames = clip.flatten(0, 1).to(backbone.dtype)
     # One block's attention queries and keys, as the cross-frame maps receive them: (batch, frames, tokens, heads, dim).
-    queries, keys = torch.randn(2, 1, 8, 197, 12, 64).unbind(0)
+    queries, keys = torch.randn(2, 1, 8, 197, 12, 64, dtype=backbone.dtype).unbind(0)
 
     with torch.inference_mode():
-        features = evl.extract_backbone_features(clip)
+        # The features in the dtype the decoder reads them in at inference.
+        features = evl._extract_backbone_features(clip, evl.reduced_precision_inference_dtype() or torch.float32)
         frame_features, maps = features.frame_features, features.cross_frame_maps
         layer = evl.decoder.layers[0]
         sections = {
@@ -43,6 +46,7 @@ def main():
         with profile(activities=[ProfilerActivity.CPU]) as trace:
             model(clip)
     print(f"machine: {machine()}")
+    print(f"backbone {backbone.dtype}, decoder {evl.decoder.query.dtype}")
     base = medians["CLIPVisionModel alone"]
     for name, seconds in medians.items():
         print(f"{name:<36} median {seconds * 1000:8.1f} ms   {seconds / base:6.3f} of the backbone alone")

@@ -34,7 +34,9 @@ def evl_config(shape=B16, num_frames=8, **overrides):
 
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    isa = " ".join(flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags) or "?"
+    return f"{model} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def alternate_times(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
@@ -57,12 +59,20 @@ def alternate(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def b16_classifier_and_clip():
+def b16_classifier_and_clip(backbone_dtype=None):
     """The inference benchmarks' subject: a seeded ViT-B/16-shaped EVL classifier in eval mode and one 8-frame clip."""
     from evl_hf import EVLForVideoClassification
 
     torch.manual_seed(0)
-    return EVLForVideoClassification(evl_config()).eval(), torch.randn(1, 8, 3, 224, 224)
+    model = EVLForVideoClassification(evl_config(backbone_dtype=backbone_dtype)).eval()
+    return model, torch.randn(1, 8, 3, 224, 224)
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls in hardware (AMX or AVX-512 BF16); elsewhere bf16 is emulated."""
+    from evl_hf.modeling_evl import cpu_has_native_bfloat16
+
+    return cpu_has_native_bfloat16()
 
 
 def rss_bytes() -> int:
