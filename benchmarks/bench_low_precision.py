@@ -1,5 +1,6 @@
 """
-Target 4: the frozen backbone in bfloat16/float16 (`EVLConfig.backbone_dtype`) while the decoder stays float32.
+Target 4: the frozen backbone in bfloat16/float16 (`EVLConfig.backbone_dtype`) while the decoder's parameters stay
+float32 (at inference the maps' scores and the cross-frame module compute in the backbone's dtype).
 
 * speed: EVL inference forward with a low-precision backbone / with a float32 backbone (ViT-B/16 shapes, batch 1,
   8 frames), alternating in one process;

@@ -10,7 +10,14 @@ import torch
 from helpers import index_coded_frames, randomize_decoder, tiny_config, write_clip
 from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor, pipeline
 
-from evl_hf import EVLConfig, EVLForVideoClassification, EVLModel, EVLVideoClassificationPipeline, EVLVideoProcessor
+from evl_hf import (
+    EVLConfig,
+    EVLForVideoClassification,
+    EVLModel,
+    EVLVideoClassificationPipeline,
+    EVLVideoDecodingError,
+    EVLVideoProcessor,
+)
 
 
 LABELS = {i: name for i, name in enumerate(["left", "right", "up", "down", "still"])}
@@ -174,7 +181,7 @@ def test_pipeline_decodes_in_dataloader_workers_like_the_main_process(saved_mode
     # A file that cannot be decoded stops the call with the decoder's error naming it, from a worker too.
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(clip_path.read_bytes()[:300])
-    with pytest.raises(Exception, match="broken.mp4"):
+    with pytest.raises(EVLVideoDecodingError, match="broken.mp4"):
         classifier([str(clip_path), str(broken)], batch_size=batch_size, num_workers=2)
 
 

@@ -93,9 +93,9 @@ class EVLConfig(PreTrainedConfig):
             end to end.
         backbone_dtype (`str`, *optional*):
             Run the frozen backbone in `"float16"` or `"bfloat16"` (as the authors run it in fp16) while the decoder's
-            parameters keep the model's dtype (float32 by default). The cross-frame maps are computed in the
-            backbone's dtype; at inference the decoder's work over the frame tokens runs in it too, its work on the
-            query token in float32; in training the features are cast to the decoder's dtype. `"auto"` picks
+            parameters keep the model's dtype (float32 by default). The cross-frame maps' scores are computed in the
+            backbone's dtype (softmax and head mean in float32); at inference the cross-frame module computes in it
+            too, the rest of the decoder and training stay in the decoder's dtype. `"auto"` picks
             bfloat16 where the hardware runs it natively (CUDA with bf16, CPUs with AMX or AVX-512 BF16) and the
             model's dtype elsewhere, decided when the model is built. `None` keeps the backbone in the model's dtype.
             Only with `freeze_backbone=True`.
