@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import re
 
 import pytest
@@ -560,12 +561,18 @@ def test_auto_backbone_dtype_is_bfloat16_where_the_hardware_runs_it(monkeypatch,
     monkeypatch.setattr(modeling, "cpu_has_native_bfloat16", lambda: not native)
     loaded = EVLForVideoClassification.from_pretrained(tmp_path)
     assert loaded.evl.vision_model.dtype == (torch.float32 if native else torch.bfloat16)
+    # A model asked for in another dtype keeps it: "auto" only lowers a float32 backbone.
+    monkeypatch.setattr(modeling, "cpu_has_native_bfloat16", lambda: True)
+    for dtype in (torch.float64, torch.float16):
+        loaded = EVLForVideoClassification.from_pretrained(tmp_path, dtype=dtype)
+        assert loaded.evl.vision_model.dtype == loaded.evl.decoder.query.dtype == dtype
     # A visible CUDA device decides instead of the CPU.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
     assert modeling.resolve_backbone_dtype("auto") == (torch.bfloat16 if native else None)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo (Linux)")
 def test_cpu_bfloat16_detection_agrees_with_the_cpu_flags():
     from evl_hf.modeling_evl import cpu_has_native_bfloat16
 

@@ -94,10 +94,11 @@ class EVLConfig(PreTrainedConfig):
         backbone_dtype (`str`, *optional*):
             Run the frozen backbone in `"float16"` or `"bfloat16"` (as the authors run it in fp16) while the decoder's
             parameters keep the model's dtype (float32 by default). The cross-frame maps' scores are computed in the
-            backbone's dtype (softmax and head mean in float32); at inference the cross-frame module computes in it
-            too, the rest of the decoder and training stay in the decoder's dtype. `"auto"` picks
-            bfloat16 where the hardware runs it natively (CUDA with bf16, CPUs with AMX or AVX-512 BF16) and the
-            model's dtype elsewhere, decided when the model is built. `None` keeps the backbone in the model's dtype.
+            backbone's dtype (softmax and head mean in float32); at inference, with a float32 decoder, the
+            cross-frame module computes in it too, while the rest of the decoder and training stay in the decoder's
+            dtype. `"auto"` picks bfloat16 where the hardware runs it natively (CUDA with bf16, the GPU deciding when
+            one is visible; CPUs with AMX or AVX-512 BF16) for a float32 model, and the model's dtype elsewhere,
+            decided when the model is built. `None` keeps the backbone in the model's dtype.
             Only with `freeze_backbone=True`.
         layer_norm_eps (`float`, *optional*, defaults to 1e-05):
             Epsilon of the decoder and head LayerNorms.

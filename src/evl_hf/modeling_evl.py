@@ -113,13 +113,16 @@ def cpu_has_native_bfloat16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_backbone_dtype(backbone_dtype: str | None) -> torch.dtype | None:
+def resolve_backbone_dtype(backbone_dtype: str | None, model_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
     """
-    The dtype `EVLConfig.backbone_dtype` asks for, `None` for the model's own. `"auto"` is decided when the model is
-    built, on the hardware it will run on: bfloat16 where that is native (a CUDA device with bf16, the GPU deciding
-    when one is visible; else a CPU with AMX or AVX-512 BF16), the model's own dtype elsewhere.
+    The dtype `EVLConfig.backbone_dtype` asks for, `None` for the model's own (`model_dtype`). `"auto"` is decided when
+    the model is built, on the hardware it will run on: bfloat16 where that is native (a CUDA device with bf16, the
+    GPU deciding when one is visible; else a CPU with AMX or AVX-512 BF16), the model's own dtype elsewhere, and
+    always when the model was built in another dtype than float32 (e.g. `from_pretrained(..., dtype=torch.float64)`).
     """
     if backbone_dtype == "auto":
+        if model_dtype != torch.float32:
+            return None
         if torch.cuda.is_available():
             native = torch.cuda.is_bf16_supported(including_emulation=False)
         else:
@@ -648,7 +651,7 @@ class EVLModel(EVLPreTrainedModel):
         if self.config.freeze_backbone:
             self.vision_model.requires_grad_(False)
             self.vision_model.eval()
-        backbone_dtype = resolve_backbone_dtype(self.config.backbone_dtype)
+        backbone_dtype = resolve_backbone_dtype(self.config.backbone_dtype, self.vision_model.dtype)
         if backbone_dtype is not None:
             self.vision_model.to(backbone_dtype)
         for layer in self.decoder.layers:
