@@ -226,6 +226,25 @@ def test_push_to_hub_through_trainer_writes_a_loadable_repository(data_dir, back
     assert len(result) == 2 and result[0]["label"] in MOTION_CLASSES
 
 
+def test_resuming_skips_a_checkpoint_the_killed_run_did_not_finish_writing(tmp_path, caplog):
+    # Trainer writes trainer_state.json last: a run killed while saving leaves a folder without it (seen: only
+    # config.json and the code files), or with it cut short. transformers' get_last_checkpoint returns such a folder,
+    # and resuming from it fails with "Can't find a valid checkpoint".
+    from evl_hf.run_video_classification import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path) is None
+    for step in (2, 4, 10, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "config.json").write_text("{}")
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')
+    (tmp_path / "checkpoint-x").mkdir()
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert "checkpoint-12" in caplog.text and "checkpoint-10" in caplog.text
+
+
 def test_a_run_killed_with_sigkill_resumes_to_the_same_result(data_dir, backbone_dir, tmp_path):
     import signal
     import time

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_evl import EVLConfig
 from .data.video_dataset import (
@@ -197,6 +196,23 @@ def build_model(model_args, data_args, labels: list[str]):
     if processor.num_spatial_views not in (1, 3):
         raise ValueError(f"--num_spatial_views must be 1 or 3, got {processor.num_spatial_views}.")
     return model, processor
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """
+    The newest `checkpoint-N` folder of `output_dir` that `Trainer` finished writing, `None` if there is none. A run
+    killed while saving leaves a folder with only some of its files; `Trainer` writes `trainer_state.json` last, so a
+    folder whose state file is missing or does not parse is skipped, with a warning naming it.
+    """
+    folders = [path for path in Path(output_dir).glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
+    for folder in sorted(folders, key=lambda path: int(path.name[11:]), reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("Skipping %s: it was not completely written (the run stopped while saving it).", folder)
+            continue
+        return str(folder)
+    return None
 
 
 class SaveRunArgumentsCallback(TrainerCallback):
@@ -374,7 +390,7 @@ def main(argv: list[str] | None = None):
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint is None and os.path.isdir(training_args.output_dir):
-            checkpoint = get_last_checkpoint(training_args.output_dir)
+            checkpoint = last_complete_checkpoint(training_args.output_dir)
             if checkpoint is not None:
                 logger.warning("Resuming training from %s (found in --output_dir)", checkpoint)
         if checkpoint is not None:
