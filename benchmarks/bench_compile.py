@@ -7,11 +7,10 @@ steady-state ratios; float32, and with `backbone_dtype="bfloat16"` where this CP
     python benchmarks/bench_compile.py [--repeats 5] [--bfloat16]
 """
 
-import argparse
 import time
 
 import torch
-from common import alternate, evl_config, machine, native_bfloat16
+from common import alternate, evl_config, float32_and_bfloat16_main
 
 from evl_hf import EVLForVideoClassification
 
@@ -68,16 +67,7 @@ def compare(backbone_dtype, repeats: int) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
-    args = parser.parse_args()
-    print(f"machine: {machine()}")
-    compare(None, args.repeats)
-    if native_bfloat16() or args.bfloat16:
-        compare("bfloat16", args.repeats)
-    else:
-        print("bfloat16: not measured, this CPU has neither AMX nor AVX-512 BF16 (emulated bfloat16)")
+    float32_and_bfloat16_main(compare, default_repeats=5)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,10 @@ backbone alone is the floor; by FLOP count the decoder and the cross-frame maps 
     python benchmarks/bench_inference_overhead.py [--repeats 5] [--bfloat16]
 """
 
-import argparse
 import statistics
 
 import torch
-from common import alternate_times, b16_classifier_and_clip, machine, native_bfloat16
+from common import alternate_times, b16_classifier_and_clip, float32_and_bfloat16_main
 
 
 TARGETS = {None: 1.06, "bfloat16": 1.10}
@@ -35,16 +34,7 @@ def measure(backbone_dtype, repeats: int) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
-    args = parser.parse_args()
-    print(f"machine: {machine()}")
-    measure(None, args.repeats)
-    if native_bfloat16() or args.bfloat16:
-        measure("bfloat16", args.repeats)
-    else:
-        print("bfloat16: not measured, this CPU has neither AMX nor AVX-512 BF16 (emulated bfloat16)")
+    float32_and_bfloat16_main(measure, default_repeats=5)
 
 
 if __name__ == "__main__":

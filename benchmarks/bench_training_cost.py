@@ -17,7 +17,7 @@ for both variants); the ratio of whole-process peaks is printed too.
 import argparse
 
 import torch
-from common import alternate, evl_config, machine, native_bfloat16, peak_rss_bytes, rss_bytes, run_isolated
+from common import alternate, bfloat16_measured, evl_config, machine, peak_rss_bytes, rss_bytes, run_isolated
 
 from evl_hf import EVLForVideoClassification
 
@@ -72,14 +72,12 @@ def main():
     print(f"time   EVL step / fine-tuning step: {medians['EVL training step'] / medians['fine-tuning step']:.3f} (target <= 0.42)")
     print(f"time   EVL step / EVL inference:    {medians['EVL training step'] / medians['EVL inference forward']:.3f} (target <= 1.08)")
     del frozen, finetune
-    if native_bfloat16() or args.bfloat16:
+    if bfloat16_measured(args.bfloat16):
         _, bf16_step, _, bf16_inference = build(True, "bfloat16")
         medians = alternate({"inference": bf16_inference, "training step": bf16_step}, repeats=args.repeats)
         print(f"bfloat16 backbone: inference forward {medians['inference']:.2f} s, training step (bf16 autocast) "
               f"{medians['training step']:.2f} s, ratio {medians['training step'] / medians['inference']:.3f} "
               "(target <= 1.08)")  # fmt: skip
-    else:
-        print("bfloat16: not measured, this CPU has neither AMX nor AVX-512 BF16 (emulated bfloat16)")
     memory = {name: run_isolated("bench_training_cost", "peak_memory", freeze) for name, freeze in (("EVL", True), ("fine-tuning", False))}
     for name, result in memory.items():
         print(f"peak memory {name:<12} above model {result['above_model_gb']:.3f} GB, whole process {result['process_gb']:.3f} GB")

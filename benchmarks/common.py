@@ -1,5 +1,6 @@
 """Helpers for the benchmarks: ViT-B/16-shaped models with random weights, alternating timing, peak memory."""
 
+import argparse
 import json
 import os
 import statistics
@@ -68,11 +69,28 @@ def b16_classifier_and_clip(backbone_dtype=None):
     return model, torch.randn(1, 8, 3, 224, 224)
 
 
-def native_bfloat16() -> bool:
-    """Whether this CPU runs bfloat16 matmuls in hardware (AMX or AVX-512 BF16); elsewhere bf16 is emulated."""
+def bfloat16_measured(force: bool = False) -> bool:
+    """Whether to measure bfloat16 here: where this CPU runs bf16 matmuls in hardware (AMX or AVX-512 BF16), or when
+    asked (`--bfloat16`); elsewhere bf16 is emulated and its figures mean nothing, which is printed instead."""
     from evl_hf.modeling_evl import cpu_has_native_bfloat16
 
-    return cpu_has_native_bfloat16()
+    if force or cpu_has_native_bfloat16():
+        return True
+    print("bfloat16: not measured, this CPU has neither AMX nor AVX-512 BF16 (emulated bfloat16)")
+    return False
+
+
+def float32_and_bfloat16_main(measure, default_repeats: int = 5) -> None:
+    """A script's main(): `--repeats`, `--bfloat16`, the machine line, then `measure(backbone_dtype, repeats)` with
+    a float32 backbone (`None`) and, where `bfloat16_measured`, with `"bfloat16"`."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=default_repeats)
+    parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    measure(None, args.repeats)
+    if bfloat16_measured(args.bfloat16):
+        measure("bfloat16", args.repeats)
 
 
 def rss_bytes() -> int:
