@@ -5,13 +5,13 @@ bfloat16 backbone (`--backbone_dtype bfloat16`, meaningful where the CPU runs bf
 Each section runs alternately with the CLIPVisionModel forward alone and is printed as a share of it; then the
 operators with the most self time in a `torch.profiler` trace of the whole EVL forward.
 
-    python benchmarks/bench_inference_profile.py [--repeats 5] [--backbone_dtype bfloat16]
+    python benchmarks/bench_inference_profile.py [--repeats 5] [--backbone_dtype bfloat16] [--threads 1]
 """
 
 import argparse
 
 import torch
-from common import alternate, b16_classifier_and_clip, machine
+from common import add_threads_argument, alternate, b16_classifier_and_clip, machine, set_threads
 from torch.profiler import ProfilerActivity, profile
 
 import evl_hf.modeling_evl as modeling
@@ -21,7 +21,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backbone_dtype", choices=["bfloat16", "float16"])
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     model, clip = b16_classifier_and_clip(args.backbone_dtype)
     evl, backbone = model.evl, model.evl.vision_model
     frames = clip.flatten(0, 1).to(backbone.dtype)

@@ -40,6 +40,20 @@ def machine() -> str:
     return f"{model} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's, one per core). With 1 thread a forward's time varies 3-4x less on "
+        "these VMs (no thread waits on a descheduled sibling), so few-percent ratios become measurable.",
+    )
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def alternate_times(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
     """Run the variants alternately (after warm-up) and return each one's list of seconds, one entry per round."""
     for function in functions.values():
@@ -81,12 +95,14 @@ def bfloat16_measured(force: bool = False) -> bool:
 
 
 def float32_and_bfloat16_main(measure, default_repeats: int = 5) -> None:
-    """A script's main(): `--repeats`, `--bfloat16`, the machine line, then `measure(backbone_dtype, repeats)` with
+    """A script's main(): `--repeats`, `--bfloat16`, `--threads`, the machine line, then `measure(backbone_dtype, repeats)` with
     a float32 backbone (`None`) and, where `bfloat16_measured`, with `"bfloat16"`."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=default_repeats)
     parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     print(f"machine: {machine()}")
     measure(None, args.repeats)
     if bfloat16_measured(args.bfloat16):

@@ -617,6 +617,35 @@ def test_cross_frame_training_and_inference_paths_agree():
     assert module.previous_frame_table.grad.abs().sum() > 0 and module.next_frame_table.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("grid", [(1, 1), (1, 4), (4, 1), (2, 2), (3, 5), (7, 3), (14, 14)])
+def test_cross_frame_module_equals_the_authors_gathered_tables(grid):
+    """Both paths (inference: query columns in two halves against copied table columns; training: copied windows)
+    against the authors' formulation, an (N, N, D) table gathered by spatial offset, on odd, even and non-square
+    patch grids."""
+    from types import SimpleNamespace
+
+    from evl_hf.modeling_evl import EVLCrossFrameAttention
+
+    height, width = grid
+    config = SimpleNamespace(patch_grid=grid, vision_config=SimpleNamespace(hidden_size=16))
+    torch.manual_seed(0)
+    module = EVLCrossFrameAttention(config)
+    torch.nn.init.normal_(module.previous_frame_table)
+    torch.nn.init.normal_(module.next_frame_table)
+    num_patches = height * width
+    maps = torch.rand(2, 3, 2, num_patches, num_patches).softmax(-1)
+    rows, columns = torch.arange(num_patches) // width, torch.arange(num_patches) % width
+    offset_index = (rows[:, None] - rows[None, :] + height - 1) * (2 * width - 1) + columns[:, None] - columns[None, :] + width - 1
+    expected = torch.einsum("btqk,qkc->btqc", maps[:, :, 0], module.previous_frame_table.detach()[offset_index])
+    expected += torch.einsum("btqk,qkc->btqc", maps[:, :, 1], module.next_frame_table.detach()[offset_index])
+    with torch.no_grad():
+        by_row = module(maps)
+    batched = module(maps)
+    for output in (by_row, batched.detach()):
+        assert output.shape == (2, 3, num_patches + 1, 16) and output[:, :, 0].abs().sum() == 0
+        torch.testing.assert_close(output[:, :, 1:], expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_frames", [1, 2, 5])
 def test_temporal_conv_equals_a_depthwise_conv1d_over_time(num_frames):
     """The shifted multiply-adds are the authors' Conv1d (kernel 3, zero padding), in value and in gradients."""

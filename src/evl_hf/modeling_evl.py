@@ -249,9 +249,9 @@ class EVLCrossFrameAttention(nn.Module):
     The authors gather an (N, N, hidden_size) table per direction; that is 1.4 GB at ViT-L/14@336 shapes. Here each
     map is scattered into offset space instead: row offsets become a fixed window per query row (a flip), column
     offsets a (2w - 1)-wide scatter, and a matmul against the table rows each query row can reach gives the same sums:
-    at inference one batched matmul per direction against an overlapping strided view of the table (no copy, frames
-    in chunks, so memory does not grow with the clip length), in training one batched matmul against copied windows
-    (a cheap backward).
+    at inference, for each half of the query columns, one batched matmul per direction against an overlapping strided
+    view of the table columns that half reaches (frames in chunks, so memory does not grow with the clip length); in
+    training one batched matmul against copied windows (a cheap backward).
     """
 
     def __init__(self, config: EVLConfig):
@@ -267,16 +267,19 @@ class EVLCrossFrameAttention(nn.Module):
             "column_offsets", columns[:, None] - columns[None, :] + self.grid_width - 1, persistent=False
         )
 
-    def _to_offsets(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, c, N, N) maps of one direction -> (h, B * c * w, h * (2w - 1)): indexed by query row, then the other
-        query coordinates, then (local row offset, column offset)."""
+    def _to_offsets(self, maps: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
+        """(B, c, N, N) maps of one direction -> (h, B * c * g, h * m): indexed by query row, then the other query
+        coordinates, then (local row offset, column offset). `columns` keeps the query columns j0 .. j1 - 1 only
+        (g of them), whose column offsets span j0 .. j1 + w - 2 (m = g + w - 1 of the 2w - 1); all by default."""
         height, width = self.grid_height, self.grid_width
+        columns = columns or slice(0, width)
         batch_size, num_frames = maps.shape[:2]
-        maps = maps.reshape(batch_size, num_frames, height, width, height, width).flip(-2)
-        index = self.column_offsets.view(1, 1, 1, width, 1, width).expand(maps.shape)
-        offsets = maps.new_zeros(*maps.shape[:-1], 2 * width - 1).scatter_(-1, index, maps)
-        # (B, c, h, w, h, 2w - 1) -> (h, B, c, w, h, 2w - 1)
-        return offsets.permute(2, 0, 1, 3, 4, 5).reshape(height, batch_size * num_frames * width, -1)
+        maps = maps.reshape(batch_size, num_frames, height, width, height, width)[:, :, :, columns].flip(-2)
+        index = self.column_offsets[columns] - columns.start
+        index = index.view(1, 1, 1, *index.shape[:1], 1, width).expand(maps.shape)
+        offsets = maps.new_zeros(*maps.shape[:-1], index.shape[3] + width - 1).scatter_(-1, index, maps)
+        # (B, c, h, g, h, m) -> (h, B, c, g, h, m)
+        return offsets.permute(2, 0, 1, 3, 4, 5).reshape(height, -1, offsets.shape[-2] * offsets.shape[-1])
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """`maps`: (B, T, 2, N, N) from `cross_frame_attention_maps`. Returns (B, T, N + 1, hidden_size)."""
@@ -308,28 +311,39 @@ class EVLCrossFrameAttention(nn.Module):
 
     def _forward_by_row(self, maps: torch.Tensor) -> torch.Tensor:
         """Inference: the table rows that query row i can reach form a contiguous block (grid rows i .. i + h - 1),
-        so the h blocks are one overlapping strided view of the table (no copy) and each direction is one batched
-        matmul over query rows; frames in chunks."""
+        so the h blocks are one overlapping strided view of the table and each direction is one batched matmul over
+        query rows; frames in chunks. The query columns go in two halves: each half reaches w + w/2 - 1 of the
+        2w - 1 column offsets, so a copy of those table columns (a few MB) takes a quarter of the matmul's FLOPs
+        (the zeros of the unreachable offsets) away."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
-        row_length = (2 * width - 1) * hidden_size
-        windows = [
-            table.to(maps.dtype)
-            .contiguous()
-            .as_strided((height, height * (2 * width - 1), hidden_size), (row_length, hidden_size, 1))
-            for table in (self.previous_frame_table, self.next_frame_table)
-        ]
+        half = (width + 1) // 2
+        groups = [slice(0, half), slice(half, width)] if width > 1 else [slice(0, width)]
+        windows = []  # per column group: (previous-frame, next-frame) windows, (h, h * m, D)
+        for columns in groups:
+            offset_columns = slice(columns.start, columns.stop + width - 1)
+            row_length = (offset_columns.stop - offset_columns.start) * hidden_size
+            windows.append(
+                [
+                    table.to(maps.dtype)
+                    .view(2 * height - 1, 2 * width - 1, hidden_size)[:, offset_columns]
+                    .contiguous()
+                    .as_strided((height, row_length // hidden_size * height, hidden_size), (row_length, hidden_size, 1))
+                    for table in (self.previous_frame_table, self.next_frame_table)
+                ]
+            )
         output = maps.new_zeros(batch_size, num_frames, num_patches + 1, hidden_size)
         patches = output[:, :, 1:].view(batch_size, num_frames, height, width, hidden_size)  # the cls row stays 0
         chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * height * (2 * width - 1)))
         for start in range(0, num_frames, chunk):
             stop = min(start + chunk, num_frames)
-            features = torch.bmm(self._to_offsets(maps[:, start:stop, 0]), windows[0])
-            features = features.baddbmm_(self._to_offsets(maps[:, start:stop, 1]), windows[1])
-            # (h, B * c * w, D) -> (B, c, h, w, D)
-            features = features.view(height, batch_size, stop - start, width, hidden_size).permute(1, 2, 0, 3, 4)
-            patches[:, start:stop] = features
+            for columns, (previous_window, next_window) in zip(groups, windows):
+                features = torch.bmm(self._to_offsets(maps[:, start:stop, 0], columns), previous_window)
+                features = features.baddbmm_(self._to_offsets(maps[:, start:stop, 1], columns), next_window)
+                # (h, B * c * g, D) -> (B, c, h, g, D)
+                features = features.view(height, batch_size, stop - start, -1, hidden_size).permute(1, 2, 0, 3, 4)
+                patches[:, start:stop, :, columns] = features
         return output
 
 
