@@ -344,30 +344,24 @@ def test_from_backbone_pretrained_uses_the_clip_weights(tiny_backbone_dir):
 BACKBONE_KWARGS = dict(num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=3)
 
 
-def _save_tiny_non_clip(kind, directory):
-    from transformers import ConvNextConfig, ConvNextModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+def _save_tiny_unsupported(kind, directory):
+    from transformers import ConvNextConfig, ConvNextModel
 
     torch.manual_seed(0)
-    vit_like = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )  # fmt: skip
-    if kind == "dinov2":
-        Dinov2Model(Dinov2Config(**vit_like)).save_pretrained(directory)
-    elif kind == "vit":
-        ViTModel(ViTConfig(**vit_like)).save_pretrained(directory)
-    elif kind == "convnext":
+    if kind == "convnext":
         ConvNextModel(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(directory)
     else:
         EVLForVideoClassification(tiny_config()).save_pretrained(directory)
     return directory
 
 
-@pytest.mark.parametrize("kind", ["dinov2", "vit", "convnext", "evl"])
+@pytest.mark.parametrize("kind", ["convnext", "evl"])
 def test_from_backbone_pretrained_refuses_other_architectures(kind, tmp_path):
-    directory = _save_tiny_non_clip(kind, tmp_path / kind)
+    directory = _save_tiny_unsupported(kind, tmp_path / kind)
     with pytest.raises(ValueError, match=f"{re.escape(str(directory))} is a `{kind}` checkpoint") as raised:
         EVLForVideoClassification.from_backbone_pretrained(directory, **BACKBONE_KWARGS)
-    assert "`clip_vision_model`" in str(raised.value) and "`clip`" in str(raised.value)
+    for supported in ("clip_vision_model", "clip", "siglip_vision_model", "siglip", "dinov2", "dinov2_with_registers", "vit"):
+        assert f"`{supported}`" in str(raised.value)
     assert not isinstance(raised.value, EVLCheckpointError)
     if kind == "evl":
         assert "EVLForVideoClassification.from_pretrained" in str(raised.value)
@@ -430,7 +424,11 @@ def test_presets_match_the_released_configurations():
     assert large.patch_grid == (24, 24)
     ssv2 = EVLConfig.from_preset("ssv2-vit-b16-8f-dec12")
     assert ssv2.decoder_num_layers == 12 and ssv2.num_labels == 174
-    assert len(EVL_PRESETS) == 8
+    assert len(EVL_PRESETS) == 10
+    siglip = EVLForVideoClassification(EVLConfig.from_preset("siglip-b16-224-8f", decoder_num_layers=1))
+    assert type(siglip.evl.vision_model).__name__ == "SiglipVisionModel" and siglip.config.patch_grid == (14, 14)
+    dinov2 = EVLConfig.from_preset("dinov2-b14-224-8f")
+    assert dinov2.vision_config.model_type == "dinov2" and dinov2.patch_grid == (16, 16) and dinov2.num_prefix_tokens == 1
     with pytest.raises(ValueError, match="Unknown EVL preset"):
         EVLConfig.from_preset("k400-vit-h14")
 
@@ -627,7 +625,7 @@ def test_cross_frame_module_equals_the_authors_gathered_tables(grid):
     from evl_hf.modeling_evl import EVLCrossFrameAttention
 
     height, width = grid
-    config = SimpleNamespace(patch_grid=grid, vision_config=SimpleNamespace(hidden_size=16))
+    config = SimpleNamespace(patch_grid=grid, num_prefix_tokens=1, vision_config=SimpleNamespace(hidden_size=16))
     torch.manual_seed(0)
     module = EVLCrossFrameAttention(config)
     torch.nn.init.normal_(module.previous_frame_table)

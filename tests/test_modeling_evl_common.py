@@ -53,6 +53,8 @@ from transformers_upstream_tests.test_modeling_common import (  # noqa: E402
     floats_tensor,
 )
 
+from transformers import Dinov2WithRegistersConfig, SiglipVisionConfig  # noqa: E402
+
 from evl_hf import EVLConfig, EVLForVideoClassification, EVLModel  # noqa: E402
 from helpers import tiny_vision_config  # noqa: E402
 
@@ -85,8 +87,9 @@ MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES.setdefault("evl", "EVLForVideoClass
 class EVLModelTester:
     def __init__(self, parent, batch_size=2, num_frames=3, image_size=32, patch_size=8, hidden_size=32,
                  num_backbone_layers=3, decoder_num_layers=2, decoder_num_heads=4, decoder_qkv_dim=32, num_labels=4,
-                 is_training=True):  # fmt: skip
+                 is_training=True, backbone="clip"):  # fmt: skip
         self.parent = parent
+        self.backbone = backbone
         self.batch_size = batch_size
         self.num_frames = num_frames
         self.image_size = image_size
@@ -103,14 +106,21 @@ class EVLModelTester:
         self.num_attention_heads = decoder_num_heads
         self.seq_length = 1
         self.expected_num_hidden_layers = decoder_num_layers + 1
-        self.key_length = num_frames * ((image_size // patch_size) ** 2 + 1)
+        num_prefix_tokens = {"clip": 1, "siglip": 0, "dinov2_with_registers": 3}[backbone]
+        self.key_length = num_frames * ((image_size // patch_size) ** 2 + num_prefix_tokens)
+
+    def get_vision_config(self):
+        shape = dict(hidden_size=self.hidden_size, num_hidden_layers=self.num_backbone_layers,
+                     patch_size=self.patch_size, image_size=self.image_size)  # fmt: skip
+        if self.backbone == "siglip":
+            return SiglipVisionConfig(intermediate_size=64, num_attention_heads=4, **shape)
+        if self.backbone == "dinov2_with_registers":
+            return Dinov2WithRegistersConfig(intermediate_size=64, num_attention_heads=4, num_register_tokens=2, **shape)
+        return tiny_vision_config(**shape)
 
     def get_config(self) -> EVLConfig:
         return EVLConfig(
-            vision_config=tiny_vision_config(
-                hidden_size=self.hidden_size, num_hidden_layers=self.num_backbone_layers, patch_size=self.patch_size,
-                image_size=self.image_size,
-            ),
+            vision_config=self.get_vision_config(),
             num_frames=self.num_frames,
             decoder_num_layers=self.decoder_num_layers,
             decoder_num_heads=self.num_attention_heads,
@@ -139,11 +149,14 @@ class EVLModelTest(ModelTesterMixin, unittest.TestCase):
         self.model_tester = EVLModelTester(self)
 
     def test_model_get_set_embeddings(self):
-        # As transformers' CLIP vision tests: the input "embedding" is the patch-embedding convolution.
+        # As transformers' vision tests: the input "embedding" is the backbone's patch embedding (CLIP's and SigLIP's
+        # convolution, DINOv2's module around one).
         config, _ = self.model_tester.prepare_config_and_inputs_for_common()
         for model_class in self.all_model_classes:
             model = model_class(config)
-            self.assertIsInstance(model.get_input_embeddings(), torch.nn.Conv2d)
+            embedding = model.get_input_embeddings()
+            self.assertIs(embedding, model.base_model.vision_model.get_input_embeddings())
+            self.assertIsInstance(embedding, torch.nn.Conv2d if self.model_tester.backbone != "dinov2_with_registers" else torch.nn.Module)
             self.assertIsNone(model.get_output_embeddings())
 
     @unittest.skip(reason="EVL does not use inputs_embeds (pixel input only), like transformers' vision models")
@@ -161,3 +174,17 @@ class EVLModelTest(ModelTesterMixin, unittest.TestCase):
             expected = model(**inputs).logits
             program = torch.export.export(model, args=(), kwargs=inputs, strict=False)
             torch.testing.assert_close(program.module()(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+class EVLSiglipModelTest(EVLModelTest):
+    """The same contract with a SigLIP backbone (no class token)."""
+
+    def setUp(self):
+        self.model_tester = EVLModelTester(self, backbone="siglip")
+
+
+class EVLDinov2WithRegistersModelTest(EVLModelTest):
+    """The same contract with a DINOv2 backbone with registers (class token and two registers before the patches)."""
+
+    def setUp(self):
+        self.model_tester = EVLModelTester(self, backbone="dinov2_with_registers")

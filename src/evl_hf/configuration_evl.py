@@ -14,7 +14,10 @@
 """EVL model configuration."""
 
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPVisionConfig, PreTrainedConfig
+from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .backbone_families import backbone_family
 
 
 # The public OpenAI CLIP vision towers the authors built on. Kept here so that presets work offline.
@@ -32,6 +35,16 @@ _CLIP_VISION_SHAPES = {
         image_size=336, projection_dim=768,
     ),
 }  # fmt: skip
+# Other families' public towers (transformers' defaults for the rest of their configs), for the presets below.
+_OTHER_VISION_SHAPES = {
+    "google/siglip-base-patch16-224": ("siglip_vision_model", dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
+        image_size=224,
+    )),
+    "facebook/dinov2-base": ("dinov2", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14, image_size=518,
+    )),
+}  # fmt: skip
 
 # Released (and paper) configurations. `sampling_rate` and the view counts describe the authors' evaluation protocol
 # and are consumed by the video processor, not by the model.
@@ -46,6 +59,10 @@ EVL_PRESETS = {
     "k400-vit-l14-336-32f": dict(backbone="openai/clip-vit-large-patch14-336", num_frames=32, sampling_rate=8, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
     # The authors advise 12 decoder layers for Something-Something v2 (174 classes); no weights were released.
     "ssv2-vit-b16-8f-dec12": dict(backbone="openai/clip-vit-base-patch16", num_frames=8, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, decoder_num_layers=12, num_labels=174, num_spatial_views=3, num_temporal_views=1),
+    # The ViT-B/16 8-frame recipe on the other families' base towers (no EVL weights exist for them); DINOv2-B/14
+    # runs at 224 (a 16x16 patch grid).
+    "siglip-b16-224-8f": dict(backbone="google/siglip-base-patch16-224", num_frames=8, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=1, num_temporal_views=3),
+    "dinov2-b14-224-8f": dict(backbone="facebook/dinov2-base", image_size=224, num_frames=8, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=1, num_temporal_views=3),
 }  # fmt: skip
 
 _PROCESSOR_PRESET_KEYS = ("backbone", "sampling_rate", "num_spatial_views", "num_temporal_views")
@@ -63,8 +80,14 @@ class EVLConfig(PreTrainedConfig):
     query cross-attends, block by block, to the frame features of the last `decoder_num_layers` backbone blocks.
 
     Args:
-        vision_config (`CLIPVisionConfig` or `dict`, *optional*):
-            Configuration of the CLIP vision backbone. Defaults to a ViT-B/16 shaped `CLIPVisionConfig`.
+        vision_config (`PreTrainedConfig` or `dict`, *optional*):
+            Configuration of the image backbone: a `CLIPVisionConfig` (the default, ViT-B/16 shaped), a
+            `SiglipVisionConfig`, a `Dinov2Config`, a `Dinov2WithRegistersConfig` or a `ViTConfig` (a dict names
+            its `model_type`). See `evl_hf.backbone_families`.
+        image_size (`int`, *optional*):
+            Resolution of the frames the backbone reads. Defaults to the backbone's `image_size`. Only backbones that
+            interpolate their position embeddings (DINOv2) may differ from it: DINOv2 checkpoints declare 518 and are
+            used at 224.
         num_frames (`int`, *optional*, defaults to 8):
             Frames per clip the model is trained with. It sizes the temporal position embeddings; clips with another
             frame count still work (the embeddings are linearly interpolated along time).
@@ -116,9 +139,10 @@ class EVLConfig(PreTrainedConfig):
     ```"""
 
     model_type = "evl"
-    sub_configs_defaults = {"vision_config": CLIPVisionConfig}
+    sub_configs_defaults = {"vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model")}
 
     vision_config: dict | PreTrainedConfig | None = None
+    image_size: int | None = None
     num_frames: int = 8
     decoder_num_layers: int = 4
     decoder_qkv_dim: int = 768
@@ -180,10 +204,18 @@ class EVLConfig(PreTrainedConfig):
                     f"`vision_config.hidden_size` ({vision.hidden_size}) must be divisible by "
                     f"`vision_config.num_attention_heads` ({vision.num_attention_heads})."
                 )
-            if vision.image_size % vision.patch_size != 0:
+            family = backbone_family(vision)
+            if self.image_size is not None and self.image_size != vision.image_size:
+                if not family.interpolates_position_embeddings:
+                    raise ValueError(
+                        f"`image_size` ({self.image_size}) differs from the {family.name} backbone's "
+                        f"(`vision_config.image_size` = {vision.image_size}), whose position embeddings are not "
+                        "interpolated: leave `image_size` unset."
+                    )
+            if self.frame_size % vision.patch_size != 0:
                 raise ValueError(
-                    f"`vision_config.image_size` ({vision.image_size}) must be a multiple of "
-                    f"`vision_config.patch_size` ({vision.patch_size}) for the cross-frame attention's patch grid."
+                    f"The frame size ({self.frame_size}) must be a multiple of `vision_config.patch_size` "
+                    f"({vision.patch_size}) for the cross-frame attention's patch grid."
                 )
 
     def to_dict(self) -> dict:
@@ -203,10 +235,20 @@ class EVLConfig(PreTrainedConfig):
         return output
 
     @property
+    def frame_size(self) -> int:
+        """Height and width of the frames the backbone reads (`image_size`, or the backbone's)."""
+        return self.image_size if self.image_size is not None else self.vision_config.image_size
+
+    @property
     def patch_grid(self) -> tuple[int, int]:
         """(height, width) of the backbone's patch grid."""
-        side = self.vision_config.image_size // self.vision_config.patch_size
+        side = self.frame_size // self.vision_config.patch_size
         return side, side
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens each frame has before its patches: the class token (none for SigLIP) and any registers."""
+        return backbone_family(self.vision_config).num_prefix_tokens(self.vision_config)
 
     @classmethod
     def from_preset(cls, name: str, vision_config: CLIPVisionConfig | None = None, **kwargs) -> "EVLConfig":
@@ -220,8 +262,11 @@ class EVLConfig(PreTrainedConfig):
         backbone = preset["backbone"]
         for key in _PROCESSOR_PRESET_KEYS:
             preset.pop(key)
-        if vision_config is None:
+        if vision_config is None and backbone in _CLIP_VISION_SHAPES:
             vision_config = CLIPVisionConfig(hidden_act="quick_gelu", **_CLIP_VISION_SHAPES[backbone])
+        elif vision_config is None:
+            model_type, shape = _OTHER_VISION_SHAPES[backbone]
+            vision_config = AutoConfig.for_model(model_type, **shape)
         preset.update(kwargs)
         return cls(vision_config=vision_config, **preset)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import CLIPVisionModel, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
+from .backbone_families import backbone_family, family_of_checkpoint, processor_crop_size, supported_checkpoint_types
 from .configuration_evl import EVLConfig
 
 
@@ -92,13 +93,6 @@ class EVLCheckpointError(ValueError, RuntimeError):
     `RuntimeError`, what transformers raises for weights of the wrong shape.)"""
 
 
-# Checkpoints `from_backbone_pretrained` can take its backbone from, by `model_type`.
-_BACKBONE_MODEL_TYPES = {"clip_vision_model": "CLIPVisionModel", "clip": "CLIPModel (its vision tower is used)"}
-# What a `CLIPModel` (or `CLIPVisionModelWithProjection`) checkpoint holds besides the vision tower: EVL does not use
-# it, so it is not loaded, and not an error. Any other unexpected tensor is.
-_UNUSED_CLIP_TENSORS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
-
-
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX-512 BF16); elsewhere torch emulates
     bfloat16, several times slower than float32."""
@@ -150,33 +144,6 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def _clip_block_with_query_key(layer: nn.Module, hidden_states: torch.Tensor):
-    """
-    `CLIPEncoderLayer.forward` (pre-LN attention and MLP blocks, no mask), computed from the layer's own modules,
-    returning the block's output and its attention's queries and keys: the cross-frame maps read those, and a second
-    projection would cost a sixth of the block.
-    """
-    attention = layer.self_attn
-    normed = layer.layer_norm1(hidden_states)
-    query, key, value = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
-    heads_shape = (*normed.shape[:-1], -1, attention.head_dim)
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        attention.config._attn_implementation, eager_attention_forward
-    )
-    attended, _ = attention_interface(
-        attention,
-        query.view(heads_shape).transpose(1, 2),
-        key.view(heads_shape).transpose(1, 2),
-        value.view(heads_shape).transpose(1, 2),
-        None,
-        scaling=attention.scale,
-        dropout=0.0 if not attention.training else attention.dropout,
-    )
-    hidden_states = hidden_states + attention.out_proj(attended.reshape(*normed.shape[:-1], -1).contiguous())
-    hidden_states = hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
-    return hidden_states, query, key
-
-
 class EVLTemporalConv(nn.Module):
     """Depthwise convolution (kernel 3, zero padded) along time, applied at every token position."""
 
@@ -211,21 +178,23 @@ class EVLTemporalPositionEmbedding(nn.Module):
         return resized.squeeze(0).T
 
 
-def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
     """
     The backbone's attention between the patches of neighbouring frames, as the authors' cross-frame module reads it.
 
-    `queries`, `keys`: one block's unscaled attention projections, (B, T, N + 1, heads, head_dim). Returns
-    (B, T, 2, N, N): `[:, t, 0]` is softmax(q_t k_{t-1}^T / sqrt(head_dim)) over keys averaged over heads (zero for
-    t = 0), `[:, t, 1]` the same towards frame t + 1 (zero for the last frame); cls tokens are dropped. The maps have
+    `queries`, `keys`: one block's unscaled attention projections, (B, T, P + N, heads, head_dim), whose first
+    `num_prefix_tokens` P tokens (class token, registers) are dropped. Returns (B, T, 2, N, N) over the patches:
+    `[:, t, 0]` is softmax(q_t k_{t-1}^T / sqrt(head_dim)) over keys averaged over heads (zero for t = 0), `[:, t, 1]`
+    the same towards frame t + 1 (zero for the last frame). The maps have
     no learned parameter, so they can be computed once per clip and cached. Frames are processed in chunks so the
     per-head scores never need more than a fixed working set. The scores are computed in the inputs' dtype (a bf16
     backbone's matmuls are the fast ones), the softmax, the head mean and the result in at least float32.
     """
     batch_size, num_frames, num_tokens, num_heads, head_dim = queries.shape
-    num_patches = num_tokens - 1
+    num_patches = num_tokens - num_prefix_tokens
     # The scale goes on the queries, a third the size of the scores.
-    queries, keys = (queries[:, :, 1:] * head_dim**-0.5).transpose(2, 3), keys[:, :, 1:].permute(0, 1, 3, 4, 2)
+    queries = (queries[:, :, num_prefix_tokens:] * head_dim**-0.5).transpose(2, 3)
+    keys = keys[:, :, num_prefix_tokens:].permute(0, 1, 3, 4, 2)
     dtype = torch.promote_types(queries.dtype, torch.float32)
     maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches, dtype=dtype)
     chunk = max(1, _CROSS_FRAME_SCORES_CHUNK_ELEMENTS // (batch_size * num_heads * num_patches * num_patches))
@@ -244,7 +213,8 @@ class EVLCrossFrameAttention(nn.Module):
     """
     Turns the backbone's attention between the patches of neighbouring frames (see `cross_frame_attention_maps`) into
     features: for every query patch q and key patch k of frame t and its neighbour, a learned vector indexed by the
-    spatial offset between q and k, summed with the attention weights, one table per direction. The cls row stays 0.
+    spatial offset between q and k, summed with the attention weights, one table per direction. The rows of the
+    tokens before the patches (class token, registers) stay 0.
 
     The authors gather an (N, N, hidden_size) table per direction; that is 1.4 GB at ViT-L/14@336 shapes. Here each
     map is scattered into offset space instead: row offsets become a fixed window per query row (a flip), column
@@ -258,6 +228,7 @@ class EVLCrossFrameAttention(nn.Module):
         super().__init__()
         hidden_size = config.vision_config.hidden_size
         self.grid_height, self.grid_width = config.patch_grid
+        self.num_prefix_tokens = config.num_prefix_tokens
         num_offsets = (2 * self.grid_height - 1) * (2 * self.grid_width - 1)
         self.previous_frame_table = nn.Parameter(torch.zeros(num_offsets, hidden_size))
         self.next_frame_table = nn.Parameter(torch.zeros(num_offsets, hidden_size))
@@ -282,7 +253,8 @@ class EVLCrossFrameAttention(nn.Module):
         return offsets.permute(2, 0, 1, 3, 4, 5).reshape(height, -1, offsets.shape[-2] * offsets.shape[-1])
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        """`maps`: (B, T, 2, N, N) from `cross_frame_attention_maps`. Returns (B, T, N + 1, hidden_size)."""
+        """`maps`: (B, T, 2, N, N) from `cross_frame_attention_maps`. Returns (B, T, P + N, hidden_size), P the
+        tokens before the patches."""
         num_patches = maps.shape[-1]
         if num_patches != self.grid_height * self.grid_width:
             raise ValueError(
@@ -307,7 +279,7 @@ class EVLCrossFrameAttention(nn.Module):
         offsets = torch.cat([self._to_offsets(maps[:, :, 0]), self._to_offsets(maps[:, :, 1])], dim=-1)
         features = torch.bmm(offsets, windows).view(height, batch_size, num_frames, width, -1)
         features = features.permute(1, 2, 0, 3, 4).reshape(batch_size, num_frames, num_patches, -1)
-        return nn.functional.pad(features, (0, 0, 1, 0))  # the cls row stays 0
+        return nn.functional.pad(features, (0, 0, self.num_prefix_tokens, 0))  # the prefix rows stay 0
 
     def _forward_by_row(self, maps: torch.Tensor) -> torch.Tensor:
         """Inference: the table rows that query row i can reach form a contiguous block (grid rows i .. i + h - 1),
@@ -333,8 +305,8 @@ class EVLCrossFrameAttention(nn.Module):
                     for table in (self.previous_frame_table, self.next_frame_table)
                 ]
             )
-        output = maps.new_zeros(batch_size, num_frames, num_patches + 1, hidden_size)
-        patches = output[:, :, 1:].view(batch_size, num_frames, height, width, hidden_size)  # the cls row stays 0
+        output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
+        patches = output[:, :, self.num_prefix_tokens :].view(batch_size, num_frames, height, width, hidden_size)
         chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * height * (2 * width - 1)))
         for start in range(0, num_frames, chunk):
             stop = min(start + chunk, num_frames)
@@ -482,7 +454,11 @@ class EVLPreTrainedModel(PreTrainedModel):
     # `num_items_in_batch`: without this, `Trainer` would read the `**kwargs` as taking `num_items_in_batch` and skip
     # its own division by the gradient accumulation steps (and multiply by the number of processes).
     accepts_loss_kwargs = False
-    _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "EVLDecoderLayer"]
+    _no_split_modules = [
+        "CLIPEncoderLayer", "CLIPVisionEmbeddings", "SiglipEncoderLayer", "SiglipVisionEmbeddings", "Dinov2Layer",
+        "Dinov2Embeddings", "Dinov2WithRegistersLayer", "Dinov2WithRegistersEmbeddings", "ViTLayer", "ViTEmbeddings",
+        "EVLDecoderLayer",
+    ]  # fmt: skip
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -654,7 +630,7 @@ class EVLModel(EVLPreTrainedModel):
         # The trainable decoder is registered first: it is what `modules()` / `named_parameters()` consumers (optimizers,
         # gradient checkpointing, parameter summaries) meet first, while the frozen backbone runs under no_grad.
         self.decoder = EVLDecoder(config)
-        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+        self.vision_model = backbone_family(config.vision_config).build(config.vision_config)
         self.post_init()
         # transformers installs its output recorders on the first call that asks for them, under a lock that
         # torch.compile(fullgraph=True) cannot trace: install them now.
@@ -679,14 +655,14 @@ class EVLModel(EVLPreTrainedModel):
         return self
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.embeddings.patch_embedding
+        return self.vision_model.get_input_embeddings()
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         """Validate a batch of clips once, at the boundary, with an error that says what is wrong."""
         vision_config = self.config.vision_config
         expected = (
-            f"(batch_size, num_frames, {vision_config.num_channels}, {vision_config.image_size}, "
-            f"{vision_config.image_size})"
+            f"(batch_size, num_frames, {vision_config.num_channels}, {self.config.frame_size}, "
+            f"{self.config.frame_size})"
         )
         if not isinstance(pixel_values, torch.Tensor):
             raise EVLInputError(f"`pixel_values` must be a torch.Tensor of shape {expected}, got {type(pixel_values)}.")
@@ -707,10 +683,10 @@ class EVLModel(EVLPreTrainedModel):
                 f"`pixel_values` has {num_channels} channels in dimension 2, the backbone expects "
                 f"{vision_config.num_channels}: expected shape {expected}, got {tuple(pixel_values.shape)}."
             )
-        if height != vision_config.image_size or width != vision_config.image_size:
+        if height != self.config.frame_size or width != self.config.frame_size:
             raise EVLInputError(
                 f"Frames are {height}x{width}, but this model's backbone and cross-frame attention tables are built "
-                f"for {vision_config.image_size}x{vision_config.image_size}. Resize/crop the clip to that size "
+                f"for {self.config.frame_size}x{self.config.frame_size}. Resize/crop the clip to that size "
                 "(`EVLVideoProcessor` does)."
             )
         if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
@@ -733,7 +709,7 @@ class EVLModel(EVLPreTrainedModel):
         third of the decoder in float32. The rest of the decoder (elementwise work, LayerNorms, the attention of a
         single query) is no faster in bf16 on CPUs and stays in float32, as does training.
         """
-        backbone_dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
+        backbone_dtype = self.vision_model.dtype
         if (
             backbone_dtype in (torch.float16, torch.bfloat16)
             and self.config.freeze_backbone
@@ -746,16 +722,17 @@ class EVLModel(EVLPreTrainedModel):
     def _extract_backbone_features(self, pixel_values: torch.Tensor, maps_dtype: torch.dtype) -> EVLBackboneFeatures:
         batch_size, num_frames = pixel_values.shape[:2]
         backbone = self.vision_model
-        layers = backbone.encoder.layers
+        family = backbone_family(self.config.vision_config)
+        layers = family.blocks(backbone)
         first_used = len(layers) - self.config.decoder_num_layers
         need_query_key = self.config.use_temporal_cross_attention
         grad_enabled = torch.is_grad_enabled() and not self.config.freeze_backbone
         block_outputs, queries, keys = [], [], []
-        # The backbone's own modules, called in CLIPVisionModel's order (its post-LayerNorm is unused): no hook or
-        # shared state, so the forward is one graph under `torch.compile` and safe in concurrent threads.
+        # The backbone's own modules, called in its own forward's order (its final norm, pooler or head unused): no
+        # hook or shared state, so the forward is one graph under `torch.compile` and safe in concurrent threads.
         with torch.set_grad_enabled(grad_enabled):
-            frames = pixel_values.flatten(0, 1).to(backbone.embeddings.patch_embedding.weight.dtype)
-            hidden_states = backbone.pre_layrnorm(backbone.embeddings(frames))
+            frames = pixel_values.flatten(0, 1).to(backbone.dtype)
+            hidden_states = family.embed(backbone, frames)
             for index, layer in enumerate(layers):
                 if index >= first_used and need_query_key:
                     # The block, from its own modules, returning the q/k it attends with (projected once). They are
@@ -763,10 +740,10 @@ class EVLModel(EVLPreTrainedModel):
                     # checkpointed, reentrant or not.
                     if layer.gradient_checkpointing and layer.training:
                         hidden_states, query, key = layer._gradient_checkpointing_func(
-                            _clip_block_with_query_key, layer, hidden_states
+                            family.block_with_query_key, layer, hidden_states
                         )
                     else:
-                        hidden_states, query, key = _clip_block_with_query_key(layer, hidden_states)
+                        hidden_states, query, key = family.block_with_query_key(layer, hidden_states)
                     queries.append(query)
                     keys.append(key)
                 else:
@@ -788,7 +765,9 @@ class EVLModel(EVLPreTrainedModel):
                 cross_frame_maps = torch.stack(
                     [
                         cross_frame_attention_maps(
-                            as_clips(query).unflatten(-1, (heads, -1)), as_clips(key).unflatten(-1, (heads, -1))
+                            as_clips(query).unflatten(-1, (heads, -1)),
+                            as_clips(key).unflatten(-1, (heads, -1)),
+                            self.config.num_prefix_tokens,
                         ).to(maps_dtype)
                         for query, key in zip(queries, keys)
                     ],
@@ -928,9 +907,12 @@ class EVLForVideoClassification(EVLPreTrainedModel):
     @classmethod
     def from_backbone_pretrained(cls, pretrained_model_name_or_path: str, **config_kwargs) -> "EVLForVideoClassification":
         """
-        Build a new EVL model around pretrained CLIP vision weights (a Hub id such as
-        `"openai/clip-vit-base-patch16"` or a local directory, holding a `CLIPModel` or a `CLIPVisionModel`).
-        The decoder and head are freshly initialised; `config_kwargs` go to `EVLConfig` (e.g. `num_frames`,
+        Build a new EVL model around a pretrained image backbone (a Hub id or a local directory) of one of the
+        families in `evl_hf.backbone_families`: a `CLIPVisionModel` or a whole `CLIPModel` (e.g.
+        `"openai/clip-vit-base-patch16"`), a `SiglipVisionModel` or a whole `SiglipModel` (SigLIP 2 at a fixed
+        resolution too), `Dinov2Model`, `Dinov2WithRegistersModel` or `ViTModel`; of a two-tower model only the vision
+        tower is loaded. A DINOv2 backbone runs at its image processor's crop size (`preprocessor_config.json`, 224
+        for the released ones) unless `image_size=` says otherwise. The decoder and head are freshly initialised; `config_kwargs` go to `EVLConfig` (e.g. `num_frames`,
         `id2label`, `label2id`). `preset=NAME` takes the other fields from one of `EVL_PRESETS`; `config=` gives a
         complete `EVLConfig` instead (its `vision_config` must describe this backbone).
 
@@ -945,6 +927,10 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         preset = config_kwargs.pop("preset", None)
         config = config_kwargs.pop("config", None)
         backbone = cls._load_backbone(pretrained_model_name_or_path, hub_kwargs)
+        if backbone_family(backbone.config).interpolates_position_embeddings and "image_size" not in config_kwargs:
+            crop_size = processor_crop_size(pretrained_model_name_or_path, **hub_kwargs)
+            if crop_size is not None and config is None:
+                config_kwargs["image_size"] = crop_size
         if config is not None:
             if config_kwargs or preset is not None:
                 raise ValueError("Pass either `config` or configuration fields/`preset`, not both.")
@@ -960,33 +946,33 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         return model
 
     @staticmethod
-    def _load_backbone(pretrained_model_name_or_path, hub_kwargs: dict) -> CLIPVisionModel:
+    def _load_backbone(pretrained_model_name_or_path, hub_kwargs: dict) -> PreTrainedModel:
         """
-        Load the CLIP vision tower, strictly: `CLIPVisionModel.from_pretrained` would build a CLIP from any config and
-        leave every tensor it cannot find randomly initialised, so a DINOv2 or an EVL checkpoint would train on noise.
+        Load the vision tower, strictly: a transformers `from_pretrained` builds its model from any config and leaves
+        every tensor it cannot find randomly initialised, so a ConvNeXt or an EVL checkpoint would train on noise.
         """
         name = str(pretrained_model_name_or_path)
         config_kwargs = {key: value for key, value in hub_kwargs.items() if key != "attn_implementation"}
         config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **config_kwargs)
         model_type = config_dict.get("model_type")
-        if model_type not in _BACKBONE_MODEL_TYPES:
-            supported = ", ".join(f"`{key}` ({value})" for key, value in _BACKBONE_MODEL_TYPES.items())
+        family = family_of_checkpoint(model_type)
+        if family is None:
             hint = (
                 " It is a whole EVL model: load it with `EVLForVideoClassification.from_pretrained`."
                 if model_type == EVLConfig.model_type
                 else ""
             )
             raise ValueError(
-                f"{name} is a `{model_type}` checkpoint, not CLIP vision weights: `from_backbone_pretrained` supports "
-                f"{supported}.{hint}"
+                f"{name} is a `{model_type}` checkpoint, not an image backbone EVL can read: `from_backbone_pretrained` "
+                f"supports {supported_checkpoint_types()}.{hint}"
             )
         # Shape mismatches are collected and reported below rather than raised by the loader.
-        backbone, info = CLIPVisionModel.from_pretrained(
+        backbone, info = family.from_pretrained(
             pretrained_model_name_or_path, output_loading_info=True, ignore_mismatched_sizes=True, **hub_kwargs
         )
         problems = {
             "missing": sorted(info["missing_keys"]),
-            "unexpected": sorted(key for key in info["unexpected_keys"] if not key.startswith(_UNUSED_CLIP_TENSORS)),
+            "unexpected": sorted(key for key in info["unexpected_keys"] if not key.startswith(family.unused_prefixes)),
             "shape mismatch": [
                 f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
                 for key, found, expected in sorted(info["mismatched_keys"], key=lambda item: item[0])
@@ -994,7 +980,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         }
         if any(problems.values()):
             raise EVLCheckpointError(
-                f"{name}: the `{model_type}` checkpoint does not hold exactly a CLIP vision tower; refusing to leave "
+                f"{name}: the `{model_type}` checkpoint does not hold exactly a {family.name} vision tower; refusing to leave "
                 "randomly initialised backbone weights in place."
                 + "".join(f"\n  {kind}: {keys}" for kind, keys in problems.items() if keys)
             )

@@ -1,0 +1,178 @@
+"""EVL over every backbone family: exact features, literal cross-frame maps, loading, saving, refusals."""
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    BitImageProcessor,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    ConvNextConfig,
+    ConvNextModel,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+    SiglipVisionConfig,
+    ViTConfig,
+)
+
+from evl_hf import EVLConfig, EVLForVideoClassification
+from evl_hf.backbone_families import BACKBONE_FAMILIES, backbone_family
+
+
+SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, patch_size=8)
+DECODER = dict(num_frames=3, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=5)
+# (vision config, frame size EVL runs at, tokens before the patches)
+FAMILIES = {
+    "clip": (CLIPVisionConfig(image_size=32, hidden_act="quick_gelu", **SHAPE), 32, 1),
+    "siglip": (SiglipVisionConfig(image_size=32, **SHAPE), 32, 0),
+    # DINOv2 declares a larger resolution than it is run at (its processor's crop): its position table is resized.
+    "dinov2": (Dinov2Config(image_size=48, **SHAPE), 32, 1),
+    "dinov2_with_registers": (Dinov2WithRegistersConfig(image_size=48, num_register_tokens=2, **SHAPE), 32, 3),
+    "vit": (ViTConfig(image_size=32, **SHAPE), 32, 1),
+}
+
+
+def save_backbone(directory, vision_config, seed=0):
+    """A random tower saved the way the Hub holds one, with an image processor whose crop is EVL's frame size."""
+    family = backbone_family(vision_config)
+    torch.manual_seed(seed)
+    tower = family.build(vision_config)
+    with torch.no_grad():
+        for parameter in tower.parameters():  # far from the init, so that every tensor matters
+            parameter.normal_(0, 0.2)
+    tower.save_pretrained(directory)
+    return tower
+
+
+def family_model(tmp_path, name, **fields):
+    vision_config, frame_size, _ = FAMILIES[name]
+    save_backbone(tmp_path / name, vision_config)
+    BitImageProcessor(crop_size={"height": frame_size, "width": frame_size}).save_pretrained(tmp_path / name)
+    return EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / name), **DECODER, **fields).eval()
+
+
+def clip_of(frame_size, batch_size=2, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(batch_size, DECODER["num_frames"], 3, frame_size, frame_size)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_features_are_the_backbones_own_hidden_states(tmp_path, name):
+    vision_config, frame_size, num_prefix_tokens = FAMILIES[name]
+    model = family_model(tmp_path, name)
+    assert model.config.frame_size == frame_size and model.config.num_prefix_tokens == num_prefix_tokens
+    tower = model.evl.vision_model
+    clip = clip_of(frame_size)
+    with torch.no_grad():
+        features = model.evl.extract_backbone_features(clip)
+        hidden_states = tower(pixel_values=clip.flatten(0, 1), output_hidden_states=True).hidden_states
+    num_tokens = num_prefix_tokens + (frame_size // SHAPE["patch_size"]) ** 2
+    assert features.frame_features.shape == (2, 2, 3, num_tokens, 32)
+    for index, block in enumerate((1, 2)):  # the last two of three blocks
+        expected = hidden_states[block + 1].view(2, 3, num_tokens, 32)
+        assert torch.equal(features.frame_features[:, index], expected), f"block {block}"
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cross_frame_maps_are_recomputed_literally_from_the_blocks_modules(tmp_path, name):
+    """Per block: its own pre-attention norm and q/k projections, patch tokens only, softmax over the neighbouring
+    frame's patch keys, mean over heads."""
+    vision_config, frame_size, num_prefix_tokens = FAMILIES[name]
+    model = family_model(tmp_path, name)
+    family = backbone_family(vision_config)
+    clip = clip_of(frame_size)
+    with torch.no_grad():
+        maps = model.evl.extract_backbone_features(clip).cross_frame_maps
+        inputs = model.evl.vision_model(pixel_values=clip.flatten(0, 1), output_hidden_states=True).hidden_states
+        for index, block in enumerate((1, 2)):
+            layer = family.blocks(model.evl.vision_model)[block]
+            attention = getattr(layer, family.attention)
+            normed = getattr(layer, family.attention_norm)(inputs[block])[:, num_prefix_tokens:]
+            queries = attention.q_proj(normed).view(2, 3, -1, 4, 8)
+            keys = attention.k_proj(normed).view(2, 3, -1, 4, 8)
+            for t in range(3):
+                for direction, neighbour in ((0, t - 1), (1, t + 1)):
+                    found = maps[:, index, t, direction]
+                    if not 0 <= neighbour < 3:
+                        assert found.abs().sum() == 0
+                        continue
+                    scores = torch.einsum("bqhd,bkhd->bhqk", queries[:, t], keys[:, neighbour]) / 8**0.5
+                    torch.testing.assert_close(found, scores.softmax(-1).mean(1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["siglip", "dinov2_with_registers", "vit"])
+def test_save_load_and_frozen_training(tmp_path, name):
+    _, frame_size, _ = FAMILIES[name]
+    model = family_model(tmp_path, name)
+    assert not any(parameter.requires_grad for parameter in model.evl.vision_model.parameters())
+    backbone_before = {key: value.clone() for key, value in model.evl.vision_model.state_dict().items()}
+    model.train()
+    assert not model.evl.vision_model.training
+    clip = clip_of(frame_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = model(clip, labels=torch.tensor([0, 3])).loss
+    loss.backward()
+    optimizer.step()
+    assert all(torch.equal(value, backbone_before[key]) for key, value in model.evl.vision_model.state_dict().items())
+    model.eval()
+    model.save_pretrained(tmp_path / "evl")
+    saved = json.loads((tmp_path / "evl" / "config.json").read_text())
+    assert saved["vision_config"]["model_type"] == FAMILIES[name][0].model_type
+    reloaded = EVLForVideoClassification.from_pretrained(tmp_path / "evl").eval()
+    assert type(reloaded.evl.vision_model) is type(model.evl.vision_model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(clip).logits, model(clip).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "full_model, config",
+    [
+        (CLIPModel, CLIPConfig(vision_config=dict(image_size=32, **SHAPE), text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2), projection_dim=8)),
+        (SiglipModel, SiglipConfig(vision_config=dict(image_size=32, **SHAPE), text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))),
+    ],
+)  # fmt: skip
+def test_a_two_tower_checkpoint_gives_its_vision_tower(tmp_path, full_model, config):
+    torch.manual_seed(0)
+    full = full_model(config)
+    with torch.no_grad():
+        for parameter in full.parameters():
+            parameter.normal_(0, 0.2)
+    full.save_pretrained(tmp_path / "full")
+    model = EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / "full"), **DECODER)
+    expected = full.vision_model.state_dict()
+    loaded = model.evl.vision_model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+
+
+def test_dinov2_runs_at_its_processors_crop_or_at_image_size(tmp_path):
+    model = family_model(tmp_path, "dinov2")
+    assert model.config.image_size == 32 and model.config.patch_grid == (4, 4)
+    table = model.evl.decoder.layers[0].cross_frame_attention.previous_frame_table
+    assert table.shape == (7 * 7, 32)
+    other = EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / "dinov2"), image_size=48, **DECODER)
+    assert other.config.patch_grid == (6, 6)
+    with pytest.raises(ValueError, match="position embeddings are not interpolated"):
+        EVLConfig(vision_config=FAMILIES["clip"][0], image_size=48, **DECODER)
+
+
+def test_an_unsupported_backbone_is_refused_naming_its_type(tmp_path):
+    ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])).save_pretrained(tmp_path / "convnext")
+    with pytest.raises(ValueError, match="`convnext` checkpoint") as error:
+        EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / "convnext"), **DECODER)
+    for model_type in ("clip_vision_model", "siglip", "dinov2", "dinov2_with_registers", "vit"):
+        assert f"`{model_type}`" in str(error.value)
+    SiglipImageProcessor().save_pretrained(tmp_path / "not-a-model")
+    with pytest.raises((ValueError, OSError), match="not-a-model"):
+        EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / "not-a-model"), **DECODER)
+    with pytest.raises(ValueError, match="no backbone family for a `convnext`"):
+        backbone_family(ConvNextConfig())
+
+
+def test_every_family_is_covered_here():
+    assert {config.model_type for config, _, _ in FAMILIES.values()} == set(BACKBONE_FAMILIES)
