@@ -250,3 +250,46 @@ def test_a_list_mixing_files_and_frames_is_refused(coded_clip):
     for videos in ([str(coded_clip), frames], [frames, str(coded_clip)]):
         with pytest.raises(ValueError, match="mixes video files"):
             small_processor()(videos, return_tensors="pt")
+
+
+# ---------------------------------------------------------------- from a backbone's image processor
+
+
+def backbone_image_processors():
+    from transformers import BitImageProcessor, CLIPImageProcessor, SiglipImageProcessor
+    from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
+
+    return {
+        # (processor as the Hub holds it, expected resize, crop, mean, std)
+        "clip": (CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}),
+                 {"shortest_edge": 40}, (32, 32), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+        "siglip": (SiglipImageProcessor(size={"height": 32, "width": 32}),
+                   {"height": 32, "width": 32}, None, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
+        "dinov2": (BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
+                   {"shortest_edge": 36}, (32, 32), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "dinov2"])
+def test_from_backbone_pretrained_takes_the_backbones_image_settings(tmp_path, name):
+    image_processor, size, crop, mean, std = backbone_image_processors()[name]
+    image_processor.save_pretrained(tmp_path)
+    processor = EVLVideoProcessor.from_backbone_pretrained(str(tmp_path), num_frames=4, sampling_rate=2)
+    assert processor.num_frames == 4 and processor.sampling_rate == 2
+    assert {key: getattr(processor.size, key) for key in size} == size
+    assert processor.do_center_crop == (crop is not None)
+    assert list(processor.image_mean) == pytest.approx(list(mean)) and list(processor.image_std) == pytest.approx(list(std))
+    assert int(processor.resample) == int(image_processor.resample) and processor.antialias
+    # A frame through the EVL processor is that frame through the backbone's own processor (PIL: rounding to uint8
+    # after resizing, so a few levels of 255 apart).
+    torch.manual_seed(0)  # smooth frames: a coarse random picture, upsampled
+    coarse = torch.rand(4, 3, 6, 8) * 255
+    frames = torch.nn.functional.interpolate(coarse, size=(48, 64), mode="bilinear").round().byte().permute(0, 2, 3, 1)
+    ours = processor(frames.numpy(), return_tensors="pt")["pixel_values"][0]
+    theirs = image_processor([frame.numpy() for frame in frames], return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape == (4, 3, 32, 32)
+    print(name, float((ours - theirs).abs().mean()), float((ours - theirs).abs().max()))
+    assert (ours - theirs).abs().mean() < 0.05, (ours - theirs).abs().mean()
+    processor.save_pretrained(tmp_path / "evl")
+    assert AutoVideoProcessor.from_pretrained(tmp_path / "evl").to_dict() == processor.to_dict()

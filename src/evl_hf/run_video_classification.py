@@ -28,6 +28,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
+from .backbone_families import family_of_checkpoint, has_image_processor, processor_crop_size
 from .configuration_evl import EVLConfig
 from .data.video_dataset import (
     EvaluationClips,
@@ -52,7 +53,11 @@ RUN_ARGUMENTS_FILE = "evl_run_arguments.json"
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "An EVL checkpoint (dir or Hub id)."})
     backbone: str | None = field(
-        default=None, metadata={"help": "A CLIP model (e.g. openai/clip-vit-base-patch16 or a dir) to start a new EVL."}
+        default=None,
+        metadata={
+            "help": "An image backbone to start a new EVL from (a Hub id or a dir): CLIP (e.g. "
+            "openai/clip-vit-base-patch16), SigLIP, DINOv2 (with or without registers) or ViT."
+        },
     )
     config_overrides: str | None = field(
         default=None,
@@ -175,18 +180,27 @@ def build_model(model_args, data_args, labels: list[str]):
             fields["num_frames"] = data_args.num_frames
         backbone_config = AutoConfig.from_pretrained(model_args.backbone, cache_dir=model_args.cache_dir)
         vision_config = getattr(backbone_config, "vision_config", backbone_config)
-        if backbone_config.model_type in ("clip", "clip_vision_model"):
+        family = family_of_checkpoint(backbone_config.model_type)
+        if family is not None:
             # Overrides first, then the backbone: the defaults alone may not fit it (e.g. 4 decoder layers on a
             # 3-block backbone that the overrides give 2).
             config = apply_overrides(EVLConfig(**fields), model_args.config_overrides, check=False)
             config.vision_config = vision_config
+            if family.interpolates_position_embeddings and config.image_size is None:
+                config.image_size = processor_crop_size(model_args.backbone, cache_dir=model_args.cache_dir)
             config.check_architecture()
             fields = {"config": config}
-        # Anything but CLIP is refused there, naming the model type it found.
+        # An unsupported backbone is refused there, naming the model type it found.
         model = EVLForVideoClassification.from_backbone_pretrained(model_args.backbone, cache_dir=model_args.cache_dir, **fields)
+        # The backbone's own image preprocessing (size, crop, resampling, mean / std) where it ships one.
         processor = None
+        if has_image_processor(model_args.backbone, cache_dir=model_args.cache_dir):
+            processor = EVLVideoProcessor.from_backbone_pretrained(
+                model_args.backbone, cache_dir=model_args.cache_dir, num_frames=model.config.num_frames,
+                sampling_rate=8 if model.config.num_frames >= 32 else 16,
+            )  # fmt: skip
     else:
-        raise ValueError("Give --model_name_or_path (an EVL checkpoint) or --backbone (a CLIP model).")
+        raise ValueError("Give --model_name_or_path (an EVL checkpoint) or --backbone (an image backbone: CLIP, SigLIP, DINOv2, ViT).")
     if processor is None:
         processor = EVLVideoProcessor.from_model_config(model.config)
     for name in ("num_frames", "sampling_rate", "num_spatial_views", "num_temporal_views", "decoding_backend"):

@@ -74,6 +74,11 @@ class EVLVideoProcessorKwargs(VideosKwargs, total=False):
 EVLVideosKwargs = EVLVideoProcessorKwargs
 
 
+def _size_value(size, key: str):
+    """A field of an image processor's size, whether a dict or a `SizeDict`."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
 def _check_positive(**values) -> None:
     # None means "the processor's default"; anything given must be a whole number of frames, views or a stride.
     for name, value in values.items():
@@ -233,7 +238,7 @@ class EVLVideoProcessor(BaseVideoProcessor):
         (32, 8, 224)
         ```
         """
-        size = config.vision_config.image_size
+        size = getattr(config, "frame_size", config.vision_config.image_size)
         values = dict(
             num_frames=config.num_frames, sampling_rate=8 if config.num_frames >= 32 else 16,
             size={"shortest_edge": size}, crop_size={"height": size, "width": size},
@@ -245,6 +250,52 @@ class EVLVideoProcessor(BaseVideoProcessor):
                 raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(EVL_PRESETS)}.")
             protocol = EVL_PRESETS[preset]
             values.update({key: protocol[key] for key in ("sampling_rate", "num_spatial_views", "num_temporal_views")})
+        values.update(kwargs)
+        return cls(**values)
+
+    @classmethod
+    def from_backbone_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "EVLVideoProcessor":
+        """
+        A processor that prepares frames as an image backbone's own image processor does (a Hub id or a directory
+        holding its `preprocessor_config.json`): its resize (short side, or a fixed height x width), centre crop or
+        none, resampling, rescale factor and mean / std. SigLIP resizes to a square and normalises with 0.5 / 0.5,
+        DINOv2 crops and uses the ImageNet mean / std, CLIP its own. PIL, which those processors resize with,
+        antialiases, so `antialias=True`. Frame sampling keeps this class's defaults (8 frames, stride 16);
+        `kwargs` override any field (`num_frames=`, `sampling_rate=`, ...). `cache_dir`, `revision`, `token` and
+        `local_files_only` go to the download.
+        """
+        from transformers import AutoImageProcessor
+
+        hub_kwargs = {
+            key: kwargs.pop(key) for key in ("cache_dir", "revision", "token", "local_files_only") if key in kwargs
+        }
+        image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+
+        def size_fields(size) -> dict:
+            fields = {key: _size_value(size, key) for key in ("shortest_edge", "height", "width")}
+            if fields["shortest_edge"] is not None:
+                return {"shortest_edge": fields["shortest_edge"]}
+            if fields["height"] is not None and fields["width"] is not None:
+                return {"height": fields["height"], "width": fields["width"]}
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the image processor's size {size!r} is neither a short side nor a "
+                "height and width."
+            )
+
+        size = size_fields(image_processor.size)
+        do_center_crop = bool(getattr(image_processor, "do_center_crop", False))
+        crop_size = size_fields(image_processor.crop_size) if do_center_crop else dict(size)
+        if "shortest_edge" in crop_size:
+            crop_size = {"height": crop_size["shortest_edge"], "width": crop_size["shortest_edge"]}
+        values = dict(
+            size=size, do_center_crop=do_center_crop, crop_size=crop_size, antialias=True,
+            image_mean=list(image_processor.image_mean), image_std=list(image_processor.image_std),
+            do_normalize=bool(getattr(image_processor, "do_normalize", True)),
+            rescale_factor=getattr(image_processor, "rescale_factor", 1 / 255),
+        )  # fmt: skip
+        resample = getattr(image_processor, "resample", None)
+        if resample is not None:
+            values["resample"] = PILImageResampling(int(resample))
         values.update(kwargs)
         return cls(**values)
 
