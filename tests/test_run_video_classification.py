@@ -468,3 +468,40 @@ def test_an_evaluation_where_no_clip_decodes_stops_with_an_error(data_dir, backb
     args[args.index("--test_dir") : args.index("--test_dir") + 2] = []
     with pytest.raises(ValueError, match="None of the 2 evaluation clips could be decoded"):
         load_script().main(args)
+
+
+@pytest.mark.parametrize("family", ["siglip", "dinov2_with_registers"])
+def test_training_from_another_backbone_family_with_its_processor_and_the_feature_cache(data_dir, tmp_path, family):
+    """--backbone of a SigLIP / DINOv2-with-registers tower that ships its image processor: the script builds EVL and
+    the processor from them, caches features (SigLIP has no class token, DINOv2 a class token and two registers) and
+    trains from the cache; cached logits equal direct ones."""
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig, SiglipImageProcessor, SiglipVisionConfig
+
+    from evl_hf.backbone_families import backbone_family
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, patch_size=8)
+    if family == "siglip":
+        vision_config, image_processor = SiglipVisionConfig(image_size=32, **shape), SiglipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        vision_config = Dinov2WithRegistersConfig(image_size=48, num_register_tokens=2, **shape)
+        image_processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    backbone_family(vision_config).build(vision_config).save_pretrained(tmp_path / "backbone")
+    image_processor.save_pretrained(tmp_path / "backbone")
+    trainer = load_script().main(
+        base_args(data_dir, tmp_path / "backbone", tmp_path / "run", "--do_train", "--do_eval", "--max_steps", "2",
+                  "--cache_backbone_features", "true", "--feature_cache_dtype", "float32", "--save_strategy", "no",
+                  "--feature_cache_dir", str(tmp_path / "feature-cache"))
+    )  # fmt: skip
+    model, processor = trainer.model.eval(), trainer.processing_class
+    assert model.config.vision_config.model_type == vision_config.model_type and model.config.frame_size == 32
+    assert list(processor.image_mean) == pytest.approx(list(image_processor.image_mean))
+    assert processor.num_frames == 4 and processor.sampling_rate == 2
+    first = trainer.train_dataset[0]
+    assert first["frame_features"].shape[-2] == model.config.num_prefix_tokens + 16
+    clip = sorted((data_dir / "train").rglob("*.mp4"))[0]
+    with torch.no_grad():
+        from_cache = model(frame_features=first["frame_features"][None], cross_frame_maps=first["cross_frame_maps"][None]).logits
+        direct = model(processor(str(clip), return_tensors="pt")["pixel_values"]).logits
+    torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "run" / "all_results.json").read_text())["eval_top1_accuracy"] >= 0

@@ -58,7 +58,7 @@ class EVLModelOutput(ModelOutput):
         `(batch_size, 1, hidden_size)`.
     attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
         Attention weights of each decoder layer's query over the frame features, each of shape
-        `(batch_size, decoder_num_heads, 1, num_frames * (num_patches + 1))`.
+        `(batch_size, decoder_num_heads, 1, num_frames * (num_prefix_tokens + num_patches))`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -73,7 +73,7 @@ class EVLBackboneFeatures(ModelOutput):
     What the EVL decoder reads from the frozen backbone: computing it is most of the model's cost, and it depends on
     no trained parameter, so it can be cached per clip.
 
-    frame_features (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, num_patches + 1, hidden_size)`):
+    frame_features (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, num_prefix_tokens + num_patches, hidden_size)`):
         The outputs (all tokens, cls first) of the backbone's last `decoder_num_layers` blocks.
     cross_frame_maps (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, 2, num_patches, num_patches)`, *optional*):
         Those blocks' head-averaged attention between neighbouring frames (see `cross_frame_attention_maps`); only
@@ -778,7 +778,8 @@ class EVLModel(EVLPreTrainedModel):
     def check_backbone_features(self, frame_features: torch.Tensor, cross_frame_maps: torch.Tensor | None) -> None:
         """Validate precomputed features (e.g. from a feature cache) against this model's configuration."""
         config = self.config
-        num_tokens = config.patch_grid[0] * config.patch_grid[1] + 1
+        num_patches = config.patch_grid[0] * config.patch_grid[1]
+        num_tokens = config.num_prefix_tokens + num_patches
         if frame_features.ndim != 5 or frame_features.shape[1] != config.decoder_num_layers or frame_features.shape[
             3:
         ] != (num_tokens, config.vision_config.hidden_size):
@@ -787,7 +788,7 @@ class EVLModel(EVLPreTrainedModel):
                 f"{config.vision_config.hidden_size}), got {tuple(frame_features.shape)}."
             )
         if config.use_temporal_cross_attention:
-            expected = (*frame_features.shape[:3], 2, num_tokens - 1, num_tokens - 1)
+            expected = (*frame_features.shape[:3], 2, num_patches, num_patches)
             if cross_frame_maps is None or tuple(cross_frame_maps.shape) != expected:
                 shape = None if cross_frame_maps is None else tuple(cross_frame_maps.shape)
                 raise EVLInputError(f"`cross_frame_maps` must be {expected} for this model, got {shape}.")
@@ -805,7 +806,7 @@ class EVLModel(EVLPreTrainedModel):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
             Normalised frames, e.g. from [`EVLVideoProcessor`].
-        frame_features (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, num_patches + 1, hidden_size)`, *optional*):
+        frame_features (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, num_prefix_tokens + num_patches, hidden_size)`, *optional*):
             Precomputed backbone features (`extract_backbone_features`, or a feature cache) instead of `pixel_values`.
         cross_frame_maps (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, 2, num_patches, num_patches)`, *optional*):
             Precomputed cross-frame attention maps, with `frame_features` when cross-frame attention is used.

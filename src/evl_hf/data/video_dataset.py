@@ -434,7 +434,8 @@ def build_feature_cache(
     state = PartialState()
     evl = model.evl if hasattr(model, "evl") else model
     config = evl.config
-    num_tokens = config.patch_grid[0] * config.patch_grid[1] + 1
+    num_patches = config.patch_grid[0] * config.patch_grid[1]
+    num_tokens = config.num_prefix_tokens + num_patches
     arrow_dtype = {torch.float16: "float16", torch.float32: "float32"}[dtype]
     feature_spec = {
         "frame_features": Array4D(
@@ -444,7 +445,7 @@ def build_feature_cache(
     }
     if config.use_temporal_cross_attention:
         feature_spec["cross_frame_maps"] = Array5D(
-            (config.decoder_num_layers, transform.num_frames, 2, num_tokens - 1, num_tokens - 1), arrow_dtype
+            (config.decoder_num_layers, transform.num_frames, 2, num_patches, num_patches), arrow_dtype
         )
     features = Features(feature_spec)
     directory = Path(cache_dir) / feature_cache_fingerprint(model, dataset, transform, dtype)
@@ -519,9 +520,10 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def feature_cache_bytes_per_clip(config, num_frames: int, dtype: torch.dtype = torch.float16) -> int:
-    """Disk cost of one cached clip: K blocks x T frames x (N + 1) tokens x D, plus K x T x 2 x N x N maps."""
-    num_tokens = config.patch_grid[0] * config.patch_grid[1] + 1
-    elements = config.decoder_num_layers * num_frames * num_tokens * config.vision_config.hidden_size
+    """Disk cost of one cached clip: K blocks x T frames x (P + N) tokens x D (P: class token, registers), plus
+    K x T x 2 x N x N maps."""
+    num_patches = config.patch_grid[0] * config.patch_grid[1]
+    elements = config.decoder_num_layers * num_frames * (config.num_prefix_tokens + num_patches) * config.vision_config.hidden_size
     if config.use_temporal_cross_attention:
-        elements += config.decoder_num_layers * num_frames * 2 * (num_tokens - 1) ** 2
+        elements += config.decoder_num_layers * num_frames * 2 * num_patches**2
     return elements * torch.finfo(dtype).bits // 8
