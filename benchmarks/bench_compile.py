@@ -10,9 +10,8 @@ steady-state ratios; float32, and with `backbone_dtype="bfloat16"` where this CP
 import time
 
 import torch
-from common import alternate, evl_config, float32_and_bfloat16_main
+from common import alternate, b16_classifier_and_clip, float32_and_bfloat16_main
 
-from evl_hf import EVLForVideoClassification
 
 
 def seconds(function) -> float:
@@ -21,9 +20,9 @@ def seconds(function) -> float:
     return time.perf_counter() - start
 
 
-def compare(backbone_dtype, repeats: int) -> None:
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(evl_config(backbone_dtype=backbone_dtype, decoder_mlp_dropout=0.5))
+def compare(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
+    model, _ = b16_classifier_and_clip(backbone_dtype, backbone)  # seeded; decoder_mlp_dropout 0.5 by default
+    model.train()
     compiled = torch.compile(model)
     clip, batch, labels = torch.randn(1, 8, 3, 224, 224), torch.randn(2, 8, 3, 224, 224), torch.tensor([1, 2])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)

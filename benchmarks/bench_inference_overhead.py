@@ -4,7 +4,9 @@ in float32, and with `backbone_dtype="bfloat16"` against the bfloat16 backbone a
 natively (AMX or AVX-512 BF16; elsewhere it is emulated and the figure means nothing, `--bfloat16` forces it). The
 backbone alone is the floor; by FLOP count the decoder and the cross-frame maps add about 4%.
 
-    python benchmarks/bench_inference_overhead.py [--repeats 5] [--bfloat16]
+    python benchmarks/bench_inference_overhead.py [--repeats 5] [--bfloat16] [--threads 1] [--backbone siglip|dinov2]
+
+`--backbone` measures the same against SigLIP-B/16 or DINOv2-B/14 (at 224) alone.
 """
 
 import statistics
@@ -16,19 +18,19 @@ from common import alternate_times, b16_classifier_and_clip, float32_and_bfloat1
 TARGETS = {None: 1.06, "bfloat16": 1.10}
 
 
-def measure(backbone_dtype, repeats: int) -> None:
-    model, clip = b16_classifier_and_clip(backbone_dtype)
+def measure(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
+    model, clip = b16_classifier_and_clip(backbone_dtype, backbone)
     backbone = model.evl.vision_model
     frames = clip.flatten(0, 1).to(backbone.dtype)
-    variants = {"CLIPVisionModel alone": lambda: backbone(pixel_values=frames), "EVL forward": lambda: model(clip)}
+    variants = {"backbone alone": lambda: backbone(pixel_values=frames), "EVL forward": lambda: model(clip)}
     with torch.inference_mode():
         times = alternate_times(variants, repeats=repeats)
     print(f"backbone {backbone.dtype}, decoder {model.evl.decoder.query.dtype}:")
     for name, seconds in times.items():
         print(f"  {name:<24} median {statistics.median(seconds) * 1000:8.1f} ms")
     # Each round's two runs are back to back, so their ratio cancels the VM's slow drifts in speed.
-    ratios = sorted(evl / alone for evl, alone in zip(times["EVL forward"], times["CLIPVisionModel alone"]))
-    ratio = statistics.median(times["EVL forward"]) / statistics.median(times["CLIPVisionModel alone"])
+    ratios = sorted(evl / alone for evl, alone in zip(times["EVL forward"], times["backbone alone"]))
+    ratio = statistics.median(times["EVL forward"]) / statistics.median(times["backbone alone"])
     print(f"  ratio EVL / backbone alone: {ratio:.3f} (target <= {TARGETS[backbone_dtype]})")
     print(f"  per-round ratios: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}")
 

@@ -44,8 +44,8 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch threads (default: torch's, one per core). With 1 thread a forward's time varies 3-4x less on "
-        "these VMs (no thread waits on a descheduled sibling), so few-percent ratios become measurable.",
+        help="torch threads (default: torch's, one per core). With 1 thread no thread waits for a descheduled sibling, "
+        "so a forward's time on these VMs varies less (compare the per-round ranges printed).",
     )
 
 
@@ -74,12 +74,28 @@ def alternate(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def b16_classifier_and_clip(backbone_dtype=None):
-    """The inference benchmarks' subject: a seeded ViT-B/16-shaped EVL classifier in eval mode and one 8-frame clip."""
-    from evl_hf import EVLForVideoClassification
+# The base towers of the other backbone families (issue 12), at 224x224: SigLIP-B/16 (14x14 patches, no class
+# token) and DINOv2-B/14 (16x16 patches and a class token; its config's 518 is the size of its position table).
+OTHER_BACKBONES = {
+    "siglip": lambda: __import__("transformers").SiglipVisionConfig(patch_size=16, image_size=224, **_BASE_TOWER),
+    "dinov2": lambda: __import__("transformers").Dinov2Config(patch_size=14, image_size=518, **_BASE_TOWER),
+}
+_BASE_TOWER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+
+
+def b16_classifier_and_clip(backbone_dtype=None, backbone="clip"):
+    """The inference benchmarks' subject: a seeded EVL classifier in eval mode, ViT-B/16-shaped CLIP by default (or
+    `backbone="siglip"` / `"dinov2"`: those families' base towers), and one 8-frame 224x224 clip."""
+    from evl_hf import EVLConfig, EVLForVideoClassification
 
     torch.manual_seed(0)
-    model = EVLForVideoClassification(evl_config(backbone_dtype=backbone_dtype)).eval()
+    config = evl_config(backbone_dtype=backbone_dtype)
+    if backbone != "clip":
+        values = {key: value for key, value in config.to_dict().items() if key in EVLConfig.__dataclass_fields__}
+        values.update(vision_config=OTHER_BACKBONES[backbone](), image_size=224)
+        config = EVLConfig(**values)
+        config._attn_implementation = "sdpa"
+    model = EVLForVideoClassification(config).eval()
     return model, torch.randn(1, 8, 3, 224, 224)
 
 
@@ -95,18 +111,21 @@ def bfloat16_measured(force: bool = False) -> bool:
 
 
 def float32_and_bfloat16_main(measure, default_repeats: int = 5) -> None:
-    """A script's main(): `--repeats`, `--bfloat16`, `--threads`, the machine line, then `measure(backbone_dtype, repeats)` with
+    """A script's main(): `--repeats`, `--bfloat16`, `--threads`, `--backbone`, the machine line, then
+    `measure(backbone_dtype, repeats, backbone)` with
     a float32 backbone (`None`) and, where `bfloat16_measured`, with `"bfloat16"`."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=default_repeats)
     parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
     add_threads_argument(parser)
+    parser.add_argument("--backbone", choices=["clip", *OTHER_BACKBONES], default="clip", help="the backbone family")
     args = parser.parse_args()
     set_threads(args.threads)
     print(f"machine: {machine()}")
-    measure(None, args.repeats)
+    print(f"backbone family: {args.backbone}")
+    measure(None, args.repeats, args.backbone)
     if bfloat16_measured(args.bfloat16):
-        measure("bfloat16", args.repeats)
+        measure("bfloat16", args.repeats, args.backbone)
 
 
 def rss_bytes() -> int:

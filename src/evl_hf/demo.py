@@ -3,8 +3,8 @@ The offline EVL demo: a few minutes on 2 CPU cores, no network.
 
 1. Generates the synthetic motion data set (classes only temporal order can tell apart; `evl_hf.data.synthetic`),
    the same bytes for the same seed.
-2. Saves a small random CLIP vision tower: the backbone is loaded with `from_backbone_pretrained`, the path a user
-   takes with `openai/clip-vit-base-patch16`.
+2. Saves a small random vision tower (CLIP; `--backbone_family siglip` or `dinov2` for those architectures): the
+   backbone is loaded with `from_backbone_pretrained`, the path a user takes with `openai/clip-vit-base-patch16`.
 3. Trains and evaluates full EVL and EVL with its three temporal modules switched off (the paper's temporal
    ablation) with `evl_hf.run_video_classification`, the code behind `examples/run_video_classification.py`, from a
    frozen-backbone feature cache (the backbone runs once per training clip).
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, pipeline, set_seed
+from transformers import CLIPVisionConfig, Dinov2Config, SiglipVisionConfig, pipeline, set_seed
 
+from .backbone_families import backbone_family
 from .data.synthetic import MOTION_CLASSES, generate_motion_dataset
 from .run_video_classification import main as run_video_classification
 
@@ -35,6 +36,14 @@ VARIANTS = {
     "temporal modules off": (
         "evl-no-temporal", ",use_temporal_conv=false,use_temporal_pos_embed=false,use_temporal_cross_attention=false"
     ),
+}
+
+
+# Random towers of one shape, each family's own architecture and initialisation.
+DEMO_BACKBONES = {
+    "clip": lambda **shape: CLIPVisionConfig(intermediate_size=256, hidden_act="quick_gelu", **shape),
+    "siglip": lambda **shape: SiglipVisionConfig(intermediate_size=256, **shape),
+    "dinov2": lambda **shape: Dinov2Config(mlp_ratio=4, **shape),
 }
 
 
@@ -71,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--validation_per_class", type=int, default=20)
     parser.add_argument("--epochs", type=float, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--backbone_family", choices=sorted(DEMO_BACKBONES), default="clip",
+        help="The family of the small random backbone (the same shape for each): EVL's decoder is the same for all.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     output = Path(args.output_dir)
@@ -88,13 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
         recorded.write_text(json.dumps(generation))
 
     set_seed(args.seed)
-    backbone_dir = output / "clip-vit-tiny-random"
-    CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, patch_size=8,
-            image_size=IMAGE_SIZE, hidden_act="quick_gelu",
-        )  # fmt: skip
-    ).save_pretrained(backbone_dir)
+    backbone_dir = output / f"{args.backbone_family}-vit-tiny-random"
+    vision_config = DEMO_BACKBONES[args.backbone_family](
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=8, image_size=IMAGE_SIZE
+    )
+    backbone_family(vision_config).build(vision_config).save_pretrained(backbone_dir)
 
     results = {}
     for name, (folder, switches) in VARIANTS.items():

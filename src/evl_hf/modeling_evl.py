@@ -618,11 +618,11 @@ class EVLDecoder(nn.Module):
 
 class EVLModel(EVLPreTrainedModel):
     """
-    The CLIP backbone and the EVL decoder, without a classification head. Returns the video embedding (the final
-    query token).
+    The image backbone (CLIP by default, or another family of `evl_hf.backbone_families`) and the EVL decoder,
+    without a classification head. Returns the video embedding (the final query token).
 
-    `pixel_values` has shape `(batch_size, num_frames, num_channels, height, width)`, normalised with the CLIP
-    mean/std, at the backbone's resolution. Any frame count works; see `EVLConfig.num_frames`.
+    `pixel_values` has shape `(batch_size, num_frames, num_channels, height, width)`, normalised as the backbone
+    expects (`EVLVideoProcessor`), at `config.frame_size`. Any frame count works; see `EVLConfig.num_frames`.
     """
 
     def __init__(self, config: EVLConfig):
@@ -832,7 +832,7 @@ class EVLModel(EVLPreTrainedModel):
         ...     outputs = model(clip, output_attentions=True)
         >>> outputs.pooler_output.shape  # the video embedding
         torch.Size([2, 32])
-        >>> outputs.attentions[0].shape  # (batch_size, decoder_num_heads, 1, num_frames * (num_patches + 1))
+        >>> outputs.attentions[0].shape  # (batch_size, decoder_num_heads, 1, num_frames * (1 + num_patches)): 1 class token
         torch.Size([2, 4, 1, 68])
         >>> features = model.extract_backbone_features(clip)  # cacheable: the frozen backbone's share of the work
         >>> with torch.no_grad():
