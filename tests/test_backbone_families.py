@@ -176,3 +176,52 @@ def test_an_unsupported_backbone_is_refused_naming_its_type(tmp_path):
 
 def test_every_family_is_covered_here():
     assert {config.model_type for config, _, _ in FAMILIES.values()} == set(BACKBONE_FAMILIES)
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2", "siglip"])
+def test_an_image_classification_checkpoint_gives_its_tower_without_the_head(tmp_path, name):
+    """`google/vit-base-patch16-224`, DeiT and DINOv2's ImageNet models are `*ForImageClassification`: the tower is
+    loaded (under `vit.` / `dinov2.` / `vision_model.`), the classifier is not."""
+    from transformers import Dinov2ForImageClassification, SiglipForImageClassification, ViTForImageClassification
+
+    vision_config = FAMILIES[name][0]
+    torch.manual_seed(0)
+    if name == "siglip":
+        text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        config = SiglipConfig(vision_config=vision_config.to_dict(), text_config=text, num_labels=7)
+        classifier, prefix = SiglipForImageClassification(config), "vision_model."
+    else:
+        config = vision_config.__class__(**{**vision_config.to_dict(), "num_labels": 7})
+        model_class = ViTForImageClassification if name == "vit" else Dinov2ForImageClassification
+        classifier, prefix = model_class(config), f"{name}."
+    classifier.save_pretrained(tmp_path / name)
+    model = EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / name), **DECODER)
+    tower = {key[len(prefix) :]: value for key, value in classifier.state_dict().items() if key.startswith(prefix)}
+    loaded = model.evl.vision_model.state_dict()
+    assert loaded.keys() == tower.keys()
+    assert all(torch.equal(loaded[key], tower[key]) for key in tower)
+
+
+def test_a_processor_from_the_model_config_uses_the_familys_normalisation():
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_STANDARD_MEAN, OPENAI_CLIP_MEAN
+
+    from evl_hf import EVLVideoProcessor
+
+    for preset, mean in (("k400-vit-b16-8f", OPENAI_CLIP_MEAN), ("siglip-b16-224-8f", IMAGENET_STANDARD_MEAN),
+                         ("dinov2-b14-224-8f", IMAGENET_DEFAULT_MEAN)):  # fmt: skip
+        processor = EVLVideoProcessor.from_model_config(EVLConfig.from_preset(preset), preset=preset)
+        assert list(processor.image_mean) == pytest.approx(list(mean)), preset
+        assert processor.crop_size["height"] == 224
+
+
+def test_an_unsupported_vision_config_is_refused_by_name():
+    with pytest.raises(ValueError, match="no backbone family for a `convnext`"):
+        EVLConfig(vision_config=ConvNextConfig())
+
+
+def test_a_dinov2_processor_without_a_crop_sets_the_frame_size_from_its_resize(tmp_path):
+    vision_config = FAMILIES["dinov2"][0]
+    save_backbone(tmp_path / "dinov2", vision_config)
+    BitImageProcessor(do_center_crop=False, size={"height": 40, "width": 40}).save_pretrained(tmp_path / "dinov2")
+    model = EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / "dinov2"), **DECODER)
+    assert model.config.frame_size == 40 and model.config.patch_grid == (5, 5)

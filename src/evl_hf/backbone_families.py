@@ -34,6 +34,14 @@ from transformers import (
     SiglipVisionModel,
     ViTModel,
 )
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import cached_file
 
@@ -68,6 +76,9 @@ class EVLBackboneFamily:
     layer_scales: tuple[str, str] | None = None
     residual_dropout: str | None = None
     model_kwargs: dict = field(default_factory=dict)
+    # The normalisation of the family's released image processors, for a processor built without one.
+    image_mean: tuple[float, ...] = tuple(OPENAI_CLIP_MEAN)
+    image_std: tuple[float, ...] = tuple(OPENAI_CLIP_STD)
 
     def build(self, config: PreTrainedConfig) -> PreTrainedModel:
         return self.model_class._from_config(config, **self.model_kwargs)
@@ -140,8 +151,8 @@ _CLIP_LIKE = dict(
 _DINOV2_LIKE = dict(
     layers="encoder.layer", attention_norm="norm1", attention="attention", output_projection="o_proj",
     scaling="scaling", attention_dropout="attention_dropout", mlp_norm="norm2",
-    layer_scales=("layer_scale1", "layer_scale2"), residual_dropout="drop_path", unused_prefixes=(),
-    interpolates_position_embeddings=True,
+    layer_scales=("layer_scale1", "layer_scale2"), residual_dropout="drop_path", unused_prefixes=("classifier.",),
+    interpolates_position_embeddings=True, image_mean=tuple(IMAGENET_DEFAULT_MEAN), image_std=tuple(IMAGENET_DEFAULT_STD),
 )  # fmt: skip
 
 BACKBONE_FAMILIES: dict[str, EVLBackboneFamily] = {
@@ -156,8 +167,8 @@ BACKBONE_FAMILIES: dict[str, EVLBackboneFamily] = {
         EVLBackboneFamily(
             name="SigLIP", vision_model_type="siglip_vision_model", model_class=SiglipVisionModel,
             checkpoint_model_types=("siglip_vision_model", "siglip"),
-            unused_prefixes=("text_model.", "logit_scale", "logit_bias"),
-            has_class_token=False, **_CLIP_LIKE,
+            unused_prefixes=("text_model.", "logit_scale", "logit_bias", "classifier."),
+            has_class_token=False, image_mean=tuple(IMAGENET_STANDARD_MEAN), image_std=tuple(IMAGENET_STANDARD_STD), **_CLIP_LIKE,
         ),
         EVLBackboneFamily(
             name="DINOv2", vision_model_type="dinov2", model_class=Dinov2Model, checkpoint_model_types=("dinov2",),
@@ -171,8 +182,9 @@ BACKBONE_FAMILIES: dict[str, EVLBackboneFamily] = {
             name="ViT", vision_model_type="vit", model_class=ViTModel, checkpoint_model_types=("vit",),
             layers="layers", attention_norm="layernorm_before", attention="attention", output_projection="o_proj",
             scaling="scaling", attention_dropout="attention_dropout", mlp_norm="layernorm_after",
-            residual_dropout="dropout", unused_prefixes=("pooler.",),
-            model_kwargs={"add_pooling_layer": False},
+            residual_dropout="dropout", unused_prefixes=("pooler.", "classifier."),
+            model_kwargs={"add_pooling_layer": False}, image_mean=tuple(IMAGENET_STANDARD_MEAN),
+            image_std=tuple(IMAGENET_STANDARD_STD),
         ),
     )
 }  # fmt: skip
@@ -214,11 +226,14 @@ def has_image_processor(pretrained_model_name_or_path, **hub_kwargs) -> bool:
 
 
 def processor_crop_size(pretrained_model_name_or_path, **hub_kwargs) -> int | None:
-    """The square crop a backbone checkpoint's image processor takes (`preprocessor_config.json`), if it has one."""
+    """The square frames a backbone checkpoint's image processor gives (`preprocessor_config.json`: its crop, or its
+    resize without one), if it has one."""
     path = _image_processor_file(pretrained_model_name_or_path, **hub_kwargs)
     if path is None:
         return None
-    crop_size = json.loads(Path(path).read_text()).get("crop_size")
+    settings = json.loads(Path(path).read_text())
+    # Without a centre crop the frames the processor gives are its resize's.
+    crop_size = settings.get("crop_size") if settings.get("do_center_crop", True) else settings.get("size")
     if isinstance(crop_size, dict) and crop_size.get("height") == crop_size.get("width"):
         crop_size = crop_size.get("height")
     return crop_size if isinstance(crop_size, int) else None

@@ -199,12 +199,12 @@ class EVLConfig(PreTrainedConfig):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
         if vision is not None:
+            family = backbone_family(vision)  # first: an unsupported config is refused by name
             if vision.hidden_size % vision.num_attention_heads != 0:
                 raise ValueError(
                     f"`vision_config.hidden_size` ({vision.hidden_size}) must be divisible by "
                     f"`vision_config.num_attention_heads` ({vision.num_attention_heads})."
                 )
-            family = backbone_family(vision)
             if self.image_size is not None and self.image_size != vision.image_size:
                 if not family.interpolates_position_embeddings:
                     raise ValueError(

@@ -74,7 +74,8 @@ class EVLBackboneFeatures(ModelOutput):
     no trained parameter, so it can be cached per clip.
 
     frame_features (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, num_prefix_tokens + num_patches, hidden_size)`):
-        The outputs (all tokens, cls first) of the backbone's last `decoder_num_layers` blocks.
+        The outputs (all tokens in the backbone's order: class token and registers where it has them, then the
+        patches) of the backbone's last `decoder_num_layers` blocks.
     cross_frame_maps (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, 2, num_patches, num_patches)`, *optional*):
         Those blocks' head-averaged attention between neighbouring frames (see `cross_frame_attention_maps`); only
         when `use_temporal_cross_attention`.
@@ -556,7 +557,7 @@ class EVLPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         # Initialised where each tensor is owned, so that weights missing from a checkpoint get the same values.
-        # The CLIP backbone is a `PreTrainedModel` of its own and is initialised by CLIP's rules.
+        # The backbone is a `PreTrainedModel` of its own and is initialised by its family's rules.
         if module is getattr(self, "classifier", None):
             init.normal_(module.weight, std=self.config.initializer_range)
             init.zeros_(module.bias)
@@ -865,7 +866,7 @@ class EVLModel(EVLPreTrainedModel):
         )
 
     # Outputs are recorded around the decoder only: the backbone's blocks, called directly by
-    # `extract_backbone_features`, carry CLIP's own recorders, which would otherwise add their states to EVL's.
+    # `extract_backbone_features`, carry their own model's recorders, which would otherwise add their states to EVL's.
     @capture_outputs
     def _decode(
         self, frame_features: torch.Tensor, cross_frame_maps: torch.Tensor | None, **kwargs

@@ -225,7 +225,9 @@ class EVLVideoProcessor(BaseVideoProcessor):
     def from_model_config(cls, config, preset: str | None = None, **kwargs) -> "EVLVideoProcessor":
         """
         The processor for a model of this `EVLConfig`, as the authors prepare its clips: `config.num_frames` frames
-        with stride 16 (8 for 32 frames or more), short side and crop at the backbone's image size. With `preset`
+        with stride 16 (8 for 32 frames or more), short side and crop at the backbone's image size, normalised with
+        the mean / std of the backbone family's released processors (CLIP's, SigLIP's and ViT's 0.5 / 0.5, DINOv2's
+        ImageNet ones); `from_backbone_pretrained` takes a checkpoint's own settings instead. With `preset`
         (one of `EVL_PRESETS`), that preset's stride and evaluation views. `kwargs` override any field. The converter
         and the training script build their processors here.
 
@@ -238,10 +240,14 @@ class EVLVideoProcessor(BaseVideoProcessor):
         (32, 8, 224)
         ```
         """
+        from .backbone_families import backbone_family
+
         size = getattr(config, "frame_size", config.vision_config.image_size)
+        family = backbone_family(config.vision_config)
         values = dict(
             num_frames=config.num_frames, sampling_rate=8 if config.num_frames >= 32 else 16,
             size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_mean=list(family.image_mean), image_std=list(family.image_std),
         )  # fmt: skip
         if preset is not None:
             from .configuration_evl import EVL_PRESETS
