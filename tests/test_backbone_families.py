@@ -225,3 +225,22 @@ def test_a_dinov2_processor_without_a_crop_sets_the_frame_size_from_its_resize(t
     BitImageProcessor(do_center_crop=False, size={"height": 40, "width": 40}).save_pretrained(tmp_path / "dinov2")
     model = EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / "dinov2"), **DECODER)
     assert model.config.frame_size == 40 and model.config.patch_grid == (5, 5)
+
+
+@pytest.mark.parametrize("name", ["siglip", "dinov2_with_registers"])
+def test_low_precision_backbone_multi_view_and_other_frame_counts(tmp_path, name):
+    _, frame_size, _ = FAMILIES[name]
+    model = family_model(tmp_path, name)
+    clip = clip_of(frame_size)
+    with torch.no_grad():
+        reference = model(clip).logits
+        # Views: the same clip twice is the clip; 5 frames on a 3-frame model interpolate the position embeddings.
+        views = model(torch.stack([clip, clip], dim=1)).logits
+        longer = model(clip_of(frame_size, seed=2).repeat_interleave(2, dim=1)[:, :5]).logits
+    torch.testing.assert_close(views, reference.log_softmax(-1), atol=1e-5, rtol=1e-5)
+    assert longer.shape == reference.shape and torch.isfinite(longer).all()
+    for dtype, tolerance in (("bfloat16", 5e-2), ("float16", 5e-3)):
+        low = family_model(tmp_path / dtype, name, backbone_dtype=dtype)
+        assert low.evl.vision_model.dtype == getattr(torch, dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(low(clip).logits, reference, atol=tolerance, rtol=0)

@@ -37,6 +37,24 @@ def saved_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def saved_dinov2_model(tmp_path_factory):
+    """The same with a DINOv2-with-registers backbone (class token, two registers) and its own normalisation."""
+    from transformers import Dinov2WithRegistersConfig
+
+    directory = tmp_path_factory.mktemp("evl-tiny-dinov2")
+    torch.manual_seed(0)
+    vision_config = Dinov2WithRegistersConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                              num_attention_heads=4, patch_size=8, image_size=48, num_register_tokens=2)  # fmt: skip
+    config = tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    config = EVLConfig(**{**config.to_diff_dict(), "vision_config": vision_config, "image_size": 32})
+    model = EVLForVideoClassification(config)
+    randomize_decoder(model)
+    model.save_pretrained(directory)
+    EVLVideoProcessor.from_model_config(model.config, sampling_rate=3).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("clips") / "synthetic.mp4", index_coded_frames(40))
 
@@ -219,8 +237,11 @@ sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
 """
 
 
-def test_trust_remote_code_loads_where_evl_hf_and_torchcodec_are_not_installed(saved_model, clip_path, tmp_path):
-    """A user of transformers alone: remote model, base model, processor and pipeline, with no torchcodec installed."""
+@pytest.mark.parametrize("model_fixture", ["saved_model", "saved_dinov2_model"])
+def test_trust_remote_code_loads_where_evl_hf_and_torchcodec_are_not_installed(model_fixture, clip_path, tmp_path, request):
+    """A user of transformers alone: remote model, base model, processor and pipeline, with no torchcodec installed;
+    with a CLIP and a DINOv2-with-registers backbone (whose family module travels with the remote code)."""
+    saved_model = request.getfixturevalue(model_fixture)
     (tmp_path / "checkpoint").mkdir()
     checkpoint = copy_checkpoint(saved_model, tmp_path / "checkpoint")
     auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
