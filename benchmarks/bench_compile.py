@@ -13,7 +13,6 @@ import torch
 from common import alternate, b16_classifier_and_clip, float32_and_bfloat16_main
 
 
-
 def seconds(function) -> float:
     start = time.perf_counter()
     function()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig
+from transformers import CLIPVisionConfig, Dinov2Config, SiglipVisionConfig
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,13 +22,14 @@ def vision_config(shape=B16) -> CLIPVisionConfig:
     return CLIPVisionConfig(hidden_act="quick_gelu", attn_implementation="sdpa", **shape)
 
 
-def evl_config(shape=B16, num_frames=8, **overrides):
+def evl_config(shape=B16, num_frames=8, vision=None, **overrides):
+    """`vision`: another family's vision config of the same width and heads as `shape` (default: CLIP of `shape`)."""
     from evl_hf import EVLConfig
 
     values = dict(num_frames=num_frames, decoder_num_layers=4, decoder_qkv_dim=shape["hidden_size"],
                   decoder_num_heads=shape["num_attention_heads"], num_labels=400)  # fmt: skip
     values.update(overrides)
-    config = EVLConfig(vision_config=vision_config(shape), **values)
+    config = EVLConfig(vision_config=vision if vision is not None else vision_config(shape), **values)
     config._attn_implementation = "sdpa"
     return config
 
@@ -76,26 +77,21 @@ def alternate(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
 
 # The base towers of the other backbone families (issue 12), at 224x224: SigLIP-B/16 (14x14 patches, no class
 # token) and DINOv2-B/14 (16x16 patches and a class token; its config's 518 is the size of its position table).
-OTHER_BACKBONES = {
-    "siglip": lambda: __import__("transformers").SiglipVisionConfig(patch_size=16, image_size=224, **_BASE_TOWER),
-    "dinov2": lambda: __import__("transformers").Dinov2Config(patch_size=14, image_size=518, **_BASE_TOWER),
-}
 _BASE_TOWER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+OTHER_BACKBONES = {
+    "siglip": lambda: SiglipVisionConfig(patch_size=16, image_size=224, **_BASE_TOWER),
+    "dinov2": lambda: Dinov2Config(patch_size=14, image_size=518, **_BASE_TOWER),
+}
 
 
 def b16_classifier_and_clip(backbone_dtype=None, backbone="clip"):
     """The inference benchmarks' subject: a seeded EVL classifier in eval mode, ViT-B/16-shaped CLIP by default (or
     `backbone="siglip"` / `"dinov2"`: those families' base towers), and one 8-frame 224x224 clip."""
-    from evl_hf import EVLConfig, EVLForVideoClassification
+    from evl_hf import EVLForVideoClassification
 
     torch.manual_seed(0)
-    config = evl_config(backbone_dtype=backbone_dtype)
-    if backbone != "clip":
-        values = {key: value for key, value in config.to_dict().items() if key in EVLConfig.__dataclass_fields__}
-        values.update(vision_config=OTHER_BACKBONES[backbone](), image_size=224)
-        config = EVLConfig(**values)
-        config._attn_implementation = "sdpa"
-    model = EVLForVideoClassification(config).eval()
+    other = {} if backbone == "clip" else dict(vision=OTHER_BACKBONES[backbone](), image_size=224)
+    model = EVLForVideoClassification(evl_config(backbone_dtype=backbone_dtype, **other)).eval()
     return model, torch.randn(1, 8, 3, 224, 224)
 
 

@@ -17,6 +17,7 @@ queries and keys, and how many tokens precede the patches. A family is those few
 everything else (features, cross-frame maps, decoder) is shared.
 """
 
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,8 +109,9 @@ class EVLBackboneFamily:
         normed = getattr(layer, self.attention_norm)(hidden_states)
         query, key, value = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
         heads_shape = (*normed.shape[:-1], -1, attention.head_dim)
+        # The eager fallback is the one the backbone's own attention uses (its modeling module's).
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            attention.config._attn_implementation, _eager_attention_forward
+            attention.config._attn_implementation, inspect.getmodule(attention).eager_attention_forward
         )
         attended, _ = attention_interface(
             attention,
@@ -133,15 +135,6 @@ class EVLBackboneFamily:
         if self.residual_dropout is not None:
             branch = getattr(layer, self.residual_dropout)(branch)
         return branch
-
-
-def _eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 _CLIP_LIKE = dict(

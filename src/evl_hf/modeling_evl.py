@@ -929,9 +929,13 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         preset = config_kwargs.pop("preset", None)
         config = config_kwargs.pop("config", None)
         backbone = cls._load_backbone(pretrained_model_name_or_path, hub_kwargs)
-        if backbone_family(backbone.config).interpolates_position_embeddings and "image_size" not in config_kwargs:
+        if (
+            config is None
+            and "image_size" not in config_kwargs
+            and backbone_family(backbone.config).interpolates_position_embeddings
+        ):
             crop_size = processor_crop_size(pretrained_model_name_or_path, **hub_kwargs)
-            if crop_size is not None and config is None:
+            if crop_size is not None:
                 config_kwargs["image_size"] = crop_size
         if config is not None:
             if config_kwargs or preset is not None:

@@ -195,7 +195,8 @@ def build_model(model_args, data_args, labels: list[str]):
         # CLIP: the authors' preprocessing (bilinear, no antialias), which their results depend on. Other families:
         # the backbone's own image preprocessing (size, crop, resampling, mean / std) where it ships one.
         processor = None
-        if family is not None and family.name != "CLIP" and has_image_processor(model_args.backbone, cache_dir=model_args.cache_dir):
+        # (`from_backbone_pretrained` has refused any checkpoint without a family.)
+        if family.vision_model_type != "clip_vision_model" and has_image_processor(model_args.backbone, cache_dir=model_args.cache_dir):
             processor = EVLVideoProcessor.from_backbone_pretrained(
                 model_args.backbone, cache_dir=model_args.cache_dir, num_frames=model.config.num_frames,
                 sampling_rate=8 if model.config.num_frames >= 32 else 16,

@@ -226,8 +226,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
         """
         The processor for a model of this `EVLConfig`, as the authors prepare its clips: `config.num_frames` frames
         with stride 16 (8 for 32 frames or more), short side and crop at the backbone's image size, normalised with
-        the mean / std of the backbone family's released processors (CLIP's, SigLIP's and ViT's 0.5 / 0.5, DINOv2's
-        ImageNet ones); `from_backbone_pretrained` takes a checkpoint's own settings instead. With `preset`
+        the mean / std of the backbone family's released processors (CLIP's own, 0.5 / 0.5 for SigLIP and ViT, the
+        ImageNet ones for DINOv2); `from_backbone_pretrained` takes a checkpoint's own settings instead. With `preset`
         (one of `EVL_PRESETS`), that preset's stride and evaluation views. `kwargs` override any field. The converter
         and the training script build their processors here.
 
