@@ -244,3 +244,58 @@ def test_low_precision_backbone_multi_view_and_other_frame_counts(tmp_path, name
         assert low.evl.vision_model.dtype == getattr(torch, dtype)
         with torch.no_grad():
             torch.testing.assert_close(low(clip).logits, reference, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(en|dis)able` is deprecated:FutureWarning")
+def test_a_trained_backbone_checkpoints_to_the_same_gradients_and_trains_only_what_runs(tmp_path, name):
+    """Every trainable tensor gets a gradient (DDP without `find_unused_parameters`, which Trainer turns off under
+    gradient checkpointing, refuses any that does not), and checkpointing the backbone's blocks changes nothing."""
+    _, frame_size, _ = FAMILIES[name]
+    model = family_model(tmp_path, name, freeze_backbone=False).train()
+    family = backbone_family(model.config.vision_config)
+    frozen = {f"evl.vision_model.{n}" for n in family.unused_parameters(model.evl.vision_model)}
+    assert frozen and all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
+    clip, labels = clip_of(frame_size), torch.tensor([0, 3])
+    calls = []
+    family.blocks(model.evl.vision_model)[-1].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks (DINOv2's drop path, SigLIP's none) in both runs
+        model(clip, labels=labels).loss.backward()
+        found = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        assert found.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+        return found
+
+    expected = gradients()
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    calls.clear()
+    checkpointed = gradients()
+    assert len(calls) == 2  # the last block ran again in the backward
+    for key, gradient in expected.items():
+        scale = max(1.0, gradient.abs().max().item())
+        torch.testing.assert_close(checkpointed[key], gradient, atol=2e-6 * scale, rtol=1e-5, msg=lambda m: f"{key}\n{m}")
+
+
+@pytest.mark.parametrize("name", ["siglip", "dinov2", "vit"])
+def test_the_auto_classes_load_every_family(tmp_path, name):
+    from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor
+
+    from evl_hf import EVLModel, EVLVideoProcessor
+
+    _, frame_size, _ = FAMILIES[name]
+    model = family_model(tmp_path, name)
+    EVLVideoProcessor.from_backbone_pretrained(str(tmp_path / name)).save_pretrained(tmp_path / "evl")
+    model.save_pretrained(tmp_path / "evl")
+    config = AutoConfig.from_pretrained(tmp_path / "evl")
+    assert isinstance(config, EVLConfig) and config.vision_config.model_type == FAMILIES[name][0].model_type
+    classifier = AutoModelForVideoClassification.from_pretrained(tmp_path / "evl").eval()
+    base = AutoModel.from_pretrained(tmp_path / "evl").eval()
+    assert isinstance(classifier, EVLForVideoClassification) and isinstance(base, EVLModel)
+    processor = AutoVideoProcessor.from_pretrained(tmp_path / "evl")
+    assert isinstance(processor, EVLVideoProcessor) and processor.crop_size.height == frame_size
+    clip = clip_of(frame_size)
+    with torch.no_grad():
+        assert torch.equal(classifier(clip).logits, model(clip).logits)
+        assert torch.equal(base(clip).last_hidden_state, model.evl(clip).last_hidden_state)

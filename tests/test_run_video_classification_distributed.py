@@ -175,3 +175,40 @@ def test_feature_cache_built_by_two_processes_equals_the_single_process_one(data
         saved = {p.name for p in (tmp_path / run).rglob("*")}
         assert not any("cache" in name or name.endswith((".arrow", ".lock")) for name in saved), saved
         assert json.loads((tmp_path / run / "train_results.json").read_text())["train_unusable_clips"] == 2
+
+
+def test_a_trained_dinov2_backbone_under_checkpointing_is_the_same_over_two_processes(data_dir, tmp_path):
+    """
+    A backbone trained with the decoder (`freeze_backbone=false`) under activation checkpointing, where Trainer wraps
+    the model in DDP without `find_unused_parameters`: DINOv2 with registers, whose final norm and mask token EVL
+    never runs. 2 processes x batch 2 reach the weights of 1 x batch 4, backbone included.
+    """
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig
+
+    from evl_hf.backbone_families import backbone_family
+
+    config = Dinov2WithRegistersConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=3, num_attention_heads=4, num_register_tokens=2)  # fmt: skip
+    torch.manual_seed(0)
+    backbone_family(config).build(config).save_pretrained(tmp_path / "dinov2")
+    BitImageProcessor(crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dinov2")
+    steps = ("--do_train", "--max_steps", "2", "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type",
+             "constant", "--weight_decay", "0", "--logging_steps", "1", "--activation_checkpointing", "true")  # fmt: skip
+
+    def args(name, batch):
+        arguments = script_args(data_dir, tmp_path / "dinov2", tmp_path / name, *steps, "--per_device_train_batch_size", batch)
+        arguments[arguments.index("--config_overrides") + 1] += ",freeze_backbone=false"
+        return arguments
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_script(args("single", "4"))
+    finally:
+        torch.set_num_threads(threads)
+    launch("accelerate", args("double", "2"), 29631)
+    single, double = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "double" / "model.safetensors")
+    initial = load_file(tmp_path / "dinov2" / "model.safetensors")  # the backbone trained
+    assert not torch.equal(single["evl.vision_model.encoder.layer.2.mlp.fc1.weight"], initial["encoder.layer.2.mlp.fc1.weight"])
+    for key, tensor in single.items():
+        torch.testing.assert_close(double[key], tensor, atol=2e-6, rtol=1e-5, msg=key)

@@ -88,6 +88,46 @@ def test_the_cache_fingerprint_follows_the_clips_content(clips, tmp_path):
     )
 
 
+def test_the_cache_fingerprint_follows_the_backbones_config_not_only_its_weights(clips):
+    """Equal weights under another config (a norm's eps, the activation) give other features."""
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in clips])
+    model = EVLForVideoClassification(tiny_config())
+    first = feature_cache_fingerprint(model, data, transform, torch.float16)
+    for change in (dict(layer_norm_eps=1e-6), dict(hidden_act="gelu")):
+        other = EVLForVideoClassification(tiny_config(vision_overrides=change))
+        other.load_state_dict(model.state_dict())
+        assert feature_cache_fingerprint(other, data, transform, torch.float16) != first, change
+
+
+def test_a_cache_of_another_layout_is_built_again_not_read(clips, tmp_path, caplog):
+    import json
+
+    from datasets import Array4D
+    from datasets.arrow_writer import ArrowWriter
+
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    model = EVLForVideoClassification(tiny_config()).eval()
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in clips])
+    # A finished cache under this fingerprint whose rows have one token fewer (a cache from another version).
+    directory = tmp_path / feature_cache_fingerprint(model, data, transform, torch.float32)
+    directory.mkdir()
+    wrong = Features({"frame_features": Array4D((2, 4, 16, 32), "float32"), "labels": Value("int64")})
+    with ArrowWriter(features=wrong, path=str(directory / "shard-00000-of-00001.arrow")) as writer:
+        for _ in clips:
+            writer.write({"frame_features": np.zeros((2, 4, 16, 32), np.float32), "labels": 0})
+        writer.finalize()
+    (directory / "cache.json").write_text(json.dumps({"shards": ["shard-00000-of-00001.arrow"], "num_clips": 3,
+                                                      "unusable_clip_indices": []}))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="evl_hf.data.video_dataset"):
+        cached, unusable = build_feature_cache(model, data, transform, tmp_path, dtype=torch.float32, progress=False)
+    assert "holds features of another layout: building it again" in caplog.text and unusable == 0
+    assert cached[0]["frame_features"].shape == (2, 4, 17, 32) and cached[0]["cross_frame_maps"].shape == (2, 4, 2, 16, 16)
+    with torch.no_grad():  # the batch the cache ran
+        expected = model.evl.extract_backbone_features(torch.stack([transform(str(p)) for p in clips]))
+    torch.testing.assert_close(cached[:]["frame_features"], expected.frame_features, atol=0, rtol=0)
+
+
 def test_a_batch_of_mostly_unusable_clips_is_reported_loudly(clips, tmp_path, caplog):
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     data = rows([str(clips[0]), str(tmp_path / "bad.mp4"), str(tmp_path / "bad.mp4")])

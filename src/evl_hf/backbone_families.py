@@ -90,6 +90,18 @@ class EVLBackboneFamily:
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
         return attrgetter(self.layers)(tower)
 
+    def unused_parameters(self, tower: nn.Module) -> list[str]:
+        """
+        The tower's parameters EVL never runs: its final norm, pooler or pooling head, and the mask token of masked
+        image modelling. They stay in the checkpoint; a trained backbone does not train them (they get no gradient).
+        """
+        used = ("embeddings.", f"{self.layers}.") + ((f"{self.pre_norm}.",) if self.pre_norm else ())
+        return [
+            name
+            for name, _ in tower.named_parameters()
+            if not name.startswith(used) or name == "embeddings.mask_token"
+        ]
+
     def num_prefix_tokens(self, config: PreTrainedConfig) -> int:
         """Tokens before the patches: the class token and, for DINOv2 with registers, the registers."""
         return int(self.has_class_token) + getattr(config, "num_register_tokens", 0)

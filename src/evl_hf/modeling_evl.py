@@ -642,6 +642,12 @@ class EVLModel(EVLPreTrainedModel):
         if self.config.freeze_backbone:
             self.vision_model.requires_grad_(False)
             self.vision_model.eval()
+        else:
+            # A trained backbone: what EVL never runs would be a parameter without a gradient, which DDP refuses
+            # (Trainer turns `find_unused_parameters` off under gradient checkpointing).
+            parameters = dict(self.vision_model.named_parameters())
+            for name in backbone_family(self.config.vision_config).unused_parameters(self.vision_model):
+                parameters[name].requires_grad_(False)
         backbone_dtype = resolve_backbone_dtype(self.config.backbone_dtype, self.vision_model.dtype)
         if backbone_dtype is not None:
             self.vision_model.to(backbone_dtype)

@@ -376,8 +376,8 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
     file sizes and modification times). A cache is reused only when all of it is unchanged.
     """
     evl = model.evl if hasattr(model, "evl") else model
-    # v3: the cross-frame maps are computed in the backbone's dtype.
-    digest = hashlib.sha256(b"evl-hf feature cache v3")
+    # v3: the cross-frame maps are computed in the backbone's dtype. v4: the backbone's config and the tokens' layout.
+    digest = hashlib.sha256(b"evl-hf feature cache v4")
     for name, tensor in sorted(evl.vision_model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -386,6 +386,10 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
         "decoder_num_layers": config.decoder_num_layers,
         "cross_frame_maps": config.use_temporal_cross_attention,
         "backbone_dtype": str(evl.vision_model.dtype),  # what `backbone_dtype="auto"` resolved to on this machine
+        # Weights alone do not fix the features: the family, norms' eps, activation, resolution and registers do too.
+        "vision_config": config.vision_config.to_diff_dict(),
+        "frame_size": config.frame_size,
+        "tokens": [config.num_prefix_tokens, *config.patch_grid],
         "transform": {k: v for k, v in transform.kwargs.items() if k != "return_tensors"},
         "processor": transform.processor.to_dict(),
         "dtype": str(dtype),
@@ -451,7 +455,7 @@ def build_feature_cache(
     directory = Path(cache_dir) / feature_cache_fingerprint(model, dataset, transform, dtype)
     manifest = directory / "cache.json"
 
-    complete = manifest.exists()
+    complete = manifest.exists() and _cache_has_features(directory, manifest, features)
     if state.num_processes > 1:  # one decision for all processes, or they would run different collectives
         from accelerate.utils import broadcast_object_list
 
@@ -511,6 +515,20 @@ def build_feature_cache(
     shards = [Dataset.from_file(str(directory / name)) for name in info["shards"]]
     cached = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     return cached.with_format("torch"), len(info["unusable_clip_indices"])
+
+
+def _cache_has_features(directory: Path, manifest: Path, features: Features) -> bool:
+    """Whether a finished cache holds what this model reads (a cache written by another version may not): it is
+    rebuilt otherwise, never read with the wrong layout."""
+    try:
+        names = json.loads(manifest.read_text())["shards"]
+        matches = all(Dataset.from_file(str(directory / name)).features == features for name in names)
+    except (OSError, ValueError, KeyError) as error:
+        logger.warning("The feature cache in %s cannot be read (%s): building it again.", directory, error)
+        return False
+    if not matches:
+        logger.warning("The feature cache in %s holds features of another layout: building it again.", directory)
+    return matches
 
 
 def _write_atomically(path: Path, text: str) -> None:
