@@ -19,6 +19,8 @@ setup(
         "safetensors",
         "av>=12",
         "numpy",
+        # The pictures: timeline plots, attention heatmaps, confusion matrices.
+        "matplotlib>=3.7",
     ],
     extras_require={
         "train": ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4", "scikit-learn", "timm>=1.0"],
