@@ -3,8 +3,9 @@
 Importing the package registers EVL with `AutoConfig`, `AutoModel`, `AutoModelForVideoClassification` and
 `AutoVideoProcessor` (and so with `pipeline("video-classification")`), and makes `EVLVideoClassificationPipeline` the
 `"video-classification"` pipeline (transformers' own for every other model; for EVL it honours `frame_sampling_rate`
-and `batch_size`). Saved checkpoints also carry `auto_map`, so `trust_remote_code=True` loads them where this package
-is not installed (there the pipeline is transformers' own: the processor's saved sampling rate, no batching).
+and `batch_size`), and registers the `"video-timeline"` pipeline (labels over time for long videos). Saved
+checkpoints also carry `auto_map`, so `trust_remote_code=True` loads them where this package is not installed (there
+the pipeline is transformers' own: the processor's saved sampling rate, no batching).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor
@@ -20,6 +21,8 @@ from .modeling_evl import (
     EVLPreTrainedModel,
 )
 from .pipeline_evl import EVLVideoClassificationPipeline, register_pipeline
+from .timeline import EVLVideoTimelinePipeline, plot_timeline, video_timeline
+from .timeline import register_pipeline as register_timeline_pipeline
 from .video_decoding_evl import EVLVideoDecodingError, decode_video, resolve_decoding_backend
 from .video_processing_evl import EVLVideoProcessor, sample_frame_indices
 
@@ -36,6 +39,7 @@ EVLModel.register_for_auto_class("AutoModel")
 EVLForVideoClassification.register_for_auto_class("AutoModelForVideoClassification")
 EVLVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 register_pipeline()
+register_timeline_pipeline()
 
 __all__ = [
     "EVL_PRESETS",
@@ -50,7 +54,10 @@ __all__ = [
     "EVLVideoClassificationPipeline",
     "EVLVideoDecodingError",
     "EVLVideoProcessor",
+    "EVLVideoTimelinePipeline",
     "decode_video",
+    "plot_timeline",
     "resolve_decoding_backend",
     "sample_frame_indices",
+    "video_timeline",
 ]

@@ -728,6 +728,36 @@ class EVLModel(EVLPreTrainedModel):
 
     def _extract_backbone_features(self, pixel_values: torch.Tensor, maps_dtype: torch.dtype) -> EVLBackboneFeatures:
         batch_size, num_frames = pixel_values.shape[:2]
+        block_outputs, queries, keys = self._run_backbone(pixel_values.flatten(0, 1))
+        grad_enabled = torch.is_grad_enabled() and not self.config.freeze_backbone
+
+        def as_clips(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(batch_size, num_frames, *tensor.shape[1:])
+
+        # The features in the decoder's dtype (float32 unless the whole model was cast), whatever the backbone's; the
+        # maps in `maps_dtype`, the dtype the cross-frame module computes in (see `reduced_precision_inference_dtype`).
+        frame_features = torch.stack([as_clips(output).to(self.decoder.query.dtype) for output in block_outputs], dim=1)
+        cross_frame_maps = None
+        if queries:
+            with torch.set_grad_enabled(grad_enabled):
+                cross_frame_maps = torch.stack(
+                    [
+                        cross_frame_attention_maps(as_clips(query), as_clips(key), self.config.num_prefix_tokens).to(
+                            maps_dtype
+                        )
+                        for query, key in zip(queries, keys)
+                    ],
+                    dim=1,
+                )
+        return EVLBackboneFeatures(frame_features=frame_features, cross_frame_maps=cross_frame_maps)
+
+    def _run_backbone(self, frames: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """
+        The backbone over independent frames `(N, C, H, W)`: the outputs `(N, tokens, hidden)` of the blocks the
+        decoder reads, and, with cross-frame attention, those blocks' queries and keys `(N, tokens, heads, head_dim)`
+        (empty lists otherwise), in the backbone's dtype. Frames never interact here, so a long video can be run in
+        any batches of frames (`evl_hf.timeline`).
+        """
         backbone = self.vision_model
         family = backbone_family(self.config.vision_config)
         layers = family.blocks(backbone)
@@ -738,8 +768,7 @@ class EVLModel(EVLPreTrainedModel):
         # The backbone's own modules, called in its own forward's order (its final norm, pooler or head unused): no
         # hook or shared state, so the forward is one graph under `torch.compile` and safe in concurrent threads.
         with torch.set_grad_enabled(grad_enabled):
-            frames = pixel_values.flatten(0, 1).to(backbone.dtype)
-            hidden_states = family.embed(backbone, frames)
+            hidden_states = family.embed(backbone, frames.to(backbone.dtype))
             for index, layer in enumerate(layers):
                 if index >= first_used and need_query_key:
                     # The block, from its own modules, returning the q/k it attends with (projected once). They are
@@ -757,30 +786,10 @@ class EVLModel(EVLPreTrainedModel):
                     hidden_states = layer(hidden_states, None)
                 if index >= first_used:
                     block_outputs.append(hidden_states)
-
         heads = self.config.vision_config.num_attention_heads
-
-        def as_clips(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.view(batch_size, num_frames, *tensor.shape[1:])
-
-        # The features in the decoder's dtype (float32 unless the whole model was cast), whatever the backbone's; the
-        # maps in `maps_dtype`, the dtype the cross-frame module computes in (see `reduced_precision_inference_dtype`).
-        frame_features = torch.stack([as_clips(output).to(self.decoder.query.dtype) for output in block_outputs], dim=1)
-        cross_frame_maps = None
-        if need_query_key:
-            with torch.set_grad_enabled(grad_enabled):
-                cross_frame_maps = torch.stack(
-                    [
-                        cross_frame_attention_maps(
-                            as_clips(query).unflatten(-1, (heads, -1)),
-                            as_clips(key).unflatten(-1, (heads, -1)),
-                            self.config.num_prefix_tokens,
-                        ).to(maps_dtype)
-                        for query, key in zip(queries, keys)
-                    ],
-                    dim=1,
-                )
-        return EVLBackboneFeatures(frame_features=frame_features, cross_frame_maps=cross_frame_maps)
+        queries = [query.unflatten(-1, (heads, -1)) for query in queries]
+        keys = [key.unflatten(-1, (heads, -1)) for key in keys]
+        return block_outputs, queries, keys
 
     def check_backbone_features(self, frame_features: torch.Tensor, cross_frame_maps: torch.Tensor | None) -> None:
         """Validate precomputed features (e.g. from a feature cache) against this model's configuration."""

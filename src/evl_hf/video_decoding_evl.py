@@ -376,4 +376,81 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     return result
 
 
-__all__ = ["DECODING_BACKENDS", "EVLVideoDecodingError", "decode_video", "resolve_decoding_backend"]
+class VideoFrameStream:
+    """
+    Every `step`-th frame of a video, decoded once, front to back, with PyAV: for long videos, in memory that does not
+    depend on their length (one decoded frame at a time). Frame `i` is the one `decode_video` gives for index `i` (the
+    frame shown at `i / fps` seconds; an index the stream skips gets the next decoded frame), so a window of these
+    frames equals the same indices decoded by `decode_video`. Use as a context manager; iterate for
+    `(index, frame)` pairs, frames `(height, width, 3)` uint8 RGB. Errors are `EVLVideoDecodingError`s naming the video.
+    """
+
+    def __init__(self, source, step: int = 1, max_frame_pixels: int = 4096 * 4096):
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"`step` must be a positive integer, got {step!r}.")
+        if not is_av_available():
+            raise ImportError("Streaming a video needs PyAV: pip install av")
+        self.name, self.step = _video_name(source), step
+        try:
+            self._container = av.open(_open_source(source, 120.0), mode="r", metadata_errors="ignore")
+        except (av.error.FFmpegError, OSError, ValueError) as error:
+            raise EVLVideoDecodingError(f"{self.name}: not a readable video file ({error}).") from None
+        try:
+            if not self._container.streams.video:
+                raise EVLVideoDecodingError(f"{self.name}: the file has no video stream.")
+            self._stream = self._container.streams.video[0]
+            if self._stream.codec_context is None:
+                raise EVLVideoDecodingError(f"{self.name}: the video stream has no usable codec.")
+            context = self._stream.codec_context
+            _check_not_still_image(self.name, self._container.format.name, context.name, self._stream.frames)
+            if context.width * context.height > max_frame_pixels:
+                raise EVLVideoDecodingError(
+                    f"{self.name}: frames are {context.width}x{context.height}, over the {max_frame_pixels}-pixel "
+                    "limit for decoding."
+                )
+            if context.width * context.height > _SINGLE_THREAD_MAX_PIXELS:
+                self._stream.thread_type = "AUTO"
+        except BaseException:
+            self._container.close()
+            raise
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        self.fps = float(rate) if rate else None
+        # The container's count, which may be missing or approximate: for progress bars only.
+        self.total_num_frames = self._stream.frames or None
+        if self.total_num_frames is None and self.fps and self._stream.duration and self._stream.time_base:
+            self.total_num_frames = max(1, round(float(self._stream.duration * self._stream.time_base) * self.fps))
+
+    def __iter__(self):
+        stream, fps = self._stream, self.fps
+        start_seconds = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        wanted, counted = 0, 0
+        try:
+            for frame in self._container.decode(stream):
+                # The index `decode_video` gives this frame: by its time, or by its position without one.
+                index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else counted
+                counted += 1
+                if index < wanted:
+                    continue
+                rgb = _to_rgb(frame)
+                while index >= wanted:
+                    yield wanted, rgb
+                    wanted += self.step
+        except av.error.FFmpegError as error:
+            if counted == 0:
+                raise EVLVideoDecodingError(f"{self.name}: the video stream cannot be decoded ({error}).") from None
+            # A damaged tail: the frames before it stand, as `decode_video` keeps them.
+            logger.warning(f"{self.name}: decoding stopped after {counted} frames ({error}).")
+        if counted == 0:
+            raise EVLVideoDecodingError(f"{self.name}: the video stream holds no decodable frame.")
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> "VideoFrameStream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+__all__ = ["DECODING_BACKENDS", "EVLVideoDecodingError", "VideoFrameStream", "decode_video", "resolve_decoding_backend"]

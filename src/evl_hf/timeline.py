@@ -1,0 +1,386 @@
+# Copyright 2026 The evl-hf authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Labels over time for long videos: overlapping windows of the checkpoint's own sampling (frames x stride), sharing the
+backbone's work. EVL's backbone sees every frame alone and its cross-frame maps pair neighbouring frames only, so a
+sampled frame goes through the backbone once and each neighbouring pair's maps are computed once, whatever the
+windows' overlap; only the light decoder runs per window. `import evl_hf` registers the `"video-timeline"` pipeline.
+
+    python -m evl_hf.timeline VIDEO --model DIR [--window_stride S] [--top_k K] --output timeline.json [--plot timeline.png]
+"""
+
+import argparse
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForVideoClassification
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.video_classification import VideoClassificationPipeline
+from transformers.utils import logging
+
+from .modeling_evl import EVLForVideoClassification, cross_frame_attention_maps
+from .video_decoding_evl import VideoFrameStream
+from .video_processing_evl import EVLVideoProcessor
+
+
+logger = logging.get_logger(__name__)
+
+TASK = "video-timeline"
+# Above this many sampled frames (about a minute at 25 fps and a stride of 16) a progress bar is shown.
+_PROGRESS_MIN_FRAMES = 100
+
+
+@dataclass
+class EVLTimelineWindow:
+    """One window of a timeline: its decoded-frame indices, its span in seconds and the model's logits."""
+
+    frame_indices: list[int]
+    start: float
+    end: float
+    logits: torch.Tensor
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+@dataclass
+class _Frame:
+    """What the decoder reads of one sampled frame: each block's output and, with cross-frame attention, its maps
+    towards the previous and the next sampled frame (the next one is filled when that frame arrives)."""
+
+    decoded_index: int
+    features: torch.Tensor  # (K, tokens, hidden)
+    maps: torch.Tensor | None  # (K, 2, patches, patches)
+
+
+class _SharedBackboneTimeline:
+    """The streaming state of one video: frames in flight, the last frame's q/k, windows waiting for the decoder."""
+
+    def __init__(self, model: EVLForVideoClassification, num_frames: int, window_stride: int, decoder_batch_size: int):
+        self.model, self.evl = model, model.evl
+        self.num_frames, self.window_stride, self.decoder_batch_size = num_frames, window_stride, decoder_batch_size
+        self.frames: dict[int, _Frame] = {}  # by sampled index
+        self.num_sampled = 0
+        self.next_start = 0  # the next regular window's first sampled frame
+        self.pending: list[int] = []  # starts of complete windows not yet decoded
+        self.last_query_key: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.stats = {"frames_through_backbone": 0, "frame_pairs": 0, "windows": 0, "max_buffered_frames": 0}
+        self.maps_dtype = self.evl.reduced_precision_inference_dtype() or self.evl.decoder.query.dtype
+
+    def add_frames(self, decoded_indices: list[int], pixel_values: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Run the backbone on consecutive sampled frames `(n, C, H, W)`; yield `(start, logits)` of windows done."""
+        block_outputs, queries, keys = self.evl._run_backbone(pixel_values.to(self.model.device))
+        self.stats["frames_through_backbone"] += len(decoded_indices)
+        first = self.num_sampled
+        dtype = self.evl.decoder.query.dtype
+        features = torch.stack(block_outputs, dim=1).to(dtype)  # (n, K, tokens, hidden)
+        maps = None
+        if queries:
+            per_layer = []
+            for layer, (query, key) in enumerate(zip(queries, keys)):
+                if self.last_query_key is not None:  # the pair (previous chunk's last frame, this chunk's first)
+                    query = torch.cat([self.last_query_key[layer][0], query])
+                    key = torch.cat([self.last_query_key[layer][1], key])
+                per_layer.append(
+                    cross_frame_attention_maps(query[None], key[None], self.model.config.num_prefix_tokens)[0].to(
+                        self.maps_dtype
+                    )
+                )
+            self.stats["frame_pairs"] += per_layer[0].shape[0] - 1
+            maps = torch.stack(per_layer, dim=1)  # (n or n + 1, K, 2, patches, patches)
+            if self.last_query_key is not None:
+                self.frames[first - 1].maps[:, 1] = maps[0, :, 1]  # its look ahead, now that frame `first` exists
+                maps = maps[1:]
+            self.last_query_key = [(query[-1:], key[-1:]) for query, key in zip(queries, keys)]
+        for offset, decoded_index in enumerate(decoded_indices):
+            self.frames[first + offset] = _Frame(decoded_index, features[offset], None if maps is None else maps[offset])
+        self.num_sampled += len(decoded_indices)
+        self.stats["max_buffered_frames"] = max(self.stats["max_buffered_frames"], len(self.frames))
+        while self.next_start + self.num_frames <= self.num_sampled:
+            self.pending.append(self.next_start)
+            self.next_start += self.window_stride
+        while len(self.pending) >= self.decoder_batch_size:
+            yield from self._decode(self.decoder_batch_size)
+        self._forget_frames()
+
+    def finish(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The remaining windows, and one ending at the last sampled frame where the regular ones stop short of it."""
+        last_start = self.num_sampled - self.num_frames
+        covered = self.next_start - self.window_stride
+        if last_start > covered:
+            self.pending.append(last_start)
+        while self.pending:
+            yield from self._decode(self.decoder_batch_size)
+
+    def _decode(self, count: int) -> Iterator[tuple[int, torch.Tensor]]:
+        starts, self.pending = self.pending[:count], self.pending[count:]
+        span = range(self.num_frames)
+        features = torch.stack([torch.stack([self.frames[s + t].features for t in span], dim=1) for s in starts])
+        maps = None
+        if self.model.config.use_temporal_cross_attention:
+            maps = torch.stack([torch.stack([self.frames[s + t].maps for t in span], dim=1) for s in starts])
+            # A window is a clip of its own: its first frame has no previous frame, its last no next one.
+            maps[:, :, 0, 0] = 0
+            maps[:, :, -1, 1] = 0
+        logits = self.model(frame_features=features, cross_frame_maps=maps).logits
+        self.stats["windows"] += len(starts)
+        for start, window_logits in zip(starts, logits):
+            yield start, window_logits
+
+    def _forget_frames(self) -> None:
+        # Kept: frames of windows not decoded yet, and the last `num_frames` (the closing window may need them).
+        keep_from = min([*self.pending, self.next_start, max(0, self.num_sampled - self.num_frames)])
+        for index in [index for index in self.frames if index < keep_from]:
+            del self.frames[index]
+
+
+def video_timeline(
+    model: EVLForVideoClassification,
+    processor: EVLVideoProcessor,
+    video,
+    window_stride: int = 1,
+    frame_sampling_rate: int | None = None,
+    num_frames: int | None = None,
+    backbone_batch_size: int = 32,
+    decoder_batch_size: int = 16,
+    progress: bool | None = None,
+    stats: dict | None = None,
+) -> list[EVLTimelineWindow]:
+    """
+    The model's logits for every window of `video` (a path, URL, bytes or file object), in time order.
+
+    Windows are `num_frames` sampled frames `frame_sampling_rate` decoded frames apart (by default the processor's:
+    the checkpoint's own sampling); consecutive windows start `window_stride` sampled frames apart, from the first
+    frame, plus one window ending at the last sampled frame where the regular ones stop short of it. A video shorter
+    than one window gives one window, sampled as the processor samples it (its last frame repeated). Each window's
+    logits equal the model's on exactly its frames (`processor` on those frames, one centred view). `start` / `end`
+    are the times of the window's first frame and of the end of its last (`(index + 1) / fps`).
+
+    The video is decoded once, front to back; frames go through the backbone in batches of `backbone_batch_size`,
+    windows through the decoder in batches of `decoder_batch_size`, and only the frames of windows not decoded yet
+    are held: memory does not grow with the video's length. `progress`: a progress bar (default: for videos of more
+    than 100 sampled frames). `stats`, when given, receives `frames_through_backbone`, `frame_pairs` (pairs whose
+    cross-frame maps were computed), `windows` and `max_buffered_frames`.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(model, EVLForVideoClassification):
+        raise ValueError(f"The video timeline runs EVL models (EVLForVideoClassification), not {type(model).__name__}.")
+    if not isinstance(processor, EVLVideoProcessor):
+        raise ValueError(f"The video timeline needs an EVLVideoProcessor, not {type(processor).__name__}.")
+    num_frames = processor.num_frames if num_frames is None else num_frames
+    if frame_sampling_rate is None:
+        if processor.frame_sampling != "dense" or processor.fps is not None or processor.sampling_rate is None:
+            raise ValueError(
+                "This video processor does not sample frames at a fixed stride (frame_sampling="
+                f"{processor.frame_sampling!r}, fps={processor.fps}): give `frame_sampling_rate`, the decoded frames "
+                "between two sampled ones, for the timeline's windows."
+            )
+        frame_sampling_rate = processor.sampling_rate
+    for name, value in (("window_stride", window_stride), ("frame_sampling_rate", frame_sampling_rate),
+                        ("num_frames", num_frames), ("backbone_batch_size", backbone_batch_size),
+                        ("decoder_batch_size", decoder_batch_size)):  # fmt: skip
+        _check_positive_int(name, value)
+    num_frames, frame_sampling_rate, window_stride = int(num_frames), int(frame_sampling_rate), int(window_stride)
+    # One centred view of every frame, whatever views the checkpoint evaluates with.
+    single_view = {"num_temporal_views": 1, "num_spatial_views": 1, "do_sample_frames": False, "return_tensors": "pt"}
+
+    def prepare(frames: list[np.ndarray]) -> torch.Tensor:
+        return processor(np.stack(frames), **single_view)["pixel_values"][0].to(model.dtype)
+
+    timeline = _SharedBackboneTimeline(model, num_frames, window_stride, decoder_batch_size)
+    done: list[tuple[int, torch.Tensor]] = []
+    decoded_indices, chunk = [], []
+    with torch.inference_mode(), VideoFrameStream(video, step=frame_sampling_rate) as stream:
+        fps = stream.fps or 1.0
+        expected = -(-stream.total_num_frames // frame_sampling_rate) if stream.total_num_frames else None
+        show = progress if progress is not None else (expected or 0) > _PROGRESS_MIN_FRAMES
+        with tqdm(total=expected, desc="Timeline", unit="frame", disable=not show) as bar:
+            for index, frame in stream:
+                decoded_indices.append(index)
+                chunk.append(frame)
+                # Held back until the video is known to fill one window (a shorter one is sampled differently).
+                if len(chunk) >= backbone_batch_size and len(decoded_indices) >= num_frames:
+                    done.extend(timeline.add_frames(decoded_indices[-len(chunk) :], prepare(chunk)))
+                    bar.update(len(chunk))
+                    chunk = []
+            if chunk and len(decoded_indices) >= num_frames:
+                done.extend(timeline.add_frames(decoded_indices[-len(chunk) :], prepare(chunk)))
+                bar.update(len(chunk))
+        if len(decoded_indices) < num_frames:
+            # Shorter than one window: the processor's own sampling repeats the last frame; run the model on it.
+            indices = [decoded_indices[min(t, len(decoded_indices) - 1)] for t in range(num_frames)]
+            frames = [chunk[min(t, len(chunk) - 1)] for t in range(num_frames)]
+            logits = model(pixel_values=prepare(frames)[None]).logits[0]
+            windows = [EVLTimelineWindow(indices, indices[0] / fps, (indices[-1] + 1) / fps, logits)]
+            timeline.stats.update(frames_through_backbone=num_frames, windows=1)
+        else:
+            done.extend(timeline.finish())
+            windows = []
+            for start, logits in sorted(done, key=lambda item: item[0]):
+                indices = decoded_indices[start : start + num_frames]
+                windows.append(EVLTimelineWindow(indices, indices[0] / fps, (indices[-1] + 1) / fps, logits))
+    if stats is not None:
+        stats.update(timeline.stats)
+    return windows
+
+
+class EVLVideoTimelinePipeline(VideoClassificationPipeline):
+    """
+    The `"video-timeline"` pipeline (registered by `import evl_hf`): labels over time for a long video.
+
+    `pipeline("video-timeline", model=DIR_OR_ID)(video, window_stride=1, top_k=5)` returns the windows in time order,
+    each `{"start": seconds, "end": seconds, "frame_indices": [...], "labels": [{"label", "score"}, ...]}`. Windows
+    use the checkpoint's own sampling (its video processor's `num_frames` frames, `sampling_rate` apart);
+    `window_stride` counts sampled frames between consecutive window starts. See `video_timeline` for the windows,
+    `frame_sampling_rate`, `backbone_batch_size`, `decoder_batch_size` and `progress`; `top_k` and
+    `function_to_apply` are the video-classification pipeline's.
+
+    ```python
+    >>> import evl_hf  # registers the pipeline  # doctest: +SKIP
+    >>> from transformers import pipeline
+
+    >>> timeline = pipeline("video-timeline", model="path/to/evl-checkpoint")  # doctest: +SKIP
+    >>> windows = timeline("film.mp4", window_stride=4, top_k=3)  # doctest: +SKIP
+    >>> windows[0]["start"], windows[0]["labels"][0]["label"]  # doctest: +SKIP
+    ```
+    """
+
+    _load_video_processor = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.model, EVLForVideoClassification) or not isinstance(self.video_processor, EVLVideoProcessor):
+            raise ValueError(
+                "The video-timeline pipeline shares the backbone's work between windows, which only EVL models with an "
+                f"EVLVideoProcessor allow; got {type(self.model).__name__} with {type(self.video_processor).__name__}."
+            )
+
+    def _sanitize_parameters(self, top_k=None, function_to_apply=None, **forward_params):
+        allowed = {"window_stride", "frame_sampling_rate", "num_frames", "backbone_batch_size", "decoder_batch_size",
+                   "progress"}  # fmt: skip
+        unknown = sorted(set(forward_params) - allowed)
+        if unknown:
+            raise TypeError(f"Unknown arguments for the video-timeline pipeline: {', '.join(unknown)}.")
+        if top_k is not None:
+            _check_positive_int("top_k", top_k)
+        _, _, postprocess_params = super()._sanitize_parameters(top_k=top_k, function_to_apply=function_to_apply)
+        return {}, forward_params, postprocess_params
+
+    def __call__(self, inputs, **kwargs):
+        """Label `inputs` (a video, or a list of videos) over time: a list of windows per video (see the class)."""
+        if inputs is None:
+            raise ValueError("Cannot call the video-timeline pipeline without a video.")
+        return super(VideoClassificationPipeline, self).__call__(inputs, **kwargs)
+
+    def preprocess(self, video):
+        return {"video": video}  # decoded while the backbone runs, in `_forward`
+
+    def _forward(self, model_inputs, **forward_params):
+        return {"windows": video_timeline(self.model, self.video_processor, model_inputs["video"], **forward_params)}
+
+    def postprocess(self, model_outputs, top_k=5, function_to_apply=None):
+        return [
+            {
+                "start": window.start,
+                "end": window.end,
+                "frame_indices": window.frame_indices,
+                "labels": super(EVLVideoTimelinePipeline, self).postprocess(
+                    ImageClassifierOutput(logits=window.logits[None].float()), top_k, function_to_apply
+                ),
+            }
+            for window in model_outputs["windows"]
+        ]
+
+
+def plot_timeline(windows: list[dict], output_path: str | Path | None = None, num_classes: int = 5):
+    """
+    The scores of the `num_classes` classes with the highest peak score over time, one line each, drawn at each
+    window's centre; saved to `output_path` (PNG) when given. Returns the matplotlib `Figure`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    if not windows:
+        raise ValueError("No windows to plot.")
+    centres = [(window["start"] + window["end"]) / 2 for window in windows]
+    peaks: dict[str, float] = {}
+    for window in windows:
+        for entry in window["labels"]:
+            peaks[entry["label"]] = max(peaks.get(entry["label"], float("-inf")), entry["score"])
+    shown = sorted(peaks, key=peaks.get, reverse=True)[:num_classes]
+    figure = Figure(figsize=(10, 3.5), layout="constrained")
+    axes = figure.subplots()
+    for label in shown:
+        # A class outside a window's top-k is drawn as 0 there (the pipeline's `top_k` bounds what is known).
+        scores = [next((e["score"] for e in window["labels"] if e["label"] == label), 0.0) for window in windows]
+        axes.plot(centres, scores, marker="o" if len(windows) < 50 else None, markersize=3, label=label)
+    axes.set_xlabel("time (s)")
+    axes.set_ylabel("score")
+    axes.set_xlim(windows[0]["start"], windows[-1]["end"])
+    axes.set_title("Top classes over time")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    axes.grid(alpha=0.3)
+    if output_path is not None:
+        figure.savefig(output_path, dpi=100)
+    return figure
+
+
+def register_pipeline() -> None:
+    """Register the `"video-timeline"` task (what `import evl_hf` does)."""
+    if TASK in PIPELINE_REGISTRY.supported_tasks:
+        return
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=EVLVideoTimelinePipeline, pt_model=AutoModelForVideoClassification, type="video"
+    )
+    # As for the video-classification pipeline: installed code, not Hub custom code, so `save_pretrained` must not
+    # write `custom_pipelines` into config.json (which would demand `trust_remote_code=True` to load it back).
+    del EVLVideoTimelinePipeline._registered_impl
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m evl_hf.timeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("video", help="a video file or URL")
+    parser.add_argument("--model", required=True, help="an EVL checkpoint: a directory or a Hub id")
+    parser.add_argument("--window_stride", type=int, default=1, help="sampled frames between window starts")
+    parser.add_argument("--top_k", type=int, default=5, help="labels per window")
+    parser.add_argument("--output", required=True, help="where to write the windows (JSON)")
+    parser.add_argument("--plot", default=None, help="also draw the top classes' scores over time (PNG)")
+    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
+    args = parser.parse_args(argv)
+    from transformers import pipeline
+
+    timeline = pipeline(TASK, model=args.model, device=args.device)
+    windows = timeline(args.video, window_stride=args.window_stride, top_k=args.top_k)
+    Path(args.output).write_text(json.dumps(windows, indent=1))
+    if args.plot:
+        plot_timeline(windows, args.plot)
+    print(f"{len(windows)} windows from {windows[0]['start']:.2f}s to {windows[-1]['end']:.2f}s -> {args.output}")
+    return windows
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["EVLTimelineWindow", "EVLVideoTimelinePipeline", "plot_timeline", "register_pipeline", "video_timeline"]

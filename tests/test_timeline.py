@@ -1,0 +1,210 @@
+"""The video timeline: windows over a long video that share the backbone's work, exact per window, in bounded memory."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import index_coded_frames, randomize_decoder, tiny_config, write_clip
+from transformers import pipeline
+
+import evl_hf.timeline
+from evl_hf import EVLConfig, EVLForVideoClassification, EVLVideoProcessor, decode_video, video_timeline
+from evl_hf.video_decoding_evl import VideoFrameStream
+
+
+LABELS = {i: f"class_{i}" for i in range(5)}
+NUM_FRAMES, SAMPLING_RATE = 4, 3
+
+
+def save_model(directory, config):
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(config)
+    randomize_decoder(model)
+    model.save_pretrained(directory)
+    EVLVideoProcessor.from_model_config(model.config, num_frames=NUM_FRAMES, sampling_rate=SAMPLING_RATE,
+                                        size={"shortest_edge": 32}).save_pretrained(directory)  # fmt: skip
+    return directory
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    config = tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    return save_model(tmp_path_factory.mktemp("evl-tiny"), config)
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    # 62 frames: 21 sampled frames 3 apart (0, 3, ..., 60).
+    frames = index_coded_frames(62)
+    rng = np.random.default_rng(0)
+    frames = np.clip(frames.astype(int) + rng.integers(-40, 40, frames.shape), 0, 255).astype(np.uint8)
+    return write_clip(tmp_path_factory.mktemp("clips") / "long.mp4", frames)
+
+
+def load(directory):
+    return EVLForVideoClassification.from_pretrained(directory).eval(), EVLVideoProcessor.from_pretrained(directory)
+
+
+def logits_on_frames(model, processor, video, indices):
+    """The model on exactly these decoded frames, as a user computes it without the timeline."""
+    frames, _ = decode_video(video, lambda metadata: indices, backend="pyav")
+    inputs = processor(frames, do_sample_frames=False, num_temporal_views=1, num_spatial_views=1, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits[0]
+
+
+@pytest.mark.parametrize("window_stride, backbone_batch_size", [(1, 32), (1, 5), (2, 3), (3, 7), (7, 4)])
+def test_every_window_equals_the_model_on_its_frames(saved_model, clip_path, window_stride, backbone_batch_size):
+    model, processor = load(saved_model)
+    stats = {}
+    windows = video_timeline(model, processor, str(clip_path), window_stride=window_stride,
+                             backbone_batch_size=backbone_batch_size, decoder_batch_size=3, stats=stats)  # fmt: skip
+    starts = list(range(0, 21 - NUM_FRAMES + 1, window_stride))
+    if starts[-1] != 21 - NUM_FRAMES:
+        starts.append(21 - NUM_FRAMES)  # the closing window ends at the last sampled frame
+    assert [w.frame_indices for w in windows] == [[SAMPLING_RATE * (s + t) for t in range(NUM_FRAMES)] for s in starts]
+    for window in windows:
+        expected = logits_on_frames(model, processor, str(clip_path), window.frame_indices)
+        torch.testing.assert_close(window.logits, expected, atol=1e-5, rtol=1e-5)
+        assert window.start == window.frame_indices[0] / 25 and window.end == (window.frame_indices[-1] + 1) / 25
+    # The reuse, counted: each sampled frame through the backbone once, each neighbouring pair's maps once.
+    assert stats["frames_through_backbone"] == 21 and stats["frame_pairs"] == 20 and stats["windows"] == len(starts)
+
+
+def test_the_backbone_runs_once_per_sampled_frame(saved_model, clip_path):
+    """Counted at the backbone itself: frames through its embeddings, and the cross-frame map computations."""
+    model, processor = load(saved_model)
+    frames_embedded, pairs = [], []
+    model.evl.vision_model.embeddings.register_forward_hook(lambda module, args, out: frames_embedded.append(len(args[0])))
+    compute_maps = evl_hf.timeline.cross_frame_attention_maps
+
+    def counting_maps(queries, keys, num_prefix_tokens):
+        pairs.append(queries.shape[1] - 1)
+        return compute_maps(queries, keys, num_prefix_tokens)
+
+    evl_hf.timeline.cross_frame_attention_maps = counting_maps
+    try:
+        windows = video_timeline(model, processor, str(clip_path), window_stride=1, backbone_batch_size=6)
+    finally:
+        evl_hf.timeline.cross_frame_attention_maps = compute_maps
+    assert len(windows) == 18
+    assert sum(frames_embedded) == 21  # naive per-window inference: 18 x 4 = 72
+    assert sum(pairs) == 20 * model.config.decoder_num_layers  # per decoder layer's block
+
+
+def test_memory_does_not_grow_with_the_videos_length(saved_model, tmp_path):
+    model, processor = load(saved_model)
+    held = {}
+    for num_frames in (60, 600):
+        path = write_clip(tmp_path / f"{num_frames}.mp4", index_coded_frames(num_frames, 32, 32), gop=250)
+        stats = {}
+        windows = video_timeline(model, processor, str(path), backbone_batch_size=8, decoder_batch_size=4, stats=stats)
+        assert len(windows) == -(-num_frames // SAMPLING_RATE) - NUM_FRAMES + 1
+        held[num_frames] = stats["max_buffered_frames"]
+    # Frames held: one backbone batch plus the windows waiting for the decoder, whatever the length.
+    assert held[600] == held[60] <= 8 + 4 + NUM_FRAMES
+
+
+def test_the_frame_stream_gives_decode_videos_frames(clip_path):
+    with VideoFrameStream(str(clip_path), step=5) as stream:
+        streamed = list(stream)
+        assert stream.fps == 25 and stream.total_num_frames == 62
+    assert [index for index, _ in streamed] == list(range(0, 62, 5))
+    frames, _ = decode_video(str(clip_path), lambda metadata: list(range(0, 62, 5)), backend="pyav")
+    np.testing.assert_array_equal(np.stack([frame for _, frame in streamed]), frames)
+
+
+def test_a_video_shorter_than_one_window_is_sampled_as_the_processor_samples_it(saved_model, tmp_path):
+    model, processor = load(saved_model)
+    path = write_clip(tmp_path / "short.mp4", index_coded_frames(7, 32, 32))  # sampled frames 0, 3, 6
+    (window,) = video_timeline(model, processor, str(path))
+    assert window.frame_indices == [0, 3, 6, 6]
+    inputs = processor(str(path), return_tensors="pt")  # the processor's own sampling of the whole clip
+    with torch.no_grad():
+        torch.testing.assert_close(window.logits, model(**inputs).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_pipeline_returns_windows_in_time_order_with_labels(saved_model, clip_path):
+    timeline = pipeline("video-timeline", model=str(saved_model))
+    assert isinstance(timeline, evl_hf.timeline.EVLVideoTimelinePipeline)
+    windows = timeline(str(clip_path), window_stride=4, top_k=2)
+    assert [w["start"] for w in windows] == sorted(w["start"] for w in windows) and len(windows) == 6
+    model, processor = load(saved_model)
+    for window in windows:
+        assert set(window) == {"start", "end", "frame_indices", "labels"} and len(window["labels"]) == 2
+        scores = logits_on_frames(model, processor, str(clip_path), window["frame_indices"]).softmax(-1)
+        best = scores.topk(2)
+        assert [entry["label"] for entry in window["labels"]] == [LABELS[i] for i in best.indices.tolist()]
+        np.testing.assert_allclose([entry["score"] for entry in window["labels"]], best.values.numpy(), atol=1e-5)
+    assert len(timeline([str(clip_path), str(clip_path)], window_stride=4)) == 2  # a list of videos: one timeline each
+
+
+def test_the_cli_writes_the_windows_and_the_plot(saved_model, clip_path, tmp_path):
+    from PIL import Image
+
+    output, plot = tmp_path / "timeline.json", tmp_path / "timeline.png"
+    returned = evl_hf.timeline.main([str(clip_path), "--model", str(saved_model), "--window_stride", "2", "--top_k", "3",
+                                     "--output", str(output), "--plot", str(plot)])  # fmt: skip
+    assert json.loads(output.read_text()) == json.loads(json.dumps(returned)) and len(returned) == 10
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] > 300 and len(set(image.convert("L").get_flattened_data())) > 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"window_stride": 0}, "`window_stride` must be a positive integer"),
+        ({"backbone_batch_size": 1.5}, "`backbone_batch_size` must be a positive integer"),
+        ({"top_k": 0}, "`top_k` must be a positive integer"),
+        ({"stride": 2}, "Unknown arguments for the video-timeline pipeline: stride"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(saved_model, clip_path, kwargs, message):
+    timeline = pipeline("video-timeline", model=str(saved_model))
+    with pytest.raises((ValueError, TypeError), match=message):
+        timeline(str(clip_path), **kwargs)
+
+
+def test_a_broken_file_is_an_error_naming_it(saved_model, tmp_path):
+    from evl_hf import EVLVideoDecodingError
+
+    model, processor = load(saved_model)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all" * 10)
+    with pytest.raises(EVLVideoDecodingError, match="broken.mp4"):
+        video_timeline(model, processor, str(tmp_path / "broken.mp4"))
+    with pytest.raises(EVLVideoDecodingError, match="missing.mp4: no such file"):
+        video_timeline(model, processor, str(tmp_path / "missing.mp4"))
+
+
+@pytest.mark.parametrize("family", ["siglip", "dinov2_with_registers"])
+def test_other_backbone_families(tmp_path, clip_path, family):
+    from transformers import Dinov2WithRegistersConfig, SiglipVisionConfig
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, patch_size=8)
+    vision = SiglipVisionConfig(image_size=32, **shape) if family == "siglip" else Dinov2WithRegistersConfig(
+        image_size=48, num_register_tokens=2, **shape)  # fmt: skip
+    base = tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    directory = save_model(tmp_path / family, EVLConfig(**{**base.to_diff_dict(), "vision_config": vision, "image_size": 32}))
+    model, processor = load(directory)
+    windows = video_timeline(model, processor, str(clip_path), window_stride=5, backbone_batch_size=6)
+    for window in windows:
+        expected = logits_on_frames(model, processor, str(clip_path), window.frame_indices)
+        torch.testing.assert_close(window.logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_temporal_modules_off_and_a_bfloat16_backbone(tmp_path, clip_path):
+    base = dict(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    off = save_model(tmp_path / "off", tiny_config(use_temporal_cross_attention=False, use_temporal_conv=False, **base))
+    model, processor = load(off)
+    for window in video_timeline(model, processor, str(clip_path), window_stride=6):
+        torch.testing.assert_close(
+            window.logits, logits_on_frames(model, processor, str(clip_path), window.frame_indices), atol=1e-5, rtol=1e-5
+        )
+    low = save_model(tmp_path / "bf16", tiny_config(backbone_dtype="bfloat16", **base))
+    model, processor = load(low)
+    for window in video_timeline(model, processor, str(clip_path), window_stride=6, backbone_batch_size=5):
+        # The maps' scores in bf16, as the model computes them on a clip; batches change bf16 rounding.
+        torch.testing.assert_close(
+            window.logits, logits_on_frames(model, processor, str(clip_path), window.frame_indices), atol=2e-2, rtol=0
+        )
