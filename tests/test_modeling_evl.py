@@ -972,3 +972,34 @@ def test_decoder_owns_its_layer_loop():
     assert outputs.hidden_states[1] is None and len(outputs.hidden_states) == 3
     torch.testing.assert_close(outputs.hidden_states[-1], outputs.last_hidden_state)
     assert len(outputs.attentions) == 2
+
+
+def test_cross_frame_features_by_direction_replace_the_maps():
+    """The cross-frame module is linear in each direction's map: its two directions' features, given as
+    `cross_frame_features`, give the logits of the maps (what the timeline shares between windows)."""
+    from evl_hf import EVLInputError
+
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(model)
+    with torch.no_grad():
+        features = model.evl.extract_backbone_features(pixel_values())
+        modules = [layer.cross_frame_attention for layer in model.evl.decoder.layers]
+        by_direction = torch.stack(
+            [
+                module.direction_features(features.cross_frame_maps[:, i, :, 0], 0)
+                + module.direction_features(features.cross_frame_maps[:, i, :, 1], 1)
+                for i, module in enumerate(modules)
+            ],
+            dim=1,
+        )
+        for i, module in enumerate(modules):
+            torch.testing.assert_close(by_direction[:, i], module(features.cross_frame_maps[:, i]), atol=1e-6, rtol=1e-5)
+        expected = model(frame_features=features.frame_features, cross_frame_maps=features.cross_frame_maps).logits
+        found = model(frame_features=features.frame_features, cross_frame_features=by_direction).logits
+        torch.testing.assert_close(found, expected, atol=1e-6, rtol=1e-5)
+        with pytest.raises(EVLInputError, match="give one"):
+            model(frame_features=features.frame_features, cross_frame_maps=features.cross_frame_maps,
+                  cross_frame_features=by_direction)  # fmt: skip
+        with pytest.raises(EVLInputError, match="must have the shape of `frame_features`"):
+            model(frame_features=features.frame_features, cross_frame_features=by_direction[:, :, :2])

@@ -266,6 +266,14 @@ class EVLCrossFrameAttention(nn.Module):
             return self._forward_batched(maps)
         return self._forward_by_row(maps)
 
+    def direction_features(self, maps: torch.Tensor, direction: int) -> torch.Tensor:
+        """
+        Inference: the features of one direction's maps `(B, T, N, N)` alone (0: towards the previous frame, 1: the
+        next one); `forward` returns the sum of both. They depend on one frame's map only, so a timeline computes
+        them once per frame for every window that frame is in (a window's first frame has no previous frame).
+        """
+        return self._forward_by_row(maps.unsqueeze(2), directions=(direction,))
+
     def _forward_batched(self, maps: torch.Tensor) -> torch.Tensor:
         """Training: one batched matmul against copied (h, 2 * h * (2w - 1), D) table windows, whose backward is a
         single fold into the tables (row-wise views would scatter a full-size gradient per row)."""
@@ -282,10 +290,10 @@ class EVLCrossFrameAttention(nn.Module):
         features = features.permute(1, 2, 0, 3, 4).reshape(batch_size, num_frames, num_patches, -1)
         return nn.functional.pad(features, (0, 0, self.num_prefix_tokens, 0))  # the prefix rows stay 0
 
-    def _forward_by_row(self, maps: torch.Tensor) -> torch.Tensor:
+    def _forward_by_row(self, maps: torch.Tensor, directions: tuple[int, ...] = (0, 1)) -> torch.Tensor:
         """Inference: the table rows that query row i can reach form a contiguous block (grid rows i .. i + h - 1),
         so the h blocks are one overlapping strided view of the table and each direction is one batched matmul over
-        query rows; frames in chunks. The query columns go in two halves: each half reaches w + w/2 - 1 of the
+        query rows; frames in chunks. `maps[:, :, i]` is the map of direction `directions[i]`. The query columns go in two halves: each half reaches w + w/2 - 1 of the
         2w - 1 column offsets, so a copy of those table columns (a few MB) takes a quarter of the matmul's FLOPs
         (the zeros of the unreachable offsets) away."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
@@ -311,9 +319,14 @@ class EVLCrossFrameAttention(nn.Module):
         chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * height * (2 * width - 1)))
         for start in range(0, num_frames, chunk):
             stop = min(start + chunk, num_frames)
-            for columns, (previous_window, next_window) in zip(groups, windows):
-                features = torch.bmm(self._to_offsets(maps[:, start:stop, 0], columns), previous_window)
-                features = features.baddbmm_(self._to_offsets(maps[:, start:stop, 1], columns), next_window)
+            for columns, direction_windows in zip(groups, windows):
+                features = None
+                for position, direction in enumerate(directions):
+                    offsets = self._to_offsets(maps[:, start:stop, position], columns)
+                    if features is None:
+                        features = torch.bmm(offsets, direction_windows[direction])
+                    else:
+                        features = features.baddbmm_(offsets, direction_windows[direction])
                 # (h, B * c * g, D) -> (B, c, h, g, D)
                 features = features.view(height, batch_size, stop - start, -1, hidden_size).permute(1, 2, 0, 3, 4)
                 patches[:, start:stop, :, columns] = features
@@ -424,6 +437,7 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         frame_features: torch.Tensor,
         cross_frame_maps: torch.Tensor | None = None,
         output_attentions: bool = False,
+        cross_frame_features: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, num_frames, num_tokens, hidden_size = frame_features.shape
@@ -433,7 +447,9 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         if self.temporal_position_embedding is not None:
             memory = memory + self.temporal_position_embedding(num_frames)[:, None, :]
         if self.cross_frame_attention is not None:
-            memory = memory + self.cross_frame_attention(cross_frame_maps)
+            if cross_frame_features is None:
+                cross_frame_features = self.cross_frame_attention(cross_frame_maps)
+            memory = memory + cross_frame_features
         memory = memory.reshape(batch_size, num_frames * num_tokens, hidden_size)
 
         attn_output, attn_weights = self.cross_attention(
@@ -598,6 +614,7 @@ class EVLDecoder(nn.Module):
         cross_frame_maps: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        cross_frame_features: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """
@@ -612,6 +629,7 @@ class EVLDecoder(nn.Module):
                 frame_features[:, index],
                 cross_frame_maps[:, index] if cross_frame_maps is not None else None,
                 bool(output_attentions),  # the eager path, which materialises the weights
+                cross_frame_features[:, index] if cross_frame_features is not None else None,
                 **kwargs,
             )
         return BaseModelOutput(last_hidden_state=query)
@@ -791,7 +809,12 @@ class EVLModel(EVLPreTrainedModel):
         keys = [key.unflatten(-1, (heads, -1)) for key in keys]
         return block_outputs, queries, keys
 
-    def check_backbone_features(self, frame_features: torch.Tensor, cross_frame_maps: torch.Tensor | None) -> None:
+    def check_backbone_features(
+        self,
+        frame_features: torch.Tensor,
+        cross_frame_maps: torch.Tensor | None,
+        cross_frame_features: torch.Tensor | None = None,
+    ) -> None:
         """Validate precomputed features (e.g. from a feature cache) against this model's configuration."""
         config = self.config
         num_patches = config.patch_grid[0] * config.patch_grid[1]
@@ -803,7 +826,17 @@ class EVLModel(EVLPreTrainedModel):
                 f"`frame_features` must be (batch_size, {config.decoder_num_layers}, num_frames, {num_tokens}, "
                 f"{config.vision_config.hidden_size}), got {tuple(frame_features.shape)}."
             )
-        if config.use_temporal_cross_attention:
+        if cross_frame_features is not None:
+            if not config.use_temporal_cross_attention or cross_frame_maps is not None:
+                raise EVLInputError(
+                    "`cross_frame_features` replace `cross_frame_maps` in a model with cross-frame attention: give one."
+                )
+            if cross_frame_features.shape != frame_features.shape:
+                raise EVLInputError(
+                    f"`cross_frame_features` must have the shape of `frame_features` {tuple(frame_features.shape)}, "
+                    f"got {tuple(cross_frame_features.shape)}."
+                )
+        elif config.use_temporal_cross_attention:
             expected = (*frame_features.shape[:3], 2, num_patches, num_patches)
             if cross_frame_maps is None or tuple(cross_frame_maps.shape) != expected:
                 shape = None if cross_frame_maps is None else tuple(cross_frame_maps.shape)
@@ -817,6 +850,7 @@ class EVLModel(EVLPreTrainedModel):
         cross_frame_maps: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        cross_frame_features: torch.Tensor | None = None,
         **kwargs,
     ) -> EVLModelOutput:
         r"""
@@ -826,6 +860,9 @@ class EVLModel(EVLPreTrainedModel):
             Precomputed backbone features (`extract_backbone_features`, or a feature cache) instead of `pixel_values`.
         cross_frame_maps (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, 2, num_patches, num_patches)`, *optional*):
             Precomputed cross-frame attention maps, with `frame_features` when cross-frame attention is used.
+        cross_frame_features (`torch.FloatTensor` of the shape of `frame_features`, *optional*):
+            Instead of `cross_frame_maps`: the cross-frame attention module's output itself (inference; what
+            `evl_hf.timeline` passes, having computed each frame's share once for all the windows it is in).
 
         Example (a tiny random model; a converted checkpoint loads with `EVLModel.from_pretrained(path)`):
 
@@ -868,9 +905,11 @@ class EVLModel(EVLPreTrainedModel):
             features = self._extract_backbone_features(pixel_values, maps_dtype)
             frame_features, cross_frame_maps = features.frame_features, features.cross_frame_maps
         else:
-            self.check_backbone_features(frame_features, cross_frame_maps)
+            self.check_backbone_features(frame_features, cross_frame_maps, cross_frame_features)
             frame_features = frame_features.to(self.decoder.query.dtype)
             cross_frame_maps = cross_frame_maps.to(maps_dtype) if cross_frame_maps is not None else None
+        if cross_frame_features is not None:
+            kwargs["cross_frame_features"] = cross_frame_features.to(self.decoder.query.dtype)
         return self._decode(
             frame_features,
             cross_frame_maps,
@@ -1016,6 +1055,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         cross_frame_maps: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        cross_frame_features: torch.Tensor | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
         r"""
@@ -1024,7 +1064,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             height, width)`: the views' predictions are then combined (see the class docstring), and each of
             `hidden_states` and `attentions` gets a views dimension after the batch one, e.g. `(batch_size, num_views,
             1, hidden_size)`.
-        frame_features, cross_frame_maps (*optional*):
+        frame_features, cross_frame_maps, cross_frame_features (*optional*):
             Precomputed backbone features instead of `pixel_values`, see [`EVLModel.forward`].
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Labels for the loss. With `config.num_labels == 1` a regression (MSE) loss is computed, otherwise a
@@ -1073,6 +1113,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             cross_frame_maps=cross_frame_maps,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            cross_frame_features=cross_frame_features,
             **kwargs,
         )
         logits = self.classifier(self.dropout(self.fc_norm(outputs.pooler_output)))

@@ -63,12 +63,15 @@ def _check_positive_int(name: str, value) -> None:
 
 @dataclass
 class _Frame:
-    """What the decoder reads of one sampled frame: each block's output and, with cross-frame attention, its maps
-    towards the previous and the next sampled frame (the next one is filled when that frame arrives)."""
+    """What the decoder reads of one sampled frame: each block's output and, with cross-frame attention, the
+    cross-frame module's features from its map towards the previous and towards the next sampled frame (the module
+    is linear in each, so a window adds the two, leaving out the previous one at its first frame and the next one at
+    its last). The next one is filled when the next frame arrives."""
 
     decoded_index: int
     features: torch.Tensor  # (K, tokens, hidden)
-    maps: torch.Tensor | None  # (K, 2, patches, patches)
+    from_previous: torch.Tensor | None = None  # (K, tokens, hidden)
+    from_next: torch.Tensor | None = None
 
 
 class _SharedBackboneTimeline:
@@ -81,9 +84,10 @@ class _SharedBackboneTimeline:
         self.num_sampled = 0
         self.next_start = 0  # the next regular window's first sampled frame
         self.pending: list[int] = []  # starts of complete windows not yet decoded
-        self.last_query_key: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.last_query_key: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stats = {"frames_through_backbone": 0, "frame_pairs": 0, "windows": 0, "max_buffered_frames": 0}
         self.maps_dtype = self.evl.reduced_precision_inference_dtype() or self.evl.decoder.query.dtype
+        self.modules = [layer.cross_frame_attention for layer in self.evl.decoder.layers]
 
     def add_frames(self, decoded_indices: list[int], pixel_values: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """Run the backbone on consecutive sampled frames `(n, C, H, W)`; yield `(start, logits)` of windows done."""
@@ -92,26 +96,11 @@ class _SharedBackboneTimeline:
         first = self.num_sampled
         dtype = self.evl.decoder.query.dtype
         features = torch.stack(block_outputs, dim=1).to(dtype)  # (n, K, tokens, hidden)
-        maps = None
+        new_frames = [_Frame(decoded_index, features[offset]) for offset, decoded_index in enumerate(decoded_indices)]
         if queries:
-            per_layer = []
-            for layer, (query, key) in enumerate(zip(queries, keys)):
-                if self.last_query_key is not None:  # the pair (previous chunk's last frame, this chunk's first)
-                    query = torch.cat([self.last_query_key[layer][0], query])
-                    key = torch.cat([self.last_query_key[layer][1], key])
-                per_layer.append(
-                    cross_frame_attention_maps(query[None], key[None], self.model.config.num_prefix_tokens)[0].to(
-                        self.maps_dtype
-                    )
-                )
-            self.stats["frame_pairs"] += per_layer[0].shape[0] - 1
-            maps = torch.stack(per_layer, dim=1)  # (n or n + 1, K, 2, patches, patches)
-            if self.last_query_key is not None:
-                self.frames[first - 1].maps[:, 1] = maps[0, :, 1]  # its look ahead, now that frame `first` exists
-                maps = maps[1:]
-            self.last_query_key = [(query[-1:], key[-1:]) for query, key in zip(queries, keys)]
-        for offset, decoded_index in enumerate(decoded_indices):
-            self.frames[first + offset] = _Frame(decoded_index, features[offset], None if maps is None else maps[offset])
+            self._add_cross_frame_features(new_frames, queries, keys)
+        for offset, frame in enumerate(new_frames):
+            self.frames[first + offset] = frame
         self.num_sampled += len(decoded_indices)
         self.stats["max_buffered_frames"] = max(self.stats["max_buffered_frames"], len(self.frames))
         while self.next_start + self.num_frames <= self.num_sampled:
@@ -120,6 +109,34 @@ class _SharedBackboneTimeline:
         while len(self.pending) >= self.decoder_batch_size:
             yield from self._decode(self.decoder_batch_size)
         self._forget_frames()
+
+    def _add_cross_frame_features(self, new_frames: list[_Frame], queries: list, keys: list) -> None:
+        """The maps of every new neighbouring pair (the previous chunk's last frame and this chunk's first included),
+        each computed once, turned into each frame's cross-frame features by direction."""
+        previous = self.frames.get(self.num_sampled - 1)
+        from_previous, from_next, previous_from_next = [], [], []
+        for layer, (query, key) in enumerate(zip(queries, keys)):
+            if previous is not None:
+                query = torch.cat([self.last_query_key[layer][0], query])
+                key = torch.cat([self.last_query_key[layer][1], key])
+            maps = cross_frame_attention_maps(query[None], key[None], self.model.config.num_prefix_tokens)
+            maps = maps.to(self.maps_dtype)
+            module = self.modules[layer]
+            if previous is not None:
+                previous_from_next.append(module.direction_features(maps[:, :1, 1], 1)[0, 0])
+                maps = maps[:, 1:]
+            from_previous.append(module.direction_features(maps[:, :, 0], 0)[0])
+            # The last new frame's next map is all zeros until the next chunk: computed then.
+            from_next.append(module.direction_features(maps[:, :-1, 1], 1)[0])
+        self.stats["frame_pairs"] += len(new_frames) - (previous is None)
+        dtype = self.evl.decoder.query.dtype
+        if previous is not None:
+            previous.from_next = torch.stack(previous_from_next).to(dtype)
+        from_previous, from_next = torch.stack(from_previous, 1).to(dtype), torch.stack(from_next, 1).to(dtype)
+        for offset, frame in enumerate(new_frames):
+            frame.from_previous = from_previous[offset]
+            frame.from_next = from_next[offset] if offset < len(from_next) else None
+        self.last_query_key = [(query[-1:], key[-1:]) for query, key in zip(queries, keys)]
 
     def finish(self) -> Iterator[tuple[int, torch.Tensor]]:
         """The remaining windows, and one ending at the last sampled frame where the regular ones stop short of it."""
@@ -134,13 +151,18 @@ class _SharedBackboneTimeline:
         starts, self.pending = self.pending[:count], self.pending[count:]
         span = range(self.num_frames)
         features = torch.stack([torch.stack([self.frames[s + t].features for t in span], dim=1) for s in starts])
-        maps = None
+        cross_frame_features = None
         if self.model.config.use_temporal_cross_attention:
-            maps = torch.stack([torch.stack([self.frames[s + t].maps for t in span], dim=1) for s in starts])
             # A window is a clip of its own: its first frame has no previous frame, its last no next one.
-            maps[:, :, 0, 0] = 0
-            maps[:, :, -1, 1] = 0
-        logits = self.model(frame_features=features, cross_frame_maps=maps).logits
+            zeros = torch.zeros_like(features[0, :, 0])
+
+            def window_frame(frame: _Frame, t: int) -> torch.Tensor:
+                return (frame.from_previous if t > 0 else zeros) + (frame.from_next if t < self.num_frames - 1 else zeros)
+
+            cross_frame_features = torch.stack(
+                [torch.stack([window_frame(self.frames[s + t], t) for t in span], dim=1) for s in starts]
+            )
+        logits = self.model(frame_features=features, cross_frame_features=cross_frame_features).logits
         self.stats["windows"] += len(starts)
         for start, window_logits in zip(starts, logits):
             yield start, window_logits
