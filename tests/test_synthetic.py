@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from evl_hf.data.synthetic import MOTION_CLASSES, generate_motion_dataset, render_clip, write_video
 
@@ -40,3 +41,15 @@ def test_encoder_runs_on_one_thread_whatever_the_cpu_count(tmp_path):
     frames = render_clip("moving_left", num_frames=2, size=128, rng=np.random.default_rng(0))
     data = write_video(tmp_path / "clip.mp4", frames).read_bytes()
     assert re.search(rb"threads=(\d+) lookahead_threads=\d+ sliced_threads=(\d)", data).groups() == (b"1", b"0")
+
+
+def test_a_motion_sequence_is_its_classes_clips_back_to_back(tmp_path):
+    from evl_hf import decode_video
+    from evl_hf.data.synthetic import generate_motion_sequence, main
+
+    path = generate_motion_sequence(tmp_path / "sequence.mp4", ("growing", "moving_left"), clips_per_class=2,
+                                    num_frames=8, size=32)  # fmt: skip
+    frames, metadata = decode_video(str(path), backend="pyav")
+    assert frames.shape == (32, 32, 32, 3) and metadata.fps == 16
+    with pytest.raises(SystemExit):
+        main(["--sequence", str(tmp_path / "bad.mp4"), "--sequence_classes", "growing,jumping"])

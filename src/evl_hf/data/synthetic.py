@@ -18,6 +18,10 @@ its temporal modules switched off) cannot separate the two classes of a pair.
 
 writes mp4 clips (PyAV, H.264) in videofolder layout: `DIR/{train,validation,test}/<class>/<clip>.mp4`.
 
+    python -m evl_hf.data.synthetic --sequence long.mp4 [--sequence_classes moving_left,growing,...] [--size 48]
+
+writes one longer video of consecutive clips of those classes, for `python -m evl_hf.timeline`.
+
 The output is reproducible. Each clip draws from its own generator,
 `np.random.default_rng([seed, split_id, class_id, index])` (split_id: position in `SPLITS`, class_id: position in
 `MOTION_CLASSES`), so a clip's content depends only on (seed, split, class, index): adding clips to a split, or
@@ -143,9 +147,31 @@ def generate_motion_dataset(
     return out
 
 
+def generate_motion_sequence(
+    path: str | Path,
+    classes: tuple[str, ...] = MOTION_CLASSES,
+    clips_per_class: int = 2,
+    num_frames: int = 16,
+    size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """One longer video of consecutive clips, `clips_per_class` of each class in `classes` order, for the timeline:
+    its labels change at known times (every `clips_per_class * num_frames` frames, at 16 fps). Its clips come from
+    generators of their own (`[seed, len(SPLITS), class_id, index]`), so they are none of the data set's."""
+    frames = []
+    for label in classes:
+        class_id = MOTION_CLASSES.index(label)
+        for index in range(clips_per_class):
+            frames.append(render_clip(label, num_frames, size, np.random.default_rng([seed, len(SPLITS), class_id, index])))
+    return write_video(Path(path), np.concatenate(frames))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="the data set's folder")
+    parser.add_argument("--sequence", help="instead: one video of consecutive clips of --sequence_classes (an .mp4 path)")
+    parser.add_argument("--sequence_classes", default=",".join(MOTION_CLASSES), help="comma-separated, in order")
+    parser.add_argument("--clips_per_class", type=int, default=2, help="for --sequence")
     parser.add_argument("--train_per_class", type=int, default=40)
     parser.add_argument("--validation_per_class", type=int, default=10)
     parser.add_argument("--test_per_class", type=int, default=10)
@@ -153,6 +179,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.sequence:
+        classes = tuple(args.sequence_classes.split(","))
+        unknown = sorted(set(classes) - set(MOTION_CLASSES))
+        if unknown:
+            parser.error(f"unknown classes {unknown}; the classes are {', '.join(MOTION_CLASSES)}")
+        path = generate_motion_sequence(args.sequence, classes, args.clips_per_class, args.num_frames, args.size, args.seed)
+        print(f"Wrote {len(classes) * args.clips_per_class} clips of {', '.join(classes)} to {path}")
+        return
+    if not args.out:
+        parser.error("give --out (a data set) or --sequence (one video)")
     out = generate_motion_dataset(
         args.out, args.train_per_class, args.validation_per_class, args.test_per_class, args.num_frames, args.size,
         args.seed,
