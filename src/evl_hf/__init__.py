@@ -11,6 +11,7 @@ the pipeline is transformers' own: the processor's saved sampling rate, no batch
 from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor
 
 from .configuration_evl import EVL_PRESETS, EVLConfig
+from .explain import EVLExplanation, explain
 from .modeling_evl import (
     EVLBackboneFeatures,
     EVLCheckpointError,
@@ -46,6 +47,7 @@ __all__ = [
     "EVLBackboneFeatures",
     "EVLCheckpointError",
     "EVLConfig",
+    "EVLExplanation",
     "EVLForVideoClassification",
     "EVLInputError",
     "EVLModel",
@@ -56,6 +58,7 @@ __all__ = [
     "EVLVideoProcessor",
     "EVLVideoTimelinePipeline",
     "decode_video",
+    "explain",
     "plot_timeline",
     "resolve_decoding_backend",
     "sample_frame_indices",

@@ -1,0 +1,4 @@
+from evl_hf.explain import main
+
+
+main()
