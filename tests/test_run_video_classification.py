@@ -1,3 +1,4 @@
+import csv
 import importlib.util
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 from helpers import save_tiny_backbone
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
@@ -73,6 +75,13 @@ def test_train_evaluate_with_three_crops_and_predict(data_dir, backbone_dir, tmp
     assert sorted(per_class) == sorted(MOTION_CLASSES)
     rows = (output / "eval_confusion_matrix.csv").read_text().splitlines()
     assert len(rows) == 11 and sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == 10
+    for prefix in ("eval", "test"):  # 10 usable clips each
+        with Image.open(output / f"{prefix}_confusion_matrix.png") as image:
+            assert image.format == "PNG"
+        with open(output / f"{prefix}_predictions.csv", newline="") as handle:
+            predictions = list(csv.DictReader(handle))
+        assert len(predictions) == 10 and set(predictions[0]) == {"clip", "label", "predicted"}
+        assert all(row["predicted"] in MOTION_CLASSES and Path(row["clip"]).parent.name == row["label"] for row in predictions)
     assert trainer.model.evl.vision_model.training is False
     # The saved run is a complete checkpoint: model, config, video processor, card.
     from huggingface_hub import ModelCard
@@ -505,3 +514,114 @@ def test_training_from_another_backbone_family_with_its_processor_and_the_featur
         direct = model(processor(str(clip), return_tensors="pt")["pixel_values"]).logits
     torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-5)
     assert json.loads((tmp_path / "run" / "all_results.json").read_text())["eval_top1_accuracy"] >= 0
+
+
+TEMPORAL_MODULES_OFF = "use_temporal_conv=false,use_temporal_pos_embed=false,use_temporal_cross_attention=false"
+
+
+def randomized_checkpoint(backbone_dir, output_dir, temporal_modules: bool) -> Path:
+    """An EVL checkpoint whose decoder and head have random non-zero weights (fresh ones give every clip about the
+    same prediction), with or without its temporal modules."""
+    from helpers import randomize_decoder
+
+    from evl_hf import EVLVideoProcessor
+
+    switches = {} if temporal_modules else {name: False for name in ("use_temporal_conv", "use_temporal_pos_embed", "use_temporal_cross_attention")}
+    names = sorted(MOTION_CLASSES)
+    torch.manual_seed(0)  # the head's initialisation
+    model = EVLForVideoClassification.from_backbone_pretrained(
+        str(backbone_dir), num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4,
+        id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)}, **switches,
+    )  # fmt: skip
+    randomize_decoder(model, seed=1, scale=1.0)
+    with torch.no_grad():
+        model.classifier.bias.zero_()  # a random bias would outweigh what the clips say
+    model.save_pretrained(output_dir)
+    EVLVideoProcessor.from_model_config(model.config, sampling_rate=2).save_pretrained(output_dir)
+    return output_dir
+
+
+def evaluate_temporal_reliance(data_dir, backbone_dir, checkpoint, output, *flags):
+    args = base_args(data_dir, backbone_dir, output, "--do_eval", "--temporal_reliance", *flags)
+    args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(checkpoint)]
+    args[args.index("--config_overrides") : args.index("--config_overrides") + 2] = []
+    load_script().main(args)
+    results = json.loads((output / "all_results.json").read_text())
+    with open(output / "eval_predictions.csv", newline="") as handle:
+        predictions = list(csv.DictReader(handle))
+    return results, predictions
+
+
+def test_temporal_reliance_of_a_model_without_temporal_modules_is_none(data_dir, backbone_dir, tmp_path):
+    """Without its temporal modules the decoder attends over the set of all frames' tokens: reversed and shuffled
+    frames give the in-order predictions, clip by clip. Two temporal views per clip: (batch, views, frames, ...)."""
+    from huggingface_hub import ModelCard
+
+    checkpoint = randomized_checkpoint(backbone_dir, tmp_path / "no-temporal", temporal_modules=False)
+    output = tmp_path / "run"
+    results, predictions = evaluate_temporal_reliance(data_dir, backbone_dir, checkpoint, output, "--num_temporal_views", "2")
+    for k in (1, 5):
+        in_order = results[f"eval_top{k}_accuracy"]
+        assert results[f"eval_reversed_top{k}_accuracy"] == results[f"eval_shuffled_top{k}_accuracy"] == in_order, k
+    for order in ("reversed", "shuffled"):
+        # Only the order of float sums differs.
+        assert results[f"eval_{order}_loss"] == pytest.approx(results["eval_loss"], rel=1e-5, abs=1e-6), order
+    assert len(predictions) == 10  # the validation file with a cut header is left out, as in the metrics
+    assert all(row["predicted"] == row["predicted_reversed"] == row["predicted_shuffled"] for row in predictions)
+    assert len({row["predicted"] for row in predictions}) > 1  # a model that tells clips apart
+    assert {Path(row["clip"]).parent.name for row in predictions} == {row["label"] for row in predictions} == set(MOTION_CLASSES)
+    eval_results = json.loads((output / "eval_results.json").read_text())
+    assert {key for key in eval_results if "reversed" in key or "shuffled" in key} == {
+        f"eval_{order}_{metric}" for order in ("reversed", "shuffled") for metric in ("loss", "top1_accuracy", "top5_accuracy")
+    }
+    card = ModelCard.load(output / "README.md")
+    section = card.text.split("## How much does this model use time?")[1].split("\n## ")[0]
+    top1 = f"{results['eval_top1_accuracy']:.4f}"
+    for order in ("in order", "reversed", "shuffled"):
+        assert f"| {order} | {top1} |" in section, order
+    assert "ignores the order of the frames scores the same on all three" in section
+    assert (output / "eval_confusion_matrix.png").exists()
+
+
+def test_temporal_reliance_of_a_model_with_temporal_modules_sees_the_order(data_dir, backbone_dir, tmp_path):
+    checkpoint = randomized_checkpoint(backbone_dir, tmp_path / "temporal", temporal_modules=True)
+    results, predictions = evaluate_temporal_reliance(data_dir, backbone_dir, checkpoint, tmp_path / "run")
+    # The temporal convolution, position embeddings and cross-frame attention read the order: other logits (an
+    # untrained model's top-1 classes may not change, its loss does).
+    for order in ("reversed", "shuffled"):
+        assert abs(results[f"eval_{order}_loss"] - results["eval_loss"]) > 1e-3, order
+        assert 0 <= results[f"eval_{order}_top1_accuracy"] <= 1
+    assert len(predictions) == 10 and all(row["predicted_reversed"] in MOTION_CLASSES for row in predictions)
+
+
+def test_temporal_reliance_settings_it_cannot_evaluate_are_refused(data_dir, backbone_dir, tmp_path):
+    with pytest.raises(ValueError, match="--temporal_reliance evaluates the validation clips.*needs --do_eval"):
+        load_script().main(base_args(data_dir, backbone_dir, tmp_path / "no-eval", "--do_train", "--temporal_reliance"))
+    args = base_args(data_dir, backbone_dir, tmp_path / "one-frame", "--do_eval", "--temporal_reliance")
+    args[args.index("--num_frames") + 1] = "1"
+    with pytest.raises(ValueError, match="samples 1 frame per clip: reversing or shuffling it changes nothing"):
+        load_script().main(args)
+
+
+@pytest.mark.parametrize("num_classes", [10, 400])
+def test_the_confusion_matrix_picture_shows_the_matrix(tmp_path, num_classes):
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from evl_hf.training import plot_confusion_matrix
+
+    darkest = np.array(colormaps["Blues"](1.0)[:3]) * 255  # the colour of a row whose clips all went to one class
+    names = [f"class_{i}" for i in range(num_classes)]
+    diagonal = np.diag(np.arange(1, num_classes + 1))
+    correlations = {}
+    for name, matrix in (("diagonal", diagonal), ("anti-diagonal", np.fliplr(diagonal))):
+        with Image.open(plot_confusion_matrix(matrix, names, tmp_path / f"{name}.png")) as image:
+            assert image.format == "PNG" and 500 <= min(image.size) and max(image.size) <= 2000, image.size
+            pixels = np.asarray(image.convert("RGB"), dtype=float)
+        rows, columns = np.nonzero(np.linalg.norm(pixels - darkest, axis=-1) < 40)
+        # The colour bar, right of the matrix behind a gap, has the darkest colour at its top: leave it out.
+        used = np.unique(columns)
+        matrix_area = columns <= used[np.argmax(np.diff(used))]
+        correlations[name] = np.corrcoef(columns[matrix_area], rows[matrix_area])[0, 1]
+    # Rows are true classes top to bottom, columns predicted classes left to right.
+    assert correlations["diagonal"] > 0.95 and correlations["anti-diagonal"] < -0.95, correlations

@@ -72,10 +72,11 @@ def step_losses(log_history: list[dict]) -> list[float]:
 
 
 # 12 training clips in optimizer steps of a global batch of 4 (epoch 0: steps 1-3, epoch 1: steps 4-5), then
-# evaluation in batches of 2.
+# evaluation in batches of 2, with the frames in order, reversed and shuffled.
 SGD_STEPS = ("--do_train", "--do_eval", "--max_steps", "5", "--optim", "sgd", "--learning_rate", "0.5",
              "--lr_scheduler_type", "constant", "--weight_decay", "0", "--logging_steps", "1",
-             "--per_device_eval_batch_size", "2")  # fmt: skip
+             "--per_device_eval_batch_size", "2", "--temporal_reliance")  # fmt: skip
+EVAL_ACCURACIES = [f"eval{order}_top{k}_accuracy" for order in ("", "_reversed", "_shuffled") for k in (1, 5)]
 
 
 def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, backbone_dir, tmp_path, caplog):
@@ -83,8 +84,9 @@ def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, 
     1 process x batch 4, 1 x batch 1 x accumulation 4, 2 processes x batch 2 (accelerate launch) and 2 x batch 1 x
     accumulation 2 (torchrun) log the same loss at every step and reach the same weights after five SGD steps over
     two epochs with gradient clipping; the replicas of a run are identical; every run counts the 2 unusable training
-    clips; the evaluation with unusable clips, split unevenly over 2 processes, gives the single-process metrics; a
-    2-process run resumed mid-epoch 1 ends where the uninterrupted one does.
+    clips; the evaluation with unusable clips, split unevenly over 2 processes, gives the single-process metrics and
+    per-clip predictions, also with the frames reversed and shuffled (`--temporal_reliance`); a 2-process run resumed
+    mid-epoch 1 ends where the uninterrupted one does.
     """
     import logging
     import shutil
@@ -126,15 +128,19 @@ def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, 
     assert losses["2x2-resumed"] == losses["2x2"]  # steps 1-4 come from the checkpoint's log history
     for key, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[key], tensor, atol=0, rtol=0, msg=f"resumed: {key}")
-    for metric in ("eval_loss", "eval_top1_accuracy", "eval_top5_accuracy", "eval_unusable_clips"):
+    for metric in ("eval_loss", *EVAL_ACCURACIES, "eval_unusable_clips"):
         assert results["2x2-resumed"][metric] == results["2x2"][metric], metric
     for name in weights:
         np.testing.assert_allclose(losses[name], losses[reference], rtol=1e-5, err_msg=name)
         assert results[name]["train_unusable_clips"] == 2, name
         assert results[name]["eval_unusable_clips"] == 2, name
-        for metric in ("eval_top1_accuracy", "eval_top5_accuracy"):
+        for metric in EVAL_ACCURACIES:
             assert results[name][metric] == results[reference][metric], (name, metric)
-        assert results[name]["eval_loss"] == pytest.approx(results[reference]["eval_loss"], rel=1e-5), name
+        for metric in ("eval_loss", "eval_reversed_loss", "eval_shuffled_loss"):
+            assert results[name][metric] == pytest.approx(results[reference][metric], rel=1e-5), (name, metric)
+        predictions = (tmp_path / name / "eval_predictions.csv").read_text().splitlines()
+        assert predictions == (tmp_path / reference / "eval_predictions.csv").read_text().splitlines(), name
+        assert predictions[0] == "clip,label,predicted,predicted_reversed,predicted_shuffled" and len(predictions) == 10
         for key, tensor in weights[reference].items():
             torch.testing.assert_close(weights[name][key], tensor, atol=2e-6, rtol=1e-5, msg=f"{name}: {key}")
     assert initial_loss == pytest.approx(np.log(len(MOTION_CLASSES)), rel=0.2)  # a fresh head: about log(10)

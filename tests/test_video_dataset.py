@@ -11,12 +11,15 @@ from helpers import tiny_config, write_clip
 from evl_hf import EVLForVideoClassification, EVLVideoProcessor
 from evl_hf.data.video_dataset import (
     EvaluationClips,
+    FrameOrderClips,
     TrainingClips,
     VideoClipCollator,
     VideoEvalTransform,
     VideoTrainTransform,
+    clip_names,
     feature_cache_fingerprint,
     load_video_dataset,
+    shuffled_frame_order,
 )
 
 
@@ -157,3 +160,51 @@ def test_a_replaced_training_clip_depends_on_seed_epoch_and_index_only(clips, tm
     assert item["unusable_clip_indices"][0] == 1 and item["clip_index"] == 1
     torch.testing.assert_close(second[1 * 4 + 1]["pixel_values"], item["pixel_values"], atol=0, rtol=0)
     assert not torch.equal(first[0]["pixel_values"], first[4]["pixel_values"])  # epoch 0 vs epoch 1 of clip 0
+
+
+@pytest.mark.parametrize("temporal_views", [1, 2])
+def test_reordered_evaluation_clips_hold_the_in_order_frames_in_another_order(clips, tmp_path, temporal_views):
+    (tmp_path / "bad.mp4").write_bytes(b"")
+    data = rows([str(clips[0]), str(tmp_path / "bad.mp4"), str(clips[1])], [0, 1, 2])
+    in_order = EvaluationClips(data, VideoEvalTransform(processor(), temporal_views=temporal_views))
+    reversed_clips, shuffled = FrameOrderClips(in_order, "reversed"), FrameOrderClips(in_order, "shuffled")
+    for index in (0, 2):
+        expected = in_order[index]["pixel_values"]  # (4, 3, 32, 32), or (2, 4, 3, 32, 32): the frames axis is -4
+        assert expected.shape[-4] == 4 and expected.ndim == (4 if temporal_views == 1 else 5)
+        torch.testing.assert_close(reversed_clips[index]["pixel_values"], expected.flip(-4), atol=0, rtol=0)
+        order = shuffled_frame_order(4, index)
+        assert sorted(order) == [0, 1, 2, 3] and order.tolist() != [0, 1, 2, 3]
+        item = shuffled[index]
+        torch.testing.assert_close(item["pixel_values"], expected[..., order, :, :, :], atol=0, rtol=0)
+        assert (item["labels"], item["clip_index"]) == (index, index)
+    # A clip's shuffle depends on its index alone: another process, another run, the same frames.
+    torch.testing.assert_close(
+        FrameOrderClips(in_order, "shuffled")[2]["pixel_values"], shuffled[2]["pixel_values"], atol=0, rtol=0
+    )
+    # The unusable clip stays what the in-order evaluation makes of it: zero pixels, masked label.
+    unusable = reversed_clips[1]
+    assert unusable["labels"] == -100 and unusable["unusable_clip_indices"] == [1] and unusable["pixel_values"].abs().sum() == 0
+
+
+def test_shuffled_frame_orders_are_fixed_and_never_the_identity():
+    orders = [shuffled_frame_order(8, index).tolist() for index in range(200)]
+    assert orders == [shuffled_frame_order(8, index).tolist() for index in range(200)]
+    assert all(order != list(range(8)) and sorted(order) == list(range(8)) for order in orders)
+    assert len({tuple(order) for order in orders}) > 150  # one order per clip, not one for all
+    assert shuffled_frame_order(2, 5).tolist() == [1, 0]  # with 2 frames, the only other order
+
+
+def test_reordering_a_single_frame_evaluation_is_refused(clips):
+    one_frame = EvaluationClips(rows([str(clips[0])]), VideoEvalTransform(processor(), num_frames=1))
+    with pytest.raises(ValueError, match="samples 1 frame per clip: reversing or shuffling it changes nothing"):
+        FrameOrderClips(one_frame, "reversed")
+    with pytest.raises(ValueError, match="order must be one of"):
+        FrameOrderClips(EvaluationClips(rows([str(clips[0])]), VideoEvalTransform(processor())), "backwards")
+
+
+def test_clip_names_are_the_paths_also_for_clips_stored_as_bytes(clips):
+    assert clip_names(rows([str(p) for p in clips])) == [str(p) for p in clips]
+    stored = rows([{"bytes": p.read_bytes(), "path": p.name} for p in clips], video_feature=Video(decode=False))
+    assert clip_names(stored.select([2, 0])) == [clips[2].name, clips[0].name]
+    nameless = rows([{"bytes": clips[0].read_bytes(), "path": None}], video_feature=Video(decode=False))
+    assert clip_names(nameless) == ["#0"]

@@ -31,16 +31,19 @@ from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, Train
 from .backbone_families import family_of_checkpoint, has_image_processor, processor_crop_size
 from .configuration_evl import EVLConfig
 from .data.video_dataset import (
+    FRAME_ORDERS,
     EvaluationClips,
+    FrameOrderClips,
     TrainingClips,
     VideoClipCollator,
     VideoEvalTransform,
     VideoTrainTransform,
     build_feature_cache,
+    clip_names,
     load_video_dataset,
 )
 from .modeling_evl import EVLForVideoClassification
-from .training import EVLTrainer, make_compute_metrics, write_per_class_report
+from .training import EVLTrainer, make_compute_metrics, write_per_class_report, write_predictions
 from .video_processing_evl import EVLVideoProcessor
 
 
@@ -111,6 +114,12 @@ class DataTrainingArguments:
                   "Never inside --output_dir, which is saved and pushed."},
     )  # fmt: skip
     feature_cache_dtype: str = field(default="float16", metadata={"help": "float16 or float32."})
+    temporal_reliance: bool = field(
+        default=False,
+        metadata={"help": "Evaluate the validation clips also with their sampled frames reversed and shuffled in time "
+                  "(eval_reversed_* / eval_shuffled_* metrics, per-clip predictions, a model-card section): how much "
+                  "the model uses frame order. Three evaluations instead of one."},
+    )  # fmt: skip
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     max_predict_samples: int | None = field(default=None)
@@ -251,6 +260,7 @@ _RESUME_NEUTRAL = {
     "disable_tqdm", "dataloader_num_workers", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     "cache_dir", "feature_cache_dir", "local_rank", "max_eval_samples", "max_predict_samples", "validation_dir",
     "validation_list", "test_dir", "test_list", "per_device_eval_batch_size", "logging_steps", "save_total_limit",
+    "temporal_reliance",
 }  # fmt: skip
 
 
@@ -317,6 +327,8 @@ def main(argv: list[str] | None = None):
         return demo_main([a for a in argv if a != "--demo"])
 
     model_args, data_args, training_args = parse_arguments(argv)
+    if data_args.temporal_reliance and not training_args.do_eval:
+        raise ValueError("--temporal_reliance evaluates the validation clips with their frames reordered: it needs --do_eval.")
     # The data sets hand the model exactly its inputs (decoded clips); the raw columns are read by the transforms.
     training_args.remove_unused_columns = False
 
@@ -372,6 +384,10 @@ def main(argv: list[str] | None = None):
         if "validation" not in dataset:
             raise ValueError("--do_eval needs a validation split.")
         eval_dataset = EvaluationClips(limit("validation", data_args.max_eval_samples), eval_transform)
+    # The same clips with their decoded frames reordered; a clip's shuffle depends on its index only, never the rank.
+    reordered_eval_datasets = {}
+    if data_args.temporal_reliance:
+        reordered_eval_datasets = {order: FrameOrderClips(eval_dataset, order) for order in FRAME_ORDERS}
     if training_args.do_predict:
         if "test" not in dataset:
             raise ValueError("--do_predict needs a test split.")
@@ -423,12 +439,23 @@ def main(argv: list[str] | None = None):
         if data is None:
             continue
         output = trainer.predict(data, metric_key_prefix=prefix)
+        logits = {"predicted": output.predictions}
+        if prefix == "eval":
+            for order, reordered in reordered_eval_datasets.items():
+                reordered_output = trainer.predict(reordered, metric_key_prefix=f"eval_{order}")
+                # The accuracies and the loss; the clips, and so their counts, are the in-order evaluation's.
+                output.metrics.update(
+                    {key: value for key, value in reordered_output.metrics.items() if key.endswith(("_accuracy", "_loss"))}
+                )
+                logits[f"predicted_{order}"] = reordered_output.predictions
         trainer.log_metrics(prefix, output.metrics)
         trainer.save_metrics(prefix, output.metrics)
         if prefix == "eval":
             trainer.log(output.metrics)  # into the log history, where the model card reads evaluation results
         if trainer.is_world_process_zero() and output.label_ids is not None and len(output.label_ids):
-            write_per_class_report(output.predictions, output.label_ids, model.config.id2label, training_args.output_dir, prefix)
+            id2label = model.config.id2label
+            write_per_class_report(output.predictions, output.label_ids, id2label, training_args.output_dir, prefix)
+            write_predictions(clip_names(data.dataset), output.label_ids, logits, id2label, training_args.output_dir, prefix)
 
     dataset_id = data_args.dataset_name or data_args.train_dir or data_args.train_list or data_args.validation_dir
     card = {

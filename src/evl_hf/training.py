@@ -164,6 +164,12 @@ class EVLTrainer(Trainer):
                 )  # fmt: skip
                 for metric_name, value in results.items()
             ]
+        reliance = latest_temporal_reliance(self.state.log_history)
+        if reliance:
+            section = temporal_reliance_section(reliance)
+            # Next to the results, before the training details (or at the end of a card without them).
+            marker = "\n## Training procedure"
+            card.text = card.text.replace(marker, f"\n{section}{marker}", 1) if marker in card.text else f"{card.text.rstrip()}\n\n{section}"
         card.save(path)
 
 
@@ -175,6 +181,39 @@ def latest_evaluation(log_history: list[dict]) -> dict:
                 f"Top-{k} accuracy": float(entry[f"eval_top{k}_accuracy"]) for k in (1, 5) if f"eval_top{k}_accuracy" in entry
             }
     return {}
+
+
+def latest_temporal_reliance(log_history: list[dict]) -> dict:
+    """Top-1 (and top-5) accuracy with the frames in order, reversed and shuffled, from the last evaluation of a
+    Trainer log history that ran all three (`--temporal_reliance`), keyed by order then metric; {} if none did."""
+    for entry in reversed(log_history):
+        if "eval_reversed_top1_accuracy" in entry:
+            return {
+                order: {k: float(entry[f"eval{infix}_top{k}_accuracy"]) for k in (1, 5) if f"eval{infix}_top{k}_accuracy" in entry}
+                for order, infix in (("in order", ""), ("reversed", "_reversed"), ("shuffled", "_shuffled"))
+            }
+    return {}
+
+
+def temporal_reliance_section(reliance: dict) -> str:
+    """The model card's section on how much the model's predictions depend on the order of the frames."""
+    top5 = all(5 in metrics for metrics in reliance.values())
+    rows = [f"| {order} | {metrics[1]:.4f} |" + (f" {metrics[5]:.4f} |" if top5 else "") for order, metrics in reliance.items()]
+    return "\n".join([
+        "## How much does this model use time?",
+        "",
+        "The validation clips were evaluated three times, on the same sampled frames: in their order, reversed in time, "
+        "and shuffled in time (a fixed random order per clip).",
+        "",
+        "| Frames | Top-1 accuracy |" + (" Top-5 accuracy |" if top5 else ""),
+        "|:--|--:|" + ("--:|" if top5 else ""),
+        *rows,
+        "",
+        "A model that ignores the order of the frames scores the same on all three. The further the reversed and "
+        "shuffled accuracies fall below the in-order one, the more its predictions depend on time; on classes that are "
+        "time reversals of each other (opening / closing), a model that reads time gets the reversed clips wrong.",
+        "",
+    ])  # fmt: skip
 
 
 def dataset_display_name(path) -> str:
@@ -239,4 +278,59 @@ def write_per_class_report(logits: np.ndarray, labels: np.ndarray, id2label: dic
         writer.writerow(["true \\ predicted", *names])
         for name, row in zip(names, report["confusion_matrix"]):
             writer.writerow([name, *row])
+    plot_confusion_matrix(np.asarray(report["confusion_matrix"]), names, output / f"{prefix}_confusion_matrix.png")
     return per_class
+
+
+def plot_confusion_matrix(confusion: np.ndarray, names: list[str], path: str | Path) -> Path:
+    """
+    Draw a confusion matrix (rows: true class, as in the CSV) as a PNG. Each row is shown as the fraction of that
+    class's clips given each prediction, so classes with more clips do not outshine the others; the counts are
+    written in the cells for up to 20 classes, the class names on the axes for up to 60 (beyond, the axes count
+    class ids).
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no interactive backend (Agg)
+
+    confusion = np.asarray(confusion)
+    num_classes = len(names)
+    totals = confusion.sum(axis=1, keepdims=True)
+    fractions = np.divide(confusion, totals, out=np.zeros(confusion.shape, dtype=float), where=totals > 0)
+    side = min(16.0, 3.0 + 0.35 * num_classes)
+    figure = Figure(figsize=(side + 1.5, side), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(fractions, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="fraction of the true class's clips")
+    if num_classes <= 60:
+        font_size = 9 if num_classes <= 20 else 6
+        axes.set_xticks(range(num_classes), names, rotation=90, fontsize=font_size)
+        axes.set_yticks(range(num_classes), names, fontsize=font_size)
+    if num_classes <= 20:
+        for (row, column), count in np.ndenumerate(confusion):
+            if count:
+                color = "white" if fractions[row, column] > 0.5 else "black"
+                axes.text(column, row, str(count), ha="center", va="center", color=color, fontsize=8)
+    axes.set_xlabel("predicted class" if num_classes <= 60 else f"predicted class (id 0-{num_classes - 1})")
+    axes.set_ylabel("true class" if num_classes <= 60 else f"true class (id 0-{num_classes - 1})")
+    axes.set_title(f"Confusion matrix ({int(confusion.sum())} clips)")
+    figure.savefig(path)
+    return Path(path)
+
+
+def write_predictions(
+    clips: list[str], labels: np.ndarray, logits: dict[str, np.ndarray], id2label: dict, output_dir: str, prefix: str
+) -> Path:
+    """
+    Write `<prefix>_predictions.csv`: one row per clip that could be decoded (label -100 ones are left out, as in
+    the metrics) with the clip, its label and, for each column of `logits` (e.g. `predicted`, `predicted_reversed`),
+    the top-1 class of those logits.
+    """
+    usable = labels != IGNORE_LABEL
+    path = Path(output_dir) / f"{prefix}_predictions.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    predicted = {column: values.argmax(-1) for column, values in logits.items()}
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["clip", "label", *predicted])
+        for row in np.flatnonzero(usable):
+            writer.writerow([clips[row], id2label[int(labels[row])], *(id2label[int(p[row])] for p in predicted.values())])
+    return path

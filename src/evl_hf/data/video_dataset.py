@@ -46,6 +46,20 @@ def _video_path(example_video) -> str | bytes:
     return example_video
 
 
+def clip_names(dataset: Dataset) -> list[str]:
+    """
+    A name for every clip of a data set's `video` column, for reports: its path (for clips stored as bytes, the
+    original file name the data set keeps), else its row number. Read from Arrow batches, so clips stored in the data
+    set are never copied out.
+    """
+    names = []
+    for batch in dataset.select_columns(["video"]).with_format("arrow").iter(batch_size=1000):
+        column = batch.column("video").combine_chunks()
+        paths = column.field("path") if hasattr(column, "field") else column
+        names.extend(paths.to_pylist())
+    return [str(name) if name is not None else f"#{row}" for row, name in enumerate(names)]
+
+
 def read_list_file(path: str | Path, class_names: list[str] | None = None) -> Dataset:
     """The authors' list format: one `<video path> <integer label>` per line (paths relative to the list file)."""
     path = Path(path)
@@ -341,6 +355,63 @@ class EvaluationClips(torch.utils.data.Dataset):
             self._warn(index, error, "left out of the evaluation")
             pixel_values, label, unusable = torch.zeros(self.transform.output_shape), IGNORE_LABEL, [int(index)]
         return {"pixel_values": pixel_values, "labels": label, "clip_index": int(index), "unusable_clip_indices": unusable}
+
+
+FRAME_ORDERS = ("reversed", "shuffled")
+
+
+def shuffled_frame_order(num_frames: int, clip_index: int, seed: int = 0) -> np.ndarray:
+    """The frame order of clip `clip_index` in a shuffled evaluation: a permutation of `range(num_frames)` drawn from
+    (seed, clip index) alone, so every process and every run shuffles a clip the same way; never the identity."""
+    if num_frames < 2:
+        raise ValueError(f"A clip of {num_frames} frame has no other frame order to shuffle into.")
+    generator = np.random.default_rng([seed, int(clip_index)])
+    while True:
+        order = generator.permutation(num_frames)
+        if (order != np.arange(num_frames)).any():
+            return order
+
+
+class FrameOrderClips(torch.utils.data.Dataset):
+    """
+    `EvaluationClips` with each clip's sampled frames put in another temporal order: `"reversed"`, or `"shuffled"`
+    (`shuffled_frame_order`). The frames are decoded and sampled as in the in-order evaluation and only then
+    reordered, so the three evaluations see the same frames; every view of a multi-view clip (`(num_views,
+    num_frames, ...)`) gets the same order. Unusable clips stay what `EvaluationClips` makes of them.
+    """
+
+    def __init__(self, clips: EvaluationClips, order: str, seed: int = 0):
+        if order not in FRAME_ORDERS:
+            raise ValueError(f"order must be one of {FRAME_ORDERS}, got {order!r}.")
+        self.num_frames = clips.transform.num_frames
+        if self.num_frames < 2:
+            raise ValueError(
+                f"The evaluation samples {self.num_frames} frame per clip: reversing or shuffling it changes "
+                "nothing. Evaluate temporal reliance with at least 2 frames (--num_frames)."
+            )
+        self.clips = clips
+        self.order = order
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def frame_order(self, index: int) -> np.ndarray:
+        if self.order == "reversed":
+            return np.arange(self.num_frames)[::-1].copy()
+        return shuffled_frame_order(self.num_frames, index, self.seed)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.clips[index])
+        pixel_values = item["pixel_values"]
+        # (frames, C, H, W) or (views, frames, C, H, W): the frames axis is the fourth from the end either way.
+        if pixel_values.ndim not in (4, 5) or pixel_values.shape[-4] != self.num_frames:
+            raise ValueError(
+                f"Expected a clip of {self.num_frames} frames, (num_frames, C, H, W) or (num_views, num_frames, C, H, "
+                f"W), got pixel_values of shape {tuple(pixel_values.shape)}."
+            )
+        item["pixel_values"] = pixel_values.index_select(-4, torch.from_numpy(self.frame_order(index)))
+        return item
 
 
 class VideoClipCollator:
