@@ -26,6 +26,8 @@ setup(
         "train": ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4", "scikit-learn", "timm>=1.0"],
         # Optional faster/default decoder; it needs a build matching torch and FFmpeg's shared libraries.
         "torchcodec": ["torchcodec>=0.16"],
+        # The web demo (python -m evl_hf.app; a Hugging Face Spaces app).
+        "app": ["gradio>=6,<7"],
         "testing": [
             "pytest",
             "hypothesis",
@@ -37,6 +39,9 @@ setup(
             "evaluate>=0.4",
             "scikit-learn",
             "timm>=1.0",
+            # tests/test_app.py drives the web demo in headless Chromium (Debian's chromium + chromium-driver).
+            "gradio>=6,<7",
+            "selenium>=4.20",
         ],
     },
     entry_points={"console_scripts": ["evl-convert=evl_hf.convert:main"]},

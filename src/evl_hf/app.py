@@ -1,0 +1,151 @@
+# Copyright 2026 The evl-hf authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+A web demo of an EVL checkpoint (Gradio; `pip install "evl-hf[app]"`): upload a video or pick an example clip, and see
+its top-k labels, its labels over time (the `"video-timeline"` pipeline) and the attention heatmaps.
+
+    python -m evl_hf.app --model DIR [--host 127.0.0.1] [--port 7860] [--top_k 5] [--examples DIR] [--window_stride 1]
+
+On Hugging Face Spaces (the Gradio SDK), an `app.py` of one line serves the same page:
+
+    from evl_hf.app import build_demo; build_demo("path/or/hub-id").launch()
+"""
+
+import argparse
+import dataclasses
+import html
+import os
+import tempfile
+from pathlib import Path
+
+
+# Gradio reads this when it is imported and when a Blocks is made: no telemetry, no version check.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+try:
+    import gradio as gr
+except ImportError as error:  # an optional extra: say how to get it
+    raise ImportError('The web demo needs Gradio: pip install "evl-hf[app]"') from error
+
+from PIL import Image
+from transformers import pipeline
+
+# Importing this module imports evl_hf first, which registers EVL's "video-classification" and "video-timeline"
+# pipelines.
+from .explain import explain
+from .timeline import plot_timeline
+from .video_decoding_evl import EVLVideoDecodingError
+
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+
+
+def find_examples(examples_dir: str | os.PathLike) -> list[str]:
+    """The video files under `examples_dir` (any depth, e.g. a videofolder's `<class>/<clip>.mp4`), sorted."""
+    directory = Path(examples_dir)
+    if not directory.is_dir():
+        raise ValueError(f"{examples_dir}: no such directory (of example clips).")
+    return sorted(str(path) for path in directory.rglob("*") if path.suffix.lower() in VIDEO_SUFFIXES)
+
+
+def build_demo(
+    model_dir: str | os.PathLike,
+    examples_dir: str | os.PathLike | None = None,
+    top_k: int = 5,
+    window_stride: int = 1,
+    device: str | None = None,
+) -> gr.Blocks:
+    """
+    The demo page for the EVL checkpoint `model_dir` (a directory or a Hub id), as a `gr.Blocks` to `.launch()`.
+
+    The model is loaded here, once, and shared by every request: the top-k labels come from
+    `pipeline("video-classification")` (the checkpoint's own frame sampling, whatever the video's length), the
+    timeline from `pipeline("video-timeline")` over the whole video (windows `window_stride` sampled frames apart),
+    the heatmaps from `evl_hf.explain` (the decoder query's attention over the clip the classifier read).
+    `examples_dir`: a folder of video clips offered as examples.
+    """
+    for name, value in (("top_k", top_k), ("window_stride", window_stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")  # not at the first request
+    classifier = pipeline("video-classification", model=str(model_dir), device=device)
+    timeline = pipeline("video-timeline", model=classifier.model, video_processor=classifier.video_processor)
+    examples = find_examples(examples_dir) if examples_dir is not None else []
+
+    def heatmaps(video: str) -> Image.Image:
+        explanation = explain(classifier.model, classifier.video_processor, video, top_k=top_k)
+        # Titled with the upload's name, not its path in Gradio's temporary folder.
+        explanation = dataclasses.replace(explanation, video_name=Path(video).name)
+        # Read back into memory, so that no file is left behind per request.
+        with tempfile.TemporaryDirectory() as directory:
+            with Image.open(explanation.save_figure(Path(directory) / "heatmaps.png")) as image:
+                return image.copy()
+
+    def analyse(video: str | None):
+        if video is None:
+            raise gr.Error("Upload a video or pick an example first.")
+        try:
+            labels = classifier(video, top_k=top_k)
+            windows = timeline(video, window_stride=window_stride, top_k=top_k)
+            heatmap_grid = heatmaps(video)
+        except EVLVideoDecodingError as error:
+            # The message names the problem ("not a readable video file", "a still image"...); the upload's
+            # temporary folder means nothing to the user, its file name does.
+            message = str(error).replace(video, Path(video).name)
+            raise gr.Error(html.escape(f"Cannot read this video: {message}")) from None
+        figure = plot_timeline(windows, num_classes=top_k)
+        return {entry["label"]: entry["score"] for entry in labels}, figure, heatmap_grid
+
+    with gr.Blocks(title="EVL video classification", analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# EVL video classification\n"
+            f"Model: `{model_dir}` ({len(classifier.model.config.id2label)} classes). Upload a video or pick an "
+            f"example clip, then press **Classify**."
+        )
+        with gr.Row():
+            with gr.Column():
+                video = gr.Video(label="Video", sources=["upload"], elem_id="video")
+                submit = gr.Button("Classify", variant="primary", elem_id="submit")
+                if examples:
+                    gr.Examples(examples=[[path] for path in examples], inputs=video, label="Example clips")
+            with gr.Column():
+                labels = gr.Label(num_top_classes=top_k, label=f"Top {top_k} labels", elem_id="labels")
+        timeline_plot = gr.Plot(label="Labels over time (the whole video)", elem_id="timeline")
+        heatmap_image = gr.Image(
+            label="Where the decoder looked (attention per decoder layer, over the frames it read)", type="pil",
+            format="png", interactive=False, elem_id="heatmaps",
+        )  # fmt: skip
+        submit.click(analyse, inputs=video, outputs=[labels, timeline_plot, heatmap_image])
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m evl_hf.app", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="an EVL checkpoint: a directory or a Hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--top_k", type=int, default=5, help="labels shown, and classes drawn on the timeline")
+    parser.add_argument("--examples", default=None, help="a folder of example clips to offer")
+    parser.add_argument("--window_stride", type=int, default=1, help="sampled frames between timeline windows")
+    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
+    args = parser.parse_args(argv)
+    demo = build_demo(
+        args.model, args.examples, top_k=args.top_k, window_stride=args.window_stride, device=args.device
+    )
+    # No share link (it would open a tunnel through Gradio's servers); errors other than a bad upload's still show
+    # their message in the page.
+    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""
+The web demo (`python -m evl_hf.app`) in a real browser: the app runs in a subprocess, headless Chromium (Debian's
+`chromium` and `chromium-driver`, which scripts/install.sh installs) is driven with Selenium, and what the page shows
+is checked against `pipeline("video-classification")` run here.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import torch
+from helpers import randomize_decoder, tiny_config, write_clip
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+from transformers import pipeline
+
+from evl_hf import EVLForVideoClassification, EVLVideoProcessor
+from evl_hf.data.synthetic import render_clip
+
+
+LABELS = {i: name for i, name in enumerate(["left", "right", "up", "down", "still"])}
+TOP_K = 3
+SERVER_START_TIMEOUT = 90  # seconds; importing Gradio and torch on a busy 2-core machine takes most of it
+PAGE_TIMEOUT = 30  # seconds for any one thing to appear in the page
+TOP_LABEL = "#labels [data-testid=label-output-value]"  # gr.Label's headline: its top class
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("evl-app-model")
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
+    randomize_decoder(model, seed=0, scale=0.5)
+    model.save_pretrained(directory)
+    EVLVideoProcessor(
+        num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A clip to upload, an example clip (in a class folder, as videofolders keep them) and a file that is no video."""
+    directory = tmp_path_factory.mktemp("evl-app-clips")
+    examples = directory / "examples"
+    (examples / "moving_right").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    return {
+        # 48 frames at 25 fps: 16 sampled frames, longer than one 4-frame window, so the timeline has several.
+        "upload": write_clip(directory / "moving_left.mp4", render_clip("moving_left", 48, 64, rng)),
+        "example": write_clip(examples / "moving_right" / "clip_0.mp4", render_clip("moving_right", 48, 64, rng)),
+        "examples_dir": examples,
+        "not_a_video": _write_text(directory / "notes.mp4", "These are notes, not a video.\n"),
+    }
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(saved_model, clips, tmp_path_factory):
+    """`python -m evl_hf.app` on a free port, answering HTTP; stopped after the module's tests."""
+    workdir = tmp_path_factory.mktemp("evl-app-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+        # Uploads and example copies stay in this test's folder, not the shared /tmp/gradio.
+        GRADIO_TEMP_DIR=str(workdir / "gradio"),
+    )  # fmt: skip
+    command = [sys.executable, "-m", "evl_hf.app", "--model", str(saved_model), "--port", str(port),
+               "--top_k", str(TOP_K), "--examples", str(clips["examples_dir"])]  # fmt: skip
+    log_path = workdir / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"The app exited ({server.returncode}) before serving:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                log = log_path.read_text()[-3000:]
+                pytest.fail(f"The app did not answer {url} in {SERVER_START_TIMEOUT}s:\n{log}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through the system chromedriver (never Selenium Manager, which would download one)."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's name, Ubuntu's
+    driver_path = shutil.which("chromedriver")
+    if binary is None or driver_path is None:
+        missing = [name for name, path in (("chromium", binary), ("chromedriver", driver_path)) if not path]
+        pytest.skip(
+            f"The browser test needs {' and '.join(missing)}: apt-get install chromium chromium-driver "
+            "(scripts/install.sh does)."
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1280,1600", "--no-first-run", "--disable-extensions"):  # fmt: skip
+        options.add_argument(argument)
+    # The page's network requests, to check that it reaches nothing but the app.
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SE_OFFLINE", "true")
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(browser, condition, what: str):
+    try:
+        return WebDriverWait(browser, PAGE_TIMEOUT).until(condition)
+    except TimeoutException:
+        pass  # failed below, outside the handler, so that the report is ours and not Selenium's empty message
+    toasts = [element.text for element in browser.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")]
+    pytest.fail(f"Timed out after {PAGE_TIMEOUT}s waiting for {what}; messages in the page: {toasts}")
+
+
+def open_page(browser, url):
+    browser.get(url)
+    return wait_for(
+        browser, expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#video input[type=file]")),
+        "the video upload box",
+    )  # fmt: skip
+
+
+def video_loaded(name: str):
+    """The video box plays `name` (Gradio shows its player once the upload is on the server)."""
+    selector = f"#video video[data-testid=Video-player][src$='/{name}']"
+    return expected_conditions.presence_of_element_located((By.CSS_SELECTOR, selector))
+
+
+def classify_in_page(browser, url, clip: Path):
+    """Upload `clip`, press Classify, wait for every output, and read the labels the page shows."""
+    open_page(browser, url).send_keys(str(clip))
+    wait_for(browser, video_loaded(clip.name), f"the upload of {clip.name}")
+    return press_classify_and_read(browser)
+
+
+def press_classify_and_read(browser):
+    browser.find_element(By.CSS_SELECTOR, "#submit").click()
+    wait_for(browser, expected_conditions.presence_of_element_located((By.CSS_SELECTOR, TOP_LABEL)), "the labels")
+    top_label = browser.find_element(By.CSS_SELECTOR, TOP_LABEL).text
+    shown = []
+    for entry in browser.find_elements(By.CSS_SELECTOR, "#labels .confidence-set"):
+        meter = entry.find_element(By.CSS_SELECTOR, "meter")
+        shown.append({
+            "label": meter.get_attribute("aria-label"),
+            "score": float(meter.get_attribute("value")),  # the exact score the app sent
+            "percent": entry.find_element(By.CSS_SELECTOR, ".confidence").text,  # what the user reads
+        })  # fmt: skip
+    return top_label, shown
+
+
+def check_labels(top_label, shown, expected):
+    assert top_label == expected[0]["label"]
+    assert [entry["label"] for entry in shown] == [entry["label"] for entry in expected]
+    np.testing.assert_allclose([entry["score"] for entry in shown], [entry["score"] for entry in expected], atol=1e-6)
+    assert [entry["percent"] for entry in shown] == [f"{round(entry['score'] * 100)}%" for entry in expected]
+
+
+def check_pictures(browser):
+    """The timeline plot and the heatmap grid are shown as images (PNG data or files served by the app)."""
+    for element_id, what in (("timeline", "the timeline plot"), ("heatmaps", "the attention heatmaps")):
+        image = wait_for(
+            browser, expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, f"#{element_id} img")), what
+        )
+        wait_for(browser, lambda _: image.get_attribute("naturalWidth") not in (None, "0"), f"{what} to load")
+        assert int(image.get_attribute("naturalWidth")) > 200 and int(image.get_attribute("naturalHeight")) > 100
+
+
+def requested_hosts(browser) -> set[str]:
+    hosts = set()
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            request_url = urlparse(message["params"]["request"]["url"])
+            if request_url.scheme not in ("data", "blob", "about"):
+                hosts.add(request_url.netloc)
+    return hosts
+
+
+def test_the_page_classifies_an_upload_and_an_example_like_the_pipeline(browser, saved_model, clips, app_url):
+    classifier = pipeline("video-classification", model=str(saved_model))
+    expected = classifier(str(clips["upload"]), top_k=TOP_K)
+    # A wrongly wired label or score must show: the top score stands clear of the second, in exact and shown figures.
+    assert expected[0]["score"] - expected[1]["score"] > 0.05, expected
+
+    top_label, shown = classify_in_page(browser, app_url, clips["upload"])
+    check_labels(top_label, shown, expected)
+    check_pictures(browser)
+
+    # The example clip: picked from the examples under the upload box, then classified.
+    open_page(browser, app_url)
+    wait_for(browser, expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "button.gallery-item")),
+             "the example clips").click()  # fmt: skip
+    wait_for(browser, video_loaded(clips["example"].name), "the example clip in the video box")
+    top_label, shown = press_classify_and_read(browser)
+    expected_example = classifier(str(clips["example"]), top_k=TOP_K)
+    # What the page showed for the upload would not pass for the example's.
+    assert abs(expected_example[0]["score"] - expected[0]["score"]) > 1e-3, (expected_example, expected)
+    check_labels(top_label, shown, expected_example)
+    check_pictures(browser)
+
+    assert requested_hosts(browser) == {urlparse(app_url).netloc}
+
+
+def test_a_file_that_is_not_a_video_gets_an_error_message_and_the_app_goes_on(browser, clips, app_url):
+    open_page(browser, app_url).send_keys(str(clips["not_a_video"]))
+    wait_for(browser, video_loaded(clips["not_a_video"].name), "the upload of the text file")
+    browser.find_element(By.CSS_SELECTOR, "#submit").click()
+
+    def our_message(_):
+        texts = [element.text for element in browser.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")]
+        return next((text for text in texts if "Cannot read this video" in text), False)
+
+    message = wait_for(browser, our_message, "the error message")
+    assert "notes.mp4: not a readable video file" in message
+    assert str(clips["not_a_video"].parent) not in message and "gradio" not in message  # the name, not the temp path
+    assert not browser.find_elements(By.CSS_SELECTOR, TOP_LABEL)
+    # The server is still up and answers the next request.
+    top_label, _ = classify_in_page(browser, app_url, clips["upload"])
+    assert top_label in LABELS.values()
+
