@@ -115,14 +115,22 @@ def test_the_frame_stream_gives_decode_videos_frames(clip_path):
     np.testing.assert_array_equal(np.stack([frame for _, frame in streamed]), frames)
 
 
-def test_a_video_shorter_than_one_window_is_sampled_as_the_processor_samples_it(saved_model, tmp_path):
+@pytest.mark.parametrize("num_frames, indices", [(7, [0, 3, 6, 6]), (8, [0, 3, 6, 7]), (9, [0, 3, 6, 8])])
+def test_a_video_shorter_than_one_window_is_sampled_as_the_processor_samples_it(saved_model, tmp_path, num_frames, indices):
     model, processor = load(saved_model)
-    path = write_clip(tmp_path / "short.mp4", index_coded_frames(7, 32, 32))  # sampled frames 0, 3, 6
+    path = write_clip(tmp_path / "short.mp4", index_coded_frames(num_frames, 32, 32))
     (window,) = video_timeline(model, processor, str(path))
-    assert window.frame_indices == [0, 3, 6, 6]
+    assert window.frame_indices == indices  # the video's last frame repeated, as the processor does
     inputs = processor(str(path), return_tensors="pt")  # the processor's own sampling of the whole clip
     with torch.no_grad():
         torch.testing.assert_close(window.logits, model(**inputs).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_saved_timeline_pipeline_loads_again(saved_model, clip_path, tmp_path):
+    timeline = pipeline("video-timeline", model=str(saved_model))
+    timeline.save_pretrained(tmp_path / "saved")
+    again = pipeline("video-timeline", model=str(tmp_path / "saved"))
+    assert again(str(clip_path), window_stride=8) == timeline(str(clip_path), window_stride=8)
 
 
 def test_the_pipeline_returns_windows_in_time_order_with_labels(saved_model, clip_path):
@@ -204,7 +212,7 @@ def test_temporal_modules_off_and_a_bfloat16_backbone(tmp_path, clip_path):
     low = save_model(tmp_path / "bf16", tiny_config(backbone_dtype="bfloat16", **base))
     model, processor = load(low)
     for window in video_timeline(model, processor, str(clip_path), window_stride=6, backbone_batch_size=5):
-        # The maps' scores in bf16, as the model computes them on a clip; batches change bf16 rounding.
+        # The maps' scores in bf16, as the model computes them under no_grad (logits_on_frames).
         torch.testing.assert_close(
-            window.logits, logits_on_frames(model, processor, str(clip_path), window.frame_indices), atol=2e-2, rtol=0
+            window.logits, logits_on_frames(model, processor, str(clip_path), window.frame_indices), atol=1e-3, rtol=0
         )

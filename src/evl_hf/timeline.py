@@ -35,8 +35,8 @@ from transformers.pipelines.video_classification import VideoClassificationPipel
 from transformers.utils import logging
 
 from .modeling_evl import EVLForVideoClassification, cross_frame_attention_maps
-from .video_decoding_evl import VideoFrameStream
-from .video_processing_evl import EVLVideoProcessor
+from .video_decoding_evl import VideoFrameStream, decode_video
+from .video_processing_evl import EVLVideoProcessor, sample_frame_indices
 
 
 logger = logging.get_logger(__name__)
@@ -228,10 +228,11 @@ def video_timeline(
     def prepare(frames: list[np.ndarray]) -> torch.Tensor:
         return processor(np.stack(frames), **single_view)["pixel_values"][0].to(model.dtype)
 
-    timeline = _SharedBackboneTimeline(model, num_frames, window_stride, decoder_batch_size)
     done: list[tuple[int, torch.Tensor]] = []
     decoded_indices, chunk = [], []
     with torch.inference_mode(), VideoFrameStream(video, step=frame_sampling_rate) as stream:
+        # Built under inference mode: the maps' dtype follows a bf16/fp16 backbone only without autograd.
+        timeline = _SharedBackboneTimeline(model, num_frames, window_stride, decoder_batch_size)
         fps = stream.fps or 1.0
         expected = -(-stream.total_num_frames // frame_sampling_rate) if stream.total_num_frames else None
         show = progress if progress is not None else (expected or 0) > _PROGRESS_MIN_FRAMES
@@ -248,10 +249,14 @@ def video_timeline(
                 done.extend(timeline.add_frames(decoded_indices[-len(chunk) :], prepare(chunk)))
                 bar.update(len(chunk))
         if len(decoded_indices) < num_frames:
-            # Shorter than one window: the processor's own sampling repeats the last frame; run the model on it.
-            indices = [decoded_indices[min(t, len(decoded_indices) - 1)] for t in range(num_frames)]
-            frames = [chunk[min(t, len(chunk) - 1)] for t in range(num_frames)]
-            logits = model(pixel_values=prepare(frames)[None]).logits[0]
+            # Shorter than one window: decoded again as the processor samples it (the video's last frame repeated,
+            # which the stream, keeping every `frame_sampling_rate`-th frame, may not have kept).
+            def sample(metadata):
+                return sample_frame_indices(metadata.total_num_frames, num_frames, frame_sampling_rate)
+
+            frames, metadata = decode_video(video, sample, backend="pyav")
+            indices = [int(i) for i in metadata.frames_indices]
+            logits = model(pixel_values=prepare(list(frames))[None].to(model.device)).logits[0]
             windows = [EVLTimelineWindow(indices, indices[0] / fps, (indices[-1] + 1) / fps, logits)]
             timeline.stats.update(frames_through_backbone=num_frames, windows=1)
         else:
@@ -313,6 +318,11 @@ class EVLVideoTimelinePipeline(VideoClassificationPipeline):
             raise ValueError("Cannot call the video-timeline pipeline without a video.")
         return super(VideoClassificationPipeline, self).__call__(inputs, **kwargs)
 
+    def save_pretrained(self, save_directory, **kwargs):
+        # transformers' Pipeline.save_pretrained does not save a video processor: without it the folder cannot load.
+        super().save_pretrained(save_directory, **kwargs)
+        self.video_processor.save_pretrained(save_directory, **kwargs)
+
     def preprocess(self, video):
         return {"video": video}  # decoded while the backbone runs, in `_forward`
 
@@ -338,10 +348,7 @@ def plot_timeline(windows: list[dict], output_path: str | Path | None = None, nu
     The scores of the `num_classes` classes with the highest peak score over time, one line each, drawn at each
     window's centre; saved to `output_path` (PNG) when given. Returns the matplotlib `Figure`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     if not windows:
         raise ValueError("No windows to plot.")
