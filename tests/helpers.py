@@ -43,6 +43,21 @@ def randomize_decoder(model, seed: int = 0, scale: float = 0.2) -> None:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
+def save_tiny_classifier(directory: Path, labels: dict, decoder_scale: float = 0.2) -> Path:
+    """A seeded tiny EVL classifier with these labels and a 4 x 3 video processor at 32 px, saved as a checkpoint
+    folder that `pipeline(...)` and `from_pretrained` load."""
+    from evl_hf import EVLForVideoClassification, EVLVideoProcessor
+
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(id2label=labels, label2id={v: k for k, v in labels.items()}))
+    randomize_decoder(model, scale=decoder_scale)
+    model.save_pretrained(directory)
+    EVLVideoProcessor(
+        num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(directory)
+    return directory
+
+
 def pixel_values(batch=2, frames=4, size=32, seed=0) -> torch.Tensor:
     return torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

