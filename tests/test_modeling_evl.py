@@ -510,6 +510,33 @@ def test_precomputed_backbone_features_give_the_same_logits():
         model(frame_features=features.frame_features)
     with pytest.raises(EVLInputError, match="frame_features"):
         model(frame_features=features.frame_features[:, :1], cross_frame_maps=features.cross_frame_maps)
+    # Precomputed maps or cross-frame features next to frames were silently replaced by the frames' own.
+    for given in ("cross_frame_maps", "cross_frame_features"):
+        value = features.cross_frame_maps if given == "cross_frame_maps" else torch.zeros_like(features.frame_features)
+        with pytest.raises(EVLInputError, match=f"`{given}` are precomputed backbone features: pass them with"):
+            model(inputs, **{given: value})
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [{}, {"use_temporal_conv": False}, {"use_temporal_pos_embed": False}, {"use_temporal_cross_attention": False},
+     {"use_temporal_conv": False, "use_temporal_pos_embed": False},
+     {"use_temporal_conv": False, "use_temporal_pos_embed": False, "use_temporal_cross_attention": False}],
+)  # fmt: skip
+def test_the_decoder_leaves_its_inputs_unmodified(modules):
+    """The decoder sums the temporal terms in place into a tensor of its own: never into the features it is given
+    (a timeline's windows are views of frames other windows read too)."""
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(**modules)).eval()
+    randomize_decoder(model)
+    with torch.no_grad():
+        features = model.evl.extract_backbone_features(pixel_values())
+        frame_features = features.frame_features.clone()
+        cross = features.cross_frame_maps.clone() if features.cross_frame_maps is not None else None
+        model(frame_features=frame_features, cross_frame_maps=cross)
+    torch.testing.assert_close(frame_features, features.frame_features, atol=0, rtol=0)
+    if cross is not None:
+        torch.testing.assert_close(cross, features.cross_frame_maps, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -153,14 +153,16 @@ class EVLTemporalConv(nn.Module):
         hidden_size = config.vision_config.hidden_size
         self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
 
-    def forward(self, frame_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, frame_features: torch.Tensor, add_input: bool = False) -> torch.Tensor:
+        """The convolution of `frame_features` (B, T, tokens, D); with `add_input`, the features plus it (the decoder's
+        residual form), summed into the same new tensor: `frame_features + conv(frame_features)`, bit for bit."""
         # The convolution written out as three shifted multiply-adds over (B, T, tokens, D): a Conv1d would need the
         # features permuted to (B * tokens, D, T) and back, which costs more than the convolution itself.
         weight = self.conv.weight.squeeze(1).to(frame_features.dtype)  # (D, 3): taps for frames t - 1, t, t + 1
         output = torch.addcmul(self.conv.bias.to(frame_features.dtype), frame_features, weight[:, 1])
         output[:, 1:].addcmul_(frame_features[:, :-1], weight[:, 0])
         output[:, :-1].addcmul_(frame_features[:, 1:], weight[:, 2])
-        return output
+        return output.add_(frame_features) if add_input else output
 
 
 class EVLTemporalPositionEmbedding(nn.Module):
@@ -441,16 +443,21 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, num_frames, num_tokens, hidden_size = frame_features.shape
-        memory = frame_features
+        # The terms are summed into one new tensor, the first term out of place (the features stay unmodified, so a
+        # trained backbone's gradient is right), the others in place: the same additions in the same order as
+        # `features + conv + position + cross-frame`, without a window-sized tensor per term (at inference over many
+        # windows, fresh tensors that size cost more in page faults than the additions themselves).
+        memory = None
         if self.temporal_conv is not None:
-            memory = memory + self.temporal_conv(frame_features)
+            memory = self.temporal_conv(frame_features, add_input=True)
         if self.temporal_position_embedding is not None:
-            memory = memory + self.temporal_position_embedding(num_frames)[:, None, :]
+            position = self.temporal_position_embedding(num_frames)[:, None, :]
+            memory = frame_features + position if memory is None else memory.add_(position)
         if self.cross_frame_attention is not None:
             if cross_frame_features is None:
                 cross_frame_features = self.cross_frame_attention(cross_frame_maps)
-            memory = memory + cross_frame_features
-        memory = memory.reshape(batch_size, num_frames * num_tokens, hidden_size)
+            memory = frame_features + cross_frame_features if memory is None else memory.add_(cross_frame_features)
+        memory = (frame_features if memory is None else memory).reshape(batch_size, num_frames * num_tokens, hidden_size)
 
         attn_output, attn_weights = self.cross_attention(
             self.query_layernorm(query), self.frame_layernorm(memory), output_attentions, **kwargs
@@ -901,6 +908,12 @@ class EVLModel(EVLPreTrainedModel):
         )
         maps_dtype = self.reduced_precision_inference_dtype() or self.decoder.query.dtype
         if frame_features is None:
+            if cross_frame_maps is not None or cross_frame_features is not None:
+                given = "cross_frame_maps" if cross_frame_maps is not None else "cross_frame_features"
+                raise EVLInputError(
+                    f"`{given}` are precomputed backbone features: pass them with `frame_features`, not with "
+                    "`pixel_values` (the model computes its own from the frames)."
+                )
             self.check_pixel_values(pixel_values)
             features = self._extract_backbone_features(pixel_values, maps_dtype)
             frame_features, cross_frame_maps = features.frame_features, features.cross_frame_maps
