@@ -417,8 +417,14 @@ class VideoFrameStream:
         self.fps = float(rate) if rate else None
         # The container's count, which may be missing or approximate: for progress bars only.
         self.total_num_frames = self._stream.frames or None
-        if self.total_num_frames is None and self.fps and self._stream.duration and self._stream.time_base:
-            self.total_num_frames = max(1, round(float(self._stream.duration * self._stream.time_base) * self.fps))
+        if self.total_num_frames is None and self.fps:
+            if self._stream.duration and self._stream.time_base:
+                seconds = float(self._stream.duration * self._stream.time_base)
+            else:
+                # Matroska/WebM give no per-stream duration or frame count, only the container's (in microseconds).
+                seconds = self._container.duration / av.time_base if self._container.duration else None
+            if seconds:
+                self.total_num_frames = max(1, round(seconds * self.fps))
 
     def __iter__(self):
         stream, fps = self._stream, self.fps
