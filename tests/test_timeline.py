@@ -106,6 +106,56 @@ def test_memory_does_not_grow_with_the_videos_length(saved_model, tmp_path):
     assert held[600] == held[60] <= 8 + 4 + NUM_FRAMES
 
 
+def test_frames_between_far_apart_windows_are_not_all_held(saved_model, tmp_path):
+    """Windows far apart wait for the decoder no longer than their frames' span allows: before, with a stride of 20
+    and batches of 16 windows, the whole video was held (200 sampled frames)."""
+    model, processor = load(saved_model)
+    path = write_clip(tmp_path / "600.mp4", index_coded_frames(600, 32, 32), gop=250)
+    stats = {}
+    windows = video_timeline(model, processor, str(path), window_stride=20, backbone_batch_size=8,
+                             decoder_batch_size=16, stats=stats)  # fmt: skip
+    assert [w.frame_indices[0] for w in windows] == [SAMPLING_RATE * s for s in [*range(0, 181, 20), 196]]
+    # One backbone batch, the span of a decoder batch of windows (16 x 4 frames) and one more stride at most.
+    assert stats["max_buffered_frames"] <= 8 + 16 * NUM_FRAMES + 20 < 200
+
+
+def test_windows_decoded_early_equal_the_model_on_their_frames(saved_model, clip_path):
+    model, processor = load(saved_model)
+    # A stride of 9 with batches of 3 windows: two pending windows already span 13 frames, over 3 x 4.
+    windows = video_timeline(model, processor, str(clip_path), window_stride=9, decoder_batch_size=3)
+    assert [w.frame_indices[0] for w in windows] == [0, 27, 51]
+    for window in windows:
+        expected = logits_on_frames(model, processor, str(clip_path), window.frame_indices)
+        torch.testing.assert_close(window.logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_frames_of_the_wrong_size_are_refused_by_name(saved_model, tmp_path):
+    from evl_hf import EVLInputError
+
+    model, processor = load(saved_model)
+    path = write_clip(tmp_path / "wide.mp4", index_coded_frames(30, 32, 64))
+    processor.do_center_crop = False  # frames stay 32x64
+    with pytest.raises(EVLInputError, match="Frames are 32x64, but this model's backbone"):
+        video_timeline(model, processor, str(path))
+
+
+def test_the_frame_stream_counts_frames_of_a_matroska_file(tmp_path):
+    """Matroska/WebM give no per-stream frame count or duration: the container's duration sets the progress bar's."""
+    import av
+
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for frame in index_coded_frames(50, 32, 32):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert not container.streams.video[0].frames and not container.streams.video[0].duration
+    with VideoFrameStream(str(path), step=5) as stream:
+        assert stream.total_num_frames == 50
+
+
 def test_the_frame_stream_gives_decode_videos_frames(clip_path):
     with VideoFrameStream(str(clip_path), step=5) as stream:
         streamed = list(stream)
@@ -166,12 +216,17 @@ def test_the_cli_writes_the_windows_and_the_plot(saved_model, clip_path, tmp_pat
         ({"backbone_batch_size": 1.5}, "`backbone_batch_size` must be a positive integer"),
         ({"top_k": 0}, "`top_k` must be a positive integer"),
         ({"stride": 2}, "Unknown arguments for the video-timeline pipeline: stride"),
+        ({"batch_size": 2}, "labels one video at a time \\(got batch_size=2\\)"),
+        ({"num_workers": 2}, "in the calling process \\(got num_workers=2\\)"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(saved_model, clip_path, kwargs, message):
     timeline = pipeline("video-timeline", model=str(saved_model))
     with pytest.raises((ValueError, TypeError), match=message):
         timeline(str(clip_path), **kwargs)
+    if "batch_size" in kwargs or "num_workers" in kwargs:  # given to the pipeline itself, then a list of videos
+        with pytest.raises(ValueError, match=message):
+            pipeline("video-timeline", model=str(saved_model), **kwargs)([str(clip_path)] * 2)
 
 
 def test_a_broken_file_is_an_error_naming_it(saved_model, tmp_path):

@@ -61,26 +61,70 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
-@dataclass
-class _Frame:
-    """What the decoder reads of one sampled frame: each block's output and, with cross-frame attention, the
-    cross-frame module's features from its map towards the previous and towards the next sampled frame (the module
-    is linear in each, so a window adds the two, leaving out the previous one at its first frame and the next one at
-    its last). The next one is filled when the next frame arrives."""
+class _HeldFrames:
+    """
+    One per-frame quantity of consecutive sampled frames, `(frames, K, tokens, hidden)`, in a buffer reused from chunk
+    to chunk: a chunk's frames are written once, after the frames kept, instead of concatenated into a fresh tensor
+    (at these sizes a fresh tensor per chunk costs a copy of everything held and a page fault per 4 kB).
+    """
 
-    decoded_index: int
-    features: torch.Tensor  # (K, tokens, hidden)
-    from_previous: torch.Tensor | None = None  # (K, tokens, hidden)
-    from_next: torch.Tensor | None = None
+    def __init__(self, reserve: int = 0):
+        self.buffer: torch.Tensor | None = None
+        self.length = 0
+        self.reserve = reserve  # room for this many more frames whenever the buffer grows
+
+    @property
+    def frames(self) -> torch.Tensor:
+        return self.buffer[: self.length]
+
+    def drop_first(self, count: int) -> None:
+        keep = self.length - count
+        if keep > 0:
+            self.buffer[:keep] = self.buffer[count : self.length].clone()  # the frames still needed: a few
+        self.length = max(keep, 0)
+
+    def append(self, blocks: list[torch.Tensor], dtype: torch.dtype, count: int | None = None) -> None:
+        """Append `count` frames given per block: `blocks[k]` is `(n, tokens, hidden)`, converted to `dtype`; frames
+        past the `n` given (`count` > n) are zeros."""
+        count = len(blocks[0]) if count is None else count
+        if self.buffer is None or self.length + count > len(self.buffer):
+            size = self.length + count + self.reserve
+            grown = blocks[0].new_empty((size, len(blocks), *blocks[0].shape[1:]), dtype=dtype)
+            if self.length:
+                grown[: self.length] = self.frames
+            self.buffer = grown
+        new = self.buffer[self.length : self.length + count]
+        for index, block in enumerate(blocks):
+            new[: len(block), index] = block
+        new[len(blocks[0]) :] = 0
+        self.length += count
 
 
 class _SharedBackboneTimeline:
-    """The streaming state of one video: frames in flight, the last frame's q/k, windows waiting for the decoder."""
+    """
+    The streaming state of one video: what the decoder reads of the frames still needed, the last frame's q/k, and the
+    windows waiting for the decoder.
+
+    Per held sampled frame, in tensors over consecutive frames (so a batch of evenly spaced windows is a strided view,
+    not a copy): each block's output, and, with cross-frame attention, the cross-frame module's features from the
+    frame's map towards the previous and towards the next sampled frame. The module is linear in each map, so a window
+    adds the two, leaving out the previous one at its first frame and the next one at its last; the next one is filled
+    when the next frame arrives.
+    """
 
     def __init__(self, model: EVLForVideoClassification, num_frames: int, window_stride: int, decoder_batch_size: int):
         self.model, self.evl = model, model.evl
         self.num_frames, self.window_stride, self.decoder_batch_size = num_frames, window_stride, decoder_batch_size
-        self.frames: dict[int, _Frame] = {}  # by sampled index
+        # Pending windows are decoded before a full batch once they span this many frames, so that the frames held
+        # stay bounded by the batch's frames, not by `window_stride` x `decoder_batch_size`.
+        self.max_pending_span = decoder_batch_size * num_frames
+        self.first_held = 0  # the sampled index of the first held frame
+        # Held besides a chunk: at most the frames of the pending windows and the last window's.
+        reserve = self.max_pending_span + num_frames
+        self.features = _HeldFrames(reserve)  # each block's output
+        self.from_previous, self.from_next = _HeldFrames(reserve), _HeldFrames(reserve)  # cross-frame features
+        # The windows' summed cross-frame features, rewritten for each decoder batch (reused for the same reason).
+        self.cross_frame_workspace: torch.Tensor | None = None
         self.num_sampled = 0
         self.next_start = 0  # the next regular window's first sampled frame
         self.pending: list[int] = []  # starts of complete windows not yet decoded
@@ -89,54 +133,59 @@ class _SharedBackboneTimeline:
         self.maps_dtype = self.evl.reduced_precision_inference_dtype() or self.evl.decoder.query.dtype
         self.modules = [layer.cross_frame_attention for layer in self.evl.decoder.layers]
 
-    def add_frames(self, decoded_indices: list[int], pixel_values: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """Run the backbone on consecutive sampled frames `(n, C, H, W)`; yield `(start, logits)` of windows done."""
+    def add_frames(self, pixel_values: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Run the backbone on the next consecutive sampled frames `(n, C, H, W)`; yield `(start, logits)` of windows
+        done."""
+        self.evl.check_pixel_values(pixel_values[None])
         block_outputs, queries, keys = self.evl._run_backbone(pixel_values.to(self.model.device))
-        self.stats["frames_through_backbone"] += len(decoded_indices)
-        first = self.num_sampled
+        self.stats["frames_through_backbone"] += len(pixel_values)
+        cross = self._cross_frame_features(queries, keys) if queries else None
+        del queries, keys
+        self._forget_frames()
         dtype = self.evl.decoder.query.dtype
-        features = torch.stack(block_outputs, dim=1).to(dtype)  # (n, K, tokens, hidden)
-        new_frames = [_Frame(decoded_index, features[offset]) for offset, decoded_index in enumerate(decoded_indices)]
-        if queries:
-            self._add_cross_frame_features(new_frames, queries, keys)
-        for offset, frame in enumerate(new_frames):
-            self.frames[first + offset] = frame
-        self.num_sampled += len(decoded_indices)
-        self.stats["max_buffered_frames"] = max(self.stats["max_buffered_frames"], len(self.frames))
+        self.features.append(block_outputs, dtype)
+        del block_outputs
+        if cross is not None:
+            from_previous, from_next, previous_from_next = cross
+            if previous_from_next is not None:
+                self.from_next.frames[-1] = torch.stack(previous_from_next)
+            self.from_previous.append(from_previous, dtype)
+            self.from_next.append(from_next, dtype, count=len(pixel_values))
+        self.num_sampled += len(pixel_values)
+        self.stats["max_buffered_frames"] = max(self.stats["max_buffered_frames"], self.features.length)
         while self.next_start + self.num_frames <= self.num_sampled:
             self.pending.append(self.next_start)
             self.next_start += self.window_stride
-        while len(self.pending) >= self.decoder_batch_size:
+        while self.pending and (
+            len(self.pending) >= self.decoder_batch_size
+            or self.pending[-1] + self.num_frames - self.pending[0] > self.max_pending_span
+        ):
             yield from self._decode(self.decoder_batch_size)
-        self._forget_frames()
 
-    def _add_cross_frame_features(self, new_frames: list[_Frame], queries: list, keys: list) -> None:
+    def _cross_frame_features(self, queries: list, keys: list):
         """The maps of every new neighbouring pair (the previous chunk's last frame and this chunk's first included),
-        each computed once, turned into each frame's cross-frame features by direction."""
-        previous = self.frames.get(self.num_sampled - 1)
+        each computed once, turned into each new frame's cross-frame features by direction: `(from_previous,
+        from_next, previous_from_next)`, per block: `(n, tokens, hidden)`, `(n - 1, tokens, hidden)` (the last
+        new frame's is computed with the next chunk) and the previous chunk's last frame's `(tokens, hidden)`, or
+        `None` for the first chunk."""
+        has_previous = self.num_sampled > 0
         from_previous, from_next, previous_from_next = [], [], []
         for layer, (query, key) in enumerate(zip(queries, keys)):
-            if previous is not None:
+            if has_previous:
                 query = torch.cat([self.last_query_key[layer][0], query])
                 key = torch.cat([self.last_query_key[layer][1], key])
             maps = cross_frame_attention_maps(query[None], key[None], self.model.config.num_prefix_tokens)
             maps = maps.to(self.maps_dtype)
             module = self.modules[layer]
-            if previous is not None:
+            if has_previous:
                 previous_from_next.append(module.direction_features(maps[:, :1, 1], 1)[0, 0])
                 maps = maps[:, 1:]
             from_previous.append(module.direction_features(maps[:, :, 0], 0)[0])
             # The last new frame's next map is all zeros until the next chunk: computed then.
             from_next.append(module.direction_features(maps[:, :-1, 1], 1)[0])
-        self.stats["frame_pairs"] += len(new_frames) - (previous is None)
-        dtype = self.evl.decoder.query.dtype
-        if previous is not None:
-            previous.from_next = torch.stack(previous_from_next).to(dtype)
-        from_previous, from_next = torch.stack(from_previous, 1).to(dtype), torch.stack(from_next, 1).to(dtype)
-        for offset, frame in enumerate(new_frames):
-            frame.from_previous = from_previous[offset]
-            frame.from_next = from_next[offset] if offset < len(from_next) else None
+        self.stats["frame_pairs"] += len(queries[0]) - (not has_previous)
         self.last_query_key = [(query[-1:], key[-1:]) for query, key in zip(queries, keys)]
+        return from_previous, from_next, previous_from_next if has_previous else None
 
     def finish(self) -> Iterator[tuple[int, torch.Tensor]]:
         """The remaining windows, and one ending at the last sampled frame where the regular ones stop short of it."""
@@ -147,22 +196,39 @@ class _SharedBackboneTimeline:
         while self.pending:
             yield from self._decode(self.decoder_batch_size)
 
+    def _windows(self, held: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """`(windows, num_frames, ...)` of `held` at these sampled starts: a strided view where they are evenly
+        spaced (consecutive windows overlap in memory as in time), a copy otherwise."""
+        offsets = [start - self.first_held for start in starts]
+        steps = {b - a for a, b in zip(offsets, offsets[1:])}
+        if len(steps) <= 1:
+            step = steps.pop() if steps else 1
+            frame = held.stride(0)
+            view = held[offsets[0] :]
+            return view.as_strided((len(offsets), self.num_frames, *held.shape[1:]), (step * frame, *held.stride()))
+        index = torch.tensor(offsets, device=held.device)[:, None] + torch.arange(self.num_frames, device=held.device)
+        return held[index]
+
     def _decode(self, count: int) -> Iterator[tuple[int, torch.Tensor]]:
         starts, self.pending = self.pending[:count], self.pending[count:]
-        span = range(self.num_frames)
-        features = torch.stack([torch.stack([self.frames[s + t].features for t in span], dim=1) for s in starts])
+        features = self._windows(self.features.frames, starts)  # (W, T, K, tokens, hidden)
         cross_frame_features = None
         if self.model.config.use_temporal_cross_attention:
             # A window is a clip of its own: its first frame has no previous frame, its last no next one.
-            zeros = torch.zeros_like(features[0, :, 0])
-
-            def window_frame(frame: _Frame, t: int) -> torch.Tensor:
-                return (frame.from_previous if t > 0 else zeros) + (frame.from_next if t < self.num_frames - 1 else zeros)
-
-            cross_frame_features = torch.stack(
-                [torch.stack([window_frame(self.frames[s + t], t) for t in span], dim=1) for s in starts]
-            )
-        logits = self.model(frame_features=features, cross_frame_features=cross_frame_features).logits
+            if self.num_frames == 1:
+                cross_frame_features = features.new_zeros(features.shape)
+            else:
+                from_previous = self._windows(self.from_previous.frames, starts)
+                from_next = self._windows(self.from_next.frames, starts)
+                workspace = self.cross_frame_workspace
+                if workspace is None or len(workspace) < len(starts):
+                    workspace = self.cross_frame_workspace = features.new_empty(features.shape)
+                cross_frame_features = workspace[: len(starts)]
+                torch.add(from_previous[:, 1:-1], from_next[:, 1:-1], out=cross_frame_features[:, 1:-1])
+                cross_frame_features[:, 0] = from_next[:, 0]
+                cross_frame_features[:, -1] = from_previous[:, -1]
+            cross_frame_features = cross_frame_features.transpose(1, 2)
+        logits = self.model(frame_features=features.transpose(1, 2), cross_frame_features=cross_frame_features).logits
         self.stats["windows"] += len(starts)
         for start, window_logits in zip(starts, logits):
             yield start, window_logits
@@ -170,8 +236,11 @@ class _SharedBackboneTimeline:
     def _forget_frames(self) -> None:
         # Kept: frames of windows not decoded yet, and the last `num_frames` (the closing window may need them).
         keep_from = min([*self.pending, self.next_start, max(0, self.num_sampled - self.num_frames)])
-        for index in [index for index in self.frames if index < keep_from]:
-            del self.frames[index]
+        drop = keep_from - self.first_held
+        if drop > 0:
+            for held in (self.features, self.from_previous, self.from_next):
+                held.drop_first(drop)
+            self.first_held = keep_from
 
 
 def video_timeline(
@@ -181,8 +250,8 @@ def video_timeline(
     window_stride: int = 1,
     frame_sampling_rate: int | None = None,
     num_frames: int | None = None,
-    backbone_batch_size: int = 32,
-    decoder_batch_size: int = 16,
+    backbone_batch_size: int = 8,
+    decoder_batch_size: int = 4,
     progress: bool | None = None,
     stats: dict | None = None,
 ) -> list[EVLTimelineWindow]:
@@ -242,11 +311,11 @@ def video_timeline(
                 chunk.append(frame)
                 # Held back until the video is known to fill one window (a shorter one is sampled differently).
                 if len(chunk) >= backbone_batch_size and len(decoded_indices) >= num_frames:
-                    done.extend(timeline.add_frames(decoded_indices[-len(chunk) :], prepare(chunk)))
+                    done.extend(timeline.add_frames(prepare(chunk)))
                     bar.update(len(chunk))
                     chunk = []
             if chunk and len(decoded_indices) >= num_frames:
-                done.extend(timeline.add_frames(decoded_indices[-len(chunk) :], prepare(chunk)))
+                done.extend(timeline.add_frames(prepare(chunk)))
                 bar.update(len(chunk))
         if len(decoded_indices) < num_frames:
             # Shorter than one window: decoded again as the processor samples it (the video's last frame repeated,
@@ -316,6 +385,20 @@ class EVLVideoTimelinePipeline(VideoClassificationPipeline):
         """Label `inputs` (a video, or a list of videos) over time: a list of windows per video (see the class)."""
         if inputs is None:
             raise ValueError("Cannot call the video-timeline pipeline without a video.")
+        # One video at a time, decoded while the model runs: the work is batched inside it, by frames and windows.
+        batch_size = kwargs.get("batch_size", self._batch_size)
+        if batch_size not in (None, 1):
+            raise ValueError(
+                f"The video-timeline pipeline labels one video at a time (got batch_size={batch_size}); it batches "
+                "within a video: `backbone_batch_size` frames through the backbone, `decoder_batch_size` windows "
+                "through the decoder."
+            )
+        num_workers = kwargs.get("num_workers", self._num_workers)
+        if num_workers not in (None, 0):
+            raise ValueError(
+                f"The video-timeline pipeline decodes each video while the model runs, in the calling process (got "
+                f"num_workers={num_workers}): DataLoader workers have nothing to do; leave num_workers unset."
+            )
         return super(VideoClassificationPipeline, self).__call__(inputs, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
