@@ -271,3 +271,23 @@ def test_temporal_modules_off_and_a_bfloat16_backbone(tmp_path, clip_path):
         torch.testing.assert_close(
             window.logits, logits_on_frames(model, processor, str(clip_path), window.frame_indices), atol=1e-3, rtol=0
         )
+
+
+@pytest.mark.parametrize("window_frames", [1, 2, 3])
+@pytest.mark.parametrize(
+    "modules",
+    [{}, {"use_temporal_conv": False}, {"use_temporal_pos_embed": False}, {"use_temporal_cross_attention": False}],
+    ids=["all", "no-conv", "no-position", "no-cross-frame"],
+)
+def test_windows_of_any_length_with_any_temporal_modules(tmp_path, clip_path, window_frames, modules):
+    """The timeline builds a window's first, interior and last frames apart (interior sums are shared between
+    windows): each combination against the model on the window's frames."""
+    base = dict(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    model, processor = load(save_model(tmp_path / "model", tiny_config(**modules, **base)))
+    windows = video_timeline(model, processor, str(clip_path), num_frames=window_frames, window_stride=2,
+                             backbone_batch_size=5, decoder_batch_size=3)  # fmt: skip
+    assert len(windows) == len(range(0, 21 - window_frames + 1, 2)) + ((21 - window_frames) % 2 != 0)
+    for window in windows:
+        assert len(window.frame_indices) == window_frames
+        expected = logits_on_frames(model, processor, str(clip_path), window.frame_indices)
+        torch.testing.assert_close(window.logits, expected, atol=1e-5, rtol=1e-5)

@@ -442,7 +442,7 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         cross_frame_features: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size, num_frames, num_tokens, hidden_size = frame_features.shape
+        num_frames = frame_features.shape[1]
         # The terms are summed into one new tensor, the first term out of place (the features stay unmodified, so a
         # trained backbone's gradient is right), the others in place: the same additions in the same order as
         # `features + conv + position + cross-frame`, without a window-sized tensor per term (at inference over many
@@ -457,8 +457,15 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
             if cross_frame_features is None:
                 cross_frame_features = self.cross_frame_attention(cross_frame_maps)
             memory = frame_features + cross_frame_features if memory is None else memory.add_(cross_frame_features)
-        memory = (frame_features if memory is None else memory).reshape(batch_size, num_frames * num_tokens, hidden_size)
+        return self.attend(query, frame_features if memory is None else memory, output_attentions, **kwargs)
 
+    def attend(
+        self, query: torch.Tensor, memory: torch.Tensor, output_attentions: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query's update from the keys/values `memory` (B, T, tokens, D), the frame features with the temporal
+        terms added (`evl_hf.timeline` builds them itself, sharing what windows have in common)."""
+        batch_size, num_frames, num_tokens, hidden_size = memory.shape
+        memory = memory.reshape(batch_size, num_frames * num_tokens, hidden_size)
         attn_output, attn_weights = self.cross_attention(
             self.query_layernorm(query), self.frame_layernorm(memory), output_attentions, **kwargs
         )
@@ -973,6 +980,10 @@ class EVLForVideoClassification(EVLPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.evl.get_input_embeddings()
 
+    def classify(self, video_embedding: torch.Tensor) -> torch.Tensor:
+        """The classification head: `(batch_size, hidden_size)` video embeddings to `(batch_size, num_labels)` logits."""
+        return self.classifier(self.dropout(self.fc_norm(video_embedding)))
+
     @classmethod
     def from_backbone_pretrained(cls, pretrained_model_name_or_path: str, **config_kwargs) -> "EVLForVideoClassification":
         """
@@ -1129,7 +1140,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             cross_frame_features=cross_frame_features,
             **kwargs,
         )
-        logits = self.classifier(self.dropout(self.fc_norm(outputs.pooler_output)))
+        logits = self.classify(outputs.pooler_output)
         hidden_states, attentions = outputs.hidden_states, outputs.attentions
         if num_views is not None:
             logits = self._combine_views(logits.unflatten(0, (-1, num_views)), labels)

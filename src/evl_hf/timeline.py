@@ -123,8 +123,14 @@ class _SharedBackboneTimeline:
         reserve = self.max_pending_span + num_frames
         self.features = _HeldFrames(reserve)  # each block's output
         self.from_previous, self.from_next = _HeldFrames(reserve), _HeldFrames(reserve)  # cross-frame features
-        # The windows' summed cross-frame features, rewritten for each decoder batch (reused for the same reason).
-        self.cross_frame_workspace: torch.Tensor | None = None
+        # A window's interior frames (all but its first and last) see both neighbours: their features with the
+        # temporal conv and both cross-frame directions added are the same in every window, so they are summed once
+        # per frame; a window adds its position embedding, and builds its first and last frames itself.
+        self.interior = _HeldFrames(reserve)
+        self.interior_done = 1  # interior sums exist for sampled frames 1 .. interior_done - 1
+        # One decoder layer's keys/values for a batch of windows, rewritten for each layer and batch (reused for the
+        # same reason as the buffers).
+        self.memory_workspace: torch.Tensor | None = None
         self.num_sampled = 0
         self.next_start = 0  # the next regular window's first sampled frame
         self.pending: list[int] = []  # starts of complete windows not yet decoded
@@ -144,7 +150,6 @@ class _SharedBackboneTimeline:
         self._forget_frames()
         dtype = self.evl.decoder.query.dtype
         self.features.append(block_outputs, dtype)
-        del block_outputs
         if cross is not None:
             from_previous, from_next, previous_from_next = cross
             if previous_from_next is not None:
@@ -152,6 +157,9 @@ class _SharedBackboneTimeline:
             self.from_previous.append(from_previous, dtype)
             self.from_next.append(from_next, dtype, count=len(pixel_values))
         self.num_sampled += len(pixel_values)
+        if self.num_frames > 2:
+            self.interior.append([output[:0] for output in block_outputs], dtype, count=len(pixel_values))
+            self._sum_interior_frames()
         self.stats["max_buffered_frames"] = max(self.stats["max_buffered_frames"], self.features.length)
         while self.next_start + self.num_frames <= self.num_sampled:
             self.pending.append(self.next_start)
@@ -177,12 +185,14 @@ class _SharedBackboneTimeline:
             maps = cross_frame_attention_maps(query[None], key[None], self.model.config.num_prefix_tokens)
             maps = maps.to(self.maps_dtype)
             module = self.modules[layer]
+            # The last new frame's next map is all zeros until the next chunk: computed then, with the previous
+            # chunk's last frame's, which comes first here.
+            towards_next = module.direction_features(maps[:, :-1, 1], 1)[0]
             if has_previous:
-                previous_from_next.append(module.direction_features(maps[:, :1, 1], 1)[0, 0])
-                maps = maps[:, 1:]
+                previous_from_next.append(towards_next[0])
+                towards_next, maps = towards_next[1:], maps[:, 1:]
             from_previous.append(module.direction_features(maps[:, :, 0], 0)[0])
-            # The last new frame's next map is all zeros until the next chunk: computed then.
-            from_next.append(module.direction_features(maps[:, :-1, 1], 1)[0])
+            from_next.append(towards_next)
         self.stats["frame_pairs"] += len(queries[0]) - (not has_previous)
         self.last_query_key = [(query[-1:], key[-1:]) for query, key in zip(queries, keys)]
         return from_previous, from_next, previous_from_next if has_previous else None
@@ -209,27 +219,77 @@ class _SharedBackboneTimeline:
         index = torch.tensor(offsets, device=held.device)[:, None] + torch.arange(self.num_frames, device=held.device)
         return held[index]
 
-    def _decode(self, count: int) -> Iterator[tuple[int, torch.Tensor]]:
-        starts, self.pending = self.pending[:count], self.pending[count:]
-        features = self._windows(self.features.frames, starts)  # (W, T, K, tokens, hidden)
-        cross_frame_features = None
-        if self.model.config.use_temporal_cross_attention:
-            # A window is a clip of its own: its first frame has no previous frame, its last no next one.
-            if self.num_frames == 1:
-                cross_frame_features = features.new_zeros(features.shape)
+    def _sum_interior_frames(self) -> None:
+        """For each frame whose next frame has arrived: features + temporal conv (both neighbours) + both cross-frame
+        directions, per block, as a window's interior frame has them (before its position embedding)."""
+        first, last = self.interior_done, self.num_sampled - 2
+        if last < first:
+            return
+        start, stop = first - self.first_held, last + 1 - self.first_held  # in the held buffers
+        features = self.features.frames
+        for index, layer in enumerate(self.evl.decoder.layers):
+            output = self.interior.frames[start:stop, index]
+            window = features[start - 1 : stop + 1, index]  # with each frame's neighbours
+            if layer.temporal_conv is not None:
+                weight, bias = layer.temporal_conv.conv.weight.squeeze(1), layer.temporal_conv.conv.bias
+                torch.addcmul(bias.to(window.dtype), window[1:-1], weight[:, 1].to(window.dtype), out=output)
+                output.addcmul_(window[:-2], weight[:, 0].to(window.dtype))
+                output.addcmul_(window[2:], weight[:, 2].to(window.dtype))
+                output.add_(window[1:-1])
             else:
-                from_previous = self._windows(self.from_previous.frames, starts)
-                from_next = self._windows(self.from_next.frames, starts)
-                workspace = self.cross_frame_workspace
-                if workspace is None or len(workspace) < len(starts):
-                    workspace = self.cross_frame_workspace = features.new_empty(features.shape)
-                cross_frame_features = workspace[: len(starts)]
-                torch.add(from_previous[:, 1:-1], from_next[:, 1:-1], out=cross_frame_features[:, 1:-1])
-                cross_frame_features[:, 0] = from_next[:, 0]
-                cross_frame_features[:, -1] = from_previous[:, -1]
-            cross_frame_features = cross_frame_features.transpose(1, 2)
-        logits = self.model(frame_features=features.transpose(1, 2), cross_frame_features=cross_frame_features).logits
-        self.stats["windows"] += len(starts)
+                output.copy_(window[1:-1])
+            if layer.cross_frame_attention is not None:
+                output.add_(self.from_previous.frames[start:stop, index]).add_(self.from_next.frames[start:stop, index])
+        self.interior_done = last + 1
+
+    def _edge_frame(self, layer, index: int, features, from_previous, from_next, t: int, output) -> None:
+        """A window's first (`t == 0`) or last frame into `output`: its conv and cross-frame attention see only the
+        neighbour inside the window; the same additions in the same order as the decoder layer."""
+        num_frames = self.num_frames
+        frame = features[:, t, index]
+        neighbour = None if num_frames == 1 else features[:, 1 if t == 0 else num_frames - 2, index]
+        if layer.temporal_conv is not None:
+            weight, bias = layer.temporal_conv.conv.weight.squeeze(1).to(frame.dtype), layer.temporal_conv.conv.bias
+            torch.addcmul(bias.to(frame.dtype), frame, weight[:, 1], out=output)
+            if neighbour is not None:
+                output.addcmul_(neighbour, weight[:, 2] if t == 0 else weight[:, 0])
+            output.add_(frame)
+        else:
+            output.copy_(frame)
+        if layer.temporal_position_embedding is not None:
+            output.add_(layer.temporal_position_embedding(num_frames)[t])
+        if layer.cross_frame_attention is not None and neighbour is not None:
+            output.add_(from_next[:, 0, index] if t == 0 else from_previous[:, -1, index])
+
+    def _decode(self, count: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The decoder on a batch of windows: `EVLDecoderLayer.attend` on keys/values built here from the held
+        per-frame sums, then the classification head; each window's logits equal the model's on its frames."""
+        starts, self.pending = self.pending[:count], self.pending[count:]
+        num_windows, num_frames = len(starts), self.num_frames
+        features = self._windows(self.features.frames, starts)  # (W, T, K, tokens, hidden)
+        from_previous = from_next = interior = None
+        if self.model.config.use_temporal_cross_attention and num_frames > 1:
+            from_previous = self._windows(self.from_previous.frames, starts)
+            from_next = self._windows(self.from_next.frames, starts)
+        if num_frames > 2:
+            interior = self._windows(self.interior.frames, starts)
+        shape = (num_windows, num_frames, *features.shape[3:])
+        if self.memory_workspace is None or len(self.memory_workspace) < num_windows:
+            self.memory_workspace = features.new_empty(shape)
+        memory = self.memory_workspace[:num_windows]
+        query = self.evl.decoder.query.view(1, 1, -1).expand(num_windows, 1, -1)
+        for index, layer in enumerate(self.evl.decoder.layers):
+            if interior is not None:
+                if layer.temporal_position_embedding is not None:
+                    position = layer.temporal_position_embedding(num_frames)[1:-1, None, :]
+                    torch.add(interior[:, 1:-1, index], position, out=memory[:, 1:-1])
+                else:
+                    memory[:, 1:-1] = interior[:, 1:-1, index]
+            for t in {0, num_frames - 1}:
+                self._edge_frame(layer, index, features, from_previous, from_next, t, memory[:, t])
+            query, _ = layer.attend(query, memory)
+        logits = self.model.classify(query[:, 0])
+        self.stats["windows"] += num_windows
         for start, window_logits in zip(starts, logits):
             yield start, window_logits
 
@@ -238,7 +298,7 @@ class _SharedBackboneTimeline:
         keep_from = min([*self.pending, self.next_start, max(0, self.num_sampled - self.num_frames)])
         drop = keep_from - self.first_held
         if drop > 0:
-            for held in (self.features, self.from_previous, self.from_next):
+            for held in (self.features, self.from_previous, self.from_next, self.interior):
                 held.drop_first(drop)
             self.first_held = keep_from
 
