@@ -252,3 +252,20 @@ def test_a_file_that_is_not_a_video_gets_an_error_message_and_the_app_goes_on(br
     top_label, _ = classify_in_page(browser, app_url, clips["upload"])
     assert top_label in LABELS.values()
 
+
+
+def test_uploads_are_limited_in_size(monkeypatch):
+    """`--max_file_size` reaches Gradio's launch (an upload over it is refused by Gradio's server), 1 GB by default."""
+    import evl_hf.app
+
+    launched = []
+
+    class Demo:
+        def launch(self, **kwargs):
+            launched.append(kwargs)
+
+    monkeypatch.setattr(evl_hf.app, "build_demo", lambda *args, **kwargs: Demo())
+    evl_hf.app.main(["--model", "unused"])
+    evl_hf.app.main(["--model", "unused", "--max_file_size", "20mb"])
+    assert [kwargs["max_file_size"] for kwargs in launched] == ["1gb", "20mb"]
+    assert all(kwargs["share"] is False for kwargs in launched)

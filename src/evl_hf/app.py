@@ -138,13 +138,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--examples", default=None, help="a folder of example clips to offer")
     parser.add_argument("--window_stride", type=int, default=1, help="sampled frames between timeline windows")
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
+    parser.add_argument(
+        "--max_file_size", default="1gb", help="the largest upload accepted, e.g. 200mb (Gradio refuses larger ones)"
+    )
     args = parser.parse_args(argv)
     demo = build_demo(
         args.model, args.examples, top_k=args.top_k, window_stride=args.window_stride, device=args.device
     )
     # No share link (it would open a tunnel through Gradio's servers); errors other than a bad upload's still show
     # their message in the page.
-    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    demo.launch(
+        server_name=args.host, server_port=args.port, share=False, show_error=True, max_file_size=args.max_file_size
+    )
 
 
 if __name__ == "__main__":
