@@ -227,6 +227,7 @@ def test_cli_end_to_end_as_a_module(saved_model, clip_path, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "RuntimeWarning" not in result.stderr
+    assert "Loading weights" not in result.stderr  # transformers' progress bars, before the command's own output
     expected = explain(EVLForVideoClassification.from_pretrained(saved_model), small_processor(), clip_path, top_k=3)
     printed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ")]
     assert printed == expected.labels
