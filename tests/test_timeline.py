@@ -106,17 +106,20 @@ def test_memory_does_not_grow_with_the_videos_length(saved_model, tmp_path):
     assert held[600] == held[60] <= 8 + 4 + NUM_FRAMES
 
 
-def test_frames_between_far_apart_windows_are_not_all_held(saved_model, tmp_path):
-    """Windows far apart wait for the decoder no longer than their frames' span allows: before, with a stride of 20
-    and batches of 16 windows, the whole video was held (200 sampled frames)."""
+@pytest.mark.parametrize("window_stride", [20, 90])
+def test_frames_between_far_apart_windows_are_not_all_held(saved_model, tmp_path, window_stride):
+    """Windows far apart wait for the decoder no longer than a batch's frames allow, whatever the stride: before, with
+    a stride of 20 and batches of 16 windows, the whole video was held (200 sampled frames); then, decoding early by
+    the pending windows' span, a lone pending window still held every frame up to the next (90 at a stride of 90)."""
     model, processor = load(saved_model)
     path = write_clip(tmp_path / "600.mp4", index_coded_frames(600, 32, 32), gop=250)
     stats = {}
-    windows = video_timeline(model, processor, str(path), window_stride=20, backbone_batch_size=8,
-                             decoder_batch_size=16, stats=stats)  # fmt: skip
-    assert [w.frame_indices[0] for w in windows] == [SAMPLING_RATE * s for s in [*range(0, 181, 20), 196]]
-    # One backbone batch, the span of a decoder batch of windows (16 x 4 frames) and one more stride at most.
-    assert stats["max_buffered_frames"] <= 8 + 16 * NUM_FRAMES + 20 < 200
+    windows = video_timeline(model, processor, str(path), window_stride=window_stride, backbone_batch_size=8,
+                             decoder_batch_size=4, stats=stats)  # fmt: skip
+    starts = [*range(0, 200 - NUM_FRAMES + 1, window_stride)]
+    assert [w.frame_indices[0] for w in windows] == [SAMPLING_RATE * s for s in [*starts, 196]]
+    # The frames of a decoder batch of windows (4 x 4) and one backbone batch at most.
+    assert stats["max_buffered_frames"] <= 4 * NUM_FRAMES + 8
 
 
 def test_windows_decoded_early_equal_the_model_on_their_frames(saved_model, clip_path):

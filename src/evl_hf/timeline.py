@@ -80,7 +80,8 @@ class _HeldFrames:
     def drop_first(self, count: int) -> None:
         keep = self.length - count
         if keep > 0:
-            self.buffer[:keep] = self.buffer[count : self.length].clone()  # the frames still needed: a few
+            kept = self.buffer[count : self.length]
+            self.buffer[:keep] = kept.clone() if count < keep else kept  # the frames still needed: a few
         self.length = max(keep, 0)
 
     def append(self, blocks: list[torch.Tensor], dtype: torch.dtype, count: int | None = None) -> None:
@@ -106,17 +107,17 @@ class _SharedBackboneTimeline:
     windows waiting for the decoder.
 
     Per held sampled frame, in tensors over consecutive frames (so a batch of evenly spaced windows is a strided view,
-    not a copy): each block's output, and, with cross-frame attention, the cross-frame module's features from the
-    frame's map towards the previous and towards the next sampled frame. The module is linear in each map, so a window
-    adds the two, leaving out the previous one at its first frame and the next one at its last; the next one is filled
-    when the next frame arrives.
+    not a copy): each block's output; with cross-frame attention, the cross-frame module's features from the frame's
+    map towards the previous and towards the next sampled frame (the module is linear in each map; the next one is
+    filled when the next frame arrives); and, for windows of more than 2 frames, the sum a window's interior frame
+    reads. A window's first frame leaves out the previous frame's terms and its last frame the next one's.
     """
 
     def __init__(self, model: EVLForVideoClassification, num_frames: int, window_stride: int, decoder_batch_size: int):
         self.model, self.evl = model, model.evl
         self.num_frames, self.window_stride, self.decoder_batch_size = num_frames, window_stride, decoder_batch_size
-        # Pending windows are decoded before a full batch once they span this many frames, so that the frames held
-        # stay bounded by the batch's frames, not by `window_stride` x `decoder_batch_size`.
+        # Pending windows are decoded before a full batch once the frames since the oldest one's start exceed this,
+        # so that the frames held stay bounded by a batch's frames, whatever `window_stride`.
         self.max_pending_span = decoder_batch_size * num_frames
         self.first_held = 0  # the sampled index of the first held frame
         # Held besides a chunk: at most the frames of the pending windows and the last window's.
@@ -164,9 +165,10 @@ class _SharedBackboneTimeline:
         while self.next_start + self.num_frames <= self.num_sampled:
             self.pending.append(self.next_start)
             self.next_start += self.window_stride
+        # The oldest pending window holds every frame after its start: decoded once those exceed the span a full
+        # batch of windows would hold, whatever the stride.
         while self.pending and (
-            len(self.pending) >= self.decoder_batch_size
-            or self.pending[-1] + self.num_frames - self.pending[0] > self.max_pending_span
+            len(self.pending) >= self.decoder_batch_size or self.num_sampled - self.pending[0] > self.max_pending_span
         ):
             yield from self._decode(self.decoder_batch_size)
 
@@ -263,7 +265,8 @@ class _SharedBackboneTimeline:
 
     def _decode(self, count: int) -> Iterator[tuple[int, torch.Tensor]]:
         """The decoder on a batch of windows: `EVLDecoderLayer.attend` on keys/values built here from the held
-        per-frame sums, then the classification head; each window's logits equal the model's on its frames."""
+        per-frame sums, then the classification head; each window's logits equal the model's on its frames. (The
+        decoder layers' and the model's own forward, and hooks on them, are not called.)"""
         starts, self.pending = self.pending[:count], self.pending[count:]
         num_windows, num_frames = len(starts), self.num_frames
         features = self._windows(self.features.frames, starts)  # (W, T, K, tokens, hidden)
@@ -446,14 +449,15 @@ class EVLVideoTimelinePipeline(VideoClassificationPipeline):
         if inputs is None:
             raise ValueError("Cannot call the video-timeline pipeline without a video.")
         # One video at a time, decoded while the model runs: the work is batched inside it, by frames and windows.
-        batch_size = kwargs.get("batch_size", self._batch_size)
+        # As transformers resolves them: an argument given as None falls back to the pipeline's own.
+        batch_size = kwargs.get("batch_size") if kwargs.get("batch_size") is not None else self._batch_size
         if batch_size not in (None, 1):
             raise ValueError(
                 f"The video-timeline pipeline labels one video at a time (got batch_size={batch_size}); it batches "
                 "within a video: `backbone_batch_size` frames through the backbone, `decoder_batch_size` windows "
                 "through the decoder."
             )
-        num_workers = kwargs.get("num_workers", self._num_workers)
+        num_workers = kwargs.get("num_workers") if kwargs.get("num_workers") is not None else self._num_workers
         if num_workers not in (None, 0):
             raise ValueError(
                 f"The video-timeline pipeline decodes each video while the model runs, in the calling process (got "
