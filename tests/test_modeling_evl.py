@@ -510,7 +510,9 @@ def test_precomputed_backbone_features_give_the_same_logits():
         model(frame_features=features.frame_features)
     with pytest.raises(EVLInputError, match="frame_features"):
         model(frame_features=features.frame_features[:, :1], cross_frame_maps=features.cross_frame_maps)
-    # Precomputed maps or cross-frame features next to frames were silently replaced by the frames' own.
+    # Precomputed features, maps or cross-frame features next to frames: one of the two was silently ignored.
+    with pytest.raises(EVLInputError, match="either `pixel_values` or precomputed `frame_features`, not both"):
+        model(inputs, frame_features=features.frame_features, cross_frame_maps=features.cross_frame_maps)
     for given in ("cross_frame_maps", "cross_frame_features"):
         value = features.cross_frame_maps if given == "cross_frame_maps" else torch.zeros_like(features.frame_features)
         with pytest.raises(EVLInputError, match=f"`{given}` are precomputed backbone features: pass them with"):
@@ -1030,3 +1032,24 @@ def test_cross_frame_features_by_direction_replace_the_maps():
                   cross_frame_features=by_direction)  # fmt: skip
         with pytest.raises(EVLInputError, match="must have the shape of `frame_features`"):
             model(frame_features=features.frame_features, cross_frame_features=by_direction[:, :, :2])
+
+
+def test_a_decoder_layer_promotes_mixed_dtypes_as_an_out_of_place_sum_would():
+    """Called directly with bf16 features, a float32 layer sums its terms in float32 (the in-place sum must not
+    narrow them, nor fail where `features + conv + position + cross-frame` promotes)."""
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    randomize_decoder(model)
+    layer = model.evl.decoder.layers[0]
+    with torch.no_grad():
+        features = model.evl.extract_backbone_features(pixel_values())
+        frame_features = features.frame_features[:, 0].to(torch.bfloat16)
+        maps = features.cross_frame_maps[:, 0]
+        memory = frame_features + layer.temporal_conv(frame_features)
+        memory = memory + layer.temporal_position_embedding(frame_features.shape[1])[:, None, :]
+        memory = memory + layer.cross_frame_attention(maps)
+        query = model.evl.decoder.query.view(1, 1, -1).expand(2, 1, -1)
+        expected, _ = layer.attend(query, memory)
+        actual, _ = layer(query, frame_features, maps)
+    assert memory.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)

@@ -415,8 +415,9 @@ class EVLDecoderMLP(nn.Module):
 class EVLDecoderLayer(GradientCheckpointingLayer):
     """
     One decoder layer, paired with one backbone block. It builds its keys/values from that block's frame features
-    plus the enabled temporal terms (each computed from the unmodified features and added out of place, so gradients
-    into the backbone stay correct when it is fine-tuned), then updates the query: pre-LN cross-attention, then MLP.
+    plus the enabled temporal terms (each computed from the unmodified features and summed into a tensor of the
+    layer's own, so gradients into the backbone stay correct when it is fine-tuned), then updates the query (`attend`):
+    pre-LN cross-attention, then MLP.
     """
 
     def __init__(self, config: EVLConfig):
@@ -447,16 +448,21 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         # trained backbone's gradient is right), the others in place: the same additions in the same order as
         # `features + conv + position + cross-frame`, without a window-sized tensor per term (at inference over many
         # windows, fresh tensors that size cost more in page faults than the additions themselves).
+        def add(memory: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+            if memory is None:
+                return frame_features + term
+            # In place unless the sum is of a wider dtype (a bf16 memory and a float32 term): promoted as before.
+            return memory.add_(term) if torch.promote_types(memory.dtype, term.dtype) == memory.dtype else memory + term
+
         memory = None
         if self.temporal_conv is not None:
             memory = self.temporal_conv(frame_features, add_input=True)
         if self.temporal_position_embedding is not None:
-            position = self.temporal_position_embedding(num_frames)[:, None, :]
-            memory = frame_features + position if memory is None else memory.add_(position)
+            memory = add(memory, self.temporal_position_embedding(num_frames)[:, None, :])
         if self.cross_frame_attention is not None:
             if cross_frame_features is None:
                 cross_frame_features = self.cross_frame_attention(cross_frame_maps)
-            memory = frame_features + cross_frame_features if memory is None else memory.add_(cross_frame_features)
+            memory = add(memory, cross_frame_features)
         return self.attend(query, frame_features if memory is None else memory, output_attentions, **kwargs)
 
     def attend(
@@ -875,8 +881,9 @@ class EVLModel(EVLPreTrainedModel):
         cross_frame_maps (`torch.FloatTensor` of shape `(batch_size, decoder_num_layers, num_frames, 2, num_patches, num_patches)`, *optional*):
             Precomputed cross-frame attention maps, with `frame_features` when cross-frame attention is used.
         cross_frame_features (`torch.FloatTensor` of the shape of `frame_features`, *optional*):
-            Instead of `cross_frame_maps`: the cross-frame attention module's output itself (inference; what
-            `evl_hf.timeline` passes, having computed each frame's share once for all the windows it is in).
+            Instead of `cross_frame_maps`: the cross-frame attention module's output itself (e.g. computed once per
+            frame for many overlapping clips; the module is linear in each direction's map, see
+            `EVLCrossFrameAttention.direction_features`).
 
         Example (a tiny random model; a converted checkpoint loads with `EVLModel.from_pretrained(path)`):
 
@@ -914,6 +921,10 @@ class EVLModel(EVLPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         maps_dtype = self.reduced_precision_inference_dtype() or self.decoder.query.dtype
+        if frame_features is not None and pixel_values is not None:
+            raise EVLInputError(
+                "Give either `pixel_values` or precomputed `frame_features`, not both: the model would use only one."
+            )
         if frame_features is None:
             if cross_frame_maps is not None or cross_frame_features is not None:
                 given = "cross_frame_maps" if cross_frame_maps is not None else "cross_frame_features"
