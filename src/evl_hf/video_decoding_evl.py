@@ -110,6 +110,9 @@ def _open_source(source, timeout: float):
         except Exception as error:
             downloaded.close()
             raise EVLVideoDecodingError(f"{text}: cannot download the video ({type(error).__name__}: {error}).") from None
+        if downloaded.tell() == 0:
+            downloaded.close()
+            raise EVLVideoDecodingError(f"{text}: the download is empty (0 bytes).")
         downloaded.seek(0)
         return downloaded
     path = Path(text)
@@ -189,10 +192,19 @@ def decode_video(
     backend = resolve_decoding_backend(backend)
     request = _DecodeRequest(_video_name(source), sample_indices_fn, max_frame_pixels, timeout, time.monotonic(), stats)
     opened = _open_source(source, timeout)
-    if isinstance(opened, io.IOBase) and not opened.seekable():
+    try:
+        return _decode_opened(opened, backend, request)
+    finally:
+        if opened is not source and not isinstance(opened, str):
+            opened.close()  # the download of a URL, or a buffer over bytes; the caller's own file stays open
+
+
+def _decode_opened(opened, backend: str, request: "_DecodeRequest"):
+    is_file = not isinstance(opened, str)
+    if is_file and not opened.seekable():
         backend = "pyav"  # torchcodec seeks in file objects, and a failed try could not be rewound for PyAV
     if backend == "torchcodec":
-        start_position = opened.tell() if isinstance(opened, io.IOBase) else None
+        start_position = opened.tell() if is_file else None
         try:
             result = _decode_with_torchcodec(opened, start_position, request)
         except EVLVideoDecodingError:
@@ -202,11 +214,11 @@ def decode_video(
             if start_position is not None:
                 opened.seek(start_position)
         else:
-            if stats is not None:
-                stats["backend"] = "torchcodec"
+            if request.stats is not None:
+                request.stats["backend"] = "torchcodec"
             return result
-    if stats is not None:
-        stats["backend"] = "pyav"
+    if request.stats is not None:
+        request.stats["backend"] = "pyav"
     return _decode_with_pyav(opened, request)
 
 
@@ -399,9 +411,13 @@ class VideoFrameStream:
         if not is_av_available():
             raise ImportError("Streaming a video needs PyAV: pip install av")
         self.name, self.step = _video_name(source), step
+        opened = _open_source(source, 120.0)
+        # The download of a URL (or a buffer over bytes) is this stream's to close; the caller's own file is not.
+        self._owned = opened if opened is not source and not isinstance(opened, str) else None
         try:
-            self._container = av.open(_open_source(source, 120.0), mode="r", metadata_errors="ignore")
+            self._container = av.open(opened, mode="r", metadata_errors="ignore")
         except (av.error.FFmpegError, OSError, ValueError) as error:
+            self._close_owned()
             raise EVLVideoDecodingError(f"{self.name}: not a readable video file ({error}).") from None
         try:
             if not self._container.streams.video:
@@ -419,7 +435,7 @@ class VideoFrameStream:
             if context.width * context.height > _SINGLE_THREAD_MAX_PIXELS:
                 self._stream.thread_type = "AUTO"
         except BaseException:
-            self._container.close()
+            self.close()
             raise
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else None
@@ -459,6 +475,12 @@ class VideoFrameStream:
 
     def close(self) -> None:
         self._container.close()
+        self._close_owned()
+
+    def _close_owned(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = None
 
     def __enter__(self) -> "VideoFrameStream":
         return self
