@@ -269,3 +269,7 @@ def test_uploads_are_limited_in_size(monkeypatch):
     evl_hf.app.main(["--model", "unused", "--max_file_size", "20mb"])
     assert [kwargs["max_file_size"] for kwargs in launched] == ["1gb", "20mb"]
     assert all(kwargs["share"] is False for kwargs in launched)
+    for bad in ("1.5gb", "0", "abc"):  # refused by name before the model loads
+        with pytest.raises(SystemExit):
+            evl_hf.app.main(["--model", "unused", "--max_file_size", bad])
+    assert len(launched) == 2

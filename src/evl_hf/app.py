@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import html
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -129,6 +130,14 @@ def build_demo(
     return demo
 
 
+def _file_size(text: str) -> str:
+    """`--max_file_size` as Gradio reads it (a positive whole number and b, kb, mb, gb or tb), checked before the
+    model is loaded."""
+    if not re.fullmatch(r"[1-9][0-9]*\s*(b|kb|mb|gb|tb)", text.strip(), flags=re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500mb or 2gb (a whole number and b/kb/mb/gb/tb)")
+    return text.strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m evl_hf.app", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an EVL checkpoint: a directory or a Hub id")
@@ -139,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window_stride", type=int, default=1, help="sampled frames between timeline windows")
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
     parser.add_argument(
-        "--max_file_size", default="1gb", help="the largest upload accepted, e.g. 200mb (Gradio refuses larger ones)"
+        "--max_file_size",
+        default="1gb",
+        type=_file_size,
+        help="the largest upload accepted: a whole number and a unit, e.g. 200mb (Gradio refuses larger ones)",
     )
     args = parser.parse_args(argv)
     demo = build_demo(

@@ -363,8 +363,6 @@ def main(argv: list[str] | None = None) -> EVLExplanation:
     if args.animation is not None and Path(args.animation).suffix.lower() != ANIMATION_SUFFIX:
         parser.error(f"--animation {args.animation}: animations are written as {ANIMATION_SUFFIX} files.")
 
-    # The command's output is the summary below: no weight-loading progress bars before it.
-    logging.disable_progress_bar()
     try:
         model, processor = load_model_and_processor(args.model)
         explanation = explain(model, processor, args.video, top_k=args.top_k)
