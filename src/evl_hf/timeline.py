@@ -231,15 +231,12 @@ class _SharedBackboneTimeline:
         features = self.features.frames
         for index, layer in enumerate(self.evl.decoder.layers):
             output = self.interior.frames[start:stop, index]
-            window = features[start - 1 : stop + 1, index]  # with each frame's neighbours
+            frames = features[start - 1 : stop + 1, index]  # with each frame's neighbours
             if layer.temporal_conv is not None:
-                weight, bias = layer.temporal_conv.conv.weight.squeeze(1), layer.temporal_conv.conv.bias
-                torch.addcmul(bias.to(window.dtype), window[1:-1], weight[:, 1].to(window.dtype), out=output)
-                output.addcmul_(window[:-2], weight[:, 0].to(window.dtype))
-                output.addcmul_(window[2:], weight[:, 2].to(window.dtype))
-                output.add_(window[1:-1])
+                # The layer's own convolution over them, as one clip: its inner frames see both neighbours.
+                output.copy_(layer.temporal_conv(frames[None], add_input=True)[0, 1:-1])
             else:
-                output.copy_(window[1:-1])
+                output.copy_(frames[1:-1])
             if layer.cross_frame_attention is not None:
                 output.add_(self.from_previous.frames[start:stop, index]).add_(self.from_next.frames[start:stop, index])
         self.interior_done = last + 1
@@ -251,6 +248,8 @@ class _SharedBackboneTimeline:
         frame = features[:, t, index]
         neighbour = None if num_frames == 1 else features[:, 1 if t == 0 else num_frames - 2, index]
         if layer.temporal_conv is not None:
+            # `EVLTemporalConv` over (frame, neighbour) computes the same, and the neighbour's output too: written out
+            # here, once per window and layer, into the workspace.
             weight, bias = layer.temporal_conv.conv.weight.squeeze(1).to(frame.dtype), layer.temporal_conv.conv.bias
             torch.addcmul(bias.to(frame.dtype), frame, weight[:, 1], out=output)
             if neighbour is not None:
