@@ -125,6 +125,12 @@ def _open_source(source, timeout: float):
     return text
 
 
+def _opened_here(opened, source) -> bool:
+    """Whether `_open_source` made `opened` (the download of a URL, a buffer over bytes), so that its reader closes
+    it; a path is opened by the decoder, and the caller's own file object stays open."""
+    return opened is not source and not isinstance(opened, str)
+
+
 @dataclass
 class _DecodeRequest:
     """What every step of one `decode_video` call needs: the video's name for errors, the sampling, the guards."""
@@ -195,8 +201,8 @@ def decode_video(
     try:
         return _decode_opened(opened, backend, request)
     finally:
-        if opened is not source and not isinstance(opened, str):
-            opened.close()  # the download of a URL, or a buffer over bytes; the caller's own file stays open
+        if _opened_here(opened, source):
+            opened.close()
 
 
 def _decode_opened(opened, backend: str, request: "_DecodeRequest"):
@@ -412,8 +418,7 @@ class VideoFrameStream:
             raise ImportError("Streaming a video needs PyAV: pip install av")
         self.name, self.step = _video_name(source), step
         opened = _open_source(source, 120.0)
-        # The download of a URL (or a buffer over bytes) is this stream's to close; the caller's own file is not.
-        self._owned = opened if opened is not source and not isinstance(opened, str) else None
+        self._owned = opened if _opened_here(opened, source) else None  # this stream's to close
         try:
             self._container = av.open(opened, mode="r", metadata_errors="ignore")
         except (av.error.FFmpegError, OSError, ValueError) as error:
