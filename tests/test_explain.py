@@ -137,10 +137,12 @@ def test_maps_are_the_decoder_attention_computed_literally(name, clip_path):
     literal = literal_attention(model, pixel_values)
 
     assert explanation.layer_maps.shape == (2, 4, 4, 4) and explanation.combined_map.shape == (4, 4, 4)
+    # The literal form projects every key; the model folds the key projection into the query, so float32 rounds the
+    # (large, spread-out) scores differently: a few 1e-6 on weights of up to 0.2, where a misplaced weight is 1e-2.
     for layer, weights in enumerate(literal):
         expected = weights[:, prefix:].reshape(4, 4, 4)  # (frame, row, column): the backbone's row-major patches
-        np.testing.assert_allclose(explanation.layer_maps[layer], expected.numpy(), atol=1e-6)
-        np.testing.assert_allclose(explanation.prefix_share[layer], weights[:, :prefix].sum().item(), atol=1e-6)
+        np.testing.assert_allclose(explanation.layer_maps[layer], expected.numpy(), atol=1e-5)
+        np.testing.assert_allclose(explanation.prefix_share[layer], weights[:, :prefix].sum().item(), atol=1e-5)
     assert explanation.layer_maps.std() > 1e-3  # far from uniform: a misplaced weight would show
     # Normalisation: per layer the patches and the prefix tokens share the whole attention.
     np.testing.assert_allclose(explanation.layer_maps.sum((1, 2, 3)) + explanation.prefix_share, 1, atol=1e-5)

@@ -219,6 +219,41 @@ def test_eager_and_sdpa_agree():
     torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
 
 
+def test_eager_attention_never_copies_the_tokens_per_head():
+    # The folded attention's heads share one key/value "head", the tokens. The eager path (which returns the weights,
+    # e.g. for `explain` over several views) broadcast the heads against it, and matmul copied the tokens once per
+    # head: batch x heads x tokens x hidden, 232 MB and 60x the time of sdpa at 4 windows of ViT-B/16.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for value in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(value, torch.Tensor):
+                    self.largest = max(self.largest, value.numel())
+            return result
+
+    torch.manual_seed(0)
+    config = tiny_config(decoder_num_heads=8)
+    config._attn_implementation = "eager"
+    model = EVLModel(config).eval()
+    randomize_decoder(model)
+    attention = model.decoder.layers[0].cross_attention
+    batch_size, num_tokens, hidden_size = 4, 64, config.vision_config.hidden_size
+    query, memory = torch.randn(batch_size, 1, hidden_size), torch.randn(batch_size, num_tokens, hidden_size)
+    with torch.no_grad(), LargestOutput() as recorder:
+        eager, weights = attention(query, memory, output_attentions=True)
+    assert recorder.largest <= batch_size * num_tokens * hidden_size
+    assert weights.shape == (batch_size, config.decoder_num_heads, 1, num_tokens)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(batch_size, config.decoder_num_heads, 1))
+    config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        sdpa, _ = attention(query, memory)
+    torch.testing.assert_close(eager, sdpa, atol=1e-6, rtol=1e-5)
+
+
 def test_multi_view_input_averages_view_probabilities():
     torch.manual_seed(0)
     model = EVLForVideoClassification(tiny_config()).eval()

@@ -371,14 +371,20 @@ class EVLDecoderAttention(nn.Module):
             # FLOPs. The heads become query positions of one shared "head" whose keys and values are the tokens.
             key_weight = self.k_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
             folded = torch.einsum("bhqd,hde->bhqe", queries, key_weight)  # (B, heads, q, D)
-            tokens = memory.unsqueeze(1)  # one key/value "head" shared by all query heads: (B, 1, L, D)
             if implementation == "eager":
-                # Broadcasts over heads; the returned weights are the ones the output was computed from.
-                attn_output, attn_weights = attention_interface(
-                    self, folded, tokens, tokens, None, scaling=self.scaling, dropout=0.0, **kwargs
-                )
+                # Written out, with every head's folded query a row of one matmul against the tokens (a matmul
+                # broadcasting the heads would copy the tokens once per head). The returned weights are the tensor
+                # the output is computed from, so their gradient can be retained.
+                rows = folded.reshape(batch_size, self.num_heads * query_length, hidden_size)
+                scores = torch.matmul(rows, memory.transpose(1, 2)) * self.scaling
+                scores = scores.view(batch_size, self.num_heads, query_length, -1)
+                attn_weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+                attn_output = torch.matmul(attn_weights.view(batch_size, self.num_heads * query_length, -1), memory)
+                attn_output = attn_output.view(batch_size, self.num_heads, query_length, hidden_size).transpose(1, 2)
             else:
-                # sdpa wants matching head counts: the heads become query positions of the single head.
+                # sdpa wants matching head counts: the heads become query positions of one key/value "head", the
+                # tokens, shared by all of them.
+                tokens = memory.unsqueeze(1)
                 packed = folded.transpose(1, 2).reshape(batch_size, 1, query_length * self.num_heads, hidden_size)
                 attn_output, attn_weights = attention_interface(
                     self, packed, tokens, tokens, None, scaling=self.scaling, dropout=0.0, **kwargs
