@@ -3,7 +3,8 @@ Where EVL's inference time goes (issue 11's profile), ViT-B/16 shapes, batch 1, 
 bfloat16 backbone (`--backbone_dtype bfloat16`, meaningful where the CPU runs bfloat16 natively).
 
 Each section runs alternately with the CLIPVisionModel forward alone and is printed as a share of it; then the
-operators with the most self time in a `torch.profiler` trace of the whole EVL forward.
+operators with the most self time in a `torch.profiler` trace of the whole EVL forward; then the floor: what EVL's
+forward must cost at least on this machine, as a ratio to the backbone alone (see `arithmetic_floor`).
 
     python benchmarks/bench_inference_profile.py [--repeats 5] [--backbone_dtype bfloat16] [--threads 1]
 """
@@ -15,6 +16,84 @@ from common import add_threads_argument, alternate, b16_classifier_and_clip, mac
 from torch.profiler import ProfilerActivity, profile
 
 import evl_hf.modeling_evl as modeling
+
+
+def multiply_adds(config, batch_size: int = 1) -> dict:
+    """Multiply-adds of one forward by part, counted from the shapes (a ViT with a class token, as CLIP).
+
+    `backbone`: the CLIP tower over every frame. `maps`: the cross-frame scores (each neighbouring pair, both
+    directions, every head; a head's scores are patches x patches x head_dim). `cross-frame module`: the module as
+    implemented (per query-column group, each query row against the table rows and column offsets the group reaches)
+    and, as `minimal`, each query patch against exactly the N offsets its N keys have. `decoder attention`: the
+    folded single-query attention of every layer (keys and values never projected), its projections and the MLP of
+    one token, and the classifier."""
+    vision = config.vision_config
+    hidden, frames, layers = vision.hidden_size, config.num_frames, config.decoder_num_layers
+    height, width = config.patch_grid
+    patches = height * width
+    tokens = config.num_prefix_tokens + patches
+    clip_frames = batch_size * frames
+    block = 4 * tokens * hidden * hidden + 2 * tokens * tokens * hidden + 2 * tokens * hidden * vision.intermediate_size
+    patch_embedding = patches * 3 * vision.patch_size**2 * hidden
+    backbone = clip_frames * (patch_embedding + vision.num_hidden_layers * block)
+    maps = layers * batch_size * 2 * (frames - 1) * patches * patches * hidden
+    half = (width + 1) // 2
+    groups = [half, width - half] if width > 1 else [width]
+    module = layers * 2 * sum(height * clip_frames * g * height * (g + width - 1) * hidden for g in groups if g)
+    minimal_module = layers * 2 * clip_frames * patches * patches * hidden
+    decoder_mlp = round(config.decoder_mlp_factor * hidden) * hidden * 2
+    attention = layers * batch_size * (2 * config.decoder_num_heads * frames * tokens * hidden + 4 * hidden * hidden)
+    decoder = attention + layers * batch_size * decoder_mlp + batch_size * hidden * config.num_labels
+    return {"backbone": backbone, "maps": maps, "cross-frame module": module,
+            "cross-frame module, minimal": minimal_module, "decoder attention, MLP, head": decoder}  # fmt: skip
+
+
+def arithmetic_floor(model, backbone_alone, repeats: int) -> None:
+    """
+    What EVL's forward must cost beyond the backbone here, whatever the implementation: its extra multiply-adds (the
+    cross-frame module at its minimum) at the rate the backbone's own matmuls reach, one `exp` per cross-frame score
+    (the softmax's least work), and one read of every decoder weight (a batch of one reads each once). The last two
+    are timed here, alternately with the backbone alone.
+    """
+    config, evl = model.config, model.evl
+    counts = multiply_adds(config)
+    height, width = config.patch_grid
+    patches = height * width
+    heads = config.vision_config.num_attention_heads
+    # The scores of one frame pair and direction, as the maps compute them (one pair at a time).
+    scores = torch.randn(1, 1, heads, patches, patches, dtype=evl.vision_model.dtype)
+    probabilities = torch.empty_like(scores, dtype=torch.promote_types(scores.dtype, torch.float32))
+    pairs = config.decoder_num_layers * 2 * (config.num_frames - 1)
+    weights = [module.weight for module in evl.decoder.modules() if isinstance(module, torch.nn.Linear)]
+    weights.append(model.classifier.weight)
+    vectors = [torch.randn(weight.shape[1], dtype=weight.dtype) for weight in weights]
+
+    def exp_per_score():
+        for _ in range(pairs):
+            torch.exp(scores, out=probabilities)  # into a reused buffer: no allocation
+
+    def read_decoder_weights():
+        for weight, vector in zip(weights, vectors):
+            torch.mv(weight, vector)
+
+    with torch.inference_mode():
+        timed = alternate({"backbone": backbone_alone, "exp": exp_per_score,
+                           "weights": read_decoder_weights}, repeats=repeats)  # fmt: skip
+    share = {name: seconds / timed["backbone"] for name, seconds in timed.items()}
+    extra = counts["maps"] + counts["cross-frame module, minimal"] + counts["decoder attention, MLP, head"]
+    implemented = counts["maps"] + counts["cross-frame module"] + counts["decoder attention, MLP, head"]
+    print("multiply-adds of one forward (batch 1), counted from the shapes:")
+    for name, count in counts.items():
+        print(f"  {name:<36} {count / 1e9:8.3f} G   {count / counts['backbone']:6.4f} of the backbone")
+    print(f"  EVL's extra, as implemented          {implemented / counts['backbone']:6.4f} of the backbone; with the "
+          f"minimal cross-frame module {extra / counts['backbone']:6.4f}")  # fmt: skip
+    print(f"the backbone's rate here: {counts['backbone'] * 2 / timed['backbone'] / 1e9:.0f} GFLOP/s")
+    print(f"one exp per cross-frame score ({pairs} x {heads} x {patches}^2): {share['exp']:.4f} of the backbone alone")
+    print(f"one read of the decoder's {sum(w.numel() for w in weights) * weights[0].element_size() / 2**20:.0f} MiB of "
+          f"weights (matrix-vector products): {share['weights']:.4f} of the backbone alone")  # fmt: skip
+    floor = 1 + extra / counts["backbone"] + share["exp"] + share["weights"]
+    print(f"floor: EVL forward / backbone alone >= {floor:.3f} (the extra multiply-adds at the backbone's rate, the "
+          f"exps and the weight reads; softmax's other passes, LayerNorms, the temporal conv and copies not counted)")
 
 
 def main():
@@ -57,6 +136,7 @@ def main():
     total = sum(event.self_cpu_time_total for event in events)
     for event in events[:10]:
         print(f"  {event.key:<48} {event.self_cpu_time_total / total:6.1%}  ({event.count} calls)")
+    arithmetic_floor(model, sections["CLIPVisionModel alone"], args.repeats)
 
 
 if __name__ == "__main__":
