@@ -707,6 +707,22 @@ def test_cross_frame_module_equals_the_authors_gathered_tables(grid):
         assert output.shape == (2, 3, num_patches + 1, 16) and output[:, :, 0].abs().sum() == 0
         torch.testing.assert_close(output[:, :, 1:], expected, atol=1e-5, rtol=1e-5)
 
+    # Training: the gradients of both tables and of the maps (a fine-tuned backbone's) are the gathered form's.
+    upstream = torch.randn(2, 3, num_patches, 16)
+    gradients = []
+    for gathered in (False, True):
+        module.zero_grad()
+        leaf = maps.clone().requires_grad_(True)
+        if gathered:
+            output = torch.einsum("btqk,qkc->btqc", leaf[:, :, 0], module.previous_frame_table[offset_index])
+            output = output + torch.einsum("btqk,qkc->btqc", leaf[:, :, 1], module.next_frame_table[offset_index])
+        else:
+            output = module(leaf)[:, :, 1:]
+        (output * upstream).sum().backward()
+        gradients.append([module.previous_frame_table.grad, module.next_frame_table.grad, leaf.grad])
+    for ours, reference in zip(*gradients):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-5)
+
 
 @pytest.mark.parametrize("num_frames", [1, 2, 5])
 def test_temporal_conv_equals_a_depthwise_conv1d_over_time(num_frames):
