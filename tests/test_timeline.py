@@ -243,13 +243,17 @@ def test_a_broken_file_is_an_error_naming_it(saved_model, tmp_path):
         video_timeline(model, processor, str(tmp_path / "missing.mp4"))
 
 
-@pytest.mark.parametrize("family", ["siglip", "dinov2_with_registers"])
+@pytest.mark.parametrize("family", ["siglip", "dinov2", "dinov2_with_registers", "vit"])
 def test_other_backbone_families(tmp_path, clip_path, family):
-    from transformers import Dinov2WithRegistersConfig, SiglipVisionConfig
+    from transformers import Dinov2Config, Dinov2WithRegistersConfig, SiglipVisionConfig, ViTConfig
 
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, patch_size=8)
-    vision = SiglipVisionConfig(image_size=32, **shape) if family == "siglip" else Dinov2WithRegistersConfig(
-        image_size=48, num_register_tokens=2, **shape)  # fmt: skip
+    vision = {
+        "siglip": lambda: SiglipVisionConfig(image_size=32, **shape),
+        "dinov2": lambda: Dinov2Config(image_size=48, **shape),
+        "dinov2_with_registers": lambda: Dinov2WithRegistersConfig(image_size=48, num_register_tokens=2, **shape),
+        "vit": lambda: ViTConfig(image_size=32, **shape),
+    }[family]()
     base = tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     directory = save_model(tmp_path / family, EVLConfig(**{**base.to_diff_dict(), "vision_config": vision, "image_size": 32}))
     model, processor = load(directory)

@@ -328,7 +328,8 @@ class EVLCrossFrameAttention(nn.Module):
                     if features is None:
                         features = torch.bmm(offsets, direction_windows[direction])
                     else:
-                        features = features.baddbmm_(offsets, direction_windows[direction])
+                        # Out of place: under autocast the bmm above is bf16, and in-place ops are not autocast.
+                        features = torch.baddbmm(features, offsets, direction_windows[direction])
                 # (h, B * c * g, D) -> (B, c, h, g, D)
                 features = features.view(height, batch_size, stop - start, -1, hidden_size).permute(1, 2, 0, 3, 4)
                 patches[:, start:stop, :, columns] = features
@@ -378,7 +379,7 @@ class EVLDecoderAttention(nn.Module):
                 rows = folded.reshape(batch_size, self.num_heads * query_length, hidden_size)
                 scores = torch.matmul(rows, memory.transpose(1, 2)) * self.scaling
                 scores = scores.view(batch_size, self.num_heads, query_length, -1)
-                attn_weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+                attn_weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(rows.dtype)
                 attn_output = torch.matmul(attn_weights.view(batch_size, self.num_heads * query_length, -1), memory)
                 attn_output = attn_output.view(batch_size, self.num_heads, query_length, hidden_size).transpose(1, 2)
             else:
