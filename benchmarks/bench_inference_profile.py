@@ -38,9 +38,8 @@ def multiply_adds(config, batch_size: int = 1) -> dict:
     patch_embedding = patches * 3 * vision.patch_size**2 * hidden
     backbone = clip_frames * (patch_embedding + vision.num_hidden_layers * block)
     maps = layers * batch_size * 2 * (frames - 1) * patches * patches * hidden
-    half = (width + 1) // 2
-    groups = [half, width - half] if width > 1 else [width]
-    module = layers * 2 * sum(height * clip_frames * g * height * (g + width - 1) * hidden for g in groups if g)
+    groups = [columns.stop - columns.start for columns in modeling._query_column_groups(width)]
+    module = layers * 2 * sum(height * clip_frames * g * height * (g + width - 1) * hidden for g in groups)
     minimal_module = layers * 2 * batch_size * (frames - 1) * patches * patches * hidden
     attention = layers * batch_size * 2 * config.decoder_num_heads * frames * tokens * hidden
     # q, out, and the key and value weights applied to the folded query and the weighted sum; fc1, fc2; classifier.

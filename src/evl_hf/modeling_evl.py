@@ -212,6 +212,13 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_pr
     return maps
 
 
+def _query_column_groups(grid_width: int) -> list[slice]:
+    """The query columns the cross-frame module's inference path multiplies separately: two halves (one column alone
+    on a grid one patch wide), each reaching w + w/2 - 1 of the 2w - 1 column offsets."""
+    half = (grid_width + 1) // 2
+    return [slice(0, half), slice(half, grid_width)] if grid_width > 1 else [slice(0, grid_width)]
+
+
 class EVLCrossFrameAttention(nn.Module):
     """
     Turns the backbone's attention between the patches of neighbouring frames (see `cross_frame_attention_maps`) into
@@ -301,8 +308,7 @@ class EVLCrossFrameAttention(nn.Module):
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
-        half = (width + 1) // 2
-        groups = [slice(0, half), slice(half, width)] if width > 1 else [slice(0, width)]
+        groups = _query_column_groups(width)
         windows = []  # per column group: (previous-frame, next-frame) windows, (h, h * m, D)
         for columns in groups:
             offset_columns = slice(columns.start, columns.stop + width - 1)
