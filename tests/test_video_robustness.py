@@ -288,3 +288,59 @@ def test_decoding_time_guard(tmp_path, decoding_backend):
     with pytest.raises(EVLVideoDecodingError, match="decoding took longer than 0s") as error:
         decode_video(path, lambda metadata: [199], timeout=0.0, backend=decoding_backend)
     assert str(path) in str(error.value)
+
+
+# ---------------------------------------------------------------- the process, not the file
+
+
+# With every file descriptor of the process in use, opening any video fails. That is the process's failure: it must
+# surface as such (naming the video), never as "not a readable video file", which a data set counts as one unusable
+# clip and skips, for every clip read while the descriptors are short. In a child process, whose limit can be lowered.
+OUT_OF_DESCRIPTORS = """
+import json, resource, sys
+from evl_hf import EVLVideoDecodingError, decode_video
+from evl_hf.video_decoding_evl import VideoFrameStream
+
+path, backend = sys.argv[1], sys.argv[2]
+decode_video(path, lambda metadata: [0, 1], backend=backend)  # the decoders' libraries loaded while descriptors last
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+held = []
+try:
+    while True:
+        held.append(open(path, "rb"))
+except OSError:
+    pass
+outcomes = []
+for read in (lambda: decode_video(path, lambda metadata: [0, 1], backend=backend),
+             lambda: list(VideoFrameStream(path, step=2))):
+    try:
+        read()
+        outcomes.append(["read", ""])
+    except Exception as error:
+        outcomes.append([type(error).__name__, str(error), isinstance(error, EVLVideoDecodingError),
+                         getattr(error, "errno", None)])
+for handle in held:
+    handle.close()
+frames, _ = decode_video(path, lambda metadata: [0, 1], backend=backend)  # and once descriptors are back, it reads
+print(json.dumps({"outcomes": outcomes, "after": len(frames)}))
+"""
+
+
+def test_running_out_of_file_descriptors_is_the_process_error_not_a_bad_file(tmp_path, decoding_backend):
+    import errno
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = write_clip(tmp_path / "clip.mp4", index_coded_frames(20))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS, str(path), decoding_backend],
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    for kind, message, is_bad_file_error, number in report["outcomes"]:
+        assert kind == "OSError" and not is_bad_file_error and number == errno.EMFILE, (kind, message)
+        assert str(path) in message and "not a problem of the file" in message
+    assert report["after"] == 2

@@ -17,6 +17,7 @@ time, still images) and one error type, `EVLVideoDecodingError`, that names the 
 through `decode_video`.
 """
 
+import errno
 import functools
 import io
 import tempfile
@@ -49,6 +50,24 @@ _VIDEO_SOURCE_TYPES = (str, Path, bytes, bytearray, io.IOBase)
 class EVLVideoDecodingError(ValueError):
     """A video could not be opened or decoded; the message names the file and the problem."""
 
+
+# Failures of the process, not of the file: file descriptors or memory ran out.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def _raise_if_environment_error(name: str, error: BaseException) -> None:
+    """
+    Raise `error` as the process's failure, naming the video, when it is one: a data set that counted it as one
+    unusable video would quietly drop every video read while it lasts. Any other error is left to the caller, which
+    reports the video as unreadable.
+    """
+    if isinstance(error, MemoryError):
+        raise MemoryError(f"{name}: out of memory while reading the video ({error}).") from error
+    if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+        raise OSError(
+            error.errno, f"{name}: cannot read the video: {error.strerror or error} (a limit of this process, not a "
+            "problem of the file)"
+        ) from error
 
 
 @functools.cache
@@ -109,6 +128,7 @@ def _open_source(source, timeout: float):
                     downloaded.write(chunk)
         except Exception as error:
             downloaded.close()
+            _raise_if_environment_error(text, error)
             raise EVLVideoDecodingError(f"{text}: cannot download the video ({type(error).__name__}: {error}).") from None
         if downloaded.tell() == 0:
             downloaded.close()
@@ -282,11 +302,13 @@ def _decode_with_pyav(opened, request: "_DecodeRequest"):
     try:
         container = av.open(opened, mode="r", metadata_errors="ignore")
     except (av.error.FFmpegError, OSError, ValueError) as error:
+        _raise_if_environment_error(request.name, error)
         raise EVLVideoDecodingError(f"{request.name}: not a readable video file ({error}).") from None
     with container:
         try:
             return _decode_container(container, request)
         except av.error.FFmpegError as error:
+            _raise_if_environment_error(request.name, error)
             raise EVLVideoDecodingError(f"{request.name}: the video cannot be decoded ({error}).") from None
 
 
@@ -381,6 +403,7 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
             if position == len(wanted):
                 break
     except av.error.FFmpegError as error:
+        _raise_if_environment_error(name, error)  # not a damaged tail: the frames after it are not missing
         if latest is None:
             raise EVLVideoDecodingError(f"{name}: the video stream cannot be decoded ({error}).") from None
     finally:
@@ -423,6 +446,7 @@ class VideoFrameStream:
             self._container = av.open(opened, mode="r", metadata_errors="ignore")
         except (av.error.FFmpegError, OSError, ValueError) as error:
             self._close_owned()
+            _raise_if_environment_error(self.name, error)
             raise EVLVideoDecodingError(f"{self.name}: not a readable video file ({error}).") from None
         try:
             if not self._container.streams.video:
@@ -471,6 +495,7 @@ class VideoFrameStream:
                     yield wanted, rgb
                     wanted += self.step
         except av.error.FFmpegError as error:
+            _raise_if_environment_error(self.name, error)  # not a damaged tail: the frames after it are not missing
             if counted == 0:
                 raise EVLVideoDecodingError(f"{self.name}: the video stream cannot be decoded ({error}).") from None
             # A damaged tail: the frames before it stand, as `decode_video` keeps them.
