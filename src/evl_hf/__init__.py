@@ -10,6 +10,7 @@ the pipeline is transformers' own: the processor's saved sampling rate, no batch
 
 from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor
 
+from .allocator import keep_freed_memory
 from .configuration_evl import EVL_PRESETS, EVLConfig
 from .explain import EVLExplanation, explain
 from .modeling_evl import (
@@ -59,6 +60,7 @@ __all__ = [
     "EVLVideoTimelinePipeline",
     "decode_video",
     "explain",
+    "keep_freed_memory",
     "plot_timeline",
     "resolve_decoding_backend",
     "sample_frame_indices",

@@ -34,6 +34,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.video_classification import VideoClassificationPipeline
 from transformers.utils import logging
 
+from .allocator import keep_freed_memory
 from .modeling_evl import EVLForVideoClassification, cross_frame_attention_maps
 from .video_decoding_evl import VideoFrameStream, decode_video
 from .video_processing_evl import EVLVideoProcessor, sample_frame_indices
@@ -555,6 +556,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # this process is ours: keep freed memory for the next batch (see the function)
     main()
 
 
