@@ -316,7 +316,7 @@ for read in (lambda: decode_video(path, lambda metadata: [0, 1], backend=backend
              lambda: list(VideoFrameStream(path, step=2))):
     try:
         read()
-        outcomes.append(["read", ""])
+        outcomes.append(["read", "", False, None])
     except Exception as error:
         outcomes.append([type(error).__name__, str(error), isinstance(error, EVLVideoDecodingError),
                          getattr(error, "errno", None)])
@@ -344,3 +344,22 @@ def test_running_out_of_file_descriptors_is_the_process_error_not_a_bad_file(tmp
         assert kind == "OSError" and not is_bad_file_error and number == errno.EMFILE, (kind, message)
         assert str(path) in message and "not a problem of the file" in message
     assert report["after"] == 2
+
+
+def test_a_header_asking_for_too_much_memory_is_a_bad_file_not_the_process_error(tmp_path, decoding_backend):
+    # An mp4 whose sample-time table claims 2^29 entries: FFmpeg refuses the 4 GiB table without allocating it and
+    # reports ENOMEM, which PyAV raises as a MemoryError. It is this file's fault: one unusable clip, not a stop.
+    import struct
+
+    from evl_hf.video_decoding_evl import VideoFrameStream
+
+    data = bytearray(write_clip(tmp_path / "good.mp4", index_coded_frames(20)).read_bytes())
+    at = data.index(b"stts")
+    data[at + 8 : at + 12] = struct.pack(">I", 0x1FFFFFFF)
+    path = tmp_path / "huge_table.mp4"
+    path.write_bytes(bytes(data))
+    with pytest.raises(EVLVideoDecodingError) as error:
+        decode_video(path, lambda metadata: [0, 1], backend=decoding_backend)
+    assert str(path) in str(error.value)
+    with pytest.raises(EVLVideoDecodingError, match="not a readable video"), VideoFrameStream(path, step=2) as stream:
+        list(stream)

@@ -51,23 +51,26 @@ class EVLVideoDecodingError(ValueError):
     """A video could not be opened or decoded; the message names the file and the problem."""
 
 
-# Failures of the process, not of the file: file descriptors or memory ran out.
-_ENVIRONMENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+# Failures of the process, not of the file: file descriptors or disk space (for a download) ran out. FFmpeg's ENOMEM
+# is not one of them: FFmpeg also reports it, without allocating, for a header that asks for too much (a crafted or
+# damaged file), so it stays a bad file.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC})
 
 
 def _raise_if_environment_error(name: str, error: BaseException) -> None:
     """
-    Raise `error` as the process's failure, naming the video, when it is one: a data set that counted it as one
-    unusable video would quietly drop every video read while it lasts. Any other error is left to the caller, which
-    reports the video as unreadable.
+    Raise `error` as the process's failure, naming the video, when it is one (or wraps one, as HTTP clients do): a
+    data set that counted it as one unusable video would quietly drop every video read while it lasts. Any other
+    error is left to the caller, which reports the video as unreadable.
     """
-    if isinstance(error, MemoryError):
-        raise MemoryError(f"{name}: out of memory while reading the video ({error}).") from error
-    if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
-        raise OSError(
-            error.errno, f"{name}: cannot read the video: {error.strerror or error} (a limit of this process, not a "
-            "problem of the file)"
-        ) from error
+    cause, seen = error, 0
+    while cause is not None and seen < 8:
+        if isinstance(cause, OSError) and cause.errno in _ENVIRONMENT_ERRNOS:
+            raise OSError(
+                cause.errno, f"{name}: cannot read the video: {cause.strerror or cause} (a limit of this process, not "
+                "a problem of the file)"
+            ) from error
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
 
 
 @functools.cache
@@ -120,12 +123,18 @@ def _open_source(source, timeout: float):
 
         # Into a temporary file, not memory: a long video would otherwise be held whole while it streams through a
         # timeline. The file is deleted when closed or collected.
-        downloaded = tempfile.TemporaryFile()
+        try:
+            downloaded = tempfile.TemporaryFile()
+        except OSError as error:
+            raise OSError(error.errno, f"{text}: cannot store the download ({error.strerror or error})") from error
         try:
             with httpx.stream("GET", text, follow_redirects=True, timeout=timeout) as response:
                 response.raise_for_status()
                 for chunk in response.iter_bytes(1 << 20):
                     downloaded.write(chunk)
+        except MemoryError:
+            downloaded.close()
+            raise
         except Exception as error:
             downloaded.close()
             _raise_if_environment_error(text, error)
@@ -206,7 +215,9 @@ def decode_video(
     after the last one. Frame `i` is the frame shown at `i / fps` seconds (the container's frame count and average rate,
     so both backends pick the same frames). Indices past the real end of the stream (containers that over-report their
     length) repeat the last decoded frame, as the authors do for clips shorter than the sampling window. Display
-    rotation (phone videos) is applied. Any failure raises `EVLVideoDecodingError` naming the video and the problem.
+    rotation (phone videos) is applied. Any failure of the video raises `EVLVideoDecodingError` naming the video and
+    the problem; a failure of the process (out of file descriptors, or of disk space for a download) raises an
+    `OSError` naming the video instead.
     Frames over `max_frame_pixels`, decoding past `timeout` seconds and still images (a photo renamed `.mp4`, which
     FFmpeg would open as a one-frame video) are refused.
 
@@ -431,7 +442,8 @@ class VideoFrameStream:
     depend on their length (one decoded frame at a time). Frame `i` is the one `decode_video` gives for index `i` (the
     frame shown at `i / fps` seconds; an index the stream skips gets the next decoded frame), so a window of these
     frames equals the same indices decoded by `decode_video`. Use as a context manager; iterate for
-    `(index, frame)` pairs, frames `(height, width, 3)` uint8 RGB. Errors are `EVLVideoDecodingError`s naming the video.
+    `(index, frame)` pairs, frames `(height, width, 3)` uint8 RGB. Errors are `EVLVideoDecodingError`s naming the video
+    (`OSError`s for the process's failures, as in `decode_video`).
     """
 
     def __init__(self, source, step: int = 1, max_frame_pixels: int = 4096 * 4096):
