@@ -44,7 +44,6 @@ from transformers import pipeline
 
 # Importing this module imports evl_hf first, which registers EVL's "video-classification" and "video-timeline"
 # pipelines.
-from .allocator import keep_freed_memory
 from .explain import explain
 from .timeline import plot_timeline
 from .video_decoding_evl import EVLVideoDecodingError
@@ -166,5 +165,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # this process is ours: keep freed memory for the next batch (see the function)
     main()
