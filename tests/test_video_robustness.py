@@ -1,6 +1,12 @@
 """Every kind of bad or unusual video file: it works correctly, or raises EVLVideoDecodingError naming the file."""
 
+import errno
 import io
+import json
+import os
+import struct
+import subprocess
+import sys
 import time
 from fractions import Fraction
 
@@ -13,6 +19,7 @@ from helpers import frame_index, index_coded_frames, write_clip
 from PIL import Image
 
 from evl_hf import EVLVideoDecodingError, EVLVideoProcessor, decode_video
+from evl_hf.video_decoding_evl import VideoFrameStream
 
 
 def processor(backend, **kwargs):
@@ -328,12 +335,6 @@ print(json.dumps({"outcomes": outcomes, "after": len(frames)}))
 
 
 def test_running_out_of_file_descriptors_is_the_process_error_not_a_bad_file(tmp_path, decoding_backend):
-    import errno
-    import json
-    import os
-    import subprocess
-    import sys
-
     path = write_clip(tmp_path / "clip.mp4", index_coded_frames(20))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS, str(path), decoding_backend],
@@ -349,10 +350,6 @@ def test_running_out_of_file_descriptors_is_the_process_error_not_a_bad_file(tmp
 def test_a_header_asking_for_too_much_memory_is_a_bad_file_not_the_process_error(tmp_path, decoding_backend):
     # An mp4 whose sample-time table claims 2^29 entries: FFmpeg refuses the 4 GiB table without allocating it and
     # reports ENOMEM, which PyAV raises as a MemoryError. It is this file's fault: one unusable clip, not a stop.
-    import struct
-
-    from evl_hf.video_decoding_evl import VideoFrameStream
-
     data = bytearray(write_clip(tmp_path / "good.mp4", index_coded_frames(20)).read_bytes())
     at = data.index(b"stts")
     data[at + 8 : at + 12] = struct.pack(">I", 0x1FFFFFFF)
