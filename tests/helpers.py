@@ -43,15 +43,24 @@ def randomize_decoder(model, seed: int = 0, scale: float = 0.2) -> None:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
+def seeded_classifier(config=None, decoder_scale: float = 0.2):
+    """The tests' usual subject: an EVL classifier of `config` (default `tiny_config()`) built from seed 0, its
+    decoder randomized, in eval mode."""
+    from evl_hf import EVLForVideoClassification
+
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(config if config is not None else tiny_config())
+    randomize_decoder(model, scale=decoder_scale)
+    return model.eval()
+
+
 def save_tiny_classifier(directory: Path, labels: dict, decoder_scale: float = 0.2) -> Path:
     """A seeded tiny EVL classifier with these labels and a 4 x 3 video processor at 32 px, saved as a checkpoint
     folder that `pipeline(...)` and `from_pretrained` load."""
-    from evl_hf import EVLForVideoClassification, EVLVideoProcessor
+    from evl_hf import EVLVideoProcessor
 
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config(id2label=labels, label2id={v: k for k, v in labels.items()}))
-    randomize_decoder(model, scale=decoder_scale)
-    model.save_pretrained(directory)
+    config = tiny_config(id2label=labels, label2id={v: k for k, v in labels.items()})
+    seeded_classifier(config, decoder_scale).save_pretrained(directory)
     EVLVideoProcessor(
         num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     ).save_pretrained(directory)

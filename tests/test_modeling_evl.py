@@ -6,7 +6,14 @@ import re
 import pytest
 import torch
 from evl_reference import random_original_state_dict, reference_logits
-from helpers import pixel_values, randomize_decoder, save_tiny_backbone, tiny_config, tiny_vision_config
+from helpers import (
+    pixel_values,
+    randomize_decoder,
+    save_tiny_backbone,
+    seeded_classifier,
+    tiny_config,
+    tiny_vision_config,
+)
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel
 
@@ -194,9 +201,7 @@ def test_other_frame_counts_interpolate_temporal_position_embeddings():
 
 
 def test_batch_equivalence():
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config()).eval()
-    randomize_decoder(model)
+    model = seeded_classifier()
     inputs = pixel_values(batch=3)
     with torch.no_grad():
         batched = model(inputs).logits
@@ -205,9 +210,7 @@ def test_batch_equivalence():
 
 
 def test_eager_and_sdpa_agree():
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config()).eval()
-    randomize_decoder(model)
+    model = seeded_classifier()
     inputs = pixel_values()
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -257,9 +260,7 @@ def test_eager_attention_never_copies_the_tokens_per_head():
 def test_inference_under_bfloat16_autocast():
     # `Trainer(bf16=True).evaluate()` runs the forward under autocast with no gradient: the cross-frame module's
     # matmuls come out in bf16 there, and an in-place accumulation into them would mix dtypes.
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config()).eval()
-    randomize_decoder(model)
+    model = seeded_classifier()
     inputs = pixel_values(batch=2)
     with torch.no_grad():
         expected = model(inputs).logits
@@ -269,9 +270,7 @@ def test_inference_under_bfloat16_autocast():
 
 
 def test_multi_view_input_averages_view_probabilities():
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config()).eval()
-    randomize_decoder(model)
+    model = seeded_classifier()
     views = torch.stack([pixel_values(batch=2, seed=s) for s in range(3)], dim=1)  # (B, V, T, C, H, W)
     with torch.no_grad():
         combined = model(views).logits
@@ -541,9 +540,7 @@ def test_bad_pixel_values_get_clear_errors(inputs, message):
 
 
 def test_precomputed_backbone_features_give_the_same_logits():
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config()).eval()
-    randomize_decoder(model)
+    model = seeded_classifier()
     inputs = pixel_values()
     with torch.no_grad():
         features = model.evl.extract_backbone_features(inputs)
@@ -914,9 +911,7 @@ def test_concurrent_forwards_of_one_model_match_sequential_ones():
     # A web server shares one model between threads: no forward may see another's backbone outputs.
     import threading
 
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config()).eval()
-    randomize_decoder(model)
+    model = seeded_classifier()
     num_threads, repetitions = 4, 8
     inputs = [pixel_values(batch=1, seed=seed) for seed in range(num_threads)]
     with torch.no_grad():
@@ -1073,9 +1068,7 @@ def test_cross_frame_features_by_direction_replace_the_maps():
     `cross_frame_features`, give the logits of the maps (what the timeline shares between windows)."""
     from evl_hf import EVLInputError
 
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config()).eval()
-    randomize_decoder(model)
+    model = seeded_classifier()
     with torch.no_grad():
         features = model.evl.extract_backbone_features(pixel_values())
         modules = [layer.cross_frame_attention for layer in model.evl.decoder.layers]
@@ -1102,9 +1095,7 @@ def test_cross_frame_features_by_direction_replace_the_maps():
 def test_a_decoder_layer_promotes_mixed_dtypes_as_an_out_of_place_sum_would():
     """Called directly with bf16 features, a float32 layer sums its terms in float32 (the in-place sum must not
     narrow them, nor fail where `features + conv + position + cross-frame` promotes)."""
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(tiny_config()).eval()
-    randomize_decoder(model)
+    model = seeded_classifier()
     layer = model.evl.decoder.layers[0]
     with torch.no_grad():
         features = model.evl.extract_backbone_features(pixel_values())

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import index_coded_frames, randomize_decoder, tiny_config, write_clip
+from helpers import index_coded_frames, seeded_classifier, tiny_config, write_clip
 from transformers import pipeline
 
 import evl_hf.timeline
@@ -18,9 +18,7 @@ NUM_FRAMES, SAMPLING_RATE = 4, 3
 
 
 def save_model(directory, config):
-    torch.manual_seed(0)
-    model = EVLForVideoClassification(config)
-    randomize_decoder(model)
+    model = seeded_classifier(config)
     model.save_pretrained(directory)
     EVLVideoProcessor.from_model_config(model.config, num_frames=NUM_FRAMES, sampling_rate=SAMPLING_RATE,
                                         size={"shortest_edge": 32}).save_pretrained(directory)  # fmt: skip
