@@ -625,3 +625,68 @@ def test_the_confusion_matrix_picture_shows_the_matrix(tmp_path, num_classes):
         correlations[name] = np.corrcoef(columns[matrix_area], rows[matrix_area])[0, 1]
     # Rows are true classes top to bottom, columns predicted classes left to right.
     assert correlations["diagonal"] > 0.95 and correlations["anti-diagonal"] < -0.95, correlations
+
+
+def predict(checkpoint, output, *data_flags) -> tuple[dict, dict]:
+    """`--do_predict` with a checkpoint: the results and {clip file name: (label, predicted)}."""
+    load_script().main([
+        "--model_name_or_path", str(checkpoint), "--output_dir", str(output), "--do_predict", *data_flags,
+        "--per_device_eval_batch_size", "4", "--report_to", "none", "--dataloader_num_workers", "0",
+        "--disable_tqdm", "true",
+    ])  # fmt: skip
+    with open(output / "test_predictions.csv", newline="") as handle:
+        rows = {Path(row["clip"]).name: (row["label"], row["predicted"]) for row in csv.DictReader(handle)}
+    return json.loads((output / "all_results.json").read_text()), rows
+
+
+def test_clips_without_labels_are_predicted_as_the_labeled_ones(data_dir, backbone_dir, tmp_path):
+    """Every way of giving test clips without labels (a flat folder, a list of paths, the -1 label of `datasets`, a
+    data set's split without a label column) predicts what the labeled test split predicts, clip by clip, with no
+    score and the broken file counted. Before, a -1 label crashed the run after predicting."""
+    checkpoint = randomized_checkpoint(backbone_dir, tmp_path / "checkpoint", temporal_modules=True)
+    results, labeled = predict(checkpoint, tmp_path / "labeled", "--test_dir", str(data_dir / "test"))
+    assert results["test_unusable_clips"] == 0 and "test_top1_accuracy" in results
+    assert all(label for label, _ in labeled.values()) and len(set(p for _, p in labeled.values())) > 1
+
+    clips = sorted((data_dir / "test").rglob("*.mp4"))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for clip in clips:
+        shutil.copy(clip, flat / clip.name)
+    (flat / "broken.mp4").write_bytes(clips[0].read_bytes()[:300])
+    (tmp_path / "paths.txt").write_text("".join(f"{flat / clip.name}\n" for clip in clips))
+    (tmp_path / "minus_one.txt").write_text("".join(f"{flat / clip.name} -1\n" for clip in clips))
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "test.jsonl").write_text("\n".join(json.dumps({"video": str(flat / clip.name)}) for clip in clips))
+    for name, flags in (("flat", ["--test_dir", str(flat)]), ("paths", ["--test_list", str(tmp_path / "paths.txt")]),
+                        ("minus_one", ["--test_list", str(tmp_path / "minus_one.txt")]),
+                        ("hub", ["--dataset_name", str(hub)])):  # fmt: skip
+        output = tmp_path / f"out-{name}"
+        results, unlabeled = predict(checkpoint, output, *flags)
+        assert results["test_unusable_clips"] == (name == "flat")
+        assert not [key for key in results if key.endswith(("accuracy", "loss"))]
+        assert unlabeled == {clip: ("", predicted) for clip, (_, predicted) in labeled.items()}, name
+        assert not (output / "test_confusion_matrix.csv").exists()
+
+
+def test_clips_without_labels_are_refused_where_labels_are_needed(data_dir, backbone_dir, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((data_dir / "test").rglob("*.mp4")), flat / "clip.mp4")
+    # A new model has no classes to learn from unlabeled clips.
+    with pytest.raises(ValueError, match="no labeled clips"):
+        load_script().main(["--backbone", str(backbone_dir), "--test_dir", str(flat), "--do_predict",
+                            "--output_dir", str(tmp_path / "out"), "--report_to", "none"])  # fmt: skip
+    # Only a test split can go without labels, and a test split is labeled throughout or not at all.
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_eval")
+    args[args.index("--validation_dir") + 1] = str(flat)
+    with pytest.raises(ValueError, match="one sub-folder per label"):
+        load_script().main(args)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data_dir / "test", mixed)
+    shutil.copy(flat / "clip.mp4", mixed / "loose.mp4")
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_predict")
+    args[args.index("--test_dir") + 1] = str(mixed)
+    with pytest.raises(ValueError, match="1 video file.* lie directly in the folder.*all directly in it"):
+        load_script().main(args)

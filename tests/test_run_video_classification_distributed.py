@@ -27,7 +27,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFL
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """12 training clips (2 unusable) and 11 validation clips (2 unusable): 11 does not divide into 2 x 2 batches."""
+    """12 training clips (2 unusable), 11 validation clips (2 unusable) and 11 test clips without labels (1 unusable):
+    11 does not divide into 2 x 2 batches."""
     root = generate_motion_dataset(tmp_path_factory.mktemp("motion"), 1, 1, 0, num_frames=12, size=32, seed=3)
     (root / "train" / "growing" / "random_bytes.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
     good = (root / "train" / "appearing" / "appearing_0000.mp4").read_bytes()
@@ -35,6 +36,12 @@ def data_dir(tmp_path_factory):
     (root / "validation" / "moving_up" / "moving_up_0000.mp4").unlink()
     (root / "validation" / "appearing" / "empty.mp4").write_bytes(b"")
     (root / "validation" / "rotating_clockwise" / "truncated_header.mp4").write_bytes(good[:200])
+    # 11 test clips without labels (1 unusable), as a folder of loose clips: predicted, not scored.
+    unlabeled = root / "unlabeled"
+    unlabeled.mkdir()
+    for clip in (root / "train").rglob("*_0000.mp4"):
+        (unlabeled / clip.name).write_bytes(clip.read_bytes())
+    (unlabeled / "truncated.mp4").write_bytes(good[: len(good) // 3])
     return root
 
 
@@ -79,6 +86,10 @@ SGD_STEPS = ("--do_train", "--do_eval", "--max_steps", "5", "--optim", "sgd", "-
 EVAL_ACCURACIES = [f"eval{order}_top{k}_accuracy" for order in ("", "_reversed", "_shuffled") for k in (1, 5)]
 
 
+def predict_unlabeled(data_dir):
+    return ("--do_predict", "--test_dir", str(data_dir / "unlabeled"))
+
+
 def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, backbone_dir, tmp_path, caplog):
     """
     1 process x batch 4, 1 x batch 1 x accumulation 4, 2 processes x batch 2 (accelerate launch) and 2 x batch 1 x
@@ -102,7 +113,7 @@ def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, 
     results, losses, weights, logs = {}, {}, {}, {}
     for port, (name, (launcher, batch)) in enumerate(runs.items(), 29611):
         output = tmp_path / name
-        args = script_args(data_dir, backbone_dir, output, *SGD_STEPS, *batch)
+        args = script_args(data_dir, backbone_dir, output, *SGD_STEPS, *batch, *predict_unlabeled(data_dir))
         if name == "2x2-resumed":  # the same command over a copy of the 2x2 run's mid-epoch-1 checkpoint
             shutil.copytree(tmp_path / "2x2" / "checkpoint-4", output / "checkpoint-4")
         if launcher == "in-process":
@@ -141,6 +152,12 @@ def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, 
         predictions = (tmp_path / name / "eval_predictions.csv").read_text().splitlines()
         assert predictions == (tmp_path / reference / "eval_predictions.csv").read_text().splitlines(), name
         assert predictions[0] == "clip,label,predicted,predicted_reversed,predicted_shuffled" and len(predictions) == 10
+        # The test clips without labels: the same predictions, the unusable one counted once, no score.
+        assert results[name]["test_unusable_clips"] == 1, name
+        assert not [key for key in results[name] if key.startswith("test_") and key.endswith(("accuracy", "loss"))]
+        predictions = (tmp_path / name / "test_predictions.csv").read_text().splitlines()
+        assert predictions == (tmp_path / reference / "test_predictions.csv").read_text().splitlines(), name
+        assert len(predictions) == 11 and all(row.split(",")[1] == "" for row in predictions[1:]), name
         for key, tensor in weights[reference].items():
             torch.testing.assert_close(weights[name][key], tensor, atol=2e-6, rtol=1e-5, msg=f"{name}: {key}")
     assert initial_loss == pytest.approx(np.log(len(MOTION_CLASSES)), rel=0.2)  # a fresh head: about log(10)

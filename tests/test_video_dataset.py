@@ -17,7 +17,9 @@ from evl_hf.data.video_dataset import (
     VideoEvalTransform,
     VideoTrainTransform,
     clip_names,
+    UNLABELED,
     feature_cache_fingerprint,
+    is_unlabeled,
     load_video_dataset,
     shuffled_frame_order,
 )
@@ -63,6 +65,54 @@ def test_string_labels_of_a_hub_style_data_set_become_a_class_label(clips, tmp_p
     for split in ("train", "validation"):
         assert loaded[split].features["label"].names == ["jump", "run", "swim"]
     assert loaded["train"]["label"] == [1, 0, 1] and loaded["validation"]["label"] == [0, 2, 1]
+
+
+def test_a_test_split_without_labels_takes_the_other_splits_classes(clips, tmp_path):
+    import json
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("\n".join(json.dumps({"video": str(p), "label": l}) for p, l in zip(clips, "aba")))
+    # No label column at all; labels that are all missing (null); all -1, the `datasets` convention.
+    for test in ([{"video": str(p)} for p in clips], [{"video": str(p), "label": None} for p in clips]):
+        (hub / "test.jsonl").write_text("\n".join(json.dumps(row) for row in test))
+        loaded = load_video_dataset(dataset_name=str(hub))
+        assert loaded["test"]["label"] == [UNLABELED] * 3 and is_unlabeled(loaded["test"])
+        assert loaded["test"].features["label"].names == ["a", "b"] and not is_unlabeled(loaded["train"])
+    stored = tmp_path / "stored"
+    rows([str(p) for p in clips], [0, 1, 2]).to_parquet(str(stored / "train.parquet"))
+    rows([str(p) for p in clips], [-1, -1, -1]).to_parquet(str(stored / "test.parquet"))
+    loaded = load_video_dataset(dataset_name=str(stored))
+    assert is_unlabeled(loaded["test"]) and loaded["test"].features["label"].names == ["a", "b", "c"]
+    # A list of paths alone (one with a space in its name), its classes from `class_names`.
+    spaced = tmp_path / "a clip.mp4"
+    spaced.write_bytes(clips[0].read_bytes())
+    (tmp_path / "test.txt").write_text(f"{clips[1]}\n{spaced.name}\n")
+    loaded = load_video_dataset(test_list=str(tmp_path / "test.txt"), class_names=["x", "y"])["test"]
+    assert loaded["video"] == [str(clips[1]), str(spaced)] and loaded["label"] == [UNLABELED] * 2
+    assert loaded.features["label"].names == ["x", "y"]
+
+
+def test_clips_without_labels_only_in_a_whole_test_split(clips, tmp_path):
+    import json
+
+    (tmp_path / "labeled.txt").write_text(f"{clips[0]} 1\n{clips[1]}\n")
+    with pytest.raises(ValueError, match=r"1 of its 2 clips have no label \(e.g. line 2\).*\(e.g. line 1\)"):
+        load_video_dataset(test_list=str(tmp_path / "labeled.txt"))
+    (tmp_path / "minus_one.txt").write_text(f"{clips[0]} -1\n")
+    with pytest.raises(ValueError, match="with a label of 0 or more"):
+        load_video_dataset(train_list=str(tmp_path / "minus_one.txt"))
+    (tmp_path / "minus_two.txt").write_text(f"{clips[0]} -2\n")
+    with pytest.raises(ValueError, match="with a label of 0 or more"):
+        load_video_dataset(test_list=str(tmp_path / "minus_two.txt"))
+    for split, labels in (("test", ["a", None, "b"]), ("validation", [None] * 3)):
+        hub = tmp_path / f"hub-{split}"
+        hub.mkdir()
+        rows_ = [{"video": str(p), "label": label} for p, label in zip(clips, labels)]
+        (hub / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows_))
+        missing = sum(label is None for label in labels)
+        with pytest.raises(ValueError, match=f"The {split} split has {missing} of its 3 clips without a label"):
+            load_video_dataset(dataset_name=str(hub))
 
 
 def test_the_cache_fingerprint_follows_the_clips_content(clips, tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from datasets import ClassLabel
 from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
 from .backbone_families import family_of_checkpoint, has_image_processor, processor_crop_size
@@ -40,6 +41,7 @@ from .data.video_dataset import (
     VideoTrainTransform,
     build_feature_cache,
     clip_names,
+    is_unlabeled,
     load_video_dataset,
 )
 from .modeling_evl import EVLForVideoClassification
@@ -166,6 +168,9 @@ def build_model(model_args, data_args, labels: list[str]):
     if model_args.model_name_or_path:
         config = EVLConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
         kept = checkpoint_labels(config, labels, model_args.ignore_mismatched_sizes)
+        if kept is None and not labels:
+            raise ValueError(f"{model_args.model_name_or_path} has no classification head for these classes, and the "
+                             "data has no labeled clips to give it classes.")  # fmt: skip
         new_head = kept is None and "EVLForVideoClassification" in (config.architectures or [])
         id2label = kept or dict(enumerate(labels))
         config.id2label, config.label2id = id2label, {label: index for index, label in id2label.items()}
@@ -346,7 +351,12 @@ def main(argv: list[str] | None = None):
         data_args.validation_list, data_args.test_list, data_args.dataset_name, data_args.dataset_config_name,
         data_args.video_column, data_args.label_column, class_names, model_args.cache_dir,
     )  # fmt: skip
+    # Class names from the labeled splits; a test split without labels (`is_unlabeled`) is only predicted.
+    unlabeled = {split for split, data in dataset.items() if is_unlabeled(data)}
     labels = next(iter(dataset.values())).features["label"].names
+    if len(unlabeled) == len(dataset) and not labels and not model_args.model_name_or_path:
+        raise ValueError("The data has no labeled clips, so a new model around --backbone has no classes: give "
+                         "labeled clips, or predict with a trained checkpoint (--model_name_or_path).")  # fmt: skip
     model, processor = build_model(model_args, data_args, labels)
     if model.config.problem_type not in (None, "single_label_classification"):
         raise ValueError(
@@ -357,8 +367,14 @@ def main(argv: list[str] | None = None):
         raise ValueError("--cache_backbone_features stores the frozen backbone's outputs; it cannot train a backbone "
                          "with freeze_backbone=false.")  # fmt: skip
     if list(model.config.id2label.values()) != list(labels):
-        # Map the data set's labels to the model's by name (`datasets` renumbers the label column).
-        dataset = dataset.align_labels_with_mapping(model.config.label2id, "label")
+        # Map the data set's labels to the model's by name (`datasets` renumbers the label column); clips without a
+        # label keep -1 under the model's classes.
+        model_labels = ClassLabel(names=[model.config.id2label[i] for i in range(model.config.num_labels)])
+        for split in dataset:
+            if split in unlabeled:
+                dataset[split] = dataset[split].cast_column("label", model_labels)
+            else:
+                dataset[split] = dataset[split].align_labels_with_mapping(model.config.label2id, "label")
 
     def limit(split, maximum):
         # Shuffled first, as transformers' examples do: folders list clips class by class.
@@ -454,7 +470,8 @@ def main(argv: list[str] | None = None):
             trainer.log(output.metrics)  # into the log history, where the model card reads evaluation results
         if trainer.is_world_process_zero() and output.label_ids is not None and len(output.label_ids):
             id2label = model.config.id2label
-            write_per_class_report(output.predictions, output.label_ids, id2label, training_args.output_dir, prefix)
+            if not is_unlabeled(data.dataset):
+                write_per_class_report(output.predictions, output.label_ids, id2label, training_args.output_dir, prefix)
             write_predictions(clip_names(data.dataset), output.label_ids, logits, id2label, training_args.output_dir, prefix)
 
     dataset_id = data_args.dataset_name or data_args.train_dir or data_args.train_list or data_args.validation_dir

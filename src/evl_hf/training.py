@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction, Trainer
 
-from .data.video_dataset import IGNORE_LABEL, EpochShuffleSampler, TrainingClips
+from .data.video_dataset import IGNORE_LABEL, UNLABELED, EpochShuffleSampler, TrainingClips
 from .metrics import load_video_accuracy
 
 
@@ -27,7 +27,8 @@ class EVLTrainer(Trainer):
       clip; unusable clips replaced), so every process and every resumed run sees the same clips;
     - in evaluation, slots whose clip could not be decoded (label -100) are left out of the loss and the metrics; the
       evaluation loss is computed over all usable clips at once, so it does not depend on how clips are batched or
-      split across processes;
+      split across processes; clips without a label (class label -1, `datasets`' convention) are predicted and
+      left out of the loss and the metrics too, so a test split without labels gives predictions and no scores;
     - the number of distinct unusable clips, over all processes, is reported as `train_unusable_clips` and
       `<prefix>_unusable_clips`.
     """
@@ -83,7 +84,13 @@ class EVLTrainer(Trainer):
                 f"None of the {len(labels)} evaluation clips could be decoded (see the warnings above): check the "
                 "data paths and files."
             )
-        logits, labels = logits[usable], labels[usable]
+        scored = usable
+        if np.issubdtype(labels.dtype, np.integer):  # class labels; a regression target of -1 is a target
+            scored = usable & (labels.reshape(len(labels), -1)[:, 0] != UNLABELED)
+            if scored.any() and not scored[usable].all():
+                logger.warning("%d of the %d usable clips have no label (-1): the loss and the metrics are over the "
+                               "other %d.", (usable & ~scored).sum(), usable.sum(), scored.sum())  # fmt: skip
+        logits, labels = logits[scored], labels[scored]
         metrics = {}
         if len(labels):
             model = self.accelerator.unwrap_model(self.model)
@@ -321,8 +328,8 @@ def write_predictions(
 ) -> Path:
     """
     Write `<prefix>_predictions.csv`: one row per clip that could be decoded (label -100 ones are left out, as in
-    the metrics) with the clip, its label and, for each column of `logits` (e.g. `predicted`, `predicted_reversed`),
-    the top-1 class of those logits.
+    the metrics) with the clip, its label (empty for a clip without one, label -1) and, for each column of `logits`
+    (e.g. `predicted`, `predicted_reversed`), the top-1 class of those logits.
     """
     usable = labels != IGNORE_LABEL
     path = Path(output_dir) / f"{prefix}_predictions.csv"
@@ -332,5 +339,6 @@ def write_predictions(
         writer = csv.writer(handle)
         writer.writerow(["clip", "label", *predicted])
         for row in np.flatnonzero(usable):
-            writer.writerow([clips[row], id2label[int(labels[row])], *(id2label[int(p[row])] for p in predicted.values())])
+            label = "" if labels[row] == UNLABELED else id2label[int(labels[row])]
+            writer.writerow([clips[row], label, *(id2label[int(p[row])] for p in predicted.values())])
     return path

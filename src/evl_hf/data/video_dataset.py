@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 # The label of an evaluation slot whose clip could not be decoded: ignored by the loss and the metrics.
 IGNORE_LABEL = -100
+# The label of a clip that has none (`datasets`' convention for test splits): predicted, never scored.
+UNLABELED = -1
 
 
 def _video_path(example_video) -> str | bytes:
@@ -60,32 +62,53 @@ def clip_names(dataset: Dataset) -> list[str]:
     return [str(name) if name is not None else f"#{row}" for row, name in enumerate(names)]
 
 
-def read_list_file(path: str | Path, class_names: list[str] | None = None) -> Dataset:
-    """The authors' list format: one `<video path> <integer label>` per line (paths relative to the list file)."""
+def read_list_file(path: str | Path, class_names: list[str] | None = None, allow_unlabeled: bool = False) -> Dataset:
+    """
+    The authors' list format: one `<video path> <integer label>` per line (paths relative to the list file). With
+    `allow_unlabeled` (a test split), a list of clips without labels: every line a path alone (the whole line, so
+    it may contain spaces) or a path with the label -1; their label is `UNLABELED`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: the list file does not exist." if not path.exists() else f"{path}: is not a file.")
-    videos, labels = [], []
+    videos, labels, numbers = [], [], []
+    expected = "'<video path> <integer label>'" + (" or '<video path>'" if allow_unlabeled else "")
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
+        fields = line.rsplit(maxsplit=1)
         try:
-            video, label = line.rsplit(maxsplit=1)
-            label = int(label)
-        except ValueError:
-            raise ValueError(f"{path}:{number}: expected '<video path> <integer label>', got {line!r}") from None
+            video, label = fields[0], int(fields[1])
+        except (IndexError, ValueError):
+            if not allow_unlabeled:
+                raise ValueError(f"{path}:{number}: expected {expected}, got {line!r}") from None
+            video, label = line.strip(), UNLABELED
+        if label < 0 and label != UNLABELED or label == UNLABELED and not allow_unlabeled:
+            raise ValueError(f"{path}:{number}: expected {expected} with a label of 0 or more, got {line!r}")
         video_path = Path(video)
         videos.append(str(video_path if video_path.is_absolute() else path.parent / video_path))
         labels.append(label)
+        numbers.append(number)
     if not videos:
         raise ValueError(f"{path}: the list file has no clips.")
+    unlabeled = [number for number, label in zip(numbers, labels) if label == UNLABELED]
+    if unlabeled and len(unlabeled) < len(labels):
+        labeled = next(number for number, label in zip(numbers, labels) if label != UNLABELED)
+        raise ValueError(
+            f"{path}: {len(unlabeled)} of its {len(labels)} clips have no label (e.g. line {unlabeled[0]}) and the "
+            f"others do (e.g. line {labeled}): label every clip, or none to predict them."
+        )
     names = class_names or [str(i) for i in range(max(labels) + 1)]
     features = Features({"video": Value("string"), "label": ClassLabel(names=names)})
     return Dataset.from_dict({"video": videos, "label": labels}, features=features)
 
 
-def _videofolder_files(folder: str | Path) -> list[str]:
-    """The clips of a `split/<label>/<clip>` folder, or a `ValueError` that says what is wrong with the path."""
+def _videofolder_files(folder: str | Path, allow_unlabeled: bool = False) -> tuple[list[str], bool]:
+    """
+    The clips of a `split/<label>/<clip>` folder and `True`, or a `ValueError` that says what is wrong with the
+    path. With `allow_unlabeled` (a test split), a folder whose clips all lie directly in it gives them and `False`:
+    clips without labels.
+    """
     folder = Path(folder)
     if not folder.exists():
         raise ValueError(f"{folder}: the directory does not exist.")
@@ -95,12 +118,27 @@ def _videofolder_files(folder: str | Path) -> list[str]:
     if not files:
         raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in <label>/ sub-folders.")
     loose = [f for f in files if Path(f).parent == folder]
+    if allow_unlabeled and len(loose) == len(files):
+        return files, False
     if loose:
+        unlabeled = " A test folder of clips without labels has them all directly in it." if allow_unlabeled else ""
         raise ValueError(
             f"{folder}: {len(loose)} video file(s) lie directly in the folder (e.g. {Path(loose[0]).name}); the "
-            "videofolder layout needs one sub-folder per label: <split>/<label>/<clip>."
+            f"videofolder layout needs one sub-folder per label: <split>/<label>/<clip>.{unlabeled}"
         )
-    return files
+    return files, True
+
+
+def is_unlabeled(dataset: Dataset) -> bool:
+    """Whether a split of `load_video_dataset` is clips without labels (every label `UNLABELED`)."""
+    return len(dataset) > 0 and dataset.unique("label") == [UNLABELED]
+
+
+def _without_labels(dataset: Dataset) -> Dataset:
+    """The split with an int64 `label` column of `UNLABELED` (cast to the data set's ClassLabel afterwards)."""
+    if "label" in dataset.column_names:
+        dataset = dataset.remove_columns("label")
+    return dataset.add_column("label", [UNLABELED] * len(dataset), feature=Value("int64"))
 
 
 def load_video_dataset(
@@ -121,6 +159,11 @@ def load_video_dataset(
     A `DatasetDict` with a `video` column of paths and a `label` ClassLabel column, from videofolder directories
     (`split/<label>/<clip>`), list files, or a `datasets` data set with a video and a label column. Videos are not
     decoded here (`datasets.Video(decode=False)`): the transforms decode them, with the processor's `decoding_backend`.
+
+    The test split may be clips without labels, to predict: a folder whose clips all lie directly in it, a list file
+    of paths alone (or with the label -1), or a data set's split without a label column or with every label -1 or
+    missing. Its labels are then all `UNLABELED`, under the other splits' ClassLabel (`class_names` without one).
+    Any other split, or a test split with some clips labeled and others not, is refused with the count.
     """
     splits = {}
     if dataset_name:
@@ -128,39 +171,71 @@ def load_video_dataset(
         for split, dataset in loaded.items():
             if video_column != "video":
                 dataset = dataset.rename_column(video_column, "video")
-            if label_column != "label":
+            if label_column != "label" and label_column in dataset.column_names:
                 dataset = dataset.rename_column(label_column, "label")
             splits[split] = dataset
     folders = {"train": train_dir, "validation": validation_dir, "test": test_dir}
-    if any(folders.values()):
-        data_files = {split: _videofolder_files(folder) for split, folder in folders.items() if folder}
+    data_files = {}
+    for split, folder in folders.items():
+        if folder:
+            files, labeled = _videofolder_files(folder, allow_unlabeled=split == "test")
+            if labeled:
+                data_files[split] = files
+            else:
+                splits[split] = Dataset.from_dict({"video": files})
+    if data_files:
         splits.update(load_dataset("videofolder", data_files=data_files, cache_dir=cache_dir))
     for split, list_file in (("train", train_list), ("validation", validation_list), ("test", test_list)):
         if list_file:
-            splits[split] = read_list_file(list_file, class_names)
+            splits[split] = read_list_file(list_file, class_names, allow_unlabeled=split == "test")
     if not splits:
         raise ValueError("No data: give --train_dir/--validation_dir/--test_dir, list files, or --dataset_name.")
-    result = DatasetDict()
+    result, unlabeled = DatasetDict(), []
     for split, dataset in splits.items():
-        if "video" not in dataset.features or "label" not in dataset.features:
+        if "video" not in dataset.features or ("label" not in dataset.features and split != "test"):
             raise ValueError(f"The {split} split has the columns {list(dataset.features)}: it needs 'video' and 'label' "
                              "(see --video_column / --label_column).")  # fmt: skip
         if dataset.features["video"].__class__.__name__ == "Video":
             from datasets import Video
 
             dataset = dataset.cast_column("video", Video(decode=False))
+        # Clips without a label: a test split without a label column, or whose labels are all -1 or missing.
+        missing = len(dataset) if "label" not in dataset.features else _count_missing_labels(dataset)
+        if missing:
+            if split != "test" or missing < len(dataset):
+                where = "" if split == "test" else " (only a test split can be predicted without labels)"
+                raise ValueError(f"The {split} split has {missing} of its {len(dataset)} clips without a label{where}: "
+                                 "label every clip, or none to predict them.")  # fmt: skip
+            dataset = _without_labels(dataset)
+            unlabeled.append(split)
         result[split] = dataset
-    plain = [split for split, d in result.items() if not isinstance(d.features["label"], ClassLabel)]
+    labeled = [split for split in result if split not in unlabeled]
+    plain = [split for split in labeled if not isinstance(result[split].features["label"], ClassLabel)]
     if plain:
         # Labels given as strings or integers: a ClassLabel of their sorted values.
         names = sorted({str(v) for split in plain for v in result[split].unique("label")})
         for split in plain:
             labels = result[split].cast_column("label", Value("string"))
             result[split] = labels.cast_column("label", ClassLabel(names=names))
-    names = {tuple(d.features["label"].names) for d in result.values() if isinstance(d.features["label"], ClassLabel)}
+    names = {tuple(result[split].features["label"].names) for split in labeled}
     if len(names) > 1:
         raise ValueError(f"The splits disagree on the class names: {sorted(names)}")
+    class_label = ClassLabel(names=list(names.pop()) if names else list(class_names or []))
+    for split in unlabeled:
+        result[split] = result[split].cast_column("label", class_label)
     return result
+
+
+def _count_missing_labels(dataset: Dataset) -> int:
+    """Clips whose label is missing (None) or -1 (`datasets`' convention for an unlabeled clip)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = dataset.select_columns(["label"]).with_format("arrow")[:]["label"]
+    missing = column.null_count
+    if pa.types.is_integer(column.type):
+        missing += pc.sum(pc.equal(column, UNLABELED)).as_py() or 0
+    return missing
 
 
 class VideoTrainTransform:

@@ -1,0 +1,44 @@
+"""`evl_hf.training`: what EVLTrainer scores in an evaluation."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_config
+from transformers import EvalPrediction, TrainingArguments
+
+from evl_hf import EVLForVideoClassification
+from evl_hf.training import EVLTrainer, make_compute_metrics
+
+
+def trainer(tmp_path, compute_metrics=None, **config) -> EVLTrainer:
+    model = EVLForVideoClassification(tiny_config(**config))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    return EVLTrainer(model=model, args=args, compute_metrics=compute_metrics)
+
+
+def test_clips_without_labels_and_unusable_clips_are_left_out_of_the_scores(tmp_path, caplog):
+    scores = trainer(tmp_path, make_compute_metrics(top_k=2), num_labels=3)
+    logits = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    labels = np.array([0, -1, 2, -100, 1])
+    with caplog.at_level(logging.WARNING, logger="evl_hf.training"):
+        mixed = scores._metrics_of_usable_clips(EvalPrediction(predictions=logits, label_ids=labels))
+    assert "1 of the 4 usable clips have no label (-1)" in caplog.text
+    kept = [0, 2, 4]
+    assert mixed == scores._metrics_of_usable_clips(EvalPrediction(predictions=logits[kept], label_ids=labels[kept]))
+    expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits[kept]), torch.from_numpy(labels[kept]))
+    assert mixed["loss"] == pytest.approx(float(expected))
+    # A split without labels is predicted, not scored.
+    unlabeled = np.array([-1, -1, -100, -1, -1])
+    assert scores._metrics_of_usable_clips(EvalPrediction(predictions=logits, label_ids=unlabeled)) == {}
+    with pytest.raises(ValueError, match="None of the 2 evaluation clips could be decoded"):
+        scores._metrics_of_usable_clips(EvalPrediction(predictions=logits[:2], label_ids=np.array([-100, -100])))
+
+
+def test_a_regression_target_of_minus_one_is_a_target(tmp_path):
+    scores = trainer(tmp_path, num_labels=1, problem_type="regression")
+    predictions = np.array([[0.5], [2.0]], dtype=np.float32)
+    targets = np.array([-1.0, 1.0], dtype=np.float32)
+    metrics = scores._metrics_of_usable_clips(EvalPrediction(predictions=predictions, label_ids=targets))
+    assert metrics["loss"] == pytest.approx(((0.5 + 1.0) ** 2 + (2.0 - 1.0) ** 2) / 2)
