@@ -670,6 +670,35 @@ def test_clips_without_labels_are_predicted_as_the_labeled_ones(data_dir, backbo
         assert not (output / "test_confusion_matrix.csv").exists()
 
 
+def test_a_data_set_test_split_labeled_minus_one_next_to_a_labeled_one_and_another_label_order(
+    data_dir, backbone_dir, tmp_path
+):
+    """A `datasets` data set with a labeled validation split and a test split of -1 labels, evaluated and predicted
+    in one run by a checkpoint whose classes are in another order than the data set's: the labeled split is mapped to
+    the checkpoint's classes by name, the other keeps -1. Before, `align_labels_with_mapping` crashed on the -1."""
+    checkpoint = randomized_checkpoint(backbone_dir, tmp_path / "checkpoint", temporal_modules=True)
+    config = json.loads((checkpoint / "config.json").read_text())
+    names = sorted(MOTION_CLASSES, reverse=True)
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    hub = tmp_path / "hub"
+    features = Features({"video": Value("string"), "label": ClassLabel(names=sorted(MOTION_CLASSES))})
+    clips = sorted((data_dir / "test").rglob("*.mp4"))
+    for split, unlabeled in (("validation", False), ("test", True)):
+        labels = [-1 if unlabeled else sorted(MOTION_CLASSES).index(clip.parent.name) for clip in clips]
+        data = Dataset.from_dict({"video": [str(clip) for clip in clips], "label": labels}, features=features)
+        data.to_parquet(str(hub / f"{split}.parquet"))
+    results, predicted = predict(checkpoint, tmp_path / "out", "--dataset_name", str(hub), "--do_eval")
+    assert "eval_top1_accuracy" in results and not [key for key in results if key.startswith("test_") and "accuracy" in key]
+    with open(tmp_path / "out" / "eval_predictions.csv", newline="") as handle:
+        evaluated = {Path(row["clip"]).name: (row["label"], row["predicted"]) for row in csv.DictReader(handle)}
+    assert all(label == name.rsplit("_", 1)[0] for name, (label, _) in evaluated.items())
+    assert predicted == {name: ("", prediction) for name, (_, prediction) in evaluated.items()}
+
+
 def test_clips_without_labels_are_refused_where_labels_are_needed(data_dir, backbone_dir, tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -36,9 +36,12 @@ def test_clips_without_labels_and_unusable_clips_are_left_out_of_the_scores(tmp_
         scores._metrics_of_usable_clips(EvalPrediction(predictions=logits[:2], label_ids=np.array([-100, -100])))
 
 
-def test_a_regression_target_of_minus_one_is_a_target(tmp_path):
-    scores = trainer(tmp_path, num_labels=1, problem_type="regression")
+@pytest.mark.parametrize("problem_type", ["regression", None])
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_a_regression_target_of_minus_one_is_a_target(tmp_path, problem_type, dtype):
+    # One output and no problem type is regression to transformers' losses, whatever the targets' dtype.
+    scores = trainer(tmp_path, num_labels=1, problem_type=problem_type)
     predictions = np.array([[0.5], [2.0]], dtype=np.float32)
-    targets = np.array([-1.0, 1.0], dtype=np.float32)
+    targets = np.array([-1, 1], dtype=dtype)
     metrics = scores._metrics_of_usable_clips(EvalPrediction(predictions=predictions, label_ids=targets))
     assert metrics["loss"] == pytest.approx(((0.5 + 1.0) ** 2 + (2.0 - 1.0) ** 2) / 2)

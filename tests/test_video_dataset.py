@@ -73,8 +73,9 @@ def test_a_test_split_without_labels_takes_the_other_splits_classes(clips, tmp_p
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / "train.jsonl").write_text("\n".join(json.dumps({"video": str(p), "label": l}) for p, l in zip(clips, "aba")))
-    # No label column at all; labels that are all missing (null); all -1, the `datasets` convention.
-    for test in ([{"video": str(p)} for p in clips], [{"video": str(p), "label": None} for p in clips]):
+    # No label column at all; labels that are all missing (null, empty); all -1, the `datasets` convention.
+    for test in ([{"video": str(p)} for p in clips], [{"video": str(p), "label": None} for p in clips],
+                 [{"video": str(p), "label": ""} for p in clips]):  # fmt: skip
         (hub / "test.jsonl").write_text("\n".join(json.dumps(row) for row in test))
         loaded = load_video_dataset(dataset_name=str(hub))
         assert loaded["test"]["label"] == [UNLABELED] * 3 and is_unlabeled(loaded["test"])
@@ -113,6 +114,45 @@ def test_clips_without_labels_only_in_a_whole_test_split(clips, tmp_path):
         missing = sum(label is None for label in labels)
         with pytest.raises(ValueError, match=f"The {split} split has {missing} of its 3 clips without a label"):
             load_video_dataset(dataset_name=str(hub))
+
+
+def test_the_label_column_is_the_one_named_or_a_clear_error(clips, tmp_path, caplog):
+    import json
+
+    def hub(name, **splits):
+        folder = tmp_path / name
+        folder.mkdir()
+        for split, rows_ in splits.items():
+            (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows_))
+        return str(folder)
+
+    coarse_and_fine = [{"video": str(p), "label": "moving", "fine": fine} for p, fine in zip(clips, ["up", "down", "up"])]
+    data = hub("two_columns", train=coarse_and_fine, test=coarse_and_fine)
+    # The column named, not another one called "label"; a mistyped name is in no split.
+    loaded = load_video_dataset(dataset_name=data, label_column="fine")
+    assert loaded["train"].features["label"].names == ["down", "up"] and loaded["test"]["label"] == [1, 0, 1]
+    with pytest.raises(ValueError, match="--label_column 'fien' is in no split"):
+        load_video_dataset(dataset_name=data, label_column="fien")
+    # A labeled test split under another column name, the flag forgotten: predicted without labels, loudly.
+    category = [{"video": str(p), "category": "run"} for p in clips]
+    with caplog.at_level(logging.WARNING, logger="evl_hf"):
+        loaded = load_video_dataset(dataset_name=hub("category", test=category))
+    assert is_unlabeled(loaded["test"])
+    assert "The test split of" in caplog.text and "no 'label' column (columns ['video', 'category'])" in caplog.text
+    with pytest.raises(ValueError, match="The train split of .* has no 'label' column"):
+        load_video_dataset(dataset_name=hub("category_train", train=category))
+    # Splits a run does not use are not loaded, so a partly labeled test split does not stop training.
+    partly = [{"video": str(p), "label": label} for p, label in zip(clips, ["a", None, "b"])]
+    data = hub("partly", train=coarse_and_fine, test=partly)
+    assert list(load_video_dataset(dataset_name=data, only_splits=["train"])) == ["train"]
+    with pytest.raises(ValueError, match="The test split has 1 of its 3 clips without a label"):
+        load_video_dataset(dataset_name=data)
+
+
+def test_a_test_list_with_words_for_labels_is_not_read_as_paths(clips, tmp_path):
+    (tmp_path / "words.txt").write_text(f"{clips[0]} growing\n")
+    with pytest.raises(ValueError, match="words.txt:1: expected '<video path> <integer label>' or '<video path>'"):
+        load_video_dataset(test_list=str(tmp_path / "words.txt"))
 
 
 def test_the_cache_fingerprint_follows_the_clips_content(clips, tmp_path):

@@ -79,15 +79,24 @@ class ModelArguments:
 class DataTrainingArguments:
     train_dir: str | None = field(default=None, metadata={"help": "videofolder layout: train/<label>/<clip>."})
     validation_dir: str | None = field(default=None)
-    test_dir: str | None = field(default=None)
+    test_dir: str | None = field(
+        default=None,
+        metadata={"help": "Test clips for --do_predict: a videofolder, or a folder of clips without labels (all "
+                          "directly in it), predicted and not scored."},
+    )  # fmt: skip
     train_list: str | None = field(default=None, metadata={"help": "The authors' '<path> <label>' list format."})
     validation_list: str | None = field(default=None)
-    test_list: str | None = field(default=None)
+    test_list: str | None = field(
+        default=None, metadata={"help": "'<path> <label>' lines, or paths alone (or with label -1) to predict."}
+    )
     class_names_file: str | None = field(default=None, metadata={"help": "JSON list of class names for list files."})
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` data set with video and label."})
     dataset_config_name: str | None = field(default=None)
     video_column: str = field(default="video")
-    label_column: str = field(default="label")
+    label_column: str = field(
+        default="label",
+        metadata={"help": "The data set's label column; a test split without it is predicted without labels."},
+    )
     # Processor settings: None means "the checkpoint's" (or EVLVideoProcessor's default for a new model).
     num_frames: int | None = field(default=None, metadata={"help": "Frames per clip (default: the model's)."})
     sampling_rate: int | None = field(
@@ -158,7 +167,8 @@ def checkpoint_labels(config: EVLConfig, data_labels: list[str], ignore_mismatch
     raise ValueError(
         f"The data set has classes the checkpoint does not know: {missing[:10]}{' ...' if len(missing) > 10 else ''} "
         f"(the checkpoint has {len(names)} classes, e.g. {names[:5]}). Give --ignore_mismatched_sizes to train a new "
-        "classification head for the data set's classes."
+        "classification head for the data set's classes. (A test folder's sub-folders are read as classes: clips to "
+        "predict without labels lie directly in it.)"
     )
 
 
@@ -169,8 +179,9 @@ def build_model(model_args, data_args, labels: list[str]):
         config = EVLConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
         kept = checkpoint_labels(config, labels, model_args.ignore_mismatched_sizes)
         if kept is None and not labels:
-            raise ValueError(f"{model_args.model_name_or_path} has no classification head for these classes, and the "
-                             "data has no labeled clips to give it classes.")  # fmt: skip
+            why = ("--ignore_mismatched_sizes asks for a new classification head" if model_args.ignore_mismatched_sizes
+                   else f"{model_args.model_name_or_path} has no classification head")  # fmt: skip
+            raise ValueError(f"{why}, and the data has no labeled clips (or --class_names_file) to give it classes.")
         new_head = kept is None and "EVLForVideoClassification" in (config.architectures or [])
         id2label = kept or dict(enumerate(labels))
         config.id2label, config.label2id = id2label, {label: index for index, label in id2label.items()}
@@ -346,10 +357,13 @@ def main(argv: list[str] | None = None):
     if data_args.class_names_file:
         with open(data_args.class_names_file) as handle:
             class_names = json.load(handle)
+    # The splits this run uses, loaded and checked; the others (e.g. a data set's test split in a training run) not.
+    used = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
     dataset = load_video_dataset(
         data_args.train_dir, data_args.validation_dir, data_args.test_dir, data_args.train_list,
         data_args.validation_list, data_args.test_list, data_args.dataset_name, data_args.dataset_config_name,
         data_args.video_column, data_args.label_column, class_names, model_args.cache_dir,
+        only_splits=[split for split, wanted in used.items() if wanted] or None,
     )  # fmt: skip
     # Class names from the labeled splits; a test split without labels (`is_unlabeled`) is only predicted.
     unlabeled = {split for split, data in dataset.items() if is_unlabeled(data)}

@@ -85,7 +85,12 @@ class EVLTrainer(Trainer):
                 "data paths and files."
             )
         scored = usable
-        if np.issubdtype(labels.dtype, np.integer):  # class labels; a regression target of -1 is a target
+        config = self.accelerator.unwrap_model(self.model).config
+        # Class labels, as transformers' losses tell them apart; a regression target of -1 is a target.
+        single_label = config.problem_type == "single_label_classification" or (
+            config.problem_type is None and config.num_labels > 1 and np.issubdtype(labels.dtype, np.integer)
+        )
+        if single_label:
             scored = usable & (labels.reshape(len(labels), -1)[:, 0] != UNLABELED)
             if scored.any() and not scored[usable].all():
                 logger.warning("%d of the %d usable clips have no label (-1): the loss and the metrics are over the "

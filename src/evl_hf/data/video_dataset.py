@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,8 @@ def read_list_file(path: str | Path, class_names: list[str] | None = None, allow
         try:
             video, label = fields[0], int(fields[1])
         except (IndexError, ValueError):
-            if not allow_unlabeled:
+            # A path alone, unless the line is an existing clip and a word after it (a label that is not a number).
+            if not allow_unlabeled or len(fields) == 2 and _is_file(path, fields[0]) and not _is_file(path, line.strip()):
                 raise ValueError(f"{path}:{number}: expected {expected}, got {line!r}") from None
             video, label = line.strip(), UNLABELED
         if label < 0 and label != UNLABELED or label == UNLABELED and not allow_unlabeled:
@@ -101,6 +103,11 @@ def read_list_file(path: str | Path, class_names: list[str] | None = None, allow
     names = class_names or [str(i) for i in range(max(labels) + 1)]
     features = Features({"video": Value("string"), "label": ClassLabel(names=names)})
     return Dataset.from_dict({"video": videos, "label": labels}, features=features)
+
+
+def _is_file(list_file: Path, video: str) -> bool:
+    video_path = Path(video)
+    return (video_path if video_path.is_absolute() else list_file.parent / video_path).is_file()
 
 
 def _videofolder_files(folder: str | Path, allow_unlabeled: bool = False) -> tuple[list[str], bool]:
@@ -154,6 +161,7 @@ def load_video_dataset(
     label_column: str = "label",
     class_names: list[str] | None = None,
     cache_dir: str | None = None,
+    only_splits: Collection[str] | None = None,
 ) -> DatasetDict:
     """
     A `DatasetDict` with a `video` column of paths and a `label` ClassLabel column, from videofolder directories
@@ -162,22 +170,36 @@ def load_video_dataset(
 
     The test split may be clips without labels, to predict: a folder whose clips all lie directly in it, a list file
     of paths alone (or with the label -1), or a data set's split without a label column or with every label -1 or
-    missing. Its labels are then all `UNLABELED`, under the other splits' ClassLabel (`class_names` without one).
+    missing (None or an empty string). Its labels are then all `UNLABELED`, under the other splits' ClassLabel (`class_names` without one).
     Any other split, or a test split with some clips labeled and others not, is refused with the count.
+    `only_splits`: the splits to load and check (all by default), e.g. those a run uses.
     """
     splits = {}
     if dataset_name:
         loaded = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        loaded = {split: data for split, data in loaded.items() if only_splits is None or split in only_splits}
+        columns = {split: data.column_names for split, data in loaded.items()}
+        if label_column != "label" and not any(label_column in names for names in columns.values()):
+            raise ValueError(f"--label_column {label_column!r} is in no split of {dataset_name}: {columns}.")
         for split, dataset in loaded.items():
             if video_column != "video":
                 dataset = dataset.rename_column(video_column, "video")
-            if label_column != "label" and label_column in dataset.column_names:
+            if label_column not in dataset.column_names:
+                if split != "test":
+                    raise ValueError(f"The {split} split of {dataset_name} has no {label_column!r} column (columns "
+                                     f"{dataset.column_names}): see --label_column.")  # fmt: skip
+                # Another column named "label" is not the labels the run was told to use.
+                dataset = dataset.remove_columns([name for name in ("label",) if name in dataset.column_names])
+                logger.warning(f"The test split of {dataset_name} has no {label_column!r} column (columns "
+                               f"{columns[split]}): its clips are predicted without labels (see --label_column).")  # fmt: skip
+            elif label_column != "label":
+                dataset = dataset.remove_columns([name for name in ("label",) if name in dataset.column_names])
                 dataset = dataset.rename_column(label_column, "label")
             splits[split] = dataset
     folders = {"train": train_dir, "validation": validation_dir, "test": test_dir}
     data_files = {}
     for split, folder in folders.items():
-        if folder:
+        if folder and (only_splits is None or split in only_splits):
             files, labeled = _videofolder_files(folder, allow_unlabeled=split == "test")
             if labeled:
                 data_files[split] = files
@@ -186,7 +208,7 @@ def load_video_dataset(
     if data_files:
         splits.update(load_dataset("videofolder", data_files=data_files, cache_dir=cache_dir))
     for split, list_file in (("train", train_list), ("validation", validation_list), ("test", test_list)):
-        if list_file:
+        if list_file and (only_splits is None or split in only_splits):
             splits[split] = read_list_file(list_file, class_names, allow_unlabeled=split == "test")
     if not splits:
         raise ValueError("No data: give --train_dir/--validation_dir/--test_dir, list files, or --dataset_name.")
@@ -227,7 +249,8 @@ def load_video_dataset(
 
 
 def _count_missing_labels(dataset: Dataset) -> int:
-    """Clips whose label is missing (None) or -1 (`datasets`' convention for an unlabeled clip)."""
+    """Clips whose label is missing (None, an empty string) or -1 (`datasets`' convention for an unlabeled clip; a
+    string "-1" where JSON files mix the two in one column)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -235,6 +258,8 @@ def _count_missing_labels(dataset: Dataset) -> int:
     missing = column.null_count
     if pa.types.is_integer(column.type):
         missing += pc.sum(pc.equal(column, UNLABELED)).as_py() or 0
+    elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        missing += pc.sum(pc.is_in(column, pa.array(["", str(UNLABELED)]))).as_py() or 0
     return missing
 
 
