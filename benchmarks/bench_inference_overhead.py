@@ -9,11 +9,10 @@ backbone alone is the floor; by FLOP count the decoder and the cross-frame maps 
 `--backbone` measures the same against SigLIP-B/16 or DINOv2-B/14 (at 224) alone.
 """
 
-import math
 import statistics
 
 import torch
-from common import alternate_times, b16_classifier_and_clip, float32_and_bfloat16_main
+from common import alternate_times, b16_classifier_and_clip, float32_and_bfloat16_main, median_confidence_interval
 
 
 TARGETS = {None: 1.06, "bfloat16": 1.10}
@@ -37,20 +36,6 @@ def measure(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
     print(f"  per-round ratios: median {statistics.median(ratios):.3f} (95% confidence interval {low:.3f}-{high:.3f}), "
           f"range {ratios[0]:.3f}-{ratios[-1]:.3f}")  # fmt: skip
 
-
-def median_confidence_interval(values: list[float]) -> tuple[float, float]:
-    """A distribution-free confidence interval of at least 95% for the median of the rounds' ratios (the rounds are
-    independent; their distribution is not assumed): the j-th smallest and j-th largest ratios, j the largest count
-    with P(binomial(n, 1/2) < j) <= 2.5%. All the rounds below 6; it narrows as 1/sqrt(n)."""
-    values, n = sorted(values), len(values)
-    below, j = 0.0, 0  # below: P(binomial(n, 1/2) < j + 1)
-    while j < n // 2:
-        below += math.comb(n, j) / 2**n
-        if below > 0.025:
-            break
-        j += 1
-    j = max(j, 1)
-    return values[j - 1], values[n - j]
 
 
 def main():

@@ -11,13 +11,28 @@ Target 3 and issue 11's target 2: training cost at ViT-B/16 shapes, batch 2, 8 f
 Peak memory is the process's peak RSS above what it held once the model and the batch existed (the weights, identical
 for both variants); the ratio of whole-process peaks is printed too.
 
-    python benchmarks/bench_training_cost.py [--repeats 3] [--bfloat16]
+    python benchmarks/bench_training_cost.py [--repeats 3] [--bfloat16] [--step_vs_inference_only]
+
+Each round runs the variants back to back; the step / inference ratios are also printed per round, with a 95%
+confidence interval for their median. `--step_vs_inference_only` leaves out the fine-tuning step and the memory
+measurements, for long runs of that ratio alone.
 """
 
 import argparse
 
 import torch
-from common import alternate, bfloat16_measured, evl_config, machine, peak_rss_bytes, rss_bytes, run_isolated
+import statistics
+
+from common import (
+    alternate_times,
+    bfloat16_measured,
+    evl_config,
+    machine,
+    median_confidence_interval,
+    peak_rss_bytes,
+    rss_bytes,
+    run_isolated,
+)
 
 from evl_hf import EVLForVideoClassification
 
@@ -55,29 +70,45 @@ def peak_memory(freeze: bool) -> dict:
     return {"above_model_gb": (peak_rss_bytes() - before) / 1e9, "process_gb": peak_rss_bytes() / 1e9}
 
 
+def per_round(times: dict, step: str, inference: str) -> str:
+    """The step / inference ratio of each round (run back to back, so the VM's drifts cancel): median, 95% interval."""
+    ratios = [a / b for a, b in zip(times[step], times[inference])]
+    low, high = median_confidence_interval(ratios)
+    return f"per round: median {statistics.median(ratios):.3f} (95% confidence interval {low:.3f}-{high:.3f})"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
+    parser.add_argument("--step_vs_inference_only", action="store_true",
+                        help="only EVL's step against its inference forward: no fine-tuning step, no memory")  # fmt: skip
     args = parser.parse_args()
     print(f"machine: {machine()}")
     frozen, frozen_step, clip, inference = build(True)
-    finetune, finetune_step, _, _ = build(False)
-    medians = alternate(
-        {"EVL inference forward": inference, "EVL training step": frozen_step, "fine-tuning step": finetune_step},
-        repeats=args.repeats,
-    )
+    variants = {"EVL inference forward": inference, "EVL training step": frozen_step}
+    finetune = None
+    if not args.step_vs_inference_only:
+        finetune, finetune_step, _, _ = build(False)
+        variants["fine-tuning step"] = finetune_step
+    times = alternate_times(variants, repeats=args.repeats)
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
     for name, seconds in medians.items():
         print(f"{name:<24} median {seconds:7.2f} s")
-    print(f"time   EVL step / fine-tuning step: {medians['EVL training step'] / medians['fine-tuning step']:.3f} (target <= 0.42)")
-    print(f"time   EVL step / EVL inference:    {medians['EVL training step'] / medians['EVL inference forward']:.3f} (target <= 1.08)")
+    if finetune is not None:
+        print(f"time   EVL step / fine-tuning step: {medians['EVL training step'] / medians['fine-tuning step']:.3f} (target <= 0.42)")
+    print(f"time   EVL step / EVL inference:    {medians['EVL training step'] / medians['EVL inference forward']:.3f} (target <= 1.08); "
+          f"{per_round(times, 'EVL training step', 'EVL inference forward')}")  # fmt: skip
     del frozen, finetune
     if bfloat16_measured(args.bfloat16):
         _, bf16_step, _, bf16_inference = build(True, "bfloat16")
-        medians = alternate({"inference": bf16_inference, "training step": bf16_step}, repeats=args.repeats)
+        times = alternate_times({"inference": bf16_inference, "training step": bf16_step}, repeats=args.repeats)
+        medians = {name: statistics.median(seconds) for name, seconds in times.items()}
         print(f"bfloat16 backbone: inference forward {medians['inference']:.2f} s, training step (bf16 autocast) "
               f"{medians['training step']:.2f} s, ratio {medians['training step'] / medians['inference']:.3f} "
-              "(target <= 1.08)")  # fmt: skip
+              f"(target <= 1.08); {per_round(times, 'training step', 'inference')}")  # fmt: skip
+    if args.step_vs_inference_only:
+        return
     memory = {name: run_isolated("bench_training_cost", "peak_memory", freeze) for name, freeze in (("EVL", True), ("fine-tuning", False))}
     for name, result in memory.items():
         print(f"peak memory {name:<12} above model {result['above_model_gb']:.3f} GB, whole process {result['process_gb']:.3f} GB")
