@@ -235,6 +235,38 @@ def test_push_to_hub_through_trainer_writes_a_loadable_repository(data_dir, back
     assert len(result) == 2 and result[0]["label"] in MOTION_CLASSES
 
 
+def test_a_checkpoint_pushed_to_the_hub_carries_the_run_arguments(data_dir, backbone_dir, tmp_path, monkeypatch):
+    """With `--hub_strategy checkpoint` Trainer pushes each checkpoint as `last-checkpoint` as soon as it is written,
+    before the callbacks' `on_save`: the run arguments a resumed run compares against must already be in it."""
+    import transformers.utils.hub as hub
+
+    import huggingface_hub.hf_api
+
+    from concurrent.futures import Future
+
+    fake = LocalHubApi(tmp_path / "hub")
+    monkeypatch.setattr(hub, "_hf_api", fake)
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+
+    def upload_now(function, *args, **kwargs):
+        # Trainer uploads in the background, racing the rest of the save; here the upload happens when it is asked.
+        future = Future()
+        future.set_result(function(*args, **kwargs))
+        return future
+
+    monkeypatch.setattr(fake, "run_as_future", upload_now)
+    load_script().main(
+        base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--max_steps", "2", "--save_strategy",
+                  "steps", "--save_steps", "2", "--push_to_hub", "--hub_model_id", "someone/evl-resumable",
+                  "--hub_strategy", "checkpoint")
+    )  # fmt: skip
+    pushed = tmp_path / "hub" / "someone" / "evl-resumable" / "last-checkpoint"
+    local = tmp_path / "out" / "checkpoint-2"
+    assert (pushed / "trainer_state.json").is_file()
+    saved = json.loads((local / "evl_run_arguments.json").read_text())
+    assert json.loads((pushed / "evl_run_arguments.json").read_text()) == saved and saved["max_steps"] == 2
+
+
 def test_resuming_skips_a_checkpoint_the_killed_run_did_not_finish_writing(tmp_path, caplog):
     # Trainer writes trainer_state.json last: a run killed while saving leaves a folder without it (seen: only
     # config.json and the code files), or with it cut short. transformers' get_last_checkpoint returns such a folder,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 from datasets import ClassLabel
-from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
 from .backbone_families import family_of_checkpoint, has_image_processor, processor_crop_size
 from .configuration_evl import EVLConfig
@@ -45,13 +45,17 @@ from .data.video_dataset import (
     load_video_dataset,
 )
 from .modeling_evl import EVLForVideoClassification
-from .training import EVLTrainer, make_compute_metrics, write_per_class_report, write_predictions
+from .training import (
+    RUN_ARGUMENTS_FILE,
+    EVLTrainer,
+    make_compute_metrics,
+    write_per_class_report,
+    write_predictions,
+)
 from .video_processing_evl import EVLVideoProcessor
 
 
 logger = logging.getLogger(__name__)
-
-RUN_ARGUMENTS_FILE = "evl_run_arguments.json"
 
 
 @dataclass
@@ -256,19 +260,6 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-class SaveRunArgumentsCallback(TrainerCallback):
-    """Write every argument of the run into each checkpoint, so that a resumed run can say what it changed."""
-
-    def __init__(self, arguments: dict):
-        self.arguments = arguments
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / RUN_ARGUMENTS_FILE).write_text(json.dumps(self.arguments, indent=1, default=str))
-
-
 # Arguments that may differ between a run and its resumption without changing what is trained.
 _RESUME_NEUTRAL = {
     "output_dir", "logging_dir", "run_name", "resume_from_checkpoint", "overwrite_output_dir", "do_train", "do_eval",
@@ -432,7 +423,7 @@ def main(argv: list[str] | None = None):
         data_collator=VideoClipCollator(),
         compute_metrics=make_compute_metrics(top_k=5),
         processing_class=processor,
-        callbacks=[SaveRunArgumentsCallback(arguments)],
+        run_arguments=arguments,
     )
 
     if training_args.do_train and data_args.cache_backbone_features:

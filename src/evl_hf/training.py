@@ -11,12 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import EvalPrediction, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data.video_dataset import IGNORE_LABEL, UNLABELED, EpochShuffleSampler, TrainingClips
 from .metrics import load_video_accuracy
 
 
 logger = logging.getLogger(__name__)
+
+# Every argument of a run, written into each of its checkpoints so that a resumed run can say what it changed.
+RUN_ARGUMENTS_FILE = "evl_run_arguments.json"
 
 
 class EVLTrainer(Trainer):
@@ -30,11 +34,13 @@ class EVLTrainer(Trainer):
       split across processes; clips without a label (class label -1, `datasets`' convention) are predicted and
       left out of the loss and the metrics too, so a test split without labels gives predictions and no scores;
     - the number of distinct unusable clips, over all processes, is reported as `train_unusable_clips` and
-      `<prefix>_unusable_clips`.
+      `<prefix>_unusable_clips`;
+    - `run_arguments`, when given, are written into every checkpoint as `RUN_ARGUMENTS_FILE`.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, run_arguments: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.run_arguments = run_arguments
         self._user_compute_metrics = self.compute_metrics
         self.compute_metrics = self._metrics_of_usable_clips
         self.unusable_clips = {"train": set(), "eval": set()}
@@ -55,6 +61,14 @@ class EVLTrainer(Trainer):
         if sampler is not None:
             sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
         return super()._run_epoch(*args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        # Here, with the model, not in a callback's `on_save`: `hub_strategy="checkpoint"` uploads the checkpoint as
+        # soon as Trainer has written it, before the callbacks run.
+        if self.run_arguments is not None and folder.name.startswith(PREFIX_CHECKPOINT_DIR):
+            (folder / RUN_ARGUMENTS_FILE).write_text(json.dumps(self.run_arguments, indent=1, default=str))
 
     def _record_unusable(self, inputs: dict, phase: str) -> None:
         inputs.pop("clip_indices", None)
