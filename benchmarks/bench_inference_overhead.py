@@ -32,9 +32,9 @@ def measure(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
     ratios = sorted(evl / alone for evl, alone in zip(times["EVL forward"], times["backbone alone"]))
     ratio = statistics.median(times["EVL forward"]) / statistics.median(times["backbone alone"])
     print(f"  ratio EVL / backbone alone: {ratio:.3f} (target <= {TARGETS[backbone_dtype]})")
-    low, high = median_confidence_interval(ratios)
-    print(f"  per-round ratios: median {statistics.median(ratios):.3f} (95% confidence interval {low:.3f}-{high:.3f}), "
-          f"range {ratios[0]:.3f}-{ratios[-1]:.3f}")  # fmt: skip
+    low, high, coverage = median_confidence_interval(ratios)
+    print(f"  per-round ratios: median {statistics.median(ratios):.3f} ({coverage:.0%} confidence interval "
+          f"{low:.3f}-{high:.3f}), range {ratios[0]:.3f}-{ratios[-1]:.3f}")  # fmt: skip
 
 
 

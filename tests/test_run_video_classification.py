@@ -265,6 +265,7 @@ def test_a_checkpoint_pushed_to_the_hub_carries_the_run_arguments(data_dir, back
     assert (pushed / "trainer_state.json").is_file()
     saved = json.loads((local / "evl_run_arguments.json").read_text())
     assert json.loads((pushed / "evl_run_arguments.json").read_text()) == saved and saved["max_steps"] == 2
+    assert not (tmp_path / "out" / "evl_run_arguments.json").exists()  # checkpoints only, not the final model
 
 
 def test_resuming_skips_a_checkpoint_the_killed_run_did_not_finish_writing(tmp_path, caplog):

@@ -67,7 +67,7 @@ def test_string_labels_of_a_hub_style_data_set_become_a_class_label(clips, tmp_p
     assert loaded["train"]["label"] == [1, 0, 1] and loaded["validation"]["label"] == [0, 2, 1]
 
 
-def test_a_test_split_without_labels_takes_the_other_splits_classes(clips, tmp_path):
+def test_a_test_split_without_labels_takes_the_other_splits_classes(clips, tmp_path, caplog):
     import json
 
     hub = tmp_path / "hub"
@@ -77,7 +77,11 @@ def test_a_test_split_without_labels_takes_the_other_splits_classes(clips, tmp_p
     for test in ([{"video": str(p)} for p in clips], [{"video": str(p), "label": None} for p in clips],
                  [{"video": str(p), "label": ""} for p in clips]):  # fmt: skip
         (hub / "test.jsonl").write_text("\n".join(json.dumps(row) for row in test))
-        loaded = load_video_dataset(dataset_name=str(hub))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="evl_hf"):
+            loaded = load_video_dataset(dataset_name=str(hub))
+        # `datasets` gives a split without the column nulls; either way the run says what it did.
+        assert "The test split of" in caplog.text and "predicted without labels" in caplog.text
         assert loaded["test"]["label"] == [UNLABELED] * 3 and is_unlabeled(loaded["test"])
         assert loaded["test"].features["label"].names == ["a", "b"] and not is_unlabeled(loaded["train"])
     stored = tmp_path / "stored"
@@ -138,13 +142,18 @@ def test_the_label_column_is_the_one_named_or_a_clear_error(clips, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="evl_hf"):
         loaded = load_video_dataset(dataset_name=hub("category", test=category))
     assert is_unlabeled(loaded["test"])
-    assert "The test split of" in caplog.text and "no 'label' column (columns ['video', 'category'])" in caplog.text
-    with pytest.raises(ValueError, match="The train split of .* has no 'label' column"):
+    assert "has no labels (no 'label' column, or every value missing or -1; columns ['video', 'category'])" in caplog.text
+    with pytest.raises(ValueError, match=r"The train split has the columns \['video', 'category'\]: it needs"):
         load_video_dataset(dataset_name=hub("category_train", train=category))
-    # Splits a run does not use are not loaded, so a partly labeled test split does not stop training.
+    # A split the run will not use is left out when its labels are broken (a partly labeled test split does not stop
+    # training), and every split given names classes, so the classes do not depend on which splits are used.
     partly = [{"video": str(p), "label": label} for p, label in zip(clips, ["a", None, "b"])]
-    data = hub("partly", train=coarse_and_fine, test=partly)
-    assert list(load_video_dataset(dataset_name=data, only_splits=["train"])) == ["train"]
+    extra_class = [{"video": str(p), "label": "sideways"} for p in clips]
+    data = hub("partly", train=coarse_and_fine, validation=extra_class, test=partly)
+    loaded = load_video_dataset(dataset_name=data, used_splits=["train"])
+    assert sorted(loaded) == ["train", "validation"] and loaded["train"].features["label"].names == ["moving", "sideways"]
+    with pytest.raises(ValueError, match="The test split has 1 of its 3 clips without a label"):
+        load_video_dataset(dataset_name=data, used_splits=["train", "test"])
     with pytest.raises(ValueError, match="The test split has 1 of its 3 clips without a label"):
         load_video_dataset(dataset_name=data)
 

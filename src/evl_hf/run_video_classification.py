@@ -348,13 +348,14 @@ def main(argv: list[str] | None = None):
     if data_args.class_names_file:
         with open(data_args.class_names_file) as handle:
             class_names = json.load(handle)
-    # The splits this run uses, loaded and checked; the others (e.g. a data set's test split in a training run) not.
+    # Every split given names classes; one this run does not use (e.g. a partly labeled test split in a training run)
+    # is left out rather than stopping it.
     used = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
     dataset = load_video_dataset(
         data_args.train_dir, data_args.validation_dir, data_args.test_dir, data_args.train_list,
         data_args.validation_list, data_args.test_list, data_args.dataset_name, data_args.dataset_config_name,
         data_args.video_column, data_args.label_column, class_names, model_args.cache_dir,
-        only_splits=[split for split, wanted in used.items() if wanted] or None,
+        used_splits=[split for split, wanted in used.items() if wanted],
     )  # fmt: skip
     # Class names from the labeled splits; a test split without labels (`is_unlabeled`) is only predicted.
     unlabeled = {split for split, data in dataset.items() if is_unlabeled(data)}

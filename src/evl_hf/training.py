@@ -67,8 +67,10 @@ class EVLTrainer(Trainer):
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         # Here, with the model, not in a callback's `on_save`: `hub_strategy="checkpoint"` uploads the checkpoint as
         # soon as Trainer has written it, before the callbacks run.
-        # Every rank calls this; the ones that save (`should_save`: the main process, or each node's) write it.
-        if self.run_arguments is not None and self.args.should_save and folder.name.startswith(PREFIX_CHECKPOINT_DIR):
+        # Every rank calls this; the ones that save (`should_save`: the main process, or each node's) write it, into
+        # the checkpoint Trainer is writing (named after the step), not the final model's folder.
+        checkpoint = folder.name == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.run_arguments is not None and self.args.should_save and checkpoint:
             (folder / RUN_ARGUMENTS_FILE).write_text(json.dumps(self.run_arguments, indent=1, default=str))
 
     def _record_unusable(self, inputs: dict, phase: str) -> None:

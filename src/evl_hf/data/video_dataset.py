@@ -161,7 +161,7 @@ def load_video_dataset(
     label_column: str = "label",
     class_names: list[str] | None = None,
     cache_dir: str | None = None,
-    only_splits: Collection[str] | None = None,
+    used_splits: Collection[str] | None = None,
 ) -> DatasetDict:
     """
     A `DatasetDict` with a `video` column of paths and a `label` ClassLabel column, from videofolder directories
@@ -172,12 +172,13 @@ def load_video_dataset(
     of paths alone (or with the label -1), or a data set's split without a label column or with every label -1 or
     missing (None or an empty string). Its labels are then all `UNLABELED`, under the other splits' ClassLabel (`class_names` without one).
     Any other split, or a test split with some clips labeled and others not, is refused with the count.
-    `only_splits`: the splits to load and check (all by default), e.g. those a run uses.
+    `used_splits`: the splits the caller will use (all by default). Every split given is loaded and its class names
+    count, but a split the caller will not use whose labels break these rules is left out (logged) instead of
+    stopping the run, e.g. a partly labeled test split in a training run.
     """
     splits = {}
     if dataset_name:
         loaded = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-        loaded = {split: data for split, data in loaded.items() if only_splits is None or split in only_splits}
         columns = {split: data.column_names for split, data in loaded.items()}
         if label_column != "label" and not any(label_column in names for names in columns.values()):
             raise ValueError(f"--label_column {label_column!r} is in no split of {dataset_name}: {columns}.")
@@ -185,13 +186,9 @@ def load_video_dataset(
             if video_column != "video":
                 dataset = dataset.rename_column(video_column, "video")
             if label_column not in dataset.column_names:
-                if split != "test":
-                    raise ValueError(f"The {split} split of {dataset_name} has no {label_column!r} column (columns "
-                                     f"{dataset.column_names}): see --label_column.")  # fmt: skip
-                # Another column named "label" is not the labels the run was told to use.
+                # Another column named "label" is not the labels the run was told to use (a test split goes without
+                # labels, another split is refused below).
                 dataset = dataset.remove_columns([name for name in ("label",) if name in dataset.column_names])
-                logger.warning(f"The test split of {dataset_name} has no {label_column!r} column (columns "
-                               f"{columns[split]}): its clips are predicted without labels (see --label_column).")  # fmt: skip
             elif label_column != "label":
                 dataset = dataset.remove_columns([name for name in ("label",) if name in dataset.column_names])
                 dataset = dataset.rename_column(label_column, "label")
@@ -199,7 +196,7 @@ def load_video_dataset(
     folders = {"train": train_dir, "validation": validation_dir, "test": test_dir}
     data_files = {}
     for split, folder in folders.items():
-        if folder and (only_splits is None or split in only_splits):
+        if folder:
             files, labeled = _videofolder_files(folder, allow_unlabeled=split == "test")
             if labeled:
                 data_files[split] = files
@@ -208,29 +205,31 @@ def load_video_dataset(
     if data_files:
         splits.update(load_dataset("videofolder", data_files=data_files, cache_dir=cache_dir))
     for split, list_file in (("train", train_list), ("validation", validation_list), ("test", test_list)):
-        if list_file and (only_splits is None or split in only_splits):
+        if list_file:
             splits[split] = read_list_file(list_file, class_names, allow_unlabeled=split == "test")
     if not splits:
         raise ValueError("No data: give --train_dir/--validation_dir/--test_dir, list files, or --dataset_name.")
     result, unlabeled = DatasetDict(), []
     for split, dataset in splits.items():
-        if "video" not in dataset.features or ("label" not in dataset.features and split != "test"):
-            raise ValueError(f"The {split} split has the columns {list(dataset.features)}: it needs 'video' and 'label' "
-                             "(see --video_column / --label_column).")  # fmt: skip
-        if dataset.features["video"].__class__.__name__ == "Video":
-            from datasets import Video
-
-            dataset = dataset.cast_column("video", Video(decode=False))
-        # Clips without a label: a test split without a label column, or whose labels are all -1 or missing.
-        missing = len(dataset) if "label" not in dataset.features else _count_missing_labels(dataset)
-        if missing:
-            if split != "test" or missing < len(dataset):
-                where = "" if split == "test" else " (only a test split can be predicted without labels)"
-                raise ValueError(f"The {split} split has {missing} of its {len(dataset)} clips without a label{where}: "
-                                 "label every clip, or none to predict them.")  # fmt: skip
+        try:
+            dataset = _checked_labels(split, dataset)
+        except ValueError as error:
+            if used_splits is None or split in used_splits:
+                raise
+            logger.info("The %s split is not used, and left out: %s", split, error)
+            continue
+        if "label" not in dataset.features or _count_missing_labels(dataset):
             dataset = _without_labels(dataset)
             unlabeled.append(split)
+            if dataset_name and split in loaded:
+                # `datasets` fills a column that only other splits have with nulls: say what happened, in case the
+                # labels are under another name.
+                logger.warning(f"The {split} split of {dataset_name} has no labels (no {label_column!r} column, or "
+                               f"every value missing or -1; columns {columns[split]}): its clips are predicted "
+                               "without labels (see --label_column).")  # fmt: skip
         result[split] = dataset
+    if not result:
+        raise ValueError(f"No usable split: {', '.join(splits)} (see the log).")
     labeled = [split for split in result if split not in unlabeled]
     plain = [split for split in labeled if not isinstance(result[split].features["label"], ClassLabel)]
     if plain:
@@ -246,6 +245,25 @@ def load_video_dataset(
     for split in unlabeled:
         result[split] = result[split].cast_column("label", class_label)
     return result
+
+
+def _checked_labels(split: str, dataset: Dataset) -> Dataset:
+    """The split with its video column as paths or bytes, or a `ValueError` for missing columns and for clips without
+    a label outside a whole test split."""
+    if "video" not in dataset.features or ("label" not in dataset.features and split != "test"):
+        raise ValueError(f"The {split} split has the columns {list(dataset.features)}: it needs 'video' and 'label' "
+                         "(see --video_column / --label_column).")  # fmt: skip
+    if dataset.features["video"].__class__.__name__ == "Video":
+        from datasets import Video
+
+        dataset = dataset.cast_column("video", Video(decode=False))
+    # Clips without a label: a test split without a label column, or whose labels are all -1 or missing.
+    missing = len(dataset) if "label" not in dataset.features else _count_missing_labels(dataset)
+    if missing and (split != "test" or missing < len(dataset)):
+        where = "" if split == "test" else " (only a test split can be predicted without labels)"
+        raise ValueError(f"The {split} split has {missing} of its {len(dataset)} clips without a label{where}: label "
+                         "every clip, or none to predict them.")  # fmt: skip
+    return dataset
 
 
 def _count_missing_labels(dataset: Dataset) -> int:
