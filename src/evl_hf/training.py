@@ -65,10 +65,9 @@ class EVLTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
-        # Here, with the model, not in a callback's `on_save`: `hub_strategy="checkpoint"` uploads the checkpoint as
-        # soon as Trainer has written it, before the callbacks run.
-        # Every rank calls this; the ones that save (`should_save`: the main process, or each node's) write it, into
-        # the checkpoint Trainer is writing (named after the step), not the final model's folder.
+        # With the model rather than in a callback's `on_save`: `hub_strategy="checkpoint"` uploads a checkpoint as
+        # soon as Trainer has written it, before callbacks run. Every rank calls `_save`; the ranks that save
+        # (`should_save`) write the file into the checkpoint being written (named after the step), never elsewhere.
         checkpoint = folder.name == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.run_arguments is not None and self.args.should_save and checkpoint:
             (folder / RUN_ARGUMENTS_FILE).write_text(json.dumps(self.run_arguments, indent=1, default=str))

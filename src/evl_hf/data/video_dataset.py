@@ -82,10 +82,12 @@ def read_list_file(path: str | Path, class_names: list[str] | None = None, allow
             video, label = fields[0], int(fields[1])
         except (IndexError, ValueError):
             # A path alone, unless the line is an existing clip and a word after it (a label that is not a number).
-            if not allow_unlabeled or len(fields) == 2 and _is_file(path, fields[0]) and not _is_file(path, line.strip()):
+            if not allow_unlabeled or (
+                len(fields) == 2 and _is_file(path, fields[0]) and not _is_file(path, line.strip())
+            ):
                 raise ValueError(f"{path}:{number}: expected {expected}, got {line!r}") from None
             video, label = line.strip(), UNLABELED
-        if label < 0 and label != UNLABELED or label == UNLABELED and not allow_unlabeled:
+        if (label < 0 and label != UNLABELED) or (label == UNLABELED and not allow_unlabeled):
             raise ValueError(f"{path}:{number}: expected {expected} with a label of 0 or more, got {line!r}")
         video_path = Path(video)
         videos.append(str(video_path if video_path.is_absolute() else path.parent / video_path))
@@ -170,8 +172,9 @@ def load_video_dataset(
 
     The test split may be clips without labels, to predict: a folder whose clips all lie directly in it, a list file
     of paths alone (or with the label -1), or a data set's split without a label column or with every label -1 or
-    missing (None or an empty string). Its labels are then all `UNLABELED`, under the other splits' ClassLabel (`class_names` without one).
-    Any other split, or a test split with some clips labeled and others not, is refused with the count.
+    missing (None or an empty string). Its labels are then all `UNLABELED`, under the other splits' ClassLabel
+    (`class_names` without one). Any other split, or a test split with some clips labeled and others not, is refused
+    with the count.
     `used_splits`: the splits the caller will use (all by default). Every split given is loaded and its class names
     count, but a split the caller will not use whose labels break these rules is left out (logged) instead of
     stopping the run, e.g. a partly labeled test split in a training run.
