@@ -142,7 +142,7 @@ def test_the_label_column_is_the_one_named_or_a_clear_error(clips, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="evl_hf"):
         loaded = load_video_dataset(dataset_name=hub("category", test=category))
     assert is_unlabeled(loaded["test"])
-    assert "has no labels (no 'label' column, or every value missing or -1; columns ['video', 'category'])" in caplog.text
+    assert "The test split of" in caplog.text and "has no 'label' column (columns ['video', 'category'])" in caplog.text
     with pytest.raises(ValueError, match=r"The train split has the columns \['video', 'category'\]: it needs"):
         load_video_dataset(dataset_name=hub("category_train", train=category))
     # A split the run will not use is left out when its labels are broken (a partly labeled test split does not stop
@@ -156,6 +156,40 @@ def test_the_label_column_is_the_one_named_or_a_clear_error(clips, tmp_path, cap
         load_video_dataset(dataset_name=data, used_splits=["train", "test"])
     with pytest.raises(ValueError, match="The test split has 1 of its 3 clips without a label"):
         load_video_dataset(dataset_name=data)
+
+
+def test_a_broken_split_the_run_does_not_use_is_left_out_whatever_its_source(clips, tmp_path, caplog):
+    import json
+
+    (tmp_path / "train.txt").write_text(f"{clips[0]} 0\n{clips[1]} 1\n")
+    (tmp_path / "partly.txt").write_text(f"{clips[0]} 1\n{clips[1]}\n")
+    mixed = tmp_path / "mixed"
+    (mixed / "a").mkdir(parents=True)
+    for clip in clips[:2]:
+        (mixed / "a" / clip.name).write_bytes(clip.read_bytes())
+    (mixed / "loose.mp4").write_bytes(clips[2].read_bytes())
+    for broken in ({"test_list": str(tmp_path / "partly.txt")}, {"test_dir": str(mixed)},
+                   {"validation_list": str(tmp_path / "partly.txt")}):  # fmt: skip
+        loaded = load_video_dataset(train_list=str(tmp_path / "train.txt"), used_splits=["train"], **broken)
+        assert list(loaded) == ["train"], broken
+        with pytest.raises(ValueError):
+            load_video_dataset(train_list=str(tmp_path / "train.txt"), **broken)
+    # Nothing usable: the reasons are in the error, not only in the log.
+    with pytest.raises(ValueError, match=r"No usable split: .*\(test: .*partly.txt: 1 of its 2 clips have no label"):
+        load_video_dataset(test_list=str(tmp_path / "partly.txt"), used_splits=[])
+    # A data set's -1 test split is only warned about where it is predicted, and not once a list replaced it.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for split, label in (("train", 0), ("test", -1)):
+        (hub / f"{split}.jsonl").write_text("\n".join(json.dumps({"video": str(p), "label": label}) for p in clips))
+    (tmp_path / "paths.txt").write_text(f"{clips[0]}\n")
+    for used, extra, warned in ((["train"], {}, False), (["train", "test"], {}, True),
+                                (["train", "test"], {"test_list": str(tmp_path / "paths.txt")}, False)):  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="evl_hf"):
+            loaded = load_video_dataset(dataset_name=str(hub), used_splits=used, **extra)
+        assert is_unlabeled(loaded["test"])
+        assert ("has no labels (every 'label' is missing or -1)" in caplog.text) == warned, (used, extra)
 
 
 def test_a_test_list_with_words_for_labels_is_not_read_as_paths(clips, tmp_path):

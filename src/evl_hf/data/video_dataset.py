@@ -179,7 +179,21 @@ def load_video_dataset(
     count, but a split the caller will not use whose labels break these rules is left out (logged) instead of
     stopping the run, e.g. a partly labeled test split in a training run.
     """
-    splits = {}
+    splits, left_out = {}, {}
+
+    def unless_unused(split: str, check):
+        """`check()`, or, for a split the caller will not use, None with the reason kept (a broken split it does not
+        use does not stop it)."""
+        try:
+            return check()
+        except ValueError as error:
+            if used_splits is None or split in used_splits:
+                raise
+            logger.info("The %s split is not used, and left out: %s", split, error)
+            left_out[split] = str(error)
+            return None
+
+    from_data_set, columns = set(), {}
     if dataset_name:
         loaded = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
         columns = {split: data.column_names for split, data in loaded.items()}
@@ -196,43 +210,46 @@ def load_video_dataset(
                 dataset = dataset.remove_columns([name for name in ("label",) if name in dataset.column_names])
                 dataset = dataset.rename_column(label_column, "label")
             splits[split] = dataset
+            from_data_set.add(split)
     folders = {"train": train_dir, "validation": validation_dir, "test": test_dir}
+    lists = {"train": train_list, "validation": validation_list, "test": test_list}
     data_files = {}
     for split, folder in folders.items():
         if folder:
-            files, labeled = _videofolder_files(folder, allow_unlabeled=split == "test")
-            if labeled:
-                data_files[split] = files
-            else:
-                splits[split] = Dataset.from_dict({"video": files})
+            found = unless_unused(split, lambda: _videofolder_files(folder, allow_unlabeled=split == "test"))
+            if found is not None and found[1]:
+                data_files[split] = found[0]
+            elif found is not None:
+                splits[split] = Dataset.from_dict({"video": found[0]})
     if data_files:
         splits.update(load_dataset("videofolder", data_files=data_files, cache_dir=cache_dir))
-    for split, list_file in (("train", train_list), ("validation", validation_list), ("test", test_list)):
+    for split, list_file in lists.items():
         if list_file:
-            splits[split] = read_list_file(list_file, class_names, allow_unlabeled=split == "test")
-    if not splits:
+            read = unless_unused(split, lambda: read_list_file(list_file, class_names, allow_unlabeled=split == "test"))
+            if read is not None:
+                splits[split] = read
+    from_data_set -= {split for split in folders if folders[split] or lists[split]}  # replaced by a folder or list
+    if not splits and not left_out:
         raise ValueError("No data: give --train_dir/--validation_dir/--test_dir, list files, or --dataset_name.")
     result, unlabeled = DatasetDict(), []
     for split, dataset in splits.items():
-        try:
-            dataset = _checked_labels(split, dataset)
-        except ValueError as error:
-            if used_splits is None or split in used_splits:
-                raise
-            logger.info("The %s split is not used, and left out: %s", split, error)
+        dataset = unless_unused(split, lambda: _checked_labels(split, dataset))
+        if dataset is None:
             continue
         if "label" not in dataset.features or _count_missing_labels(dataset):
             dataset = _without_labels(dataset)
             unlabeled.append(split)
-            if dataset_name and split in loaded:
+            if split in from_data_set and (used_splits is None or split in used_splits):
                 # `datasets` fills a column that only other splits have with nulls: say what happened, in case the
                 # labels are under another name.
-                logger.warning(f"The {split} split of {dataset_name} has no labels (no {label_column!r} column, or "
-                               f"every value missing or -1; columns {columns[split]}): its clips are predicted "
-                               "without labels (see --label_column).")  # fmt: skip
+                why = (f"has no {label_column!r} column" if label_column not in columns[split]
+                       else f"has no labels (every {label_column!r} is missing or -1)")  # fmt: skip
+                logger.warning(f"The {split} split of {dataset_name} {why} (columns {columns[split]}): its clips are "
+                               "predicted without labels (see --label_column).")  # fmt: skip
         result[split] = dataset
     if not result:
-        raise ValueError(f"No usable split: {', '.join(splits)} (see the log).")
+        reasons = "; ".join(f"{split}: {reason}" for split, reason in left_out.items())
+        raise ValueError(f"No usable split: every split given is broken and not used by this run ({reasons}).")
     labeled = [split for split in result if split not in unlabeled]
     plain = [split for split in labeled if not isinstance(result[split].features["label"], ClassLabel)]
     if plain:
