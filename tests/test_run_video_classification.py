@@ -268,6 +268,22 @@ def test_a_checkpoint_pushed_to_the_hub_carries_the_run_arguments(data_dir, back
     assert not (tmp_path / "out" / "evl_run_arguments.json").exists()  # checkpoints only, not the final model
 
 
+def test_resuming_with_data_of_other_classes_is_refused_before_training(data_dir, backbone_dir, tmp_path):
+    """A rerun into an output dir whose checkpoint was trained for other classes (the data gained one) says so,
+    instead of failing inside Trainer with a size mismatch of the classification head."""
+    train = tmp_path / "train"
+    shutil.copytree(data_dir / "train", train)
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--max_steps", "1", "--save_steps", "1")
+    args[args.index("--train_dir") + 1] = str(train)
+    load_script().main(args)
+    (train / "zooming").mkdir()
+    shutil.copy(next((train / "growing").glob("*.mp4")), train / "zooming" / "clip.mp4")
+    args[args.index("--max_steps") + 1] = "2"
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-1: it was trained for 10 classes, this "
+                                         r"run's data gives 11 \(new: \['zooming'\], gone: \[\]\)"):  # fmt: skip
+        load_script().main(args)
+
+
 def test_resuming_skips_a_checkpoint_the_killed_run_did_not_finish_writing(tmp_path, caplog):
     # Trainer writes trainer_state.json last: a run killed while saving leaves a folder without it (seen: only
     # config.json and the code files), or with it cut short. transformers' get_last_checkpoint returns such a folder,

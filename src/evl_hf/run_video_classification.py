@@ -302,6 +302,25 @@ def warn_about_changed_arguments(checkpoint: str, current: dict) -> list[str]:
     return changed
 
 
+def check_checkpoint_classes(checkpoint: str, id2label: dict) -> None:
+    """Refuse to resume from a checkpoint trained for other classes than this run's model has (e.g. the data gained a
+    class): loading its head would fail deep in `Trainer` with a size mismatch, or, with as many classes, resume
+    with the old classes' weights under new names."""
+    config_path = Path(checkpoint) / "config.json"
+    if not config_path.exists():
+        return
+    saved = json.loads(config_path.read_text()).get("id2label") or {}
+    saved_names = [saved[key] for key in sorted(saved, key=int)]
+    names = [id2label[index] for index in sorted(id2label)]
+    if saved_names != names:
+        added, dropped = sorted(set(names) - set(saved_names)), sorted(set(saved_names) - set(names))
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was trained for {len(saved_names)} classes, this run's data gives "
+            f"{len(names)} (new: {added[:5]}, gone: {dropped[:5]}{', or in another order' if not added + dropped else ''}"
+            "). Use a new --output_dir to start afresh, or the data the checkpoint was trained on."
+        )
+
+
 def parse_arguments(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
@@ -449,6 +468,7 @@ def main(argv: list[str] | None = None):
                 logger.warning("Resuming training from %s (found in --output_dir)", checkpoint)
         if checkpoint is not None:
             warn_about_changed_arguments(checkpoint, arguments)
+            check_checkpoint_classes(checkpoint, model.config.id2label)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         if data_args.cache_backbone_features:
             result.metrics["train_unusable_clips"] = unusable
