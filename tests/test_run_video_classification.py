@@ -280,8 +280,26 @@ def test_resuming_with_data_of_other_classes_is_refused_before_training(data_dir
     shutil.copy(next((train / "growing").glob("*.mp4")), train / "zooming" / "clip.mp4")
     args[args.index("--max_steps") + 1] = "2"
     with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-1: it was trained for 10 classes, this "
-                                         r"run's data gives 11 \(new: \['zooming'\], gone: \[\]\)"):  # fmt: skip
+                                         r"run's model has 11 \(new: \['zooming'\], gone: \[\]\)"):  # fmt: skip
         load_script().main(args)
+
+
+def test_resuming_a_run_whose_classes_are_transformers_default_names(data_dir, backbone_dir, tmp_path):
+    """config.json leaves out an id2label equal to transformers' default (LABEL_0, LABEL_1): such a checkpoint
+    resumes, its classes read as transformers reads them."""
+    train = tmp_path / "train"
+    for name, source in (("LABEL_0", "growing"), ("LABEL_1", "shrinking")):
+        (train / name).mkdir(parents=True)
+        for clip in (data_dir / "train" / source).glob("*_000*.mp4"):
+            shutil.copy(clip, train / name / clip.name)
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--max_steps", "1", "--save_steps", "1")
+    args[args.index("--train_dir") + 1] = str(train)
+    for flag in ("--validation_dir", "--test_dir"):  # their classes would count too
+        del args[args.index(flag) : args.index(flag) + 2]
+    load_script().main(args)
+    assert "id2label" not in json.loads((tmp_path / "out" / "checkpoint-1" / "config.json").read_text())
+    args[args.index("--max_steps") + 1] = "2"
+    assert load_script().main(args).state.global_step == 2
 
 
 def test_resuming_skips_a_checkpoint_the_killed_run_did_not_finish_writing(tmp_path, caplog):

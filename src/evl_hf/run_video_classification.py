@@ -309,15 +309,17 @@ def check_checkpoint_classes(checkpoint: str, id2label: dict) -> None:
     config_path = Path(checkpoint) / "config.json"
     if not config_path.exists():
         return
-    saved = json.loads(config_path.read_text()).get("id2label") or {}
+    # Read as transformers reads it: a config.json leaves out an id2label equal to the default (LABEL_0, LABEL_1).
+    saved = EVLConfig.from_json_file(str(config_path)).id2label
     saved_names = [saved[key] for key in sorted(saved, key=int)]
     names = [id2label[index] for index in sorted(id2label)]
     if saved_names != names:
         added, dropped = sorted(set(names) - set(saved_names)), sorted(set(saved_names) - set(names))
+        listed = f"new: {added[:5]}, gone: {dropped[:5]}" if added or dropped else "the same names in another order"
         raise ValueError(
-            f"Cannot resume from {checkpoint}: it was trained for {len(saved_names)} classes, this run's data gives "
-            f"{len(names)} (new: {added[:5]}, gone: {dropped[:5]}{', or in another order' if not added + dropped else ''}"
-            "). Use a new --output_dir to start afresh, or the data the checkpoint was trained on."
+            f"Cannot resume from {checkpoint}: it was trained for {len(saved_names)} classes, this run's model has "
+            f"{len(names)} ({listed}). Start afresh with a new --output_dir, resume with the data the checkpoint was "
+            "trained on, or give --resume_from_checkpoint another checkpoint."
         )
 
 
@@ -446,6 +448,18 @@ def main(argv: list[str] | None = None):
         run_arguments=arguments,
     )
 
+    checkpoint = None
+    if training_args.do_train:
+        # Checked before any backbone work (the feature cache): a run that cannot resume stops at once.
+        checkpoint = training_args.resume_from_checkpoint
+        if checkpoint is None and os.path.isdir(training_args.output_dir):
+            checkpoint = last_complete_checkpoint(training_args.output_dir)
+            if checkpoint is not None:
+                logger.warning("Resuming training from %s (found in --output_dir)", checkpoint)
+        if checkpoint is not None:
+            warn_about_changed_arguments(checkpoint, arguments)
+            check_checkpoint_classes(checkpoint, model.config.id2label)
+
     if training_args.do_train and data_args.cache_backbone_features:
         # After the Trainer has put the model on its device: the backbone runs on the accelerator, each process
         # caching its share of the clips.
@@ -461,14 +475,6 @@ def main(argv: list[str] | None = None):
         logger.info("Feature cache: %d clips cached, %d could not be decoded", len(trainer.train_dataset), unusable)
 
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint
-        if checkpoint is None and os.path.isdir(training_args.output_dir):
-            checkpoint = last_complete_checkpoint(training_args.output_dir)
-            if checkpoint is not None:
-                logger.warning("Resuming training from %s (found in --output_dir)", checkpoint)
-        if checkpoint is not None:
-            warn_about_changed_arguments(checkpoint, arguments)
-            check_checkpoint_classes(checkpoint, model.config.id2label)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         if data_args.cache_backbone_features:
             result.metrics["train_unusable_clips"] = unusable
