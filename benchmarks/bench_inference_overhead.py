@@ -37,7 +37,6 @@ def measure(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
           f"{low:.3f}-{high:.3f}), range {ratios[0]:.3f}-{ratios[-1]:.3f}")  # fmt: skip
 
 
-
 def main():
     float32_and_bfloat16_main(measure, default_repeats=5)
 

@@ -20,10 +20,9 @@ alone.
 """
 
 import argparse
-
-import torch
 import statistics
 
+import torch
 from common import (
     alternate_times,
     bfloat16_measured,

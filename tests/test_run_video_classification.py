@@ -208,15 +208,21 @@ class LocalHubApi(HfApi):
         )  # fmt: skip
 
 
-def test_push_to_hub_through_trainer_writes_a_loadable_repository(data_dir, backbone_dir, tmp_path, monkeypatch):
+def local_hub(monkeypatch, root: Path) -> LocalHubApi:
+    """Trainer's Hub client replaced by a `LocalHubApi` writing repositories under `root`."""
     import transformers.utils.hub as hub
 
     import huggingface_hub.hf_api
 
-    fake = LocalHubApi(tmp_path / "hub")
+    fake = LocalHubApi(root)
     monkeypatch.setattr(hub, "_hf_api", fake)
     # huggingface_hub's single-commit upload path (the one it takes without hf_xet): files reach `create_commit`.
     monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    return fake
+
+
+def test_push_to_hub_through_trainer_writes_a_loadable_repository(data_dir, backbone_dir, tmp_path, monkeypatch):
+    fake = local_hub(monkeypatch, tmp_path / "hub")
     load_script().main(
         base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "2",
                   "--save_strategy", "no", "--push_to_hub", "--hub_model_id", "someone/evl-tiny-motion",
@@ -238,15 +244,9 @@ def test_push_to_hub_through_trainer_writes_a_loadable_repository(data_dir, back
 def test_a_checkpoint_pushed_to_the_hub_carries_the_run_arguments(data_dir, backbone_dir, tmp_path, monkeypatch):
     """With `--hub_strategy checkpoint` Trainer pushes each checkpoint as `last-checkpoint` as soon as it is written,
     before the callbacks' `on_save`: the run arguments a resumed run compares against must already be in it."""
-    import transformers.utils.hub as hub
-
-    import huggingface_hub.hf_api
-
     from concurrent.futures import Future
 
-    fake = LocalHubApi(tmp_path / "hub")
-    monkeypatch.setattr(hub, "_hf_api", fake)
-    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    fake = local_hub(monkeypatch, tmp_path / "hub")
 
     def upload_now(function, *args, **kwargs):
         # Trainer uploads in the background, racing the rest of the save; here the upload happens when it is asked.

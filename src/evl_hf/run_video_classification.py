@@ -203,6 +203,9 @@ def build_model(model_args, data_args, labels: list[str]):
         except OSError:
             processor = None
     elif model_args.backbone:
+        if not labels:
+            raise ValueError("The data has no labeled clips, so a new model around --backbone has no classes: give "
+                             "labeled clips, or predict with a trained checkpoint (--model_name_or_path).")  # fmt: skip
         id2label = dict(enumerate(labels))
         fields = dict(id2label=id2label, label2id={label: index for index, label in id2label.items()})
         if data_args.num_frames is not None:
@@ -378,12 +381,9 @@ def main(argv: list[str] | None = None):
         data_args.video_column, data_args.label_column, class_names, model_args.cache_dir,
         used_splits=[split for split, wanted in used.items() if wanted],
     )  # fmt: skip
-    # Class names from the labeled splits; a test split without labels (`is_unlabeled`) is only predicted.
+    # Class names from the labeled splits (or --class_names_file); a test split without labels is only predicted.
     unlabeled = {split for split, data in dataset.items() if is_unlabeled(data)}
     labels = next(iter(dataset.values())).features["label"].names
-    if len(unlabeled) == len(dataset) and not labels and not model_args.model_name_or_path:
-        raise ValueError("The data has no labeled clips, so a new model around --backbone has no classes: give "
-                         "labeled clips, or predict with a trained checkpoint (--model_name_or_path).")  # fmt: skip
     model, processor = build_model(model_args, data_args, labels)
     if model.config.problem_type not in (None, "single_label_classification"):
         raise ValueError(

@@ -101,7 +101,8 @@ class EVLTrainer(Trainer):
                 "data paths and files."
             )
         scored = usable
-        config = self.accelerator.unwrap_model(self.model).config
+        model = self.accelerator.unwrap_model(self.model)
+        config = model.config
         # Class labels, as transformers' losses tell them apart; a regression target of -1 is a target.
         single_label = config.problem_type == "single_label_classification" or (
             config.problem_type is None and config.num_labels > 1 and np.issubdtype(labels.dtype, np.integer)
@@ -114,7 +115,6 @@ class EVLTrainer(Trainer):
         logits, labels = logits[scored], labels[scored]
         metrics = {}
         if len(labels):
-            model = self.accelerator.unwrap_model(self.model)
             loss = model.loss_function(torch.from_numpy(labels), torch.from_numpy(logits).float(), model.config)
             metrics["loss"] = float(loss)
         if self._user_compute_metrics is not None and len(labels):

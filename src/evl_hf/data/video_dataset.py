@@ -202,13 +202,12 @@ def load_video_dataset(
         for split, dataset in loaded.items():
             if video_column != "video":
                 dataset = dataset.rename_column(video_column, "video")
-            if label_column not in dataset.column_names:
-                # Another column named "label" is not the labels the run was told to use (a test split goes without
-                # labels, another split is refused below).
+            if label_column != "label":
+                # Another column named "label" is not the labels the run was told to use. A split without
+                # `label_column` is left without labels: a test split is predicted, another split refused below.
                 dataset = dataset.remove_columns([name for name in ("label",) if name in dataset.column_names])
-            elif label_column != "label":
-                dataset = dataset.remove_columns([name for name in ("label",) if name in dataset.column_names])
-                dataset = dataset.rename_column(label_column, "label")
+                if label_column in dataset.column_names:
+                    dataset = dataset.rename_column(label_column, "label")
             splits[split] = dataset
             from_data_set.add(split)
     folders = {"train": train_dir, "validation": validation_dir, "test": test_dir}
@@ -233,10 +232,11 @@ def load_video_dataset(
         raise ValueError("No data: give --train_dir/--validation_dir/--test_dir, list files, or --dataset_name.")
     result, unlabeled = DatasetDict(), []
     for split, dataset in splits.items():
-        dataset = unless_unused(split, lambda: _checked_labels(split, dataset))
-        if dataset is None:
+        checked = unless_unused(split, lambda: _checked_labels(split, dataset))
+        if checked is None:
             continue
-        if "label" not in dataset.features or _count_missing_labels(dataset):
+        dataset, without_labels = checked
+        if without_labels:
             dataset = _without_labels(dataset)
             unlabeled.append(split)
             if split in from_data_set and (used_splits is None or split in used_splits):
@@ -267,9 +267,9 @@ def load_video_dataset(
     return result
 
 
-def _checked_labels(split: str, dataset: Dataset) -> Dataset:
-    """The split with its video column as paths or bytes, or a `ValueError` for missing columns and for clips without
-    a label outside a whole test split."""
+def _checked_labels(split: str, dataset: Dataset) -> tuple[Dataset, bool]:
+    """The split with its video column as paths or bytes and whether it is a test split without labels, or a
+    `ValueError` for missing columns and for clips without a label outside a whole test split."""
     if "video" not in dataset.features or ("label" not in dataset.features and split != "test"):
         raise ValueError(f"The {split} split has the columns {list(dataset.features)}: it needs 'video' and 'label' "
                          "(see --video_column / --label_column).")  # fmt: skip
@@ -283,7 +283,7 @@ def _checked_labels(split: str, dataset: Dataset) -> Dataset:
         where = "" if split == "test" else " (only a test split can be predicted without labels)"
         raise ValueError(f"The {split} split has {missing} of its {len(dataset)} clips without a label{where}: label "
                          "every clip, or none to predict them.")  # fmt: skip
-    return dataset
+    return dataset, missing > 0
 
 
 def _count_missing_labels(dataset: Dataset) -> int:
