@@ -39,7 +39,8 @@ def multiply_adds(config, batch_size: int = 1) -> dict:
     backbone = clip_frames * (patch_embedding + vision.num_hidden_layers * block)
     maps = layers * batch_size * 2 * (frames - 1) * patches * patches * hidden
     groups = [columns.stop - columns.start for columns in modeling._query_column_groups(width)]
-    module = layers * 2 * sum(height * clip_frames * g * height * (g + width - 1) * hidden for g in groups)
+    # Each direction skips the clip end without a neighbour (the first frame's previous, the last frame's next).
+    module = layers * 2 * sum(height * batch_size * (frames - 1) * g * height * (g + width - 1) * hidden for g in groups)
     minimal_module = layers * 2 * batch_size * (frames - 1) * patches * patches * hidden
     attention = layers * batch_size * 2 * config.decoder_num_heads * frames * tokens * hidden
     # q, out, and the key and value weights applied to the folded query and the weighted sum; fc1, fc2; classifier.

@@ -709,8 +709,16 @@ def test_cross_frame_module_equals_the_authors_gathered_tables(grid):
     maps = torch.rand(2, 3, 2, num_patches, num_patches).softmax(-1)
     rows, columns = torch.arange(num_patches) // width, torch.arange(num_patches) % width
     offset_index = (rows[:, None] - rows[None, :] + height - 1) * (2 * width - 1) + columns[:, None] - columns[None, :] + width - 1
-    expected = torch.einsum("btqk,qkc->btqc", maps[:, :, 0], module.previous_frame_table.detach()[offset_index])
-    expected += torch.einsum("btqk,qkc->btqc", maps[:, :, 1], module.next_frame_table.detach()[offset_index])
+
+    def gathered_form(maps, previous_frame_table, next_frame_table):
+        """The authors' module: frame t >= 1 against frame t - 1's table, t <= T - 2 against t + 1's; the clip's
+        ends have no such neighbour, so whatever their map slots hold is never read (random here)."""
+        pad = torch.nn.functional.pad
+        towards_previous = torch.einsum("btqk,qkc->btqc", maps[:, 1:, 0], previous_frame_table[offset_index])
+        towards_next = torch.einsum("btqk,qkc->btqc", maps[:, :-1, 1], next_frame_table[offset_index])
+        return pad(towards_previous, (0, 0, 0, 0, 1, 0)) + pad(towards_next, (0, 0, 0, 0, 0, 1))
+
+    expected = gathered_form(maps, module.previous_frame_table.detach(), module.next_frame_table.detach())
     with torch.no_grad():
         by_row = module(maps)
     batched = module(maps)
@@ -725,8 +733,7 @@ def test_cross_frame_module_equals_the_authors_gathered_tables(grid):
         module.zero_grad()
         leaf = maps.clone().requires_grad_(True)
         if gathered:
-            output = torch.einsum("btqk,qkc->btqc", leaf[:, :, 0], module.previous_frame_table[offset_index])
-            output = output + torch.einsum("btqk,qkc->btqc", leaf[:, :, 1], module.next_frame_table[offset_index])
+            output = gathered_form(leaf, module.previous_frame_table, module.next_frame_table)
         else:
             output = module(leaf)[:, :, 1:]
         (output * upstream).sum().backward()

@@ -264,7 +264,8 @@ class EVLCrossFrameAttention(nn.Module):
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """`maps`: (B, T, 2, N, N) from `cross_frame_attention_maps`. Returns (B, T, P + N, hidden_size), P the
-        tokens before the patches."""
+        tokens before the patches. As in the authors' module, the first frame's previous-frame map and the last
+        frame's next-frame map (zero there) are never read: those frames have no such neighbour."""
         num_patches = maps.shape[-1]
         if num_patches != self.grid_height * self.grid_width:
             raise ValueError(
@@ -273,7 +274,7 @@ class EVLCrossFrameAttention(nn.Module):
             )
         if torch.is_grad_enabled() and (self.previous_frame_table.requires_grad or maps.requires_grad):
             return self._forward_batched(maps)
-        return self._forward_by_row(maps)
+        return self._forward_by_row(maps, clip_ends=True)
 
     def direction_features(self, maps: torch.Tensor, direction: int) -> torch.Tensor:
         """
@@ -284,27 +285,38 @@ class EVLCrossFrameAttention(nn.Module):
         return self._forward_by_row(maps.unsqueeze(2), directions=(direction,))
 
     def _forward_batched(self, maps: torch.Tensor) -> torch.Tensor:
-        """Training: one batched matmul against copied (h, 2 * h * (2w - 1), D) table windows, whose backward is a
-        single fold into the tables (row-wise views would scatter a full-size gradient per row)."""
+        """Training: per direction, one batched matmul against copied (h, h * (2w - 1), D) table windows, whose
+        backward is a single fold into the table (row-wise views would scatter a full-size gradient per row). The
+        clip's first frame has no previous-frame map and its last no next-frame map, so neither is multiplied."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
-        windows = []
-        for table in (self.previous_frame_table, self.next_frame_table):
-            grid = table.to(maps.dtype).view(2 * height - 1, 2 * width - 1, -1)
+        hidden_size = self.previous_frame_table.shape[-1]
+        output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
+        patches = output[:, :, self.num_prefix_tokens :]  # the prefix rows stay 0
+        for direction, (table, frames) in enumerate(
+            ((self.previous_frame_table, slice(1, num_frames)), (self.next_frame_table, slice(0, num_frames - 1)))
+        ):
+            if frames.start >= frames.stop:  # a single frame: no neighbour
+                continue
+            grid = table.to(maps.dtype).view(2 * height - 1, 2 * width - 1, hidden_size)
             # unfold: [i, column offset, D, local row offset] = grid[i + local row offset, column offset]
-            windows.append(grid.unfold(0, height, 1).permute(0, 3, 1, 2).reshape(height, height * (2 * width - 1), -1))
-        windows = torch.cat(windows, dim=1)
-        offsets = torch.cat([self._to_offsets(maps[:, :, 0]), self._to_offsets(maps[:, :, 1])], dim=-1)
-        features = torch.bmm(offsets, windows).view(height, batch_size, num_frames, width, -1)
-        features = features.permute(1, 2, 0, 3, 4).reshape(batch_size, num_frames, num_patches, -1)
-        return nn.functional.pad(features, (0, 0, self.num_prefix_tokens, 0))  # the prefix rows stay 0
+            windows = grid.unfold(0, height, 1).permute(0, 3, 1, 2).reshape(height, height * (2 * width - 1), -1)
+            features = torch.bmm(self._to_offsets(maps[:, frames, direction]), windows)
+            # (h, B * c * w, D) -> (B, c, h, w, D)
+            features = features.view(height, batch_size, frames.stop - frames.start, width, -1).permute(1, 2, 0, 3, 4)
+            patches[:, frames].add_(features.reshape(batch_size, frames.stop - frames.start, num_patches, -1))
+        return output
 
-    def _forward_by_row(self, maps: torch.Tensor, directions: tuple[int, ...] = (0, 1)) -> torch.Tensor:
+    def _forward_by_row(
+        self, maps: torch.Tensor, directions: tuple[int, ...] = (0, 1), clip_ends: bool = False
+    ) -> torch.Tensor:
         """Inference: the table rows that query row i can reach form a contiguous block (grid rows i .. i + h - 1),
         so the h blocks are one overlapping strided view of the table and each direction is one batched matmul over
-        query rows; frames in chunks. `maps[:, :, i]` is the map of direction `directions[i]`. The query columns go in two halves: each half reaches w + w/2 - 1 of the
-        2w - 1 column offsets, so a copy of those table columns (a few MB) takes a quarter of the matmul's FLOPs
-        (the zeros of the unreachable offsets) away."""
+        query rows; frames in chunks. `maps[:, :, i]` is the map of direction `directions[i]`. The query columns go in
+        two halves: each half reaches w + w/2 - 1 of the 2w - 1 column offsets, so a copy of those table columns (a
+        few MB) takes a quarter of the matmul's FLOPs (the zeros of the unreachable offsets) away. With `clip_ends`,
+        the maps are a whole clip's: its first frame has no previous-frame map and its last no next-frame map (both
+        are zero), so neither is multiplied."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
@@ -322,23 +334,25 @@ class EVLCrossFrameAttention(nn.Module):
                     for table in (self.previous_frame_table, self.next_frame_table)
                 ]
             )
+        # The frames whose map of each direction is multiplied.
+        used_frames = {direction: range(num_frames) for direction in directions}
+        if clip_ends:
+            used_frames = {0: range(1, num_frames), 1: range(num_frames - 1)}
         output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
         patches = output[:, :, self.num_prefix_tokens :].view(batch_size, num_frames, height, width, hidden_size)
         chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * height * (2 * width - 1)))
         for start in range(0, num_frames, chunk):
             stop = min(start + chunk, num_frames)
             for columns, direction_windows in zip(groups, windows):
-                features = None
                 for position, direction in enumerate(directions):
-                    offsets = self._to_offsets(maps[:, start:stop, position], columns)
-                    if features is None:
-                        features = torch.bmm(offsets, direction_windows[direction])
-                    else:
-                        # Out of place: under autocast the bmm above is bf16, and in-place ops are not autocast.
-                        features = torch.baddbmm(features, offsets, direction_windows[direction])
-                # (h, B * c * g, D) -> (B, c, h, g, D)
-                features = features.view(height, batch_size, stop - start, -1, hidden_size).permute(1, 2, 0, 3, 4)
-                patches[:, start:stop, :, columns] = features
+                    first, last = max(start, used_frames[direction].start), min(stop, used_frames[direction].stop)
+                    if first >= last:
+                        continue
+                    offsets = self._to_offsets(maps[:, first:last, position], columns)
+                    features = torch.bmm(offsets, direction_windows[direction])
+                    # (h, B * c * g, D) -> (B, c, h, g, D)
+                    features = features.view(height, batch_size, last - first, -1, hidden_size).permute(1, 2, 0, 3, 4)
+                    patches[:, first:last, :, columns].add_(features)
         return output
 
 
