@@ -248,14 +248,14 @@ class EVLCrossFrameAttention(nn.Module):
             "column_offsets", columns[:, None] - columns[None, :] + self.grid_width - 1, persistent=False
         )
 
-    def _to_offsets(self, maps: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
-        """(B, c, N, N) maps of one direction -> (h, B * c * g, h * m): indexed by query row, then the other query
-        coordinates, then (local row offset, column offset). `columns` keeps the query columns j0 .. j1 - 1 only
-        (g of them), whose column offsets span j0 .. j1 + w - 2 (m = g + w - 1 of the 2w - 1); all by default."""
+    def _to_offsets(self, maps: torch.Tensor, dtype: torch.dtype, columns: slice | None = None) -> torch.Tensor:
+        """(B, c, N, N) maps of one direction -> (h, B * c * g, h * m) in `dtype`: indexed by query row, then the
+        other query coordinates, then (local row offset, column offset). `columns` keeps the query columns j0 .. j1 - 1
+        only (g of them), whose column offsets span j0 .. j1 + w - 2 (m = g + w - 1 of the 2w - 1); all by default."""
         height, width = self.grid_height, self.grid_width
         columns = columns or slice(0, width)
         batch_size, num_frames = maps.shape[:2]
-        maps = maps.reshape(batch_size, num_frames, height, width, height, width)[:, :, :, columns].flip(-2)
+        maps = maps.to(dtype).reshape(batch_size, num_frames, height, width, height, width)[:, :, :, columns].flip(-2)
         index = self.column_offsets[columns] - columns.start
         index = index.view(1, 1, 1, *index.shape[:1], 1, width).expand(maps.shape)
         offsets = maps.new_zeros(*maps.shape[:-1], index.shape[3] + width - 1).scatter_(-1, index, maps)
@@ -275,6 +275,16 @@ class EVLCrossFrameAttention(nn.Module):
         if torch.is_grad_enabled() and (self.previous_frame_table.requires_grad or maps.requires_grad):
             return self._forward_batched(maps)
         return self._forward_by_row(maps, clip_ends=True)
+
+    @staticmethod
+    def _matmul_dtype(maps: torch.Tensor) -> torch.dtype:
+        """Inference: the dtype the matmuls run in, autocast's where it is on for the maps' device, so the small
+        tables and maps are cast before the windows and offsets are copied from them (autocast would cast those,
+        several times the size; the values are the same), the maps' own otherwise."""
+        device_type = maps.device.type
+        if torch.is_autocast_enabled(device_type) and maps.dtype.is_floating_point:
+            return torch.get_autocast_dtype(device_type)
+        return maps.dtype
 
     def direction_features(self, maps: torch.Tensor, direction: int) -> torch.Tensor:
         """
@@ -298,10 +308,12 @@ class EVLCrossFrameAttention(nn.Module):
         ):
             if frames.start >= frames.stop:  # a single frame: no neighbour
                 continue
+            # In the maps' dtype even under autocast: the fold of the windows' gradient into the table then sums
+            # in float32 too.
             grid = table.to(maps.dtype).view(2 * height - 1, 2 * width - 1, hidden_size)
             # unfold: [i, column offset, D, local row offset] = grid[i + local row offset, column offset]
             windows = grid.unfold(0, height, 1).permute(0, 3, 1, 2).reshape(height, height * (2 * width - 1), -1)
-            features = torch.bmm(self._to_offsets(maps[:, frames, direction]), windows)
+            features = torch.bmm(self._to_offsets(maps[:, frames, direction], maps.dtype), windows)
             # (h, B * c * w, D) -> (B, c, h, w, D)
             features = features.view(height, batch_size, frames.stop - frames.start, width, -1).permute(1, 2, 0, 3, 4)
             patches[:, frames].add_(features.reshape(batch_size, frames.stop - frames.start, num_patches, -1))
@@ -320,6 +332,7 @@ class EVLCrossFrameAttention(nn.Module):
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
+        dtype = self._matmul_dtype(maps)
         groups = _query_column_groups(width)
         windows = []  # per column group: (previous-frame, next-frame) windows, (h, h * m, D)
         for columns in groups:
@@ -327,7 +340,7 @@ class EVLCrossFrameAttention(nn.Module):
             row_length = (offset_columns.stop - offset_columns.start) * hidden_size
             windows.append(
                 [
-                    table.to(maps.dtype)
+                    table.to(dtype)
                     .view(2 * height - 1, 2 * width - 1, hidden_size)[:, offset_columns]
                     .contiguous()
                     .as_strided((height, row_length // hidden_size * height, hidden_size), (row_length, hidden_size, 1))
@@ -348,7 +361,7 @@ class EVLCrossFrameAttention(nn.Module):
                     first, last = max(start, used_frames[direction].start), min(stop, used_frames[direction].stop)
                     if first >= last:
                         continue
-                    offsets = self._to_offsets(maps[:, first:last, position], columns)
+                    offsets = self._to_offsets(maps[:, first:last, position], dtype, columns)
                     features = torch.bmm(offsets, direction_windows[direction])
                     # (h, B * c * g, D) -> (B, c, h, g, D)
                     features = features.view(height, batch_size, last - first, -1, hidden_size).permute(1, 2, 0, 3, 4)
