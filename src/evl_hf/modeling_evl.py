@@ -251,30 +251,52 @@ class EVLCrossFrameAttention(nn.Module):
     def _to_offsets(self, maps: torch.Tensor, dtype: torch.dtype, columns: slice | None = None) -> torch.Tensor:
         """(B, c, N, N) maps of one direction -> (h, B * c * g, h * m) in `dtype`: indexed by query row, then the
         other query coordinates, then (local row offset, column offset). `columns` keeps the query columns j0 .. j1 - 1
-        only (g of them), whose column offsets span j0 .. j1 + w - 2 (m = g + w - 1 of the 2w - 1); all by default."""
+        only (g of them), whose column offsets span j0 .. j1 + w - 2 (m = g + w - 1 of the 2w - 1); all by default.
+        One scatter from the maps into the result's layout: key row k lands at local row offset h - 1 - k (the rows
+        of a query row's table window run the other way), key column k' of query column j at column offset
+        j - k' + w - 1."""
         height, width = self.grid_height, self.grid_width
         columns = columns or slice(0, width)
-        batch_size, num_frames = maps.shape[:2]
-        maps = maps.to(dtype).reshape(batch_size, num_frames, height, width, height, width)[:, :, :, columns].flip(-2)
-        index = self.column_offsets[columns] - columns.start
-        index = index.view(1, 1, 1, *index.shape[:1], 1, width).expand(maps.shape)
-        offsets = maps.new_zeros(*maps.shape[:-1], index.shape[3] + width - 1).scatter_(-1, index, maps)
-        # (B, c, h, g, h, m) -> (h, B, c, g, h, m)
-        return offsets.permute(2, 0, 1, 3, 4, 5).reshape(height, -1, offsets.shape[-2] * offsets.shape[-1])
+        batch_size, num_frames, num_patches = maps.shape[:3]
+        num_columns = columns.stop - columns.start
+        row_length = num_columns + width - 1
+        key_rows = torch.arange(height - 1, -1, -1, device=maps.device) * row_length
+        positions = key_rows[None, :, None] + (self.column_offsets[columns] - columns.start)[:, None, :]
+        offsets = maps.new_zeros(height, batch_size, num_frames, num_columns, height * row_length, dtype=dtype)
+        # (B, c, h, g, N) views of the maps' query columns and of the result, scattered along the last dim
+        source = maps.to(dtype).view(batch_size, num_frames, height, width, num_patches)[:, :, :, columns]
+        index = positions.view(1, 1, 1, num_columns, num_patches).expand(source.shape)
+        offsets.permute(1, 2, 0, 3, 4).scatter_(-1, index, source)
+        return offsets.view(height, -1, height * row_length)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """`maps`: (B, T, 2, N, N) from `cross_frame_attention_maps`. Returns (B, T, P + N, hidden_size), P the
         tokens before the patches. As in the authors' module, the first frame's previous-frame map and the last
         frame's next-frame map (zero there) are never read: those frames have no such neighbour."""
+        self._check_maps(maps)
+        if self._records_gradients(maps):
+            return self._forward_batched(maps)
+        return self._forward_by_row(maps, clip_ends=True)
+
+    def add_to(self, memory: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """`memory + self(maps)`, `memory` (B, T, P + N, hidden_size). At inference the features are summed into
+        `memory` itself, which must be a tensor of the caller's own: the module then writes and reads back no tensor
+        of its own that size."""
+        self._check_maps(maps)
+        if self._records_gradients(maps) or torch.promote_types(memory.dtype, maps.dtype) != memory.dtype:
+            return memory + self(maps)
+        return self._forward_by_row(maps, clip_ends=True, output=memory)
+
+    def _check_maps(self, maps: torch.Tensor) -> None:
         num_patches = maps.shape[-1]
         if num_patches != self.grid_height * self.grid_width:
             raise ValueError(
                 f"Cross-frame attention maps cover {num_patches} patches, the offset tables a "
                 f"{self.grid_height}x{self.grid_width} grid."
             )
-        if torch.is_grad_enabled() and (self.previous_frame_table.requires_grad or maps.requires_grad):
-            return self._forward_batched(maps)
-        return self._forward_by_row(maps, clip_ends=True)
+
+    def _records_gradients(self, maps: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (self.previous_frame_table.requires_grad or maps.requires_grad)
 
     @staticmethod
     def _matmul_dtype(maps: torch.Tensor) -> torch.dtype:
@@ -320,7 +342,11 @@ class EVLCrossFrameAttention(nn.Module):
         return output
 
     def _forward_by_row(
-        self, maps: torch.Tensor, directions: tuple[int, ...] = (0, 1), clip_ends: bool = False
+        self,
+        maps: torch.Tensor,
+        directions: tuple[int, ...] = (0, 1),
+        clip_ends: bool = False,
+        output: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Inference: the table rows that query row i can reach form a contiguous block (grid rows i .. i + h - 1),
         so the h blocks are one overlapping strided view of the table and each direction is one batched matmul over
@@ -328,7 +354,7 @@ class EVLCrossFrameAttention(nn.Module):
         two halves: each half reaches w + w/2 - 1 of the 2w - 1 column offsets, so a copy of those table columns (a
         few MB) takes a quarter of the matmul's FLOPs (the zeros of the unreachable offsets) away. With `clip_ends`,
         the maps are a whole clip's: its first frame has no previous-frame map and its last no next-frame map (both
-        are zero), so neither is multiplied."""
+        are zero), so neither is multiplied. The features are added into `output` where given."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
@@ -351,7 +377,8 @@ class EVLCrossFrameAttention(nn.Module):
         used_frames = {direction: range(num_frames) for direction in directions}
         if clip_ends:
             used_frames = {0: range(1, num_frames), 1: range(num_frames - 1)}
-        output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
+        if output is None:
+            output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
         patches = output[:, :, self.num_prefix_tokens :].view(batch_size, num_frames, height, width, hidden_size)
         chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * height * (2 * width - 1)))
         for start in range(0, num_frames, chunk):
@@ -500,9 +527,12 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         if self.temporal_position_embedding is not None:
             memory = add(memory, self.temporal_position_embedding(num_frames)[:, None, :])
         if self.cross_frame_attention is not None:
-            if cross_frame_features is None:
-                cross_frame_features = self.cross_frame_attention(cross_frame_maps)
-            memory = add(memory, cross_frame_features)
+            if cross_frame_features is None and memory is not None:
+                memory = self.cross_frame_attention.add_to(memory, cross_frame_maps)
+            else:
+                if cross_frame_features is None:
+                    cross_frame_features = self.cross_frame_attention(cross_frame_maps)
+                memory = add(memory, cross_frame_features)
         return self.attend(query, frame_features if memory is None else memory, output_attentions, **kwargs)
 
     def attend(
