@@ -690,15 +690,35 @@ def test_cross_frame_training_and_inference_paths_agree():
     assert module.previous_frame_table.grad.abs().sum() > 0 and module.next_frame_table.grad.abs().sum() > 0
 
 
+def test_cross_frame_module_keeps_float64_under_autocast():
+    # Autocast leaves float64 alone, so the module's own casts before building its matmuls' inputs must too.
+    module = EVLModel(tiny_config()).decoder.layers[0].cross_frame_attention.double()
+    torch.manual_seed(0)
+    torch.nn.init.normal_(module.previous_frame_table)
+    torch.nn.init.normal_(module.next_frame_table)
+    num_patches = module.grid_height * module.grid_width
+    maps = torch.rand(2, 4, 2, num_patches, num_patches, dtype=torch.float64).softmax(-1)
+    with torch.no_grad():
+        expected = module(maps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = module(maps)
+    assert actual.dtype == torch.float64
+    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("num_frames", [1, 2, 5])
 @pytest.mark.parametrize("grid", [(1, 1), (1, 4), (4, 1), (2, 2), (3, 5), (7, 3), (14, 14)])
-def test_cross_frame_module_equals_the_authors_gathered_tables(grid):
-    """Both paths (inference: query columns in two halves against copied table columns; training: copied windows)
-    against the authors' formulation, an (N, N, D) table gathered by spatial offset, on odd, even and non-square
-    patch grids."""
+def test_cross_frame_module_equals_the_authors_gathered_tables(grid, num_frames, monkeypatch):
+    """Both paths (inference: query columns in two halves against copied table columns, frames in chunks, also
+    summed into a given memory; training: copied windows) against the authors' formulation, an (N, N, D) table
+    gathered by spatial offset, on odd, even and non-square patch grids and clips of 1, 2 and 5 frames."""
     from types import SimpleNamespace
 
+    import evl_hf.modeling_evl as modeling
     from evl_hf.modeling_evl import EVLCrossFrameAttention
 
+    # Chunks of a frame or two at most, as long clips get.
+    monkeypatch.setattr(modeling, "_CROSS_FRAME_CHUNK_ELEMENTS", 2 * 2 * grid[0] * grid[1] * grid[0] * (2 * grid[1] - 1))
     height, width = grid
     config = SimpleNamespace(patch_grid=grid, num_prefix_tokens=1, vision_config=SimpleNamespace(hidden_size=16))
     torch.manual_seed(0)
@@ -706,7 +726,7 @@ def test_cross_frame_module_equals_the_authors_gathered_tables(grid):
     torch.nn.init.normal_(module.previous_frame_table)
     torch.nn.init.normal_(module.next_frame_table)
     num_patches = height * width
-    maps = torch.rand(2, 3, 2, num_patches, num_patches).softmax(-1)
+    maps = torch.rand(2, num_frames, 2, num_patches, num_patches).softmax(-1)
     rows, columns = torch.arange(num_patches) // width, torch.arange(num_patches) % width
     offset_index = (rows[:, None] - rows[None, :] + height - 1) * (2 * width - 1) + columns[:, None] - columns[None, :] + width - 1
 
@@ -719,15 +739,19 @@ def test_cross_frame_module_equals_the_authors_gathered_tables(grid):
         return pad(towards_previous, (0, 0, 0, 0, 1, 0)) + pad(towards_next, (0, 0, 0, 0, 0, 1))
 
     expected = gathered_form(maps, module.previous_frame_table.detach(), module.next_frame_table.detach())
+    memory = torch.randn(2, num_frames, num_patches + 1, 16)
     with torch.no_grad():
         by_row = module(maps)
+        summed = module.add_to(memory.clone(), maps)
     batched = module(maps)
     for output in (by_row, batched.detach()):
-        assert output.shape == (2, 3, num_patches + 1, 16) and output[:, :, 0].abs().sum() == 0
+        assert output.shape == (2, num_frames, num_patches + 1, 16) and output[:, :, 0].abs().sum() == 0
         torch.testing.assert_close(output[:, :, 1:], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(summed, memory + by_row, atol=1e-5, rtol=1e-5)
 
-    # Training: the gradients of both tables and of the maps (a fine-tuned backbone's) are the gathered form's.
-    upstream = torch.randn(2, 3, num_patches, 16)
+    # Training: the gradients of both tables (zero for a single frame, but there: DDP needs every parameter's) and
+    # of the maps (a fine-tuned backbone's) are the gathered form's.
+    upstream = torch.randn(2, num_frames, num_patches, 16)
     gradients = []
     for gathered in (False, True):
         module.zero_grad()
@@ -737,7 +761,9 @@ def test_cross_frame_module_equals_the_authors_gathered_tables(grid):
         else:
             output = module(leaf)[:, :, 1:]
         (output * upstream).sum().backward()
-        gradients.append([module.previous_frame_table.grad.clone(), module.next_frame_table.grad.clone(), leaf.grad])
+        # A single frame's maps reach no output: no gradient at all for them (zero in the gathered form).
+        maps_gradient = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        gradients.append([module.previous_frame_table.grad.clone(), module.next_frame_table.grad.clone(), maps_gradient])
     for ours, reference in zip(*gradients):
         torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-5)
 
@@ -901,7 +927,8 @@ def test_torch_compile_fullgraph_matches_eager_execution():
     torch.manual_seed(0)
     model = EVLForVideoClassification(tiny_config(vision_overrides=dict(num_hidden_layers=2))).eval()
     randomize_decoder(model)
-    inputs = pixel_values(batch=1, frames=2)
+    # Several frames and clips: every scatter into the cross-frame module's matmul layout has non-trivial strides.
+    inputs = pixel_values(batch=2, frames=3)
     torch._dynamo.reset()
     with torch.no_grad():
         # Compiled first, before any eager call: transformers' output recorders must already be in place.
@@ -1099,18 +1126,21 @@ def test_cross_frame_features_by_direction_replace_the_maps():
             model(frame_features=features.frame_features, cross_frame_features=by_direction[:, :, :2])
 
 
-def test_a_decoder_layer_promotes_mixed_dtypes_as_an_out_of_place_sum_would():
+@pytest.mark.parametrize("use_temporal_pos_embed", [True, False])
+def test_a_decoder_layer_promotes_mixed_dtypes_as_an_out_of_place_sum_would(use_temporal_pos_embed):
     """Called directly with bf16 features, a float32 layer sums its terms in float32 (the in-place sum must not
     narrow them, nor fail where `features + conv + position + cross-frame` promotes). The cross-frame features are
     summed into the memory direction by direction, so the sums agree to float32 rounding (bf16 would be ~1e-2 off)."""
-    model = seeded_classifier()
+    # Without the position embedding, the float32 cross-frame features are the first float32 term.
+    model = seeded_classifier(tiny_config(use_temporal_pos_embed=use_temporal_pos_embed))
     layer = model.evl.decoder.layers[0]
     with torch.no_grad():
         features = model.evl.extract_backbone_features(pixel_values())
         frame_features = features.frame_features[:, 0].to(torch.bfloat16)
         maps = features.cross_frame_maps[:, 0]
         memory = frame_features + layer.temporal_conv(frame_features)
-        memory = memory + layer.temporal_position_embedding(frame_features.shape[1])[:, None, :]
+        if use_temporal_pos_embed:
+            memory = memory + layer.temporal_position_embedding(frame_features.shape[1])[:, None, :]
         memory = memory + layer.cross_frame_attention(maps)
         query = model.evl.decoder.query.view(1, 1, -1).expand(2, 1, -1)
         expected, _ = layer.attend(query, memory)

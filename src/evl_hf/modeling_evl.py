@@ -231,7 +231,8 @@ class EVLCrossFrameAttention(nn.Module):
     offsets a (2w - 1)-wide scatter, and a matmul against the table rows each query row can reach gives the same sums:
     at inference, for each half of the query columns, one batched matmul per direction against an overlapping strided
     view of the table columns that half reaches (frames in chunks, so memory does not grow with the clip length); in
-    training one batched matmul against copied windows (a cheap backward).
+    training one batched matmul per direction against copied windows (a cheap backward). As in the authors' module,
+    the clip's first frame has no previous-frame features and its last no next-frame ones.
     """
 
     def __init__(self, config: EVLConfig):
@@ -262,10 +263,16 @@ class EVLCrossFrameAttention(nn.Module):
         row_length = num_columns + width - 1
         key_rows = torch.arange(height - 1, -1, -1, device=maps.device) * row_length
         positions = key_rows[None, :, None] + (self.column_offsets[columns] - columns.start)[:, None, :]
-        offsets = maps.new_zeros(height, batch_size, num_frames, num_columns, height * row_length, dtype=dtype)
-        # (B, c, h, g, N) views of the maps' query columns and of the result, scattered along the last dim
+        # (B, c, h, g, N): the maps' query columns, scattered along the last dim
         source = maps.to(dtype).view(batch_size, num_frames, height, width, num_patches)[:, :, :, columns]
         index = positions.view(1, 1, 1, num_columns, num_patches).expand(source.shape)
+        if torch.compiler.is_compiling():
+            # Inductor gives a buffer scattered through a permuted view the view's strides, and the reshape into
+            # the matmul's layout then fails (torch 2.14): compiled, the scatter goes into a plain buffer and is
+            # permuted by a copy.
+            offsets = source.new_zeros(*source.shape[:-1], height * row_length).scatter_(-1, index, source)
+            return offsets.permute(2, 0, 1, 3, 4).reshape(height, -1, height * row_length)
+        offsets = maps.new_zeros(height, batch_size, num_frames, num_columns, height * row_length, dtype=dtype)
         offsets.permute(1, 2, 0, 3, 4).scatter_(-1, index, source)
         return offsets.view(height, -1, height * row_length)
 
@@ -276,16 +283,17 @@ class EVLCrossFrameAttention(nn.Module):
         self._check_maps(maps)
         if self._records_gradients(maps):
             return self._forward_batched(maps)
-        return self._forward_by_row(maps, clip_ends=True)
+        return self._forward_by_row(maps, skip_clip_ends=True)
 
     def add_to(self, memory: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """`memory + self(maps)`, `memory` (B, T, P + N, hidden_size). At inference the features are summed into
-        `memory` itself, which must be a tensor of the caller's own: the module then writes and reads back no tensor
-        of its own that size."""
+        """`memory + self(maps)`, `memory` (B, T, P + N, hidden_size); use the returned tensor. At inference the
+        features are summed into `memory` itself, which must be a tensor of the caller's own: the module then writes
+        and reads back no tensor of its own that size. Where that would narrow the sum's dtype, or in training, a new
+        tensor is returned."""
         self._check_maps(maps)
         if self._records_gradients(maps) or torch.promote_types(memory.dtype, maps.dtype) != memory.dtype:
             return memory + self(maps)
-        return self._forward_by_row(maps, clip_ends=True, output=memory)
+        return self._forward_by_row(maps, skip_clip_ends=True, output=memory)
 
     def _check_maps(self, maps: torch.Tensor) -> None:
         num_patches = maps.shape[-1]
@@ -304,15 +312,18 @@ class EVLCrossFrameAttention(nn.Module):
         tables and maps are cast before the windows and offsets are copied from them (autocast would cast those,
         several times the size; the values are the same), the maps' own otherwise."""
         device_type = maps.device.type
-        if torch.is_autocast_enabled(device_type) and maps.dtype.is_floating_point:
+        # Autocast casts every floating dtype but float64.
+        if torch.is_autocast_enabled(device_type) and maps.dtype.is_floating_point and maps.dtype != torch.float64:
             return torch.get_autocast_dtype(device_type)
         return maps.dtype
 
     def direction_features(self, maps: torch.Tensor, direction: int) -> torch.Tensor:
         """
         Inference: the features of one direction's maps `(B, T, N, N)` alone (0: towards the previous frame, 1: the
-        next one); `forward` returns the sum of both. They depend on one frame's map only, so a timeline computes
-        them once per frame for every window that frame is in (a window's first frame has no previous frame).
+        next one), every frame's map used; `forward` returns the sum of both, leaving out the clip's first frame's
+        previous-frame map and its last frame's next-frame map (zero in maps from `cross_frame_attention_maps`). They
+        depend on one frame's map only, so a timeline computes them once per frame for every window that frame is in
+        (a window's first frame has no previous frame).
         """
         return self._forward_by_row(maps.unsqueeze(2), directions=(direction,))
 
@@ -339,22 +350,27 @@ class EVLCrossFrameAttention(nn.Module):
             # (h, B * c * w, D) -> (B, c, h, w, D)
             features = features.view(height, batch_size, frames.stop - frames.start, width, -1).permute(1, 2, 0, 3, 4)
             patches[:, frames].add_(features.reshape(batch_size, frames.stop - frames.start, num_patches, -1))
+        if num_frames == 1:
+            # No neighbour, no features; the tables stay in the graph with a zero gradient, as in the authors' module
+            # (DDP without `find_unused_parameters` requires every parameter to get one).
+            output = output + self.previous_frame_table[:0].sum() + self.next_frame_table[:0].sum()
         return output
 
     def _forward_by_row(
         self,
         maps: torch.Tensor,
         directions: tuple[int, ...] = (0, 1),
-        clip_ends: bool = False,
+        skip_clip_ends: bool = False,
         output: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Inference: the table rows that query row i can reach form a contiguous block (grid rows i .. i + h - 1),
         so the h blocks are one overlapping strided view of the table and each direction is one batched matmul over
         query rows; frames in chunks. `maps[:, :, i]` is the map of direction `directions[i]`. The query columns go in
         two halves: each half reaches w + w/2 - 1 of the 2w - 1 column offsets, so a copy of those table columns (a
-        few MB) takes a quarter of the matmul's FLOPs (the zeros of the unreachable offsets) away. With `clip_ends`,
-        the maps are a whole clip's: its first frame has no previous-frame map and its last no next-frame map (both
-        are zero), so neither is multiplied. The features are added into `output` where given."""
+        few MB) takes a quarter of the matmul's FLOPs (the zeros of the unreachable offsets) away. With
+        `skip_clip_ends`, the maps are a whole clip's (both directions): its first frame has no previous-frame map
+        and its last no next-frame map (both are zero), so neither is multiplied. The features are added into
+        `output` where given."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
@@ -375,7 +391,9 @@ class EVLCrossFrameAttention(nn.Module):
             )
         # The frames whose map of each direction is multiplied.
         used_frames = {direction: range(num_frames) for direction in directions}
-        if clip_ends:
+        if skip_clip_ends:
+            if directions != (0, 1):
+                raise ValueError(f"A whole clip's maps have both directions, got {directions}.")
             used_frames = {0: range(1, num_frames), 1: range(num_frames - 1)}
         if output is None:
             output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
