@@ -854,27 +854,27 @@ class EVLModel(EVLPreTrainedModel):
 
     def _extract_backbone_features(self, pixel_values: torch.Tensor, maps_dtype: torch.dtype) -> EVLBackboneFeatures:
         batch_size, num_frames = pixel_values.shape[:2]
-        block_outputs, queries, keys = self._run_backbone(pixel_values.flatten(0, 1))
-        grad_enabled = torch.is_grad_enabled() and not self.config.freeze_backbone
+        block_outputs, maps = [], []
 
         def as_clips(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.view(batch_size, num_frames, *tensor.shape[1:])
 
+        def read_block(output: torch.Tensor, query: torch.Tensor | None, key: torch.Tensor | None) -> None:
+            block_outputs.append(output)
+            if query is not None:
+                # Right after the block, while its queries and keys are fresh in the cache; they are freed before
+                # the next block runs instead of being held through the rest of the backbone.
+                maps.append(
+                    cross_frame_attention_maps(as_clips(query), as_clips(key), self.config.num_prefix_tokens).to(
+                        maps_dtype
+                    )
+                )
+
+        self._backbone_blocks(pixel_values.flatten(0, 1), read_block)
         # The features in the decoder's dtype (float32 unless the whole model was cast), whatever the backbone's; the
         # maps in `maps_dtype`, the dtype the cross-frame module computes in (see `reduced_precision_inference_dtype`).
         frame_features = torch.stack([as_clips(output).to(self.decoder.query.dtype) for output in block_outputs], dim=1)
-        cross_frame_maps = None
-        if queries:
-            with torch.set_grad_enabled(grad_enabled):
-                cross_frame_maps = torch.stack(
-                    [
-                        cross_frame_attention_maps(as_clips(query), as_clips(key), self.config.num_prefix_tokens).to(
-                            maps_dtype
-                        )
-                        for query, key in zip(queries, keys)
-                    ],
-                    dim=1,
-                )
+        cross_frame_maps = torch.stack(maps, dim=1) if maps else None
         return EVLBackboneFeatures(frame_features=frame_features, cross_frame_maps=cross_frame_maps)
 
     def _run_backbone(self, frames: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -884,18 +884,37 @@ class EVLModel(EVLPreTrainedModel):
         (empty lists otherwise), in the backbone's dtype. Frames never interact here, so a long video can be run in
         any batches of frames (`evl_hf.timeline`).
         """
+        block_outputs, queries, keys = [], [], []
+
+        def keep(output: torch.Tensor, query: torch.Tensor | None, key: torch.Tensor | None) -> None:
+            block_outputs.append(output)
+            if query is not None:
+                queries.append(query)
+                keys.append(key)
+
+        self._backbone_blocks(frames, keep)
+        return block_outputs, queries, keys
+
+    def _backbone_blocks(self, frames: torch.Tensor, read_block: Callable) -> None:
+        """
+        Run the backbone over independent frames `(N, C, H, W)` and call `read_block(output, query, key)` right
+        after each block the decoder reads: its output `(N, tokens, hidden)` and, with cross-frame attention, the
+        queries and keys `(N, tokens, heads, head_dim)` it attended with (`None` otherwise), in the backbone's dtype,
+        under the backbone's grad mode.
+        """
         backbone = self.vision_model
         family = backbone_family(self.config.vision_config)
         layers = family.blocks(backbone)
         first_used = len(layers) - self.config.decoder_num_layers
         need_query_key = self.config.use_temporal_cross_attention
+        heads = self.config.vision_config.num_attention_heads
         grad_enabled = torch.is_grad_enabled() and not self.config.freeze_backbone
-        block_outputs, queries, keys = [], [], []
         # The backbone's own modules, called in its own forward's order (its final norm, pooler or head unused): no
         # hook or shared state, so the forward is one graph under `torch.compile` and safe in concurrent threads.
         with torch.set_grad_enabled(grad_enabled):
             hidden_states = family.embed(backbone, frames.to(backbone.dtype))
             for index, layer in enumerate(layers):
+                query = key = None
                 if index >= first_used and need_query_key:
                     # The block, from its own modules, returning the q/k it attends with (projected once). They are
                     # outputs of the checkpointed function, so they keep their graph when a trainable block is
@@ -906,16 +925,12 @@ class EVLModel(EVLPreTrainedModel):
                         )
                     else:
                         hidden_states, query, key = family.block_with_query_key(layer, hidden_states)
-                    queries.append(query)
-                    keys.append(key)
+                    query, key = query.unflatten(-1, (heads, -1)), key.unflatten(-1, (heads, -1))
                 else:
                     hidden_states = layer(hidden_states, None)
                 if index >= first_used:
-                    block_outputs.append(hidden_states)
-        heads = self.config.vision_config.num_attention_heads
-        queries = [query.unflatten(-1, (heads, -1)) for query in queries]
-        keys = [key.unflatten(-1, (heads, -1)) for key in keys]
-        return block_outputs, queries, keys
+                    read_block(hidden_states, query, key)
+                    del query, key
 
     def check_backbone_features(
         self,

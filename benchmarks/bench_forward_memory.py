@@ -1,0 +1,51 @@
+"""
+Peak memory of EVL's inference forward against the CLIPVisionModel forward alone over the same frames, ViT-B/16
+shapes, float32, CPU, each in a fresh process: the peak resident memory above what the process held once the model
+and the clip existed (the weights and the input, identical for both). What EVL adds is the decoder's work and what it
+keeps from the backbone's last blocks (their outputs and the cross-frame maps computed from their queries and keys).
+
+    python benchmarks/bench_forward_memory.py [--frames 32] [--batch_size 2]
+"""
+
+import argparse
+
+from common import machine, peak_rss_bytes, rss_bytes, run_isolated
+
+
+def peak_above_loaded(variant: str, num_frames: int, batch_size: int) -> dict:
+    """The child's work: build the model and the clip, then one forward of `variant`; its peak above that point."""
+    import torch
+    from common import evl_config
+
+    from evl_hf import EVLForVideoClassification
+
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(evl_config(num_frames=num_frames)).eval()
+    clip = torch.randn(batch_size, num_frames, 3, 224, 224)
+    frames = clip.flatten(0, 1)
+    with torch.inference_mode():
+        loaded = rss_bytes()
+        if variant == "EVL forward":
+            model(clip)
+        else:
+            model.evl.vision_model(pixel_values=frames)
+    return {"peak_above_loaded": peak_rss_bytes() - loaded}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=2)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    print(f"ViT-B/16 shapes, float32, batch {args.batch_size} x {args.frames} frames; each variant in a fresh process")
+    peaks = {}
+    for variant in ("backbone alone", "EVL forward"):
+        peaks[variant] = run_isolated("bench_forward_memory", "peak_above_loaded", variant, args.frames, args.batch_size)
+        print(f"  {variant:<16} peak above the loaded model and clip: {peaks[variant]['peak_above_loaded'] / 2**30:.2f} GiB")
+    ratio = peaks["EVL forward"]["peak_above_loaded"] / peaks["backbone alone"]["peak_above_loaded"]
+    print(f"  ratio EVL / backbone alone: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
