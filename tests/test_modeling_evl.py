@@ -943,7 +943,7 @@ def test_torch_compile_fullgraph_matches_eager_execution():
 
 def test_cross_frame_maps_are_computed_right_after_their_block(monkeypatch):
     # Each used block's queries and keys become maps before the next block runs, so they are never all held at once
-    # (at ViT-B/16 with 32 frames that keeps the forward's peak memory 16% lower, BENCHMARKS.md section 1).
+    # (at ViT-B/16 with 2 x 32 frames that keeps the forward's peak memory a sixth lower, BENCHMARKS.md section 1).
     import evl_hf.modeling_evl as modeling
     from evl_hf.backbone_families import backbone_family
 
