@@ -5,8 +5,10 @@ natively (AMX or AVX-512 BF16; elsewhere it is emulated and the figure means not
 backbone alone is the floor; by FLOP count the decoder and the cross-frame maps add about 4%.
 
     python benchmarks/bench_inference_overhead.py [--repeats 5] [--bfloat16] [--threads 1] [--backbone siglip|dinov2]
+                                                  [--keep_freed_memory]
 
-`--backbone` measures the same against SigLIP-B/16 or DINOv2-B/14 (at 224) alone.
+`--backbone` measures the same against SigLIP-B/16 or DINOv2-B/14 (at 224) alone. `--keep_freed_memory` measures
+both with glibc keeping freed memory (`evl_hf.keep_freed_memory()`), without the page faults of memory given back.
 """
 
 import statistics

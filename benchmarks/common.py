@@ -135,10 +135,20 @@ def float32_and_bfloat16_main(measure, default_repeats: int = 5) -> None:
     parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
     add_threads_argument(parser)
     parser.add_argument("--backbone", choices=["clip", *OTHER_BACKBONES], default="clip", help="the backbone family")
+    parser.add_argument(
+        "--keep_freed_memory",
+        action="store_true",
+        help="call evl_hf.keep_freed_memory() first: glibc then keeps freed memory for reuse instead of page-faulting "
+        "it back in (both variants run in this process, so both get it)",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     print(f"machine: {machine()}")
     print(f"backbone family: {args.backbone}")
+    if args.keep_freed_memory:
+        from evl_hf import keep_freed_memory
+
+        print(f"keep_freed_memory(): {'applied' if keep_freed_memory() else 'not available here'}")
     measure(None, args.repeats, args.backbone)
     if bfloat16_measured(args.bfloat16):
         measure("bfloat16", args.repeats, args.backbone)
