@@ -942,17 +942,30 @@ def test_torch_compile_fullgraph_matches_eager_execution():
 
 
 def test_cross_frame_maps_are_computed_right_after_their_block(monkeypatch):
-    # Each used block's queries and keys become maps before the next block runs, so they are never all held at once
-    # (at ViT-B/16 with 2 x 32 frames that keeps the forward's peak memory a sixth lower, BENCHMARKS.md section 1).
+    # Each used block's queries and keys become maps before the next block runs, and are freed by then, so they are
+    # never all held at once (at ViT-B/16 with 2 x 32 frames the forward's peak memory is a sixth lower,
+    # BENCHMARKS.md section 1).
+    import weakref
+
     import evl_hf.modeling_evl as modeling
     from evl_hf.backbone_families import backbone_family
 
     model = seeded_classifier(tiny_config(vision_overrides=dict(num_hidden_layers=4)))
-    events = []
+    events, queries = [], []
     compute_maps = modeling.cross_frame_attention_maps
-    monkeypatch.setattr(modeling, "cross_frame_attention_maps", lambda *args: events.append("maps") or compute_maps(*args))
+
+    def recorded_maps(query, key, *args):
+        events.append("maps")
+        queries.append(weakref.ref(query._base))  # the block's projected queries, of which `query` is a view
+        return compute_maps(query, key, *args)
+
+    def block_done(*_, index):
+        events.append(f"block {index}")
+        events.extend("queries held" for query in queries if query() is not None)
+
+    monkeypatch.setattr(modeling, "cross_frame_attention_maps", recorded_maps)
     for index, layer in enumerate(backbone_family(model.config.vision_config).blocks(model.evl.vision_model)):
-        layer.mlp.register_forward_hook(lambda *_, index=index: events.append(f"block {index}"))
+        layer.mlp.register_forward_hook(lambda *_, index=index: block_done(index=index))
     with torch.no_grad():
         model(pixel_values())
     assert events == ["block 0", "block 1", "block 2", "maps", "block 3", "maps"]
