@@ -376,18 +376,20 @@ class EVLCrossFrameAttention(nn.Module):
         hidden_size = self.previous_frame_table.shape[-1]
         dtype = self._matmul_dtype(maps)
         groups = _query_column_groups(width)
-        windows = []  # per column group: (previous-frame, next-frame) windows, (h, h * m, D)
+        tables = (self.previous_frame_table, self.next_frame_table)
+        windows = []  # per column group: {direction: windows (h, h * m, D)}, for the directions multiplied only
         for columns in groups:
             offset_columns = slice(columns.start, columns.stop + width - 1)
             row_length = (offset_columns.stop - offset_columns.start) * hidden_size
             windows.append(
-                [
-                    table.to(dtype)
+                {
+                    direction: tables[direction]
+                    .to(dtype)
                     .view(2 * height - 1, 2 * width - 1, hidden_size)[:, offset_columns]
                     .contiguous()
                     .as_strided((height, row_length // hidden_size * height, hidden_size), (row_length, hidden_size, 1))
-                    for table in (self.previous_frame_table, self.next_frame_table)
-                ]
+                    for direction in directions
+                }
             )
         # The frames whose map of each direction is multiplied.
         used_frames = {direction: range(num_frames) for direction in directions}
