@@ -16,8 +16,7 @@ import ctypes
 
 from common import machine, peak_rss_bytes, rss_bytes, run_isolated
 
-
-_M_MMAP_THRESHOLD = -3  # mallopt(3) parameter, from glibc's malloc.h
+from evl_hf.allocator import _M_MMAP_THRESHOLD
 
 
 def peak_above_loaded(variant: str, num_frames: int, batch_size: int) -> dict:
