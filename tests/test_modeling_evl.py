@@ -269,35 +269,6 @@ def test_inference_under_bfloat16_autocast():
     torch.testing.assert_close(logits.float(), expected, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("output_attentions", [False, True])
-def test_query_path_keeps_the_decoder_dtype_under_autocast(output_attentions):
-    # `Trainer(bf16=True)` trains under autocast. The query token's path (LayerNorms, the folded attention of one
-    # query, the MLP) is matrix-vector products: it runs in float32 there, values and gradients exactly as without
-    # autocast, instead of casting every weight and the frame tokens to bf16 on each call.
-    torch.manual_seed(0)
-    layer = EVLModel(tiny_config()).decoder.layers[0].train()
-    query, memory = torch.randn(2, 1, 32), torch.randn(2, 4, 17, 32)
-
-    def attend(autocast: bool):
-        layer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            updated, weights = layer.attend(query, memory, output_attentions=output_attentions)
-        updated.square().sum().backward()
-        grads = {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
-        return updated, weights, grads
-
-    expected, expected_weights, expected_grads = attend(autocast=False)
-    updated, weights, grads = attend(autocast=True)
-    assert updated.dtype == torch.float32
-    torch.testing.assert_close(updated, expected, rtol=0, atol=0)
-    if output_attentions:
-        assert weights.dtype == torch.float32
-        torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0)
-    assert grads.keys() == expected_grads.keys() and len(grads) > 0
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
-
-
 def test_multi_view_input_averages_view_probabilities():
     model = seeded_classifier()
     views = torch.stack([pixel_values(batch=2, seed=s) for s in range(3)], dim=1)  # (B, V, T, C, H, W)

@@ -436,22 +436,15 @@ class EVLDecoderAttention(nn.Module):
         # unused parameter.
         self.k_proj.bias.requires_grad_(False)
 
-    def implementation(self, output_attentions: bool = False) -> str:
-        # Only the eager path materialises the weights, so it serves calls that ask for them.
-        return "eager" if output_attentions else self.config._attn_implementation
-
-    def folds_projections(self, output_attentions: bool = False) -> bool:
-        """Whether the keys and values are never projected (see `forward`): the eager and sdpa paths."""
-        return self.implementation(output_attentions) in ("eager", "sdpa")
-
     def forward(
         self, query: torch.Tensor, memory: torch.Tensor, output_attentions: bool = False, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        implementation = self.implementation(output_attentions)
+        # Only the eager path materialises the weights, so it serves calls that ask for them.
+        implementation = "eager" if output_attentions else self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         batch_size, query_length, hidden_size = query.shape
         queries = self.q_proj(query).view(batch_size, query_length, self.num_heads, self.head_dim).transpose(1, 2)
-        if self.folds_projections(output_attentions):
+        if implementation in ("eager", "sdpa"):
             # A handful of queries against thousands of frame tokens: instead of projecting every token to keys and
             # values, fold the key projection into the queries and apply the value projection after the weighted
             # sum. q.(W_k x + b_k) = (W_k^T q).x + q.b_k, and the constant q.b_k cancels in the softmax; the weights
@@ -569,24 +562,6 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         terms added (`evl_hf.timeline` builds them itself, sharing what windows have in common)."""
         batch_size, num_frames, num_tokens, hidden_size = memory.shape
         memory = memory.reshape(batch_size, num_frames * num_tokens, hidden_size)
-        device_type = memory.device.type
-        if (
-            torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)
-            and self.cross_attention.folds_projections(output_attentions)
-        ):
-            # Under autocast (`Trainer(bf16=True)`) this path stays in the decoder's own dtype: with one query token per
-            # clip its matmuls are matrix-vector products, and autocast would first write a half-precision copy of
-            # every weight and of the frame tokens, each call, and cast their gradients back. That copying cost more
-            # than the products: without it a bf16 training step takes 0.90-0.94 of its time (BENCHMARKS section 3).
-            dtype = self.query_layernorm.weight.dtype
-            with torch.autocast(device_type, enabled=False):
-                return self._attend(query.to(dtype), memory.to(dtype), output_attentions, **kwargs)
-        return self._attend(query, memory, output_attentions, **kwargs)
-
-    def _attend(
-        self, query: torch.Tensor, memory: torch.Tensor, output_attentions: bool, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_output, attn_weights = self.cross_attention(
             self.query_layernorm(query), self.frame_layernorm(memory), output_attentions, **kwargs
         )
