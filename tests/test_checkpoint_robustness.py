@@ -80,3 +80,53 @@ def test_new_label_count_with_ignore_mismatched_sizes(saved):
     resized = EVLForVideoClassification.from_pretrained(directory, num_labels=3, ignore_mismatched_sizes=True)
     assert resized.classifier.weight.shape == (3, 32)
     assert torch.equal(resized.evl.decoder.query, model.evl.decoder.query)
+
+
+def hub_cache_snapshot(cache_dir, repo_id: str, files_from) -> "Path":
+    """A Hugging Face Hub cache entry for `repo_id` holding the files of the directory `files_from`, laid out as
+    `huggingface_hub` downloads them (`models--org--name/snapshots/<commit>/`, `refs/main`), so that
+    `from_pretrained(repo_id, cache_dir=...)` resolves it offline as it would a downloaded model."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in files_from.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_id_from_the_cache_gets_the_same_checks(saved, tmp_path_factory):
+    # A Hub id resolves to a snapshot in the cache: its weights file is read before loading as a local directory's is.
+    directory, model = saved
+    cache = tmp_path_factory.mktemp("hub-cache")
+    snapshot = hub_cache_snapshot(cache, "evl-tests/tiny", directory)
+    loaded = EVLForVideoClassification.from_pretrained("evl-tests/tiny", cache_dir=cache)
+    assert torch.equal(loaded.evl.decoder.query, model.evl.decoder.query)
+    weights = snapshot / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(EVLCheckpointError, match="truncated or corrupt") as error:
+        EVLForVideoClassification.from_pretrained("evl-tests/tiny", cache_dir=cache)
+    assert str(weights) in str(error.value)
+    weights.write_bytes(intact)
+    config = json.loads((snapshot / "config.json").read_text())
+    config["num_frames"] = 6
+    (snapshot / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EVLCheckpointError, match=r"temporal_position_embedding.embedding: checkpoint \(4, 32\) vs model \(6, 32\)"):
+        EVLForVideoClassification.from_pretrained("evl-tests/tiny", cache_dir=cache)
+
+
+def test_variant_weights_file_is_the_one_checked(tmp_path):
+    # `variant="fp16"` loads model.fp16.safetensors: that file is the one read, not a model.safetensors beside it.
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config())
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, variant="fp16")
+    weights = tmp_path / "model.fp16.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert EVLForVideoClassification.from_pretrained(tmp_path) is not None  # the plain file is intact
+    with pytest.raises(EVLCheckpointError, match="truncated or corrupt") as error:
+        EVLForVideoClassification.from_pretrained(tmp_path, variant="fp16")
+    assert str(weights) in str(error.value)

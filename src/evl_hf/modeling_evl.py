@@ -28,7 +28,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, cached_file, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
@@ -44,6 +44,16 @@ _CROSS_FRAME_CHUNK_ELEMENTS = 2**24
 # The per-head scores of the cross-frame maps are softmaxed and averaged right away: a chunk that stays in the CPU's
 # cache (one frame pair at ViT-B/16) is faster than a large one, which also costs a page fault per 4 kB.
 _CROSS_FRAME_SCORES_CHUNK_ELEMENTS = 2**19
+# The `from_pretrained` arguments that say where a checkpoint's files come from (passed on when EVL reads them first).
+_HUB_KWARGS = ("cache_dir", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def _with_variant(filename: str, variant: str | None) -> str:
+    """A weights file's name for `from_pretrained(variant=...)`, as transformers names it: model.fp16.safetensors."""
+    if variant is None:
+        return filename
+    stem, extension = filename.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
 
 
 @dataclass
@@ -608,7 +618,7 @@ class EVLPreTrainedModel(PreTrainedModel):
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("state_dict") is None:
-            cls._check_local_checkpoint(pretrained_model_name_or_path, kwargs)
+            cls._check_checkpoint_files(pretrained_model_name_or_path, kwargs)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         # With output_loading_info=True the caller asked for the report and handles missing keys itself.
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None and not output_loading_info:
@@ -629,20 +639,41 @@ class EVLPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
     @classmethod
-    def _check_local_checkpoint(cls, pretrained_model_name_or_path, kwargs: dict) -> None:
+    def _checkpoint_weight_files(cls, pretrained_model_name_or_path, kwargs: dict) -> list[str]:
+        """The safetensors files `from_pretrained` will load: from a local directory, or a Hub id's (from the cache,
+        or downloaded into it as the loader would), for `kwargs`' subfolder, revision and variant. Empty where the
+        loader reads something else (`use_safetensors=False`, a GGUF file) or nothing is found: the loader reports it."""
+        if kwargs.get("use_safetensors") is False or kwargs.get("gguf_file") is not None:
+            return []
+        name = str(pretrained_model_name_or_path)
+        if kwargs.get("force_download") and not Path(name).is_dir():
+            return []  # the loader downloads anew: a cached copy would be the wrong one to judge
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+
+        def resolve(filename: str) -> str | None:
+            return cached_file(
+                name, filename, _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False, _raise_exceptions_for_gated_repo=False, **hub_kwargs,
+            )  # fmt: skip
+
+        variant = kwargs.get("variant")
+        index = resolve(_with_variant("model.safetensors.index.json", variant))
+        if index is not None:
+            shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+            return [file for file in map(resolve, shards) if file is not None]
+        weights = resolve(_with_variant("model.safetensors", variant))
+        return [] if weights is None else [weights]
+
+    @classmethod
+    def _check_checkpoint_files(cls, pretrained_model_name_or_path, kwargs: dict) -> None:
         """
-        Read a local checkpoint's safetensors headers before loading it, so that what is wrong is found in the files
+        Read a checkpoint's safetensors headers before loading it, so that what is wrong is found in the files
         rather than guessed from the loader's error messages: an unreadable file, or tensors whose shapes do not fit
         the configuration (with `kwargs`' overrides applied), raise `EVLCheckpointError` naming them.
         """
         if pretrained_model_name_or_path is None:
             return
-        directory = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "")
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
-        else:
-            files = [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
+        files = cls._checkpoint_weight_files(pretrained_model_name_or_path, kwargs)
         shapes = {}
         for file in files:
             try:
@@ -656,7 +687,8 @@ class EVLPreTrainedModel(PreTrainedModel):
         if not isinstance(config, PreTrainedConfig):
             defaults = cls.config_class()
             overrides = {key: value for key, value in kwargs.items() if hasattr(defaults, key)}
-            config = cls.config_class.from_pretrained(directory, **overrides)
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs, **overrides)
         with torch.device("meta"):
             expected = {key: tuple(value.shape) for key, value in cls(config).state_dict().items()}
         prefix = f"{cls.base_model_prefix}."
