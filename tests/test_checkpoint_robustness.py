@@ -130,3 +130,37 @@ def test_variant_weights_file_is_the_one_checked(tmp_path):
     with pytest.raises(EVLCheckpointError, match="truncated or corrupt") as error:
         EVLForVideoClassification.from_pretrained(tmp_path, variant="fp16")
     assert str(weights) in str(error.value)
+
+
+def test_weights_file_given_itself_loads_and_is_checked(saved):
+    # The loader takes a weights file's path as well as a directory (with `config=`).
+    directory, model = saved
+    weights = directory / "model.safetensors"
+    loaded = EVLForVideoClassification.from_pretrained(weights, config=model.config)
+    assert torch.equal(loaded.evl.decoder.query, model.evl.decoder.query)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(EVLCheckpointError, match="truncated or corrupt"):
+        EVLForVideoClassification.from_pretrained(weights, config=model.config)
+
+
+def test_the_file_checked_is_the_one_loaded_beside_a_stale_shard(saved):
+    # With model.safetensors present the loader never reads a sharded checkpoint's index: a damaged shard beside it
+    # must not stop the load.
+    directory, model = saved
+    (directory / "model-00001-of-00001.safetensors").write_bytes(b"\x00" * 16)
+    index = {"metadata": {}, "weight_map": {"evl.decoder.query": "model-00001-of-00001.safetensors"}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = EVLForVideoClassification.from_pretrained(directory)
+    assert torch.equal(loaded.evl.decoder.query, model.evl.decoder.query)
+
+
+def test_shapes_are_judged_against_the_config_given(saved, tmp_path_factory):
+    # `config=` naming another directory's configuration is the one the loader builds: the check uses it too.
+    directory, model = saved
+    other = tmp_path_factory.mktemp("config")
+    model.config.save_pretrained(other)
+    config = json.loads((directory / "config.json").read_text())
+    config["num_frames"] = 6  # the checkpoint's own config no longer fits its weights; the one given does
+    (directory / "config.json").write_text(json.dumps(config))
+    loaded = EVLForVideoClassification.from_pretrained(directory, config=str(other))
+    assert loaded.config.num_frames == model.config.num_frames

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import is_offline_mode
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
@@ -30,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, cached_file, logging
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.hub import resolve_revision
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .backbone_families import backbone_family, family_of_checkpoint, processor_crop_size, supported_checkpoint_types
@@ -646,9 +648,21 @@ class EVLPreTrainedModel(PreTrainedModel):
         if kwargs.get("use_safetensors") is False or kwargs.get("gguf_file") is not None:
             return []
         name = str(pretrained_model_name_or_path)
-        if kwargs.get("force_download") and not Path(name).is_dir():
-            return []  # the loader downloads anew: a cached copy would be the wrong one to judge
+        if not Path(name).is_dir():
+            given = Path(kwargs.get("subfolder") or "", name)
+            if given.is_file():  # a weights file given itself, which the loader takes as it is
+                return [str(given)] if given.suffix == ".safetensors" else []
+            if kwargs.get("force_download"):
+                return []  # the loader downloads anew: a cached copy would be the wrong one to judge
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+        # The revision resolved to its commit once, as the loader does: the files read here are the ones it loads,
+        # and cached ones are used without asking the Hub again.
+        revision = resolve_revision(
+            name, kwargs.get("revision"), token=kwargs.get("token"), cache_dir=kwargs.get("cache_dir"),
+            local_files_only=bool(kwargs.get("local_files_only")) or is_offline_mode(),
+        )  # fmt: skip
+        if revision is not None:
+            hub_kwargs["revision"] = revision
 
         def resolve(filename: str) -> str | None:
             return cached_file(
@@ -656,13 +670,16 @@ class EVLPreTrainedModel(PreTrainedModel):
                 _raise_exceptions_for_connection_errors=False, _raise_exceptions_for_gated_repo=False, **hub_kwargs,
             )  # fmt: skip
 
+        # In the loader's order: one weights file, else a sharded checkpoint's index.
         variant = kwargs.get("variant")
-        index = resolve(_with_variant("model.safetensors.index.json", variant))
-        if index is not None:
-            shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
-            return [file for file in map(resolve, shards) if file is not None]
         weights = resolve(_with_variant("model.safetensors", variant))
-        return [] if weights is None else [weights]
+        if weights is not None:
+            return [weights]
+        index = resolve(_with_variant("model.safetensors.index.json", variant))
+        if index is None:
+            return []
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        return [file for file in map(resolve, shards) if file is not None]
 
     @classmethod
     def _check_checkpoint_files(cls, pretrained_model_name_or_path, kwargs: dict) -> None:
@@ -688,7 +705,9 @@ class EVLPreTrainedModel(PreTrainedModel):
             defaults = cls.config_class()
             overrides = {key: value for key, value in kwargs.items() if hasattr(defaults, key)}
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
-            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs, **overrides)
+            # `config=` may name another checkpoint's configuration, which the loader then uses.
+            source = pretrained_model_name_or_path if config is None else config
+            config = cls.config_class.from_pretrained(source, **hub_kwargs, **overrides)
         with torch.device("meta"):
             expected = {key: tuple(value.shape) for key, value in cls(config).state_dict().items()}
         prefix = f"{cls.base_model_prefix}."
