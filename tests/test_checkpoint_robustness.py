@@ -164,3 +164,21 @@ def test_shapes_are_judged_against_the_config_given(saved, tmp_path_factory):
     (directory / "config.json").write_text(json.dumps(config))
     loaded = EVLForVideoClassification.from_pretrained(directory, config=str(other))
     assert loaded.config.num_frames == model.config.num_frames
+
+
+def test_the_weights_file_the_config_names_is_the_one_checked(saved):
+    # A configuration's `transformers_weights` names the file the loader reads, whatever lies beside it.
+    directory, model = saved
+    weights = directory / "model.safetensors"
+    named = directory / "evl-weights.safetensors"
+    named.write_bytes(weights.read_bytes())
+    weights.write_bytes(b"\x00" * 16)  # not read by the loader
+    config = json.loads((directory / "config.json").read_text())
+    config["transformers_weights"] = named.name
+    (directory / "config.json").write_text(json.dumps(config))
+    loaded = EVLForVideoClassification.from_pretrained(directory)
+    assert torch.equal(loaded.evl.decoder.query, model.evl.decoder.query)
+    named.write_bytes(named.read_bytes()[: named.stat().st_size // 2])
+    with pytest.raises(EVLCheckpointError, match="truncated or corrupt") as error:
+        EVLForVideoClassification.from_pretrained(directory)
+    assert str(named) in str(error.value)

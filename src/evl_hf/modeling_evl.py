@@ -641,28 +641,34 @@ class EVLPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
     @classmethod
-    def _checkpoint_weight_files(cls, pretrained_model_name_or_path, kwargs: dict) -> list[str]:
-        """The safetensors files `from_pretrained` will load: from a local directory, or a Hub id's (from the cache,
-        or downloaded into it as the loader would), for `kwargs`' subfolder, revision and variant. Empty where the
-        loader reads something else (`use_safetensors=False`, a GGUF file) or nothing is found: the loader reports it."""
-        if kwargs.get("use_safetensors") is False or kwargs.get("gguf_file") is not None:
-            return []
-        name = str(pretrained_model_name_or_path)
-        if not Path(name).is_dir():
-            given = Path(kwargs.get("subfolder") or "", name)
-            if given.is_file():  # a weights file given itself, which the loader takes as it is
-                return [str(given)] if given.suffix == ".safetensors" else []
-            if kwargs.get("force_download"):
-                return []  # the loader downloads anew: a cached copy would be the wrong one to judge
+    def _hub_kwargs(cls, name: str, kwargs: dict) -> dict:
+        """`from_pretrained`'s arguments that say where the files come from, with the revision resolved to its commit
+        once, as the loader resolves it: the files read before loading are the ones it loads, and cached ones are
+        used without asking the Hub again."""
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
-        # The revision resolved to its commit once, as the loader does: the files read here are the ones it loads,
-        # and cached ones are used without asking the Hub again.
         revision = resolve_revision(
             name, kwargs.get("revision"), token=kwargs.get("token"), cache_dir=kwargs.get("cache_dir"),
             local_files_only=bool(kwargs.get("local_files_only")) or is_offline_mode(),
         )  # fmt: skip
         if revision is not None:
             hub_kwargs["revision"] = revision
+        return hub_kwargs
+
+    @classmethod
+    def _checkpoint_weight_files(cls, name: str, kwargs: dict, hub_kwargs: dict, explicit: str | None) -> list[str]:
+        """The safetensors files `from_pretrained` will load, found as the loader finds them: a weights file given
+        itself; else, in a local directory or a Hub id's files (from the cache, or downloaded into it), the file the
+        configuration names (`transformers_weights`), else one weights file, else a sharded checkpoint's index, for
+        `kwargs`' subfolder and variant. Empty where the loader reads something else (`use_safetensors=False`, a GGUF
+        file) or nothing is found: the loader reports it."""
+        if kwargs.get("use_safetensors") is False or kwargs.get("gguf_file") is not None:
+            return []
+        if not Path(name).is_dir():
+            given = Path(kwargs.get("subfolder") or "", name)
+            if given.is_file():  # a weights file given itself, which the loader takes as it is
+                return [str(given)] if given.suffix == ".safetensors" else []
+            if kwargs.get("force_download"):
+                return []  # the loader downloads anew: a cached copy would be the wrong one to judge
 
         def resolve(filename: str) -> str | None:
             return cached_file(
@@ -670,12 +676,17 @@ class EVLPreTrainedModel(PreTrainedModel):
                 _raise_exceptions_for_connection_errors=False, _raise_exceptions_for_gated_repo=False, **hub_kwargs,
             )  # fmt: skip
 
-        # In the loader's order: one weights file, else a sharded checkpoint's index.
         variant = kwargs.get("variant")
-        weights = resolve(_with_variant("model.safetensors", variant))
-        if weights is not None:
-            return [weights]
-        index = resolve(_with_variant("model.safetensors.index.json", variant))
+        if explicit is not None:
+            found = resolve(explicit)
+            index = found if explicit.endswith(".safetensors.index.json") else None
+            if index is None:
+                return [found] if found is not None and explicit.endswith(".safetensors") else []
+        else:
+            weights = resolve(_with_variant("model.safetensors", variant))
+            if weights is not None:
+                return [weights]
+            index = resolve(_with_variant("model.safetensors.index.json", variant))
         if index is None:
             return []
         shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
@@ -690,7 +701,15 @@ class EVLPreTrainedModel(PreTrainedModel):
         """
         if pretrained_model_name_or_path is None:
             return
-        files = cls._checkpoint_weight_files(pretrained_model_name_or_path, kwargs)
+        name = str(pretrained_model_name_or_path)
+        hub_kwargs = cls._hub_kwargs(name, kwargs)
+        config = kwargs.get("config")
+        if not isinstance(config, PreTrainedConfig):
+            # The configuration the loader builds: the checkpoint's, or the one `config=` names, with the overrides.
+            defaults = cls.config_class()
+            overrides = {key: value for key, value in kwargs.items() if hasattr(defaults, key)}
+            config = cls.config_class.from_pretrained(name if config is None else config, **hub_kwargs, **overrides)
+        files = cls._checkpoint_weight_files(name, kwargs, hub_kwargs, getattr(config, "transformers_weights", None))
         shapes = {}
         for file in files:
             try:
@@ -700,14 +719,6 @@ class EVLPreTrainedModel(PreTrainedModel):
                 raise EVLCheckpointError(f"{file}: the weights file is truncated or corrupt ({error}).") from error
         if not shapes or kwargs.get("ignore_mismatched_sizes"):
             return
-        config = kwargs.get("config")
-        if not isinstance(config, PreTrainedConfig):
-            defaults = cls.config_class()
-            overrides = {key: value for key, value in kwargs.items() if hasattr(defaults, key)}
-            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
-            # `config=` may name another checkpoint's configuration, which the loader then uses.
-            source = pretrained_model_name_or_path if config is None else config
-            config = cls.config_class.from_pretrained(source, **hub_kwargs, **overrides)
         with torch.device("meta"):
             expected = {key: tuple(value.shape) for key, value in cls(config).state_dict().items()}
         prefix = f"{cls.base_model_prefix}."
