@@ -678,6 +678,8 @@ class EVLPreTrainedModel(PreTrainedModel):
 
         variant = kwargs.get("variant")
         if explicit is not None:
+            if Path(explicit).is_absolute() or ".." in Path(explicit).parts:
+                return []  # outside the checkpoint: the loader refuses it with its own message
             found = resolve(explicit)
             index = found if explicit.endswith(".safetensors.index.json") else None
             if index is None:
