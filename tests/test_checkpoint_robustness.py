@@ -1,6 +1,7 @@
 """Bad checkpoints: clear errors naming the file, keys and shapes; never silently re-initialised weights."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_new_label_count_with_ignore_mismatched_sizes(saved):
     assert torch.equal(resized.evl.decoder.query, model.evl.decoder.query)
 
 
-def hub_cache_snapshot(cache_dir, repo_id: str, files_from) -> "Path":
+def hub_cache_snapshot(cache_dir: Path, repo_id: str, files_from: Path) -> Path:
     """A Hugging Face Hub cache entry for `repo_id` holding the files of the directory `files_from`, laid out as
     `huggingface_hub` downloads them (`models--org--name/snapshots/<commit>/`, `refs/main`), so that
     `from_pretrained(repo_id, cache_dir=...)` resolves it offline as it would a downloaded model."""
