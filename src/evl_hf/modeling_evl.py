@@ -619,7 +619,17 @@ class EVLPreTrainedModel(PreTrainedModel):
         With `output_loading_info=True` missing keys are reported in the returned info instead, for the caller to handle.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
-        if kwargs.get("state_dict") is None:
+        if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
+            # The revision resolved to its commit once, here, and handed to the loader (which then does not resolve
+            # it again): the files checked below are the ones it loads, and cached ones are used without asking the
+            # Hub again. Local directories keep theirs.
+            revision = resolve_revision(
+                str(pretrained_model_name_or_path), kwargs.get("revision"), token=kwargs.get("token"),
+                cache_dir=kwargs.get("cache_dir"),
+                local_files_only=bool(kwargs.get("local_files_only")) or is_offline_mode(),
+            )  # fmt: skip
+            if revision is not None:
+                kwargs["revision"] = revision
             cls._check_checkpoint_files(pretrained_model_name_or_path, kwargs)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         # With output_loading_info=True the caller asked for the report and handles missing keys itself.
@@ -639,20 +649,6 @@ class EVLPreTrainedModel(PreTrainedModel):
             if isinstance(module, EVLModel):
                 module._apply_backbone_freeze()
         return (model, info) if output_loading_info else model
-
-    @classmethod
-    def _hub_kwargs(cls, name: str, kwargs: dict) -> dict:
-        """`from_pretrained`'s arguments that say where the files come from, with the revision resolved to its commit
-        once, as the loader resolves it: the files read before loading are the ones it loads, and cached ones are
-        used without asking the Hub again."""
-        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
-        revision = resolve_revision(
-            name, kwargs.get("revision"), token=kwargs.get("token"), cache_dir=kwargs.get("cache_dir"),
-            local_files_only=bool(kwargs.get("local_files_only")) or is_offline_mode(),
-        )  # fmt: skip
-        if revision is not None:
-            hub_kwargs["revision"] = revision
-        return hub_kwargs
 
     @classmethod
     def _checkpoint_weight_files(cls, name: str, kwargs: dict, hub_kwargs: dict, explicit: str | None) -> list[str]:
@@ -701,10 +697,8 @@ class EVLPreTrainedModel(PreTrainedModel):
         rather than guessed from the loader's error messages: an unreadable file, or tensors whose shapes do not fit
         the configuration (with `kwargs`' overrides applied), raise `EVLCheckpointError` naming them.
         """
-        if pretrained_model_name_or_path is None:
-            return
         name = str(pretrained_model_name_or_path)
-        hub_kwargs = cls._hub_kwargs(name, kwargs)
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
         config = kwargs.get("config")
         if not isinstance(config, PreTrainedConfig):
             # The configuration the loader builds: the checkpoint's, or the one `config=` names, with the overrides.
