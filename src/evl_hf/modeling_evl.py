@@ -224,6 +224,12 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_pr
     return maps
 
 
+def _sums_in_place(memory: torch.Tensor, term_dtype: torch.dtype) -> bool:
+    """Whether a term of `term_dtype` can be added into `memory` itself: the sum keeps `memory`'s dtype (a bf16
+    memory and a float32 term promote to float32, so they are summed into a new tensor)."""
+    return torch.promote_types(memory.dtype, term_dtype) == memory.dtype
+
+
 def _query_column_groups(grid_width: int) -> list[slice]:
     """The query columns the cross-frame module's inference path multiplies separately: two halves (one column alone
     on a grid one patch wide), each reaching w + w/2 - 1 of the 2w - 1 column offsets."""
@@ -303,7 +309,7 @@ class EVLCrossFrameAttention(nn.Module):
         and reads back no tensor of its own that size. Where that would narrow the sum's dtype, or in training, a new
         tensor is returned."""
         self._check_maps(maps)
-        if self._records_gradients(maps) or torch.promote_types(memory.dtype, maps.dtype) != memory.dtype:
+        if self._records_gradients(maps) or not _sums_in_place(memory, maps.dtype):
             return memory + self(maps)
         return self._forward_by_row(maps, skip_clip_ends=True, output=memory)
 
@@ -551,7 +557,7 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
             if memory is None:
                 return frame_features + term
             # In place unless the sum is of a wider dtype (a bf16 memory and a float32 term): promoted as before.
-            return memory.add_(term) if torch.promote_types(memory.dtype, term.dtype) == memory.dtype else memory + term
+            return memory.add_(term) if _sums_in_place(memory, term.dtype) else memory + term
 
         memory = None
         if self.temporal_conv is not None:
