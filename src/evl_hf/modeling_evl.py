@@ -170,11 +170,18 @@ class EVLTemporalConv(nn.Module):
         residual form), summed into the same new tensor: `frame_features + conv(frame_features)`, bit for bit."""
         # The convolution written out as three shifted multiply-adds over (B, T, tokens, D): a Conv1d would need the
         # features permuted to (B * tokens, D, T) and back, which costs more than the convolution itself.
-        weight = self.conv.weight.squeeze(1).to(frame_features.dtype)  # (D, 3): taps for frames t - 1, t, t + 1
-        output = torch.addcmul(self.conv.bias.to(frame_features.dtype), frame_features, weight[:, 1])
-        output[:, 1:].addcmul_(frame_features[:, :-1], weight[:, 0])
-        output[:, :-1].addcmul_(frame_features[:, 1:], weight[:, 2])
+        previous, current, following = self.taps(frame_features.dtype)
+        output = torch.addcmul(self.conv.bias.to(frame_features.dtype), frame_features, current)
+        output[:, 1:].addcmul_(frame_features[:, :-1], previous)
+        output[:, :-1].addcmul_(frame_features[:, 1:], following)
         return output.add_(frame_features) if add_input else output
+
+    def taps(self, dtype: torch.dtype) -> torch.Tensor:
+        """The kernel as (3, D) in `dtype`, one contiguous row per tap: frames t - 1, t, t + 1. The weight's own
+        columns are strided (its layout is (D, 1, 3)), and an elementwise product with a strided per-channel vector
+        takes a slow unvectorised path: 2x (float32) to 6x (bfloat16) the time of the same product with a contiguous
+        one."""
+        return self.conv.weight.squeeze(1).T.to(dtype).contiguous()
 
 
 class EVLTemporalPositionEmbedding(nn.Module):

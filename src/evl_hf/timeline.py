@@ -251,10 +251,10 @@ class _SharedBackboneTimeline:
         if layer.temporal_conv is not None:
             # `EVLTemporalConv` over (frame, neighbour) computes the same, and the neighbour's output too: written out
             # here, once per window and layer, into the workspace.
-            weight, bias = layer.temporal_conv.conv.weight.squeeze(1).to(frame.dtype), layer.temporal_conv.conv.bias
-            torch.addcmul(bias.to(frame.dtype), frame, weight[:, 1], out=output)
+            previous, current, following = layer.temporal_conv.taps(frame.dtype)
+            torch.addcmul(layer.temporal_conv.conv.bias.to(frame.dtype), frame, current, out=output)
             if neighbour is not None:
-                output.addcmul_(neighbour, weight[:, 2] if t == 0 else weight[:, 0])
+                output.addcmul_(neighbour, following if t == 0 else previous)
             output.add_(frame)
         else:
             output.copy_(frame)
