@@ -750,48 +750,65 @@ def test_cross_frame_module_equals_the_authors_gathered_tables(grid, num_frames,
     torch.testing.assert_close(summed, memory + by_row, atol=1e-5, rtol=1e-5)
 
     # Training: the gradients of both tables (zero for a single frame, but there: DDP needs every parameter's) and
-    # of the maps (a fine-tuned backbone's) are the gathered form's.
+    # of the maps (a fine-tuned backbone's) are the gathered form's; with fixed maps (a frozen backbone's), the
+    # tables' gradients are, also where the features are summed into a given memory.
     upstream = torch.randn(2, num_frames, num_patches, 16)
-    gradients = []
-    for gathered in (False, True):
+
+    def gradients(function, maps_need_gradient):
         module.zero_grad()
-        leaf = maps.clone().requires_grad_(True)
-        if gathered:
-            output = gathered_form(leaf, module.previous_frame_table, module.next_frame_table)
-        else:
-            output = module(leaf)[:, :, 1:]
+        leaf = maps.clone().requires_grad_(maps_need_gradient)
+        output = function(leaf)
+        assert output.shape == (2, num_frames, num_patches, 16)
         (output * upstream).sum().backward()
         # A single frame's maps reach no output: no gradient at all for them (zero in the gathered form).
         maps_gradient = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        gradients.append([module.previous_frame_table.grad.clone(), module.next_frame_table.grad.clone(), maps_gradient])
-    for ours, reference in zip(*gradients):
-        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-5)
+        return [module.previous_frame_table.grad.clone(), module.next_frame_table.grad.clone(), maps_gradient]
+
+    reference = gradients(lambda leaf: gathered_form(leaf, module.previous_frame_table, module.next_frame_table), True)
+    for ours, expected in zip(gradients(lambda leaf: module(leaf)[:, :, 1:], True), reference):
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-5)
+    def summed_into_memory(leaf):
+        return (module.add_to(memory.clone(), leaf) - memory)[:, :, 1:]
+
+    for function in (lambda leaf: module(leaf)[:, :, 1:], summed_into_memory):
+        for ours, expected in zip(gradients(function, False)[:2], reference[:2]):
+            torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("add_input", [False, True])
 @pytest.mark.parametrize("num_frames", [1, 2, 5])
-def test_temporal_conv_equals_a_depthwise_conv1d_over_time(num_frames):
-    """The shifted multiply-adds are the authors' Conv1d (kernel 3, zero padding), in value and in gradients."""
+def test_temporal_conv_equals_a_depthwise_conv1d_over_time(num_frames, add_input):
+    """The shifted multiply-adds are the authors' Conv1d (kernel 3, zero padding), in value and in gradients (its
+    backward is written out): the features' (a fine-tuned backbone's) and the kernel's, also where the features need
+    none (a frozen backbone's)."""
     torch.manual_seed(0)
     module = EVLModel(tiny_config()).decoder.layers[0].temporal_conv
     torch.nn.init.normal_(module.conv.weight)
     torch.nn.init.normal_(module.conv.bias)
-    features = torch.randn(2, num_frames, 5, module.conv.in_channels, requires_grad=True)
+    features = torch.randn(2, num_frames, 5, module.conv.in_channels)
 
-    def as_conv1d(x):
+    def as_conv1d(x, add_input):
         batch_size, frames, tokens, hidden_size = x.shape
         sequences = module.conv(x.permute(0, 2, 3, 1).reshape(batch_size * tokens, hidden_size, frames))
-        return sequences.view(batch_size, tokens, hidden_size, frames).permute(0, 3, 1, 2)
+        convolved = sequences.view(batch_size, tokens, hidden_size, frames).permute(0, 3, 1, 2)
+        return x + convolved if add_input else convolved
 
     upstream = torch.randn(2, num_frames, 5, module.conv.in_channels)
-    results = []
-    for function in (module, as_conv1d):
-        features.grad = None
-        module.zero_grad()
-        output = function(features)
-        (output * upstream).sum().backward()
-        results.append((output.detach(), features.grad.clone(), module.conv.weight.grad.clone(), module.conv.bias.grad.clone()))
-    for ours, reference in zip(*results):
-        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    for features_need_gradient in (True, False):
+        results = []
+        for function in (module, as_conv1d):
+            module.zero_grad()
+            leaf = features.clone().requires_grad_(features_need_gradient)
+            output = function(leaf, add_input=add_input)
+            (output * upstream).sum().backward()
+            gradients = [leaf.grad] if features_need_gradient else []
+            kernel = [module.conv.weight.grad.clone(), module.conv.bias.grad.clone()]
+            results.append([output.detach(), *gradients, *kernel])
+        for ours, reference in zip(*results):
+            torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        expected = as_conv1d(features, add_input)
+        torch.testing.assert_close(module(features, add_input=add_input), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_cross_frame_maps_do_not_depend_on_the_chunk_size(monkeypatch):

@@ -23,6 +23,7 @@ import torch
 from huggingface_hub import is_offline_mode
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -157,6 +158,60 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def _temporal_conv(
+    frame_features: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, add_input: bool
+) -> torch.Tensor:
+    """The depthwise temporal convolution of (B, T, tokens, D) features as three shifted multiply-adds (a Conv1d would
+    need the features permuted to (B * tokens, D, T) and back, which costs more than the convolution itself), plus the
+    features themselves with `add_input`, all summed into one new tensor. `taps`: (3, D), frames t - 1, t, t + 1."""
+    previous, current, following = taps
+    output = torch.addcmul(bias.to(frame_features.dtype), frame_features, current)
+    output[:, 1:].addcmul_(frame_features[:, :-1], previous)
+    output[:, :-1].addcmul_(frame_features[:, 1:], following)
+    return output.add_(frame_features) if add_input else output
+
+
+class _TemporalConvFunction(torch.autograd.Function):
+    """`_temporal_conv` with its backward written out. Autograd's own backward of the in-place multiply-adds into
+    slices clones the whole gradient once per slice and multiplies it by the multiply-add's scalar once more; here the
+    kernel's gradient is three products of the gradient with the shifted features, each summed, and the features'
+    gradient (a trained backbone only) the transposed convolution."""
+
+    @staticmethod
+    def forward(ctx, frame_features, weight, bias, add_input):
+        taps = weight.squeeze(1).T.to(frame_features.dtype).contiguous()
+        ctx.save_for_backward(frame_features, taps)
+        ctx.add_input = add_input
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype
+        return _temporal_conv(frame_features, taps, bias, add_input)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        frame_features, taps = ctx.saved_tensors
+        grad_features = grad_weight = grad_bias = None
+        summed = (0, 1, 2)  # batch, frames, tokens
+        accumulate = torch.promote_types(grad.dtype, torch.float32)  # sums over thousands of tokens
+        if ctx.needs_input_grad[0]:
+            # Frame t feeds output t (tap 1, and itself with `add_input`), t + 1 (tap 0) and t - 1 (tap 2).
+            grad_features = grad * (taps[1] + 1 if ctx.add_input else taps[1])
+            grad_features[:, :-1].addcmul_(grad[:, 1:], taps[0])
+            grad_features[:, 1:].addcmul_(grad[:, :-1], taps[2])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.stack(
+                [
+                    (grad[:, 1:] * frame_features[:, :-1]).sum(summed, dtype=accumulate),
+                    (grad * frame_features).sum(summed, dtype=accumulate),
+                    (grad[:, :-1] * frame_features[:, 1:]).sum(summed, dtype=accumulate),
+                ],
+                dim=1,
+            )
+            grad_weight = grad_weight.unsqueeze(1).to(ctx.weight_dtype)  # (D, 1, 3), as Conv1d's weight
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(summed, dtype=accumulate).to(ctx.bias_dtype)
+        return grad_features, grad_weight, grad_bias, None
+
+
 class EVLTemporalConv(nn.Module):
     """Depthwise convolution (kernel 3, zero padded) along time, applied at every token position."""
 
@@ -168,13 +223,10 @@ class EVLTemporalConv(nn.Module):
     def forward(self, frame_features: torch.Tensor, add_input: bool = False) -> torch.Tensor:
         """The convolution of `frame_features` (B, T, tokens, D); with `add_input`, the features plus it (the decoder's
         residual form), summed into the same new tensor: `frame_features + conv(frame_features)`, bit for bit."""
-        # The convolution written out as three shifted multiply-adds over (B, T, tokens, D): a Conv1d would need the
-        # features permuted to (B * tokens, D, T) and back, which costs more than the convolution itself.
-        previous, current, following = self.taps(frame_features.dtype)
-        output = torch.addcmul(self.conv.bias.to(frame_features.dtype), frame_features, current)
-        output[:, 1:].addcmul_(frame_features[:, :-1], previous)
-        output[:, :-1].addcmul_(frame_features[:, 1:], following)
-        return output.add_(frame_features) if add_input else output
+        weight, bias = self.conv.weight, self.conv.bias
+        if torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad or frame_features.requires_grad):
+            return _TemporalConvFunction.apply(frame_features, weight, bias, add_input)
+        return _temporal_conv(frame_features, self.taps(frame_features.dtype), bias, add_input)
 
     def taps(self, dtype: torch.dtype) -> torch.Tensor:
         """The kernel as (3, D) in `dtype`, one contiguous row per tap: frames t - 1, t, t + 1. The weight's own
@@ -244,6 +296,74 @@ def _query_column_groups(grid_width: int) -> list[slice]:
     return [slice(0, half), slice(half, grid_width)] if grid_width > 1 else [slice(0, grid_width)]
 
 
+class _CrossFrameTrainingFunction(torch.autograd.Function):
+    """
+    Training with maps that need no gradient (a frozen backbone's, or cached ones): the cross-frame features of
+    `module` summed into `memory` in place, with the tables' gradient written out. Per direction and half of the query
+    columns (as at inference: each half reaches w + w/2 - 1 of the 2w - 1 column offsets, so a quarter of the FLOPs
+    of one matmul over all columns are saved), one batched matmul of the offsets against copied table windows; the
+    backward multiplies the saved offsets with the gradient and folds each query row's window into the table rows and
+    columns it reads, summing in float32. Autograd's own backward of the same (`_forward_batched`, all columns at
+    once) clones the whole gradient for each frame slice written, casts the windows' gradient to float32 in a pass of
+    its own and folds with `unfold`'s general backward.
+    """
+
+    @staticmethod
+    def forward(ctx, memory, maps, previous_frame_table, next_frame_table, module):
+        num_frames = maps.shape[1]
+        height, width = module.grid_height, module.grid_width
+        dtype = module._matmul_dtype(maps)
+        patches = memory[:, :, module.num_prefix_tokens :].unflatten(2, (height, width))
+        offsets = []  # per direction and column group; None for a direction without frames
+        for direction, (table, frames) in enumerate(
+            ((previous_frame_table, slice(1, num_frames)), (next_frame_table, slice(0, num_frames - 1)))
+        ):
+            for columns in _query_column_groups(width):
+                if frames.start >= frames.stop:  # a single frame: no neighbour
+                    offsets.append(None)
+                    continue
+                offsets.append(module._to_offsets(maps[:, frames, direction], dtype, columns))
+                features = torch.bmm(offsets[-1], module._table_windows(table, dtype, columns))
+                # (h, B * c * g, D) -> (B, c, h, g, D)
+                features = features.unflatten(1, (maps.shape[0], -1, columns.stop - columns.start))
+                patches[:, frames, :, columns].add_(features.permute(1, 2, 0, 3, 4))
+        ctx.mark_dirty(memory)
+        ctx.save_for_backward(*offsets)
+        ctx.grid, ctx.num_prefix_tokens, ctx.num_frames = (height, width), module.num_prefix_tokens, num_frames
+        ctx.dtype = dtype
+        ctx.tables = [(table.shape, table.dtype) for table in (previous_frame_table, next_frame_table)]
+        return memory
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (height, width), num_frames = ctx.grid, ctx.num_frames
+        groups = _query_column_groups(width)
+        saved_offsets = ctx.saved_tensors  # once: activation checkpointing unpacks them once per backward
+        patches = grad[:, :, ctx.num_prefix_tokens :].unflatten(2, (height, width))
+        table_grads = []
+        for direction, frames in enumerate((slice(1, num_frames), slice(0, num_frames - 1))):
+            if not ctx.needs_input_grad[2 + direction]:
+                table_grads.append(None)
+                continue
+            table_shape, table_dtype = ctx.tables[direction]
+            accumulate = torch.promote_types(table_dtype, torch.float32)
+            table_grad = grad.new_zeros(2 * height - 1, 2 * width - 1, table_shape[-1], dtype=accumulate)
+            for columns, offsets in zip(groups, saved_offsets[direction * len(groups) :]):
+                if offsets is None:  # no frame: a zero gradient (DDP requires every parameter's)
+                    continue
+                # (B, c, h, g, D) -> (h, B * c * g, D), the offsets' row order, cast in the same copy
+                frames_grad = patches[:, frames, :, columns].permute(2, 0, 1, 3, 4)
+                frames_grad = grad.new_empty(frames_grad.shape, dtype=ctx.dtype).copy_(frames_grad)
+                windows_grad = torch.bmm(offsets.transpose(1, 2), frames_grad.view(height, -1, table_shape[-1]))
+                # Query row i's window holds table rows i .. i + h - 1, columns j0 .. j1 + w - 2 of its group.
+                offset_columns = slice(columns.start, columns.stop + width - 1)
+                for row, window_grad in enumerate(windows_grad.unflatten(1, (height, -1))):
+                    table_grad[row : row + height, offset_columns].add_(window_grad)
+            table_grads.append(table_grad.view(table_shape).to(table_dtype))
+        return grad, None, *table_grads, None
+
+
 class EVLCrossFrameAttention(nn.Module):
     """
     Turns the backbone's attention between the patches of neighbouring frames (see `cross_frame_attention_maps`) into
@@ -256,8 +376,10 @@ class EVLCrossFrameAttention(nn.Module):
     offsets a (2w - 1)-wide scatter, and a matmul against the table rows each query row can reach gives the same sums:
     at inference, for each half of the query columns, one batched matmul per direction against an overlapping strided
     view of the table columns that half reaches (frames in chunks, so memory does not grow with the clip length); in
-    training one batched matmul per direction against copied windows (a cheap backward). As in the authors' module,
-    the clip's first frame has no previous-frame features and its last no next-frame ones.
+    training the same halves against copied windows, with the tables' gradient written out (a cheap backward), or,
+    where the maps need a gradient too (a fine-tuned backbone's), one batched matmul per direction over all columns
+    under autograd. As in the authors' module, the clip's first frame has no previous-frame features and its last no
+    next-frame ones.
     """
 
     def __init__(self, config: EVLConfig):
@@ -306,18 +428,26 @@ class EVLCrossFrameAttention(nn.Module):
         tokens before the patches. As in the authors' module, the first frame's previous-frame map and the last
         frame's next-frame map (zero there) are never read: those frames have no such neighbour."""
         self._check_maps(maps)
-        if self._records_gradients(maps):
+        if not self._records_gradients(maps):
+            return self._forward_by_row(maps, skip_clip_ends=True)
+        if maps.requires_grad:  # a trained backbone's
             return self._forward_batched(maps)
-        return self._forward_by_row(maps, skip_clip_ends=True)
+        batch_size, num_frames, _, num_patches, _ = maps.shape
+        hidden_size = self.previous_frame_table.shape[-1]
+        output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
+        return _CrossFrameTrainingFunction.apply(output, maps, self.previous_frame_table, self.next_frame_table, self)
 
     def add_to(self, memory: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """`memory + self(maps)`, `memory` (B, T, P + N, hidden_size); use the returned tensor. At inference the
         features are summed into `memory` itself, which must be a tensor of the caller's own: the module then writes
         and reads back no tensor of its own that size. Where that would narrow the sum's dtype, or in training, a new
-        tensor is returned."""
+        tensor is returned; in training too where the maps need a gradient (a trained backbone's)."""
         self._check_maps(maps)
-        if self._records_gradients(maps) or not _sums_in_place(memory, maps.dtype):
+        if not _sums_in_place(memory, maps.dtype) or maps.requires_grad and torch.is_grad_enabled():
             return memory + self(maps)
+        if self._records_gradients(maps):
+            tables = (self.previous_frame_table, self.next_frame_table)
+            return _CrossFrameTrainingFunction.apply(memory, maps, *tables, self)
         return self._forward_by_row(maps, skip_clip_ends=True, output=memory)
 
     def _check_maps(self, maps: torch.Tensor) -> None:
@@ -352,10 +482,21 @@ class EVLCrossFrameAttention(nn.Module):
         """
         return self._forward_by_row(maps.unsqueeze(2), directions=(direction,))
 
+    def _table_windows(self, table: torch.Tensor, dtype: torch.dtype, columns: slice | None = None) -> torch.Tensor:
+        """Training: the table rows each query row i can reach (grid rows i .. i + h - 1), copied side by side as
+        (h, h * m, D) in `dtype`, of the m column offsets the query `columns` reach (all 2w - 1 by default); the
+        offsets of `_to_offsets` for those columns index their middle dim."""
+        height, width = self.grid_height, self.grid_width
+        columns = columns or slice(0, width)
+        grid = table.to(dtype).view(2 * height - 1, 2 * width - 1, -1)[:, columns.start : columns.stop + width - 1]
+        # unfold: [i, column offset, D, local row offset] = grid[i + local row offset, column offset]
+        return grid.unfold(0, height, 1).permute(0, 3, 1, 2).reshape(height, -1, grid.shape[-1])
+
     def _forward_batched(self, maps: torch.Tensor) -> torch.Tensor:
-        """Training: per direction, one batched matmul against copied (h, h * (2w - 1), D) table windows, whose
-        backward is a single fold into the table (row-wise views would scatter a full-size gradient per row). The
-        clip's first frame has no previous-frame map and its last no next-frame map, so neither is multiplied."""
+        """Training where the maps need a gradient (a fine-tuned backbone's): per direction, one batched matmul
+        against copied (h, h * (2w - 1), D) table windows under autograd, whose backward is a single fold into the
+        table (row-wise views would scatter a full-size gradient per row). The clip's first frame has no previous-frame
+        map and its last no next-frame map, so neither is multiplied."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
@@ -368,9 +509,7 @@ class EVLCrossFrameAttention(nn.Module):
                 continue
             # In the maps' dtype even under autocast: the fold of the windows' gradient into the table then sums
             # in float32 too.
-            grid = table.to(maps.dtype).view(2 * height - 1, 2 * width - 1, hidden_size)
-            # unfold: [i, column offset, D, local row offset] = grid[i + local row offset, column offset]
-            windows = grid.unfold(0, height, 1).permute(0, 3, 1, 2).reshape(height, height * (2 * width - 1), -1)
+            windows = self._table_windows(table, maps.dtype)
             features = torch.bmm(self._to_offsets(maps[:, frames, direction], maps.dtype), windows)
             # (h, B * c * w, D) -> (B, c, h, w, D)
             features = features.view(height, batch_size, frames.stop - frames.start, width, -1).permute(1, 2, 0, 3, 4)
