@@ -283,6 +283,15 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_pr
     return maps
 
 
+def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs matmuls on `tensor` in where it is on for its device (it casts every floating dtype but
+    float64), `tensor`'s own otherwise."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type) and tensor.dtype.is_floating_point and tensor.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
 def _sums_in_place(memory: torch.Tensor, term_dtype: torch.dtype) -> bool:
     """Whether a term of `term_dtype` can be added into `memory` itself: the sum keeps `memory`'s dtype (a bf16
     memory and a float32 term promote to float32, so they are summed into a new tensor)."""
@@ -312,7 +321,7 @@ class _CrossFrameTrainingFunction(torch.autograd.Function):
     def forward(ctx, memory, maps, previous_frame_table, next_frame_table, module):
         num_frames = maps.shape[1]
         height, width = module.grid_height, module.grid_width
-        dtype = module._matmul_dtype(maps)
+        dtype = _autocast_dtype(maps)  # the tables and maps cast before the matmuls' inputs are built from them
         patches = memory[:, :, module.num_prefix_tokens :].unflatten(2, (height, width))
         offsets = []  # per direction and column group; None for a direction without frames
         for direction, (table, frames) in enumerate(
@@ -461,17 +470,6 @@ class EVLCrossFrameAttention(nn.Module):
     def _records_gradients(self, maps: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (self.previous_frame_table.requires_grad or maps.requires_grad)
 
-    @staticmethod
-    def _matmul_dtype(maps: torch.Tensor) -> torch.dtype:
-        """Inference: the dtype the matmuls run in, autocast's where it is on for the maps' device, so the small
-        tables and maps are cast before the windows and offsets are copied from them (autocast would cast those,
-        several times the size; the values are the same), the maps' own otherwise."""
-        device_type = maps.device.type
-        # Autocast casts every floating dtype but float64.
-        if torch.is_autocast_enabled(device_type) and maps.dtype.is_floating_point and maps.dtype != torch.float64:
-            return torch.get_autocast_dtype(device_type)
-        return maps.dtype
-
     def direction_features(self, maps: torch.Tensor, direction: int) -> torch.Tensor:
         """
         Inference: the features of one direction's maps `(B, T, N, N)` alone (0: towards the previous frame, 1: the
@@ -482,15 +480,16 @@ class EVLCrossFrameAttention(nn.Module):
         """
         return self._forward_by_row(maps.unsqueeze(2), directions=(direction,))
 
-    def _table_windows(self, table: torch.Tensor, dtype: torch.dtype, columns: slice | None = None) -> torch.Tensor:
-        """Training: the table rows each query row i can reach (grid rows i .. i + h - 1), copied side by side as
-        (h, h * m, D) in `dtype`, of the m column offsets the query `columns` reach (all 2w - 1 by default); the
-        offsets of `_to_offsets` for those columns index their middle dim."""
+    def _table_windows(self, table: torch.Tensor, dtype: torch.dtype, columns: slice) -> torch.Tensor:
+        """The table rows each query row i can reach (grid rows i .. i + h - 1), of the m column offsets the query
+        `columns` reach, as (h, h * m, D) in `dtype`: one overlapping strided view of a copy of those table columns
+        (a few MB), whose window i starts at grid row i; the offsets of `_to_offsets` for those columns index its
+        middle dim. Read only by matmuls."""
         height, width = self.grid_height, self.grid_width
-        columns = columns or slice(0, width)
         grid = table.to(dtype).view(2 * height - 1, 2 * width - 1, -1)[:, columns.start : columns.stop + width - 1]
-        # unfold: [i, column offset, D, local row offset] = grid[i + local row offset, column offset]
-        return grid.unfold(0, height, 1).permute(0, 3, 1, 2).reshape(height, -1, grid.shape[-1])
+        grid = grid.contiguous()
+        row_stride = grid.stride(0)  # m * D
+        return grid.as_strided((height, height * grid.shape[1], grid.shape[2]), (row_stride, grid.shape[2], 1))
 
     def _forward_batched(self, maps: torch.Tensor) -> torch.Tensor:
         """Training where the maps need a gradient (a fine-tuned backbone's): per direction, one batched matmul
@@ -509,7 +508,9 @@ class EVLCrossFrameAttention(nn.Module):
                 continue
             # In the maps' dtype even under autocast: the fold of the windows' gradient into the table then sums
             # in float32 too.
-            windows = self._table_windows(table, maps.dtype)
+            grid = table.to(maps.dtype).view(2 * height - 1, 2 * width - 1, hidden_size)
+            # unfold: [i, column offset, D, local row offset] = grid[i + local row offset, column offset]
+            windows = grid.unfold(0, height, 1).permute(0, 3, 1, 2).reshape(height, height * (2 * width - 1), -1)
             features = torch.bmm(self._to_offsets(maps[:, frames, direction], maps.dtype), windows)
             # (h, B * c * w, D) -> (B, c, h, w, D)
             features = features.view(height, batch_size, frames.stop - frames.start, width, -1).permute(1, 2, 0, 3, 4)
@@ -538,23 +539,16 @@ class EVLCrossFrameAttention(nn.Module):
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
-        dtype = self._matmul_dtype(maps)
+        # The tables and maps are cast before the matmuls' inputs are built from them: autocast would cast those,
+        # several times the size (the values are the same).
+        dtype = _autocast_dtype(maps)
         groups = _query_column_groups(width)
         tables = (self.previous_frame_table, self.next_frame_table)
-        windows = []  # per column group: {direction: windows (h, h * m, D)}, for the directions multiplied only
-        for columns in groups:
-            offset_columns = slice(columns.start, columns.stop + width - 1)
-            row_length = (offset_columns.stop - offset_columns.start) * hidden_size
-            windows.append(
-                {
-                    direction: tables[direction]
-                    .to(dtype)
-                    .view(2 * height - 1, 2 * width - 1, hidden_size)[:, offset_columns]
-                    .contiguous()
-                    .as_strided((height, row_length // hidden_size * height, hidden_size), (row_length, hidden_size, 1))
-                    for direction in directions
-                }
-            )
+        # Per column group: {direction: windows (h, h * m, D)}, for the directions multiplied only.
+        windows = [
+            {direction: self._table_windows(tables[direction], dtype, columns) for direction in directions}
+            for columns in groups
+        ]
         # The frames whose map of each direction is multiplied.
         used_frames = {direction: range(num_frames) for direction in directions}
         if skip_clip_ends:
@@ -616,6 +610,9 @@ class EVLDecoderAttention(nn.Module):
             # FLOPs. The heads become query positions of one shared "head" whose keys and values are the tokens.
             key_weight = self.k_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
             folded = torch.einsum("bhqd,hde->bhqe", queries, key_weight)  # (B, heads, q, D)
+            # The tokens are both keys and values: autocast would cast them once for each (and the backward both
+            # gradients back), so they are cast once here.
+            memory = memory.to(_autocast_dtype(memory))
             if implementation == "eager":
                 # Written out, with every head's folded query a row of one matmul against the tokens (a matmul
                 # broadcasting the heads would copy the tokens once per head). The returned weights are the tensor
