@@ -767,12 +767,26 @@ def test_cross_frame_module_equals_the_authors_gathered_tables(grid, num_frames,
     reference = gradients(lambda leaf: gathered_form(leaf, module.previous_frame_table, module.next_frame_table), True)
     for ours, expected in zip(gradients(lambda leaf: module(leaf)[:, :, 1:], True), reference):
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-5)
+
     def summed_into_memory(leaf):
         return (module.add_to(memory.clone(), leaf) - memory)[:, :, 1:]
 
     for function in (lambda leaf: module(leaf)[:, :, 1:], summed_into_memory):
         for ours, expected in zip(gradients(function, False)[:2], reference[:2]):
             torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-5)
+
+    # Either table alone may be trained: the other frozen, the trained one still gets its gradient (DDP needs it
+    # even where a single frame leaves it zero).
+    for frozen, trained in ((0, 1), (1, 0)):
+        tables = [module.previous_frame_table, module.next_frame_table]
+        tables[frozen].requires_grad_(False)
+        try:
+            module.zero_grad()
+            (module(maps)[:, :, 1:] * upstream).sum().backward()
+            assert tables[frozen].grad is None
+            torch.testing.assert_close(tables[trained].grad, reference[trained], atol=1e-4, rtol=1e-5)
+        finally:
+            tables[frozen].requires_grad_(True)
 
 
 @pytest.mark.parametrize("add_input", [False, True])

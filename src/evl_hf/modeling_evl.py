@@ -158,6 +158,11 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def _kernel_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A depthwise Conv1d weight (D, 1, 3) as (3, D) in `dtype`, one contiguous row per tap (`EVLTemporalConv.taps`)."""
+    return weight.squeeze(1).T.to(dtype).contiguous()
+
+
 def _temporal_conv(
     frame_features: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, add_input: bool
 ) -> torch.Tensor:
@@ -179,7 +184,7 @@ class _TemporalConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, frame_features, weight, bias, add_input):
-        taps = weight.squeeze(1).T.to(frame_features.dtype).contiguous()
+        taps = _kernel_taps(weight, frame_features.dtype)
         ctx.save_for_backward(frame_features, taps)
         ctx.add_input = add_input
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype
@@ -233,7 +238,7 @@ class EVLTemporalConv(nn.Module):
         columns are strided (its layout is (D, 1, 3)), and an elementwise product with a strided per-channel vector
         takes a slow unvectorised path: 2x (float32) to 6x (bfloat16) the time of the same product with a contiguous
         one."""
-        return self.conv.weight.squeeze(1).T.to(dtype).contiguous()
+        return _kernel_taps(self.conv.weight, dtype)
 
 
 class EVLTemporalPositionEmbedding(nn.Module):
@@ -307,14 +312,14 @@ def _query_column_groups(grid_width: int) -> list[slice]:
 
 class _CrossFrameTrainingFunction(torch.autograd.Function):
     """
-    Training with maps that need no gradient (a frozen backbone's, or cached ones): the cross-frame features of
-    `module` summed into `memory` in place, with the tables' gradient written out. Per direction and half of the query
-    columns (as at inference: each half reaches w + w/2 - 1 of the 2w - 1 column offsets, so a quarter of the FLOPs
-    of one matmul over all columns are saved), one batched matmul of the offsets against copied table windows; the
-    backward multiplies the saved offsets with the gradient and folds each query row's window into the table rows and
-    columns it reads, summing in float32. Autograd's own backward of the same (`_forward_batched`, all columns at
-    once) clones the whole gradient for each frame slice written, casts the windows' gradient to float32 in a pass of
-    its own and folds with `unfold`'s general backward.
+    Training with maps that need no gradient (a frozen backbone's, or cached ones): the cross-frame features of `module`
+    summed into `memory` in place, with the tables' gradient written out. Per direction and half of the query columns
+    (as at inference: each half reaches w + w/2 - 1 of the 2w - 1 column offsets, so a quarter of the FLOPs of one
+    matmul over all columns are saved), one batched matmul of the offsets against the table windows (the inference
+    path's overlapping strided view, `_table_windows`); the backward multiplies the saved offsets with the gradient and
+    folds each query row's window into the table rows and columns it reads, summing in float32. Autograd's own backward
+    of the same (`_forward_batched`, all columns at once) clones the whole gradient for each frame slice written, casts
+    the windows' gradient to float32 in a pass of its own and folds with `unfold`'s general backward.
     """
 
     @staticmethod
@@ -385,10 +390,9 @@ class EVLCrossFrameAttention(nn.Module):
     offsets a (2w - 1)-wide scatter, and a matmul against the table rows each query row can reach gives the same sums:
     at inference, for each half of the query columns, one batched matmul per direction against an overlapping strided
     view of the table columns that half reaches (frames in chunks, so memory does not grow with the clip length); in
-    training the same halves against copied windows, with the tables' gradient written out (a cheap backward), or,
-    where the maps need a gradient too (a fine-tuned backbone's), one batched matmul per direction over all columns
-    under autograd. As in the authors' module, the clip's first frame has no previous-frame features and its last no
-    next-frame ones.
+    training the same, with the tables' gradient written out (a cheap backward), or, where the maps need a gradient
+    too (a fine-tuned backbone's), one batched matmul per direction over all columns under autograd. As in the
+    authors' module, the clip's first frame has no previous-frame features and its last no next-frame ones.
     """
 
     def __init__(self, config: EVLConfig):
@@ -447,12 +451,13 @@ class EVLCrossFrameAttention(nn.Module):
         return _CrossFrameTrainingFunction.apply(output, maps, self.previous_frame_table, self.next_frame_table, self)
 
     def add_to(self, memory: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """`memory + self(maps)`, `memory` (B, T, P + N, hidden_size); use the returned tensor. At inference the
-        features are summed into `memory` itself, which must be a tensor of the caller's own: the module then writes
-        and reads back no tensor of its own that size. Where that would narrow the sum's dtype, or in training, a new
-        tensor is returned; in training too where the maps need a gradient (a trained backbone's)."""
+        """`memory + self(maps)`, `memory` (B, T, P + N, hidden_size); use the returned tensor. The features are
+        summed into `memory` itself, at inference and in training, so it must be a tensor of the caller's own, which
+        no earlier operation saved for its backward: the module then writes and reads back no tensor of its own that
+        size. Where that would narrow the sum's dtype, or where the maps need a gradient (a trained backbone's), a new
+        tensor is returned."""
         self._check_maps(maps)
-        if not _sums_in_place(memory, maps.dtype) or maps.requires_grad and torch.is_grad_enabled():
+        if not _sums_in_place(memory, maps.dtype) or (maps.requires_grad and torch.is_grad_enabled()):
             return memory + self(maps)
         if self._records_gradients(maps):
             tables = (self.previous_frame_table, self.next_frame_table)
@@ -468,7 +473,8 @@ class EVLCrossFrameAttention(nn.Module):
             )
 
     def _records_gradients(self, maps: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (self.previous_frame_table.requires_grad or maps.requires_grad)
+        tables_train = self.previous_frame_table.requires_grad or self.next_frame_table.requires_grad
+        return torch.is_grad_enabled() and (tables_train or maps.requires_grad)
 
     def direction_features(self, maps: torch.Tensor, direction: int) -> torch.Tensor:
         """
@@ -528,14 +534,14 @@ class EVLCrossFrameAttention(nn.Module):
         skip_clip_ends: bool = False,
         output: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Inference: the table rows that query row i can reach form a contiguous block (grid rows i .. i + h - 1),
-        so the h blocks are one overlapping strided view of the table and each direction is one batched matmul over
-        query rows; frames in chunks. `maps[:, :, i]` is the map of direction `directions[i]`. The query columns go in
-        two halves: each half reaches w + w/2 - 1 of the 2w - 1 column offsets, so a copy of those table columns (a
-        few MB) takes a quarter of the matmul's FLOPs (the zeros of the unreachable offsets) away. With
-        `skip_clip_ends`, the maps are a whole clip's (both directions): its first frame has no previous-frame map
-        and its last no next-frame map (both are zero), so neither is multiplied. The features are added into
-        `output` where given."""
+        """Without gradients for the tables or maps (inference, or frozen tables): the table rows that query row i can
+        reach form a contiguous block (grid rows i .. i + h - 1), so the h blocks are one overlapping strided view of
+        the table and each direction is one batched matmul over query rows; frames in chunks. `maps[:, :, i]` is the map
+        of direction `directions[i]`. The query columns go in two halves: each half reaches w + w/2 - 1 of the 2w - 1
+        column offsets, so a copy of those table columns (a few MB) takes a quarter of the matmul's FLOPs (the zeros of
+        the unreachable offsets) away. With `skip_clip_ends`, the maps are a whole clip's (both directions): its first
+        frame has no previous-frame map and its last no next-frame map (both are zero), so neither is multiplied. The
+        features are added into `output` where given."""
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
