@@ -11,12 +11,14 @@ Target 3 and issue 11's target 2: training cost at ViT-B/16 shapes, batch 2, 8 f
 Peak memory is the process's peak RSS above what it held once the model and the batch existed (the weights, identical
 for both variants); the ratio of whole-process peaks is printed too.
 
-    python benchmarks/bench_training_cost.py [--repeats 3] [--bfloat16] [--step_vs_inference_only]
+    python benchmarks/bench_training_cost.py [--repeats 3] [--bfloat16] [--step_vs_inference_only] [--keep_freed_memory]
 
 Each round runs the variants back to back; the step / inference ratios are also printed per round, with a
 confidence interval for their median (its exact coverage printed: 95% or more from 6 rounds on).
 `--step_vs_inference_only` leaves out the fine-tuning step and the memory measurements, for long runs of that ratio
 alone.
+`--keep_freed_memory` calls `evl_hf.keep_freed_memory()` first: glibc then keeps freed memory for reuse, so neither
+variant page-faults memory given back (the step allocates more than the forward: its activations for the backward).
 """
 
 import argparse
@@ -84,8 +86,14 @@ def main():
     parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
     parser.add_argument("--step_vs_inference_only", action="store_true",
                         help="only EVL's step against its inference forward: no fine-tuning step, no memory")  # fmt: skip
+    parser.add_argument("--keep_freed_memory", action="store_true",
+                        help="call evl_hf.keep_freed_memory() first (glibc keeps freed memory for reuse)")  # fmt: skip
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    if args.keep_freed_memory:
+        from evl_hf import keep_freed_memory
+
+        print(f"keep_freed_memory(): {'applied' if keep_freed_memory() else 'not available here'}")
     frozen, frozen_step, clip, inference = build(True)
     variants = {"EVL inference forward": inference, "EVL training step": frozen_step}
     finetune = None
