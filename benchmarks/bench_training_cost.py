@@ -26,9 +26,11 @@ import statistics
 
 import torch
 from common import (
+    add_keep_freed_memory_argument,
     alternate_times,
     bfloat16_measured,
     evl_config,
+    keep_freed_memory_if,
     machine,
     median_confidence_interval,
     peak_rss_bytes,
@@ -86,14 +88,10 @@ def main():
     parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
     parser.add_argument("--step_vs_inference_only", action="store_true",
                         help="only EVL's step against its inference forward: no fine-tuning step, no memory")  # fmt: skip
-    parser.add_argument("--keep_freed_memory", action="store_true",
-                        help="call evl_hf.keep_freed_memory() first (glibc keeps freed memory for reuse)")  # fmt: skip
+    add_keep_freed_memory_argument(parser)
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    if args.keep_freed_memory:
-        from evl_hf import keep_freed_memory
-
-        print(f"keep_freed_memory(): {'applied' if keep_freed_memory() else 'not available here'}")
+    keep_freed_memory_if(args.keep_freed_memory)
     frozen, frozen_step, clip, inference = build(True)
     variants = {"EVL inference forward": inference, "EVL training step": frozen_step}
     finetune = None

@@ -56,6 +56,23 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def add_keep_freed_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep_freed_memory",
+        action="store_true",
+        help="call evl_hf.keep_freed_memory() first: glibc then keeps freed memory for reuse instead of page-faulting "
+        "it back in (the timed variants run in this process, so each of them gets it)",
+    )
+
+
+def keep_freed_memory_if(asked: bool) -> None:
+    """`evl_hf.keep_freed_memory()` where `--keep_freed_memory` asked for it, printing whether it was applied."""
+    if asked:
+        from evl_hf import keep_freed_memory
+
+        print(f"keep_freed_memory(): {'applied' if keep_freed_memory() else 'not available here'}")
+
+
 def alternate_times(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
     """Run the variants alternately (after warm-up) and return each one's list of seconds, one entry per round."""
     for function in functions.values():
@@ -135,20 +152,12 @@ def float32_and_bfloat16_main(measure, default_repeats: int = 5) -> None:
     parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 even where it is emulated")
     add_threads_argument(parser)
     parser.add_argument("--backbone", choices=["clip", *OTHER_BACKBONES], default="clip", help="the backbone family")
-    parser.add_argument(
-        "--keep_freed_memory",
-        action="store_true",
-        help="call evl_hf.keep_freed_memory() first: glibc then keeps freed memory for reuse instead of page-faulting "
-        "it back in (both variants run in this process, so both get it)",
-    )
+    add_keep_freed_memory_argument(parser)
     args = parser.parse_args()
     set_threads(args.threads)
     print(f"machine: {machine()}")
     print(f"backbone family: {args.backbone}")
-    if args.keep_freed_memory:
-        from evl_hf import keep_freed_memory
-
-        print(f"keep_freed_memory(): {'applied' if keep_freed_memory() else 'not available here'}")
+    keep_freed_memory_if(args.keep_freed_memory)
     measure(None, args.repeats, args.backbone)
     if bfloat16_measured(args.bfloat16):
         measure("bfloat16", args.repeats, args.backbone)
