@@ -198,10 +198,9 @@ class _TemporalConvFunction(torch.autograd.Function):
         summed = (0, 1, 2)  # batch, frames, tokens
         accumulate = torch.promote_types(grad.dtype, torch.float32)  # sums over thousands of tokens
         if ctx.needs_input_grad[0]:
-            # Frame t feeds output t (tap 1, and itself with `add_input`), t + 1 (tap 0) and t - 1 (tap 2).
-            grad_features = grad * (taps[1] + 1 if ctx.add_input else taps[1])
-            grad_features[:, :-1].addcmul_(grad[:, 1:], taps[0])
-            grad_features[:, 1:].addcmul_(grad[:, :-1], taps[2])
+            # Frame t feeds output t (tap 1, and itself with `add_input`), t + 1 (tap 0) and t - 1 (tap 2): the same
+            # convolution of the gradient with the taps reversed in time.
+            grad_features = _temporal_conv(grad, taps.flip(0), grad.new_zeros(()), ctx.add_input)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.stack(
                 [
@@ -445,10 +444,8 @@ class EVLCrossFrameAttention(nn.Module):
             return self._forward_by_row(maps, skip_clip_ends=True)
         if maps.requires_grad:  # a trained backbone's
             return self._forward_batched(maps)
-        batch_size, num_frames, _, num_patches, _ = maps.shape
-        hidden_size = self.previous_frame_table.shape[-1]
-        output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
-        return _CrossFrameTrainingFunction.apply(output, maps, self.previous_frame_table, self.next_frame_table, self)
+        tables = (self.previous_frame_table, self.next_frame_table)
+        return _CrossFrameTrainingFunction.apply(self._zero_features(maps), maps, *tables, self)
 
     def add_to(self, memory: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """`memory + self(maps)`, `memory` (B, T, P + N, hidden_size); use the returned tensor. The features are
@@ -497,6 +494,12 @@ class EVLCrossFrameAttention(nn.Module):
         row_stride = grid.stride(0)  # m * D
         return grid.as_strided((height, height * grid.shape[1], grid.shape[2]), (row_stride, grid.shape[2], 1))
 
+    def _zero_features(self, maps: torch.Tensor) -> torch.Tensor:
+        """A zero (B, T, P + N, hidden_size) tensor in the maps' dtype, for the features of `maps` to be added into."""
+        batch_size, num_frames, _, num_patches, _ = maps.shape
+        hidden_size = self.previous_frame_table.shape[-1]
+        return maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
+
     def _forward_batched(self, maps: torch.Tensor) -> torch.Tensor:
         """Training where the maps need a gradient (a fine-tuned backbone's): per direction, one batched matmul
         against copied (h, h * (2w - 1), D) table windows under autograd, whose backward is a single fold into the
@@ -505,7 +508,7 @@ class EVLCrossFrameAttention(nn.Module):
         batch_size, num_frames, _, num_patches, _ = maps.shape
         height, width = self.grid_height, self.grid_width
         hidden_size = self.previous_frame_table.shape[-1]
-        output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
+        output = self._zero_features(maps)
         patches = output[:, :, self.num_prefix_tokens :]  # the prefix rows stay 0
         for direction, (table, frames) in enumerate(
             ((self.previous_frame_table, slice(1, num_frames)), (self.next_frame_table, slice(0, num_frames - 1)))
@@ -562,7 +565,7 @@ class EVLCrossFrameAttention(nn.Module):
                 raise ValueError(f"A whole clip's maps have both directions, got {directions}.")
             used_frames = {0: range(1, num_frames), 1: range(num_frames - 1)}
         if output is None:
-            output = maps.new_zeros(batch_size, num_frames, self.num_prefix_tokens + num_patches, hidden_size)
+            output = self._zero_features(maps)
         patches = output[:, :, self.num_prefix_tokens :].view(batch_size, num_frames, height, width, hidden_size)
         chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * height * (2 * width - 1)))
         for start in range(0, num_frames, chunk):
