@@ -270,10 +270,16 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_pr
     """
     batch_size, num_frames, num_tokens, num_heads, head_dim = queries.shape
     num_patches = num_tokens - num_prefix_tokens
-    # The scale goes on the queries, a third the size of the scores.
-    queries = (queries[:, :, num_prefix_tokens:] * head_dim**-0.5).transpose(2, 3)
-    keys = keys[:, :, num_prefix_tokens:].permute(0, 1, 3, 4, 2)
     dtype = torch.promote_types(queries.dtype, torch.float32)
+    queries, keys = queries[:, :, num_prefix_tokens:], keys[:, :, num_prefix_tokens:]
+    # The scale goes on the queries, a third the size of the scores.
+    if queries.dtype in (torch.float16, torch.bfloat16) and queries.device.type == "cpu":
+        # oneDNN's half-precision matmuls copy a strided operand on every call: here each is copied once per block
+        # (each frame's queries and keys serve two frame pairs).
+        queries = queries.transpose(2, 3).contiguous().mul_(head_dim**-0.5)
+        keys = keys.permute(0, 1, 3, 4, 2).contiguous()
+    else:
+        queries, keys = (queries * head_dim**-0.5).transpose(2, 3), keys.permute(0, 1, 3, 4, 2)
     maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches, dtype=dtype)
     chunk = max(1, _CROSS_FRAME_SCORES_CHUNK_ELEMENTS // (batch_size * num_heads * num_patches * num_patches))
     for start in range(0, num_frames - 1, chunk):
@@ -489,8 +495,9 @@ class EVLCrossFrameAttention(nn.Module):
         (a few MB), whose window i starts at grid row i; the offsets of `_to_offsets` for those columns index its
         middle dim. Read only by matmuls."""
         height, width = self.grid_height, self.grid_width
-        grid = table.to(dtype).view(2 * height - 1, 2 * width - 1, -1)[:, columns.start : columns.stop + width - 1]
-        grid = grid.contiguous()
+        # Sliced before the cast: one copy of the columns used, in `dtype`.
+        grid = table.view(2 * height - 1, 2 * width - 1, -1)[:, columns.start : columns.stop + width - 1]
+        grid = grid.to(dtype).contiguous()
         row_stride = grid.stride(0)  # m * D
         return grid.as_strided((height, height * grid.shape[1], grid.shape[2]), (row_stride, grid.shape[2], 1))
 
