@@ -690,6 +690,22 @@ def test_cross_frame_training_and_inference_paths_agree():
     assert module.previous_frame_table.grad.abs().sum() > 0 and module.next_frame_table.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_products_with_the_overlapping_table_windows_equal_bmm(dtype):
+    # In half precision the windows are multiplied one by one (bmm would copy them out first): the same products.
+    import evl_hf.modeling_evl as modeling
+
+    module = EVLModel(tiny_config(vision_overrides=dict(image_size=40))).decoder.layers[0].cross_frame_attention
+    torch.manual_seed(0)
+    torch.nn.init.normal_(module.previous_frame_table)
+    height = module.grid_height
+    for columns in modeling._query_column_groups(module.grid_width):
+        windows = module._table_windows(module.previous_frame_table.detach(), dtype, columns)
+        assert windows.stride(0) < windows.shape[1] * windows.stride(1)  # overlapping: window i starts at grid row i
+        offsets = torch.rand(height, 6, windows.shape[1]).to(dtype)
+        assert torch.equal(modeling._windows_matmul(offsets, windows), torch.bmm(offsets, windows.contiguous()))
+
+
 def test_cross_frame_module_keeps_float64_under_autocast():
     # Autocast leaves float64 alone, so the module's own casts before building its matmuls' inputs must too.
     module = EVLModel(tiny_config()).decoder.layers[0].cross_frame_attention.double()
