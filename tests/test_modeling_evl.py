@@ -690,20 +690,40 @@ def test_cross_frame_training_and_inference_paths_agree():
     assert module.previous_frame_table.grad.abs().sum() > 0 and module.next_frame_table.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_products_with_the_overlapping_table_windows_equal_bmm(dtype):
-    # In half precision the windows are multiplied one by one (bmm would copy them out first): the same products.
+    # In bf16 the windows are multiplied one by one (bmm would copy them out first): the same products as bmm over the
+    # strided windows, at ViT-B/16's shapes (14 x 14 grid, 7 frames); and bmm itself where autograd records them.
     import evl_hf.modeling_evl as modeling
 
-    module = EVLModel(tiny_config(vision_overrides=dict(image_size=40))).decoder.layers[0].cross_frame_attention
+    module = EVLModel(tiny_config(vision_overrides=dict(image_size=112, patch_size=8, hidden_size=768)))
+    module = module.decoder.layers[0].cross_frame_attention
     torch.manual_seed(0)
     torch.nn.init.normal_(module.previous_frame_table)
     height = module.grid_height
+    assert height == 14
     for columns in modeling._query_column_groups(module.grid_width):
         windows = module._table_windows(module.previous_frame_table.detach(), dtype, columns)
         assert windows.stride(0) < windows.shape[1] * windows.stride(1)  # overlapping: window i starts at grid row i
-        offsets = torch.rand(height, 6, windows.shape[1]).to(dtype)
-        assert torch.equal(modeling._windows_matmul(offsets, windows), torch.bmm(offsets, windows.contiguous()))
+        offsets = torch.rand(height, 7 * (columns.stop - columns.start), windows.shape[1]).to(dtype)
+        assert torch.equal(modeling._windows_matmul(offsets, windows), torch.bmm(offsets, windows))
+        offsets.requires_grad_()
+        products = modeling._windows_matmul(offsets, windows)
+        products.sum().backward()
+        assert torch.equal(offsets.grad, torch.ones_like(products) @ windows.transpose(1, 2))
+
+
+def test_cross_frame_maps_leave_their_inputs_unchanged():
+    # The bf16 path copies the queries before scaling them: with one head the transposed queries are already
+    # contiguous, and a copy that returned them would have scaled the caller's tensor (the timeline keeps it).
+    import evl_hf.modeling_evl as modeling
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        queries, keys = torch.randn(2, 1, 4, 4, 1, 8, dtype=dtype).unbind(0)  # (B, T, N, heads = 1, head_dim)
+        before = queries.clone()
+        modeling.cross_frame_attention_maps(queries, keys, num_prefix_tokens=0)
+        assert torch.equal(queries, before), dtype
 
 
 def test_cross_frame_module_keeps_float64_under_autocast():

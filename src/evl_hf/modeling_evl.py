@@ -271,15 +271,17 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_pr
     batch_size, num_frames, num_tokens, num_heads, head_dim = queries.shape
     num_patches = num_tokens - num_prefix_tokens
     dtype = torch.promote_types(queries.dtype, torch.float32)
-    queries, keys = queries[:, :, num_prefix_tokens:], keys[:, :, num_prefix_tokens:]
-    # The scale goes on the queries, a third the size of the scores.
-    if queries.dtype in (torch.float16, torch.bfloat16) and queries.device.type == "cpu":
-        # oneDNN's half-precision matmuls copy a strided operand on every call: here each is copied once per block
-        # (each frame's queries and keys serve two frame pairs).
-        queries = queries.transpose(2, 3).contiguous().mul_(head_dim**-0.5)
-        keys = keys.permute(0, 1, 3, 4, 2).contiguous()
+    # (B, T, heads, N, head_dim) and (B, T, heads, head_dim, N) views; the scale goes on the queries, a third the size
+    # of the scores.
+    queries = queries[:, :, num_prefix_tokens:].transpose(2, 3)
+    keys = keys[:, :, num_prefix_tokens:].permute(0, 1, 3, 4, 2)
+    if queries.dtype == torch.bfloat16 and queries.device.type == "cpu":
+        # oneDNN's bf16 matmuls copy a strided operand on every call: here each is copied once per block (each frame's
+        # queries and keys serve two frame pairs). A clone, never the caller's tensor, is scaled in place.
+        queries = queries.clone(memory_format=torch.contiguous_format).mul_(head_dim**-0.5)
+        keys = keys.contiguous()
     else:
-        queries, keys = (queries * head_dim**-0.5).transpose(2, 3), keys.permute(0, 1, 3, 4, 2)
+        queries = queries * head_dim**-0.5  # laid out as the projection was: MKL's float32 matmuls read it as it is
     maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches, dtype=dtype)
     chunk = max(1, _CROSS_FRAME_SCORES_CHUNK_ELEMENTS // (batch_size * num_heads * num_patches * num_patches))
     for start in range(0, num_frames - 1, chunk):
@@ -316,12 +318,17 @@ def _query_column_groups(grid_width: int) -> list[slice]:
 
 
 def _windows_matmul(offsets: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    """`torch.bmm(offsets, windows)` for the overlapping table windows of `_table_windows`. In half precision on the
-    CPU, oneDNN's bmm first copies the windows out (h times the table columns, several MB newly allocated, and so
-    page-faulted in, at every call): one matmul per window reads them in place instead, the same values. (Compiled,
-    inductor plans the product itself.)"""
-    half_precision = windows.dtype in (torch.float16, torch.bfloat16)
-    if half_precision and windows.device.type == "cpu" and not torch.compiler.is_compiling():
+    """`torch.bmm(offsets, windows)` for the overlapping table windows of `_table_windows`. In bf16 on the CPU,
+    oneDNN's bmm first copies the windows out (h times the table columns, several MB newly allocated, and so
+    page-faulted in, at every call): one matmul per window reads them in place instead, the same values. Not where
+    autograd records the product (`out=` has no gradient) or while compiling (inductor plans the product itself)."""
+    records_gradient = torch.is_grad_enabled() and (offsets.requires_grad or windows.requires_grad)
+    if (
+        windows.dtype == torch.bfloat16
+        and windows.device.type == "cpu"
+        and not records_gradient
+        and not torch.compiler.is_compiling()
+    ):
         products = offsets.new_empty(offsets.shape[0], offsets.shape[1], windows.shape[2])
         for row, (row_offsets, row_window) in enumerate(zip(offsets, windows)):
             torch.mm(row_offsets, row_window, out=products[row])
