@@ -786,3 +786,49 @@ def test_clips_without_labels_are_refused_where_labels_are_needed(data_dir, back
     args[args.index("--test_dir") + 1] = str(mixed)
     with pytest.raises(ValueError, match="1 video file.* lie directly in the folder.*all directly in it"):
         load_script().main(args)
+
+
+LEAVE_PROCESS_GROUP = """
+import os, sys, torch
+import torch.distributed as dist
+from evl_hf.run_video_classification import leave_process_group, run
+
+def gloo_threads():
+    return [name for name in (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+            if "gloo" in name]
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+model.cycle = [model]  # unreachable garbage once dropped, as a finished Trainer's DDP wrapper is
+model(torch.ones(1, 2)).sum().backward()
+if sys.argv[2] == "run":
+    # `run` leaves the group also when training raised.
+    def failing_main():
+        raise RuntimeError("training failed")
+    sys.modules["evl_hf.run_video_classification"].main = failing_main
+    del model
+    try:
+        run()
+    except RuntimeError:
+        pass
+else:
+    dist.destroy_process_group()  # as Trainer.end() does
+    before = gloo_threads()
+    del model
+    leave_process_group()
+    assert before, "the destroyed group's threads ran on while the wrapper held it"
+assert not gloo_threads(), gloo_threads()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+@pytest.mark.parametrize("case", ["destroyed already", "run"])
+def test_leaving_the_process_group_frees_gloo_threads(case, tmp_path):
+    # A process group freed in the interpreter's teardown can abort a rank after a successful run; leave_process_group
+    # frees it before, also when it was destroyed already (Trainer.end) or when training raised (run).
+    port = 29650 + (case == "run")
+    result = subprocess.run(
+        [sys.executable, "-c", LEAVE_PROCESS_GROUP, str(port), case.split()[0]],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -522,22 +522,25 @@ def main(argv: list[str] | None = None):
 
 
 def run() -> None:
-    """`main`, then leave the process group (under accelerate launch / torchrun) before the interpreter exits."""
-    main()
-    leave_process_group()
+    """`main`, then leave the process group (under accelerate launch / torchrun) before the interpreter exits, also
+    when `main` raised."""
+    try:
+        main()
+    finally:
+        leave_process_group()
 
 
 def leave_process_group() -> None:
     """
-    Destroy the process group and free it now, while the interpreter is whole. `destroy_process_group` only drops
-    torch's own references: the trainer's DDP wrapper, unreachable garbage in a reference cycle by now, still holds
-    the group, and gloo's threads would run until the interpreter's teardown frees it, where a rank can abort
-    ("terminate called without an active exception") after a run that succeeded. Call it once the trainer is no longer
-    referenced.
+    Destroy the process group and free it now, while the interpreter is whole. `destroy_process_group` (also called by
+    `Trainer.end()`) only drops torch's own references: the trainer's DDP wrapper, unreachable garbage in a reference
+    cycle by now, still holds the group, and gloo's threads would run until the interpreter's teardown frees it, where
+    a rank can abort ("terminate called without an active exception") after a run that succeeded. Call it once the
+    trainer is no longer referenced; the garbage is collected even if the group was destroyed already.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-        gc.collect()
+    gc.collect()
 
 
 if __name__ == "__main__":

@@ -31,8 +31,14 @@ leave_process_group()
 
 
 def fail_if_gloo_threads_remain():
-    threads = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    threads = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            threads.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
     if any("gloo" in name for name in threads):
+        sys.stdout.flush()
         print(f"rank {rank}: gloo's threads are still running at exit: {threads}", file=sys.stderr, flush=True)
         os._exit(3)
 
