@@ -823,7 +823,7 @@ assert not gloo_threads(), gloo_threads()
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
 @pytest.mark.parametrize("case", ["destroyed already", "run"])
-def test_leaving_the_process_group_frees_gloo_threads(case, tmp_path):
+def test_leaving_the_process_group_frees_gloo_threads(case):
     # A process group freed in the interpreter's teardown can abort a rank after a successful run; leave_process_group
     # frees it before, also when it was destroyed already (Trainer.end) or when training raised (run).
     port = 29650 + (case == "run")
