@@ -9,8 +9,11 @@ backbone alone is the floor; by FLOP count the decoder and the cross-frame maps 
 
 `--backbone` measures the same against SigLIP-B/16 or DINOv2-B/14 (at 224) alone. `--keep_freed_memory` measures
 both with glibc keeping freed memory (`evl_hf.keep_freed_memory()`), without the page faults of memory given back.
+Each variant's minor page faults per call are printed too: how many the EVL forward takes beyond the backbone alone
+depends on what ran before it and on the allocator's state, and moves the ratio (BENCHMARKS.md, section 1).
 """
 
+import resource
 import statistics
 
 import torch
@@ -24,12 +27,27 @@ def measure(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
     model, clip = b16_classifier_and_clip(backbone_dtype, backbone)
     backbone = model.evl.vision_model
     frames = clip.flatten(0, 1).to(backbone.dtype)
-    variants = {"backbone alone": lambda: backbone(pixel_values=frames), "EVL forward": lambda: model(clip)}
+    faults = {"backbone alone": [], "EVL forward": []}
+
+    def counting_faults(name, forward):
+        def run():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            forward()
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+        return run
+
+    variants = {
+        "backbone alone": counting_faults("backbone alone", lambda: backbone(pixel_values=frames)),
+        "EVL forward": counting_faults("EVL forward", lambda: model(clip)),
+    }
     with torch.inference_mode():
         times = alternate_times(variants, repeats=repeats)
     print(f"backbone {backbone.dtype}, decoder {model.evl.decoder.query.dtype}:")
     for name, seconds in times.items():
-        print(f"  {name:<24} median {statistics.median(seconds) * 1000:8.1f} ms")
+        timed_faults = faults[name][-repeats:]  # the warm-up's left out
+        print(f"  {name:<24} median {statistics.median(seconds) * 1000:8.1f} ms, "
+              f"{statistics.median(timed_faults):9,.0f} minor page faults")  # fmt: skip
     # Each round's two runs are back to back, so their ratio cancels the VM's slow drifts in speed.
     ratios = sorted(evl / alone for evl, alone in zip(times["EVL forward"], times["backbone alone"]))
     ratio = statistics.median(times["EVL forward"]) / statistics.median(times["backbone alone"])
