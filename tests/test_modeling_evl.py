@@ -726,6 +726,24 @@ def test_cross_frame_maps_leave_their_inputs_unchanged():
         assert torch.equal(queries, before), dtype
 
 
+@pytest.mark.parametrize("backbone_dtype, autocast_dtype", [("float16", torch.bfloat16), ("bfloat16", torch.float16)])
+def test_a_half_precision_backbone_under_autocast_to_the_other_half_precision(backbone_dtype, autocast_dtype):
+    # Autocast cannot mix float16 and bfloat16 inputs (it raised in the backbone, and in stacking the maps): the
+    # backbone computes in its own dtype, the decoder under autocast, in training and at inference.
+    model = seeded_classifier(tiny_config(backbone_dtype=backbone_dtype))
+    clip = pixel_values()
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        loss = model(clip, labels=torch.zeros(clip.shape[0], dtype=torch.long)).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.evl.decoder.query.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        expected = model(clip).logits
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            logits = model(clip).logits
+    torch.testing.assert_close(logits.float(), expected, atol=0.05, rtol=0.05)
+
+
 def test_cross_frame_module_keeps_float64_under_autocast():
     # Autocast leaves float64 alone, so the module's own casts before building its matmuls' inputs must too.
     module = EVLModel(tiny_config()).decoder.layers[0].cross_frame_attention.double()

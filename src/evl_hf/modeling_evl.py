@@ -13,6 +13,7 @@
 # limitations under the License.
 """PyTorch EVL model: a frozen CLIP ViT backbone with a light temporal Transformer decoder."""
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -302,6 +303,18 @@ def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type) and tensor.dtype.is_floating_point and tensor.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return tensor.dtype
+
+
+def _autocast_to_other_half_precision(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether autocast is on for `device_type` with the half-precision dtype that `dtype` (float16 or bfloat16) is not:
+    autocast raises on inputs of the other half-precision dtype."""
+    half_precision = (torch.float16, torch.bfloat16)
+    return (
+        dtype in half_precision
+        and torch.is_autocast_enabled(device_type)
+        and torch.get_autocast_dtype(device_type) in half_precision
+        and torch.get_autocast_dtype(device_type) != dtype
+    )
 
 
 def _sums_in_place(memory: torch.Tensor, term_dtype: torch.dtype) -> bool:
@@ -1086,14 +1099,17 @@ class EVLModel(EVLPreTrainedModel):
         (`backbone_dtype`) when no gradient is recorded and the decoder is float32, `None` (the decoder's own dtype)
         otherwise. That module is the decoder's one large matmul; next to a backbone that fast, it would cost a
         third of the decoder in float32. The rest of the decoder (elementwise work, LayerNorms, the attention of a
-        single query) is no faster in bf16 on CPUs and stays in float32, as does training.
+        single query) is no faster in bf16 on CPUs and stays in float32, as does training. Under autocast to the
+        other half-precision dtype, `None` too: autocast then sets the module's dtype, and cannot mix the two.
         """
         backbone_dtype = self.vision_model.dtype
+        device_type = self.vision_model.device.type
         if (
             backbone_dtype in (torch.float16, torch.bfloat16)
             and self.config.freeze_backbone
             and self.decoder.query.dtype == torch.float32
             and not torch.is_grad_enabled()
+            and not _autocast_to_other_half_precision(device_type, backbone_dtype)
         ):
             return backbone_dtype
         return None
@@ -1159,9 +1175,15 @@ class EVLModel(EVLPreTrainedModel):
         need_query_key = self.config.use_temporal_cross_attention
         heads = self.config.vision_config.num_attention_heads
         grad_enabled = torch.is_grad_enabled() and not self.config.freeze_backbone
+        # A backbone in one half-precision dtype runs outside autocast to the other (fp16 under bf16 autocast, or the
+        # reverse): autocast cannot mix the two (it raises), and such a backbone computes in its own dtype.
+        other_half_precision = _autocast_to_other_half_precision(frames.device.type, backbone.dtype)
         # The backbone's own modules, called in its own forward's order (its final norm, pooler or head unused): no
         # hook or shared state, so the forward is one graph under `torch.compile` and safe in concurrent threads.
-        with torch.set_grad_enabled(grad_enabled):
+        own_dtype = contextlib.nullcontext()
+        if other_half_precision:
+            own_dtype = torch.autocast(frames.device.type, enabled=False)
+        with torch.set_grad_enabled(grad_enabled), own_dtype:
             hidden_states = family.embed(backbone, frames.to(backbone.dtype))
             for index, layer in enumerate(layers):
                 query = key = None
