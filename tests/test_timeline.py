@@ -278,6 +278,20 @@ def test_temporal_modules_off_and_a_bfloat16_backbone(tmp_path, clip_path):
         )
 
 
+@pytest.mark.parametrize("backbone_dtype, autocast_dtype", [("float16", torch.bfloat16), ("bfloat16", torch.float16)])
+def test_a_half_precision_backbone_under_autocast_to_the_other_one(tmp_path, clip_path, backbone_dtype, autocast_dtype):
+    # The backbone and its maps compute in the backbone's dtype, outside autocast, also across the timeline's chunks
+    # (the previous chunk's last queries and keys are joined to the next chunk's): windows equal the model's forward,
+    # up to the half-precision decoder under autocast, whose products depend on the batch (windows go 4 at a time).
+    base = dict(id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, backbone_dtype=backbone_dtype)
+    model, processor = load(save_model(tmp_path / "half", tiny_config(**base)))
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        windows = video_timeline(model, processor, str(clip_path), window_stride=6, backbone_batch_size=5)
+        for window in windows:
+            expected = logits_on_frames(model, processor, str(clip_path), window.frame_indices)
+            torch.testing.assert_close(window.logits, expected, atol=5e-3, rtol=0)
+
+
 @pytest.mark.parametrize("window_frames", [1, 2, 3])
 @pytest.mark.parametrize(
     "modules",

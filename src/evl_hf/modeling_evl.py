@@ -306,15 +306,27 @@ def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 def _autocast_to_other_half_precision(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether autocast is on for `device_type` with the half-precision dtype that `dtype` (float16 or bfloat16) is not:
-    autocast raises on inputs of the other half-precision dtype."""
+    """Whether autocast is on for `device_type` with the half-precision dtype that `dtype` (float16 or bfloat16) is not."""
     half_precision = (torch.float16, torch.bfloat16)
+    autocast_dtype = torch.get_autocast_dtype(device_type)
     return (
         dtype in half_precision
         and torch.is_autocast_enabled(device_type)
-        and torch.get_autocast_dtype(device_type) in half_precision
-        and torch.get_autocast_dtype(device_type) != dtype
+        and autocast_dtype in half_precision
+        and autocast_dtype != dtype
     )
+
+
+def _backbone_autocast(device_type: str, backbone_dtype: torch.dtype):
+    """
+    The autocast state the backbone's work (its blocks, the cross-frame maps from its queries and keys) runs in: off
+    where autocast is on with the other half-precision dtype than the backbone's (an fp16 backbone under bf16 autocast,
+    or the reverse), since autocast cannot mix float16 and bfloat16 inputs (it raises) and such a backbone computes in
+    its own dtype; as it is otherwise.
+    """
+    if _autocast_to_other_half_precision(device_type, backbone_dtype):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _sums_in_place(memory: torch.Tensor, term_dtype: torch.dtype) -> bool:
@@ -1099,8 +1111,8 @@ class EVLModel(EVLPreTrainedModel):
         (`backbone_dtype`) when no gradient is recorded and the decoder is float32, `None` (the decoder's own dtype)
         otherwise. That module is the decoder's one large matmul; next to a backbone that fast, it would cost a
         third of the decoder in float32. The rest of the decoder (elementwise work, LayerNorms, the attention of a
-        single query) is no faster in bf16 on CPUs and stays in float32, as does training. Under autocast to the
-        other half-precision dtype, `None` too: autocast then sets the module's dtype, and cannot mix the two.
+        single query) is no faster in bf16 on CPUs and stays in float32, as does training. `None` too under autocast
+        to the other half-precision dtype (see `_backbone_autocast`): autocast then sets the module's dtype.
         """
         backbone_dtype = self.vision_model.dtype
         device_type = self.vision_model.device.type
@@ -1175,15 +1187,9 @@ class EVLModel(EVLPreTrainedModel):
         need_query_key = self.config.use_temporal_cross_attention
         heads = self.config.vision_config.num_attention_heads
         grad_enabled = torch.is_grad_enabled() and not self.config.freeze_backbone
-        # A backbone in one half-precision dtype runs outside autocast to the other (fp16 under bf16 autocast, or the
-        # reverse): autocast cannot mix the two (it raises), and such a backbone computes in its own dtype.
-        other_half_precision = _autocast_to_other_half_precision(frames.device.type, backbone.dtype)
         # The backbone's own modules, called in its own forward's order (its final norm, pooler or head unused): no
         # hook or shared state, so the forward is one graph under `torch.compile` and safe in concurrent threads.
-        own_dtype = contextlib.nullcontext()
-        if other_half_precision:
-            own_dtype = torch.autocast(frames.device.type, enabled=False)
-        with torch.set_grad_enabled(grad_enabled), own_dtype:
+        with torch.set_grad_enabled(grad_enabled), _backbone_autocast(frames.device.type, backbone.dtype):
             hidden_states = family.embed(backbone, frames.to(backbone.dtype))
             for index, layer in enumerate(layers):
                 query = key = None

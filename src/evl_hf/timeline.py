@@ -35,7 +35,7 @@ from transformers.pipelines.video_classification import VideoClassificationPipel
 from transformers.utils import logging
 
 from .allocator import keep_freed_memory
-from .modeling_evl import EVLForVideoClassification, cross_frame_attention_maps
+from .modeling_evl import EVLForVideoClassification, _backbone_autocast, cross_frame_attention_maps
 from .video_decoding_evl import VideoFrameStream, decode_video
 from .video_processing_evl import EVLVideoProcessor, sample_frame_indices
 
@@ -182,10 +182,11 @@ class _SharedBackboneTimeline:
         has_previous = self.num_sampled > 0
         from_previous, from_next, previous_from_next = [], [], []
         for layer, (query, key) in enumerate(zip(queries, keys)):
-            if has_previous:
-                query = torch.cat([self.last_query_key[layer][0], query])
-                key = torch.cat([self.last_query_key[layer][1], key])
-            maps = cross_frame_attention_maps(query[None], key[None], self.model.config.num_prefix_tokens)
+            with _backbone_autocast(query.device.type, query.dtype):  # as in the model's forward
+                if has_previous:
+                    query = torch.cat([self.last_query_key[layer][0], query])
+                    key = torch.cat([self.last_query_key[layer][1], key])
+                maps = cross_frame_attention_maps(query[None], key[None], self.model.config.num_prefix_tokens)
             maps = maps.to(self.maps_dtype)
             module = self.modules[layer]
             # The last new frame's next map is all zeros until the next chunk: computed then, with the previous
