@@ -306,7 +306,8 @@ def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 def _autocast_to_other_half_precision(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether autocast is on for `device_type` with the half-precision dtype that `dtype` (float16 or bfloat16) is not."""
+    """Whether autocast is on for `device_type` with the half-precision dtype that `dtype` (float16 or bfloat16) is
+    not."""
     half_precision = (torch.float16, torch.bfloat16)
     autocast_dtype = torch.get_autocast_dtype(device_type)
     return (
