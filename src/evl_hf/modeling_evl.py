@@ -282,7 +282,7 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_pr
         queries = queries.clone(memory_format=torch.contiguous_format).mul_(head_dim**-0.5)
         keys = keys.contiguous()
     else:
-        queries = queries * head_dim**-0.5  # laid out as the projection was: MKL's float32 matmuls read it as it is
+        queries = queries * head_dim**-0.5  # laid out as the projection was: other matmuls read the strided views
     maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches, dtype=dtype)
     chunk = max(1, _CROSS_FRAME_SCORES_CHUNK_ELEMENTS // (batch_size * num_heads * num_patches * num_patches))
     for start in range(0, num_frames - 1, chunk):
