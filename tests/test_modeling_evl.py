@@ -536,6 +536,19 @@ def test_bad_pixel_values_get_clear_errors(inputs, message):
         model(inputs)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_non_finite_pixel_among_finite_ones_is_refused(value, dtype):
+    model = EVLForVideoClassification(tiny_config()).eval()
+    inputs = pixel_values(batch=2).to(dtype)
+    inputs[1, 3, 2, 31, 0] = value
+    with pytest.raises(EVLInputError, match="NaN or infinite"):
+        model(inputs)
+    inputs[1, 3, 2, 31, 0] = torch.finfo(dtype).max  # finite, however large
+    with torch.no_grad():
+        model(inputs)
+
+
 # ---------------------------------------------------------------- precomputed features and low precision
 
 
@@ -585,6 +598,22 @@ def test_the_decoder_leaves_its_inputs_unmodified(modules):
     torch.testing.assert_close(frame_features, features.frame_features, atol=0, rtol=0)
     if cross is not None:
         torch.testing.assert_close(cross, features.cross_frame_maps, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_precomputed_features_of_a_low_precision_backbone_give_the_same_logits(dtype):
+    """The forward passes the decoder each block's features and maps as they come (cast, not stacked); the cached
+    path stacks them first. Both read the same values."""
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(backbone_dtype=dtype)).eval()
+    randomize_decoder(model)
+    inputs = pixel_values()
+    with torch.no_grad():
+        features = model.evl.extract_backbone_features(inputs)
+        assert features.frame_features.dtype == torch.float32
+        direct = model(inputs).logits
+        cached = model(frame_features=features.frame_features, cross_frame_maps=features.cross_frame_maps).logits
+    torch.testing.assert_close(cached, direct, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

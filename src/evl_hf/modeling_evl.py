@@ -16,7 +16,7 @@
 import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -990,26 +990,38 @@ class EVLDecoder(nn.Module):
 
     def forward(
         self,
-        frame_features: torch.Tensor,
-        cross_frame_maps: torch.Tensor | None = None,
+        frame_features: torch.Tensor | Sequence[torch.Tensor],
+        cross_frame_maps: torch.Tensor | Sequence[torch.Tensor] | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cross_frame_features: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """
-        `frame_features` and `cross_frame_maps` as in [`EVLBackboneFeatures`]; layer `i` reads block `i`'s. Returns
+        `frame_features` and `cross_frame_maps` as in [`EVLBackboneFeatures`], or as one tensor per block (what
+        `EVLModel` passes from its own backbone pass: it does not stack them); layer `i` reads block `i`'s. Returns
         the query token after the last layer, `(batch_size, 1, hidden_size)`. The states and attention weights of
         each layer are recorded by [`EVLModel`] (`output_hidden_states`, `output_attentions`).
         """
-        query = self.query.view(1, 1, -1).expand(frame_features.shape[0], 1, -1)
-        for index, layer in enumerate(self.layers):
+
+        def per_layer(features):
+            if features is None:
+                return [None] * len(self.layers)
+            return features.unbind(1) if isinstance(features, torch.Tensor) else features
+
+        frame_features, cross_frame_maps, cross_frame_features = (
+            per_layer(features) for features in (frame_features, cross_frame_maps, cross_frame_features)
+        )
+        query = self.query.view(1, 1, -1).expand(frame_features[0].shape[0], 1, -1)
+        for layer, features, maps, features_across_frames in zip(
+            self.layers, frame_features, cross_frame_maps, cross_frame_features, strict=True
+        ):
             query, _ = layer(
                 query,
-                frame_features[:, index],
-                cross_frame_maps[:, index] if cross_frame_maps is not None else None,
+                features,
+                maps,
                 bool(output_attentions),  # the eager path, which materialises the weights
-                cross_frame_features[:, index] if cross_frame_features is not None else None,
+                features_across_frames,
                 **kwargs,
             )
         return BaseModelOutput(last_hidden_state=query)
@@ -1094,8 +1106,12 @@ class EVLModel(EVLPreTrainedModel):
                 f"for {self.config.frame_size}x{self.config.frame_size}. Resize/crop the clip to that size "
                 "(`EVLVideoProcessor` does)."
             )
-        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
-            raise EVLInputError("`pixel_values` contains NaN or infinite values.")
+        if not torch.compiler.is_compiling():
+            # The extremes are finite exactly when every value is (NaN propagates to both): one reduction, where
+            # `isfinite(...).all()` makes several passes and writes clip-sized masks.
+            smallest, largest = torch.aminmax(pixel_values)
+            if not (torch.isfinite(smallest) and torch.isfinite(largest)):
+                raise EVLInputError("`pixel_values` contains NaN or infinite values.")
 
     def extract_backbone_features(self, pixel_values: torch.Tensor) -> EVLBackboneFeatures:
         """
@@ -1128,8 +1144,22 @@ class EVLModel(EVLPreTrainedModel):
         return None
 
     def _extract_backbone_features(self, pixel_values: torch.Tensor, maps_dtype: torch.dtype) -> EVLBackboneFeatures:
+        block_features, block_maps = self._backbone_features_per_block(pixel_values, maps_dtype)
+        return EVLBackboneFeatures(
+            frame_features=torch.stack(block_features, dim=1),
+            cross_frame_maps=torch.stack(block_maps, dim=1) if block_maps else None,
+        )
+
+    def _backbone_features_per_block(
+        self, pixel_values: torch.Tensor, maps_dtype: torch.dtype
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What `extract_backbone_features` returns, unstacked: per block the decoder reads, its output
+        `(batch_size, num_frames, tokens, hidden)` in the decoder's dtype (float32 unless the whole model was cast),
+        whatever the backbone's, and its maps `(batch_size, num_frames, 2, patches, patches)` in `maps_dtype`, the
+        dtype the cross-frame module computes in (see `reduced_precision_inference_dtype`; no maps without
+        cross-frame attention). The decoder reads them as they are, so the forward copies no feature into a stack."""
         batch_size, num_frames = pixel_values.shape[:2]
-        block_outputs, maps = [], []
+        block_outputs, block_maps = [], []
 
         def as_clips(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.view(batch_size, num_frames, *tensor.shape[1:])
@@ -1139,18 +1169,15 @@ class EVLModel(EVLPreTrainedModel):
             if query is not None:
                 # Right after the block, so its queries and keys are freed before the next block runs instead of
                 # all being held through the rest of the backbone (a sixth of the forward's peak memory).
-                maps.append(
+                block_maps.append(
                     cross_frame_attention_maps(as_clips(query), as_clips(key), self.config.num_prefix_tokens).to(
                         maps_dtype
                     )
                 )
 
         self._backbone_blocks(pixel_values.flatten(0, 1), read_block)
-        # The features in the decoder's dtype (float32 unless the whole model was cast), whatever the backbone's; the
-        # maps in `maps_dtype`, the dtype the cross-frame module computes in (see `reduced_precision_inference_dtype`).
-        frame_features = torch.stack([as_clips(output).to(self.decoder.query.dtype) for output in block_outputs], dim=1)
-        cross_frame_maps = torch.stack(maps, dim=1) if maps else None
-        return EVLBackboneFeatures(frame_features=frame_features, cross_frame_maps=cross_frame_maps)
+        # Cast once the backbone is done: a reduced-precision backbone's outputs are held in its dtype until then.
+        return [as_clips(output).to(self.decoder.query.dtype) for output in block_outputs], block_maps
 
     def _run_backbone(self, frames: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """
@@ -1314,8 +1341,8 @@ class EVLModel(EVLPreTrainedModel):
                     "`pixel_values` (the model computes its own from the frames)."
                 )
             self.check_pixel_values(pixel_values)
-            features = self._extract_backbone_features(pixel_values, maps_dtype)
-            frame_features, cross_frame_maps = features.frame_features, features.cross_frame_maps
+            frame_features, cross_frame_maps = self._backbone_features_per_block(pixel_values, maps_dtype)
+            cross_frame_maps = cross_frame_maps or None
         else:
             self.check_backbone_features(frame_features, cross_frame_maps, cross_frame_features)
             frame_features = frame_features.to(self.decoder.query.dtype)
@@ -1335,7 +1362,10 @@ class EVLModel(EVLPreTrainedModel):
     # `extract_backbone_features`, carry their own model's recorders, which would otherwise add their states to EVL's.
     @capture_outputs
     def _decode(
-        self, frame_features: torch.Tensor, cross_frame_maps: torch.Tensor | None, **kwargs
+        self,
+        frame_features: torch.Tensor | Sequence[torch.Tensor],
+        cross_frame_maps: torch.Tensor | Sequence[torch.Tensor] | None,
+        **kwargs,
     ) -> EVLModelOutput:
         query = self.decoder(frame_features, cross_frame_maps, **kwargs).last_hidden_state
         return EVLModelOutput(last_hidden_state=query, pooler_output=query[:, 0])
