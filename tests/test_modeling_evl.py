@@ -773,6 +773,21 @@ def test_a_half_precision_backbone_under_autocast_to_the_other_half_precision(ba
     torch.testing.assert_close(logits.float(), expected, atol=0.05, rtol=0.05)
 
 
+@pytest.mark.parametrize("model_dtype, autocast_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_a_half_precision_decoder_under_autocast_to_the_other_half_precision_is_refused_clearly(
+    model_dtype, autocast_dtype
+):
+    # A whole model cast to one half-precision dtype cannot run under autocast to the other (autocast cannot mix them;
+    # a transformers CLIPVisionModel raises "Unexpected floating ScalarType in at::autocast::prioritize" too): the
+    # error says so and what to do, at inference and in training, before any work.
+    model = seeded_classifier().to(model_dtype)
+    clip = pixel_values().to(model_dtype)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast_dtype):
+            with pytest.raises(ValueError, match=f"decoder is {str(model_dtype)[6:]}.*autocast.*{str(autocast_dtype)[6:]}"):
+                model(clip)
+
+
 def test_cross_frame_module_keeps_float64_under_autocast():
     # Autocast leaves float64 alone, so the module's own casts before building its matmuls' inputs must too.
     module = EVLModel(tiny_config()).decoder.layers[0].cross_frame_attention.double()

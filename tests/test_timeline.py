@@ -292,6 +292,14 @@ def test_a_half_precision_backbone_under_autocast_to_the_other_one(tmp_path, cli
             torch.testing.assert_close(window.logits, expected, atol=5e-3, rtol=0)
 
 
+def test_a_half_precision_decoder_under_autocast_to_the_other_one_is_refused_clearly(tmp_path, clip_path):
+    base = dict(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    model, processor = load(save_model(tmp_path / "model", tiny_config(**base)))
+    model.to(torch.float16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="decoder is float16.*autocast"):
+        video_timeline(model, processor, str(clip_path), window_stride=6)
+
+
 @pytest.mark.parametrize("window_frames", [1, 2, 3])
 @pytest.mark.parametrize(
     "modules",

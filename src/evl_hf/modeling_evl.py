@@ -1113,6 +1113,22 @@ class EVLModel(EVLPreTrainedModel):
             if not (torch.isfinite(smallest) and torch.isfinite(largest)):
                 raise EVLInputError("`pixel_values` contains NaN or infinite values.")
 
+    def check_autocast(self) -> None:
+        """Refuse a float16 decoder under bf16 autocast, or the reverse, with an error that says what to do: autocast
+        cannot mix the two half-precision dtypes (it raises "Unexpected floating ScalarType" deep in the first
+        matmul, as it does for any transformers model cast that way). A half-precision backbone alone is fine: it
+        runs outside autocast (`_backbone_autocast`)."""
+        device_type = self.decoder.query.device.type
+        decoder_dtype = self.decoder.query.dtype
+        if _autocast_to_other_half_precision(device_type, decoder_dtype):
+            autocast_dtype = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+            raise ValueError(
+                f"The decoder is {str(decoder_dtype).removeprefix('torch.')}, but autocast is on with "
+                f"{autocast_dtype}: autocast cannot mix float16 and bfloat16. Keep the decoder in float32 and cast "
+                f"the backbone alone (`backbone_dtype`), or run under autocast to "
+                f"{str(decoder_dtype).removeprefix('torch.')}."
+            )
+
     def extract_backbone_features(self, pixel_values: torch.Tensor) -> EVLBackboneFeatures:
         """
         Run the backbone once over every frame and return what the decoder reads from its last `decoder_num_layers`
@@ -1328,6 +1344,7 @@ class EVLModel(EVLPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        self.check_autocast()
         maps_dtype = self.reduced_precision_inference_dtype() or self.decoder.query.dtype
         if frame_features is not None and pixel_values is not None:
             raise EVLInputError(

@@ -145,6 +145,7 @@ class _SharedBackboneTimeline:
         """Run the backbone on the next consecutive sampled frames `(n, C, H, W)`; yield `(start, logits)` of windows
         done."""
         self.evl.check_pixel_values(pixel_values[None])
+        self.evl.check_autocast()
         block_outputs, queries, keys = self.evl._run_backbone(pixel_values.to(self.model.device))
         self.stats["frames_through_backbone"] += len(pixel_values)
         cross = self._cross_frame_features(queries, keys) if queries else None
