@@ -8,7 +8,8 @@ The children fix glibc's mmap threshold at 64 KiB, so every tensor above it is m
 when freed, and the resident memory follows the live tensors (glibc's default keeps some freed memory, by amounts
 that depend on the order of allocations). The peak is reset right before the forward.
 
-    python benchmarks/bench_forward_memory.py [--frames 32] [--batch_size 2] [--backbone_dtype bfloat16]
+    python benchmarks/bench_forward_memory.py [--frames 32] [--batch_size 2]
+                                              [--backbone_dtype bfloat16]
 
 With `--backbone_dtype bfloat16` the backbone is bf16 (`backbone_dtype="bfloat16"`, the decoder float32) in both
 variants.
@@ -56,7 +57,8 @@ def main():
     args = parser.parse_args()
     print(f"machine: {machine()}")
     dtype = args.backbone_dtype or "float32"
-    print(f"ViT-B/16 shapes, {dtype} backbone, batch {args.batch_size} x {args.frames} frames; each variant in a fresh process")
+    print(f"ViT-B/16 shapes, {dtype} backbone, batch {args.batch_size} x {args.frames} frames; "
+          "each variant in a fresh process")  # fmt: skip
     peaks = {}
     for variant in ("backbone alone", "EVL forward"):
         peaks[variant] = run_isolated(

@@ -177,8 +177,10 @@ def test_sdpa_models_explain_with_the_eager_weights(saved_model, clip_path):
     sdpa_model = EVLForVideoClassification.from_pretrained(saved_model, attn_implementation="sdpa").train()
     sdpa = explain(sdpa_model, processor, clip_path)
     assert sdpa_model.config._attn_implementation == "sdpa" and sdpa_model.training  # its mode is left as it was
-    np.testing.assert_allclose(sdpa.layer_maps, eager.layer_maps, atol=1e-6)
-    np.testing.assert_allclose(sdpa.scores, eager.scores, atol=1e-6)
+    # The backbones attend with sdpa and eager, which sum in different orders: with one thread the maps differed by
+    # up to 1.1e-6.
+    np.testing.assert_allclose(sdpa.layer_maps, eager.layer_maps, atol=5e-6)
+    np.testing.assert_allclose(sdpa.scores, eager.scores, atol=5e-6)
 
 
 def test_a_multi_view_processor_is_explained_on_its_centred_single_view(saved_model, clip_path, caplog):

@@ -523,7 +523,8 @@ def test_config_round_trips_through_json(tmp_path):
         (torch.zeros(2, 3, 32, 32), "5 dimensions"),
         (torch.zeros(2, 4, 1, 32, 32), "channels"),
         (torch.zeros(2, 4, 3, 48, 48), "48x48"),
-        (torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8), "floating point"),
+        (torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8), "float16, bfloat16, float32 or float64"),
+        (torch.zeros(2, 4, 3, 32, 32).to(torch.float8_e5m2), "float16, bfloat16, float32 or float64"),
         (torch.zeros(0, 4, 3, 32, 32), "empty"),
         (torch.full((1, 4, 3, 32, 32), float("nan")), "NaN"),
         (torch.full((1, 4, 3, 32, 32), float("inf")), "infinite"),
@@ -537,7 +538,7 @@ def test_bad_pixel_values_get_clear_errors(inputs, message):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_one_non_finite_pixel_among_finite_ones_is_refused(value, dtype):
     model = EVLForVideoClassification(tiny_config()).eval()
     inputs = pixel_values(batch=2).to(dtype)
@@ -773,19 +774,26 @@ def test_a_half_precision_backbone_under_autocast_to_the_other_half_precision(ba
     torch.testing.assert_close(logits.float(), expected, atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("model_dtype, autocast_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize(
+    "model_dtype, autocast_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)]
+)
 def test_a_half_precision_decoder_under_autocast_to_the_other_half_precision_is_refused_clearly(
     model_dtype, autocast_dtype
 ):
-    # A whole model cast to one half-precision dtype cannot run under autocast to the other (autocast cannot mix them;
-    # a transformers CLIPVisionModel raises "Unexpected floating ScalarType in at::autocast::prioritize" too): the
-    # error says so and what to do, at inference and in training, before any work.
+    # A whole model cast to one half-precision dtype cannot run under CPU autocast to the other (autocast cannot mix
+    # them; a transformers CLIPVisionModel raises "Unexpected floating ScalarType in at::autocast::prioritize" too):
+    # the error says so and what to do, at inference, in training and for the feature cache, before any work.
     model = seeded_classifier().to(model_dtype)
     clip = pixel_values().to(model_dtype)
+    expected = f"decoder is {str(model_dtype)[6:]}.*autocast.*{str(autocast_dtype)[6:]}"
     for grad in (False, True):
         with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast_dtype):
-            with pytest.raises(ValueError, match=f"decoder is {str(model_dtype)[6:]}.*autocast.*{str(autocast_dtype)[6:]}"):
+            with pytest.raises(ValueError, match=expected):
                 model(clip)
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype), pytest.raises(ValueError, match=expected):
+        model.evl.extract_backbone_features(clip)
+    with torch.no_grad(), torch.autocast("cpu", dtype=model_dtype):  # autocast to the model's own dtype runs
+        model(clip)
 
 
 def test_cross_frame_module_keeps_float64_under_autocast():

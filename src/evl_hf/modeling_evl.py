@@ -994,12 +994,13 @@ class EVLDecoder(nn.Module):
         cross_frame_maps: torch.Tensor | Sequence[torch.Tensor] | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        cross_frame_features: torch.Tensor | None = None,
+        cross_frame_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """
-        `frame_features` and `cross_frame_maps` as in [`EVLBackboneFeatures`], or as one tensor per block (what
-        `EVLModel` passes from its own backbone pass: it does not stack them); layer `i` reads block `i`'s. Returns
+        `frame_features`, `cross_frame_maps` (and `cross_frame_features`, which replace the maps) as in
+        [`EVLBackboneFeatures`], or as one tensor per block (what `EVLModel` passes from its own backbone pass: it
+        does not stack them); layer `i` reads block `i`'s. Returns
         the query token after the last layer, `(batch_size, 1, hidden_size)`. The states and attention weights of
         each layer are recorded by [`EVLModel`] (`output_hidden_states`, `output_attentions`).
         """
@@ -1007,7 +1008,10 @@ class EVLDecoder(nn.Module):
         def per_layer(features):
             if features is None:
                 return [None] * len(self.layers)
-            return features.unbind(1) if isinstance(features, torch.Tensor) else features
+            features = features.unbind(1) if isinstance(features, torch.Tensor) else features
+            if len(features) != len(self.layers):
+                raise ValueError(f"The decoder's {len(self.layers)} layers read one block each, got {len(features)}.")
+            return features
 
         frame_features, cross_frame_maps, cross_frame_features = (
             per_layer(features) for features in (frame_features, cross_frame_maps, cross_frame_features)
@@ -1087,10 +1091,10 @@ class EVLModel(EVLPreTrainedModel):
             raise EVLInputError(
                 f"`pixel_values` must have 5 dimensions {expected}, got shape {tuple(pixel_values.shape)}."
             )
-        if not pixel_values.is_floating_point():
+        if pixel_values.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise EVLInputError(
-                f"`pixel_values` must be a floating point tensor of normalised pixels, got dtype {pixel_values.dtype}."
-                " Run the clip through `EVLVideoProcessor` first."
+                "`pixel_values` must be a float16, bfloat16, float32 or float64 tensor of normalised pixels, got "
+                f"dtype {pixel_values.dtype}. Run the clip through `EVLVideoProcessor` first."
             )
         batch_size, num_frames, num_channels, height, width = pixel_values.shape
         if batch_size == 0 or num_frames == 0:
@@ -1114,19 +1118,19 @@ class EVLModel(EVLPreTrainedModel):
                 raise EVLInputError("`pixel_values` contains NaN or infinite values.")
 
     def check_autocast(self) -> None:
-        """Refuse a float16 decoder under bf16 autocast, or the reverse, with an error that says what to do: autocast
-        cannot mix the two half-precision dtypes (it raises "Unexpected floating ScalarType" deep in the first
-        matmul, as it does for any transformers model cast that way). A half-precision backbone alone is fine: it
-        runs outside autocast (`_backbone_autocast`)."""
-        device_type = self.decoder.query.device.type
+        """Refuse a float16 decoder under bf16 CPU autocast, or the reverse, with an error that says what to do: CPU
+        autocast cannot mix the two half-precision dtypes, and the forward would stop deep inside (a mixed-dtype
+        LayerNorm, or autocast's "Unexpected floating ScalarType", as for any transformers model cast that way on
+        the CPU). Other devices' autocast is left to run as it does. A half-precision backbone with a float32 decoder
+        is fine on any device: the backbone runs outside autocast (`_backbone_autocast`)."""
         decoder_dtype = self.decoder.query.dtype
-        if _autocast_to_other_half_precision(device_type, decoder_dtype):
-            autocast_dtype = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+        if self.decoder.query.device.type == "cpu" and _autocast_to_other_half_precision("cpu", decoder_dtype):
+            decoder_name = str(decoder_dtype).removeprefix("torch.")
+            autocast_name = str(torch.get_autocast_dtype("cpu")).removeprefix("torch.")
             raise ValueError(
-                f"The decoder is {str(decoder_dtype).removeprefix('torch.')}, but autocast is on with "
-                f"{autocast_dtype}: autocast cannot mix float16 and bfloat16. Keep the decoder in float32 and cast "
-                f"the backbone alone (`backbone_dtype`), or run under autocast to "
-                f"{str(decoder_dtype).removeprefix('torch.')}."
+                f"The decoder is {decoder_name}, but CPU autocast is on with {autocast_name}: autocast cannot mix "
+                f"float16 and bfloat16. Keep the decoder in float32 and cast the backbone alone (`backbone_dtype`), or "
+                f"run under autocast to {decoder_name}."
             )
 
     def extract_backbone_features(self, pixel_values: torch.Tensor) -> EVLBackboneFeatures:
@@ -1136,6 +1140,7 @@ class EVLModel(EVLPreTrainedModel):
         neighbouring frames computed from that block's own attention queries and keys. Both come in the decoder's
         dtype; the maps' scores are computed in the backbone's.
         """
+        self.check_autocast()
         return self._extract_backbone_features(pixel_values, self.decoder.query.dtype)
 
     def reduced_precision_inference_dtype(self) -> torch.dtype | None:
@@ -1163,16 +1168,16 @@ class EVLModel(EVLPreTrainedModel):
         block_features, block_maps = self._backbone_features_per_block(pixel_values, maps_dtype)
         return EVLBackboneFeatures(
             frame_features=torch.stack(block_features, dim=1),
-            cross_frame_maps=torch.stack(block_maps, dim=1) if block_maps else None,
+            cross_frame_maps=torch.stack(block_maps, dim=1) if block_maps is not None else None,
         )
 
     def _backbone_features_per_block(
         self, pixel_values: torch.Tensor, maps_dtype: torch.dtype
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """What `extract_backbone_features` returns, unstacked: per block the decoder reads, its output
         `(batch_size, num_frames, tokens, hidden)` in the decoder's dtype (float32 unless the whole model was cast),
         whatever the backbone's, and its maps `(batch_size, num_frames, 2, patches, patches)` in `maps_dtype`, the
-        dtype the cross-frame module computes in (see `reduced_precision_inference_dtype`; no maps without
+        dtype the cross-frame module computes in (see `reduced_precision_inference_dtype`; `None` without
         cross-frame attention). The decoder reads them as they are, so the forward copies no feature into a stack."""
         batch_size, num_frames = pixel_values.shape[:2]
         block_outputs, block_maps = [], []
@@ -1193,7 +1198,7 @@ class EVLModel(EVLPreTrainedModel):
 
         self._backbone_blocks(pixel_values.flatten(0, 1), read_block)
         # Cast once the backbone is done: a reduced-precision backbone's outputs are held in its dtype until then.
-        return [as_clips(output).to(self.decoder.query.dtype) for output in block_outputs], block_maps
+        return [as_clips(output).to(self.decoder.query.dtype) for output in block_outputs], block_maps or None
 
     def _run_backbone(self, frames: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """
@@ -1359,7 +1364,6 @@ class EVLModel(EVLPreTrainedModel):
                 )
             self.check_pixel_values(pixel_values)
             frame_features, cross_frame_maps = self._backbone_features_per_block(pixel_values, maps_dtype)
-            cross_frame_maps = cross_frame_maps or None
         else:
             self.check_backbone_features(frame_features, cross_frame_maps, cross_frame_features)
             frame_features = frame_features.to(self.decoder.query.dtype)
