@@ -7,7 +7,9 @@ backbone alone is the floor; by FLOP count the decoder and the cross-frame maps 
     python benchmarks/bench_inference_overhead.py [--repeats 5] [--bfloat16] [--threads 1] [--backbone siglip|dinov2]
                                                   [--keep_freed_memory]
 
-`--backbone` measures the same against SigLIP-B/16 or DINOv2-B/14 (at 224) alone. `--keep_freed_memory` measures
+`--backbone` measures the same against SigLIP-B/16 or DINOv2-B/14 (at 224) alone. `SiglipVisionModel` ends in an
+attention-pooling head that EVL does not run (in bf16 on the CPU it costs more than EVL's decoder), so for SigLIP the
+tower is also timed without it, side by side, and the target is judged against that: the work EVL shares. `--keep_freed_memory` measures
 both with glibc keeping freed memory (`evl_hf.keep_freed_memory()`), without the page faults of memory given back.
 Each variant's minor page faults per call are printed too: how many the EVL forward takes beyond the backbone alone
 depends on what ran before it and on the allocator's state, and moves the ratio (BENCHMARKS.md, section 1).
@@ -27,6 +29,7 @@ def measure(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
     model, clip = b16_classifier_and_clip(backbone_dtype, backbone)
     backbone = model.evl.vision_model
     frames = clip.flatten(0, 1).to(backbone.dtype)
+    reference = "backbone alone"
     faults = {"backbone alone": [], "EVL forward": []}
 
     def counting_faults(name, forward):
@@ -41,6 +44,20 @@ def measure(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
         "backbone alone": counting_faults("backbone alone", lambda: backbone(pixel_values=frames)),
         "EVL forward": counting_faults("EVL forward", lambda: model(clip)),
     }
+    # SigLIP's switch for its pooling head (on the model itself or its inner vision transformer, by version).
+    head_owner = next((m for m in (backbone, getattr(backbone, "vision_model", None)) if getattr(m, "use_head", 0)), None)
+    if head_owner is not None:
+        reference = "backbone alone, no head"
+        faults[reference] = []
+
+        def without_head():
+            head_owner.use_head = False
+            try:
+                backbone(pixel_values=frames)
+            finally:
+                head_owner.use_head = True
+
+        variants[reference] = counting_faults(reference, without_head)
     with torch.inference_mode():
         times = alternate_times(variants, repeats=repeats)
     print(f"backbone {backbone.dtype}, decoder {model.evl.decoder.query.dtype}:")
@@ -48,10 +65,13 @@ def measure(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
         timed_faults = faults[name][-repeats:]  # the warm-up's left out
         print(f"  {name:<24} median {statistics.median(seconds) * 1000:8.1f} ms, "
               f"{statistics.median(timed_faults):9,.0f} minor page faults")  # fmt: skip
-    # Each round's two runs are back to back, so their ratio cancels the VM's slow drifts in speed.
-    ratios = sorted(evl / alone for evl, alone in zip(times["EVL forward"], times["backbone alone"]))
-    ratio = statistics.median(times["EVL forward"]) / statistics.median(times["backbone alone"])
-    print(f"  ratio EVL / backbone alone: {ratio:.3f} (target <= {TARGETS[backbone_dtype]})")
+    if reference != "backbone alone":
+        ratio = statistics.median(times["EVL forward"]) / statistics.median(times["backbone alone"])
+        print(f"  ratio EVL / backbone alone with its pooling head: {ratio:.3f}")
+    # Each round's runs are back to back, so their ratio cancels the VM's slow drifts in speed.
+    ratios = sorted(evl / alone for evl, alone in zip(times["EVL forward"], times[reference]))
+    ratio = statistics.median(times["EVL forward"]) / statistics.median(times[reference])
+    print(f"  ratio EVL / {reference}: {ratio:.3f} (target <= {TARGETS[backbone_dtype]})")
     low, high, coverage = median_confidence_interval(ratios)
     print(f"  per-round ratios: median {statistics.median(ratios):.3f} ({coverage:.0%} confidence interval "
           f"{low:.3f}-{high:.3f}), range {ratios[0]:.3f}-{ratios[-1]:.3f}")  # fmt: skip
