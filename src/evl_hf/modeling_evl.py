@@ -1000,9 +1000,9 @@ class EVLDecoder(nn.Module):
         """
         `frame_features`, `cross_frame_maps` (and `cross_frame_features`, which replace the maps) as in
         [`EVLBackboneFeatures`], or as one tensor per block (what `EVLModel` passes from its own backbone pass: it
-        does not stack them); layer `i` reads block `i`'s. Returns
-        the query token after the last layer, `(batch_size, 1, hidden_size)`. The states and attention weights of
-        each layer are recorded by [`EVLModel`] (`output_hidden_states`, `output_attentions`).
+        does not stack them); layer `i` reads block `i`'s. Returns the query token after the last layer,
+        `(batch_size, 1, hidden_size)`. The states and attention weights of each layer are recorded by [`EVLModel`]
+        (`output_hidden_states`, `output_attentions`).
         """
 
         def per_layer(features):
