@@ -1,8 +1,9 @@
 """
 Peak memory of EVL's inference forward against the CLIPVisionModel forward alone over the same frames, ViT-B/16
-shapes, float32 unless asked, CPU, each in a fresh process: the peak resident memory above what the process held once the model
-and the clip existed (the weights and the input, identical for both). What EVL adds is the decoder's work and what it
-keeps from the backbone's last blocks (their outputs and the cross-frame maps computed from their queries and keys).
+shapes, float32 unless asked, CPU, each in a fresh process: the peak resident memory above what the process held once
+the model and the clip existed (the weights and the input, identical for both). What EVL adds is the decoder's work
+and what it keeps from the backbone's last blocks (their outputs and the cross-frame maps computed from their queries
+and keys).
 
 The children fix glibc's mmap threshold at 64 KiB, so every tensor above it is mapped when allocated and unmapped
 when freed, and the resident memory follows the live tensors (glibc's default keeps some freed memory, by amounts

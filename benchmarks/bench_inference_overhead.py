@@ -9,8 +9,9 @@ backbone alone is the floor; by FLOP count the decoder and the cross-frame maps 
 
 `--backbone` measures the same against SigLIP-B/16 or DINOv2-B/14 (at 224) alone. `SiglipVisionModel` ends in an
 attention-pooling head that EVL does not run (in bf16 on the CPU it costs more than EVL's decoder), so for SigLIP the
-tower is also timed without it, side by side, and the target is judged against that: the work EVL shares. `--keep_freed_memory` measures
-both with glibc keeping freed memory (`evl_hf.keep_freed_memory()`), without the page faults of memory given back.
+tower is also timed without it, side by side, and the target is judged against that: the work EVL shares.
+`--keep_freed_memory` measures both with glibc keeping freed memory (`evl_hf.keep_freed_memory()`), without the page
+faults of memory given back.
 Each variant's minor page faults per call are printed too: how many the EVL forward takes beyond the backbone alone
 depends on what ran before it and on the allocator's state, and moves the ratio (BENCHMARKS.md, section 1).
 """
@@ -45,7 +46,8 @@ def measure(backbone_dtype, repeats: int, backbone: str = "clip") -> None:
         "EVL forward": counting_faults("EVL forward", lambda: model(clip)),
     }
     # SigLIP's switch for its pooling head (on the model itself or its inner vision transformer, by version).
-    head_owner = next((m for m in (backbone, getattr(backbone, "vision_model", None)) if getattr(m, "use_head", 0)), None)
+    owners = (backbone, getattr(backbone, "vision_model", None))
+    head_owner = next((owner for owner in owners if getattr(owner, "use_head", False)), None)
     if head_owner is not None:
         reference = "backbone alone, no head"
         faults[reference] = []
