@@ -14,7 +14,8 @@ for both variants); the ratio of whole-process peaks is printed too.
     python benchmarks/bench_training_cost.py [--repeats 3] [--bfloat16] [--step_vs_inference_only] [--keep_freed_memory]
 
 Each round runs the variants back to back; the step / inference ratios are also printed per round, with a
-confidence interval for their median (its exact coverage printed: 95% or more from 6 rounds on).
+confidence interval for their median (its exact coverage printed: 95% or more from 6 rounds on), in wall-clock and in
+the process's CPU time.
 `--step_vs_inference_only` leaves out the fine-tuning step and the memory measurements, for long runs of that ratio
 alone.
 `--keep_freed_memory` calls `evl_hf.keep_freed_memory()` first: glibc then keeps freed memory for reuse, so neither
@@ -32,7 +33,7 @@ from common import (
     evl_config,
     keep_freed_memory_if,
     machine,
-    median_confidence_interval,
+    per_round_ratios,
     peak_rss_bytes,
     rss_bytes,
     run_isolated,
@@ -74,12 +75,13 @@ def peak_memory(freeze: bool) -> dict:
     return {"above_model_gb": (peak_rss_bytes() - before) / 1e9, "process_gb": peak_rss_bytes() / 1e9}
 
 
-def per_round(times: dict, step: str, inference: str) -> str:
-    """The step / inference ratio of each round (run back to back, so the VM's drifts cancel): their median and its
-    confidence interval."""
-    ratios = [a / b for a, b in zip(times[step], times[inference])]
-    low, high, coverage = median_confidence_interval(ratios)
-    return f"per round: median {statistics.median(ratios):.3f} ({coverage:.0%} confidence interval {low:.3f}-{high:.3f})"
+def per_round(times: dict, cpu_times: dict, step: str, inference: str) -> str:
+    """The step / inference ratios of the rounds (run back to back, so the VM's drifts cancel), in wall-clock and in
+    process CPU time."""
+    return (
+        f"per round: {per_round_ratios(times[step], times[inference])}; in process CPU time: "
+        f"{per_round_ratios(cpu_times[step], cpu_times[inference])}"
+    )
 
 
 def main():
@@ -98,22 +100,25 @@ def main():
     if not args.step_vs_inference_only:
         finetune, finetune_step, _, _ = build(False)
         variants["fine-tuning step"] = finetune_step
-    times = alternate_times(variants, repeats=args.repeats)
+    cpu_times = {}
+    times = alternate_times(variants, repeats=args.repeats, cpu_times=cpu_times)
     medians = {name: statistics.median(seconds) for name, seconds in times.items()}
     for name, seconds in medians.items():
         print(f"{name:<24} median {seconds:7.2f} s")
     if finetune is not None:
         print(f"time   EVL step / fine-tuning step: {medians['EVL training step'] / medians['fine-tuning step']:.3f} (target <= 0.42)")
     print(f"time   EVL step / EVL inference:    {medians['EVL training step'] / medians['EVL inference forward']:.3f} (target <= 1.08); "
-          f"{per_round(times, 'EVL training step', 'EVL inference forward')}")  # fmt: skip
+          f"{per_round(times, cpu_times, 'EVL training step', 'EVL inference forward')}")  # fmt: skip
     del frozen, finetune
     if bfloat16_measured(args.bfloat16):
         _, bf16_step, _, bf16_inference = build(True, "bfloat16")
-        times = alternate_times({"inference": bf16_inference, "training step": bf16_step}, repeats=args.repeats)
+        cpu_times = {}
+        variants = {"inference": bf16_inference, "training step": bf16_step}
+        times = alternate_times(variants, repeats=args.repeats, cpu_times=cpu_times)
         medians = {name: statistics.median(seconds) for name, seconds in times.items()}
         print(f"bfloat16 backbone: inference forward {medians['inference']:.2f} s, training step (bf16 autocast) "
               f"{medians['training step']:.2f} s, ratio {medians['training step'] / medians['inference']:.3f} "
-              f"(target <= 1.08); {per_round(times, 'training step', 'inference')}")  # fmt: skip
+              f"(target <= 1.08); {per_round(times, cpu_times, 'training step', 'inference')}")  # fmt: skip
     if args.step_vs_inference_only:
         return
     memory = {name: run_isolated("bench_training_cost", "peak_memory", freeze) for name, freeze in (("EVL", True), ("fine-tuning", False))}

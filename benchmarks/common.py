@@ -73,18 +73,36 @@ def keep_freed_memory_if(asked: bool) -> None:
         print(f"keep_freed_memory(): {'applied' if keep_freed_memory() else 'not available here'}")
 
 
-def alternate_times(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
-    """Run the variants alternately (after warm-up) and return each one's list of seconds, one entry per round."""
+def alternate_times(functions: dict, repeats: int = 5, warmup: int = 1, cpu_times: dict | None = None) -> dict:
+    """Run the variants alternately (after warm-up) and return each one's list of wall-clock seconds, one entry per
+    round. Where `cpu_times` is given it receives the same for the process's CPU time (all its threads, user and
+    system): these VMs' hypervisor takes the vCPUs away at times (the `steal` column of /proc/stat), which the wall
+    clock counts and the process's CPU time does not; with one thread no sibling spins while it waits either."""
     for function in functions.values():
         for _ in range(warmup):
             function()
     times = {name: [] for name in functions}
+    if cpu_times is not None:
+        cpu_times.update({name: [] for name in functions})
     for _ in range(repeats):
         for name, function in functions.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             function()
             times[name].append(time.perf_counter() - start)
+            if cpu_times is not None:
+                cpu_times[name].append(time.process_time() - cpu_start)
     return times
+
+
+def per_round_ratios(numerators: list[float], denominators: list[float]) -> str:
+    """The ratios of rounds whose two runs were back to back (the VM's slow drifts in speed cancel): their median, a
+    confidence interval for it and their range."""
+    ratios = sorted(a / b for a, b in zip(numerators, denominators))
+    low, high, coverage = median_confidence_interval(ratios)
+    return (
+        f"median {statistics.median(ratios):.3f} ({coverage:.0%} confidence interval {low:.3f}-{high:.3f}), "
+        f"range {ratios[0]:.3f}-{ratios[-1]:.3f}"
+    )
 
 
 def median_confidence_interval(values: list[float]) -> tuple[float, float, float]:
