@@ -8,9 +8,12 @@ stride 16, batch `--batch_size`, float32 (or `--backbone_dtype bfloat16`):
 * the evaluation data path: `EvaluationClips` + `VideoClipCollator` in a DataLoader with W workers, as `Trainer`'s
   evaluation loop reads it (`--dataloader_num_workers W`).
 
-All variants run alternately in one process after a warm-up; medians.
+All variants run alternately in one process after a warm-up; medians. With `--device cuda` the model runs on the GPU
+(`pipeline(..., device=...)`; the model alone and the evaluation loader copy each batch from host memory to it, as a
+run does), where decoding in workers is what keeps the GPU fed (`benchmarks/gpu.sh` runs it so).
 
     python benchmarks/bench_throughput.py [--clips 8] [--batch_size 2] [--workers 0 1 2] [--repeats 3]
+                                          [--backbone_dtype bfloat16] [--device cuda]
 """
 
 import argparse
@@ -47,8 +50,10 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backbone_dtype", choices=["bfloat16"])
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda")
     args = parser.parse_args()
-    print(f"machine: {machine()}")
+    device = torch.device(args.device)
+    print(f"machine: {machine()}" + (f"; model on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     workdir = Path(tempfile.mkdtemp())
     paths = write_clips(workdir / "clips", args.clips)
     processor = EVLVideoProcessor(num_frames=8, sampling_rate=16)
@@ -56,8 +61,12 @@ def main():
     model = EVLForVideoClassification(evl_config(backbone_dtype=args.backbone_dtype)).eval()
     model.save_pretrained(workdir / "model")
     processor.save_pretrained(workdir / "model")
-    classifier = pipeline("video-classification", model=str(workdir / "model"))
+    classifier = pipeline("video-classification", model=str(workdir / "model"), device=device)
     model = classifier.model
+
+    def synchronize():  # a GPU's work is asynchronous: each variant is timed to its last kernel's end
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     batches = [
         torch.cat([processor(path, return_tensors="pt")["pixel_values"] for path in paths[start : start + args.batch_size]])
@@ -71,7 +80,8 @@ def main():
     def model_alone():
         with torch.inference_mode():
             for pixel_values in batches:
-                model(pixel_values)
+                model(pixel_values.to(device))
+        synchronize()
 
     def through_pipeline(workers):
         return lambda: classifier(paths, batch_size=args.batch_size, num_workers=workers)
@@ -83,7 +93,8 @@ def main():
             )
             with torch.inference_mode():
                 for batch in loader:
-                    model(batch["pixel_values"])
+                    model(batch["pixel_values"].to(device))
+            synchronize()
 
         return run
 
