@@ -1,6 +1,9 @@
 """The video timeline: windows over a long video that share the backbone's work, exact per window, in bounded memory."""
 
+import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +12,14 @@ from helpers import index_coded_frames, seeded_classifier, tiny_config, write_cl
 from transformers import pipeline
 
 import evl_hf.timeline
-from evl_hf import EVLConfig, EVLForVideoClassification, EVLVideoProcessor, decode_video, video_timeline
+from evl_hf import (
+    EVLConfig,
+    EVLForVideoClassification,
+    EVLVideoDecodingError,
+    EVLVideoProcessor,
+    decode_video,
+    video_timeline,
+)
 from evl_hf.video_decoding_evl import VideoFrameStream
 
 
@@ -177,6 +187,27 @@ def test_a_video_shorter_than_one_window_is_sampled_as_the_processor_samples_it(
         torch.testing.assert_close(window.logits, model(**inputs).logits[0], atol=1e-5, rtol=1e-5)
 
 
+def test_a_short_video_from_a_file_object_is_rewound_to_be_read_again(saved_model, tmp_path):
+    """A video shorter than one window is decoded a second time (as the processor samples it): a file object is
+    rewound for that, and one that cannot be rewound is refused by name."""
+    model, processor = load(saved_model)
+    path = write_clip(tmp_path / "short.mp4", index_coded_frames(7, 32, 32))
+    (expected,) = video_timeline(model, processor, str(path))
+    with open(path, "rb") as file:
+        (window,) = video_timeline(model, processor, file)
+    (from_buffer,) = video_timeline(model, processor, io.BytesIO(path.read_bytes()))
+    for got in (window, from_buffer):
+        assert got.frame_indices == expected.frame_indices
+        torch.testing.assert_close(got.logits, expected.logits, atol=1e-6, rtol=1e-6)
+
+    class Unseekable(io.BytesIO):
+        def seekable(self):
+            return False
+
+    with pytest.raises(EVLVideoDecodingError, match="<file object>: shorter than one window .* cannot be rewound"):
+        video_timeline(model, processor, Unseekable(path.read_bytes()))
+
+
 def test_a_saved_timeline_pipeline_loads_again(saved_model, clip_path, tmp_path):
     timeline = pipeline("video-timeline", model=str(saved_model))
     timeline.save_pretrained(tmp_path / "saved")
@@ -197,6 +228,22 @@ def test_the_pipeline_returns_windows_in_time_order_with_labels(saved_model, cli
         assert [entry["label"] for entry in window["labels"]] == [LABELS[i] for i in best.indices.tolist()]
         np.testing.assert_allclose([entry["score"] for entry in window["labels"]], best.values.numpy(), atol=1e-5)
     assert len(timeline([str(clip_path), str(clip_path)], window_stride=4)) == 2  # a list of videos: one timeline each
+
+
+def test_the_cli_runs_as_a_module_without_runpys_warning_and_names_a_broken_file(saved_model, clip_path, tmp_path):
+    """`python -m evl_hf.timeline`, although `import evl_hf` imports the timeline (to register its pipeline): no
+    runpy warning about a module found in sys.modules; a broken file is a one-line error naming it, not a traceback."""
+    output = tmp_path / "timeline.json"
+    command = [sys.executable, "-m", "evl_hf.timeline", str(clip_path), "--model",
+               str(saved_model), "--window_stride", "8", "--output", str(output)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "RuntimeWarning" not in done.stderr and len(json.loads(output.read_text())) == 4  # 0, 8, 16 and the last
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all" * 10)
+    command[3] = str(tmp_path / "broken.mp4")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"python -m evl_hf.timeline: error: {tmp_path / 'broken.mp4'}: not a readable video file" in done.stderr
 
 
 def test_the_cli_writes_the_windows_and_the_plot(saved_model, clip_path, tmp_path):

@@ -21,6 +21,7 @@ windows' overlap; only the light decoder runs per window. `import evl_hf` regist
 """
 
 import argparse
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,10 +35,9 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.video_classification import VideoClassificationPipeline
 from transformers.utils import logging
 
-from .allocator import keep_freed_memory
-from .modeling_evl import EVLForVideoClassification, _backbone_autocast, cross_frame_attention_maps
-from .video_decoding_evl import VideoFrameStream, decode_video
-from .video_processing_evl import EVLVideoProcessor, sample_frame_indices
+from ..modeling_evl import EVLForVideoClassification, _backbone_autocast, cross_frame_attention_maps
+from ..video_decoding_evl import EVLVideoDecodingError, VideoFrameStream, _video_name, decode_video
+from ..video_processing_evl import EVLVideoProcessor, sample_frame_indices
 
 
 logger = logging.get_logger(__name__)
@@ -364,6 +364,9 @@ def video_timeline(
 
     done: list[tuple[int, torch.Tensor]] = []
     decoded_indices, chunk = [], []
+    # A video shorter than one window is read a second time (below): a file object is rewound to where it was found.
+    is_file_object = isinstance(video, io.IOBase)
+    start_position = video.tell() if is_file_object and video.seekable() else None
     with torch.inference_mode(), VideoFrameStream(video, step=frame_sampling_rate) as stream:
         # Built under inference mode: the maps' dtype follows a bf16/fp16 backbone only without autograd.
         timeline = _SharedBackboneTimeline(model, num_frames, window_stride, decoder_batch_size)
@@ -388,6 +391,14 @@ def video_timeline(
             def sample(metadata):
                 return sample_frame_indices(metadata.total_num_frames, num_frames, frame_sampling_rate)
 
+            if is_file_object:
+                if start_position is None:
+                    raise EVLVideoDecodingError(
+                        f"{_video_name(video)}: shorter than one window ({len(decoded_indices)} sampled frames of "
+                        f"{num_frames}), so it is sampled again as the processor samples it, but this file object "
+                        "cannot be rewound to read it again: pass a path, bytes or a seekable file object."
+                    )
+                video.seek(start_position)
             frames, metadata = decode_video(video, sample, backend="pyav")
             indices = [int(i) for i in metadata.frames_indices]
             logits = model(pixel_values=prepare(list(frames))[None].to(model.device)).logits[0]
@@ -546,20 +557,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--plot", default=None, help="also draw the top classes' scores over time (PNG)")
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
     args = parser.parse_args(argv)
+    for name in ("window_stride", "top_k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     from transformers import pipeline
 
     timeline = pipeline(TASK, model=args.model, device=args.device)
-    windows = timeline(args.video, window_stride=args.window_stride, top_k=args.top_k)
+    try:
+        windows = timeline(args.video, window_stride=args.window_stride, top_k=args.top_k)
+    except (EVLVideoDecodingError, OSError) as error:  # the video's fault or the machine's: one line, no traceback
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     Path(args.output).write_text(json.dumps(windows, indent=1))
     if args.plot:
         plot_timeline(windows, args.plot)
     print(f"{len(windows)} windows from {windows[0]['start']:.2f}s to {windows[-1]['end']:.2f}s -> {args.output}")
     return windows
 
-
-if __name__ == "__main__":
-    keep_freed_memory()  # this process is ours: keep freed memory for the next batch (see the function)
-    main()
 
 
 __all__ = ["EVLTimelineWindow", "EVLVideoTimelinePipeline", "plot_timeline", "register_pipeline", "video_timeline"]
