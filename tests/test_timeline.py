@@ -244,6 +244,11 @@ def test_the_cli_runs_as_a_module_without_runpys_warning_and_names_a_broken_file
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"python -m evl_hf.timeline: error: {tmp_path / 'broken.mp4'}: not a readable video file" in done.stderr
+    for option in ("--top_k", "--window_stride"):
+        arguments = [str(clip_path), "--model", str(saved_model), "--output", str(output), option, "0"]
+        with pytest.raises(SystemExit) as refused:
+            evl_hf.timeline.main(arguments)
+        assert refused.value.code == 2
 
 
 def test_the_cli_writes_the_windows_and_the_plot(saved_model, clip_path, tmp_path):
