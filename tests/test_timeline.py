@@ -200,6 +200,11 @@ def test_a_short_video_from_a_file_object_is_rewound_to_be_read_again(saved_mode
         assert got.frame_indices == expected.frame_indices
         torch.testing.assert_close(got.logits, expected.logits, atol=1e-6, rtol=1e-6)
 
+    closed = open(path, "rb")
+    closed.close()
+    with pytest.raises(EVLVideoDecodingError, match="short.mp4: not a readable video file"):
+        video_timeline(model, processor, closed)
+
     class Unseekable(io.BytesIO):
         def seekable(self):
             return False
@@ -244,6 +249,9 @@ def test_the_cli_runs_as_a_module_without_runpys_warning_and_names_a_broken_file
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"python -m evl_hf.timeline: error: {tmp_path / 'broken.mp4'}: not a readable video file" in done.stderr
+    command[command.index("--model") + 1] = str(tmp_path / "no-such-model")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "python -m evl_hf.timeline: error:" in done.stderr
     for option in ("--top_k", "--window_stride"):
         arguments = [str(clip_path), "--model", str(saved_model), "--output", str(output), option, "0"]
         with pytest.raises(SystemExit) as refused:

@@ -365,8 +365,12 @@ def video_timeline(
     done: list[tuple[int, torch.Tensor]] = []
     decoded_indices, chunk = [], []
     # A video shorter than one window is read a second time (below): a file object is rewound to where it was found.
-    is_file_object = isinstance(video, io.IOBase)
-    start_position = video.tell() if is_file_object and video.seekable() else None
+    is_file_object, start_position = isinstance(video, io.IOBase), None
+    if is_file_object:
+        try:
+            start_position = video.tell() if video.seekable() else None
+        except (OSError, ValueError):  # e.g. a closed file: the stream below raises the error naming the video
+            pass
     with torch.inference_mode(), VideoFrameStream(video, step=frame_sampling_rate) as stream:
         # Built under inference mode: the maps' dtype follows a bf16/fp16 backbone only without autograd.
         timeline = _SharedBackboneTimeline(model, num_frames, window_stride, decoder_batch_size)
@@ -562,10 +566,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     from transformers import pipeline
 
-    timeline = pipeline(TASK, model=args.model, device=args.device)
     try:
+        timeline = pipeline(TASK, model=args.model, device=args.device)
         windows = timeline(args.video, window_stride=args.window_stride, top_k=args.top_k)
-    except (EVLVideoDecodingError, OSError) as error:  # the video's fault or the machine's: one line, no traceback
+    except (EVLVideoDecodingError, OSError) as error:  # the model's, the video's or the machine's: one line
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     Path(args.output).write_text(json.dumps(windows, indent=1))
     if args.plot:
@@ -574,5 +578,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return windows
 
 
-
-__all__ = ["EVLTimelineWindow", "EVLVideoTimelinePipeline", "plot_timeline", "register_pipeline", "video_timeline"]
+__all__ = [
+    "EVLTimelineWindow",
+    "EVLVideoTimelinePipeline",
+    "main",
+    "plot_timeline",
+    "register_pipeline",
+    "video_timeline",
+]
