@@ -266,6 +266,11 @@ def test_the_cli_writes_the_windows_and_the_plot(saved_model, clip_path, tmp_pat
     returned = evl_hf.timeline.main([str(clip_path), "--model", str(saved_model), "--window_stride", "2", "--top_k", "3",
                                      "--output", str(output), "--plot", str(plot)])  # fmt: skip
     assert json.loads(output.read_text()) == json.loads(json.dumps(returned)) and len(returned) == 10
+    # Another stride than the checkpoint's (3): what a processor sampling uniformly or by fps needs.
+    returned = evl_hf.timeline.main([str(clip_path), "--model", str(saved_model), "--frame_sampling_rate", "5",
+                                     "--window_stride", "4", "--output", str(output)])  # fmt: skip
+    assert [window["frame_indices"] for window in returned] == [[0, 5, 10, 15], [20, 25, 30, 35], [40, 45, 50, 55],
+                                                                [45, 50, 55, 60]]  # fmt: skip
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.size[0] > 300 and len(set(image.convert("L").get_flattened_data())) > 10
 

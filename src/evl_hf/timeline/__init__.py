@@ -529,7 +529,7 @@ def plot_timeline(windows: list[dict], output_path: str | Path | None = None, nu
         scores = [next((e["score"] for e in window["labels"] if e["label"] == label), 0.0) for window in windows]
         axes.plot(centres, scores, marker="o" if len(windows) < 50 else None, markersize=3, label=label)
     axes.set_xlabel("time (s)")
-    axes.set_ylabel("score")
+    axes.set_ylabel("score (0 outside a window's top-k)")
     axes.set_xlim(windows[0]["start"], windows[-1]["end"])
     axes.set_title("Top classes over time")
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
@@ -557,18 +557,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", required=True, help="an EVL checkpoint: a directory or a Hub id")
     parser.add_argument("--window_stride", type=int, default=1, help="sampled frames between window starts")
     parser.add_argument("--top_k", type=int, default=5, help="labels per window")
+    parser.add_argument(
+        "--frame_sampling_rate",
+        type=int,
+        default=None,
+        help="decoded frames between two sampled ones (default: the checkpoint's processor's stride; needed where "
+        "that processor samples uniformly or by fps)",
+    )
     parser.add_argument("--output", required=True, help="where to write the windows (JSON)")
     parser.add_argument("--plot", default=None, help="also draw the top classes' scores over time (PNG)")
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
     args = parser.parse_args(argv)
-    for name in ("window_stride", "top_k"):
-        if getattr(args, name) < 1:
+    for name in ("window_stride", "top_k", "frame_sampling_rate"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     from transformers import pipeline
 
     try:
         timeline = pipeline(TASK, model=args.model, device=args.device)
-        windows = timeline(args.video, window_stride=args.window_stride, top_k=args.top_k)
+        sampling = {} if args.frame_sampling_rate is None else {"frame_sampling_rate": args.frame_sampling_rate}
+        windows = timeline(args.video, window_stride=args.window_stride, top_k=args.top_k, **sampling)
     except (EVLVideoDecodingError, OSError) as error:  # the model's, the video's or the machine's: one line
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     Path(args.output).write_text(json.dumps(windows, indent=1))
