@@ -235,28 +235,36 @@ def test_the_pipeline_returns_windows_in_time_order_with_labels(saved_model, cli
     assert len(timeline([str(clip_path), str(clip_path)], window_stride=4)) == 2  # a list of videos: one timeline each
 
 
-def test_the_cli_runs_as_a_module_without_runpys_warning_and_names_a_broken_file(saved_model, clip_path, tmp_path):
+def test_the_cli_runs_as_a_module_without_runpys_warning(saved_model, clip_path, tmp_path):
     """`python -m evl_hf.timeline`, although `import evl_hf` imports the timeline (to register its pipeline): no
-    runpy warning about a module found in sys.modules; a broken file is a one-line error naming it, not a traceback."""
+    runpy warning about a module found in sys.modules."""
     output = tmp_path / "timeline.json"
     command = [sys.executable, "-m", "evl_hf.timeline", str(clip_path), "--model",
                str(saved_model), "--window_stride", "8", "--output", str(output)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "RuntimeWarning" not in done.stderr and len(json.loads(output.read_text())) == 4  # 0, 8, 16 and the last
+
+
+def test_the_cli_names_the_problem_in_one_line(saved_model, clip_path, tmp_path, capsys):
+    """A broken video or a missing model: exit status 1 and one line naming it, not a traceback; a non-positive option
+    is refused by argparse (status 2) before any model loads."""
+    output = tmp_path / "timeline.json"
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all" * 10)
-    command[3] = str(tmp_path / "broken.mp4")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert f"python -m evl_hf.timeline: error: {tmp_path / 'broken.mp4'}: not a readable video file" in done.stderr
-    command[command.index("--model") + 1] = str(tmp_path / "no-such-model")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "Traceback" not in done.stderr and "python -m evl_hf.timeline: error:" in done.stderr
-    for option in ("--top_k", "--window_stride"):
+    for video, model, expected in [
+        (tmp_path / "broken.mp4", saved_model, f"{tmp_path / 'broken.mp4'}: not a readable video file"),
+        (clip_path, tmp_path / "no-such-model", ""),
+    ]:
+        with pytest.raises(SystemExit) as ended:
+            evl_hf.timeline.main([str(video), "--model", str(model), "--output", str(output)])
+        assert ended.value.code == 1
+        assert f"python -m evl_hf.timeline: error: {expected}" in capsys.readouterr().err
+    for option in ("--top_k", "--window_stride", "--frame_sampling_rate"):
         arguments = [str(clip_path), "--model", str(saved_model), "--output", str(output), option, "0"]
         with pytest.raises(SystemExit) as refused:
             evl_hf.timeline.main(arguments)
-        assert refused.value.code == 2
+        assert refused.value.code == 2 and f"{option} must be a positive integer, got 0" in capsys.readouterr().err
+    assert not output.exists()
 
 
 def test_the_cli_writes_the_windows_and_the_plot(saved_model, clip_path, tmp_path):
