@@ -56,6 +56,23 @@ _SWEEPS = {
 }  # fmt: skip
 
 
+def _draw_frame(state: dict, colour: np.ndarray, background: float, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One (size, size, 3) uint8 frame of the notched bar in `state` (x, y, size, angle, opacity) on a noisy
+    background."""
+    grid_y, grid_x = np.mgrid[0:size, 0:size] / size
+    dx, dy = grid_x - state["x"], grid_y - state["y"]
+    cos, sin = np.cos(state["angle"]), np.sin(state["angle"])
+    along, across = cos * dx + sin * dy, -sin * dx + cos * dy
+    half = state["size"] / 2
+    bar = (np.abs(along) < half) & (np.abs(across) < half / 2.5)
+    # A notch at one end breaks the bar's 180-degree symmetry, so clockwise and anticlockwise differ.
+    notch = (along > half * 0.45) & (np.abs(across) < half / 2.5) & (across > 0)
+    shape = (bar & ~notch).astype(np.float64)[..., None]
+    noise = rng.normal(0, 0.03, size=(size, size, 1))
+    image = background + noise + shape * state["opacity"] * (colour - background)
+    return np.clip(image * 255, 0, 255).astype(np.uint8)
+
+
 def render_clip(label: str, num_frames: int = 16, size: int = 64, rng: np.random.Generator | None = None) -> np.ndarray:
     """Render one clip of class `label` as (num_frames, size, size, 3) uint8."""
     rng = rng or np.random.default_rng()
@@ -70,22 +87,31 @@ def render_clip(label: str, num_frames: int = 16, size: int = 64, rng: np.random
         sweep = sweep[::-1]
     colour = rng.uniform(0.3, 1.0, size=3)
     background = rng.uniform(0.0, 0.25)
-    grid_y, grid_x = np.mgrid[0:size, 0:size] / size
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     for t in range(num_frames):
         state[attribute] = sweep[t]
-        dx, dy = grid_x - state["x"], grid_y - state["y"]
-        cos, sin = np.cos(state["angle"]), np.sin(state["angle"])
-        along, across = cos * dx + sin * dy, -sin * dx + cos * dy
-        half = state["size"] / 2
-        bar = (np.abs(along) < half) & (np.abs(across) < half / 2.5)
-        # A notch at one end breaks the bar's 180-degree symmetry, so clockwise and anticlockwise differ.
-        notch = (along > half * 0.45) & (np.abs(across) < half / 2.5) & (across > 0)
-        shape = (bar & ~notch).astype(np.float64)[..., None]
-        noise = rng.normal(0, 0.03, size=(size, size, 1))
-        image = background + noise + shape * state["opacity"] * (colour - background)
-        frames[t] = np.clip(image * 255, 0, 255).astype(np.uint8)
+        frames[t] = _draw_frame(state, colour, background, size, rng)
     return frames
+
+
+FRAME_ATTRIBUTES = tuple(_RANGES)
+
+
+def render_frames(count: int, size: int = 64, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """
+    `count` independent single frames, each with every attribute drawn from its range as a clip's frames are, and
+    their attributes: (count, size, size, 3) uint8 and (count, len(FRAME_ATTRIBUTES)) float32, each attribute scaled
+    to [0, 1] over its range. They carry no class (every class's frames have this distribution): the demo pretrains
+    its small image backbone on them, as CLIP is pretrained on images before EVL reads its frozen features.
+    """
+    rng = rng or np.random.default_rng()
+    frames = np.empty((count, size, size, 3), dtype=np.uint8)
+    attributes = np.empty((count, len(FRAME_ATTRIBUTES)), dtype=np.float32)
+    for index in range(count):
+        state = {name: rng.uniform(low, high) for name, (low, high) in _RANGES.items()}
+        frames[index] = _draw_frame(state, rng.uniform(0.3, 1.0, size=3), rng.uniform(0.0, 0.25), size, rng)
+        attributes[index] = [(state[name] - low) / (high - low) for name, (low, high) in _RANGES.items()]
+    return frames, attributes
 
 
 def _x264_deterministic_options() -> dict:
