@@ -12,7 +12,7 @@ Train, evaluate and predict with EVL on video folders, list files or a `datasets
     # 2 processes on the CPU:   accelerate launch --multi_gpu --num_processes 2 examples/run_video_classification.py ... --use_cpu true
 
 The driver lives in `evl_hf.run_video_classification` (the demo runs the same code); `--help` lists the arguments.
-`--demo` runs the offline demo instead (synthetic motion data set, tiny random CLIP).
+`--demo` runs the offline demo instead (synthetic motion data set, a tiny CLIP tower pretrained on its frames).
 """
 
 from evl_hf.run_video_classification import (  # noqa: F401  (re-exported for scripts that import this file)

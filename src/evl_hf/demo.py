@@ -84,7 +84,8 @@ def pretrain_backbone(
     for _ in range(steps):
         frames, attributes = render_frames(batch_size, image_size, rng)
         pixels = (torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255 - mean) / std
-        tokens = tower(pixel_values=pixels).last_hidden_state
+        # The last block's output, the features EVL reads (before any final norm of the tower).
+        tokens = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
         # Centred, so the head starts at the attributes' mean (a loss of 1/12) instead of first learning it.
         loss = torch.nn.functional.mse_loss(head(tokens.mean(dim=1)), torch.from_numpy(attributes) - 0.5)
         loss.backward()
