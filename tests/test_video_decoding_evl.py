@@ -156,3 +156,23 @@ def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
 def test_unreachable_url_is_a_clear_error(decoding_backend):
     with pytest.raises(EVLVideoDecodingError, match="cannot download"):
         small_processor(decoding_backend=decoding_backend)("http://127.0.0.1:9/clip.mp4", return_tensors="pt")
+
+
+def test_an_http_error_is_one_line_that_names_the_url_and_the_status(coded_clip):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(coded_clip.parent))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/missing.mp4"
+        try:
+            with pytest.raises(EVLVideoDecodingError) as raised:
+                decode_video(url, lambda metadata: [0])
+        finally:
+            server.shutdown()
+    # httpx's message adds a second line pointing at MDN; a CLI prints the error as one line.
+    message = str(raised.value)
+    assert message.startswith(f"{url}: cannot download the video") and "404" in message and "\n" not in message
