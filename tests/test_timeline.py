@@ -130,6 +130,21 @@ def test_frames_between_far_apart_windows_are_not_all_held(saved_model, tmp_path
     assert stats["max_buffered_frames"] <= 4 * NUM_FRAMES + 8
 
 
+def test_a_progress_bar_counts_the_sampled_frames_of_long_videos(saved_model, clip_path, tmp_path, capfd):
+    model, processor = load(saved_model)
+    video_timeline(model, processor, str(clip_path))  # 21 sampled frames: too short to need a bar
+    assert "Timeline" not in capfd.readouterr().err
+    video_timeline(model, processor, str(clip_path), progress=True)
+    shown = capfd.readouterr().err
+    assert "Timeline: 100%" in shown and "21/21" in shown
+    path = write_clip(tmp_path / "600.mp4", index_coded_frames(600, 32, 32), gop=250)
+    video_timeline(model, processor, str(path))  # 200 sampled frames: shown by default
+    shown = capfd.readouterr().err
+    assert "Timeline: 100%" in shown and "200/200" in shown
+    video_timeline(model, processor, str(path), progress=False)
+    assert "Timeline" not in capfd.readouterr().err
+
+
 def test_windows_decoded_early_equal_the_model_on_their_frames(saved_model, clip_path):
     model, processor = load(saved_model)
     # A stride of 9 with batches of 3 windows: two pending windows already span 13 frames, over 3 x 4.
