@@ -6,10 +6,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import set_seed
 
 from evl_hf.backbone_families import backbone_family
 from evl_hf.data.synthetic import FRAME_ATTRIBUTES, render_frames
-from evl_hf.demo import DEMO_BACKBONES, MOTION_CLASSES, main, pretrain_backbone, time_reversed_partner
+from evl_hf.demo import (
+    BACKBONE_SHAPE,
+    DEMO_BACKBONES,
+    MOTION_CLASSES,
+    main,
+    pretrain_backbone,
+    reversal_swap_rates,
+    time_reversed_partner,
+)
 
 
 def test_the_demo_trains_through_the_script_shows_progress_and_is_reproducible(tmp_path, capfd):
@@ -24,7 +33,11 @@ def test_the_demo_trains_through_the_script_shows_progress_and_is_reproducible(t
     assert "Caching backbone features" in shown.err and "it/s]" in shown.err
     # The backbone EVL freezes was pretrained on single frames first, and saved where the training script loads it.
     assert first["backbone pretraining"]["steps"] == 3 and "Pretraining the small clip tower" in shown.out
-    assert (tmp_path / "first" / "clip-vit-tiny-frames" / "config.json").exists()
+    config = DEMO_BACKBONES["clip"](**BACKBONE_SHAPE)
+    saved = backbone_family(config).from_pretrained(tmp_path / "first" / "clip-vit-tiny-frames")
+    set_seed(0)  # as the demo builds its tower before pretraining it
+    untrained = backbone_family(config).build(config).state_dict()
+    assert any(not torch.equal(untrained[name], tensor) for name, tensor in saved.state_dict().items())
     assert first["pipeline"]["top3"][0]["label"] in MOTION_CLASSES
     # Temporal reliance: without its temporal modules the model sees a set of frames, so reversing or shuffling them
     # changes no prediction (and never swaps a pair); full EVL's figures are only in range after 2 epochs.
@@ -81,3 +94,28 @@ def test_pretraining_trains_each_family_tower_on_frames_reproducibly(family):
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
     changed = [name for name, parameter in tower.named_parameters() if not torch.equal(before[name], parameter)]
     assert any(name.startswith("embeddings.") for name in changed) and len(changed) > len(before) // 2
+
+
+def test_a_negative_number_of_pretraining_steps_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--output_dir", str(tmp_path), "--backbone_pretraining_steps", "-5"])
+    assert exited.value.code == 2 and "--backbone_pretraining_steps must be 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was generated
+
+
+def test_reversal_swaps_are_counted_per_pair_of_true_classes(tmp_path):
+    rows = [  # label, prediction in order, prediction reversed
+        ("moving_left", "moving_left", "moving_right"),  # swapped
+        ("moving_left", "moving_left", "moving_left"),  # not
+        ("moving_right", "moving_up", "moving_down"),  # swapped, though the pair was wrong in order
+        ("growing", "growing", "shrinking"),  # swapped
+        ("appearing", "appearing", "growing"),  # not
+    ]
+    path = tmp_path / "eval_predictions.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["clip", "label", "predicted", "predicted_reversed", "predicted_shuffled"])
+        writer.writerows([f"{i}.mp4", *row, row[1]] for i, row in enumerate(rows))
+    overall, by_pair = reversal_swap_rates(path)
+    assert overall == 3 / 5
+    assert by_pair == {"moving_left/moving_right": 2 / 3, "growing/shrinking": 1.0, "appearing/disappearing": 0.0}

@@ -42,6 +42,10 @@ from .run_video_classification import main as run_video_classification
 
 
 NUM_FRAMES, SAMPLING_RATE, IMAGE_SIZE = 8, 2, 48  # the data's own frame size: no resize
+BACKBONE_SHAPE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=8, image_size=IMAGE_SIZE)
+# The pretraining frames' generator key, after the seed: the data set's clips use (split 0-2, class, index) and the
+# timeline's sequences split 3, so no clip shares it.
+_PRETRAINING_FRAMES_KEY = 10
 DECODER = "decoder_num_layers=2,decoder_qkv_dim=64,decoder_num_heads=4,decoder_mlp_dropout=0.0,classifier_dropout=0.0"
 VARIANTS = {
     "full EVL": ("evl-full", ""),
@@ -73,12 +77,12 @@ def pretrain_backbone(
     family = backbone_family(tower.config)
     mean = torch.tensor(family.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(family.image_std).view(1, 3, 1, 1)
-    rng = np.random.default_rng([seed, len(MOTION_CLASSES)])  # a key unlike any clip's (seed, split, class, index)
+    rng = np.random.default_rng([seed, _PRETRAINING_FRAMES_KEY])
     torch.manual_seed(seed)
     head = torch.nn.Linear(tower.config.hidden_size, len(FRAME_ATTRIBUTES))
     parameters = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 10, num_training_steps=steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 10), num_training_steps=steps)
     tower.train()
     losses = []
     for _ in range(steps):
@@ -86,7 +90,7 @@ def pretrain_backbone(
         pixels = (torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255 - mean) / std
         # The last block's output, the features EVL reads (before any final norm of the tower).
         tokens = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
-        # Centred, so the head starts at the attributes' mean (a loss of 1/12) instead of first learning it.
+        # Centred on the attributes' mean, so an output of 0 predicts it (a loss of 1/12).
         loss = torch.nn.functional.mse_loss(head(tokens.mean(dim=1)), torch.from_numpy(attributes) - 0.5)
         loss.backward()
         optimizer.step()
@@ -162,13 +166,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="Steps of 64 single frames that pretrain the backbone before EVL freezes it (0: a random backbone).",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.backbone_pretraining_steps < 0:
+        parser.error(f"--backbone_pretraining_steps must be 0 (a random backbone) or more, got {args.backbone_pretraining_steps}")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     output = Path(args.output_dir)
     started = time.perf_counter()
 
     data_dir = output / "motion_data"
     generation = {"train_per_class": args.train_per_class, "validation_per_class": args.validation_per_class, "test_per_class": 5,
-                  "num_frames": 16, "size": 48, "seed": args.seed}  # fmt: skip
+                  "num_frames": 16, "size": IMAGE_SIZE, "seed": args.seed}  # fmt: skip
     recorded = data_dir / "generation.json"
     if not recorded.exists() or json.loads(recorded.read_text()) != generation:
         # A data set made with other settings (or a run cut short) is made anew, never silently reused.
@@ -181,9 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     pretrained = args.backbone_pretraining_steps > 0
     backbone_dir = output / f"{args.backbone_family}-vit-tiny-{'frames' if pretrained else 'random'}"
-    vision_config = DEMO_BACKBONES[args.backbone_family](
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=8, image_size=IMAGE_SIZE
-    )
+    vision_config = DEMO_BACKBONES[args.backbone_family](**BACKBONE_SHAPE)
     tower = backbone_family(vision_config).build(vision_config)
     if pretrained:
         print(f"Pretraining the small {args.backbone_family} tower on single frames ...", flush=True)
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("none):")
     print(f"{'pair':<42}" + "".join(f"{name:>22}" for name in VARIANTS))
     for pair in results["full EVL"]["reversal_swaps_by_pair"]:
-        print(f"{pair:<42}" + "".join(f"{results[name]['reversal_swaps_by_pair'].get(pair, 0.0):>22.3f}" for name in VARIANTS))
+        print(f"{pair:<42}" + "".join(f"{results[name]['reversal_swaps_by_pair'][pair]:>22.3f}" for name in VARIANTS))
     print()
     print(f"pipeline('video-classification') on held-out {test_clip.name} (true: {test_clip.parent.name}):")
     for item in prediction:

@@ -99,9 +99,10 @@ FRAME_ATTRIBUTES = tuple(_RANGES)
 
 def render_frames(count: int, size: int = 64, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """
-    `count` independent single frames, each with every attribute drawn from its range as a clip's frames are, and
-    their attributes: (count, size, size, 3) uint8 and (count, len(FRAME_ATTRIBUTES)) float32, each attribute scaled
-    to [0, 1] over its range. They carry no class (every class's frames have this distribution): the demo pretrains
+    `count` independent single frames, each with every attribute drawn uniformly over its range (as a clip draws the
+    attributes it holds; the one a clip sweeps is spread over its range a little less evenly, more often near the
+    middle), and their attributes: (count, size, size, 3) uint8 and (count, len(FRAME_ATTRIBUTES)) float32, each
+    attribute scaled to [0, 1] over its range. They carry no class, and no class's clips are drawn: the demo pretrains
     its small image backbone on them, as CLIP is pretrained on images before EVL reads its frozen features.
     """
     rng = rng or np.random.default_rng()
