@@ -1,5 +1,6 @@
 """`evl_hf.video_decoding_evl`: seek-exact decoding with torchcodec and PyAV, backend choice, inputs of every kind."""
 
+import contextlib
 import io
 import os
 
@@ -125,31 +126,38 @@ def open_deleted_files() -> list[str]:
     return sorted(target for target in targets if target.endswith("(deleted)"))
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
-def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
+@contextlib.contextmanager
+def serving(directory):
+    """A local HTTP server over `directory`, for the length of the block; yields its base URL."""
     import functools
     import http.server
     import threading
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(coded_clip.parent))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
     handler.log_message = lambda *args: None
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/{coded_clip.name}"
         try:
-            stats = {}
-            files_before = open_deleted_files()
-            frames, _ = decode_video(url, lambda metadata: [10, 200], backend=decoding_backend, stats=stats)
-            with VideoFrameStream(url, step=50) as stream:
-                assert [index for index, _ in stream] == list(range(0, stream.total_num_frames, 50))
-            # Each download was a temporary file, closed (and so deleted) once decoded.
-            assert open_deleted_files() == files_before
-            # Downloaded into a temporary file, not held in memory (a long video streamed by a timeline).
-            downloaded = _open_source(url, 10.0)
-            assert not isinstance(downloaded, io.BytesIO) and downloaded.read() == coded_clip.read_bytes()
-            downloaded.close()
+            yield f"http://127.0.0.1:{server.server_address[1]}"
         finally:
             server.shutdown()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
+    with serving(coded_clip.parent) as base_url:
+        url = f"{base_url}/{coded_clip.name}"
+        stats = {}
+        files_before = open_deleted_files()
+        frames, _ = decode_video(url, lambda metadata: [10, 200], backend=decoding_backend, stats=stats)
+        with VideoFrameStream(url, step=50) as stream:
+            assert [index for index, _ in stream] == list(range(0, stream.total_num_frames, 50))
+        # Each download was a temporary file, closed (and so deleted) once decoded.
+        assert open_deleted_files() == files_before
+        # Downloaded into a temporary file, not held in memory (a long video streamed by a timeline).
+        downloaded = _open_source(url, 10.0)
+        assert not isinstance(downloaded, io.BytesIO) and downloaded.read() == coded_clip.read_bytes()
+        downloaded.close()
     assert stats["backend"] == decoding_backend and [frame_index(frame) for frame in frames] == [10, 200]
 
 
@@ -159,20 +167,10 @@ def test_unreachable_url_is_a_clear_error(decoding_backend):
 
 
 def test_an_http_error_is_one_line_that_names_the_url_and_the_status(coded_clip):
-    import functools
-    import http.server
-    import threading
-
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(coded_clip.parent))
-    handler.log_message = lambda *args: None
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/missing.mp4"
-        try:
-            with pytest.raises(EVLVideoDecodingError) as raised:
-                decode_video(url, lambda metadata: [0])
-        finally:
-            server.shutdown()
+    with serving(coded_clip.parent) as base_url:
+        url = f"{base_url}/missing.mp4"
+        with pytest.raises(EVLVideoDecodingError) as raised:
+            decode_video(url, lambda metadata: [0])
     # httpx's message adds a second line pointing at MDN; a CLI prints the error as one line.
     message = str(raised.value)
     assert message.startswith(f"{url}: cannot download the video") and "404" in message and "\n" not in message
