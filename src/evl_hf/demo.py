@@ -69,8 +69,9 @@ def pretrain_backbone(
     """
     Pretrain the demo's small image backbone on single frames, as CLIP is pretrained on images before EVL reads its
     frozen features: a linear head on the mean of the last block's tokens regresses each frame's object attributes
-    (position, size, angle, opacity; `render_frames`). The frames carry no class, and every class's frames share
-    their distribution, so the backbone learns what a frame shows, never which way it changes. Returns the losses.
+    (position, size, angle, opacity; `render_frames`). The frames carry no class and come from no class's clip, so
+    the backbone learns what a frame shows, never which way it changes. Returns the losses; the tower is left in
+    eval mode.
     A random tower's features mix a patch's pixels into a few dimensions at random; pretrained, they say where the
     object is and how it looks, which is what EVL's temporal modules compare between frames.
     """
@@ -82,7 +83,8 @@ def pretrain_backbone(
     head = torch.nn.Linear(tower.config.hidden_size, len(FRAME_ATTRIBUTES))
     parameters = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 10), num_training_steps=steps)
+    warmup_steps = max(1, steps // 10)  # never the whole tower at the full rate from the first step
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
     tower.train()
     losses = []
     for _ in range(steps):
@@ -97,6 +99,7 @@ def pretrain_backbone(
         schedule.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    tower.eval()
     return losses
 
 
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.backbone_pretraining_steps < 0:
-        parser.error(f"--backbone_pretraining_steps must be 0 (a random backbone) or more, got {args.backbone_pretraining_steps}")
+        steps = args.backbone_pretraining_steps
+        parser.error(f"--backbone_pretraining_steps must be 0 (a random backbone) or more, got {steps}")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     output = Path(args.output_dir)
     started = time.perf_counter()
@@ -195,9 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
         losses = pretrain_backbone(tower, args.backbone_pretraining_steps, IMAGE_SIZE, args.seed)
         window = max(1, len(losses) // 20)
         first, last = (float(np.mean(part)) for part in (losses[:window], losses[-window:]))
-        results["backbone pretraining"] = {
-            "steps": len(losses), "first_loss": first, "last_loss": last, "seconds": time.perf_counter() - pretraining_started,
-        }  # fmt: skip
+        seconds = time.perf_counter() - pretraining_started
+        results["backbone pretraining"] = {"steps": len(losses), "first_loss": first, "last_loss": last, "seconds": seconds}
         print(f"  mean squared error of the frame attributes {first:.4f} -> {last:.4f} (predicting the mean: 0.083)")
     tower.save_pretrained(backbone_dir)
 
@@ -256,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("none):")
     print(f"{'pair':<42}" + "".join(f"{name:>22}" for name in VARIANTS))
     for pair in results["full EVL"]["reversal_swaps_by_pair"]:
-        print(f"{pair:<42}" + "".join(f"{results[name]['reversal_swaps_by_pair'][pair]:>22.3f}" for name in VARIANTS))
+        rates = (results[name]["reversal_swaps_by_pair"][pair] for name in VARIANTS)
+        print(f"{pair:<42}" + "".join(f"{rate:>22.3f}" for rate in rates))
     print()
     print(f"pipeline('video-classification') on held-out {test_clip.name} (true: {test_clip.parent.name}):")
     for item in prediction:

@@ -139,8 +139,8 @@ def _open_source(source, timeout: float):
             downloaded.close()
             _raise_if_environment_error(text, error)
             # The first line only: httpx's status errors add a second one pointing at MDN's page for the status.
-            reason = next(iter(str(error).splitlines()), "")
-            raise EVLVideoDecodingError(f"{text}: cannot download the video ({type(error).__name__}: {reason}).") from None
+            reason = f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
+            raise EVLVideoDecodingError(f"{text}: cannot download the video ({reason}).") from None
         if downloaded.tell() == 0:
             downloaded.close()
             raise EVLVideoDecodingError(f"{text}: the download is empty (0 bytes).")
