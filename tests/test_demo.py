@@ -67,6 +67,14 @@ def test_the_demo_trains_through_the_script_shows_progress_and_is_reproducible(t
     assert first["pipeline"]["top3"] == second["pipeline"]["top3"]
     assert first["backbone pretraining"]["last_loss"] == second["backbone pretraining"]["last_loss"]
 
+    # Run again into the same folder: the finished tower is reused, not pretrained again, with the same results.
+    capfd.readouterr()
+    again = main(["--output_dir", str(tmp_path / "first"), *small])
+    shown = capfd.readouterr().out
+    assert "Reusing the clip tower pretrained with the same settings" in shown and "Pretraining" not in shown
+    assert again["backbone pretraining"] == first["backbone pretraining"]
+    assert again["full EVL"]["top1"] == first["full EVL"]["top1"] and again["pipeline"]["top3"] == first["pipeline"]["top3"]
+
 
 def test_single_frames_carry_their_attributes_scaled_to_the_unit_interval():
     frames, attributes = render_frames(200, size=32, rng=np.random.default_rng(0))

@@ -103,6 +103,38 @@ def pretrain_backbone(
     return losses
 
 
+def prepare_backbone(output: Path, family_name: str, pretraining_steps: int, seed: int) -> tuple[Path, dict | None]:
+    """
+    Build the demo's small tower, pretrain it (`pretrain_backbone`) unless `pretraining_steps` is 0, and save it under
+    `output`; return its directory and the pretraining's summary (losses at the start and the end, seconds). A tower
+    pretrained before with the same settings, whose run finished, is reused instead of trained again.
+    """
+    pretrained = pretraining_steps > 0
+    backbone_dir = output / f"{family_name}-vit-tiny-{'frames' if pretrained else 'random'}"
+    settings = {"family": family_name, "shape": BACKBONE_SHAPE, "steps": pretraining_steps, "seed": seed}
+    record = backbone_dir / "demo_pretraining.json"
+    if pretrained and record.exists() and json.loads(record.read_text())["settings"] == settings:
+        print(f"Reusing the {family_name} tower pretrained with the same settings in {backbone_dir}", flush=True)
+        return backbone_dir, json.loads(record.read_text())["summary"]
+    set_seed(seed)
+    vision_config = DEMO_BACKBONES[family_name](**BACKBONE_SHAPE)
+    tower = backbone_family(vision_config).build(vision_config)
+    summary = None
+    if pretrained:
+        print(f"Pretraining the small {family_name} tower on single frames ...", flush=True)
+        started = time.perf_counter()
+        losses = pretrain_backbone(tower, pretraining_steps, IMAGE_SIZE, seed)
+        window = max(1, len(losses) // 20)
+        first, last = (float(np.mean(part)) for part in (losses[:window], losses[-window:]))
+        summary = {"steps": len(losses), "first_loss": first, "last_loss": last, "seconds": time.perf_counter() - started}
+        print(f"  mean squared error of the frame attributes {first:.4f} -> {last:.4f} (predicting the mean: 0.083)")
+    record.unlink(missing_ok=True)  # written again only once the new tower is saved whole
+    tower.save_pretrained(backbone_dir)
+    if pretrained:
+        record.write_text(json.dumps({"settings": settings, "summary": summary}))
+    return backbone_dir, summary
+
+
 def pair_metrics(confusion: np.ndarray) -> dict:
     """
     From a confusion matrix (rows: true class) in `MOTION_CLASSES` order, where classes 2k and 2k+1 are a
@@ -187,22 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
         generate_motion_dataset(data_dir, **generation)
         recorded.write_text(json.dumps(generation))
 
-    set_seed(args.seed)
     results = {}
-    pretrained = args.backbone_pretraining_steps > 0
-    backbone_dir = output / f"{args.backbone_family}-vit-tiny-{'frames' if pretrained else 'random'}"
-    vision_config = DEMO_BACKBONES[args.backbone_family](**BACKBONE_SHAPE)
-    tower = backbone_family(vision_config).build(vision_config)
-    if pretrained:
-        print(f"Pretraining the small {args.backbone_family} tower on single frames ...", flush=True)
-        pretraining_started = time.perf_counter()
-        losses = pretrain_backbone(tower, args.backbone_pretraining_steps, IMAGE_SIZE, args.seed)
-        window = max(1, len(losses) // 20)
-        first, last = (float(np.mean(part)) for part in (losses[:window], losses[-window:]))
-        seconds = time.perf_counter() - pretraining_started
-        results["backbone pretraining"] = {"steps": len(losses), "first_loss": first, "last_loss": last, "seconds": seconds}
-        print(f"  mean squared error of the frame attributes {first:.4f} -> {last:.4f} (predicting the mean: 0.083)")
-    tower.save_pretrained(backbone_dir)
+    backbone_dir, pretraining = prepare_backbone(output, args.backbone_family, args.backbone_pretraining_steps, args.seed)
+    if pretraining is not None:
+        results["backbone pretraining"] = pretraining
 
     for name, (folder, switches) in VARIANTS.items():
         print(f"\n=== Training {name} with examples/run_video_classification.py's code ===", flush=True)
