@@ -113,9 +113,13 @@ def prepare_backbone(output: Path, family_name: str, pretraining_steps: int, see
     backbone_dir = output / f"{family_name}-vit-tiny-{'frames' if pretrained else 'random'}"
     settings = {"family": family_name, "shape": BACKBONE_SHAPE, "steps": pretraining_steps, "seed": seed}
     record = backbone_dir / "demo_pretraining.json"
-    if pretrained and record.exists() and json.loads(record.read_text())["settings"] == settings:
+    try:
+        earlier = json.loads(record.read_text()) if pretrained else None
+    except (OSError, ValueError):  # none yet, or unreadable: pretrained anew
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("settings") == settings and "summary" in earlier:
         print(f"Reusing the {family_name} tower pretrained with the same settings in {backbone_dir}", flush=True)
-        return backbone_dir, json.loads(record.read_text())["summary"]
+        return backbone_dir, earlier["summary"]
     set_seed(seed)
     vision_config = DEMO_BACKBONES[family_name](**BACKBONE_SHAPE)
     tower = backbone_family(vision_config).build(vision_config)
