@@ -15,6 +15,7 @@ from evl_hf.demo import (
     DEMO_BACKBONES,
     MOTION_CLASSES,
     main,
+    prepare_backbone,
     pretrain_backbone,
     reversal_swap_rates,
     time_reversed_partner,
@@ -72,7 +73,7 @@ def test_the_demo_trains_through_the_script_shows_progress_and_is_reproducible(t
     again = main(["--output_dir", str(tmp_path / "first"), *small])
     shown = capfd.readouterr().out
     assert "Reusing the clip tower pretrained with the same settings" in shown and "Pretraining" not in shown
-    assert again["backbone pretraining"] == first["backbone pretraining"]
+    assert again["backbone pretraining"] == {**first["backbone pretraining"], "reused": True}
     assert again["full EVL"]["top1"] == first["full EVL"]["top1"] and again["pipeline"]["top3"] == first["pipeline"]["top3"]
 
 
@@ -127,3 +128,23 @@ def test_reversal_swaps_are_counted_per_pair_of_true_classes(tmp_path):
     overall, by_pair = reversal_swap_rates(path)
     assert overall == 3 / 5
     assert by_pair == {"moving_left/moving_right": 2 / 3, "growing/shrinking": 1.0, "appearing/disappearing": 0.0}
+
+
+def test_a_pretrained_tower_is_reused_only_if_saved_whole_with_the_same_settings(tmp_path):
+    directory, summary = prepare_backbone(tmp_path, "clip", 2, seed=0)
+    record, weights = directory / "demo_pretraining.json", directory / "model.safetensors"
+    assert "reused" not in summary and record.is_file()
+    saved = weights.read_bytes()
+    assert prepare_backbone(tmp_path, "clip", 2, seed=0) == (directory, {**summary, "reused": True})
+    # Other settings train anew, into the same folder; back to the first ones, the same tower again (deterministic).
+    assert "reused" not in prepare_backbone(tmp_path, "clip", 2, seed=1)[1]
+    assert "reused" not in prepare_backbone(tmp_path, "clip", 2, seed=0)[1] and weights.read_bytes() == saved
+    # A record that cannot be read, or weights that are gone, mean training anew, not a crash or a broken load.
+    record.write_text("{not json")
+    assert "reused" not in prepare_backbone(tmp_path, "clip", 2, seed=0)[1]
+    weights.unlink()
+    assert "reused" not in prepare_backbone(tmp_path, "clip", 2, seed=0)[1] and weights.read_bytes() == saved
+    # A random tower has a folder of its own and no record; the pretrained one is left as it was.
+    random_directory, no_summary = prepare_backbone(tmp_path, "clip", 0, seed=0)
+    assert no_summary is None and random_directory != directory and not (random_directory / record.name).exists()
+    assert prepare_backbone(tmp_path, "clip", 2, seed=0)[1]["reused"] is True

@@ -46,6 +46,10 @@ BACKBONE_SHAPE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4
 # The pretraining frames' generator key, after the seed: the data set's clips use (split 0-2, class, index) and the
 # timeline's sequences split 3, so no clip shares it.
 _PRETRAINING_FRAMES_KEY = 10
+PRETRAINING_BATCH_SIZE, PRETRAINING_LEARNING_RATE = 64, 3e-3
+# Raised whenever the pretraining's code changes what it makes, so that a tower saved by an earlier version is not
+# reused (`prepare_backbone`).
+_PRETRAINING_VERSION = 1
 DECODER = "decoder_num_layers=2,decoder_qkv_dim=64,decoder_num_heads=4,decoder_mlp_dropout=0.0,classifier_dropout=0.0"
 VARIANTS = {
     "full EVL": ("evl-full", ""),
@@ -107,30 +111,46 @@ def prepare_backbone(output: Path, family_name: str, pretraining_steps: int, see
     """
     Build the demo's small tower, pretrain it (`pretrain_backbone`) unless `pretraining_steps` is 0, and save it under
     `output`; return its directory and the pretraining's summary (losses at the start and the end, seconds). A tower
-    pretrained before with the same settings, whose run finished, is reused instead of trained again.
+    pretrained before with the same settings (and the same version of this pretraining, on the same number of
+    threads: it is deterministic only for those), whose weights were saved whole, is reused instead of trained again;
+    its summary then says `"reused": true`.
     """
     pretrained = pretraining_steps > 0
     backbone_dir = output / f"{family_name}-vit-tiny-{'frames' if pretrained else 'random'}"
-    settings = {"family": family_name, "shape": BACKBONE_SHAPE, "steps": pretraining_steps, "seed": seed}
+    vision_config = DEMO_BACKBONES[family_name](**BACKBONE_SHAPE)
+    settings = {
+        "version": _PRETRAINING_VERSION, "vision_config": vision_config.to_diff_dict(), "steps": pretraining_steps,
+        "batch_size": PRETRAINING_BATCH_SIZE, "learning_rate": PRETRAINING_LEARNING_RATE, "seed": seed,
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
     record = backbone_dir / "demo_pretraining.json"
     try:
         earlier = json.loads(record.read_text()) if pretrained else None
     except (OSError, ValueError):  # none yet, or unreadable: pretrained anew
         earlier = None
-    if isinstance(earlier, dict) and earlier.get("settings") == settings and "summary" in earlier:
+    summary_keys = {"steps", "first_loss", "last_loss", "seconds"}
+    if (
+        isinstance(earlier, dict)
+        and earlier.get("settings") == json.loads(json.dumps(settings))  # as a JSON round trip gives it back
+        and isinstance(earlier.get("summary"), dict)
+        and summary_keys <= set(earlier["summary"])
+        and (backbone_dir / "model.safetensors").is_file()
+    ):
         print(f"Reusing the {family_name} tower pretrained with the same settings in {backbone_dir}", flush=True)
-        return backbone_dir, earlier["summary"]
+        return backbone_dir, {**earlier["summary"], "reused": True}
     set_seed(seed)
-    vision_config = DEMO_BACKBONES[family_name](**BACKBONE_SHAPE)
     tower = backbone_family(vision_config).build(vision_config)
     summary = None
     if pretrained:
         print(f"Pretraining the small {family_name} tower on single frames ...", flush=True)
         started = time.perf_counter()
-        losses = pretrain_backbone(tower, pretraining_steps, IMAGE_SIZE, seed)
+        losses = pretrain_backbone(
+            tower, pretraining_steps, IMAGE_SIZE, seed, PRETRAINING_BATCH_SIZE, PRETRAINING_LEARNING_RATE
+        )
         window = max(1, len(losses) // 20)
         first, last = (float(np.mean(part)) for part in (losses[:window], losses[-window:]))
-        summary = {"steps": len(losses), "first_loss": first, "last_loss": last, "seconds": time.perf_counter() - started}
+        seconds = time.perf_counter() - started
+        summary = {"steps": len(losses), "first_loss": first, "last_loss": last, "seconds": seconds}
         print(f"  mean squared error of the frame attributes {first:.4f} -> {last:.4f} (predicting the mean: 0.083)")
     record.unlink(missing_ok=True)  # written again only once the new tower is saved whole
     tower.save_pretrained(backbone_dir)
@@ -202,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     parser.add_argument(
         "--backbone_pretraining_steps", type=int, default=800,
-        help="Steps of 64 single frames that pretrain the backbone before EVL freezes it (0: a random backbone).",
+        help=f"Steps of {PRETRAINING_BATCH_SIZE} single frames that pretrain the backbone before EVL freezes it (0: a "
+        "random backbone).",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.backbone_pretraining_steps < 0:
@@ -224,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
         recorded.write_text(json.dumps(generation))
 
     results = {}
-    backbone_dir, pretraining = prepare_backbone(output, args.backbone_family, args.backbone_pretraining_steps, args.seed)
+    steps, family_name = args.backbone_pretraining_steps, args.backbone_family
+    backbone_dir, pretraining = prepare_backbone(output, family_name, steps, args.seed)
     if pretraining is not None:
         results["backbone pretraining"] = pretraining
 
