@@ -1,5 +1,6 @@
 """Builders shared by the tests: tiny random CLIP backbones, EVL configs and synthetic clips."""
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,29 @@ def small_processor(**kwargs):
     values = dict(num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     values.update(kwargs)
     return EVLVideoProcessor(**values)
+
+
+@contextlib.contextmanager
+def serving(directory, requests: list | None = None):
+    """A local HTTP server over `directory` for the length of the block; yields its base URL. The path of every GET
+    is appended to `requests`."""
+    import functools
+    import http.server
+    import threading
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if requests is not None:
+                requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):  # no request log on stderr
+            pass
+
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()

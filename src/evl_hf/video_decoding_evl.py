@@ -456,6 +456,7 @@ class VideoFrameStream:
         self.name, self.step = _video_name(source), step
         opened = _open_source(source, 120.0)
         self._owned = opened if _opened_here(opened, source) else None  # this stream's to close
+        self._download = opened if isinstance(source, str) and self._owned is not None else None  # a URL's
         try:
             self._container = av.open(opened, mode="r", metadata_errors="ignore")
         except (av.error.FFmpegError, OSError, ValueError) as error:
@@ -516,6 +517,15 @@ class VideoFrameStream:
             logger.warning(f"{self.name}: decoding stopped after {counted} frames ({error}).")
         if counted == 0:
             raise EVLVideoDecodingError(f"{self.name}: the video stream holds no decodable frame.")
+
+    def rewound_download(self):
+        """For a URL: its download (a temporary file this stream closes with itself), rewound to its start, so that
+        the video can be read again (e.g. by `decode_video`) without downloading it twice; `None` for other
+        sources."""
+        if self._download is None or self._download.closed:
+            return None
+        self._download.seek(0)
+        return self._download
 
     def close(self) -> None:
         self._container.close()

@@ -395,6 +395,7 @@ def video_timeline(
             def sample(metadata):
                 return sample_frame_indices(metadata.total_num_frames, num_frames, frame_sampling_rate)
 
+            source = stream.rewound_download() or video  # a URL is not downloaded twice
             if is_file_object:
                 if start_position is None:
                     raise EVLVideoDecodingError(
@@ -403,7 +404,7 @@ def video_timeline(
                         "cannot be rewound to read it again: pass a path, bytes or a seekable file object."
                     )
                 video.seek(start_position)
-            frames, metadata = decode_video(video, sample, backend="pyav")
+            frames, metadata = decode_video(source, sample, backend="pyav")
             indices = [int(i) for i in metadata.frames_indices]
             logits = model(pixel_values=prepare(list(frames))[None].to(model.device)).logits[0]
             windows = [EVLTimelineWindow(indices, indices[0] / fps, (indices[-1] + 1) / fps, logits)]
