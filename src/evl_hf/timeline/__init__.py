@@ -395,7 +395,8 @@ def video_timeline(
             def sample(metadata):
                 return sample_frame_indices(metadata.total_num_frames, num_frames, frame_sampling_rate)
 
-            source = stream.rewound_download() or video  # a URL is not downloaded twice
+            download = stream.rewound_download()  # a URL is not downloaded twice
+            source = video if download is None else download
             if is_file_object:
                 if start_position is None:
                     raise EVLVideoDecodingError(
