@@ -134,11 +134,11 @@ def test_a_url_is_downloaded_and_decoded(coded_clip, decoding_backend):
         frames, _ = decode_video(url, lambda metadata: [10, 200], backend=decoding_backend, stats=stats)
         with VideoFrameStream(url, step=50) as stream:
             assert [index for index, _ in stream] == list(range(0, stream.total_num_frames, 50))
-            # The download, to read the video again without fetching it twice; for a path there is none.
-            assert stream.rewound_download().read() == coded_clip.read_bytes()
-        assert stream.rewound_download() is None  # closed with the stream
+            # To read the video again: the download, rewound, not fetched twice; once closed, the URL itself.
+            assert stream.reread_source().read() == coded_clip.read_bytes()
+        assert stream.reread_source() == url
         with VideoFrameStream(str(coded_clip)) as stream:
-            assert stream.rewound_download() is None
+            assert stream.reread_source() == str(coded_clip)
         # Each download was a temporary file, closed (and so deleted) once decoded.
         assert open_deleted_files() == files_before
         # Downloaded into a temporary file, not held in memory (a long video streamed by a timeline).

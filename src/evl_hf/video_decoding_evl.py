@@ -454,9 +454,15 @@ class VideoFrameStream:
         if not is_av_available():
             raise ImportError("Streaming a video needs PyAV: pip install av")
         self.name, self.step = _video_name(source), step
+        # Where a file object starts, to read it again from there (`reread_source`).
+        self._source, self._start_position = source, None
+        if isinstance(source, io.IOBase):
+            try:
+                self._start_position = source.tell() if source.seekable() else None
+            except (OSError, ValueError):  # e.g. a closed file: opening it below raises the error naming it
+                pass
         opened = _open_source(source, 120.0)
         self._owned = opened if _opened_here(opened, source) else None  # this stream's to close
-        self._download = opened if isinstance(source, str) and self._owned is not None else None  # a URL's
         try:
             self._container = av.open(opened, mode="r", metadata_errors="ignore")
         except (av.error.FFmpegError, OSError, ValueError) as error:
@@ -518,14 +524,22 @@ class VideoFrameStream:
         if counted == 0:
             raise EVLVideoDecodingError(f"{self.name}: the video stream holds no decodable frame.")
 
-    def rewound_download(self):
-        """For a URL: its download (a temporary file this stream closes with itself), rewound to its start, so that
-        the video can be read again (e.g. by `decode_video`) without downloading it twice; `None` for other
-        sources."""
-        if self._download is None or self._download.closed:
-            return None
-        self._download.seek(0)
-        return self._download
+    def reread_source(self):
+        """
+        The video again from its start, for a second read (e.g. by `decode_video`): for a URL, while the stream is
+        open, its download rewound (a temporary file the stream closes with itself), so it is not fetched twice; a
+        file object rewound to where the stream found it, or `None` where it cannot be rewound; otherwise the path,
+        URL or bytes given.
+        """
+        if isinstance(self._source, io.IOBase):
+            if self._start_position is None:
+                return None
+            self._source.seek(self._start_position)
+            return self._source
+        if isinstance(self._source, str) and self._owned is not None:  # a URL's download
+            self._owned.seek(0)
+            return self._owned
+        return self._source
 
     def close(self) -> None:
         self._container.close()

@@ -21,7 +21,6 @@ windows' overlap; only the light decoder runs per window. `import evl_hf` regist
 """
 
 import argparse
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -364,13 +363,6 @@ def video_timeline(
 
     done: list[tuple[int, torch.Tensor]] = []
     decoded_indices, chunk = [], []
-    # A video shorter than one window is read a second time (below): a file object is rewound to where it was found.
-    is_file_object, start_position = isinstance(video, io.IOBase), None
-    if is_file_object:
-        try:
-            start_position = video.tell() if video.seekable() else None
-        except (OSError, ValueError):  # e.g. a closed file: the stream below raises the error naming the video
-            pass
     with torch.inference_mode(), VideoFrameStream(video, step=frame_sampling_rate) as stream:
         # Built under inference mode: the maps' dtype follows a bf16/fp16 backbone only without autograd.
         timeline = _SharedBackboneTimeline(model, num_frames, window_stride, decoder_batch_size)
@@ -395,16 +387,13 @@ def video_timeline(
             def sample(metadata):
                 return sample_frame_indices(metadata.total_num_frames, num_frames, frame_sampling_rate)
 
-            download = stream.rewound_download()  # a URL is not downloaded twice
-            source = video if download is None else download
-            if is_file_object:
-                if start_position is None:
-                    raise EVLVideoDecodingError(
-                        f"{_video_name(video)}: shorter than one window ({len(decoded_indices)} sampled frames of "
-                        f"{num_frames}), so it is sampled again as the processor samples it, but this file object "
-                        "cannot be rewound to read it again: pass a path, bytes or a seekable file object."
-                    )
-                video.seek(start_position)
+            source = stream.reread_source()  # a file object rewound, a URL's download (not fetched twice)
+            if source is None:
+                raise EVLVideoDecodingError(
+                    f"{_video_name(video)}: shorter than one window ({len(decoded_indices)} sampled frames of "
+                    f"{num_frames}), so it is sampled again as the processor samples it, but this file object "
+                    "cannot be rewound to read it again: pass a path, bytes or a seekable file object."
+                )
             frames, metadata = decode_video(source, sample, backend="pyav")
             indices = [int(i) for i in metadata.frames_indices]
             logits = model(pixel_values=prepare(list(frames))[None].to(model.device)).logits[0]
