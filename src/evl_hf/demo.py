@@ -68,7 +68,12 @@ DEMO_BACKBONES = {
 
 
 def pretrain_backbone(
-    tower: PreTrainedModel, steps: int, image_size: int, seed: int, batch_size: int = 64, learning_rate: float = 3e-3
+    tower: PreTrainedModel,
+    steps: int,
+    image_size: int,
+    seed: int,
+    batch_size: int = PRETRAINING_BATCH_SIZE,
+    learning_rate: float = PRETRAINING_LEARNING_RATE,
 ) -> list[float]:
     """
     Pretrain the demo's small image backbone on single frames, as CLIP is pretrained on images before EVL reads its
@@ -144,9 +149,7 @@ def prepare_backbone(output: Path, family_name: str, pretraining_steps: int, see
     if pretrained:
         print(f"Pretraining the small {family_name} tower on single frames ...", flush=True)
         started = time.perf_counter()
-        losses = pretrain_backbone(
-            tower, pretraining_steps, IMAGE_SIZE, seed, PRETRAINING_BATCH_SIZE, PRETRAINING_LEARNING_RATE
-        )
+        losses = pretrain_backbone(tower, pretraining_steps, IMAGE_SIZE, seed)
         window = max(1, len(losses) // 20)
         first, last = (float(np.mean(part)) for part in (losses[:window], losses[-window:]))
         seconds = time.perf_counter() - started
