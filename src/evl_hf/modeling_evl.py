@@ -278,9 +278,11 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_pr
     keys = keys[:, :, num_prefix_tokens:].permute(0, 1, 3, 4, 2)
     if queries.dtype == torch.bfloat16 and queries.device.type == "cpu":
         # oneDNN's bf16 matmuls copy a strided operand on every call: here each is copied once per block (each frame's
-        # queries and keys serve two frame pairs). A clone, never the caller's tensor, is scaled in place.
+        # queries and keys serve two frame pairs). A clone, never the caller's tensor, is scaled in place. The keys
+        # are copied as (heads, N, head_dim), moving whole rows, and read transposed, which oneDNN takes in place: a
+        # copy into (heads, head_dim, N) transposes every head and takes 10x as long.
         queries = queries.clone(memory_format=torch.contiguous_format).mul_(head_dim**-0.5)
-        keys = keys.contiguous()
+        keys = keys.mT.contiguous().mT
     else:
         queries = queries * head_dim**-0.5  # laid out as the projection was: other matmuls read the strided views
     maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches, dtype=dtype)
