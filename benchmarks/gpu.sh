@@ -2,11 +2,20 @@
 # GPU benchmark for issue 11's ratios and throughput: one short run (under 6 minutes on one recent GPU), no
 # downloads. Needs torch with CUDA, transformers, datasets, safetensors, av and this package importable
 # (PYTHONPATH=src works without installing). Prints the card's name first: record the figures with it in BENCHMARKS.md.
+# On a machine that reaches no package registry (this project's lent GPU machines), run benchmarks/gpu_wheels.sh
+# where one is reachable first, and bring .whl/ along: what gpu_requirements.txt needs is installed from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ -d .whl ]; then
+    # Exactly the wheels brought, over the image's own packages, without pip's resolver: it would refuse the image's
+    # tokenizers, whose metadata caps huggingface_hub below the 2.x that transformers 5.25 needs (it runs with it).
+    "$PYTHON" -m pip install -q --no-deps --no-index --no-cache-dir .whl/*.whl
+fi
 export PYTHONPATH="src:benchmarks:${PYTHONPATH:-}" HF_HUB_OFFLINE=1
-python benchmarks/bench_gpu.py
+"$PYTHON" -c 'import torch, transformers, datasets, av; print(f"torch {torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}, av {av.__version__}")'
+"$PYTHON" benchmarks/bench_gpu.py
 # Issue 11, target 4 where it matters most: real-sized clips decoded in DataLoader workers (0, 4 and 8) while the
 # bf16 model runs on the GPU, against the model alone on the same clips already decoded (target >= 0.85).
-python benchmarks/bench_throughput.py --device cuda --backbone_dtype bfloat16 --clips 32 --batch_size 16 \
+"$PYTHON" benchmarks/bench_throughput.py --device cuda --backbone_dtype bfloat16 --clips 32 --batch_size 16 \
     --workers 0 4 8 --repeats 2
