@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmark for issue 11's ratios and throughput: one short run (under 6 minutes on one recent GPU), no
 # downloads. Needs torch with CUDA, transformers, datasets, safetensors, av and this package importable
-# (PYTHONPATH=src works without installing). Prints the card's name first: record the figures with it in BENCHMARKS.md.
-# On a machine that reaches no package registry (this project's lent GPU machines), run benchmarks/gpu_wheels.sh
-# where one is reachable first, and bring .whl/ along: what gpu_requirements.txt needs is installed from it.
+# (PYTHONPATH=src works without installing). Prints the versions and the card's name first: record the figures with
+# them in BENCHMARKS.md. On a machine that reaches no package registry (this project's lent GPU machines), run
+# benchmarks/gpu_wheels.sh where one is reachable first and bring .whl/ along: its wheels are installed from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
