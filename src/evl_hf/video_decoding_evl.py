@@ -109,14 +109,60 @@ def _video_name(source) -> str:
     return str(source)
 
 
+class _FileFromPosition(io.RawIOBase):
+    """
+    A seekable file object read from `start` on, which becomes offset 0. Decoders seek by the video's own offsets (an
+    mp4's index holds them), so a video stored after other bytes, in a file the caller has read up to it, would be
+    read from the wrong place. Closing this view leaves the caller's file open.
+    """
+
+    def __init__(self, file: io.IOBase, start: int):
+        super().__init__()
+        self._file, self._start = file, start
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def readinto(self, buffer) -> int:
+        data = self._file.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            if offset < 0:
+                raise ValueError(f"negative seek position {offset}")
+            offset += self._start
+        return self._file.seek(offset, whence) - self._start
+
+    def tell(self) -> int:
+        return self._file.tell() - self._start
+
+
+def _position(file: io.IOBase) -> int | None:
+    """Where a seekable file object stands, `None` for an unseekable or closed one (reading it raises the error)."""
+    try:
+        return file.tell() if file.seekable() else None
+    except (OSError, ValueError):
+        return None
+
+
 def _open_source(source, timeout: float):
-    """Return something `av.open` accepts, with clear errors for missing paths, directories, empty files and URLs."""
+    """Return something `av.open` accepts, with clear errors for missing paths, directories, empty files and URLs. A
+    file object is read from where it stands."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise EVLVideoDecodingError(f"{_video_name(source)}: the video is empty (0 bytes).")
         return io.BytesIO(source)
     if isinstance(source, io.IOBase):
-        return source
+        start = _position(source)
+        return _FileFromPosition(source, start) if start else source
     text = str(source)
     if text.startswith(("http://", "https://")):
         from huggingface_hub.utils import httpx
@@ -210,8 +256,9 @@ def decode_video(
     backend: str = "auto",
 ) -> tuple[np.ndarray, VideoMetadata]:
     """
-    Decode the frames of `source` (a path, an http(s) URL, bytes or a file object) that `sample_indices_fn(metadata)`
-    asks for, as a `(num_indices, height, width, 3)` uint8 array, plus the video's metadata.
+    Decode the frames of `source` (a path, an http(s) URL, bytes or a file object, read from where it stands and left
+    open) that `sample_indices_fn(metadata)` asks for, as a `(num_indices, height, width, 3)` uint8 array, plus the
+    video's metadata.
 
     Only what is needed is decoded: the demuxer seeks to the key frame before the first wanted frame and decoding stops
     after the last one. Frame `i` is the frame shown at `i / fps` seconds (the container's frame count and average rate,
@@ -454,13 +501,10 @@ class VideoFrameStream:
         if not is_av_available():
             raise ImportError("Streaming a video needs PyAV: pip install av")
         self.name, self.step = _video_name(source), step
-        # Where a file object starts, to read it again from there (`reread_source`).
-        self._source, self._start_position = source, None
-        if isinstance(source, io.IOBase):
-            try:
-                self._start_position = source.tell() if source.seekable() else None
-            except (OSError, ValueError):  # e.g. a closed file: opening it below raises the error naming it
-                pass
+        # Where a file object starts, to read it again from there (`reread_source`); None for an unseekable one, or a
+        # closed one (opening it below raises the error naming it).
+        self._source = source
+        self._start_position = _position(source) if isinstance(source, io.IOBase) else None
         opened = _open_source(source, 120.0)
         self._owned = opened if _opened_here(opened, source) else None  # this stream's to close
         try:
