@@ -109,60 +109,27 @@ def _video_name(source) -> str:
     return str(source)
 
 
-class _FileFromPosition(io.RawIOBase):
-    """
-    A seekable file object read from `start` on, which becomes offset 0. Decoders seek by the video's own offsets (an
-    mp4's index holds them), so a video stored after other bytes, in a file the caller has read up to it, would be
-    read from the wrong place. Closing this view leaves the caller's file open.
-    """
-
-    def __init__(self, file: io.IOBase, start: int):
-        super().__init__()
-        self._file, self._start = file, start
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        return self._file.read(size)
-
-    def readinto(self, buffer) -> int:
-        data = self._file.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            if offset < 0:
-                raise ValueError(f"negative seek position {offset}")
-            offset += self._start
-        return self._file.seek(offset, whence) - self._start
-
-    def tell(self) -> int:
-        return self._file.tell() - self._start
-
-
-def _position(file: io.IOBase) -> int | None:
-    """Where a seekable file object stands, `None` for an unseekable or closed one (reading it raises the error)."""
+def _is_seekable(file: io.IOBase) -> bool:
+    """Whether a file object can be rewound; not a closed one (reading it raises the error naming it)."""
     try:
-        return file.tell() if file.seekable() else None
+        return file.seekable()
     except (OSError, ValueError):
-        return None
+        return False
 
 
 def _open_source(source, timeout: float):
-    """Return something `av.open` accepts, with clear errors for missing paths, directories, empty files and URLs. A
-    file object is read from where it stands."""
+    """Return something `av.open` accepts, with clear errors for missing paths, directories, empty files and URLs; a
+    seekable file object rewound to its start."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise EVLVideoDecodingError(f"{_video_name(source)}: the video is empty (0 bytes).")
         return io.BytesIO(source)
     if isinstance(source, io.IOBase):
-        start = _position(source)
-        return _FileFromPosition(source, start) if start else source
+        # Read from its start, as PIL and PyAV read files: a caller that sniffed the header need not rewind. (torchcodec
+        # would read some containers from where the file stands, fail, and leave the video to PyAV.)
+        if _is_seekable(source):
+            source.seek(0)
+        return source
     text = str(source)
     if text.startswith(("http://", "https://")):
         from huggingface_hub.utils import httpx
@@ -256,9 +223,9 @@ def decode_video(
     backend: str = "auto",
 ) -> tuple[np.ndarray, VideoMetadata]:
     """
-    Decode the frames of `source` (a path, an http(s) URL, bytes or a file object, read from where it stands and left
-    open) that `sample_indices_fn(metadata)` asks for, as a `(num_indices, height, width, 3)` uint8 array, plus the
-    video's metadata.
+    Decode the frames of `source` (a path, an http(s) URL, bytes or a file object, read from its start where it can be
+    rewound, and left open) that `sample_indices_fn(metadata)` asks for, as a `(num_indices, height, width, 3)` uint8
+    array, plus the video's metadata.
 
     Only what is needed is decoded: the demuxer seeks to the key frame before the first wanted frame and decoding stops
     after the last one. Frame `i` is the frame shown at `i / fps` seconds (the container's frame count and average rate,
@@ -501,10 +468,9 @@ class VideoFrameStream:
         if not is_av_available():
             raise ImportError("Streaming a video needs PyAV: pip install av")
         self.name, self.step = _video_name(source), step
-        # Where a file object starts, to read it again from there (`reread_source`); None for an unseekable one, or a
-        # closed one (opening it below raises the error naming it).
+        # A file object is read from its start, and again from there if it can be rewound (`reread_source`).
         self._source = source
-        self._start_position = _position(source) if isinstance(source, io.IOBase) else None
+        self._rewindable = isinstance(source, io.IOBase) and _is_seekable(source)
         opened = _open_source(source, 120.0)
         self._owned = opened if _opened_here(opened, source) else None  # this stream's to close
         try:
@@ -572,13 +538,13 @@ class VideoFrameStream:
         """
         The video again from its start, for a second read (e.g. by `decode_video`): for a URL, while the stream is
         open, its download rewound (a temporary file the stream closes with itself), so it is not fetched twice; a
-        file object rewound to where the stream found it, or `None` where it cannot be rewound; otherwise the path,
+        file object rewound to its start, or `None` where it cannot be rewound; otherwise the path,
         URL or bytes given.
         """
         if isinstance(self._source, io.IOBase):
-            if self._start_position is None:
+            if not self._rewindable:
                 return None
-            self._source.seek(self._start_position)
+            self._source.seek(0)
             return self._source
         if isinstance(self._source, str) and self._owned is not None:  # a URL's download
             self._owned.seek(0)
