@@ -12,7 +12,8 @@ if [ -d .whl ]; then
     # tokenizers, whose metadata caps huggingface_hub below the 2.x that transformers 5.25 needs (it runs with it).
     "$PYTHON" -m pip install -q --no-deps --no-index --no-cache-dir .whl/*.whl
 fi
-export PYTHONPATH="src:benchmarks:${PYTHONPATH:-}" HF_HUB_OFFLINE=1
+# Unbuffered: a run stopped at its time limit still shows every figure printed before.
+export PYTHONPATH="src:benchmarks:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 "$PYTHON" -c 'import torch, transformers, datasets, av; print(f"torch {torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}, av {av.__version__}")'
 "$PYTHON" benchmarks/bench_gpu.py
 # Issue 11, target 4 where it matters most: real-sized clips decoded in DataLoader workers (0, 4 and 8) while the
