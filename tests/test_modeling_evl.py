@@ -392,6 +392,30 @@ def test_from_backbone_pretrained_uses_the_clip_weights(tiny_backbone_dir):
 BACKBONE_KWARGS = dict(num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=3)
 
 
+def test_from_backbone_pretrained_applies_loading_arguments_and_refuses_others(tiny_backbone_dir, tmp_path):
+    # As with `from_pretrained`: `dtype` (or the older `torch_dtype`) and a `device_map` naming one device are applied
+    # to the model built, never written into its configuration; other loading arguments are refused by name.
+    for key in ("dtype", "torch_dtype"):
+        model = EVLForVideoClassification.from_backbone_pretrained(
+            tiny_backbone_dir, device_map="cpu", **{key: torch.bfloat16}, **BACKBONE_KWARGS
+        )
+        assert model.dtype == torch.bfloat16 and model.config.dtype == torch.bfloat16
+        assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+        assert next(model.parameters()).device == torch.device("cpu")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["dtype"] == "bfloat16" and not {"device_map", "torch_dtype"} & set(saved)
+    clip = CLIPVisionModel.from_pretrained(tiny_backbone_dir, dtype=torch.bfloat16)
+    for key, value in clip.state_dict().items():
+        assert torch.equal(model.evl.vision_model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="`low_cpu_mem_usage`.* `from_backbone_pretrained`"):
+        EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, low_cpu_mem_usage=True, **BACKBONE_KWARGS)
+    with pytest.raises(ValueError, match="`dtype` .* `backbone_dtype`"):
+        EVLForVideoClassification.from_backbone_pretrained(
+            tiny_backbone_dir, dtype=torch.float16, backbone_dtype="bfloat16", **BACKBONE_KWARGS
+        )
+
+
 def _save_tiny_unsupported(kind, directory):
     from transformers import ConvNextConfig, ConvNextModel
 
@@ -1246,6 +1270,24 @@ def test_from_pretrained_names_tensors_that_do_not_fit_config_overrides(saved_ti
     # An EVLModel reads the same checkpoint's (prefixed) tensors.
     with pytest.raises(EVLCheckpointError, match=r"temporal_position_embedding.embedding: checkpoint \(4, 32\)"):
         EVLModel.from_pretrained(saved_tiny_model, num_frames=6)
+
+
+def test_configuration_fields_set_after_construction_are_checked(saved_tiny_model, tmp_path):
+    # `from_pretrained` sets its keyword arguments on a config already built, and a user can set fields too: the
+    # model checks them when it is built, as `EVLConfig(...)` does, and `save_pretrained` refuses them.
+    for overrides, message in (
+        (dict(decoder_num_heads=5), "divisible by `decoder_num_heads`"),
+        (dict(backbone_dtype="float8"), "`backbone_dtype` must be"),
+        (dict(freeze_backbone=False, backbone_dtype="bfloat16"), "set freeze_backbone=True"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            EVLForVideoClassification.from_pretrained(saved_tiny_model, **overrides)
+    config = tiny_config()
+    config.decoder_num_layers = 10
+    with pytest.raises(ValueError, match="cannot exceed the backbone's number of layers"):
+        EVLForVideoClassification(config)
+    with pytest.raises(Exception, match="cannot exceed the backbone's number of layers"):
+        config.save_pretrained(tmp_path)
 
 
 def test_decoder_owns_its_layer_loop():

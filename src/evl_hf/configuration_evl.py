@@ -162,6 +162,12 @@ class EVLConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.check_architecture()
 
+    def validate_architecture(self):
+        """Part of `@strict` validation (`validate()`, run by `save_pretrained`): a field set after the config was
+        built (`from_pretrained` sets its keyword arguments so) is checked too."""
+        super().validate_architecture()
+        self.check_architecture()
+
     def check_architecture(self):
         """Raise a `ValueError` naming the field when the model cannot be built from this configuration."""
         vision = self.vision_config

@@ -796,6 +796,35 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         return query, attn_weights
 
 
+# `from_backbone_pretrained`: the arguments it passes on to the backbone's loading, and those of `from_pretrained`
+# that have no meaning for a model built anew (refused by name, rather than written into its configuration).
+_BACKBONE_LOADING_ARGUMENTS = (
+    "cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder", "use_safetensors",
+    "attn_implementation",
+)  # fmt: skip
+_FROM_PRETRAINED_ONLY_ARGUMENTS = {
+    "low_cpu_mem_usage", "max_memory", "offload_folder", "offload_buffers", "offload_state_dict",
+    "quantization_config", "variant", "gguf_file", "state_dict", "output_loading_info", "ignore_mismatched_sizes",
+    "weights_only", "key_mapping", "tp_plan", "tp_size", "device_mesh", "distributed_config", "trust_remote_code",
+    "use_kernels", "kernel_config", "adapter_kwargs", "adapter_name", "from_tf", "from_flax",
+}  # fmt: skip
+
+
+def _single_device(device_map) -> torch.device | None:
+    """The device a `device_map` names (a device, its name or index; "auto": the accelerator if there is one), for
+    a model built in one piece; `None` without one."""
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return accelerator or torch.device("cpu")
+    if isinstance(device_map, (str, int, torch.device)):
+        return torch.device(device_map)
+    raise ValueError(
+        f"`device_map` {device_map!r}: `from_backbone_pretrained` builds a model in one piece; give one device."
+    )
+
+
 class EVLPreTrainedModel(PreTrainedModel):
     config: EVLConfig
     config_class = EVLConfig
@@ -822,6 +851,12 @@ class EVLPreTrainedModel(PreTrainedModel):
         "hidden_states": OutputRecorder(EVLDecoderLayer, index=0, num_hidden_layers_key="decoder_num_layers"),
         "attentions": OutputRecorder(EVLDecoderAttention, index=1),
     }
+
+    def __init__(self, config: EVLConfig, *inputs, **kwargs):
+        # `from_pretrained` sets its keyword arguments on a config already built, and fields can be set by hand:
+        # checked here as `EVLConfig(...)` checks them, a `ValueError` naming the field.
+        config.check_architecture()
+        super().__init__(config, *inputs, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -1439,16 +1474,34 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         tower is loaded. A DINOv2 backbone runs at its image processor's crop size (`preprocessor_config.json`, 224
         for the released ones) unless `image_size=` says otherwise. The decoder and head are freshly initialised; `config_kwargs` go to `EVLConfig` (e.g. `num_frames`,
         `id2label`, `label2id`). `preset=NAME` takes the other fields from one of `EVL_PRESETS`; `config=` gives a
-        complete `EVLConfig` instead (its `vision_config` must describe this backbone).
+        complete `EVLConfig` instead (its `vision_config` must describe this backbone). As with `from_pretrained`,
+        `dtype` (or `torch_dtype`) loads the backbone in that dtype and casts the whole model to it, a `device_map`
+        naming one device moves the model there, and the Hub arguments (`revision`, `token`, `subfolder`, ...) reach
+        the backbone's files; `from_pretrained`'s other loading arguments are refused by name.
 
         Any other kind of checkpoint raises a `ValueError`; one whose vision tensors are missing, extra or of the
         wrong shape raises `EVLCheckpointError`, so no backbone weight is ever left randomly initialised.
         """
-        hub_kwargs = {
-            key: config_kwargs.pop(key)
-            for key in ("cache_dir", "revision", "token", "local_files_only", "attn_implementation")
-            if key in config_kwargs
-        }
+        refused = sorted(_FROM_PRETRAINED_ONLY_ARGUMENTS & set(config_kwargs))
+        if refused:
+            raise ValueError(
+                f"{', '.join(f'`{key}`' for key in refused)}: an argument of `from_pretrained` that "
+                "`from_backbone_pretrained` does not take (it builds a new model around the backbone; `dtype` and a "
+                "`device_map` naming one device are applied)."
+            )
+        hub_kwargs = {key: config_kwargs.pop(key) for key in _BACKBONE_LOADING_ARGUMENTS if key in config_kwargs}
+        # Loading arguments, applied to the model built: never fields of its configuration.
+        dtype = config_kwargs.pop("dtype", None)
+        torch_dtype = config_kwargs.pop("torch_dtype", None)  # the older name
+        dtype = dtype if dtype is not None else torch_dtype
+        device_map = config_kwargs.pop("device_map", None)
+        if dtype is not None and config_kwargs.get("backbone_dtype") not in (None, "float32"):
+            raise ValueError(
+                "`dtype` casts the whole model and `backbone_dtype` the backbone alone: give one of them."
+            )
+        device = _single_device(device_map)
+        if dtype is not None:
+            hub_kwargs["dtype"] = dtype  # the tower loads in it ("auto": its checkpoint's dtype)
         preset = config_kwargs.pop("preset", None)
         config = config_kwargs.pop("config", None)
         backbone = cls._load_backbone(pretrained_model_name_or_path, hub_kwargs)
@@ -1470,9 +1523,12 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         if "attn_implementation" in hub_kwargs:
             config._attn_implementation = hub_kwargs["attn_implementation"]
         model = cls(config)
+        if dtype is not None:
+            model.to(backbone.dtype)
+            model.config.dtype = backbone.dtype
         model.evl.vision_model.load_state_dict(backbone.state_dict())
         model.config.base_model = str(pretrained_model_name_or_path)
-        return model
+        return model if device is None else model.to(device)
 
     @staticmethod
     def _load_backbone(pretrained_model_name_or_path, hub_kwargs: dict) -> PreTrainedModel:
@@ -1481,7 +1537,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         every tensor it cannot find randomly initialised, so a ConvNeXt or an EVL checkpoint would train on noise.
         """
         name = str(pretrained_model_name_or_path)
-        config_kwargs = {key: value for key, value in hub_kwargs.items() if key != "attn_implementation"}
+        config_kwargs = {key: value for key, value in hub_kwargs.items() if key not in ("attn_implementation", "dtype")}
         config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **config_kwargs)
         model_type = config_dict.get("model_type")
         family = family_of_checkpoint(model_type)
