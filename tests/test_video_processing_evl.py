@@ -245,6 +245,18 @@ def test_a_processor_saved_by_an_earlier_version_keeps_its_antialiased_resize(tm
     assert EVLVideoProcessor.from_pretrained(tmp_path, antialias=False).antialias is False
 
 
+def test_a_calls_decoding_backend_overrides_the_processors(coded_clip):
+    # As every processor argument: given to a call, it decides for that call; an unknown one is an error.
+    for default, given in (("auto", "pyav"), ("pyav", "torchcodec"), ("torchcodec", "pyav")):
+        processor = small_processor(decoding_backend=default)
+        outputs = processor(str(coded_clip), decoding_backend=given, return_metadata=True)
+        assert outputs["video_metadata"][0].video_backend == given
+        default_backend = processor(str(coded_clip), return_metadata=True)["video_metadata"][0].video_backend
+        assert default_backend == ("torchcodec" if default == "auto" else default)
+    with pytest.raises(ValueError, match="decoding_backend must be one of .* got 'bogus'"):
+        small_processor()(str(coded_clip), decoding_backend="bogus")
+
+
 def test_a_list_mixing_files_and_frames_is_refused(coded_clip):
     frames = np.zeros((8, 32, 32, 3), dtype=np.uint8)
     for videos in ([str(coded_clip), frames], [frames, str(coded_clip)]):

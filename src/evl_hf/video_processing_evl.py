@@ -14,6 +14,7 @@
 """Video processor for EVL: the authors' frame sampling and evaluation preprocessing, multi-view; decoding is in
 `video_decoding_evl`."""
 
+import contextvars
 import functools
 
 import numpy as np
@@ -35,6 +36,10 @@ from .video_decoding_evl import (
 )
 
 logger = logging.get_logger(__name__)
+
+# The decoding backend one call of a processor asked for: transformers hands a call's arguments to sampling and
+# preprocessing but not to `_decode_and_sample_videos`. A context variable, so concurrent calls keep their own.
+_CALL_DECODING_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("decoding_backend", default=None)
 
 class EVLVideoProcessorKwargs(VideosKwargs, total=False):
     """
@@ -387,7 +392,14 @@ class EVLVideoProcessor(BaseVideoProcessor):
             # Decoded frames are (frames, height, width, 3). Inferred, the layout of a frame 1 or 3 pixels tall is
             # ambiguous and read as channels first: a 1x1 video would come out grey.
             kwargs["input_data_format"] = ChannelDimension.LAST
-        return super().preprocess(videos, **kwargs)
+        backend = kwargs.get("decoding_backend")
+        if backend is not None and backend not in DECODING_BACKENDS:
+            raise ValueError(f"decoding_backend must be one of {DECODING_BACKENDS}, got {backend!r}.")
+        token = _CALL_DECODING_BACKEND.set(backend)
+        try:
+            return super().preprocess(videos, **kwargs)
+        finally:
+            _CALL_DECODING_BACKEND.reset(token)
 
     def _decode_and_sample_videos(self, videos, video_metadata, do_sample_frames=None, sample_indices_fn=None):
         if (
@@ -401,7 +413,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
         if _is_video_source(videos):
             videos = [videos] if isinstance(videos, _VIDEO_SOURCE_TYPES) else videos
             sample = sample_indices_fn if do_sample_frames else None
-            decoded = [decode_video(v, sample, backend=self.decoding_backend) for v in videos]
+            backend = _CALL_DECODING_BACKEND.get() or self.decoding_backend
+            decoded = [decode_video(v, sample, backend=backend) for v in videos]
             return [frames for frames, _ in decoded], [metadata for _, metadata in decoded]
         if do_sample_frames and sample_indices_fn is not None:
             # transformers samples an array as if it were a whole decoded video; tell `sample_frames` it is not.
