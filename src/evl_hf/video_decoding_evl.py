@@ -20,6 +20,7 @@ through `decode_video`.
 import errno
 import functools
 import io
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -130,6 +131,11 @@ def _open_source(source, timeout: float):
         if _is_seekable(source):
             source.seek(0)
         return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"A video to decode is a path, an http(s) URL, bytes or a file object, got {type(source).__name__}"
+            " (decoded frames go to the video processor or the video-classification pipeline)."
+        )
     text = str(source)
     if text.startswith(("http://", "https://")):
         from huggingface_hub.utils import httpx
