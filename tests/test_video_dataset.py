@@ -21,6 +21,7 @@ from evl_hf.data.video_dataset import (
     feature_cache_fingerprint,
     is_unlabeled,
     load_video_dataset,
+    read_class_names,
     shuffled_frame_order,
 )
 
@@ -190,6 +191,63 @@ def test_a_broken_split_the_run_does_not_use_is_left_out_whatever_its_source(cli
             loaded = load_video_dataset(dataset_name=str(hub), used_splits=used, **extra)
         assert is_unlabeled(loaded["test"])
         assert ("has no labels (every 'label' is missing or -1)" in caplog.text) == warned, (used, extra)
+
+
+def test_a_clip_below_its_labels_folder_is_refused_by_name(clips, tmp_path):
+    # `datasets` labels a clip by the folder it lies in: growing/person0/clip.mp4 would be class "person0".
+    import shutil
+
+    for layout in (["growing/person0", "growing/person1", "shrinking/person0"], ["growing", "shrinking/person0"]):
+        train = tmp_path / f"train-{len(layout[0])}"
+        for index, folder in enumerate(layout):
+            (train / folder).mkdir(parents=True)
+            shutil.copy(clips[index], train / folder / "clip.mp4")
+        nested = next(folder for folder in layout if "/" in folder)
+        with pytest.raises(ValueError, match=f"lie below a label's sub-folder \\(e.g. {nested}/clip.mp4\\)"):
+            load_video_dataset(train_dir=str(train))
+
+
+def test_list_files_without_class_names_share_the_widest_numbering(clips, tmp_path):
+    # A small validation list without the last class is the same classes, not a disagreement.
+    (tmp_path / "train.txt").write_text(f"{clips[0]} 0\n{clips[1]} 2\n{clips[2]} 1\n")
+    (tmp_path / "val.txt").write_text(f"{clips[0]} 1\n{clips[1]} 0\n")
+    data = load_video_dataset(train_list=str(tmp_path / "train.txt"), validation_list=str(tmp_path / "val.txt"))
+    for split, labels in (("train", [0, 2, 1]), ("validation", [1, 0])):
+        assert data[split].features["label"].names == ["0", "1", "2"] and list(data[split]["label"]) == labels
+
+
+def test_a_list_label_beyond_the_class_names_is_refused_by_line(clips, tmp_path):
+    # e.g. UCF101's 1-based lists with its 101 names
+    (tmp_path / "train.txt").write_text(f"{clips[0]} 1\n{clips[1]} 2\n")
+    with pytest.raises(ValueError, match="train.txt:2: label 2, but the class names give 2 classes"):
+        load_video_dataset(train_list=str(tmp_path / "train.txt"), class_names=["a", "b"])
+
+
+def test_class_names_files_in_the_common_formats(tmp_path):
+    import json
+
+    formats = {
+        "list.json": json.dumps(["run", "jump", "swim"]),
+        "name_to_label.json": json.dumps({"jump": 1, "run": 0, "swim": 2}),
+        "label_to_name.json": json.dumps({"2": "swim", "0": "run", "1": "jump"}),
+        "lines.txt": "run\njump\n\nswim\n",
+    }
+    for name, text in formats.items():
+        (tmp_path / name).write_text(text)
+        assert read_class_names(tmp_path / name) == ["run", "jump", "swim"], name
+    broken = {
+        "gap.json": (json.dumps({"run": 0, "swim": 2}), "must be 0 to 1, each once"),
+        "mixed.json": (json.dumps({"run": 0, "jump": "one"}), "maps each name to its integer label"),
+        "numbers.json": (json.dumps([1, 2]), "expected class names"),
+        "twice.txt": ("run\nrun\n", "given more than once: \\['run'\\]"),
+        "empty.txt": ("\n", "expected class names"),
+    }
+    for name, (text, message) in broken.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name}: .*{message}"):
+            read_class_names(tmp_path / name)
+    with pytest.raises(ValueError, match="missing.json: cannot read the class names"):
+        read_class_names(tmp_path / "missing.json")
 
 
 def test_a_test_list_with_words_for_labels_is_not_read_as_paths(clips, tmp_path):

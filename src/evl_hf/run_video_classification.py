@@ -44,6 +44,7 @@ from .data.video_dataset import (
     clip_names,
     is_unlabeled,
     load_video_dataset,
+    read_class_names,
 )
 from .modeling_evl import EVLForVideoClassification
 from .training import (
@@ -94,7 +95,11 @@ class DataTrainingArguments:
     test_list: str | None = field(
         default=None, metadata={"help": "'<path> <label>' lines, or paths alone (or with label -1) to predict."}
     )
-    class_names_file: str | None = field(default=None, metadata={"help": "JSON list of class names for list files."})
+    class_names_file: str | None = field(
+        default=None,
+        metadata={"help": "Class names in label order for list files: a JSON list, a JSON object of name to label "
+                          "(or label to name), or one name per line."},  # fmt: skip
+    )
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` data set with video and label."})
     dataset_config_name: str | None = field(default=None)
     video_column: str = field(default="video")
@@ -371,8 +376,7 @@ def main(argv: list[str] | None = None):
 
     class_names = None
     if data_args.class_names_file:
-        with open(data_args.class_names_file) as handle:
-            class_names = json.load(handle)
+        class_names = read_class_names(data_args.class_names_file)
     # Every split given names classes; one this run does not use (e.g. a partly labeled test split in a training run)
     # is left out rather than stopping it.
     used = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import uuid
+from collections import Counter
 from collections.abc import Collection
 from pathlib import Path
 
@@ -102,9 +103,52 @@ def read_list_file(path: str | Path, class_names: list[str] | None = None, allow
             f"{path}: {len(unlabeled)} of its {len(labels)} clips have no label (e.g. line {unlabeled[0]}) and the "
             f"others do (e.g. line {labeled}): label every clip, or none to predict them."
         )
+    if class_names is not None:
+        beyond = next(((n, label) for n, label in zip(numbers, labels) if label >= len(class_names)), None)
+        if beyond is not None:
+            raise ValueError(
+                f"{path}:{beyond[0]}: label {beyond[1]}, but the class names give {len(class_names)} classes "
+                f"(0 to {len(class_names) - 1}; labels count from 0)."
+            )
     names = class_names or [str(i) for i in range(max(labels) + 1)]
     features = Features({"video": Value("string"), "label": ClassLabel(names=names)})
     return Dataset.from_dict({"video": videos, "label": labels}, features=features)
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """
+    Class names in label order from a file: a JSON list of names, a JSON object mapping each name to its label (or
+    each label to its name) for labels 0 to n - 1, or text with one name per line. A `ValueError` names the file and
+    what is wrong.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the class names ({error.strerror or error}).") from None
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = [line.strip() for line in text.splitlines() if line.strip()]  # one name per line
+    if isinstance(names, dict):
+        items = list(names.items())
+        if all(isinstance(label, int) and not isinstance(label, bool) for _, label in items):  # name -> label
+            by_label = {label: name for name, label in items}
+        elif all(key.isdigit() and isinstance(name, str) for key, name in items):  # label -> name (JSON keys)
+            by_label = {int(key): name for key, name in items}
+        else:
+            raise ValueError(
+                f"{path}: a JSON object of class names maps each name to its integer label, or each label to its name."
+            )
+        if sorted(by_label) != list(range(len(items))):
+            raise ValueError(f"{path}: the labels of the class names must be 0 to {len(items) - 1}, each once.")
+        names = [by_label[label] for label in range(len(by_label))]
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"{path}: expected class names: a JSON list of strings, a JSON object, or one name per line.")
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{path}: class names given more than once: {repeated[:5]}.")
+    return names
 
 
 def _is_file(list_file: Path, video: str) -> bool:
@@ -134,6 +178,14 @@ def _videofolder_files(folder: str | Path, allow_unlabeled: bool = False) -> tup
         raise ValueError(
             f"{folder}: {len(loose)} video file(s) lie directly in the folder (e.g. {Path(loose[0]).name}); the "
             f"videofolder layout needs one sub-folder per label: <split>/<label>/<clip>.{unlabeled}"
+        )
+    # `datasets` labels a clip by the folder it lies in: a clip further down would be labeled by its sub-folder.
+    nested = [f for f in files if Path(f).parent.parent != folder]
+    if nested:
+        raise ValueError(
+            f"{folder}: {len(nested)} video file(s) lie below a label's sub-folder (e.g. "
+            f"{Path(nested[0]).relative_to(folder)}); the videofolder layout is <split>/<label>/<clip>, a clip's "
+            "label the sub-folder it lies in directly."
         )
     return files, True
 
@@ -222,11 +274,21 @@ def load_video_dataset(
                 splits[split] = Dataset.from_dict({"video": found[0]})
     if data_files:
         splits.update(load_dataset("videofolder", data_files=data_files, cache_dir=cache_dir))
+    list_splits = {}
     for split, list_file in lists.items():
         if list_file:
             read = unless_unused(split, lambda: read_list_file(list_file, class_names, allow_unlabeled=split == "test"))
             if read is not None:
-                splits[split] = read
+                list_splits[split] = read
+    if class_names is None:
+        # Without class names each list file numbers its classes up to its own largest label: a split without the
+        # last classes (a small validation list) takes the widest numbering, the same classes.
+        numbered = [data.features["label"].names for data in list_splits.values() if not is_unlabeled(data)]
+        widest = max(numbered, key=len, default=None)
+        for split, data in list_splits.items():
+            if widest and not is_unlabeled(data) and data.features["label"].names != widest:
+                list_splits[split] = data.cast_column("label", ClassLabel(names=widest))
+    splits.update(list_splits)
     from_data_set -= {split for split in folders if folders[split] or lists[split]}  # replaced by a folder or list
     if not splits and not left_out:
         raise ValueError("No data: give --train_dir/--validation_dir/--test_dir, list files, or --dataset_name.")
