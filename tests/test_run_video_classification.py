@@ -519,6 +519,38 @@ def test_the_feature_cache_is_reused_and_never_inside_the_output_dir(data_dir, b
         load_script().main(inside)
 
 
+def test_a_cached_training_set_of_broken_clips_stops_and_a_mostly_broken_one_is_reported(
+    data_dir, backbone_dir, tmp_path, caplog
+):
+    # As without the cache: a set of unreadable files stops with the error that says so, and over a tenth of them is
+    # reported loudly.
+    import logging
+
+    steps = ("--do_train", "--max_steps", "1", "--save_strategy", "no", "--cache_backbone_features",
+             "--feature_cache_dir", str(tmp_path / "cache"))  # fmt: skip
+
+    def train_on(folder, output):
+        args = base_args(data_dir, backbone_dir, output, *steps)
+        args[args.index("--train_dir") + 1] = str(folder)
+        args[args.index("--validation_dir") : args.index("--validation_dir") + 4] = []  # and --test_dir
+        return load_script().main(args)
+
+    some = tmp_path / "some"  # 4 clips and random bytes
+    for label in ("growing", "shrinking"):
+        shutil.copytree(data_dir / "train" / label, some / label, ignore=shutil.ignore_patterns("empty.mp4"))
+    names = sorted(path.name for path in some.rglob("*.mp4"))
+    assert len(names) == 5 and "random_bytes.mp4" in names
+    with caplog.at_level(logging.WARNING):
+        train_on(some, tmp_path / "out-some")
+    assert "1 of the 5 training clips could not be decoded and were left out of the feature cache" in caplog.text
+    broken = tmp_path / "broken"
+    for label, data in (("growing", np.random.default_rng(0).bytes(3000)), ("shrinking", b"")):
+        (broken / label).mkdir(parents=True)
+        (broken / label / "clip.mp4").write_bytes(data)
+    with pytest.raises(RuntimeError, match="None of the 2 training clips could be decoded for the feature cache"):
+        train_on(broken, tmp_path / "out-broken")
+
+
 def test_settings_the_script_cannot_train_are_refused(data_dir, backbone_dir, tmp_path):
     args = base_args(data_dir, backbone_dir, tmp_path / "unfrozen", "--do_train", "--cache_backbone_features")
     args[args.index("--config_overrides") + 1] += ",freeze_backbone=false"

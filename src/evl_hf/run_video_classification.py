@@ -51,6 +51,7 @@ from .training import (
     RUN_ARGUMENTS_FILE,
     EVLTrainer,
     make_compute_metrics,
+    warn_if_many_unusable,
     write_per_class_report,
     write_predictions,
 )
@@ -478,6 +479,12 @@ def main(argv: list[str] | None = None):
             batch_size=training_args.per_device_eval_batch_size, progress=not training_args.disable_tqdm,
         )  # fmt: skip
         logger.info("Feature cache: %d clips cached, %d could not be decoded", len(trainer.train_dataset), unusable)
+        if not len(trainer.train_dataset):
+            raise RuntimeError(
+                f"None of the {unusable} training clips could be decoded for the feature cache; the data set looks "
+                "broken (the warnings above name the files)."
+            )
+        warn_if_many_unusable(unusable, len(trainer.train_dataset) + unusable, "were left out of the feature cache")
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -147,9 +147,7 @@ class EVLTrainer(Trainer):
         count = self._count_unusable("train")
         result.metrics["train_unusable_clips"] = count
         total = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else 0
-        if total and count * 10 > total:
-            logger.warning("%d of the %d training clips could not be decoded and were replaced: check the data set.",
-                           count, total)  # fmt: skip
+        warn_if_many_unusable(count, total, "were replaced")
         return result
 
     def create_model_card(self, *args, **kwargs) -> None:
@@ -199,6 +197,13 @@ class EVLTrainer(Trainer):
             marker = "\n## Training procedure"
             card.text = card.text.replace(marker, f"\n{section}{marker}", 1) if marker in card.text else f"{card.text.rstrip()}\n\n{section}"
         card.save(path)
+
+
+def warn_if_many_unusable(count: int, total: int, fate: str) -> None:
+    """Say it loudly when over a tenth of the `total` training clips could not be decoded (each was warned about
+    already): at that share the data set, not a stray file, is likely the problem."""
+    if total and count * 10 > total:
+        logger.warning("%d of the %d training clips could not be decoded and %s: check the data set.", count, total, fate)
 
 
 def latest_evaluation(log_history: list[dict]) -> dict:
