@@ -408,12 +408,21 @@ def test_from_backbone_pretrained_applies_loading_arguments_and_refuses_others(t
     clip = CLIPVisionModel.from_pretrained(tiny_backbone_dir, dtype=torch.bfloat16)
     for key, value in clip.state_dict().items():
         assert torch.equal(model.evl.vision_model.state_dict()[key], value), key
-    with pytest.raises(ValueError, match="`low_cpu_mem_usage`.* `from_backbone_pretrained`"):
-        EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, low_cpu_mem_usage=True, **BACKBONE_KWARGS)
-    with pytest.raises(ValueError, match="`dtype` .* `backbone_dtype`"):
-        EVLForVideoClassification.from_backbone_pretrained(
-            tiny_backbone_dir, dtype=torch.float16, backbone_dtype="bfloat16", **BACKBONE_KWARGS
-        )
+    # A backbone kept in float32 stays so in a bf16 model, as `from_pretrained` keeps it.
+    model = EVLForVideoClassification.from_backbone_pretrained(
+        tiny_backbone_dir, dtype=torch.bfloat16, backbone_dtype="float32", device_map={"": "cpu"}, **BACKBONE_KWARGS
+    )
+    assert model.evl.vision_model.dtype == torch.float32 and model.evl.decoder.query.dtype == torch.bfloat16
+    for key in ("low_cpu_mem_usage", "disable_mmap", "not_a_field"):
+        with pytest.raises(ValueError, match=f"`{key}`: neither a field of `EVLConfig` nor an argument"):
+            EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, **{key: True}, **BACKBONE_KWARGS)
+    with pytest.raises(ValueError, match="spreads a model over devices"):
+        EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, device_map="balanced", **BACKBONE_KWARGS)
+    config = EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, **BACKBONE_KWARGS).config
+    config.backbone_dtype = "bfloat16"
+    for conflicting in (dict(backbone_dtype="bfloat16", **BACKBONE_KWARGS), dict(config=config)):
+        with pytest.raises(ValueError, match="`dtype` .* `backbone_dtype`"):
+            EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, dtype=torch.float16, **conflicting)
 
 
 def _save_tiny_unsupported(kind, directory):

@@ -14,6 +14,7 @@
 """PyTorch EVL model: a frozen CLIP ViT backbone with a light temporal Transformer decoder."""
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -802,22 +803,24 @@ _BACKBONE_LOADING_ARGUMENTS = (
     "cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder", "use_safetensors",
     "attn_implementation",
 )  # fmt: skip
-_FROM_PRETRAINED_ONLY_ARGUMENTS = {
-    "low_cpu_mem_usage", "max_memory", "offload_folder", "offload_buffers", "offload_state_dict",
-    "quantization_config", "variant", "gguf_file", "state_dict", "output_loading_info", "ignore_mismatched_sizes",
-    "weights_only", "key_mapping", "tp_plan", "tp_size", "device_mesh", "distributed_config", "trust_remote_code",
-    "use_kernels", "kernel_config", "adapter_kwargs", "adapter_name", "from_tf", "from_flax",
+_EVL_CONFIG_ARGUMENTS = {field.name for field in dataclasses.fields(EVLConfig)} | {
+    "num_labels", "output_attentions", "preset", "config",
 }  # fmt: skip
 
 
 def _single_device(device_map) -> torch.device | None:
-    """The device a `device_map` names (a device, its name or index; "auto": the accelerator if there is one), for
-    a model built in one piece; `None` without one."""
+    """The device a `device_map` places a model built in one piece on: a device, its name or index, a map of every
+    module to one device (`{"": 0}`), or "auto" (the accelerator if there is one); `None` without one."""
     if device_map is None:
         return None
+    if isinstance(device_map, dict) and len({str(device) for device in device_map.values()}) == 1:
+        device_map = next(iter(device_map.values()))
     if device_map == "auto":
         accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         return accelerator or torch.device("cpu")
+    if isinstance(device_map, str) and device_map in ("balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"`device_map={device_map!r}` spreads a model over devices; `from_backbone_pretrained` builds "
+                         "one in one piece: give one device.")  # fmt: skip
     if isinstance(device_map, (str, int, torch.device)):
         return torch.device(device_map)
     raise ValueError(
@@ -1482,24 +1485,21 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         Any other kind of checkpoint raises a `ValueError`; one whose vision tensors are missing, extra or of the
         wrong shape raises `EVLCheckpointError`, so no backbone weight is ever left randomly initialised.
         """
-        refused = sorted(_FROM_PRETRAINED_ONLY_ARGUMENTS & set(config_kwargs))
-        if refused:
-            raise ValueError(
-                f"{', '.join(f'`{key}`' for key in refused)}: an argument of `from_pretrained` that "
-                "`from_backbone_pretrained` does not take (it builds a new model around the backbone; `dtype` and a "
-                "`device_map` naming one device are applied)."
-            )
         hub_kwargs = {key: config_kwargs.pop(key) for key in _BACKBONE_LOADING_ARGUMENTS if key in config_kwargs}
         # Loading arguments, applied to the model built: never fields of its configuration.
         dtype = config_kwargs.pop("dtype", None)
         torch_dtype = config_kwargs.pop("torch_dtype", None)  # the older name
         dtype = dtype if dtype is not None else torch_dtype
-        device_map = config_kwargs.pop("device_map", None)
-        if dtype is not None and config_kwargs.get("backbone_dtype") not in (None, "float32"):
+        device = _single_device(config_kwargs.pop("device_map", None))
+        # As `from_pretrained` (whose model refuses an argument no config field takes), but by name: anything else
+        # would be written into the configuration, and so into config.json.
+        unknown = sorted(set(config_kwargs) - _EVL_CONFIG_ARGUMENTS)
+        if unknown:
             raise ValueError(
-                "`dtype` casts the whole model and `backbone_dtype` the backbone alone: give one of them."
+                f"{', '.join(f'`{key}`' for key in unknown)}: neither a field of `EVLConfig` nor an argument "
+                "`from_backbone_pretrained` takes (it builds a new model around the backbone: `dtype`, a `device_map` "
+                "naming one device and the Hub's arguments apply, `from_pretrained`'s other loading arguments do not)."
             )
-        device = _single_device(device_map)
         if dtype is not None:
             hub_kwargs["dtype"] = dtype  # the tower loads in it ("auto": its checkpoint's dtype)
         preset = config_kwargs.pop("preset", None)
@@ -1520,12 +1520,15 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             config = EVLConfig.from_preset(preset, vision_config=backbone.config, **config_kwargs)
         else:
             config = EVLConfig(vision_config=backbone.config, **config_kwargs)
+        if dtype is not None and config.backbone_dtype not in (None, "float32"):
+            raise ValueError("`dtype` casts the whole model and `backbone_dtype` the backbone alone: give one of them.")
         if "attn_implementation" in hub_kwargs:
             config._attn_implementation = hub_kwargs["attn_implementation"]
         model = cls(config)
         if dtype is not None:
             model.to(backbone.dtype)
             model.config.dtype = backbone.dtype
+            model.evl._apply_backbone_freeze()  # a `backbone_dtype="float32"` backbone stays so, as `from_pretrained`'s
         model.evl.vision_model.load_state_dict(backbone.state_dict())
         model.config.base_model = str(pretrained_model_name_or_path)
         return model if device is None else model.to(device)
