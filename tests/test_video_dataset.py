@@ -1,6 +1,7 @@
 """Data sets, bad-clip policy and feature cache of `evl_hf.data.video_dataset`, below the training script."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,6 +208,26 @@ def test_a_clip_below_its_labels_folder_is_refused_by_name(clips, tmp_path):
             load_video_dataset(train_dir=str(train))
 
 
+def test_a_videofolder_follows_linked_label_folders_and_skips_hidden_ones(clips, tmp_path):
+    # A label folder may be a link to where the clips are stored; notebook checkpoints, thumbnails and macOS's
+    # resource forks are not clips (as `datasets` leaves them out).
+    import shutil
+
+    train = tmp_path / "train"
+    for folder, name, clip in (("train/cat", "a.mp4", 0), ("store/dog", "b.mp4", 1), ("store/dog", "c.mp4", 2),
+                               ("train/cat/.thumbs", "a.mp4", 0), ("train/.ipynb_checkpoints/x", "d.mp4", 1)):  # fmt: skip
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(clips[clip], tmp_path / folder / name)
+    (train / "cat" / "._a.mp4").write_bytes(b"resource fork")
+    (train / "dog").symlink_to(tmp_path / "store" / "dog", target_is_directory=True)
+    (tmp_path / "store" / "dog" / "loop").symlink_to(train, target_is_directory=True)  # visited once
+    data = load_video_dataset(train_dir=str(train))["train"]
+    assert data.features["label"].names == ["cat", "dog"]
+    assert sorted((Path(video).name, label) for video, label in zip(clip_names(data), data["label"])) == [
+        ("a.mp4", 0), ("b.mp4", 1), ("c.mp4", 1)
+    ]
+
+
 def test_list_files_without_class_names_share_the_widest_numbering(clips, tmp_path):
     # A small validation list without the last class is the same classes, not a disagreement.
     (tmp_path / "train.txt").write_text(f"{clips[0]} 0\n{clips[1]} 2\n{clips[2]} 1\n")
@@ -231,6 +252,9 @@ def test_class_names_files_in_the_common_formats(tmp_path):
         "name_to_label.json": json.dumps({"jump": 1, "run": 0, "swim": 2}),
         "label_to_name.json": json.dumps({"2": "swim", "0": "run", "1": "jump"}),
         "lines.txt": "run\njump\n\nswim\n",
+        "windows.txt": "run\r\njump\r\nswim\r\n",
+        "bom.json": "\ufeff" + json.dumps(["run", "jump", "swim"], indent=2),
+        "bom.txt": "\ufeffrun\njump\nswim\n",
     }
     for name, text in formats.items():
         (tmp_path / name).write_text(text)
@@ -241,6 +265,8 @@ def test_class_names_files_in_the_common_formats(tmp_path):
         "numbers.json": (json.dumps([1, 2]), "expected class names"),
         "twice.txt": ("run\nrun\n", "given more than once: \\['run'\\]"),
         "empty.txt": ("\n", "expected class names"),
+        "trailing_comma.json": ('["run", "jump",]', "not valid JSON"),
+        "superscript.json": (json.dumps({"\u00b2": "run"}), "maps each name to its integer label"),
     }
     for name, (text, message) in broken.items():
         (tmp_path / name).write_text(text)

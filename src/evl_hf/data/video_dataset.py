@@ -75,7 +75,11 @@ def read_list_file(path: str | Path, class_names: list[str] | None = None, allow
         raise ValueError(f"{path}: the list file does not exist." if not path.exists() else f"{path}: is not a file.")
     videos, labels, numbers = [], [], []
     expected = "'<video path> <integer label>'" + (" or '<video path>'" if allow_unlabeled else "")
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: the list file is not UTF-8 text ({error.reason}).") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         fields = line.rsplit(maxsplit=1)
@@ -123,18 +127,22 @@ def read_class_names(path: str | Path) -> list[str]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise ValueError(f"{path}: cannot read the class names ({error.strerror or error}).") from None
-    try:
-        names = json.loads(text)
-    except ValueError:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else f"not UTF-8 text: {error.reason}"
+        raise ValueError(f"{path}: cannot read the class names ({reason or error}).") from None
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            names = json.loads(text)
+        except ValueError as error:  # JSON with a mistake, not names one per line
+            raise ValueError(f"{path}: the class names are not valid JSON ({error}).") from None
+    else:
         names = [line.strip() for line in text.splitlines() if line.strip()]  # one name per line
     if isinstance(names, dict):
         items = list(names.items())
         if all(isinstance(label, int) and not isinstance(label, bool) for _, label in items):  # name -> label
             by_label = {label: name for name, label in items}
-        elif all(key.isdigit() and isinstance(name, str) for key, name in items):  # label -> name (JSON keys)
+        elif all(key.isascii() and key.isdecimal() and isinstance(name, str) for key, name in items):  # label -> name
             by_label = {int(key): name for key, name in items}
         else:
             raise ValueError(
@@ -156,6 +164,26 @@ def _is_file(list_file: Path, video: str) -> bool:
     return (video_path if video_path.is_absolute() else list_file.parent / video_path).is_file()
 
 
+def _folder_videos(folder: Path) -> list[str]:
+    """The video files under `folder`, sorted: symbolic links to folders followed (a label folder may be one; each
+    folder is visited once), and hidden or special files and folders (names starting with "." or "__", such as
+    `.ipynb_checkpoints` or macOS's `._clip.mp4`) left out, as `datasets` leaves them out."""
+    files, visited = [], set()
+    for root, directories, names in os.walk(folder, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in visited:  # a link back up the tree
+            directories[:] = []
+            continue
+        visited.add((status.st_dev, status.st_ino))
+        directories[:] = [name for name in directories if not name.startswith((".", "__"))]
+        files.extend(
+            os.path.join(root, name)
+            for name in names
+            if not name.startswith((".", "__")) and Path(name).suffix.lower() in VIDEO_EXTENSIONS
+        )
+    return sorted(files)
+
+
 def _videofolder_files(folder: str | Path, allow_unlabeled: bool = False) -> tuple[list[str], bool]:
     """
     The clips of a `split/<label>/<clip>` folder and `True`, or a `ValueError` that says what is wrong with the
@@ -167,7 +195,7 @@ def _videofolder_files(folder: str | Path, allow_unlabeled: bool = False) -> tup
         raise ValueError(f"{folder}: the directory does not exist.")
     if not folder.is_dir():
         raise ValueError(f"{folder}: is not a directory (expected a folder with one sub-folder per label).")
-    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    files = _folder_videos(folder)
     if not files:
         raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in <label>/ sub-folders.")
     loose = [f for f in files if Path(f).parent == folder]
