@@ -132,9 +132,10 @@ def _open_source(source, timeout: float):
             source.seek(0)
         return source
     if not isinstance(source, (str, os.PathLike)):
+        frames = " (decoded frames go to the video processor or the video-classification pipeline)"
         raise TypeError(
-            f"A video to decode is a path, an http(s) URL, bytes or a file object, got {type(source).__name__}"
-            " (decoded frames go to the video processor or the video-classification pipeline)."
+            f"A video to decode is a path, an http(s) URL, bytes or a file object (`io.IOBase`), got "
+            f"{type(source).__name__}{frames if hasattr(source, 'shape') else ''}."
         )
     text = str(source)
     if text.startswith(("http://", "https://")):
