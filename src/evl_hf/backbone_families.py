@@ -219,7 +219,9 @@ def family_of_checkpoint(model_type: str | None) -> EVLBackboneFamily | None:
 
 
 def _image_processor_file(pretrained_model_name_or_path, **hub_kwargs) -> str | None:
-    kwargs = {key: value for key, value in hub_kwargs.items() if key != "attn_implementation"}
+    # The arguments that locate files (not those that load a model: `dtype`, `attn_implementation`, ...).
+    files = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder")
+    kwargs = {key: value for key, value in hub_kwargs.items() if key in files}
     return cached_file(
         pretrained_model_name_or_path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **kwargs
     )

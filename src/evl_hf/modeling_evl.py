@@ -797,8 +797,8 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
         return query, attn_weights
 
 
-# `from_backbone_pretrained`: the arguments it passes on to the backbone's loading, and those of `from_pretrained`
-# that have no meaning for a model built anew (refused by name, rather than written into its configuration).
+# `from_backbone_pretrained`: the arguments it passes on to the backbone's loading, and the names its configuration
+# takes (any other is refused by name, rather than written into the configuration).
 _BACKBONE_LOADING_ARGUMENTS = (
     "cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder", "use_safetensors",
     "attn_implementation",

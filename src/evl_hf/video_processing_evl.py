@@ -41,6 +41,7 @@ logger = logging.get_logger(__name__)
 # preprocessing but not to `_decode_and_sample_videos`. A context variable, so concurrent calls keep their own.
 _CALL_DECODING_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("decoding_backend", default=None)
 
+
 class EVLVideoProcessorKwargs(VideosKwargs, total=False):
     """
     `fps` (transformers' argument) samples by time instead of `num_frames`: `duration * fps` frames spread evenly over
