@@ -413,6 +413,8 @@ def test_from_backbone_pretrained_applies_loading_arguments_and_refuses_others(t
         tiny_backbone_dir, dtype=torch.bfloat16, backbone_dtype="float32", device_map={"": "cpu"}, **BACKBONE_KWARGS
     )
     assert model.evl.vision_model.dtype == torch.float32 and model.evl.decoder.query.dtype == torch.bfloat16
+    for key, value in CLIPVisionModel.from_pretrained(tiny_backbone_dir).state_dict().items():
+        assert torch.equal(model.evl.vision_model.state_dict()[key], value), key  # not rounded through bf16
     for key in ("low_cpu_mem_usage", "disable_mmap", "not_a_field"):
         with pytest.raises(ValueError, match=f"`{key}`: neither a field of `EVLConfig` nor an argument"):
             EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, **{key: True}, **BACKBONE_KWARGS)

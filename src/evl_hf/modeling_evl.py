@@ -1500,10 +1500,13 @@ class EVLForVideoClassification(EVLPreTrainedModel):
                 "`from_backbone_pretrained` takes (it builds a new model around the backbone: `dtype`, a `device_map` "
                 "naming one device and the Hub's arguments apply, `from_pretrained`'s other loading arguments do not)."
             )
-        if dtype is not None:
-            hub_kwargs["dtype"] = dtype  # the tower loads in it ("auto": its checkpoint's dtype)
         preset = config_kwargs.pop("preset", None)
         config = config_kwargs.pop("config", None)
+        backbone_dtype = config.backbone_dtype if config is not None else config_kwargs.get("backbone_dtype")
+        if dtype is not None and backbone_dtype == "float32":
+            hub_kwargs["dtype"] = torch.float32  # the backbone kept in float32 keeps its weights exact
+        elif dtype is not None:
+            hub_kwargs["dtype"] = dtype  # the tower loads in it ("auto": its checkpoint's dtype)
         backbone = cls._load_backbone(pretrained_model_name_or_path, hub_kwargs)
         if (
             config is None
@@ -1526,9 +1529,11 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             config._attn_implementation = hub_kwargs["attn_implementation"]
         model = cls(config)
         if dtype is not None:
-            model.to(backbone.dtype)
-            model.config.dtype = backbone.dtype
-            model.evl._apply_backbone_freeze()  # a `backbone_dtype="float32"` backbone stays so, as `from_pretrained`'s
+            model_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+            model_dtype = backbone.dtype if model_dtype == "auto" else model_dtype
+            model.to(model_dtype)
+            model.config.dtype = model_dtype
+            model.evl._apply_backbone_freeze()  # a `backbone_dtype="float32"` backbone back in float32
         model.evl.vision_model.load_state_dict(backbone.state_dict())
         model.config.base_model = str(pretrained_model_name_or_path)
         return model if device is None else model.to(device)

@@ -135,7 +135,10 @@ def read_class_names(path: str | Path) -> list[str]:
         try:
             names = json.loads(text)
         except ValueError as error:  # JSON with a mistake, not names one per line
-            raise ValueError(f"{path}: the class names are not valid JSON ({error}).") from None
+            raise ValueError(
+                f"{path}: the class names are not valid JSON ({error}); a file starting with '[' or '{{' is read as "
+                "JSON (names one per line must not start so)."
+            ) from None
     else:
         names = [line.strip() for line in text.splitlines() if line.strip()]  # one name per line
     if isinstance(names, dict):
@@ -165,21 +168,23 @@ def _is_file(list_file: Path, video: str) -> bool:
 
 
 def _folder_videos(folder: Path) -> list[str]:
-    """The video files under `folder`, sorted: symbolic links to folders followed (a label folder may be one; each
-    folder is visited once), and hidden or special files and folders (names starting with "." or "__", such as
-    `.ipynb_checkpoints` or macOS's `._clip.mp4`) left out, as `datasets` leaves them out."""
-    files, visited = [], set()
+    """The video files under `folder`, sorted. Symbolic links are followed (a label folder may be one), except a link
+    back to a folder the walk is inside. Hidden files and folders (".*": `.ipynb_checkpoints`, macOS's `._clip.mp4`)
+    and special folders ("__*") are left out, as `datasets` leaves them out; so are links to nothing."""
+    files = []
+    inside = {str(folder): {os.path.realpath(folder)}}  # each folder walked: the real folders it lies in
     for root, directories, names in os.walk(folder, followlinks=True):
-        status = os.stat(root)
-        if (status.st_dev, status.st_ino) in visited:  # a link back up the tree
-            directories[:] = []
-            continue
-        visited.add((status.st_dev, status.st_ino))
-        directories[:] = [name for name in directories if not name.startswith((".", "__"))]
+        entered = []
+        for name in directories:
+            target = os.path.realpath(os.path.join(root, name))
+            if not name.startswith((".", "__")) and target not in inside[root]:  # not a loop
+                entered.append(name)
+                inside[os.path.join(root, name)] = inside[root] | {target}
+        directories[:] = entered
         files.extend(
-            os.path.join(root, name)
-            for name in names
-            if not name.startswith((".", "__")) and Path(name).suffix.lower() in VIDEO_EXTENSIONS
+            path
+            for path in (os.path.join(root, name) for name in names if not name.startswith("."))
+            if Path(path).suffix.lower() in VIDEO_EXTENSIONS and os.path.isfile(path)
         )
     return sorted(files)
 
@@ -195,6 +200,7 @@ def _videofolder_files(folder: str | Path, allow_unlabeled: bool = False) -> tup
         raise ValueError(f"{folder}: the directory does not exist.")
     if not folder.is_dir():
         raise ValueError(f"{folder}: is not a directory (expected a folder with one sub-folder per label).")
+    folder = folder.absolute()  # clips are read by path from wherever the data set is used
     files = _folder_videos(folder)
     if not files:
         raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in <label>/ sub-folders.")
@@ -301,7 +307,14 @@ def load_video_dataset(
             elif found is not None:
                 splits[split] = Dataset.from_dict({"video": found[0]})
     if data_files:
-        splits.update(load_dataset("videofolder", data_files=data_files, cache_dir=cache_dir))
+        # Each clip labeled by the folder it lies in, over the classes of every folder given, as `datasets`'
+        # videofolder labels them; built here because that loader drops, without a word, the files of extensions it
+        # does not list (.webm, .m4v) and paths with glob characters ("clip[1].mp4").
+        names = sorted({Path(file).parent.name for files in data_files.values() for file in files})
+        features = Features({"video": Value("string"), "label": ClassLabel(names=names)})
+        for split, files in data_files.items():
+            labels = [Path(file).parent.name for file in files]
+            splits[split] = Dataset.from_dict({"video": files, "label": labels}, features=features)
     list_splits = {}
     for split, list_file in lists.items():
         if list_file:
