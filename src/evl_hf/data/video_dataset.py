@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, Video, load_dataset
 
 from ..video_processing_evl import EVLVideoDecodingError, EVLVideoProcessor, decode_video, sample_frame_indices
 
@@ -311,7 +311,8 @@ def load_video_dataset(
         # videofolder labels them; built here because that loader drops, without a word, the files of extensions it
         # does not list (.webm, .m4v) and paths with glob characters ("clip[1].mp4").
         names = sorted({Path(file).parent.name for files in data_files.values() for file in files})
-        features = Features({"video": Value("string"), "label": ClassLabel(names=names)})
+        # The loader's representation too: `Video` rows of {"path", "bytes"}, not decoded here.
+        features = Features({"video": Video(decode=False), "label": ClassLabel(names=names)})
         for split, files in data_files.items():
             labels = [Path(file).parent.name for file in files]
             splits[split] = Dataset.from_dict({"video": files, "label": labels}, features=features)
@@ -376,9 +377,7 @@ def _checked_labels(split: str, dataset: Dataset) -> tuple[Dataset, bool]:
     if "video" not in dataset.features or ("label" not in dataset.features and split != "test"):
         raise ValueError(f"The {split} split has the columns {list(dataset.features)}: it needs 'video' and 'label' "
                          "(see --video_column / --label_column).")  # fmt: skip
-    if dataset.features["video"].__class__.__name__ == "Video":
-        from datasets import Video
-
+    if isinstance(dataset.features["video"], Video):
         dataset = dataset.cast_column("video", Video(decode=False))
     # Clips without a label: a test split without a label column, or whose labels are all -1 or missing.
     missing = len(dataset) if "label" not in dataset.features else _count_missing_labels(dataset)
