@@ -1,5 +1,6 @@
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -35,6 +36,24 @@ def test_cli_converts_the_golden_checkpoint_with_labels(golden_dir, tmp_path, ca
     assert (processor.num_frames, processor.sampling_rate, processor.crop_size["height"]) == (4, 16, 64)
     assert (processor.num_temporal_views, processor.num_spatial_views) == (3, 1)
     assert pipeline("video-classification", model=str(out)).model.config.id2label[0] == "archery"
+
+
+def test_cli_names_a_bad_file_in_one_line(golden_dir, tmp_path, capsys):
+    checkpoint, backbone = golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision"
+    (tmp_path / "labels.json").write_text("archery\nbowling\n")
+    torch.save({"state_dict": {"decoder.cls_token": torch.zeros(1)}}, tmp_path / "other_layout.pth")
+    torch.save({"model": {"decoder.decoder_layers.0.attn.q_proj.weight": torch.zeros(1)}}, tmp_path / "partial.pth")
+    for arguments, message in (
+        (["--checkpoint", str(checkpoint), "--labels", str(tmp_path / "labels.json")],
+         f"{tmp_path / 'labels.json'}: not a JSON list of class names"),
+        (["--checkpoint", str(tmp_path / "other_layout.pth")],
+         f"{tmp_path / 'other_layout.pth'}: expected the tensors under 'model' .* found a dict with the keys \\['state_dict'\\]"),
+        (["--checkpoint", str(tmp_path / "partial.pth")], f"{tmp_path / 'partial.pth'}: The checkpoint lacks 'decoder.cls_token'"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as ended:
+            main([*arguments, "--backbone", str(backbone), "--output_dir", str(tmp_path / "out"), "--decoder_num_heads", "4"])
+        error = capsys.readouterr().err
+        assert ended.value.code == 1 and re.search(message, error) and "Traceback" not in error, error
 
 
 def test_every_decoder_tensor_is_loaded_from_the_checkpoint(golden_dir):

@@ -1,6 +1,7 @@
 """`evl_hf.explain`: the decoder query's attention as maps over the frames the model read, the PNG / GIF, the CLI."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,19 @@ def test_videos_that_cannot_be_read_are_named(saved_model, tmp_path, capsys):
     assert exit_info.value.code == 1
     assert f"{missing}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_the_cli_checks_its_output_files_before_any_work(clip_path, tmp_path, capsys):
+    for arguments, message in (
+        (["--output", str(tmp_path / "missing" / "e.png")], "the folder .* does not exist"),
+        (["--output", str(tmp_path / "e")], "a figure is written as .*; got no suffix"),
+        (["--output", str(tmp_path / "e.xyz")], "got '.xyz'"),
+        (["--output", str(tmp_path / "e.png"), "--animation", str(tmp_path / "missing" / "a.gif")], "--animation .* the folder"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            main([str(clip_path), "--model", str(tmp_path / "no-model"), *arguments])
+        error = capsys.readouterr().err
+        assert refused.value.code == 2 and re.search(message, error), error
 
 
 def test_a_model_without_a_video_processor_is_refused(saved_model, tmp_path, clip_path, capsys):

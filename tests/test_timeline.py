@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -294,6 +295,23 @@ def test_the_cli_names_the_problem_in_one_line(saved_model, clip_path, tmp_path,
             evl_hf.timeline.main(arguments)
         assert refused.value.code == 2 and f"{option} must be a positive integer, got 0" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_the_cli_checks_its_output_files_before_any_work(clip_path, tmp_path, capsys):
+    # Checked first (the model given does not even exist): a long video's windows are never lost to a bad path.
+    output = ["--output", str(tmp_path / "t.json")]
+    for arguments, message in (
+        (["--output", str(tmp_path / "missing" / "t.json")], "--output .*t.json: the folder .* does not exist"),
+        ([*output, "--plot", str(tmp_path / "missing" / "t.png")], "--plot .*t.png: the folder .* does not exist"),
+        ([*output, "--plot", str(tmp_path / "t.xyz")], "--plot .*t.xyz: a figure is written as .*; got '.xyz'"),
+        ([*output, "--plot", str(tmp_path / "t")], "--plot .*: a figure is written as .*; got no suffix"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            evl_hf.timeline.main([str(clip_path), "--model", str(tmp_path / "no-model"), *arguments])
+        error = capsys.readouterr().err
+        assert refused.value.code == 2 and re.search(message, error), error
+    with pytest.raises(ValueError, match="a figure is written as .*; got no suffix"):
+        evl_hf.plot_timeline([{"start": 0.0, "end": 1.0, "scores": {"a": 1.0}}], tmp_path / "plot")
 
 
 def test_the_cli_writes_the_windows_and_the_plot(saved_model, clip_path, tmp_path):

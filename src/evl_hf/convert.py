@@ -67,7 +67,8 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise EVLCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error}).")
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise EVLCheckpointError(f"{path}: expected a dict of tensors under 'model', got {type(checkpoint).__name__}.")
+        found = f"a dict with the keys {list(checkpoint)[:5]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise EVLCheckpointError(f"{path}: expected the tensors under 'model' (the authors' layout), found {found}.")
     state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     backbone_keys = [key for key in state_dict if not key.startswith(("decoder.", "proj."))]
     if backbone_keys:
@@ -156,7 +157,10 @@ def convert_evl_checkpoint(
 ) -> tuple[EVLForVideoClassification, EVLVideoProcessor]:
     """Build the transformers model (pretrained CLIP backbone + converted decoder/head) and its video processor."""
     state_dict = load_original_state_dict(checkpoint_path)
-    config = infer_config(state_dict, CLIPVisionConfig.from_pretrained(backbone), decoder_num_heads)
+    try:
+        config = infer_config(state_dict, CLIPVisionConfig.from_pretrained(backbone), decoder_num_heads)
+    except EVLCheckpointError as error:
+        raise EVLCheckpointError(f"{checkpoint_path}: {error}") from None
     if id2label is not None:
         if len(id2label) != config.num_labels:
             raise EVLCheckpointError(
@@ -188,16 +192,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="Also upload to this Hub repository.")
     args = parser.parse_args(argv)
 
-    id2label = None
-    if args.labels:
-        labels = json.loads(Path(args.labels).read_text())
-        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-            raise EVLCheckpointError(f"{args.labels}: expected a JSON list of class names.")
-        id2label = dict(enumerate(labels))
-    model, processor = convert_evl_checkpoint(
-        args.checkpoint, args.backbone, args.decoder_num_heads, id2label, args.sampling_rate,
-        args.num_spatial_views, args.num_temporal_views,
-    )  # fmt: skip
+    try:  # a bad file or argument is one line naming it, not a traceback
+        id2label = None
+        if args.labels:
+            try:
+                labels = json.loads(Path(args.labels).read_text(encoding="utf-8-sig"))
+            except ValueError as error:
+                raise ValueError(f"{args.labels}: not a JSON list of class names ({error}).") from None
+            if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+                raise ValueError(f"{args.labels}: expected a JSON list of class names.")
+            id2label = dict(enumerate(labels))
+        model, processor = convert_evl_checkpoint(
+            args.checkpoint, args.backbone, args.decoder_num_heads, id2label, args.sampling_rate,
+            args.num_spatial_views, args.num_temporal_views,
+        )  # fmt: skip
+    except (ValueError, OSError) as error:  # EVLCheckpointError is a ValueError
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     print(f"Saved {type(model).__name__} ({model.config.num_labels} classes, {model.config.num_frames} frames) to {args.output_dir}")

@@ -36,6 +36,7 @@ from transformers import PreTrainedConfig
 from transformers.utils import logging
 
 from ..modeling_evl import EVLForVideoClassification
+from ..output_paths import check_output_path, figure_format
 from ..video_decoding_evl import EVLVideoDecodingError
 from ..video_processing_evl import EVLVideoProcessor
 
@@ -100,6 +101,7 @@ class EVLExplanation:
         layer, columns the frames. One colour scale for the whole figure (0 to its largest patch weight), so cells
         compare within a figure but not across figures.
         """
+        output_format = figure_format(path)  # checked before drawing
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
         from matplotlib.figure import Figure
@@ -127,7 +129,7 @@ class EVLExplanation:
             ScalarMappable(Normalize(0, vmax), COLORMAP), ax=axes, shrink=0.8, label="attention weight per patch"
         )
         figure.suptitle(self.title(), fontsize=10)
-        figure.savefig(path, dpi=dpi)
+        figure.savefig(path, dpi=dpi, format=output_format)
         return Path(path)
 
     def save_animation(self, path: str | os.PathLike, seconds_per_frame: float = 0.5) -> Path:
@@ -362,15 +364,20 @@ def main(argv: list[str] | None = None) -> EVLExplanation:
         parser.error(f"--top_k must be a positive integer, got {args.top_k}.")
     if args.animation is not None and Path(args.animation).suffix.lower() != ANIMATION_SUFFIX:
         parser.error(f"--animation {args.animation}: animations are written as {ANIMATION_SUFFIX} files.")
+    check_output_path(parser, "--output", args.output, figure=True)
+    check_output_path(parser, "--animation", args.animation)
 
     try:
         model, processor = load_model_and_processor(args.model)
         explanation = explain(model, processor, args.video, top_k=args.top_k)
     except (EVLVideoDecodingError, OSError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
-    explanation.save_figure(args.output)
-    if args.animation is not None:
-        explanation.save_animation(args.animation)
+    try:
+        explanation.save_figure(args.output)
+        if args.animation is not None:
+            explanation.save_animation(args.animation)
+    except OSError as error:  # e.g. no permission, a full disk
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
 
     print(f"{explanation.video_name}: frames {', '.join(map(str, explanation.frame_indices))}")
     for label, score in zip(explanation.labels, explanation.scores):

@@ -35,6 +35,7 @@ from transformers.pipelines.video_classification import VideoClassificationPipel
 from transformers.utils import logging
 
 from ..modeling_evl import EVLForVideoClassification, _backbone_autocast, cross_frame_attention_maps
+from ..output_paths import check_output_path, figure_format
 from ..video_decoding_evl import EVLVideoDecodingError, VideoFrameStream, _video_name, decode_video
 from ..video_processing_evl import EVLVideoProcessor, sample_frame_indices
 
@@ -503,6 +504,7 @@ def plot_timeline(windows: list[dict], output_path: str | Path | None = None, nu
     The scores of the `num_classes` classes with the highest peak score over time, one line each, drawn at each
     window's centre; saved to `output_path` (PNG) when given. Returns the matplotlib `Figure`.
     """
+    output_format = figure_format(output_path) if output_path is not None else None  # checked before drawing
     from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     if not windows:
@@ -526,7 +528,7 @@ def plot_timeline(windows: list[dict], output_path: str | Path | None = None, nu
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     axes.grid(alpha=0.3)
     if output_path is not None:
-        figure.savefig(output_path, dpi=100)
+        figure.savefig(output_path, dpi=100, format=output_format)
     return figure
 
 
@@ -562,6 +564,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in ("window_stride", "top_k", "frame_sampling_rate"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    check_output_path(parser, "--output", args.output)
+    check_output_path(parser, "--plot", args.plot, figure=True)
     from transformers import pipeline
 
     try:
@@ -570,9 +574,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         windows = timeline(args.video, window_stride=args.window_stride, top_k=args.top_k, **sampling)
     except (EVLVideoDecodingError, OSError) as error:  # the model's, the video's or the machine's: one line
         parser.exit(1, f"{parser.prog}: error: {error}\n")
-    Path(args.output).write_text(json.dumps(windows, indent=1))
-    if args.plot:
-        plot_timeline(windows, args.plot)
+    try:
+        Path(args.output).write_text(json.dumps(windows, indent=1))
+        if args.plot:
+            plot_timeline(windows, args.plot)
+    except OSError as error:  # e.g. no permission, a full disk
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     print(f"{len(windows)} windows from {windows[0]['start']:.2f}s to {windows[-1]['end']:.2f}s -> {args.output}")
     return windows
 

@@ -1,0 +1,49 @@
+# Copyright 2026 The evl-hf authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The files the command-line tools and figure helpers write: checked before any work, so a long run never ends in a
+traceback about its output path."""
+
+import argparse
+import os
+from pathlib import Path
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The format matplotlib writes `path` in, from its suffix; a `ValueError` naming the path for a suffix it does not
+    write, or none (matplotlib would add ".png", and the file written would not be the one named)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        found = f"'.{suffix}'" if suffix else "no suffix"
+        raise ValueError(f"{path}: a figure is written as {', '.join(f'.{name}' for name in sorted(formats))}; got {found}.")
+    return suffix
+
+
+def check_output_path(parser: argparse.ArgumentParser, option: str, path: str | None, figure: bool = False) -> None:
+    """Stop the command (`parser.error`, one line) unless `path` can be written: its folder exists and, for a figure,
+    its suffix is a format matplotlib writes."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    if not folder.is_dir():
+        parser.error(f"{option} {path}: the folder {folder} does not exist.")
+    if Path(path).is_dir():
+        parser.error(f"{option} {path}: is a folder, not a file.")
+    if figure:
+        try:
+            figure_format(path)
+        except ValueError as error:
+            parser.error(f"{option} {error}")
