@@ -218,10 +218,18 @@ def family_of_checkpoint(model_type: str | None) -> EVLBackboneFamily | None:
     )
 
 
+# The loading arguments that locate a checkpoint's files (not those that load a model: `dtype`,
+# `attn_implementation`, ...).
+HUB_FILE_ARGUMENTS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder")
+
+
+def hub_file_kwargs(hub_kwargs: dict) -> dict:
+    """The arguments of `hub_kwargs` that locate files, for the Hub's file lookups."""
+    return {key: value for key, value in hub_kwargs.items() if key in HUB_FILE_ARGUMENTS}
+
+
 def _image_processor_file(pretrained_model_name_or_path, **hub_kwargs) -> str | None:
-    # The arguments that locate files (not those that load a model: `dtype`, `attn_implementation`, ...).
-    files = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder")
-    kwargs = {key: value for key, value in hub_kwargs.items() if key in files}
+    kwargs = hub_file_kwargs(hub_kwargs)
     return cached_file(
         pretrained_model_name_or_path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **kwargs
     )

@@ -37,7 +37,14 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import resolve_revision
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
-from .backbone_families import backbone_family, family_of_checkpoint, processor_crop_size, supported_checkpoint_types
+from .backbone_families import (
+    HUB_FILE_ARGUMENTS,
+    backbone_family,
+    family_of_checkpoint,
+    hub_file_kwargs,
+    processor_crop_size,
+    supported_checkpoint_types,
+)
 from .configuration_evl import EVLConfig
 
 
@@ -799,10 +806,7 @@ class EVLDecoderLayer(GradientCheckpointingLayer):
 
 # `from_backbone_pretrained`: the arguments it passes on to the backbone's loading, and the names its configuration
 # takes (any other is refused by name, rather than written into the configuration).
-_BACKBONE_LOADING_ARGUMENTS = (
-    "cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder", "use_safetensors",
-    "attn_implementation",
-)  # fmt: skip
+_BACKBONE_LOADING_ARGUMENTS = (*HUB_FILE_ARGUMENTS, "use_safetensors", "attn_implementation")
 _EVL_CONFIG_ARGUMENTS = {field.name for field in dataclasses.fields(EVLConfig)} | {
     "num_labels", "output_attentions", "preset", "config",
 }  # fmt: skip
@@ -1545,8 +1549,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         every tensor it cannot find randomly initialised, so a ConvNeXt or an EVL checkpoint would train on noise.
         """
         name = str(pretrained_model_name_or_path)
-        config_kwargs = {key: value for key, value in hub_kwargs.items() if key not in ("attn_implementation", "dtype")}
-        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **config_kwargs)
+        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_file_kwargs(hub_kwargs))
         model_type = config_dict.get("model_type")
         family = family_of_checkpoint(model_type)
         if family is None:

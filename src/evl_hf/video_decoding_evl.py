@@ -475,9 +475,7 @@ class VideoFrameStream:
         if not is_av_available():
             raise ImportError("Streaming a video needs PyAV: pip install av")
         self.name, self.step = _video_name(source), step
-        # A file object is read from its start, and again from there if it can be rewound (`reread_source`).
-        self._source = source
-        self._rewindable = isinstance(source, io.IOBase) and _is_seekable(source)
+        self._source = source  # read again from its start by `reread_source`
         opened = _open_source(source, 120.0)
         self._owned = opened if _opened_here(opened, source) else None  # this stream's to close
         try:
@@ -549,7 +547,7 @@ class VideoFrameStream:
         URL or bytes given.
         """
         if isinstance(self._source, io.IOBase):
-            if not self._rewindable:
+            if not _is_seekable(self._source):
                 return None
             self._source.seek(0)
             return self._source

@@ -213,7 +213,7 @@ def _videofolder_files(folder: str | Path, allow_unlabeled: bool = False) -> tup
             f"{folder}: {len(loose)} video file(s) lie directly in the folder (e.g. {Path(loose[0]).name}); the "
             f"videofolder layout needs one sub-folder per label: <split>/<label>/<clip>.{unlabeled}"
         )
-    # `datasets` labels a clip by the folder it lies in: a clip further down would be labeled by its sub-folder.
+    # A clip is labeled by the folder it lies in: one further down would be labeled by its sub-folder.
     nested = [f for f in files if Path(f).parent.parent != folder]
     if nested:
         raise ValueError(
@@ -310,12 +310,12 @@ def load_video_dataset(
         # Each clip labeled by the folder it lies in, over the classes of every folder given, as `datasets`'
         # videofolder labels them; built here because that loader drops, without a word, the files of extensions it
         # does not list (.webm, .m4v) and paths with glob characters ("clip[1].mp4").
-        names = sorted({Path(file).parent.name for files in data_files.values() for file in files})
+        labels = {split: [Path(file).parent.name for file in files] for split, files in data_files.items()}
+        names = sorted(set().union(*labels.values()))
         # The loader's representation too: `Video` rows of {"path", "bytes"}, not decoded here.
         features = Features({"video": Video(decode=False), "label": ClassLabel(names=names)})
         for split, files in data_files.items():
-            labels = [Path(file).parent.name for file in files]
-            splits[split] = Dataset.from_dict({"video": files, "label": labels}, features=features)
+            splits[split] = Dataset.from_dict({"video": files, "label": labels[split]}, features=features)
     list_splits = {}
     for split, list_file in lists.items():
         if list_file:
