@@ -1,6 +1,7 @@
 """EVL over every backbone family: exact features, literal cross-frame maps, loading, saving, refusals."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -127,6 +128,11 @@ def test_save_load_and_frozen_training(tmp_path, name):
     assert type(reloaded.evl.vision_model) is type(model.evl.vision_model)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(clip).logits, model(clip).logits, atol=0, rtol=0)
+        # Pickled whole (`torch.save(model)`), with the backbone's output recorders.
+        expected = model(clip, output_attentions=True)
+        unpickled = pickle.loads(pickle.dumps(model))(clip, output_attentions=True)
+        torch.testing.assert_close(unpickled.logits, expected.logits, atol=0, rtol=0)
+        torch.testing.assert_close(unpickled.attentions, expected.attentions, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(

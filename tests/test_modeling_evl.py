@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import pickle
 import re
 
 import pytest
@@ -1367,3 +1368,23 @@ def test_a_decoder_layer_promotes_mixed_dtypes_as_an_out_of_place_sum_would(use_
         actual, _ = layer(query, frame_features, maps)
     assert memory.dtype == torch.float32
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_pickles_and_keeps_recording_outputs(tmp_path):
+    # `torch.save(model)`, multiprocessing and job libraries pickle whole modules; transformers' output recorders,
+    # which EVL installs at construction (in its backbone too), are closures.
+    model = seeded_classifier()
+    inputs = pixel_values()
+    with torch.no_grad():
+        expected = model(inputs, output_hidden_states=True, output_attentions=True)
+        torch.save(model, tmp_path / "model.pt")
+        for restored in (torch.load(tmp_path / "model.pt", weights_only=False), pickle.loads(pickle.dumps(model))):
+            output = restored(inputs, output_hidden_states=True, output_attentions=True)
+            torch.testing.assert_close(output.logits, expected.logits, rtol=0, atol=0)
+            for name in ("hidden_states", "attentions"):
+                assert len(getattr(output, name)) == len(getattr(expected, name)), name
+                for got, want in zip(getattr(output, name), getattr(expected, name)):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+            # The restored recorders are the restored model's own: a plain call records nothing.
+            assert restored(inputs).hidden_states is None
+        pickle.loads(pickle.dumps(model.evl.decoder))  # a part of the model too

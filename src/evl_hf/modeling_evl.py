@@ -15,6 +15,7 @@
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, cached_file, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import resolve_revision
+from transformers.utils import output_capturing
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .backbone_families import (
@@ -812,6 +814,53 @@ _EVL_CONFIG_ARGUMENTS = {field.name for field in dataclasses.fields(EVLConfig)} 
 }  # fmt: skip
 
 
+# transformers' function that installs one output recorder (its name is misspelled in the versions we support).
+_install_output_recorder = getattr(output_capturing, "install_output_capuring_hook", None) or getattr(
+    output_capturing, "install_output_capturing_hook", None
+)
+_OUTPUT_RECORDER_ARGUMENTS = ("key", "index", "capture_initial_hidden_state")
+
+
+class _PicklableOutputRecorder:
+    """
+    One of transformers' output-recording forward hooks, which pickles as the arguments that rebuild it. The hooks are
+    closures, so a model holding them cannot be pickled (`torch.save(model)`, multiprocessing, job libraries). Where
+    transformers installs them on the first call asking for outputs, a fresh model escapes that; EVL installs them at
+    construction (see `EVLModel.__init__`), so it wraps them.
+    """
+
+    def __init__(self, key: str, index: int, capture_initial_hidden_state: bool, hook: Callable | None = None):
+        self.arguments = (key, index, capture_initial_hidden_state)
+        if hook is None:
+            # transformers' own hook for these arguments, taken from a module it is installed on for the purpose.
+            carrier = nn.Module()
+            _install_output_recorder(carrier, *self.arguments)
+            (hook,) = carrier._forward_hooks.values()
+        self.hook = hook
+
+    def __call__(self, module: nn.Module, args: tuple, output):
+        return self.hook(module, args, output)
+
+    def __reduce__(self):
+        return type(self), self.arguments
+
+
+def _make_output_recorders_picklable(model: nn.Module) -> None:
+    """Wrap the output recorders transformers installed on `model`'s modules in `_PicklableOutputRecorder`s. A hook
+    whose arguments cannot be read (another transformers version) is left as it is: the model then only fails to
+    pickle, as before."""
+    if _install_output_recorder is None:
+        return
+    for module in model.modules():
+        for hook_id, hook in module._forward_hooks.items():
+            if getattr(hook, "__name__", None) != "output_capturing_hook" or hook.__closure__ is None:
+                continue
+            captured = inspect.getclosurevars(hook).nonlocals
+            if all(name in captured for name in _OUTPUT_RECORDER_ARGUMENTS):
+                arguments = [captured[name] for name in _OUTPUT_RECORDER_ARGUMENTS]
+                module._forward_hooks[hook_id] = _PicklableOutputRecorder(*arguments, hook=hook)
+
+
 def _single_device(device_map) -> torch.device | None:
     """The device a `device_map` places a model built in one piece on: a device, its name or index, a map of every
     module to one device (`{"": 0}`), or "auto" (the accelerator if there is one); `None` without one."""
@@ -1092,8 +1141,9 @@ class EVLModel(EVLPreTrainedModel):
         self.vision_model = backbone_family(config.vision_config).build(config.vision_config)
         self.post_init()
         # transformers installs its output recorders on the first call that asks for them, under a lock that
-        # torch.compile(fullgraph=True) cannot trace: install them now.
+        # torch.compile(fullgraph=True) cannot trace: install them now, in a form that pickles.
         maybe_install_capturing_hooks(self)
+        _make_output_recorders_picklable(self)
         self._apply_backbone_freeze()
 
     def _apply_backbone_freeze(self) -> None:
