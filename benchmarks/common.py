@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, Dinov2Config, SiglipVisionConfig
 
+from evl_hf.cpu_info import cpu_flags, cpu_model_name
+
 
 ROOT = Path(__file__).resolve().parent.parent
 B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16, image_size=224)  # fmt: skip
@@ -36,10 +38,9 @@ def evl_config(shape=B16, num_frames=8, vision=None, **overrides):
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    flags = cpu_flags()
     isa = " ".join(flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags) or "?"
-    return f"{model} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu_model_name()} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -725,10 +725,10 @@ def test_auto_backbone_dtype_is_bfloat16_where_the_hardware_runs_it(monkeypatch,
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo (Linux)")
 def test_cpu_bfloat16_detection_agrees_with_the_cpu_flags():
+    from evl_hf.cpu_info import cpu_flags
     from evl_hf.modeling_evl import cpu_has_native_bfloat16
 
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    assert cpu_has_native_bfloat16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    assert cpu_has_native_bfloat16() == ("amx_bf16" in cpu_flags() or "avx512_bf16" in cpu_flags())
 
 
 def test_low_precision_backbone_requires_a_frozen_backbone():

@@ -48,6 +48,7 @@ from .backbone_families import (
     supported_checkpoint_types,
 )
 from .configuration_evl import EVLConfig
+from .cpu_info import cpu_flags
 
 
 logger = logging.get_logger(__name__)
@@ -124,12 +125,7 @@ def cpu_has_native_bfloat16() -> bool:
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     if all(hasattr(torch.cpu, check) for check in checks):
         return any(getattr(torch.cpu, check)() for check in checks)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return not cpu_flags().isdisjoint({"amx_bf16", "avx512_bf16"})
 
 
 def resolve_backbone_dtype(backbone_dtype: str | None, model_dtype: torch.dtype = torch.float32) -> torch.dtype | None:

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cpu_info import cpu_flags
+
 
 MOTION_CLASSES = (
     "moving_left", "moving_right", "moving_up", "moving_down", "growing", "shrinking",
@@ -118,12 +120,7 @@ def render_frames(count: int, size: int = 64, rng: np.random.Generator | None = 
 def _x264_deterministic_options() -> dict:
     # x264's AVX-512 code gives different bytes from run to run for the same frames (seen on an AMD EPYC with
     # AVX-512), so where the CPU has it the encoder is held to its AVX2 code, which is present on any such CPU.
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return {}
-    return {"x264-params": "asm=AVX2"} if "avx512f" in flags and "avx2" in flags else {}
+    return {"x264-params": "asm=AVX2"} if {"avx512f", "avx2"} <= cpu_flags() else {}
 
 
 _X264_DETERMINISTIC_OPTIONS = _x264_deterministic_options()
