@@ -227,6 +227,69 @@ def test_corrupt_payload_after_a_valid_header(tmp_path, decoding_backend):
         assert out.shape == (1, 4, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def noisy_index_coded_clip(path, num_frames, gop):
+    # Noise makes every packet hundreds of bytes, so damage in the middle of the file hits one packet's data.
+    frames = index_coded_frames(num_frames).astype(int)
+    frames += np.random.default_rng(0).integers(-40, 40, frames.shape)
+    return write_clip(path, np.clip(frames, 0, 255).astype(np.uint8), gop=gop)
+
+
+def test_a_damaged_packet_in_the_middle_is_skipped_not_the_rest_of_the_video(tmp_path, caplog):
+    # 200 bytes flipped half way through a 300-frame clip: the decoder refuses one packet. Frames after it decode (a
+    # player skips it); they used to be replaced by the last frame before it (decode_video with PyAV) or dropped with
+    # the rest of the video (the timeline's stream).
+    data = noisy_index_coded_clip(tmp_path / "good.mp4", 300, gop=25).read_bytes()
+    middle = len(data) // 2
+    path = tmp_path / "damaged.mp4"
+    path.write_bytes(data[:middle] + bytes(byte ^ 0xFF for byte in data[middle : middle + 200]) + data[middle + 200 :])
+    with caplog.at_level("WARNING"):
+        frames, metadata = decode_video(str(path), lambda metadata: [100, 200, 290], backend="pyav")
+    assert [frame_index(frame) for frame in frames] == [100, 200, 290]
+    assert "damaged packet" in caplog.text and str(path) in caplog.text
+    with VideoFrameStream(str(path), step=10) as stream:
+        streamed = dict(stream)
+    assert max(streamed) == 290
+    assert all(frame_index(streamed[index]) == index for index in (100, 200, 290))
+
+
+def test_a_stream_without_a_start_time_is_indexed_from_its_first_frame(tmp_path):
+    # A raw MPEG-2 elementary stream has no start time, and its first frame is stamped one frame in: frame i is still
+    # the i-th frame shown, for decode_video and for the timeline's stream alike.
+    path = encode(tmp_path / "raw.m2v", index_coded_frames(30), codec="mpeg2video", container_format="mpeg2video")
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].start_time is None
+    frames, _ = decode_video(str(path), lambda metadata: [0, 3, 6, 27], backend="pyav")
+    assert [frame_index(frame) for frame in frames] == [0, 3, 6, 27]
+    with VideoFrameStream(str(path), step=3) as stream:
+        assert [(index, frame_index(frame)) for index, frame in stream] == [(i, i) for i in range(0, 30, 3)]
+
+
+def test_a_frame_size_change_within_the_stream_is_a_named_error_for_the_stream_too(tmp_path):
+    # MPEG-TS parts joined end to end, their frames growing from 64x48 to 96x64 with continuous timestamps:
+    # decode_video refused it clearly; the timeline's stream handed the frames on, to fail in np.stack.
+    parts = []
+    for part, (height, width) in enumerate([(48, 64), (64, 96)]):
+        path = tmp_path / f"part{part}.ts"
+        with av.open(str(path), mode="w", format="mpegts") as container:
+            stream = container.add_stream("mpeg2video", rate=25)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for index, frame in enumerate(index_coded_frames(10, height, width)):
+                video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                video_frame.pts = part * 10 + index
+                container.mux(stream.encode(video_frame))
+            container.mux(stream.encode())
+        parts.append(path.read_bytes())
+    path = tmp_path / "resized.ts"
+    path.write_bytes(b"".join(parts))
+    with pytest.raises(EVLVideoDecodingError, match="frame size changes") as error:
+        decode_video(str(path), lambda metadata: [0, 15], backend="pyav")
+    assert str(path) in str(error.value)
+    with pytest.raises(EVLVideoDecodingError, match="frame size changes") as error:
+        with VideoFrameStream(str(path), step=1) as stream:
+            list(stream)
+    assert str(path) in str(error.value)
+
+
 @pytest.fixture(scope="module")
 def long_clip(tmp_path_factory):
     # 4 minutes at 25 fps, a key frame every 50 frames.

@@ -399,6 +399,35 @@ def _to_rgb(frame) -> np.ndarray:
     return array
 
 
+def _decoded_frames(container, stream, name: str, damaged: list, check_time: Callable[[], None]):
+    """
+    The stream's frames in display order, decoded packet by packet. A packet the decoder refuses (data damaged part
+    way through the file) is skipped, as players skip it, and its error appended to `damaged`: the frames after it
+    still decode (until the next key frame they may show the damage). An error of the demuxer itself ends the frames
+    and is raised to the caller. `check_time` runs before each packet.
+    """
+    for packet in container.demux(stream):
+        check_time()
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError as error:
+            _raise_if_environment_error(name, error)
+            damaged.append(error)
+            continue
+        yield from frames
+
+
+def _warn_if_damaged(name: str, damaged: list) -> None:
+    if damaged:
+        logger.warning(f"{name}: skipped {len(damaged)} damaged packet(s) the decoder refused ({damaged[0]}).")
+
+
+def _start_seconds(stream) -> float | None:
+    """When the stream's first frame is shown, `None` where the container does not say (raw elementary streams): the
+    first frame decoded is then frame 0."""
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else None
+
+
 def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, fps):
     """
     Decode forward from the key frame before frame `first`. With `wanted` (sorted indices), returns {index: frame}
@@ -406,8 +435,9 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     early); without, returns the list of all frames.
     """
     name = request.name
-    start_seconds = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    if wanted is not None and fps and first > 0:
+    start_seconds = _start_seconds(stream)
+    # Without a start time, the first frame's time is frame 0's: decoded from the start, not sought.
+    if wanted is not None and fps and first > 0 and start_seconds is not None:
         target = int((start_seconds + first / fps) / stream.time_base)
         try:
             container.seek(target, stream=stream, backward=True, any_frame=False)
@@ -417,14 +447,17 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     position = 0
     latest = None  # the last frame decoded; converted to RGB only if it has to stand in for frames past the end
     decoded = 0
+    damaged = []
     try:
-        for frame in container.decode(stream):
+        for frame in _decoded_frames(container, stream, name, damaged, request.check_time):
             decoded += 1
             latest = frame
             request.check_time()
             if wanted is None:
                 result.append(_to_rgb(frame))
                 continue
+            if start_seconds is None:
+                start_seconds = frame.time
             index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else None
             if index is None:
                 index = first + len(result)
@@ -443,6 +476,9 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     finally:
         if request.stats is not None:
             request.stats["decoded_frames"] = decoded
+    if latest is None and damaged:
+        raise EVLVideoDecodingError(f"{name}: the video stream cannot be decoded ({damaged[0]}).")
+    _warn_if_damaged(name, damaged)
     if wanted is None:
         if not result:
             raise EVLVideoDecodingError(f"{name}: the video stream holds no decodable frame.")
@@ -517,13 +553,22 @@ class VideoFrameStream:
 
     def __iter__(self):
         stream, fps = self._stream, self.fps
-        start_seconds = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        wanted, counted = 0, 0
+        start_seconds = _start_seconds(stream)
+        wanted, counted, damaged, size = 0, 0, [], None
         try:
-            for frame in self._container.decode(stream):
+            for frame in _decoded_frames(self._container, stream, self.name, damaged, lambda: None):
+                if start_seconds is None:
+                    start_seconds = frame.time
                 # The index `decode_video` gives this frame: by its time, or by its position without one.
                 index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else counted
                 counted += 1
+                if size is None:
+                    size = (frame.width, frame.height)
+                elif (frame.width, frame.height) != size:  # windows of frames must stack
+                    raise EVLVideoDecodingError(
+                        f"{self.name}: the frame size changes within the stream ({size[0]}x{size[1]} to "
+                        f"{frame.width}x{frame.height} at frame {index})."
+                    )
                 if index < wanted:
                     continue
                 rgb = _to_rgb(frame)
@@ -537,7 +582,9 @@ class VideoFrameStream:
             # A damaged tail: the frames before it stand, as `decode_video` keeps them.
             logger.warning(f"{self.name}: decoding stopped after {counted} frames ({error}).")
         if counted == 0:
-            raise EVLVideoDecodingError(f"{self.name}: the video stream holds no decodable frame.")
+            detail = f" ({damaged[0]})" if damaged else ""
+            raise EVLVideoDecodingError(f"{self.name}: the video stream holds no decodable frame{detail}.")
+        _warn_if_damaged(self.name, damaged)
 
     def reread_source(self):
         """
