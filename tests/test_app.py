@@ -264,12 +264,35 @@ def test_uploads_are_limited_in_size(monkeypatch):
         def launch(self, **kwargs):
             launched.append(kwargs)
 
-    monkeypatch.setattr(evl_hf.app, "build_demo", lambda *args, **kwargs: Demo())
+    built = []
+    monkeypatch.setattr(evl_hf.app, "build_demo", lambda *args, **kwargs: built.append(kwargs) or Demo())
     evl_hf.app.main(["--model", "unused"])
-    evl_hf.app.main(["--model", "unused", "--max_file_size", "20mb"])
+    evl_hf.app.main(["--model", "unused", "--max_file_size", "20mb", "--frame_sampling_rate", "4"])
     assert [kwargs["max_file_size"] for kwargs in launched] == ["1gb", "20mb"]
+    assert [kwargs["frame_sampling_rate"] for kwargs in built] == [None, 4]
     assert all(kwargs["share"] is False for kwargs in launched)
     for bad in ("1.5gb", "0", "abc"):  # refused by name before the model loads
         with pytest.raises(SystemExit):
             evl_hf.app.main(["--model", "unused", "--max_file_size", bad])
     assert len(launched) == 2
+
+
+def test_a_checkpoint_sampling_uniformly_needs_a_timeline_stride_given_once(saved_model, clips, tmp_path):
+    """Its processor has no fixed stride for the timeline's windows: the page used to fail every request. Now the
+    stride is asked for when the page is built, by `frame_sampling_rate` (`--frame_sampling_rate`)."""
+    import evl_hf.app
+    from evl_hf import EVLVideoProcessor
+
+    uniform = tmp_path / "uniform"
+    shutil.copytree(saved_model, uniform)
+    EVLVideoProcessor.from_pretrained(saved_model, frame_sampling="uniform").save_pretrained(uniform)
+    with pytest.raises(ValueError, match="give `frame_sampling_rate`"):
+        evl_hf.app.build_demo(uniform)
+    demo = evl_hf.app.build_demo(uniform, frame_sampling_rate=2)
+    (analyse,) = [block.fn for block in demo.fns.values() if block.fn.__name__ == "analyse"]
+    labels, _, _ = analyse(str(clips["upload"]))
+    expected = pipeline("video-classification", model=str(uniform))(str(clips["upload"]), top_k=5)
+    assert labels == {entry["label"]: entry["score"] for entry in expected}
+    with pytest.raises(SystemExit) as ended:  # the command line says so in one line
+        evl_hf.app.main(["--model", str(uniform)])
+    assert ended.value.code == 1

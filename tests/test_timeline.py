@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -289,6 +290,15 @@ def test_the_cli_names_the_problem_in_one_line(saved_model, clip_path, tmp_path,
             evl_hf.timeline.main([str(video), "--model", str(model), "--output", str(output)])
         assert ended.value.code == 1
         assert f"python -m evl_hf.timeline: error: {expected}" in capsys.readouterr().err
+    # A checkpoint whose processor samples uniformly has no stride for the windows: --frame_sampling_rate is asked for.
+    uniform = tmp_path / "uniform"
+    shutil.copytree(saved_model, uniform)
+    EVLVideoProcessor.from_pretrained(saved_model, frame_sampling="uniform").save_pretrained(uniform)
+    with pytest.raises(SystemExit) as ended:
+        evl_hf.timeline.main([str(clip_path), "--model", str(uniform), "--output", str(output)])
+    assert ended.value.code == 1
+    error = capsys.readouterr().err
+    assert "does not sample frames at a fixed stride" in error and "Traceback" not in error
     for option in ("--top_k", "--window_stride", "--frame_sampling_rate"):
         arguments = [str(clip_path), "--model", str(saved_model), "--output", str(output), option, "0"]
         with pytest.raises(SystemExit) as refused:

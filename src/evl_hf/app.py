@@ -16,6 +16,7 @@ A web demo of an EVL checkpoint (Gradio; `pip install "evl-hf[app]"`): upload a 
 its top-k labels, its labels over time (the `"video-timeline"` pipeline) and the attention heatmaps.
 
     python -m evl_hf.app --model DIR [--host 127.0.0.1] [--port 7860] [--top_k 5] [--examples DIR] [--window_stride 1]
+                         [--frame_sampling_rate N]
 
 On Hugging Face Spaces (the Gradio SDK), an `app.py` of one line serves the same page:
 
@@ -45,7 +46,7 @@ from transformers import pipeline
 # Importing this module imports evl_hf first, which registers EVL's "video-classification" and "video-timeline"
 # pipelines.
 from .explain import explain
-from .timeline import plot_timeline
+from .timeline import plot_timeline, window_frame_sampling_rate
 from .video_decoding_evl import EVLVideoDecodingError
 
 
@@ -66,6 +67,7 @@ def build_demo(
     top_k: int = 5,
     window_stride: int = 1,
     device: str | None = None,
+    frame_sampling_rate: int | None = None,
 ) -> gr.Blocks:
     """
     The demo page for the EVL checkpoint `model_dir` (a directory or a Hub id), as a `gr.Blocks` to `.launch()`.
@@ -74,13 +76,20 @@ def build_demo(
     `pipeline("video-classification")` (the checkpoint's own frame sampling, whatever the video's length), the
     timeline from `pipeline("video-timeline")` over the whole video (windows `window_stride` sampled frames apart),
     the heatmaps from `evl_hf.explain` (the decoder query's attention over the clip the classifier read).
-    `examples_dir`: a folder of video clips offered as examples.
+    `examples_dir`: a folder of video clips offered as examples. `frame_sampling_rate`: the decoded frames between two
+    of a timeline window's frames, by default the checkpoint's processor's stride; a processor that samples uniformly
+    or by fps has none, and needs it.
     """
-    for name, value in (("top_k", top_k), ("window_stride", window_stride)):
+    checked = {"top_k": top_k, "window_stride": window_stride}
+    if frame_sampling_rate is not None:
+        checked["frame_sampling_rate"] = frame_sampling_rate
+    for name, value in checked.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")  # not at the first request
     classifier = pipeline("video-classification", model=str(model_dir), device=device)
     timeline = pipeline("video-timeline", model=classifier.model, video_processor=classifier.video_processor)
+    # Here, not at every request: a checkpoint whose processor has no fixed stride needs `frame_sampling_rate`.
+    frame_sampling_rate = window_frame_sampling_rate(classifier.video_processor, frame_sampling_rate)
     examples = find_examples(examples_dir) if examples_dir is not None else []
 
     def heatmaps(video: str) -> Image.Image:
@@ -97,7 +106,9 @@ def build_demo(
             raise gr.Error("Upload a video or pick an example first.")
         try:
             labels = classifier(video, top_k=top_k)
-            windows = timeline(video, window_stride=window_stride, top_k=top_k)
+            windows = timeline(
+                video, window_stride=window_stride, frame_sampling_rate=frame_sampling_rate, top_k=top_k
+            )
             heatmap_grid = heatmaps(video)
         except EVLVideoDecodingError as error:
             # The message names the problem ("not a readable video file", "a still image"...); the upload's
@@ -146,6 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_k", type=int, default=5, help="labels shown, and classes drawn on the timeline")
     parser.add_argument("--examples", default=None, help="a folder of example clips to offer")
     parser.add_argument("--window_stride", type=int, default=1, help="sampled frames between timeline windows")
+    parser.add_argument(
+        "--frame_sampling_rate",
+        type=int,
+        default=None,
+        help="decoded frames between two of a timeline window's frames (default: the checkpoint's processor's stride; "
+        "needed where that processor samples uniformly or by fps)",
+    )
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
     parser.add_argument(
         "--max_file_size",
@@ -154,9 +172,17 @@ def main(argv: list[str] | None = None) -> None:
         help="the largest upload accepted: a whole number and a unit, e.g. 200mb (Gradio refuses larger ones)",
     )
     args = parser.parse_args(argv)
-    demo = build_demo(
-        args.model, args.examples, top_k=args.top_k, window_stride=args.window_stride, device=args.device
-    )
+    try:
+        demo = build_demo(
+            args.model,
+            args.examples,
+            top_k=args.top_k,
+            window_stride=args.window_stride,
+            device=args.device,
+            frame_sampling_rate=args.frame_sampling_rate,
+        )
+    except (ValueError, OSError) as error:  # a bad setting, or a checkpoint that cannot be loaded: one line
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     # No share link (it would open a tunnel through Gradio's servers); errors other than a bad upload's still show
     # their message in the page.
     demo.launch(

@@ -308,6 +308,21 @@ class _SharedBackboneTimeline:
             self.first_held = keep_from
 
 
+def window_frame_sampling_rate(processor: EVLVideoProcessor, frame_sampling_rate: int | None = None) -> int:
+    """The decoded frames between two sampled frames of the timeline's windows: `frame_sampling_rate` where given,
+    else the processor's fixed stride. A processor that samples uniformly or by fps has none (its stride depends on the
+    video): a `ValueError` then asks for one."""
+    if frame_sampling_rate is not None:
+        return frame_sampling_rate
+    if processor.frame_sampling != "dense" or processor.fps is not None or processor.sampling_rate is None:
+        raise ValueError(
+            "This video processor does not sample frames at a fixed stride (frame_sampling="
+            f"{processor.frame_sampling!r}, fps={processor.fps}): give `frame_sampling_rate`, the decoded frames "
+            "between two sampled ones, for the timeline's windows."
+        )
+    return processor.sampling_rate
+
+
 def video_timeline(
     model: EVLForVideoClassification,
     processor: EVLVideoProcessor,
@@ -343,14 +358,7 @@ def video_timeline(
     if not isinstance(processor, EVLVideoProcessor):
         raise ValueError(f"The video timeline needs an EVLVideoProcessor, not {type(processor).__name__}.")
     num_frames = processor.num_frames if num_frames is None else num_frames
-    if frame_sampling_rate is None:
-        if processor.frame_sampling != "dense" or processor.fps is not None or processor.sampling_rate is None:
-            raise ValueError(
-                "This video processor does not sample frames at a fixed stride (frame_sampling="
-                f"{processor.frame_sampling!r}, fps={processor.fps}): give `frame_sampling_rate`, the decoded frames "
-                "between two sampled ones, for the timeline's windows."
-            )
-        frame_sampling_rate = processor.sampling_rate
+    frame_sampling_rate = window_frame_sampling_rate(processor, frame_sampling_rate)
     for name, value in (("window_stride", window_stride), ("frame_sampling_rate", frame_sampling_rate),
                         ("num_frames", num_frames), ("backbone_batch_size", backbone_batch_size),
                         ("decoder_batch_size", decoder_batch_size)):  # fmt: skip
@@ -572,7 +580,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         timeline = pipeline(TASK, model=args.model, device=args.device)
         sampling = {} if args.frame_sampling_rate is None else {"frame_sampling_rate": args.frame_sampling_rate}
         windows = timeline(args.video, window_stride=args.window_stride, top_k=args.top_k, **sampling)
-    except (EVLVideoDecodingError, OSError) as error:  # the model's, the video's or the machine's: one line
+    # The model's, the video's or the machine's, or a setting the checkpoint needs (e.g. --frame_sampling_rate for
+    # a processor sampling uniformly): one line.
+    except (ValueError, OSError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     try:
         Path(args.output).write_text(json.dumps(windows, indent=1))
@@ -591,4 +601,5 @@ __all__ = [
     "plot_timeline",
     "register_pipeline",
     "video_timeline",
+    "window_frame_sampling_rate",
 ]
