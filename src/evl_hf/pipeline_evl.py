@@ -86,7 +86,9 @@ class EVLVideoClassificationPipeline(VideoClassificationPipeline):
             _check_positive_int("num_frames", num_frames)
         if frame_sampling_rate is not None:
             _check_positive_int("frame_sampling_rate", frame_sampling_rate)
-            if self.video_processor.fps is not None and num_frames is None:
+            # A call's frame count, else the one the pipeline was built with (not yet set while it is built).
+            pipeline_num_frames = getattr(self, "_preprocess_params", {}).get("num_frames")
+            if self.video_processor.fps is not None and num_frames is None and pipeline_num_frames is None:
                 raise ValueError(
                     f"This video processor samples by time (fps={self.video_processor.fps}), which has no stride: "
                     "give `num_frames` too, or load the processor without `fps`, to use `frame_sampling_rate`."
@@ -108,12 +110,21 @@ class EVLVideoClassificationPipeline(VideoClassificationPipeline):
     def preprocess(self, video, num_frames=None, frame_sampling_rate=None):
         if not self._is_evl():
             return super().preprocess(video, num_frames=num_frames, frame_sampling_rate=frame_sampling_rate or 1)
-        kwargs = {"do_sample_frames": True}
+        # The metadata a processor may be saved to return are no model input (and do not batch).
+        kwargs = {"do_sample_frames": True, "return_metadata": False}
         if num_frames is not None:
             kwargs["num_frames"] = num_frames
         if frame_sampling_rate is not None:
             kwargs["sampling_rate"] = frame_sampling_rate
-        return self.video_processor(video, return_tensors="pt", **kwargs).to(self.dtype)
+        processed = self.video_processor(video, return_tensors="pt", **kwargs).to(self.dtype)
+        if len(processed["pixel_values"]) != 1:
+            # The pipeline returns one result per input: the other clips would be dropped, or, batched, scored as
+            # the next inputs.
+            raise ValueError(
+                f"One input holds {len(processed['pixel_values'])} videos: give each video as an item of a list (a "
+                "tuple or list of videos, or an array of several clips, is read as several videos)."
+            )
+        return processed
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         super().save_pretrained(save_directory, **kwargs)

@@ -365,7 +365,9 @@ def video_timeline(
         _check_positive_int(name, value)
     num_frames, frame_sampling_rate, window_stride = int(num_frames), int(frame_sampling_rate), int(window_stride)
     # One centred view of every frame, whatever views the checkpoint evaluates with.
-    single_view = {"num_temporal_views": 1, "num_spatial_views": 1, "do_sample_frames": False, "return_tensors": "pt"}
+    # Decoded frames are channels-last (a stack of frames 1 or 3 pixels tall would be guessed channels-first).
+    single_view = {"num_temporal_views": 1, "num_spatial_views": 1, "do_sample_frames": False, "return_tensors": "pt",
+                   "input_data_format": "channels_last"}  # fmt: skip
 
     def prepare(frames: list[np.ndarray]) -> torch.Tensor:
         return processor(np.stack(frames), **single_view)["pixel_values"][0].to(model.dtype)
