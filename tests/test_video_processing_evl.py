@@ -245,6 +245,27 @@ def test_a_processor_saved_by_an_earlier_version_keeps_its_antialiased_resize(tm
     assert EVLVideoProcessor.from_pretrained(tmp_path, antialias=False).antialias is False
 
 
+def test_a_partial_configuration_takes_the_class_defaults(tmp_path, caplog):
+    # transformers' convention: fields a dict or a hand-written file leaves out take the class defaults, as in
+    # `cls(**fields)`. Only a full save without `antialias` (one that lists `resample`) is an earlier version's.
+    import json
+    import logging
+
+    fields = {"num_frames": 4, "sampling_rate": 3, "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+    (tmp_path / "video_preprocessor_config.json").write_text(
+        json.dumps({"video_processor_type": "EVLVideoProcessor", **fields})
+    )
+    with caplog.at_level(logging.WARNING):
+        for processor in (EVLVideoProcessor.from_dict(fields), EVLVideoProcessor.from_pretrained(tmp_path)):
+            assert processor.to_dict() == EVLVideoProcessor(**fields).to_dict()
+    assert "earlier evl-hf" not in caplog.text
+
+
+def test_an_unknown_frame_sampling_is_refused_when_the_processor_is_built():
+    with pytest.raises(ValueError, match="frame_sampling must be 'dense' or 'uniform', got 'Uniform'"):
+        EVLVideoProcessor(frame_sampling="Uniform")
+
+
 def test_a_calls_decoding_backend_overrides_the_processors(coded_clip):
     # As every processor argument: given to a call, it decides for that call; an unknown one is an error.
     for default, given in (("auto", "pyav"), ("pyav", "torchcodec"), ("torchcodec", "pyav")):

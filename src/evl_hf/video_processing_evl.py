@@ -211,14 +211,17 @@ class EVLVideoProcessor(BaseVideoProcessor):
             raise ValueError(f"fps must be positive, got {self.fps!r}.")
         if self.num_spatial_views not in (1, 3):
             raise ValueError(f"num_spatial_views must be 1 or 3, got {self.num_spatial_views}.")
+        if self.frame_sampling not in ("dense", "uniform"):
+            raise ValueError(f"frame_sampling must be 'dense' or 'uniform', got {self.frame_sampling!r}.")
         if self.decoding_backend not in DECODING_BACKENDS:
             raise ValueError(f"decoding_backend must be one of {DECODING_BACKENDS}, got {self.decoding_backend!r}.")
 
     @classmethod
     def from_dict(cls, video_processor_dict: dict, **kwargs):
-        if "antialias" not in video_processor_dict:
-            # Saved before the authors' evaluation preprocessing became the default: keep that version's antialiased
-            # resize, and say how to get the authors' (which the released checkpoints' accuracy depends on).
+        if "antialias" not in video_processor_dict and "resample" in video_processor_dict:
+            # Saved (every field) before the authors' evaluation preprocessing became the default: keep that
+            # version's antialiased resize, and say how to get the authors' (which the released checkpoints' accuracy
+            # depends on). A dict listing some fields only takes the class defaults for the others.
             logger.warning(
                 "This video processor was saved by an earlier evl-hf and keeps its resampling with antialias. The "
                 "authors' evaluation resizes bilinearly without antialias: set resample=2 (bilinear) and "
