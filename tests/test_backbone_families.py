@@ -184,18 +184,26 @@ def test_every_family_is_covered_here():
     assert {config.model_type for config, _, _ in FAMILIES.values()} == set(BACKBONE_FAMILIES)
 
 
-@pytest.mark.parametrize("name", ["vit", "dinov2", "siglip"])
+@pytest.mark.parametrize("name", ["vit", "dinov2", "siglip", "clip"])
 def test_an_image_classification_checkpoint_gives_its_tower_without_the_head(tmp_path, name):
-    """`google/vit-base-patch16-224`, DeiT and DINOv2's ImageNet models are `*ForImageClassification`: the tower is
-    loaded (under `vit.` / `dinov2.` / `vision_model.`), the classifier is not."""
-    from transformers import Dinov2ForImageClassification, SiglipForImageClassification, ViTForImageClassification
+    """`google/vit-base-patch16-224`, DeiT and DINOv2's ImageNet models are `*ForImageClassification` (CLIP and
+    SigLIP have one too): the tower is loaded (under `vit.` / `dinov2.` / `vision_model.`), the classifier is not."""
+    from transformers import (
+        CLIPForImageClassification,
+        Dinov2ForImageClassification,
+        SiglipForImageClassification,
+        ViTForImageClassification,
+    )
 
     vision_config = FAMILIES[name][0]
     torch.manual_seed(0)
-    if name == "siglip":
+    if name in ("siglip", "clip"):
         text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-        config = SiglipConfig(vision_config=vision_config.to_dict(), text_config=text, num_labels=7)
-        classifier, prefix = SiglipForImageClassification(config), "vision_model."
+        config_class, model_class = {
+            "siglip": (SiglipConfig, SiglipForImageClassification), "clip": (CLIPConfig, CLIPForImageClassification)
+        }[name]  # fmt: skip
+        config = config_class(vision_config=vision_config.to_dict(), text_config=text, num_labels=7)
+        classifier, prefix = model_class(config), "vision_model."
     else:
         config = vision_config.__class__(**{**vision_config.to_dict(), "num_labels": 7})
         model_class = ViTForImageClassification if name == "vit" else Dinov2ForImageClassification

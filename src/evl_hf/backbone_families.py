@@ -166,7 +166,7 @@ BACKBONE_FAMILIES: dict[str, EVLBackboneFamily] = {
         EVLBackboneFamily(
             name="CLIP", vision_model_type="clip_vision_model", model_class=CLIPVisionModel,
             checkpoint_model_types=("clip_vision_model", "clip"),
-            unused_prefixes=("text_model.", "text_projection.", "visual_projection.", "logit_scale"),
+            unused_prefixes=("text_model.", "text_projection.", "visual_projection.", "logit_scale", "classifier."),
             pre_norm="pre_layrnorm", **_CLIP_LIKE,
         ),
         EVLBackboneFamily(
