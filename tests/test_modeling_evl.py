@@ -451,6 +451,12 @@ def test_from_backbone_pretrained_refuses_other_architectures(kind, tmp_path):
         assert "EVLForVideoClassification.from_pretrained" in str(raised.value)
 
 
+def test_from_backbone_pretrained_names_a_directory_without_config(tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"")  # e.g. a folder of videos given as the backbone
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))}: no config.json there, so it is not a model checkpoint"):
+        EVLForVideoClassification.from_backbone_pretrained(tmp_path, **BACKBONE_KWARGS)
+
+
 def _edit_tensors(state_dict, problem):
     if problem == "missing":
         del state_dict["encoder.layers.2.self_attn.q_proj.bias"]

@@ -44,7 +44,7 @@ from transformers.image_utils import (
     OPENAI_CLIP_STD,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import cached_file
+from transformers.utils import CONFIG_NAME, cached_file
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,18 @@ def family_of_checkpoint(model_type: str | None) -> EVLBackboneFamily | None:
     return next(
         (family for family in BACKBONE_FAMILIES.values() if model_type in family.checkpoint_model_types), None
     )
+
+
+def checkpoint_model_type(pretrained_model_name_or_path, **hub_kwargs) -> str | None:
+    """The `model_type` in a checkpoint's `config.json`; a `ValueError` naming the checkpoint when it has none (a folder
+    of videos, a mistyped output folder), where transformers would read an empty configuration."""
+    config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_file_kwargs(hub_kwargs))
+    if not config_dict:
+        raise ValueError(
+            f"{pretrained_model_name_or_path}: no {CONFIG_NAME} there, so it is not a model checkpoint; EVL reads "
+            f"{supported_checkpoint_types()}."
+        )
+    return config_dict.get("model_type")
 
 
 # The loading arguments that locate a checkpoint's files (not those that load a model: `dtype`,

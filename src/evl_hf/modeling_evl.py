@@ -42,8 +42,8 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs,
 from .backbone_families import (
     HUB_FILE_ARGUMENTS,
     backbone_family,
+    checkpoint_model_type,
     family_of_checkpoint,
-    hub_file_kwargs,
     processor_crop_size,
     supported_checkpoint_types,
 )
@@ -1595,8 +1595,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         every tensor it cannot find randomly initialised, so a ConvNeXt or an EVL checkpoint would train on noise.
         """
         name = str(pretrained_model_name_or_path)
-        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_file_kwargs(hub_kwargs))
-        model_type = config_dict.get("model_type")
+        model_type = checkpoint_model_type(pretrained_model_name_or_path, **hub_kwargs)
         family = family_of_checkpoint(model_type)
         if family is None:
             hint = (
