@@ -140,3 +140,22 @@ def test_32_frame_checkpoints_default_to_stride_8(tmp_path):
     state = random_original_state_dict(32, (4, 4), 2, 32, 32, 4.0, 3)
     model, processor = convert_evl_checkpoint(_write(tmp_path, state), tmp_path / "clip")
     assert model.config.num_frames == 32 and processor.sampling_rate == 8 and processor.num_frames == 32
+
+
+def test_a_backbone_other_than_clip_is_refused_by_its_model_type(golden_dir, tmp_path, capsys):
+    """The authors' checkpoints decode CLIP features: a SigLIP tower of the same width would convert, into a
+    config.json that says CLIP over SigLIP weights."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, patch_size=16, image_size=64
+    )).save_pretrained(tmp_path / "siglip")  # fmt: skip
+    with pytest.raises(SystemExit) as ended:
+        main([
+            "--checkpoint", str(golden_dir / "evl_checkpoint.pth"), "--backbone", str(tmp_path / "siglip"),
+            "--output_dir", str(tmp_path / "out"),
+        ])  # fmt: skip
+    error = capsys.readouterr().err
+    assert ended.value.code == 1 and "Traceback" not in error, error
+    assert f"{tmp_path / 'siglip'} is a `siglip_vision_model` checkpoint" in error and "CLIP" in error
+    assert not (tmp_path / "out").exists()

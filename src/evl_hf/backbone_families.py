@@ -223,10 +223,7 @@ def checkpoint_model_type(pretrained_model_name_or_path, **hub_kwargs) -> str | 
     of videos, a mistyped output folder), where transformers would read an empty configuration."""
     config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_file_kwargs(hub_kwargs))
     if not config_dict:
-        raise ValueError(
-            f"{pretrained_model_name_or_path}: no {CONFIG_NAME} there, so it is not a model checkpoint; EVL reads "
-            f"{supported_checkpoint_types()}."
-        )
+        raise ValueError(f"{pretrained_model_name_or_path}: no {CONFIG_NAME} there, so it is not a model checkpoint.")
     return config_dict.get("model_type")
 
 

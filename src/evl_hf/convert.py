@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig
 
+from .backbone_families import BACKBONE_FAMILIES, checkpoint_model_type, family_of_checkpoint
 from .configuration_evl import EVLConfig
 from .modeling_evl import EVLCheckpointError, EVLForVideoClassification
 from .video_processing_evl import EVLVideoProcessor
@@ -157,6 +158,14 @@ def convert_evl_checkpoint(
 ) -> tuple[EVLForVideoClassification, EVLVideoProcessor]:
     """Build the transformers model (pretrained CLIP backbone + converted decoder/head) and its video processor."""
     state_dict = load_original_state_dict(checkpoint_path)
+    # `CLIPVisionConfig.from_pretrained` reads any config.json as CLIP's: the checkpoint would be saved as CLIP over
+    # another family's weights.
+    model_type = checkpoint_model_type(backbone)
+    if family_of_checkpoint(model_type) is not BACKBONE_FAMILIES["clip_vision_model"]:
+        raise ValueError(
+            f"{backbone} is a `{model_type}` checkpoint: the authors' EVL checkpoints decode CLIP features, so "
+            "--backbone must be the CLIP model they were trained on (`clip` or `clip_vision_model`)."
+        )
     try:
         config = infer_config(state_dict, CLIPVisionConfig.from_pretrained(backbone), decoder_num_heads)
     except EVLCheckpointError as error:
