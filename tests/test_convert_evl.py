@@ -159,3 +159,13 @@ def test_a_backbone_other_than_clip_is_refused_by_its_model_type(golden_dir, tmp
     assert ended.value.code == 1 and "Traceback" not in error, error
     assert f"{tmp_path / 'siglip'} is a `siglip_vision_model` checkpoint" in error and "CLIP" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_checks_its_output_dir_before_any_work(tmp_path, capsys):
+    # Checked first (the checkpoint given does not even exist): a conversion never ends in a traceback about its output.
+    (tmp_path / "a_file").write_text("x")
+    for output_dir in (tmp_path / "a_file", tmp_path / "a_file" / "out"):
+        with pytest.raises(SystemExit) as refused:
+            main(["--checkpoint", str(tmp_path / "missing.pth"), "--backbone", str(tmp_path), "--output_dir", str(output_dir)])
+        error = capsys.readouterr().err
+        assert refused.value.code == 2 and f"--output_dir {output_dir}: {tmp_path / 'a_file'} is a file, not a folder" in error, error

@@ -21,6 +21,7 @@ from transformers import CLIPVisionConfig
 from .backbone_families import BACKBONE_FAMILIES, checkpoint_model_type, family_of_checkpoint
 from .configuration_evl import EVLConfig
 from .modeling_evl import EVLCheckpointError, EVLForVideoClassification
+from .output_paths import check_output_dir
 from .video_processing_evl import EVLVideoProcessor
 
 
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_temporal_views", type=int, default=1, help="Evaluation windows saved in the processor.")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="Also upload to this Hub repository.")
     args = parser.parse_args(argv)
+    check_output_dir(parser, "--output_dir", args.output_dir)
 
     try:  # a bad file or argument is one line naming it, not a traceback
         id2label = None

@@ -47,3 +47,11 @@ def check_output_path(parser: argparse.ArgumentParser, option: str, path: str | 
             figure_format(path)
         except ValueError as error:
             parser.error(f"{option} {error}")
+
+
+def check_output_dir(parser: argparse.ArgumentParser, option: str, path: str) -> None:
+    """Stop the command (`parser.error`, one line) unless `path` is a folder or can be made one: `save_pretrained`
+    creates the missing folders, but none of them may be a file."""
+    existing = next(folder for folder in (Path(path), *Path(path).parents) if folder.exists())
+    if not existing.is_dir():
+        parser.error(f"{option} {path}: {existing} is a file, not a folder.")
