@@ -169,3 +169,25 @@ def test_cli_checks_its_output_dir_before_any_work(tmp_path, capsys):
             main(["--checkpoint", str(tmp_path / "missing.pth"), "--backbone", str(tmp_path), "--output_dir", str(output_dir)])
         error = capsys.readouterr().err
         assert refused.value.code == 2 and f"--output_dir {output_dir}: {tmp_path / 'a_file'} is a file, not a folder" in error, error
+
+
+def test_cli_refuses_zero_heads_and_repeated_labels(golden_dir, tmp_path, capsys):
+    checkpoint, backbone = golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision"
+    (tmp_path / "labels.json").write_text(json.dumps(["archery", "bowling", "archery", "cooking", "dancing"]))
+    for arguments, code, message in (
+        (["--decoder_num_heads", "0"], 2, "--decoder_num_heads must be a positive integer, got 0"),
+        (["--labels", str(tmp_path / "labels.json")], 1, f"{tmp_path / 'labels.json'}: the class names must be distinct; repeated: \\['archery'\\]"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as ended:
+            main(["--checkpoint", str(checkpoint), "--backbone", str(backbone), "--output_dir", str(tmp_path / "out"), *arguments])
+        error = capsys.readouterr().err
+        assert ended.value.code == code and re.search(message, error) and "Traceback" not in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_labels_and_zero_heads_are_refused(golden_dir):
+    checkpoint, backbone = golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision"
+    with pytest.raises(ValueError, match="`decoder_num_heads` must be a positive integer, got 0"):
+        convert_evl_checkpoint(checkpoint, backbone, decoder_num_heads=0)
+    with pytest.raises(ValueError, match="The class names must be distinct; repeated: \\['a'\\]"):
+        convert_evl_checkpoint(checkpoint, backbone, id2label=dict(enumerate("abacd")))

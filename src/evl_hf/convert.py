@@ -13,6 +13,7 @@ modules exist) is read from it; the decoder head count defaults to the backbone'
 import argparse
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -108,7 +109,7 @@ def infer_config(
     kwargs = dict(
         decoder_num_layers=num_layers,
         decoder_qkv_dim=qkv_dim,
-        decoder_num_heads=decoder_num_heads or vision_config.num_attention_heads,
+        decoder_num_heads=vision_config.num_attention_heads if decoder_num_heads is None else decoder_num_heads,
         decoder_mlp_factor=mlp_hidden / hidden_size,
         use_temporal_conv="decoder.temporal_conv.0.weight" in state_dict,
         use_temporal_pos_embed=use_pos,
@@ -148,6 +149,11 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], model: EVLForVideoCl
     return converted
 
 
+def repeated_labels(labels) -> list[str]:
+    """The class names given more than once: `label2id` keeps one index per name, so the head would lose classes."""
+    return sorted(label for label, count in Counter(labels).items() if count > 1)
+
+
 def convert_evl_checkpoint(
     checkpoint_path: str | Path,
     backbone: str | Path,
@@ -158,6 +164,10 @@ def convert_evl_checkpoint(
     num_temporal_views: int = 1,
 ) -> tuple[EVLForVideoClassification, EVLVideoProcessor]:
     """Build the transformers model (pretrained CLIP backbone + converted decoder/head) and its video processor."""
+    if decoder_num_heads is not None and decoder_num_heads < 1:
+        raise ValueError(f"`decoder_num_heads` must be a positive integer, got {decoder_num_heads}.")
+    if id2label is not None and (repeated := repeated_labels(id2label.values())):
+        raise ValueError(f"The class names must be distinct; repeated: {repeated}.")
     state_dict = load_original_state_dict(checkpoint_path)
     # `CLIPVisionConfig.from_pretrained` reads any config.json as CLIP's: the checkpoint would be saved as CLIP over
     # another family's weights.
@@ -201,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_temporal_views", type=int, default=1, help="Evaluation windows saved in the processor.")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="Also upload to this Hub repository.")
     args = parser.parse_args(argv)
+    for name in ("decoder_num_heads", "sampling_rate", "num_temporal_views"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     check_output_dir(parser, "--output_dir", args.output_dir)
 
     try:  # a bad file or argument is one line naming it, not a traceback
@@ -212,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"{args.labels}: not a JSON list of class names ({error}).") from None
             if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
                 raise ValueError(f"{args.labels}: expected a JSON list of class names.")
+            if repeated := repeated_labels(labels):
+                raise ValueError(f"{args.labels}: the class names must be distinct; repeated: {repeated}.")
             id2label = dict(enumerate(labels))
         model, processor = convert_evl_checkpoint(
             args.checkpoint, args.backbone, args.decoder_num_heads, id2label, args.sampling_rate,
