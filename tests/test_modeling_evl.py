@@ -523,6 +523,18 @@ def test_presets_match_the_released_configurations():
         EVLConfig.from_preset("k400-vit-h14")
 
 
+def test_the_users_labels_win_over_the_presets_class_count(tiny_backbone_dir):
+    # ssv2-vit-b16-8f-dec12 carries num_labels=174: the labels given are the model's, and its head has their count.
+    labels = {0: "jumping", 1: "running"}
+    fields = dict(id2label=labels, label2id={label: index for index, label in labels.items()})
+    config = EVLConfig.from_preset("ssv2-vit-b16-8f-dec12", **fields)
+    assert (config.num_labels, config.id2label, config.label2id) == (2, labels, fields["label2id"])
+    model = EVLForVideoClassification.from_backbone_pretrained(
+        tiny_backbone_dir, preset="ssv2-vit-b16-8f-dec12", decoder_num_layers=2, **fields
+    )
+    assert model.config.id2label == labels and model.classifier.out_features == 2
+
+
 # ---------------------------------------------------------------- configuration validation and bad inputs
 
 

@@ -260,7 +260,8 @@ class EVLConfig(PreTrainedConfig):
     def from_preset(cls, name: str, vision_config: CLIPVisionConfig | None = None, **kwargs) -> "EVLConfig":
         """
         Build the configuration of one of the authors' released (or paper) models, see `EVL_PRESETS`. The backbone
-        shape comes from the preset unless `vision_config` is given; `kwargs` override any field.
+        shape comes from the preset unless `vision_config` is given; `kwargs` override any field (an `id2label` the
+        preset's `num_labels` too).
         """
         if name not in EVL_PRESETS:
             raise ValueError(f"Unknown EVL preset {name!r}; choose one of {sorted(EVL_PRESETS)}.")
@@ -273,6 +274,9 @@ class EVLConfig(PreTrainedConfig):
         elif vision_config is None:
             model_type, shape = _OTHER_VISION_SHAPES[backbone]
             vision_config = AutoConfig.for_model(model_type, **shape)
+        if "id2label" in kwargs:
+            # The labels given make the head (transformers would otherwise keep the preset's count and rename them).
+            preset.pop("num_labels", None)
         preset.update(kwargs)
         return cls(vision_config=vision_config, **preset)
 
