@@ -78,9 +78,51 @@ def test_new_head_on_a_base_model_checkpoint_is_allowed(tmp_path):
 
 def test_new_label_count_with_ignore_mismatched_sizes(saved):
     directory, model = saved
+    # A new head is the one mismatch the error suggests the flag for.
+    with pytest.raises(EVLCheckpointError, match=r"classifier.weight: checkpoint \(5, 32\) vs model \(3, 32\)") as error:
+        EVLForVideoClassification.from_pretrained(directory, num_labels=3)
+    assert "ignore_mismatched_sizes=True" in str(error.value)
     resized = EVLForVideoClassification.from_pretrained(directory, num_labels=3, ignore_mismatched_sizes=True)
     assert resized.classifier.weight.shape == (3, 32)
     assert torch.equal(resized.evl.decoder.query, model.evl.decoder.query)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, shapes",
+    [
+        (dict(num_frames=8), "evl.decoder.layers.0.temporal_position_embedding.embedding", r"\(4, 32\) vs model \(8, 32\)"),
+        (dict(decoder_qkv_dim=64), "evl.decoder.layers.0.cross_attention.q_proj.weight", r"\(32, 32\) vs model \(64, 32\)"),
+    ],
+)
+def test_ignore_mismatched_sizes_never_reinitialises_the_decoder(saved, overrides, key, shapes):
+    # The flag allows a new classification head, never fresh decoder weights; the error does not suggest it.
+    directory, _ = saved
+    for ignore in (False, True):
+        with pytest.raises(EVLCheckpointError, match=rf"{key}: checkpoint {shapes}") as error:
+            EVLForVideoClassification.from_pretrained(directory, ignore_mismatched_sizes=ignore, **overrides)
+        assert str(directory) in str(error.value) and "ignore_mismatched_sizes=True to" not in str(error.value)
+
+
+def test_another_num_frames_is_refused_with_the_interpolation_pointed_out(saved):
+    directory, model = saved
+    with pytest.raises(EVLCheckpointError, match=r"num_frames=8 need not be changed.*interpolated") as error:
+        EVLForVideoClassification.from_pretrained(directory, num_frames=8)
+    assert "with its own num_frames (4)" in str(error.value)
+    # As the message says: the checkpoint as saved runs 8-frame clips.
+    clip = torch.randn(1, 8, 3, 32, 32)
+    with torch.no_grad():
+        assert EVLForVideoClassification.from_pretrained(directory)(clip).logits.shape == (1, 5)
+
+
+def test_ignore_mismatched_sizes_refuses_decoder_mismatches_found_by_the_loader_too(saved):
+    # A pickled checkpoint has no header to read before loading: the loader's own report is checked.
+    directory, model = saved
+    (directory / "model.safetensors").unlink()
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    with pytest.raises(EVLCheckpointError, match=r"temporal_position_embedding.embedding"):
+        EVLForVideoClassification.from_pretrained(directory, num_frames=8, ignore_mismatched_sizes=True)
+    resized = EVLForVideoClassification.from_pretrained(directory, num_labels=3, ignore_mismatched_sizes=True)
+    assert resized.classifier.weight.shape == (3, 32)
 
 
 def hub_cache_snapshot(cache_dir: Path, repo_id: str, files_from: Path) -> Path:

@@ -61,6 +61,8 @@ _CROSS_FRAME_CHUNK_ELEMENTS = 2**24
 _CROSS_FRAME_SCORES_CHUNK_ELEMENTS = 2**19
 # The `from_pretrained` arguments that say where a checkpoint's files come from (passed on when EVL reads them first).
 _HUB_KWARGS = ("cache_dir", "proxies", "token", "revision", "local_files_only", "subfolder")
+# The classification head's tensors: the only ones a checkpoint may lack, or `ignore_mismatched_sizes=True` replace.
+_HEAD_PREFIXES = ("classifier.", "fc_norm.")
 
 
 def _with_variant(filename: str, variant: str | None) -> str:
@@ -916,8 +918,9 @@ class EVLPreTrainedModel(PreTrainedModel):
         `PreTrainedModel.from_pretrained`, stricter: a checkpoint that lacks decoder or backbone tensors, or whose
         tensors do not fit the configuration, raises `EVLCheckpointError` listing them instead of leaving freshly
         initialised weights behind (only the classification head may be new, e.g. when starting from an `EVLModel`
-        checkpoint, or with `ignore_mismatched_sizes=True`). A truncated or corrupt weights file is named in the error.
-        With `output_loading_info=True` missing keys are reported in the returned info instead, for the caller to handle.
+        checkpoint, or with `ignore_mismatched_sizes=True`, which allows no other mismatch). A truncated or corrupt
+        weights file is named in the error. With `output_loading_info=True` missing keys are reported in the returned
+        info instead, for the caller to handle.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
@@ -935,9 +938,13 @@ class EVLPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         # With output_loading_info=True the caller asked for the report and handles missing keys itself.
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None and not output_loading_info:
-            head = ("classifier.", "fc_norm.")
-            missing = [key for key in info.get("missing_keys", []) if not key.startswith(head)]
-            mismatched = [] if kwargs.get("ignore_mismatched_sizes") else info.get("mismatched_keys", [])
+            missing = [key for key in info.get("missing_keys", []) if not key.startswith(_HEAD_PREFIXES)]
+            # The loader re-initialises every mismatched tensor under `ignore_mismatched_sizes`: only the head may be.
+            mismatched = [
+                f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
+                for key, found, expected in sorted(info.get("mismatched_keys", []), key=lambda item: item[0])
+                if not (kwargs.get("ignore_mismatched_sizes") and key.startswith(_HEAD_PREFIXES))
+            ]
             if missing or mismatched:
                 raise EVLCheckpointError(
                     f"{pretrained_model_name_or_path}: the checkpoint does not fit {cls.__name__}; refusing to leave "
@@ -996,7 +1003,8 @@ class EVLPreTrainedModel(PreTrainedModel):
         """
         Read a checkpoint's safetensors headers before loading it, so that what is wrong is found in the files
         rather than guessed from the loader's error messages: an unreadable file, or tensors whose shapes do not fit
-        the configuration (with `kwargs`' overrides applied), raise `EVLCheckpointError` naming them.
+        the configuration (with `kwargs`' overrides applied; but for the classification head's under
+        `ignore_mismatched_sizes`), raise `EVLCheckpointError` naming them.
         """
         name = str(pretrained_model_name_or_path)
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
@@ -1014,22 +1022,40 @@ class EVLPreTrainedModel(PreTrainedModel):
                     shapes.update((key, tuple(handle.get_slice(key).get_shape())) for key in handle.keys())
             except SafetensorError as error:
                 raise EVLCheckpointError(f"{file}: the weights file is truncated or corrupt ({error}).") from error
-        if not shapes or kwargs.get("ignore_mismatched_sizes"):
+        if not shapes:
             return
         with torch.device("meta"):
             expected = {key: tuple(value.shape) for key, value in cls(config).state_dict().items()}
         prefix = f"{cls.base_model_prefix}."
-        lines = []
+        mismatched = {}
         for key, shape in shapes.items():
             # An EVLModel checkpoint in an EVLForVideoClassification, or the other way round.
             name = next((k for k in (key, prefix + key, key.removeprefix(prefix)) if k in expected), None)
             if name is not None and expected[name] != shape:
-                lines.append(f"\n  {name}: checkpoint {shape} vs model {expected[name]}")
-        if lines:
-            raise EVLCheckpointError(
-                f"{pretrained_model_name_or_path}: tensors do not fit the configuration (pass "
-                "ignore_mismatched_sizes=True to re-initialise them, e.g. for a new label set):" + "".join(lines)
-            )
+                mismatched[name] = shape
+        if kwargs.get("ignore_mismatched_sizes"):
+            mismatched = {name: shape for name, shape in mismatched.items() if not name.startswith(_HEAD_PREFIXES)}
+        if not mismatched:
+            return
+        lines = "".join(f"\n  {key}: checkpoint {shape} vs model {expected[key]}" for key, shape in mismatched.items())
+        if all(name.startswith(_HEAD_PREFIXES) for name in mismatched):
+            hint = " (pass ignore_mismatched_sizes=True to re-initialise the classification head, e.g. for new labels)"
+        else:
+            # The flag would re-initialise trained decoder or backbone tensors: it does not apply, and is not offered.
+            hint = ""
+            position_embeddings = [
+                shape for name, shape in mismatched.items() if name.endswith("temporal_position_embedding.embedding")
+            ]
+            saved_frames = position_embeddings[0][0] if position_embeddings else None
+            if saved_frames is not None and saved_frames != config.num_frames:
+                lines += (
+                    f"\n  num_frames={config.num_frames} need not be changed to run {config.num_frames}-frame clips: "
+                    "the temporal position embeddings are interpolated to any frame count at run time. Load the "
+                    f"checkpoint with its own num_frames ({saved_frames})."
+                )
+        raise EVLCheckpointError(
+            f"{pretrained_model_name_or_path}: tensors do not fit the configuration{hint}:{lines}"
+        )
 
     @classmethod
     def is_custom_code(cls) -> bool:
