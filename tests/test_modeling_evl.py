@@ -428,6 +428,24 @@ def test_from_backbone_pretrained_applies_loading_arguments_and_refuses_others(t
             EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, dtype=torch.float16, **conflicting)
 
 
+def test_from_backbone_pretrained_keeps_a_low_precision_checkpoint_in_the_models_dtype(tmp_path):
+    # A backbone stored in bfloat16 (as many Hub checkpoints are) runs in the model's dtype, float32 here, as
+    # `backbone_dtype=None` says: never in the dtype its file was stored in.
+    torch.manual_seed(0)
+    CLIPVisionModel(tiny_vision_config()).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = EVLForVideoClassification.from_backbone_pretrained(tmp_path / "bf16", **BACKBONE_KWARGS)
+    assert model.dtype == torch.float32 and model.config.backbone_dtype is None
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    stored = CLIPVisionModel.from_pretrained(tmp_path / "bf16", dtype=torch.float32).state_dict()
+    for key, value in stored.items():
+        assert torch.equal(model.evl.vision_model.state_dict()[key], value), key
+    # `backbone_dtype` still picks the backbone's dtype.
+    model = EVLForVideoClassification.from_backbone_pretrained(
+        tmp_path / "bf16", backbone_dtype="float16", **BACKBONE_KWARGS
+    )
+    assert model.evl.vision_model.dtype == torch.float16 and model.evl.decoder.query.dtype == torch.float32
+
+
 def _save_tiny_unsupported(kind, directory):
     from transformers import ConvNextConfig, ConvNextModel
 

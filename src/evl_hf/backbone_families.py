@@ -81,8 +81,10 @@ class EVLBackboneFamily:
     image_mean: tuple[float, ...] = tuple(OPENAI_CLIP_MEAN)
     image_std: tuple[float, ...] = tuple(OPENAI_CLIP_STD)
 
-    def build(self, config: PreTrainedConfig) -> PreTrainedModel:
-        return self.model_class._from_config(config, **self.model_kwargs)
+    def build(self, config: PreTrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        """A randomly initialised tower of `config`, in `dtype` (else the one `config.dtype` records)."""
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return self.model_class._from_config(config, **self.model_kwargs, **kwargs)
 
     def from_pretrained(self, name_or_path, **kwargs):
         return self.model_class.from_pretrained(name_or_path, **self.model_kwargs, **kwargs)

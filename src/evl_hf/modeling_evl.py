@@ -1160,7 +1160,11 @@ class EVLModel(EVLPreTrainedModel):
         # The trainable decoder is registered first: it is what `modules()` / `named_parameters()` consumers (optimizers,
         # gradient checkpointing, parameter summaries) meet first, while the frozen backbone runs under no_grad.
         self.decoder = EVLDecoder(config)
-        self.vision_model = backbone_family(config.vision_config).build(config.vision_config)
+        # In the model's dtype (the decoder's), not in the one `vision_config.dtype` records: a backbone loaded from a
+        # bfloat16 checkpoint records bfloat16. `backbone_dtype` casts it below.
+        self.vision_model = backbone_family(config.vision_config).build(
+            config.vision_config, dtype=self.decoder.query.dtype
+        )
         self.post_init()
         # transformers installs its output recorders on the first call that asks for them, under a lock that
         # torch.compile(fullgraph=True) cannot trace: install them now, in a form that pickles.
