@@ -446,6 +446,24 @@ def test_from_backbone_pretrained_keeps_a_low_precision_checkpoint_in_the_models
     assert model.evl.vision_model.dtype == torch.float16 and model.evl.decoder.query.dtype == torch.float32
 
 
+def test_from_backbone_pretrained_refuses_a_config_that_does_not_describe_the_backbone(tiny_backbone_dir):
+    # `config=` builds the tower from its `vision_config`: one of another shape, or that computes otherwise (another
+    # activation), is refused by field, naming the directory; fields that leave the computation alone are not.
+    for vision_overrides, fields in (
+        (dict(num_hidden_layers=4), "num_hidden_layers: config 4 vs checkpoint 3"),
+        (dict(hidden_act="gelu"), "hidden_act: config 'gelu' vs checkpoint 'quick_gelu'"),
+    ):
+        config = tiny_config(vision_overrides, num_labels=3)
+        with pytest.raises(EVLCheckpointError, match=re.escape(fields)) as raised:
+            EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, config=config)
+        assert str(tiny_backbone_dir) in str(raised.value)
+    config = tiny_config(dict(initializer_range=0.5, attention_dropout=0.1, dtype="bfloat16"), num_labels=3)
+    config.vision_config._attn_implementation = "eager"
+    model = EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, config=config)
+    for key, value in CLIPVisionModel.from_pretrained(tiny_backbone_dir).state_dict().items():
+        assert torch.equal(model.evl.vision_model.state_dict()[key], value), key
+
+
 def _save_tiny_unsupported(kind, directory):
     from transformers import ConvNextConfig, ConvNextModel
 

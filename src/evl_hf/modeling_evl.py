@@ -859,6 +859,26 @@ def _make_output_recorders_picklable(model: nn.Module) -> None:
                 module._forward_hooks[hook_id] = _PicklableOutputRecorder(*arguments, hook=hook)
 
 
+def _architecture_differences(given: PreTrainedConfig, checkpoint: PreTrainedConfig) -> list[str]:
+    """
+    The fields of a vision config's own class (not those every config has: `dtype`, `architectures`, ...) in which
+    `given` differs from a backbone `checkpoint`'s, as "field: config X vs checkpoint Y". Initialisers and dropout
+    rates are left out: they change neither the weights loaded nor the frozen tower's features. So is the attention
+    implementation, which is no field.
+    """
+    if given.model_type != checkpoint.model_type:
+        return [f"model_type: config {given.model_type!r} vs checkpoint {checkpoint.model_type!r}"]
+    common = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    return [
+        f"{field.name}: config {getattr(given, field.name)!r} vs checkpoint {getattr(checkpoint, field.name)!r}"
+        for field in dataclasses.fields(given)
+        if field.name not in common
+        and not field.name.startswith("_")
+        and not any(word in field.name for word in ("initializer", "dropout", "drop_path"))
+        and getattr(given, field.name) != getattr(checkpoint, field.name)
+    ]
+
+
 def _single_device(device_map) -> torch.device | None:
     """The device a `device_map` places a model built in one piece on: a device, its name or index, a map of every
     module to one device (`{"": 0}`), or "auto" (the accelerator if there is one); `None` without one."""
@@ -1557,10 +1577,11 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         tower is loaded. A DINOv2 backbone runs at its image processor's crop size (`preprocessor_config.json`, 224
         for the released ones) unless `image_size=` says otherwise. The decoder and head are freshly initialised; `config_kwargs` go to `EVLConfig` (e.g. `num_frames`,
         `id2label`, `label2id`). `preset=NAME` takes the other fields from one of `EVL_PRESETS`; `config=` gives a
-        complete `EVLConfig` instead (its `vision_config` must describe this backbone). As with `from_pretrained`,
-        `dtype` (or `torch_dtype`) loads the backbone in that dtype and casts the whole model to it, a `device_map`
-        naming one device moves the model there, and the Hub arguments (`revision`, `token`, `subfolder`, ...) reach
-        the backbone's files; `from_pretrained`'s other loading arguments are refused by name.
+        complete `EVLConfig` instead (its `vision_config` must describe this backbone: one that differs from the
+        backbone's own in an architecture field is an `EVLCheckpointError` naming the fields). As with
+        `from_pretrained`, `dtype` (or `torch_dtype`) loads the backbone in that dtype and casts the whole model to
+        it, a `device_map` naming one device moves the model there, and the Hub arguments (`revision`, `token`,
+        `subfolder`, ...) reach the backbone's files; `from_pretrained`'s other loading arguments are refused by name.
 
         Any other kind of checkpoint raises a `ValueError`; one whose vision tensors are missing, extra or of the
         wrong shape raises `EVLCheckpointError`, so no backbone weight is ever left randomly initialised.
@@ -1599,6 +1620,15 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         if config is not None:
             if config_kwargs or preset is not None:
                 raise ValueError("Pass either `config` or configuration fields/`preset`, not both.")
+            differences = _architecture_differences(config.vision_config, backbone.config)
+            if differences:
+                raise EVLCheckpointError(
+                    f"{pretrained_model_name_or_path}: `config.vision_config` does not describe this backbone, whose "
+                    "weights would run in another architecture:"
+                    + "".join(f"\n  {difference}" for difference in differences)
+                    + "\nLeave `config=` out (the backbone's own configuration is used), or build it with the "
+                    "backbone's (`EVLConfig(vision_config=AutoConfig.from_pretrained(...), ...)`)."
+                )
         elif preset is not None:
             config = EVLConfig.from_preset(preset, vision_config=backbone.config, **config_kwargs)
         else:
