@@ -326,3 +326,11 @@ def test_from_backbone_pretrained_takes_the_backbones_image_settings(tmp_path, n
     assert (ours - theirs).abs().mean() < 0.05, (ours - theirs).abs().mean()
     processor.save_pretrained(tmp_path / "evl")
     assert AutoVideoProcessor.from_pretrained(tmp_path / "evl").to_dict() == processor.to_dict()
+
+
+def test_from_backbone_pretrained_finds_the_backbones_files_as_the_model_does(tmp_path):
+    # The Hub arguments the model's `from_backbone_pretrained` takes (`subfolder`, ...) locate the processor too.
+    image_processor, size, *_ = backbone_image_processors()["clip"]
+    image_processor.save_pretrained(tmp_path / "vision")
+    processor = EVLVideoProcessor.from_backbone_pretrained(str(tmp_path), subfolder="vision", local_files_only=True)
+    assert {key: getattr(processor.size, key) for key in size} == size and processor.crop_size.height == 32

@@ -26,6 +26,7 @@ from transformers.utils import logging
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+from .backbone_families import HUB_FILE_ARGUMENTS
 from .video_decoding_evl import (
     _VIDEO_SOURCE_TYPES,
     DECODING_BACKENDS,
@@ -276,14 +277,13 @@ class EVLVideoProcessor(BaseVideoProcessor):
         none, resampling, rescale factor and mean / std. SigLIP resizes to a square and normalises with 0.5 / 0.5,
         DINOv2 crops and uses the ImageNet mean / std, CLIP its own. PIL, which those processors resize with,
         antialiases, so `antialias=True`. Frame sampling keeps this class's defaults (8 frames, stride 16);
-        `kwargs` override any field (`num_frames=`, `sampling_rate=`, ...). `cache_dir`, `revision`, `token` and
-        `local_files_only` go to the download.
+        `kwargs` override any field (`num_frames=`, `sampling_rate=`, ...). The Hub arguments that locate the
+        backbone's files for `EVLForVideoClassification.from_backbone_pretrained` (`subfolder`, `revision`, `token`,
+        `cache_dir`, ...) locate its image processor.
         """
         from transformers import AutoImageProcessor
 
-        hub_kwargs = {
-            key: kwargs.pop(key) for key in ("cache_dir", "revision", "token", "local_files_only") if key in kwargs
-        }
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_FILE_ARGUMENTS if key in kwargs}
         image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
 
         def size_fields(size) -> dict:
