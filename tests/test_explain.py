@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -279,6 +280,19 @@ def test_a_model_without_a_video_processor_is_refused(saved_model, tmp_path, cli
         main([str(clip_path), "--model", str(tmp_path / "bare"), "--output", str(tmp_path / "out.png")])
     assert exit_info.value.code == 1
     assert f"{tmp_path / 'bare'}: no video processor (video_preprocessor_config.json)" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line(saved_model, tmp_path, clip_path, capsys):
+    # An EVLCheckpointError (a ValueError) used to end the command in a traceback.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(saved_model, damaged)
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(clip_path), "--model", str(damaged), "--output", str(tmp_path / "out.png")])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "model.safetensors: the weights file is truncated or corrupt" in error, error
 
 
 def test_wrong_arguments_are_refused(saved_model, clip_path, tmp_path):

@@ -304,6 +304,16 @@ def test_the_cli_names_the_problem_in_one_line(saved_model, clip_path, tmp_path,
             evl_hf.timeline.main([str(video), "--model", str(model), "--output", str(output)])
         assert ended.value.code == 1
         assert f"python -m evl_hf.timeline: error: {expected}" in capsys.readouterr().err
+    # A damaged checkpoint: EVL's own error, naming the file, not the pipeline's report of every class it tried.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(saved_model, damaged)
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(SystemExit) as ended:
+        evl_hf.timeline.main([str(clip_path), "--model", str(damaged), "--output", str(output)])
+    error = capsys.readouterr().err
+    assert ended.value.code == 1 and error.count("\n") == 1, error
+    assert "model.safetensors: the weights file is truncated or corrupt" in error
     # A checkpoint whose processor samples uniformly has no stride for the windows: --frame_sampling_rate is asked for.
     uniform = tmp_path / "uniform"
     shutil.copytree(saved_model, uniform)

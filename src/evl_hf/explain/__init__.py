@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> EVLExplanation:
     try:
         model, processor = load_model_and_processor(args.model)
         explanation = explain(model, processor, args.video, top_k=args.top_k)
-    except (EVLVideoDecodingError, OSError) as error:
+    # A damaged or foreign checkpoint (`EVLCheckpointError`, a `ValueError`), the video's or the machine's: one line.
+    except (ValueError, OSError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     try:
         explanation.save_figure(args.output)

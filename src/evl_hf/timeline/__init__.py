@@ -578,8 +578,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     check_output_path(parser, "--plot", args.plot, figure=True)
     from transformers import pipeline
 
+    from ..explain import load_model_and_processor
+
     try:
-        timeline = pipeline(TASK, model=args.model, device=args.device)
+        # Loaded here, not by `pipeline`, which reports a loading error as a list of every class it tried.
+        model, processor = load_model_and_processor(args.model)
+        timeline = pipeline(TASK, model=model, video_processor=processor, device=args.device)
         sampling = {} if args.frame_sampling_rate is None else {"frame_sampling_rate": args.frame_sampling_rate}
         windows = timeline(args.video, window_stride=args.window_stride, top_k=args.top_k, **sampling)
     # The model's, the video's or the machine's, or a setting the checkpoint needs (e.g. --frame_sampling_rate for
