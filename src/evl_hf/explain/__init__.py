@@ -37,7 +37,6 @@ from transformers.utils import logging
 
 from ..modeling_evl import EVLForVideoClassification
 from ..output_paths import check_output_path, figure_format
-from ..video_decoding_evl import EVLVideoDecodingError
 from ..video_processing_evl import EVLVideoProcessor
 
 
