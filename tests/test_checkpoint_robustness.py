@@ -58,6 +58,19 @@ def test_missing_decoder_tensors_are_refused_not_reinitialised(saved):
         EVLForVideoClassification.from_pretrained(directory)
 
 
+@pytest.mark.parametrize("removed", [["classifier.weight"], ["classifier.weight", "classifier.bias", "fc_norm.weight", "fc_norm.bias"]])
+def test_a_classifier_checkpoint_missing_head_tensors_is_refused(saved, removed):
+    # Only a checkpoint saved without a head (an EVLModel's) gets a new one: a classifier's that lost part or all of
+    # it used to load with those tensors re-initialised.
+    directory, _ = saved
+    tensors = load_file(directory / "model.safetensors")
+    for key in removed:
+        del tensors[key]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EVLCheckpointError, match=rf"missing: \[.*'{removed[0]}'"):
+        EVLForVideoClassification.from_pretrained(directory)
+
+
 def test_shapes_that_do_not_fit_the_config_are_refused(saved):
     directory, _ = saved
     config = json.loads((directory / "config.json").read_text())

@@ -958,7 +958,15 @@ class EVLPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         # With output_loading_info=True the caller asked for the report and handles missing keys itself.
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None and not output_loading_info:
-            missing = [key for key in info.get("missing_keys", []) if not key.startswith(_HEAD_PREFIXES)]
+            missing = info.get("missing_keys", [])
+            # A new head for a checkpoint saved without one (an `EVLModel`'s); a classifier's that lacks any part of
+            # its head is damaged.
+            head = [key for key in model.state_dict() if key.startswith(_HEAD_PREFIXES)]
+            saved_without_head = sum(key.startswith(_HEAD_PREFIXES) for key in missing) == len(head) and (
+                EVLForVideoClassification.__name__ not in (model.config.architectures or [])
+            )
+            if saved_without_head:
+                missing = [key for key in missing if not key.startswith(_HEAD_PREFIXES)]
             # The loader re-initialises every mismatched tensor under `ignore_mismatched_sizes`: only the head may be.
             mismatched = [
                 f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
