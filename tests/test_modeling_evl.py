@@ -457,11 +457,31 @@ def test_from_backbone_pretrained_refuses_a_config_that_does_not_describe_the_ba
         with pytest.raises(EVLCheckpointError, match=re.escape(fields)) as raised:
             EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, config=config)
         assert str(tiny_backbone_dir) in str(raised.value)
-    config = tiny_config(dict(initializer_range=0.5, attention_dropout=0.1, dtype="bfloat16"), num_labels=3)
+    # CLIP's projection width belongs to the two-tower model, not to the vision tower.
+    config = tiny_config(dict(initializer_range=0.5, attention_dropout=0.1, dtype="bfloat16", projection_dim=7), num_labels=3)
     config.vision_config._attn_implementation = "eager"
     model = EVLForVideoClassification.from_backbone_pretrained(tiny_backbone_dir, config=config)
     for key, value in CLIPVisionModel.from_pretrained(tiny_backbone_dir).state_dict().items():
         assert torch.equal(model.evl.vision_model.state_dict()[key], value), key
+
+
+def test_a_config_differing_only_in_what_the_tower_does_not_run_describes_the_backbone(tmp_path):
+    # ViT's pooler and masked-image-modelling stride belong to heads EVL does not build; DINOv2's layer-scale value is
+    # only the initial value of loaded parameters.
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                 patch_size=8)  # fmt: skip
+    for model_class, vision_config, unused in (
+        (ViTModel, ViTConfig(**shape), dict(pooler_output_size=64, pooler_act="relu", encoder_stride=8)),
+        (Dinov2Model, Dinov2Config(**shape), dict(layerscale_value=0.5)),
+    ):
+        directory = tmp_path / vision_config.model_type
+        torch.manual_seed(0)
+        model_class(vision_config).save_pretrained(directory)
+        config = EVLConfig(vision_config=vision_config.__class__(**shape, **unused), num_frames=4, decoder_num_layers=2,
+                           decoder_qkv_dim=32, decoder_num_heads=4, image_size=32)  # fmt: skip
+        EVLForVideoClassification.from_backbone_pretrained(directory, config=config)
 
 
 def _save_tiny_unsupported(kind, directory):
@@ -569,6 +589,8 @@ def test_the_users_labels_win_over_the_presets_class_count(tiny_backbone_dir):
         tiny_backbone_dir, preset="ssv2-vit-b16-8f-dec12", decoder_num_layers=2, **fields
     )
     assert model.config.id2label == labels and model.classifier.out_features == 2
+    # No labels given (None, as a wrapper passes it on) keeps the preset's count.
+    assert EVLConfig.from_preset("ssv2-vit-b16-8f-dec12", id2label=None).num_labels == 174
 
 
 # ---------------------------------------------------------------- configuration validation and bad inputs

@@ -274,7 +274,7 @@ class EVLConfig(PreTrainedConfig):
         elif vision_config is None:
             model_type, shape = _OTHER_VISION_SHAPES[backbone]
             vision_config = AutoConfig.for_model(model_type, **shape)
-        if "id2label" in kwargs:
+        if kwargs.get("id2label") is not None:
             # The labels given make the head (transformers would otherwise keep the preset's count and rename them).
             preset.pop("num_labels", None)
         preset.update(kwargs)

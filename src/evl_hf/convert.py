@@ -168,15 +168,15 @@ def convert_evl_checkpoint(
         raise ValueError(f"`decoder_num_heads` must be a positive integer, got {decoder_num_heads}.")
     if id2label is not None and (repeated := repeated_labels(id2label.values())):
         raise ValueError(f"The class names must be distinct; repeated: {repeated}.")
-    state_dict = load_original_state_dict(checkpoint_path)
     # `CLIPVisionConfig.from_pretrained` reads any config.json as CLIP's: the checkpoint would be saved as CLIP over
-    # another family's weights.
+    # another family's weights. Checked before the (large) checkpoint is read.
     model_type = checkpoint_model_type(backbone)
     if family_of_checkpoint(model_type) is not BACKBONE_FAMILIES["clip_vision_model"]:
         raise ValueError(
             f"{backbone} is a `{model_type}` checkpoint: the authors' EVL checkpoints decode CLIP features, so "
             "--backbone must be the CLIP model they were trained on (`clip` or `clip_vision_model`)."
         )
+    state_dict = load_original_state_dict(checkpoint_path)
     try:
         config = infer_config(state_dict, CLIPVisionConfig.from_pretrained(backbone), decoder_num_heads)
     except EVLCheckpointError as error:

@@ -33,10 +33,9 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, cached_file, logging
+from transformers.utils import ModelOutput, cached_file, logging, output_capturing
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import resolve_revision
-from transformers.utils import output_capturing
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .backbone_families import (
@@ -859,12 +858,18 @@ def _make_output_recorders_picklable(model: nn.Module) -> None:
                 module._forward_hooks[hook_id] = _PicklableOutputRecorder(*arguments, hook=hook)
 
 
+# Vision-config fields the towers EVL builds never read: CLIP's projection width (the two-tower model's), ViT's pooler
+# and masked-image-modelling stride (heads not built), DINOv2's layer-scale value (the initial value of loaded
+# parameters).
+_FIELDS_THE_TOWER_DOES_NOT_RUN = {"projection_dim", "pooler_output_size", "pooler_act", "encoder_stride", "layerscale_value"}
+
+
 def _architecture_differences(given: PreTrainedConfig, checkpoint: PreTrainedConfig) -> list[str]:
     """
     The fields of a vision config's own class (not those every config has: `dtype`, `architectures`, ...) in which
-    `given` differs from a backbone `checkpoint`'s, as "field: config X vs checkpoint Y". Initialisers and dropout
-    rates are left out: they change neither the weights loaded nor the frozen tower's features. So is the attention
-    implementation, which is no field.
+    `given` differs from a backbone `checkpoint`'s, as "field: config X vs checkpoint Y". Initialisers, dropout
+    rates and fields the tower does not run are left out: they change neither the weights loaded nor the frozen
+    tower's features. So is the attention implementation, which is no field.
     """
     if given.model_type != checkpoint.model_type:
         return [f"model_type: config {given.model_type!r} vs checkpoint {checkpoint.model_type!r}"]
@@ -872,7 +877,7 @@ def _architecture_differences(given: PreTrainedConfig, checkpoint: PreTrainedCon
     return [
         f"{field.name}: config {getattr(given, field.name)!r} vs checkpoint {getattr(checkpoint, field.name)!r}"
         for field in dataclasses.fields(given)
-        if field.name not in common
+        if field.name not in common | _FIELDS_THE_TOWER_DOES_NOT_RUN
         and not field.name.startswith("_")
         and not any(word in field.name for word in ("initializer", "dropout", "drop_path"))
         and getattr(given, field.name) != getattr(checkpoint, field.name)
@@ -1635,7 +1640,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
                     "weights would run in another architecture:"
                     + "".join(f"\n  {difference}" for difference in differences)
                     + "\nLeave `config=` out (the backbone's own configuration is used), or build it with the "
-                    "backbone's (`EVLConfig(vision_config=AutoConfig.from_pretrained(...), ...)`)."
+                    "backbone's (`EVLConfig(vision_config=AutoConfig.from_pretrained(...), ...)`, its `.vision_config` "
+                    "for a two-tower checkpoint)."
                 )
         elif preset is not None:
             config = EVLConfig.from_preset(preset, vision_config=backbone.config, **config_kwargs)
