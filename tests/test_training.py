@@ -45,3 +45,27 @@ def test_a_regression_target_of_minus_one_is_a_target(tmp_path, problem_type, dt
     targets = np.array([-1, 1], dtype=dtype)
     metrics = scores._metrics_of_usable_clips(EvalPrediction(predictions=predictions, label_ids=targets))
     assert metrics["loss"] == pytest.approx(((0.5 + 1.0) ** 2 + (2.0 - 1.0) ** 2) / 2)
+
+
+def test_evaluation_reads_every_clip_in_order_whatever_the_loader_settings_for_training(tmp_path):
+    # `dataloader_drop_last` and `dataloader_in_order=False` are for training: evaluation used to drop the last
+    # clips (and so depend on the process count), and with workers to name each clip's row after another clip.
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(num_labels=3)).eval()
+    clips = [{"pixel_values": torch.randn(4, 3, 32, 32), "labels": index % 3} for index in range(9)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2,
+        dataloader_drop_last=True, dataloader_in_order=False, eval_do_concat_batches=False,
+    )  # fmt: skip
+    scores = EVLTrainer(model=model, args=args, compute_metrics=make_compute_metrics(top_k=2))
+    for loader in (scores.get_eval_dataloader(clips), scores.get_test_dataloader(clips)):
+        assert loader.in_order and not loader.drop_last
+    output = scores.predict(clips)
+    with torch.no_grad():
+        expected = model(torch.stack([clip["pixel_values"] for clip in clips])).logits
+    np.testing.assert_allclose(np.concatenate(output.predictions), expected.numpy(), atol=1e-5)
+    assert output.metrics["test_loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(expected, torch.tensor([index % 3 for index in range(9)]))), rel=1e-5
+    )
+    # Training keeps the settings asked for.
+    assert scores.args.dataloader_drop_last and not scores.args.dataloader_in_order

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from datasets import ClassLabel
@@ -499,7 +500,9 @@ def main(argv: list[str] | None = None):
         if data is None:
             continue
         output = trainer.predict(data, metric_key_prefix=prefix)
-        logits = {"predicted": output.predictions}
+        # Per-clip files need whole arrays, also under `--eval_do_concat_batches false` (a list per batch).
+        predictions, label_ids = (np.concatenate(x) if isinstance(x, list) else x for x in output[:2])
+        logits = {"predicted": predictions}
         if prefix == "eval":
             for order, reordered in reordered_eval_datasets.items():
                 reordered_output = trainer.predict(reordered, metric_key_prefix=f"eval_{order}")
@@ -507,16 +510,19 @@ def main(argv: list[str] | None = None):
                 output.metrics.update(
                     {key: value for key, value in reordered_output.metrics.items() if key.endswith(("_accuracy", "_loss"))}
                 )
-                logits[f"predicted_{order}"] = reordered_output.predictions
+                reordered_predictions = reordered_output.predictions
+                if isinstance(reordered_predictions, list):
+                    reordered_predictions = np.concatenate(reordered_predictions)
+                logits[f"predicted_{order}"] = reordered_predictions
         trainer.log_metrics(prefix, output.metrics)
         trainer.save_metrics(prefix, output.metrics)
         if prefix == "eval":
             trainer.log(output.metrics)  # into the log history, where the model card reads evaluation results
-        if trainer.is_world_process_zero() and output.label_ids is not None and len(output.label_ids):
+        if trainer.is_world_process_zero() and label_ids is not None and len(label_ids):
             id2label = model.config.id2label
             if not is_unlabeled(data.dataset):
-                write_per_class_report(output.predictions, output.label_ids, id2label, training_args.output_dir, prefix)
-            write_predictions(clip_names(data.dataset), output.label_ids, logits, id2label, training_args.output_dir, prefix)
+                write_per_class_report(predictions, label_ids, id2label, training_args.output_dir, prefix)
+            write_predictions(clip_names(data.dataset), label_ids, logits, id2label, training_args.output_dir, prefix)
 
     dataset_id = data_args.dataset_name or data_args.train_dir or data_args.train_list or data_args.validation_dir
     card = {

@@ -1,6 +1,7 @@
 """Trainer glue for EVL: the bad-clip policy (counted, masked in evaluation), top-k metrics through `evaluate`,
 per-class reports, and model-card metadata for the Hub."""
 
+import contextlib
 import csv
 import json
 import logging
@@ -62,6 +63,26 @@ class EVLTrainer(Trainer):
             sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
         return super()._run_epoch(*args, **kwargs)
 
+    @contextlib.contextmanager
+    def _every_clip_in_order(self):
+        """`dataloader_drop_last` and `dataloader_in_order=False` serve training: an evaluation scores every clip
+        (else the clips dropped would depend on the process count) and names each row after its clip's position, so
+        its loaders read all the clips, in order."""
+        asked = self.args.dataloader_drop_last, self.args.dataloader_in_order
+        self.args.dataloader_drop_last, self.args.dataloader_in_order = False, True
+        try:
+            yield
+        finally:
+            self.args.dataloader_drop_last, self.args.dataloader_in_order = asked
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._every_clip_in_order():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._every_clip_in_order():
+            return super().get_test_dataloader(test_dataset)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
@@ -94,6 +115,8 @@ class EVLTrainer(Trainer):
         labels = eval_prediction.label_ids
         if labels is None:
             return {}
+        if isinstance(logits, list):  # `eval_do_concat_batches=False`: one array per batch
+            logits, labels = np.concatenate(logits), np.concatenate(labels)
         usable = labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL
         if len(labels) and not usable.any():
             raise ValueError(
