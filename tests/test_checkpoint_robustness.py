@@ -59,10 +59,15 @@ def test_missing_decoder_tensors_are_refused_not_reinitialised(saved):
 
 
 @pytest.mark.parametrize("removed", [["classifier.weight"], ["classifier.weight", "classifier.bias", "fc_norm.weight", "fc_norm.bias"]])
-def test_a_classifier_checkpoint_missing_head_tensors_is_refused(saved, removed):
+@pytest.mark.parametrize("architectures", ["saved", "missing"])
+def test_a_classifier_checkpoint_missing_head_tensors_is_refused(saved, removed, architectures):
     # Only a checkpoint saved without a head (an EVLModel's) gets a new one: a classifier's that lost part or all of
-    # it used to load with those tensors re-initialised.
+    # it used to load with those tensors re-initialised. Its tensors' names say so, whatever config.json says.
     directory, _ = saved
+    if architectures == "missing":
+        config = json.loads((directory / "config.json").read_text())
+        del config["architectures"]
+        (directory / "config.json").write_text(json.dumps(config))
     tensors = load_file(directory / "model.safetensors")
     for key in removed:
         del tensors[key]

@@ -159,6 +159,9 @@ def test_a_backbone_other_than_clip_is_refused_by_its_model_type(golden_dir, tmp
     assert ended.value.code == 1 and "Traceback" not in error, error
     assert f"{tmp_path / 'siglip'} is a `siglip_vision_model` checkpoint" in error and "CLIP" in error
     assert not (tmp_path / "out").exists()
+    # Before the checkpoint, which may be large, is read.
+    with pytest.raises(ValueError, match="is a `siglip_vision_model` checkpoint"):
+        convert_evl_checkpoint(tmp_path / "not-read.pth", tmp_path / "siglip")
 
 
 def test_cli_checks_its_output_dir_before_any_work(tmp_path, capsys):

@@ -293,6 +293,12 @@ def test_a_damaged_checkpoint_is_named_in_one_line(saved_model, tmp_path, clip_p
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "model.safetensors: the weights file is truncated or corrupt" in error, error
+    # The image backbone itself given as the model: named by its type (its config was misread as EVL's).
+    save_tiny_backbone(tmp_path / "backbone")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(clip_path), "--model", str(tmp_path / "backbone"), "--output", str(tmp_path / "out.png")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "a `clip_vision_model` checkpoint, not an EVL model (`evl`)" in error, error
 
 
 def test_wrong_arguments_are_refused(saved_model, clip_path, tmp_path):

@@ -474,7 +474,7 @@ def test_a_config_differing_only_in_what_the_tower_does_not_run_describes_the_ba
                  patch_size=8)  # fmt: skip
     for model_class, vision_config, unused in (
         (ViTModel, ViTConfig(**shape), dict(pooler_output_size=64, pooler_act="relu", encoder_stride=8)),
-        (Dinov2Model, Dinov2Config(**shape), dict(layerscale_value=0.5)),
+        (Dinov2Model, Dinov2Config(**shape), dict(layerscale_value=0.5, apply_layernorm=False, reshape_hidden_states=False)),
     ):
         directory = tmp_path / vision_config.model_type
         torch.manual_seed(0)
@@ -1464,3 +1464,13 @@ def test_a_model_pickles_and_keeps_recording_outputs(tmp_path):
             # The restored recorders are the restored model's own: a plain call records nothing.
             assert restored(inputs).hidden_states is None
         pickle.loads(pickle.dumps(model.evl.decoder))  # a part of the model too
+
+
+def test_a_classifier_without_a_head_gives_the_normalised_video_embedding(tmp_path):
+    # transformers' convention for `num_labels=0`: an identity head, the model a feature extractor.
+    model = EVLForVideoClassification(tiny_config(num_labels=0)).eval()
+    inputs = pixel_values()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, model.fc_norm(model.evl(inputs).pooler_output))
+    model.save_pretrained(tmp_path)
+    EVLForVideoClassification.from_pretrained(tmp_path)

@@ -684,7 +684,12 @@ def test_temporal_reliance_of_a_model_without_temporal_modules_is_none(data_dir,
 
 def test_temporal_reliance_of_a_model_with_temporal_modules_sees_the_order(data_dir, backbone_dir, tmp_path):
     checkpoint = randomized_checkpoint(backbone_dir, tmp_path / "temporal", temporal_modules=True)
-    results, predictions = evaluate_temporal_reliance(data_dir, backbone_dir, checkpoint, tmp_path / "run")
+    # Training's loader settings and per-batch predictions leave the evaluation's clips, rows and files whole.
+    results, predictions = evaluate_temporal_reliance(
+        data_dir, backbone_dir, checkpoint, tmp_path / "run", "--per_device_eval_batch_size", "3",
+        "--dataloader_drop_last", "true", "--eval_do_concat_batches", "false",
+    )  # fmt: skip
+    assert [Path(row["clip"]).parent.name for row in predictions] == [row["label"] for row in predictions]
     # The temporal convolution, position embeddings and cross-frame attention read the order: other logits (an
     # untrained model's top-1 classes may not change, its loss does).
     for order in ("reversed", "shuffled"):

@@ -56,10 +56,12 @@ def test_evaluation_reads_every_clip_in_order_whatever_the_loader_settings_for_t
     args = TrainingArguments(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2,
         dataloader_drop_last=True, dataloader_in_order=False, eval_do_concat_batches=False,
+        train_sampling_strategy="group_by_length",
     )  # fmt: skip
     scores = EVLTrainer(model=model, args=args, compute_metrics=make_compute_metrics(top_k=2))
     for loader in (scores.get_eval_dataloader(clips), scores.get_test_dataloader(clips)):
         assert loader.in_order and not loader.drop_last
+        assert [int(label) for batch in loader for label in batch["labels"]] == [index % 3 for index in range(9)]
     output = scores.predict(clips)
     with torch.no_grad():
         expected = model(torch.stack([clip["pixel_values"] for clip in clips])).logits
@@ -69,3 +71,4 @@ def test_evaluation_reads_every_clip_in_order_whatever_the_loader_settings_for_t
     )
     # Training keeps the settings asked for.
     assert scores.args.dataloader_drop_last and not scores.args.dataloader_in_order
+    assert scores.args.train_sampling_strategy == "group_by_length"

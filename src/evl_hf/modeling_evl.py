@@ -860,8 +860,11 @@ def _make_output_recorders_picklable(model: nn.Module) -> None:
 
 # Vision-config fields the towers EVL builds never read: CLIP's projection width (the two-tower model's), ViT's pooler
 # and masked-image-modelling stride (heads not built), DINOv2's layer-scale value (the initial value of loaded
-# parameters).
-_FIELDS_THE_TOWER_DOES_NOT_RUN = {"projection_dim", "pooler_output_size", "pooler_act", "encoder_stride", "layerscale_value"}
+# parameters) and its final norm and output reshaping (EVL reads the blocks' outputs).
+_FIELDS_THE_TOWER_DOES_NOT_RUN = {
+    "projection_dim", "pooler_output_size", "pooler_act", "encoder_stride", "layerscale_value", "apply_layernorm",
+    "reshape_hidden_states",
+}  # fmt: skip
 
 
 def _architecture_differences(given: PreTrainedConfig, checkpoint: PreTrainedConfig) -> list[str]:
@@ -948,6 +951,7 @@ class EVLPreTrainedModel(PreTrainedModel):
         info instead, for the caller to handle.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        checkpoint_keys = None
         if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
             # The revision resolved to its commit once, here, and handed to the loader (which then does not resolve
             # it again): the files checked below are the ones it loads, and cached ones are used without asking the
@@ -959,18 +963,21 @@ class EVLPreTrainedModel(PreTrainedModel):
             )  # fmt: skip
             if revision is not None:
                 kwargs["revision"] = revision
-            cls._check_checkpoint_files(pretrained_model_name_or_path, kwargs)
+            checkpoint_keys = cls._check_checkpoint_files(pretrained_model_name_or_path, kwargs)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         # With output_loading_info=True the caller asked for the report and handles missing keys itself.
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None and not output_loading_info:
             missing = info.get("missing_keys", [])
-            # A new head for a checkpoint saved without one (an `EVLModel`'s); a classifier's that lacks any part of
+            # A new head for a checkpoint saved without one (an `EVLModel`'s, whose keys lack the classifier's `evl.`
+            # prefix; `architectures` where no safetensors header was read); a classifier's that lacks any part of
             # its head is damaged.
+            if checkpoint_keys:
+                classifier_layout = (f"{EVLForVideoClassification.base_model_prefix}.", *_HEAD_PREFIXES)
+                saved_without_head = not any(key.startswith(classifier_layout) for key in checkpoint_keys)
+            else:
+                saved_without_head = EVLForVideoClassification.__name__ not in (model.config.architectures or [])
             head = [key for key in model.state_dict() if key.startswith(_HEAD_PREFIXES)]
-            saved_without_head = sum(key.startswith(_HEAD_PREFIXES) for key in missing) == len(head) and (
-                EVLForVideoClassification.__name__ not in (model.config.architectures or [])
-            )
-            if saved_without_head:
+            if saved_without_head and sum(key.startswith(_HEAD_PREFIXES) for key in missing) == len(head):
                 missing = [key for key in missing if not key.startswith(_HEAD_PREFIXES)]
             # The loader re-initialises every mismatched tensor under `ignore_mismatched_sizes`: only the head may be.
             mismatched = [
@@ -1032,12 +1039,13 @@ class EVLPreTrainedModel(PreTrainedModel):
         return [file for file in map(resolve, shards) if file is not None]
 
     @classmethod
-    def _check_checkpoint_files(cls, pretrained_model_name_or_path, kwargs: dict) -> None:
+    def _check_checkpoint_files(cls, pretrained_model_name_or_path, kwargs: dict) -> set[str]:
         """
         Read a checkpoint's safetensors headers before loading it, so that what is wrong is found in the files
         rather than guessed from the loader's error messages: an unreadable file, or tensors whose shapes do not fit
         the configuration (with `kwargs`' overrides applied; but for the classification head's under
-        `ignore_mismatched_sizes`), raise `EVLCheckpointError` naming them.
+        `ignore_mismatched_sizes`), raise `EVLCheckpointError` naming them. Returns the tensors' names (empty where
+        no safetensors file is read).
         """
         name = str(pretrained_model_name_or_path)
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
@@ -1056,7 +1064,7 @@ class EVLPreTrainedModel(PreTrainedModel):
             except SafetensorError as error:
                 raise EVLCheckpointError(f"{file}: the weights file is truncated or corrupt ({error}).") from error
         if not shapes:
-            return
+            return set()
         with torch.device("meta"):
             expected = {key: tuple(value.shape) for key, value in cls(config).state_dict().items()}
         prefix = f"{cls.base_model_prefix}."
@@ -1069,7 +1077,7 @@ class EVLPreTrainedModel(PreTrainedModel):
         if kwargs.get("ignore_mismatched_sizes"):
             mismatched = {name: shape for name, shape in mismatched.items() if not name.startswith(_HEAD_PREFIXES)}
         if not mismatched:
-            return
+            return set(shapes)
         lines = "".join(f"\n  {key}: checkpoint {shape} vs model {expected[key]}" for key, shape in mismatched.items())
         if all(name.startswith(_HEAD_PREFIXES) for name in mismatched):
             hint = " (pass ignore_mismatched_sizes=True to re-initialise the classification head, e.g. for new labels)"
@@ -1102,7 +1110,7 @@ class EVLPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # Initialised where each tensor is owned, so that weights missing from a checkpoint get the same values.
         # The backbone is a `PreTrainedModel` of its own and is initialised by its family's rules.
-        if module is getattr(self, "classifier", None):
+        if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):  # `num_labels=0`: none
             init.normal_(module.weight, std=self.config.initializer_range)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):

@@ -2,6 +2,7 @@
 per-class reports, and model-card metadata for the Hub."""
 
 import contextlib
+import copy
 import csv
 import json
 import logging
@@ -65,15 +66,18 @@ class EVLTrainer(Trainer):
 
     @contextlib.contextmanager
     def _every_clip_in_order(self):
-        """`dataloader_drop_last` and `dataloader_in_order=False` serve training: an evaluation scores every clip
-        (else the clips dropped would depend on the process count) and names each row after its clip's position, so
-        its loaders read all the clips, in order."""
-        asked = self.args.dataloader_drop_last, self.args.dataloader_in_order
+        """`dataloader_drop_last`, `dataloader_in_order=False` and `train_sampling_strategy="group_by_length"` serve
+        training: an evaluation scores every clip (else the clips dropped would depend on the process count) and
+        names each row after its clip's position, so its loaders read all the clips, in order. The loaders are built
+        from a copy of the arguments with those settings; the run's own are left alone."""
+        asked = self.args
+        self.args = copy.copy(asked)
         self.args.dataloader_drop_last, self.args.dataloader_in_order = False, True
+        self.args.train_sampling_strategy = "random"
         try:
             yield
         finally:
-            self.args.dataloader_drop_last, self.args.dataloader_in_order = asked
+            self.args = asked
 
     def get_eval_dataloader(self, eval_dataset=None):
         with self._every_clip_in_order():

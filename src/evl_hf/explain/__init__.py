@@ -337,6 +337,12 @@ def explain(
 
 def load_model_and_processor(model_dir: str | os.PathLike) -> tuple[EVLForVideoClassification, EVLVideoProcessor]:
     """An `EVLForVideoClassification` and the `EVLVideoProcessor` saved next to it (a directory or a Hub id)."""
+    from ..backbone_families import checkpoint_model_type
+    from ..configuration_evl import EVLConfig
+
+    model_type = checkpoint_model_type(model_dir)
+    if model_type != EVLConfig.model_type:  # e.g. the image backbone itself, whose config would be misread as EVL's
+        raise ValueError(f"{model_dir}: a `{model_type}` checkpoint, not an EVL model (`{EVLConfig.model_type}`).")
     model = EVLForVideoClassification.from_pretrained(model_dir)
     try:
         processor = EVLVideoProcessor.from_pretrained(model_dir)
