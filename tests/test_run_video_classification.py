@@ -111,6 +111,9 @@ def test_resume_from_a_checkpoint_reaches_the_same_weights(data_dir, backbone_di
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
     trainer = script.main(base_args(data_dir, backbone_dir, resumed, *steps))
     assert trainer.state.global_step == 4
+    # The unusable clips met before the checkpoint are counted too: their batches are not read again.
+    counts = [json.loads((run / "train_results.json").read_text())["train_unusable_clips"] for run in (full, resumed)]
+    assert counts[0] == counts[1] > 0, counts
     expected, actual = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == actual.keys()
     for key in expected:

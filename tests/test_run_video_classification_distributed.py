@@ -139,7 +139,7 @@ def test_one_global_batch_is_the_same_over_processes_and_accumulation(data_dir, 
     assert losses["2x2-resumed"] == losses["2x2"]  # steps 1-4 come from the checkpoint's log history
     for key, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[key], tensor, atol=0, rtol=0, msg=f"resumed: {key}")
-    for metric in ("eval_loss", *EVAL_ACCURACIES, "eval_unusable_clips"):
+    for metric in ("eval_loss", *EVAL_ACCURACIES, "eval_unusable_clips", "train_unusable_clips"):
         assert results["2x2-resumed"][metric] == results["2x2"][metric], metric
     for name in weights:
         np.testing.assert_allclose(losses[name], losses[reference], rtol=1e-5, err_msg=name)

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 # Every argument of a run, written into each of its checkpoints so that a resumed run can say what it changed.
 RUN_ARGUMENTS_FILE = "evl_run_arguments.json"
+# The training clips found unusable so far (over all processes), in each checkpoint: a resumed run does not read the
+# batches before it again, and its count would otherwise miss their clips.
+UNUSABLE_CLIPS_FILE = "evl_unusable_training_clips.json"
 
 
 class EVLTrainer(Trainer):
@@ -37,7 +40,8 @@ class EVLTrainer(Trainer):
       left out of the loss and the metrics too, so a test split without labels gives predictions and no scores;
     - the number of distinct unusable clips, over all processes, is reported as `train_unusable_clips` and
       `<prefix>_unusable_clips`;
-    - `run_arguments`, when given, are written into every checkpoint as `RUN_ARGUMENTS_FILE`.
+    - `run_arguments`, when given, are written into every checkpoint as `RUN_ARGUMENTS_FILE`, and the unusable
+      training clips met so far as `UNUSABLE_CLIPS_FILE`, which a resumed run counts in.
     """
 
     def __init__(self, *args, run_arguments: dict | None = None, **kwargs):
@@ -87,15 +91,31 @@ class EVLTrainer(Trainer):
         with self._every_clip_in_order():
             return super().get_test_dataloader(test_dataset)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # Every process saves a checkpoint (its random states): gathered here, where all of them take part.
+        self._unusable_training_clips = self._gather_unusable("train")
+        super()._save_checkpoint(model, trial)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         # With the model rather than in a callback's `on_save`: `hub_strategy="checkpoint"` uploads a checkpoint as
-        # soon as Trainer has written it, before callbacks run. Every rank calls `_save`; the ranks that save
-        # (`should_save`) write the file into the checkpoint being written (named after the step), never elsewhere.
+        # soon as Trainer has written it, before callbacks run. The ranks that save (`should_save`) write the files
+        # into the checkpoint being written (named after the step), never elsewhere.
         checkpoint = folder.name == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.run_arguments is not None and self.args.should_save and checkpoint:
+        if not (self.args.should_save and checkpoint):
+            return
+        if self.run_arguments is not None:
             (folder / RUN_ARGUMENTS_FILE).write_text(json.dumps(self.run_arguments, indent=1, default=str))
+        unusable = getattr(self, "_unusable_training_clips", None)
+        if unusable is not None:
+            (folder / UNUSABLE_CLIPS_FILE).write_text(json.dumps(unusable))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = Path(resume_from_checkpoint) / UNUSABLE_CLIPS_FILE
+        if saved.is_file():
+            self.unusable_clips["train"].update(json.loads(saved.read_text()))
 
     def _record_unusable(self, inputs: dict, phase: str) -> None:
         inputs.pop("clip_indices", None)
@@ -148,13 +168,17 @@ class EVLTrainer(Trainer):
             metrics.update(self._user_compute_metrics(EvalPrediction(predictions=logits, label_ids=labels)))
         return metrics
 
-    def _count_unusable(self, phase: str) -> int:
+    def _gather_unusable(self, phase: str) -> list[int]:
+        """The distinct unusable clips of `phase` over all processes (every process must call it)."""
         from accelerate.utils import gather_object
 
         indices = sorted(self.unusable_clips[phase])
         if self.accelerator.num_processes > 1:
             indices = gather_object(indices)
-        return len(set(indices))
+        return sorted(set(indices))
+
+    def _count_unusable(self, phase: str) -> int:
+        return len(self._gather_unusable(phase))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self.unusable_clips["eval"] = set()
