@@ -35,6 +35,8 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from ..backbone_families import checkpoint_model_type
+from ..configuration_evl import EVLConfig
 from ..modeling_evl import EVLForVideoClassification
 from ..output_paths import check_output_path, figure_format
 from ..video_processing_evl import EVLVideoProcessor
@@ -337,9 +339,6 @@ def explain(
 
 def load_model_and_processor(model_dir: str | os.PathLike) -> tuple[EVLForVideoClassification, EVLVideoProcessor]:
     """An `EVLForVideoClassification` and the `EVLVideoProcessor` saved next to it (a directory or a Hub id)."""
-    from ..backbone_families import checkpoint_model_type
-    from ..configuration_evl import EVLConfig
-
     model_type = checkpoint_model_type(model_dir)
     if model_type != EVLConfig.model_type:  # e.g. the image backbone itself, whose config would be misread as EVL's
         raise ValueError(f"{model_dir}: a `{model_type}` checkpoint, not an EVL model (`{EVLConfig.model_type}`).")
