@@ -1,6 +1,7 @@
 """Data sets, bad-clip policy and feature cache of `evl_hf.data.video_dataset`, below the training script."""
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +197,6 @@ def test_a_broken_split_the_run_does_not_use_is_left_out_whatever_its_source(cli
 
 def test_a_clip_below_its_labels_folder_is_refused_by_name(clips, tmp_path):
     # `datasets` labels a clip by the folder it lies in: growing/person0/clip.mp4 would be class "person0".
-    import shutil
 
     for layout in (["growing/person0", "growing/person1", "shrinking/person0"], ["growing", "shrinking/person0"]):
         train = tmp_path / f"train-{len(layout[0])}"
@@ -211,7 +211,6 @@ def test_a_clip_below_its_labels_folder_is_refused_by_name(clips, tmp_path):
 def test_a_videofolder_follows_linked_label_folders_and_skips_hidden_ones(clips, tmp_path):
     # A label folder may be a link to where the clips are stored; notebook checkpoints, thumbnails and macOS's
     # resource forks are not clips (as `datasets` leaves them out).
-    import shutil
 
     train = tmp_path / "train"
     for folder, name, clip in (("train/cat", "a.mp4", 0), ("store/dog", "b.mp4", 1), ("store/dog", "c.mp4", 2),
@@ -239,6 +238,15 @@ def test_list_files_without_class_names_share_the_widest_numbering(clips, tmp_pa
     data = load_video_dataset(train_list=str(tmp_path / "train.txt"), validation_list=str(tmp_path / "val.txt"))
     for split, labels in (("train", [0, 2, 1]), ("validation", [1, 0])):
         assert data[split].features["label"].names == ["0", "1", "2"] and list(data[split]["label"]) == labels
+
+
+def test_an_indented_list_line_names_the_clip_not_a_path_starting_with_spaces(clips, tmp_path):
+    # Relative paths are resolved against the list file's folder; the indentation is no part of them.
+    for clip in clips[:2]:
+        shutil.copy(clip, tmp_path / clip.name)
+    (tmp_path / "train.txt").write_text(f"  {clips[0].name} 0\n\t{clips[1].name}   1\n")
+    data = load_video_dataset(train_list=str(tmp_path / "train.txt"))["train"]
+    assert clip_names(data) == [str(tmp_path / clips[0].name), str(tmp_path / clips[1].name)]
 
 
 def test_a_list_label_beyond_the_class_names_is_refused_by_line(clips, tmp_path):
@@ -310,6 +318,14 @@ def test_the_cache_fingerprint_follows_the_clips_content(clips, tmp_path):
     assert feature_cache_fingerprint(model, by_bytes, transform, torch.float16) != feature_cache_fingerprint(
         model, rows(changed, video_feature=Video(decode=False)), transform, torch.float16
     )
+
+
+def test_the_cache_fingerprint_does_not_change_when_the_processor_is_saved(clips, tmp_path):
+    # Saving writes `auto_map` into the processor's dict: the same settings, so the same cache.
+    model, data, video_processor = EVLForVideoClassification(tiny_config()), rows([str(p) for p in clips]), processor()
+    before = feature_cache_fingerprint(model, data, VideoEvalTransform(video_processor), torch.float16)
+    video_processor.save_pretrained(tmp_path)
+    assert feature_cache_fingerprint(model, data, VideoEvalTransform(video_processor), torch.float16) == before
 
 
 def test_the_cache_fingerprint_follows_the_backbones_config_not_only_its_weights(clips):
@@ -429,3 +445,24 @@ def test_clip_names_are_the_paths_also_for_clips_stored_as_bytes(clips):
     assert clip_names(stored.select([2, 0])) == [clips[2].name, clips[0].name]
     nameless = rows([{"bytes": clips[0].read_bytes(), "path": None}], video_feature=Video(decode=False))
     assert clip_names(nameless) == ["#0"]
+
+
+def test_the_cache_is_written_a_batch_of_clips_at_a_time(clips, tmp_path):
+    # datasets' ArrowWriter holds 1000 rows before writing: a whole shard in memory, and past about 300 ViT-B/16 clips
+    # an Arrow record batch over its 32-bit list offsets (an OverflowError after all the backbone work).
+    import pyarrow as pa
+
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    model = EVLForVideoClassification(tiny_config()).eval()
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in [*clips, *clips]])
+    for dtype in (torch.float16, torch.float32):
+        cached, unusable = build_feature_cache(model, data, transform, tmp_path, dtype=dtype, batch_size=2, progress=False)
+        (shard,) = (tmp_path / feature_cache_fingerprint(model, data, transform, dtype)).glob("shard-*.arrow")
+        with pa.memory_map(str(shard)) as source:
+            assert [batch.num_rows for batch in pa.ipc.open_stream(source)] == [2, 2, 2]
+        expected = model.evl.extract_backbone_features(torch.stack([transform(str(p)) for p in [*clips, *clips]]))
+        stored = cached[:]  # read back as float32
+        assert unusable == 0
+        for name in ("frame_features", "cross_frame_maps"):
+            torch.testing.assert_close(stored[name], getattr(expected, name).to(dtype).float(), atol=0, rtol=0)

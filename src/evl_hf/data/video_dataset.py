@@ -17,6 +17,7 @@ distinct clips across processes.
 import hashlib
 import json
 import logging
+import math
 import os
 import uuid
 from collections import Counter
@@ -82,7 +83,7 @@ def read_list_file(path: str | Path, class_names: list[str] | None = None, allow
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        fields = line.rsplit(maxsplit=1)
+        fields = line.strip().rsplit(maxsplit=1)  # an indented or aligned line's spaces are no part of its path
         try:
             video, label = fields[0], int(fields[1])
         except (IndexError, ValueError):
@@ -702,7 +703,11 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
         "frame_size": config.frame_size,
         "tokens": [config.num_prefix_tokens, *config.patch_grid],
         "transform": {k: v for k, v in transform.kwargs.items() if k != "return_tensors"},
-        "processor": transform.processor.to_dict(),
+        # The settings, not how the processor was saved or named (`save_pretrained` adds `auto_map`).
+        "processor": {
+            key: value for key, value in transform.processor.to_dict().items()
+            if key not in ("auto_map", "processor_class", "video_processor_type")
+        },  # fmt: skip
         "dtype": str(dtype),
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -785,7 +790,15 @@ def build_feature_cache(
         evl.eval()
         # Unique temporary names and atomic renames: two runs sharing the cache may build the same shard at once.
         partial = shard.with_name(f"{shard.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
-        with ArrowWriter(features=features, path=str(partial)) as writer:
+        # One Arrow record batch per batch of clips: datasets' default (1000 rows) held a whole shard in memory and
+        # went past Arrow's 32-bit list offsets beyond a few hundred ViT-B/16 clips. Fewer clips a batch where one is
+        # large (at most 2^30 values of a column and 512 MiB).
+        values_per_clip = max(math.prod(spec.shape) for spec in feature_spec.values() if hasattr(spec, "shape"))
+        bytes_per_clip = sum(
+            math.prod(spec.shape) * torch.finfo(dtype).bits // 8 for spec in feature_spec.values() if hasattr(spec, "shape")
+        )
+        rows_per_batch = max(1, min(batch_size, 2**30 // values_per_clip, 2**29 // bytes_per_clip))
+        with ArrowWriter(features=features, path=str(partial), writer_batch_size=rows_per_batch) as writer:
             bar = tqdm(total=len(indices), desc="Caching backbone features", unit="clip",
                        disable=not progress or not state.is_local_main_process)  # fmt: skip
             for start in range(indices.start, indices.stop, batch_size):
@@ -803,9 +816,9 @@ def build_feature_cache(
                 with torch.no_grad():
                     output = evl.extract_backbone_features(torch.stack([p for p, _ in pending]).to(device))
                 for row, (_, label) in enumerate(pending):
-                    item = {"frame_features": output.frame_features[row].to(dtype).cpu().float().numpy(), "labels": label}
+                    item = {"frame_features": output.frame_features[row].to(dtype).cpu().numpy(), "labels": label}
                     if output.cross_frame_maps is not None:
-                        item["cross_frame_maps"] = output.cross_frame_maps[row].to(dtype).cpu().float().numpy()
+                        item["cross_frame_maps"] = output.cross_frame_maps[row].to(dtype).cpu().numpy()
                     writer.write(item)
             bar.close()
             writer.finalize()
