@@ -466,3 +466,42 @@ def test_the_cache_is_written_a_batch_of_clips_at_a_time(clips, tmp_path):
         assert unusable == 0
         for name in ("frame_features", "cross_frame_maps"):
             torch.testing.assert_close(stored[name], getattr(expected, name).to(dtype).float(), atol=0, rtol=0)
+
+
+def test_integer_labels_of_a_data_set_are_class_ids_and_take_the_class_names_given(clips, tmp_path):
+    # A CSV with labels 0 to 10 used to be renumbered as text ('0', '1', '10', '2', ...), and class names ignored.
+    import csv
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with open(folder / "train.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video", "label"])
+        writer.writerows([str(clips[0]), label] for label in range(11))
+    train = load_video_dataset(dataset_name=str(folder))["train"]
+    assert list(train["label"]) == list(range(11)) and train.features["label"].names == [str(i) for i in range(11)]
+    names = [f"class{i}" for i in range(11)]
+    train = load_video_dataset(dataset_name=str(folder), class_names=names)["train"]
+    assert list(train["label"]) == list(range(11)) and train.features["label"].names == names
+    with pytest.raises(ValueError, match="label 10, but the class names give 10 classes"):
+        load_video_dataset(dataset_name=str(folder), class_names=names[:10])
+    # Names as labels: numbered in the order of the class names given.
+    with open(folder / "train.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["video", "label"], [str(clips[0]), "dog"], [str(clips[1]), "cat"]])
+    train = load_video_dataset(dataset_name=str(folder), class_names=["dog", "cat"])["train"]
+    assert list(train["label"]) == [0, 1] and train.features["label"].names == ["dog", "cat"]
+    with pytest.raises(ValueError, match=r"labels not among the class names given: \['cat'\]"):
+        load_video_dataset(dataset_name=str(folder), class_names=["dog", "bird"])
+
+
+def test_a_label_folder_is_one_class_whatever_its_unicode_form(clips, tmp_path):
+    # 'café' composed (NFC) in one split and decomposed (NFD, as macOS copies it) in another: one class.
+    import unicodedata
+
+    for split, form in (("train", "NFC"), ("validation", "NFD")):
+        folder = tmp_path / split / unicodedata.normalize(form, "café")
+        folder.mkdir(parents=True)
+        shutil.copy(clips[0], folder / "a.mp4")
+    data = load_video_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "validation"))
+    assert data["train"].features["label"].names == [unicodedata.normalize("NFC", "café")]
+    assert list(data["validation"]["label"]) == [0]

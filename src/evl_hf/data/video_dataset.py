@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Collection
@@ -311,7 +312,11 @@ def load_video_dataset(
         # Each clip labeled by the folder it lies in, over the classes of every folder given, as `datasets`'
         # videofolder labels them; built here because that loader drops, without a word, the files of extensions it
         # does not list (.webm, .m4v) and paths with glob characters ("clip[1].mp4").
-        labels = {split: [Path(file).parent.name for file in files] for split, files in data_files.items()}
+        # One class per name whatever its Unicode form (macOS copies folder names decomposed).
+        labels = {
+            split: [unicodedata.normalize("NFC", Path(file).parent.name) for file in files]
+            for split, files in data_files.items()
+        }
         names = sorted(set().union(*labels.values()))
         # The loader's representation too: `Video` rows of {"path", "bytes"}, not decoded here.
         features = Features({"video": Video(decode=False), "label": ClassLabel(names=names)})
@@ -357,9 +362,23 @@ def load_video_dataset(
         raise ValueError(f"No usable split: every split given is broken and not used by this run ({reasons}).")
     labeled = [split for split in result if split not in unlabeled]
     plain = [split for split in labeled if not isinstance(result[split].features["label"], ClassLabel)]
-    if plain:
-        # Labels given as strings or integers: a ClassLabel of their sorted values.
-        names = sorted({str(v) for split in plain for v in result[split].unique("label")})
+    if plain and all(result[split].features["label"].dtype.startswith(("int", "uint")) for split in plain):
+        # Integer labels are class ids, as in list files: named by the class names given, else by their numbers.
+        largest = max(max(result[split].unique("label")) for split in plain)
+        if class_names is not None and largest >= len(class_names):
+            raise ValueError(
+                f"{dataset_name}: label {largest}, but the class names give {len(class_names)} classes (0 to "
+                f"{len(class_names) - 1}; labels count from 0)."
+            )
+        ids = ClassLabel(names=list(class_names) if class_names is not None else [str(i) for i in range(largest + 1)])
+        for split in plain:
+            result[split] = result[split].cast_column("label", ids)
+    elif plain:
+        # Labels given as strings: a ClassLabel of the class names given, else of their sorted values.
+        found = {str(v) for split in plain for v in result[split].unique("label")}
+        names = list(class_names) if class_names is not None else sorted(found)
+        if not found <= set(names):
+            raise ValueError(f"{dataset_name}: labels not among the class names given: {sorted(found - set(names))}.")
         for split in plain:
             labels = result[split].cast_column("label", Value("string"))
             result[split] = labels.cast_column("label", ClassLabel(names=names))
