@@ -429,6 +429,19 @@ def test_a_loaded_checkpoint_keeps_its_processor_settings_unless_a_flag_says_oth
     assert (processor.sampling_rate, processor.num_temporal_views, processor.num_spatial_views) == (1, 1, 3)
 
 
+def test_a_checkpoint_trained_on_decomposed_folder_names_knows_the_composed_ones():
+    # Label folders' names are read in NFC; a checkpoint trained before on NFD-named folders has the same classes.
+    import unicodedata
+
+    from evl_hf import EVLConfig
+    from evl_hf.run_video_classification import checkpoint_labels
+
+    config = EVLConfig(id2label={0: unicodedata.normalize("NFD", "café"), 1: "tea"})
+    config.architectures = ["EVLForVideoClassification"]
+    mapped = checkpoint_labels(config, [unicodedata.normalize("NFC", "café"), "tea"], ignore_mismatched_sizes=False)
+    assert mapped == {0: unicodedata.normalize("NFC", "café"), 1: "tea"}
+
+
 def test_labels_map_to_the_checkpoint_by_name(data_dir, backbone_dir, tmp_path):
     checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
     config = json.loads((checkpoint / "config.json").read_text())

@@ -485,6 +485,10 @@ def test_integer_labels_of_a_data_set_are_class_ids_and_take_the_class_names_giv
     assert list(train["label"]) == list(range(11)) and train.features["label"].names == names
     with pytest.raises(ValueError, match="label 10, but the class names give 10 classes"):
         load_video_dataset(dataset_name=str(folder), class_names=names[:10])
+    with open(folder / "train.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow([str(clips[0]), -2])
+    with pytest.raises(ValueError, match="label -2: labels are class ids, 0 or more"):
+        load_video_dataset(dataset_name=str(folder))
     # Names as labels: numbered in the order of the class names given.
     with open(folder / "train.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([["video", "label"], [str(clips[0]), "dog"], [str(clips[1]), "cat"]])

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +100,8 @@ class DataTrainingArguments:
     )
     class_names_file: str | None = field(
         default=None,
-        metadata={"help": "Class names in label order for list files: a JSON list, a JSON object of name to label "
-                          "(or label to name), or one name per line."},  # fmt: skip
+        metadata={"help": "Class names in label order for list files and --dataset_name: a JSON list, a JSON object "
+                          "of name to label (or label to name), or one name per line."},  # fmt: skip
     )
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` data set with video and label."})
     dataset_config_name: str | None = field(default=None)
@@ -169,7 +170,9 @@ def checkpoint_labels(config: EVLConfig, data_labels: list[str], ignore_mismatch
     """
     if "EVLForVideoClassification" not in (config.architectures or []):
         return None  # an EVLModel checkpoint: the head is new
-    names = [config.id2label[i] for i in range(config.num_labels)]
+    # In the form the data set's class names take (label folders' names are NFC): a checkpoint trained on folders
+    # named in another form has the same classes.
+    names = [unicodedata.normalize("NFC", config.id2label[i]) for i in range(config.num_labels)]
     missing = sorted(set(data_labels) - set(names))
     if not missing:
         return dict(enumerate(names))

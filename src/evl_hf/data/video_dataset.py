@@ -364,7 +364,10 @@ def load_video_dataset(
     plain = [split for split in labeled if not isinstance(result[split].features["label"], ClassLabel)]
     if plain and all(result[split].features["label"].dtype.startswith(("int", "uint")) for split in plain):
         # Integer labels are class ids, as in list files: named by the class names given, else by their numbers.
+        smallest = min(min(result[split].unique("label")) for split in plain)
         largest = max(max(result[split].unique("label")) for split in plain)
+        if smallest < 0:  # -1 marks a clip without a label, refused above outside a whole test split
+            raise ValueError(f"{dataset_name}: label {smallest}: labels are class ids, 0 or more.")
         if class_names is not None and largest >= len(class_names):
             raise ValueError(
                 f"{dataset_name}: label {largest}, but the class names give {len(class_names)} classes (0 to "
