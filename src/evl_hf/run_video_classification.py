@@ -26,7 +26,6 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from datasets import ClassLabel
@@ -54,6 +53,7 @@ from .training import (
     EVLTrainer,
     make_compute_metrics,
     warn_if_many_unusable,
+    whole,
     write_per_class_report,
     write_predictions,
 )
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None):
             continue
         output = trainer.predict(data, metric_key_prefix=prefix)
         # Per-clip files need whole arrays, also under `--eval_do_concat_batches false` (a list per batch).
-        predictions, label_ids = (np.concatenate(x) if isinstance(x, list) else x for x in output[:2])
+        predictions, label_ids = whole(output.predictions), whole(output.label_ids)
         logits = {"predicted": predictions}
         if prefix == "eval":
             for order, reordered in reordered_eval_datasets.items():
@@ -513,10 +513,7 @@ def main(argv: list[str] | None = None):
                 output.metrics.update(
                     {key: value for key, value in reordered_output.metrics.items() if key.endswith(("_accuracy", "_loss"))}
                 )
-                reordered_predictions = reordered_output.predictions
-                if isinstance(reordered_predictions, list):
-                    reordered_predictions = np.concatenate(reordered_predictions)
-                logits[f"predicted_{order}"] = reordered_predictions
+                logits[f"predicted_{order}"] = whole(reordered_output.predictions)
         trainer.log_metrics(prefix, output.metrics)
         trainer.save_metrics(prefix, output.metrics)
         if prefix == "eval":

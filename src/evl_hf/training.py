@@ -139,8 +139,7 @@ class EVLTrainer(Trainer):
         labels = eval_prediction.label_ids
         if labels is None:
             return {}
-        if isinstance(logits, list):  # `eval_do_concat_batches=False`: one array per batch
-            logits, labels = np.concatenate(logits), np.concatenate(labels)
+        logits, labels = whole(logits), whole(labels)
         usable = labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL
         if len(labels) and not usable.any():
             raise ValueError(
@@ -248,6 +247,11 @@ class EVLTrainer(Trainer):
             marker = "\n## Training procedure"
             card.text = card.text.replace(marker, f"\n{section}{marker}", 1) if marker in card.text else f"{card.text.rstrip()}\n\n{section}"
         card.save(path)
+
+
+def whole(outputs):
+    """Evaluation outputs as one array: `eval_do_concat_batches=False` gives a list of per-batch arrays."""
+    return np.concatenate(outputs) if isinstance(outputs, list) else outputs
 
 
 def warn_if_many_unusable(count: int, total: int, fate: str) -> None:

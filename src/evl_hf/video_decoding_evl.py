@@ -452,7 +452,6 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
         for frame in _decoded_frames(container, stream, name, damaged, request.check_time):
             decoded += 1
             latest = frame
-            request.check_time()
             if wanted is None:
                 result.append(_to_rgb(frame))
                 continue

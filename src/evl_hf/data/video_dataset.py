@@ -816,9 +816,7 @@ def build_feature_cache(
         # went past Arrow's 32-bit list offsets beyond a few hundred ViT-B/16 clips. Fewer clips a batch where one is
         # large (at most 2^30 values of a column and 512 MiB).
         values_per_clip = max(math.prod(spec.shape) for spec in feature_spec.values() if hasattr(spec, "shape"))
-        bytes_per_clip = sum(
-            math.prod(spec.shape) * torch.finfo(dtype).bits // 8 for spec in feature_spec.values() if hasattr(spec, "shape")
-        )
+        bytes_per_clip = feature_cache_bytes_per_clip(config, transform.num_frames, dtype)
         rows_per_batch = max(1, min(batch_size, 2**30 // values_per_clip, 2**29 // bytes_per_clip))
         with ArrowWriter(features=features, path=str(partial), writer_batch_size=rows_per_batch) as writer:
             bar = tqdm(total=len(indices), desc="Caching backbone features", unit="clip",
