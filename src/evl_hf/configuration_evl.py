@@ -13,6 +13,8 @@
 # limitations under the License.
 """EVL model configuration."""
 
+# Imported first: where transformers is older than EVL needs, it says so before the imports below fail.
+from .transformers_requirement import TRANSFORMERS_REQUIREMENT  # noqa: F401  # isort: skip
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec

@@ -13,6 +13,8 @@
 # limitations under the License.
 """PyTorch EVL model: a frozen CLIP ViT backbone with a light temporal Transformer decoder."""
 
+# Imported first: where transformers is older than EVL needs, it says so before the imports below fail.
+from .transformers_requirement import TRANSFORMERS_REQUIREMENT  # noqa: F401  # isort: skip
 import contextlib
 import dataclasses
 import inspect

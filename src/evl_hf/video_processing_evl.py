@@ -14,6 +14,8 @@
 """Video processor for EVL: the authors' frame sampling and evaluation preprocessing, multi-view; decoding is in
 `video_decoding_evl`."""
 
+# Imported first: where transformers is older than EVL needs, it says so before the imports below fail.
+from .transformers_requirement import TRANSFORMERS_REQUIREMENT  # noqa: F401  # isort: skip
 import contextvars
 import functools
 
