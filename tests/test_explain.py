@@ -185,6 +185,22 @@ def test_sdpa_models_explain_with_the_eager_weights(saved_model, clip_path):
     np.testing.assert_allclose(sdpa.scores, eager.scores, atol=5e-6)
 
 
+def test_a_model_with_offloaded_modules_is_explained_as_the_model(saved_model, clip_path, tmp_path):
+    """Big-model loading: with everything offloaded to disk the model's first weights are on the meta device; its
+    hooks move the frames where each module runs."""
+    pytest.importorskip("accelerate")
+    processor = EVLVideoProcessor.from_pretrained(saved_model)
+    expected = explain(EVLForVideoClassification.from_pretrained(saved_model), processor, clip_path)
+    offloaded = EVLForVideoClassification.from_pretrained(
+        saved_model, device_map=dict.fromkeys(["evl", "fc_norm", "dropout", "classifier"], "disk"),
+        offload_folder=tmp_path / "offload",
+    )  # fmt: skip
+    assert offloaded.device.type == "meta"
+    explanation = explain(offloaded, processor, clip_path)
+    np.testing.assert_allclose(explanation.layer_maps, expected.layer_maps, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(explanation.scores, expected.scores, atol=1e-6, rtol=0)
+
+
 def test_a_multi_view_processor_is_explained_on_its_centred_single_view(saved_model, clip_path, caplog):
     model = EVLForVideoClassification.from_pretrained(saved_model)
     single = EVLVideoProcessor.from_pretrained(saved_model)

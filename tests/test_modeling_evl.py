@@ -1474,3 +1474,46 @@ def test_a_classifier_without_a_head_gives_the_normalised_video_embedding(tmp_pa
         torch.testing.assert_close(model(inputs).logits, model.fc_norm(model.evl(inputs).pooler_output))
     model.save_pretrained(tmp_path)
     EVLForVideoClassification.from_pretrained(tmp_path)
+
+
+_OFFLOADED_DEVICE_MAPS = {
+    "decoder on disk": {"evl.vision_model": "cpu", "evl.decoder": "disk", "fc_norm": "cpu", "dropout": "cpu", "classifier": "cpu"},
+    "one decoder layer and the head on disk": {
+        "evl.vision_model": "cpu", "evl.decoder.query": "cpu", "evl.decoder.layers.0": "cpu",
+        "evl.decoder.layers.1": "disk", "fc_norm": "disk", "dropout": "cpu", "classifier": "disk",
+    },
+    "backbone on disk": {"evl.vision_model": "disk", "evl.decoder": "cpu", "fc_norm": "cpu", "dropout": "cpu", "classifier": "cpu"},
+    "auto, everything on disk": "auto",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("device_map", _OFFLOADED_DEVICE_MAPS.values(), ids=_OFFLOADED_DEVICE_MAPS.keys())
+def test_offloaded_modules_give_the_models_outputs(device_map, tmp_path):
+    """Big-model loading (`device_map` with "disk" / "cpu" offload): EVL's decoder layers read their children's weights
+    themselves and call parts of them outside their forward, so each offloaded layer loads all its weights when it
+    runs (accelerate's hooks load a module's own tensors at its forward only)."""
+    pytest.importorskip("accelerate")
+    model = seeded_classifier()
+    model.save_pretrained(tmp_path / "checkpoint")
+    memory = dict(max_memory={"cpu": "100KB"}) if device_map == "auto" else {}
+    offloaded = EVLForVideoClassification.from_pretrained(
+        tmp_path / "checkpoint", device_map=device_map, offload_folder=tmp_path / "offload", **memory
+    ).eval()
+    assert "disk" in offloaded.hf_device_map.values(), offloaded.hf_device_map
+    with torch.no_grad():
+        expected = model(pixel_values(), output_attentions=True, output_hidden_states=True)
+        for _ in range(2):  # the weights go back to disk after each forward, and are loaded again
+            outputs = offloaded(pixel_values(), output_attentions=True, output_hidden_states=True)
+            torch.testing.assert_close(outputs.logits, expected.logits, atol=1e-6, rtol=0)
+            torch.testing.assert_close(outputs.attentions, expected.attentions, atol=1e-6, rtol=0)
+            torch.testing.assert_close(outputs.hidden_states, expected.hidden_states, atol=1e-6, rtol=0)
+    if device_map == "auto":
+        # A base model's decoder offloaded likewise.
+        base = EVLModel.from_pretrained(
+            tmp_path / "checkpoint", device_map={"vision_model": "cpu", "decoder": "disk"},
+            offload_folder=tmp_path / "offload-base",
+        ).eval()  # fmt: skip
+        with torch.no_grad():
+            torch.testing.assert_close(
+                base(pixel_values()).pooler_output, model.evl(pixel_values()).pooler_output, atol=1e-6, rtol=0
+            )

@@ -228,14 +228,15 @@ def test_pipeline_decodes_in_dataloader_workers_like_the_main_process(saved_mode
         classifier([str(clip_path), str(broken)], batch_size=batch_size, num_workers=2)
 
 
-# Run at the start of a child process (as its sitecustomize): `evl_hf` and `torchcodec` are not installed there, as
+# Run at the start of a child process (as its sitecustomize): `evl_hf`, `torchcodec` and `accelerate` (optional for
+# transformers, used by EVL for `device_map` offloading) are not installed there, as
 # far as the import system and the package metadata can tell (`import` raises ModuleNotFoundError, `find_spec` gives
 # None, importlib.metadata finds no distribution), which is what transformers' availability and remote-code checks see.
 HIDE_PACKAGES = """
 import importlib.abc, sys
 
-HIDDEN = {"evl_hf", "torchcodec"}
-HIDDEN_DISTRIBUTIONS = {"evl-hf", "evl_hf", "torchcodec"}
+HIDDEN = {"evl_hf", "torchcodec", "accelerate"}
+HIDDEN_DISTRIBUTIONS = {"evl-hf", "evl_hf", "torchcodec", "accelerate"}
 
 
 class Hide(importlib.abc.MetaPathFinder):
@@ -263,9 +264,9 @@ sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
 
 
 @pytest.mark.parametrize("model_fixture", ["saved_model", "saved_dinov2_model"])
-def test_trust_remote_code_loads_where_evl_hf_and_torchcodec_are_not_installed(model_fixture, clip_path, tmp_path, request):
-    """A user of transformers alone: remote model, base model, processor and pipeline, with no torchcodec installed;
-    with a CLIP and a DINOv2-with-registers backbone (whose family module travels with the remote code)."""
+def test_trust_remote_code_loads_where_evl_hf_torchcodec_and_accelerate_are_not_installed(model_fixture, clip_path, tmp_path, request):
+    """A user of transformers alone: remote model, base model, processor and pipeline, with no torchcodec or accelerate
+    installed; with a CLIP and a DINOv2-with-registers backbone (whose family module travels with the remote code)."""
     saved_model = request.getfixturevalue(model_fixture)
     (tmp_path / "checkpoint").mkdir()
     checkpoint = copy_checkpoint(saved_model, tmp_path / "checkpoint")
@@ -281,7 +282,7 @@ def test_trust_remote_code_loads_where_evl_hf_and_torchcodec_are_not_installed(m
     script = f"""
 import importlib.metadata, importlib.util, json
 import numpy as np, torch
-for name in ("evl_hf", "torchcodec"):
+for name in ("evl_hf", "torchcodec", "accelerate"):
     assert importlib.util.find_spec(name) is None, name
     try:
         __import__(name)

@@ -472,3 +472,24 @@ def test_windows_of_any_length_with_any_temporal_modules(tmp_path, clip_path, wi
         assert len(window.frame_indices) == window_frames
         expected = logits_on_frames(model, processor, str(clip_path), window.frame_indices)
         torch.testing.assert_close(window.logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_offloaded_backbone_runs_and_an_offloaded_decoder_is_refused_clearly(saved_model, clip_path, tmp_path):
+    """Big-model loading: the timeline calls the backbone's blocks, whose hooks load their weights, but reads the
+    decoder's weights itself, outside any forward, where accelerate's hooks would not load them."""
+    pytest.importorskip("accelerate")
+    model, processor = load(saved_model)
+    expected = [window.logits for window in video_timeline(model, processor, str(clip_path), window_stride=6)]
+    head = {"fc_norm": "cpu", "dropout": "cpu", "classifier": "cpu"}
+    backbone_offloaded = EVLForVideoClassification.from_pretrained(
+        saved_model, device_map={"evl.vision_model": "disk", "evl.decoder": "cpu", **head},
+        offload_folder=tmp_path / "backbone",
+    ).eval()  # fmt: skip
+    windows = video_timeline(backbone_offloaded, processor, str(clip_path), window_stride=6)
+    torch.testing.assert_close([window.logits for window in windows], expected, atol=1e-6, rtol=0)
+    decoder_offloaded = EVLForVideoClassification.from_pretrained(
+        saved_model, device_map={"evl.vision_model": "cpu", "evl.decoder": "disk", **head},
+        offload_folder=tmp_path / "decoder",
+    ).eval()  # fmt: skip
+    with pytest.raises(ValueError, match=r"`evl\.decoder` offloaded.*only the backbone"):
+        video_timeline(decoder_offloaded, processor, str(clip_path), window_stride=6)

@@ -35,7 +35,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, cached_file, logging, output_capturing
+from transformers.utils import ModelOutput, cached_file, is_accelerate_available, logging, output_capturing
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import resolve_revision
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
@@ -50,6 +50,12 @@ from .backbone_families import (
 )
 from .configuration_evl import EVLConfig
 from .cpu_info import cpu_flags
+
+
+# Optional, as transformers' files guard it (so remote code runs without it): only `device_map` loading uses it.
+if is_accelerate_available():
+    from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
+    from accelerate.utils import has_offloaded_params
 
 
 logger = logging.get_logger(__name__)
@@ -909,6 +915,32 @@ def _single_device(device_map) -> torch.device | None:
     )
 
 
+def _preload_offloaded_decoder_layers(model: nn.Module) -> None:
+    """
+    Make a model loaded with offloaded decoder layers (`device_map` sending them to "disk", or to "cpu" while the
+    model runs on an accelerator) load all of each such layer's weights when the layer runs. accelerate's hooks load a
+    module's own tensors at that module's forward only, but a layer reads its children's weights itself (the folded
+    key/value projections, the temporal convolution's taps) and calls a child's method instead of its forward
+    (`EVLCrossFrameAttention.add_to`): this is accelerate's `preload_module_classes`, which transformers does not pass
+    to `dispatch_model`.
+    """
+    if not getattr(model, "hf_device_map", None):  # set by accelerate's dispatch only
+        return
+    for name, layer in model.named_modules():
+        if not isinstance(layer, EVLDecoderLayer):
+            continue
+        hook = next((module._hf_hook for module in layer.modules() if has_offloaded_params(module)), None)
+        if hook is None:
+            continue
+        remove_hook_from_submodules(layer)
+        attach_align_device_hook(
+            layer, execution_device=hook.execution_device, offload=True,
+            weights_map=hook.weights_map.dataset,  # the whole model's, which `module_name` prefixes again
+            offload_buffers=hook.offload_buffers, module_name=name, skip_keys=hook.skip_keys,
+            preload_module_classes=[type(layer).__name__], tied_params_map=hook.tied_params_map,
+        )  # fmt: skip
+
+
 class EVLPreTrainedModel(PreTrainedModel):
     config: EVLConfig
     config_class = EVLConfig
@@ -994,6 +1026,7 @@ class EVLPreTrainedModel(PreTrainedModel):
                     + (f"\n  missing: {sorted(missing)}" if missing else "")
                     + (f"\n  shape mismatch: {mismatched}" if mismatched else "")
                 )
+        _preload_offloaded_decoder_layers(model)
         # Loading may replace parameters; the frozen backbone must stay frozen whatever the loader did.
         for module in model.modules():
             if isinstance(module, EVLModel):

@@ -310,11 +310,15 @@ def explain(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
     pixel_values, frame_indices = sample_clip(processor, video)
+    # A model loaded with its first weights offloaded (`device_map` to "disk"/"cpu") has them on the meta device:
+    # its hooks then move the frames where each module runs.
+    if model.device.type != "meta":
+        pixel_values = pixel_values.to(model.device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            outputs = model(pixel_values.to(model.device), output_attentions=True)
+            outputs = model(pixel_values, output_attentions=True)
     finally:
         model.train(was_training)
     config = model.config

@@ -357,6 +357,15 @@ def video_timeline(
         raise ValueError(f"The video timeline runs EVL models (EVLForVideoClassification), not {type(model).__name__}.")
     if not isinstance(processor, EVLVideoProcessor):
         raise ValueError(f"The video timeline needs an EVLVideoProcessor, not {type(processor).__name__}.")
+    # Offloaded weights (big-model loading: `device_map` to "disk", or to "cpu" beside an accelerator) wait on the
+    # meta device for their module's forward; the timeline reads the decoder's itself, outside any forward.
+    if any(parameter.is_meta for parameter in model.evl.decoder.parameters()):
+        raise ValueError(
+            "The video timeline reads the decoder's weights itself, outside the model's forward, so it cannot run a "
+            "model loaded with `evl.decoder` offloaded (its weights are on the meta device); only the backbone can be "
+            'offloaded here, e.g. device_map={"evl.vision_model": "disk", "evl.decoder": 0, "fc_norm": 0, "dropout": 0, '
+            '"classifier": 0}.'
+        )
     num_frames = processor.num_frames if num_frames is None else num_frames
     frame_sampling_rate = window_frame_sampling_rate(processor, frame_sampling_rate)
     for name, value in (("window_stride", window_stride), ("frame_sampling_rate", frame_sampling_rate),
