@@ -390,6 +390,20 @@ def test_from_backbone_pretrained_uses_the_clip_weights(tiny_backbone_dir):
     assert not any(p.requires_grad for p in model.evl.vision_model.parameters())
 
 
+def test_from_backbone_pretrained_returns_the_model_in_evaluation_mode(tiny_backbone_dir):
+    # As `from_pretrained` does: the decoder's and the head's dropout (0.5 by default) would make every inference call
+    # on the new model give other logits. `train()` switches it on, never for the frozen backbone.
+    model = EVLForVideoClassification.from_backbone_pretrained(
+        tiny_backbone_dir, num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=3
+    )
+    assert not any(module.training for module in model.modules())
+    pixel_values = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values).logits, model(pixel_values).logits)
+    model.train()
+    assert model.evl.decoder.training and not any(module.training for module in model.evl.vision_model.modules())
+
+
 BACKBONE_KWARGS = dict(num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=3)
 
 

@@ -171,6 +171,19 @@ def test_windows_decoded_early_equal_the_model_on_their_frames(saved_model, clip
         torch.testing.assert_close(window.logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_in_training_mode_is_run_in_evaluation_mode_and_left_as_it_was(saved_model, clip_path):
+    # As `explain` does: a model just trained (`trainer.model`) is in training mode, whose dropout would give other
+    # logits on every call.
+    model = EVLForVideoClassification.from_pretrained(saved_model, decoder_mlp_dropout=0.5, classifier_dropout=0.5)
+    processor = EVLVideoProcessor.from_pretrained(saved_model)
+    windows = video_timeline(model.train(), processor, str(clip_path), window_stride=9)
+    assert model.training and model.evl.decoder.training
+    model.eval()
+    for window in windows:
+        expected = logits_on_frames(model, processor, str(clip_path), window.frame_indices)
+        torch.testing.assert_close(window.logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_frames_of_the_wrong_size_are_refused_by_name(saved_model, tmp_path):
     from evl_hf import EVLInputError
 

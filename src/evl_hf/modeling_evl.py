@@ -1638,6 +1638,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         `from_pretrained`, `dtype` (or `torch_dtype`) loads the backbone in that dtype and casts the whole model to
         it, a `device_map` naming one device moves the model there, and the Hub arguments (`revision`, `token`,
         `subfolder`, ...) reach the backbone's files; `from_pretrained`'s other loading arguments are refused by name.
+        The model is returned in evaluation mode, as `from_pretrained` returns one.
 
         Any other kind of checkpoint raises a `ValueError`; one whose vision tensors are missing, extra or of the
         wrong shape raises `EVLCheckpointError`, so no backbone weight is ever left randomly initialised.
@@ -1703,6 +1704,9 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             model.evl._apply_backbone_freeze()  # a `backbone_dtype="float32"` backbone back in float32
         model.evl.vision_model.load_state_dict(backbone.state_dict())
         model.config.base_model = str(pretrained_model_name_or_path)
+        # In evaluation mode, as `from_pretrained` returns a model: the dropout would otherwise change every inference
+        # call's logits (`Trainer` switches training mode on itself).
+        model.eval()
         return model if device is None else model.to(device)
 
     @staticmethod

@@ -21,6 +21,7 @@ windows' overlap; only the light decoder runs per window. `import evl_hf` regist
 """
 
 import argparse
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +56,18 @@ class EVLTimelineWindow:
     start: float
     end: float
     logits: torch.Tensor
+
+
+@contextlib.contextmanager
+def _in_evaluation_mode(model: torch.nn.Module):
+    """The model in evaluation mode (a model just trained is in training mode, whose dropout changes every call's
+    logits), then back in the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -349,7 +362,8 @@ def video_timeline(
     windows through the decoder in batches of `decoder_batch_size`, and only the frames of windows not decoded yet
     are held: memory does not grow with the video's length. `progress`: a progress bar (default: for videos of more
     than 100 sampled frames). `stats`, when given, receives `frames_through_backbone`, `frame_pairs` (pairs whose
-    cross-frame maps were computed), `windows` and `max_buffered_frames`.
+    cross-frame maps were computed), `windows` and `max_buffered_frames`. The model is run in evaluation mode and
+    left in the mode it had.
     """
     from tqdm.auto import tqdm
 
@@ -383,7 +397,7 @@ def video_timeline(
 
     done: list[tuple[int, torch.Tensor]] = []
     decoded_indices, chunk = [], []
-    with torch.inference_mode(), VideoFrameStream(video, step=frame_sampling_rate) as stream:
+    with torch.inference_mode(), _in_evaluation_mode(model), VideoFrameStream(video, frame_sampling_rate) as stream:
         # Built under inference mode: the maps' dtype follows a bf16/fp16 backbone only without autograd.
         timeline = _SharedBackboneTimeline(model, num_frames, window_stride, decoder_batch_size)
         fps = stream.fps or 1.0
