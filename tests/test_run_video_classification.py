@@ -388,6 +388,29 @@ def test_persistent_workers_see_every_epoch(data_dir, backbone_dir, tmp_path, mo
     assert all(not torch.equal(by_epoch[0][i], by_epoch[1][i]) for i in range(len(clips)))
 
 
+def test_persistent_workers_resume_to_the_weights_of_the_uninterrupted_run(data_dir, backbone_dir, tmp_path):
+    """Two persistent workers, 3 steps an epoch, a checkpoint at the end of the first: the resumed run makes its
+    dataloader's workers once more than the uninterrupted one (which keeps them), and that must not change the dropout
+    masks. Workers made anew every epoch give the same weights too."""
+    script = load_script()
+
+    def train(output, *workers):
+        args = base_args(data_dir, backbone_dir, output, "--do_train", "--max_steps", "4", "--save_steps", "3",
+                         "--per_device_train_batch_size", "8", *workers)  # fmt: skip
+        args[args.index("--dataloader_num_workers") + 1] = "2"
+        script.main(args)
+        return load_file(output / "model.safetensors")
+
+    persistent = ("--dataloader_persistent_workers", "true")
+    expected = train(tmp_path / "full", *persistent)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed / "checkpoint-3")
+    for actual in (train(resumed, *persistent), train(tmp_path / "not persistent")):
+        for key in expected:
+            assert torch.equal(actual[key], expected[key]), key
+
+
 def test_configuration_errors_stop_the_run_instead_of_skipping_clips(data_dir, backbone_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="num_spatial_views must be 1 or 3"):
         load_script().main(base_args(data_dir, backbone_dir, tmp_path / "views", "--do_eval", "--num_spatial_views", "2"))

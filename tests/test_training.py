@@ -72,3 +72,16 @@ def test_evaluation_reads_every_clip_in_order_whatever_the_loader_settings_for_t
     # Training keeps the settings asked for.
     assert scores.args.dataloader_drop_last and not scores.args.dataloader_in_order
     assert scores.args.train_sampling_strategy == "group_by_length"
+
+
+def test_starting_to_read_a_dataloader_leaves_the_global_random_state_alone(tmp_path):
+    # torch's DataLoader draws its workers' base seed each time an iterator is made; from torch's global generator, a
+    # run with persistent workers (one iterator for the whole run) and its resumed run (one more) would draw the
+    # model's dropout masks from different states.
+    clips = [{"pixel_values": torch.randn(4, 3, 32, 32), "labels": index % 3} for index in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=2)
+    scores = EVLTrainer(model=EVLForVideoClassification(tiny_config(num_labels=3)), args=args, train_dataset=clips)
+    for loader in (scores.get_train_dataloader(), scores.get_eval_dataloader(clips), scores.get_test_dataloader(clips)):
+        state = torch.random.get_rng_state()
+        next(iter(loader))
+        assert torch.equal(torch.random.get_rng_state(), state)

@@ -34,6 +34,9 @@ class EVLTrainer(Trainer):
 
     - training clips come from `TrainingClips` with an `EpochShuffleSampler` (augmentation keyed by seed, epoch and
       clip; unusable clips replaced), so every process and every resumed run sees the same clips;
+    - its dataloaders draw their workers' seeds from a generator of their own (seeded from `data_seed`, else `seed`),
+      never from torch's global one, which the model's dropout draws from: a resumed run continues exactly where the
+      interrupted one stopped, with persistent workers too;
     - in evaluation, slots whose clip could not be decoded (label -100) are left out of the loss and the metrics; the
       evaluation loss is computed over all usable clips at once, so it does not depend on how clips are batched or
       split across processes; clips without a label (class label -1, `datasets`' convention) are predicted and
@@ -51,13 +54,25 @@ class EVLTrainer(Trainer):
         self.compute_metrics = self._metrics_of_usable_clips
         self.unusable_clips = {"train": set(), "eval": set()}
 
+    @property
+    def _data_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if isinstance(dataset, TrainingClips):
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            self._epoch_sampler = EpochShuffleSampler(len(dataset), seed=seed)
+            self._epoch_sampler = EpochShuffleSampler(len(dataset), seed=self._data_seed)
             return self._epoch_sampler
         return super()._get_train_sampler(train_dataset)
+
+    def _get_dataloader(self, *args, **kwargs):
+        dataloader = super()._get_dataloader(*args, **kwargs)
+        # A DataLoader draws its workers' base seed each time it starts an iterator, from torch's global generator
+        # unless it has its own: persistent workers start one for the whole run, the run resumed from its checkpoint
+        # one more, and the model's dropout masks, drawn from the global generator, would differ from then on. Set on
+        # the DataLoader accelerate wraps (`base_dataloader`), whose arguments `skip_first_batches` copies.
+        getattr(dataloader, "base_dataloader", dataloader).generator = torch.Generator().manual_seed(self._data_seed)
+        return dataloader
 
     def _run_epoch(self, *args, **kwargs):
         # Trainer's and accelerate's `set_epoch` reach the sampler through at most two wrappers; a run resumed
