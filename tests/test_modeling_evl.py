@@ -657,10 +657,12 @@ def test_config_round_trips_through_json(tmp_path):
         ([[0.0]], "torch.Tensor"),
     ],
 )
-def test_bad_pixel_values_get_clear_errors(inputs, message):
+@pytest.mark.parametrize("entry", ["forward", "extract_backbone_features"])
+def test_bad_pixel_values_get_clear_errors(inputs, message, entry):
+    # The feature cache's interface refuses what the forward does: its features would otherwise be cached.
     model = EVLForVideoClassification(tiny_config()).eval()
     with pytest.raises(EVLInputError, match=message):
-        model(inputs)
+        model(inputs) if entry == "forward" else model.evl.extract_backbone_features(inputs)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

@@ -1334,8 +1334,10 @@ class EVLModel(EVLPreTrainedModel):
         Run the backbone once over every frame and return what the decoder reads from its last `decoder_num_layers`
         blocks: each block's output (all tokens) and, when cross-frame attention is used, the attention maps between
         neighbouring frames computed from that block's own attention queries and keys. Both come in the decoder's
-        dtype; the maps' scores are computed in the backbone's.
+        dtype; the maps' scores are computed in the backbone's. `pixel_values` is checked as the forward checks it:
+        features of frames the model refuses would otherwise be cached.
         """
+        self.check_pixel_values(pixel_values)
         self.check_autocast()
         return self._extract_backbone_features(pixel_values, self.decoder.query.dtype)
 
