@@ -678,6 +678,18 @@ def test_one_non_finite_pixel_among_finite_ones_is_refused(value, dtype):
         model(inputs)
 
 
+def test_a_forward_without_values_on_the_meta_device_or_fake_tensors():
+    # Shape inference and memory estimation run the model on tensors without values: the finiteness check, which
+    # reads them, is left out there (the backbone alone runs so too).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = seeded_classifier()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        assert model(mode.from_tensor(pixel_values())).logits.shape == (2, 5)
+    with torch.no_grad():
+        assert model.to("meta")(pixel_values().to("meta")).logits.shape == (2, 5)
+
+
 # ---------------------------------------------------------------- precomputed features and low precision
 
 

@@ -38,6 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, cached_file, is_accelerate_available, logging, output_capturing
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import resolve_revision
+from transformers.utils.import_utils import is_tracing
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .backbone_families import (
@@ -313,11 +314,17 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_pr
     return maps
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """`torch.is_autocast_enabled(device_type)`, `False` on the meta device, which has no autocast (torch raises when
+    asked; transformers' `maybe_autocast` leaves it out too)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype:
     """The dtype autocast runs matmuls on `tensor` in where it is on for its device (it casts every floating dtype but
     float64), `tensor`'s own otherwise."""
     device_type = tensor.device.type
-    if torch.is_autocast_enabled(device_type) and tensor.dtype.is_floating_point and tensor.dtype != torch.float64:
+    if _autocast_enabled(device_type) and tensor.dtype.is_floating_point and tensor.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return tensor.dtype
 
@@ -326,13 +333,10 @@ def _autocast_to_other_half_precision(device_type: str, dtype: torch.dtype) -> b
     """Whether autocast is on for `device_type` with the half-precision dtype that `dtype` (float16 or bfloat16) is
     not."""
     half_precision = (torch.float16, torch.bfloat16)
+    if dtype not in half_precision or not _autocast_enabled(device_type):
+        return False
     autocast_dtype = torch.get_autocast_dtype(device_type)
-    return (
-        dtype in half_precision
-        and torch.is_autocast_enabled(device_type)
-        and autocast_dtype in half_precision
-        and autocast_dtype != dtype
-    )
+    return autocast_dtype in half_precision and autocast_dtype != dtype
 
 
 def _backbone_autocast(device_type: str, backbone_dtype: torch.dtype):
@@ -1306,9 +1310,10 @@ class EVLModel(EVLPreTrainedModel):
                 f"for {self.config.frame_size}x{self.config.frame_size}. Resize/crop the clip to that size "
                 "(`EVLVideoProcessor` does)."
             )
-        if not torch.compiler.is_compiling():
-            # The extremes are finite exactly when every value is (NaN propagates to both): one reduction, where
-            # `isfinite(...).all()` makes several passes and writes clip-sized masks.
+        if not (is_tracing(pixel_values) or pixel_values.is_meta):
+            # Only where there are values to read: not in a compiled graph, nor for fake (memory estimation) or meta
+            # (shape inference) tensors. The extremes are finite exactly when every value is (NaN propagates to
+            # both): one reduction, where `isfinite(...).all()` makes several passes and writes clip-sized masks.
             smallest, largest = torch.aminmax(pixel_values)
             if not (torch.isfinite(smallest) and torch.isfinite(largest)):
                 raise EVLInputError("`pixel_values` contains NaN or infinite values.")
