@@ -1218,6 +1218,20 @@ def test_torch_compile_fullgraph_matches_eager_execution():
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_torch_export_with_a_dynamic_batch_matches_eager_execution():
+    # ONNX / ExecuTorch / AOTInductor users export with a dynamic batch: nothing in the forward may specialise it
+    # (the cross-frame modules' frame chunks were computed from the batch size).
+    model = seeded_classifier(tiny_config(vision_overrides=dict(num_hidden_layers=2)))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        program = torch.export.export(
+            model, (), {"pixel_values": pixel_values(batch=2, frames=3)}, dynamic_shapes={"pixel_values": {0: batch}}
+        )
+        for batch_size in (1, 3):
+            inputs = pixel_values(batch=batch_size, frames=3, seed=batch_size)
+            torch.testing.assert_close(program.module()(pixel_values=inputs).logits, model(inputs).logits)
+
+
 def test_cross_frame_maps_are_computed_right_after_their_block(monkeypatch):
     # Each used block's queries and keys become maps before the next block runs, and are freed by then, so they are
     # never all held at once (at ViT-B/16 with 2 x 32 frames the forward's peak memory is a sixth lower,

@@ -273,6 +273,16 @@ class EVLTemporalPositionEmbedding(nn.Module):
         return resized.squeeze(0).T
 
 
+def _frames_per_chunk(num_frames: int, elements_per_frame: int, budget: int) -> int:
+    """How many of `num_frames` frames one chunk takes when each needs `elements_per_frame` (the whole batch's) of a
+    working set of `budget` elements; at least one. All of them under `torch.export`: a chunk size computed from the
+    batch size would specialise the exported program to the example's batch (its working set then grows with the
+    batch and the clip's length)."""
+    if torch.compiler.is_exporting():
+        return max(1, num_frames)
+    return max(1, budget // elements_per_frame)
+
+
 def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
     """
     The backbone's attention between the patches of neighbouring frames, as the authors' cross-frame module reads it.
@@ -302,7 +312,9 @@ def cross_frame_attention_maps(queries: torch.Tensor, keys: torch.Tensor, num_pr
     else:
         queries = queries * head_dim**-0.5  # laid out as the projection was: other matmuls read the strided views
     maps = queries.new_zeros(batch_size, num_frames, 2, num_patches, num_patches, dtype=dtype)
-    chunk = max(1, _CROSS_FRAME_SCORES_CHUNK_ELEMENTS // (batch_size * num_heads * num_patches * num_patches))
+    chunk = _frames_per_chunk(
+        num_frames - 1, batch_size * num_heads * num_patches * num_patches, _CROSS_FRAME_SCORES_CHUNK_ELEMENTS
+    )
     for start in range(0, num_frames - 1, chunk):
         stop = min(start + chunk, num_frames - 1)
         # Frame pairs (t, t + 1) for t in [start, stop): t + 1 looks back at t, t looks ahead at t + 1.
@@ -642,7 +654,9 @@ class EVLCrossFrameAttention(nn.Module):
         if output is None:
             output = self._zero_features(maps)
         patches = output[:, :, self.num_prefix_tokens :].view(batch_size, num_frames, height, width, hidden_size)
-        chunk = max(1, _CROSS_FRAME_CHUNK_ELEMENTS // (batch_size * num_patches * height * (2 * width - 1)))
+        chunk = _frames_per_chunk(
+            num_frames, batch_size * num_patches * height * (2 * width - 1), _CROSS_FRAME_CHUNK_ELEMENTS
+        )
         for start in range(0, num_frames, chunk):
             stop = min(start + chunk, num_frames)
             for columns, direction_windows in zip(groups, windows):
