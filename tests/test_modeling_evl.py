@@ -821,6 +821,14 @@ def test_auto_backbone_dtype_is_bfloat16_where_the_hardware_runs_it(monkeypatch,
     for dtype in (torch.float64, torch.float16):
         loaded = EVLForVideoClassification.from_pretrained(tmp_path, dtype=dtype)
         assert loaded.evl.vision_model.dtype == loaded.evl.decoder.query.dtype == dtype
+    # So does one built in it ("auto" never conflicts with `dtype`); a float32 one still gets bf16.
+    backbone_dir = save_tiny_backbone(tmp_path / "clip")
+    for dtype in (torch.float64, torch.float16, torch.float32):
+        built = EVLForVideoClassification.from_backbone_pretrained(
+            backbone_dir, dtype=dtype, backbone_dtype="auto", **BACKBONE_KWARGS
+        )
+        assert built.evl.decoder.query.dtype == dtype
+        assert built.evl.vision_model.dtype == (torch.bfloat16 if dtype == torch.float32 else dtype)
     # A visible CUDA device decides instead of the CPU.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)

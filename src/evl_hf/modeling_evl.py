@@ -1712,7 +1712,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             config = EVLConfig.from_preset(preset, vision_config=backbone.config, **config_kwargs)
         else:
             config = EVLConfig(vision_config=backbone.config, **config_kwargs)
-        if dtype is not None and config.backbone_dtype not in (None, "float32"):
+        # "auto" keeps a model built in another dtype than float32 in it, as `from_pretrained` does: no conflict.
+        if dtype is not None and config.backbone_dtype not in (None, "float32", "auto"):
             raise ValueError("`dtype` casts the whole model and `backbone_dtype` the backbone alone: give one of them.")
         if "attn_implementation" in hub_kwargs:
             config._attn_implementation = hub_kwargs["attn_implementation"]
