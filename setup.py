@@ -23,7 +23,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "train": ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4", "scikit-learn", "timm>=1.0"],
+        "train": ["accelerate>=1.1", "datasets>=3.0", "evaluate>=0.4", "scikit-learn", "timm>=1.0"],
         # Optional faster/default decoder; it needs a build matching torch and FFmpeg's shared libraries.
         "torchcodec": ["torchcodec>=0.16"],
         # The web demo (python -m evl_hf.app; a Hugging Face Spaces app).
@@ -34,7 +34,7 @@ setup(
             "parameterized",
             "scikit-video",
             "torchcodec>=0.16",
-            "accelerate>=1.0",
+            "accelerate>=1.1",
             "datasets>=3.0",
             "evaluate>=0.4",
             "scikit-learn",
