@@ -1350,6 +1350,16 @@ def test_multi_view_multi_label_averages_the_views_sigmoids(problem_type):
     torch.testing.assert_close(outputs.loss, expected_loss.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("problem_type", [None, "single_label_classification"])
+def test_multi_view_embeddings_of_a_headless_model_are_averaged(problem_type):
+    # num_labels=0: `logits` are the video embeddings (the head is nn.Identity), not class scores to combine.
+    model = seeded_classifier(tiny_config(num_labels=0, problem_type=problem_type))
+    views, per_view = _views_and_per_view_logits(model)
+    with torch.no_grad():
+        combined = model(views).logits
+    torch.testing.assert_close(combined, per_view.mean(1), atol=1e-6, rtol=1e-5)
+
+
 def test_multi_view_hidden_states_and_attentions_are_per_clip_and_view():
     torch.manual_seed(0)
     config = tiny_config()

@@ -1621,7 +1621,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
       `logits.softmax(-1)` is that average;
     - multi-label classification: the logit of the view-averaged sigmoid probabilities, so `logits.sigmoid()` is that
       average;
-    - regression: the mean of the views' outputs.
+    - regression: the mean of the views' outputs;
+    - no head (`num_labels=0`, `logits` are the video embeddings): the mean of the views' embeddings.
 
     The loss is that of the combined prediction. An unset `problem_type` is inferred as transformers' classification
     losses do (`num_labels == 1`: regression; float `labels`: multi-label; otherwise single-label).
@@ -1866,7 +1867,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
                 problem_type = "regression"
             elif labels is not None and labels.dtype not in (torch.long, torch.int):
                 problem_type = "multi_label_classification"
-        if problem_type == "regression":
+        if problem_type == "regression" or self.num_labels == 0:
+            # Without a head (`num_labels=0`) the logits are the video embeddings: no class scores to combine.
             return logits.mean(1)
         # In log space, so that confident views give finite logits: log(mean_v p_v) = logsumexp_v(log p_v) - log(V).
         views = logits.float()
