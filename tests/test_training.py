@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import seeded_classifier, tiny_config
 from transformers import EvalPrediction, TrainingArguments
 
 from evl_hf import EVLForVideoClassification
@@ -85,3 +85,21 @@ def test_starting_to_read_a_dataloader_leaves_the_global_random_state_alone(tmp_
         state = torch.random.get_rng_state()
         next(iter(loader))
         assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_views_are_combined_as_the_labels_say_before_any_training(tmp_path):
+    # No problem type yet and float (multi-label) labels: a forward with the labels combines the views' sigmoids. The
+    # evaluation holds the labels back from the forward, so it must infer the problem type from them first; a clip
+    # that could not be decoded (-100) is no reason to fail.
+    views = torch.randn(4, 3, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[1.0, 0, 1], [-100, -100, -100], [1, 1, 0], [0, 0, 1]])
+    clips = [{"pixel_values": clip, "labels": labels} for clip, labels in zip(views, targets)]
+    usable = [0, 2, 3]
+    with torch.no_grad():
+        expected = seeded_classifier(tiny_config(num_labels=3))(views[usable], labels=targets[usable])
+    model = seeded_classifier(tiny_config(num_labels=3))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2)
+    output = EVLTrainer(model=model, args=args).predict(clips)
+    np.testing.assert_allclose(output.predictions[usable], expected.logits.numpy(), atol=1e-5)
+    assert output.metrics["test_loss"] == pytest.approx(float(expected.loss), rel=1e-5)
+    assert model.config.problem_type == "multi_label_classification"  # as the first forward with labels sets it

@@ -1859,14 +1859,23 @@ class EVLForVideoClassification(EVLPreTrainedModel):
 
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
 
+    def problem_type_for(self, labels: torch.Tensor | None) -> str:
+        """
+        `config.problem_type`, or when it is unset the one transformers' classification losses infer from `labels`
+        (and set on the first forward with labels): regression for one label, multi-label for float labels, else
+        single-label. Only the labels' dtype counts, so unusable (-100) and unlabeled (-1) clips may be among them.
+        """
+        if self.config.problem_type is not None:
+            return self.config.problem_type
+        if self.num_labels == 1:
+            return "regression"
+        if labels is not None and labels.dtype not in (torch.long, torch.int):
+            return "multi_label_classification"
+        return "single_label_classification"
+
     def _combine_views(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """(batch_size, num_views, num_labels) per-view logits -> (batch_size, num_labels), see the class docstring."""
-        problem_type = self.config.problem_type
-        if problem_type is None:
-            if self.num_labels == 1:
-                problem_type = "regression"
-            elif labels is not None and labels.dtype not in (torch.long, torch.int):
-                problem_type = "multi_label_classification"
+        problem_type = self.problem_type_for(labels)
         if problem_type == "regression" or self.num_labels == 0:
             # Without a head (`num_labels=0`) the logits are the video embeddings: no class scores to combine.
             return logits.mean(1)

@@ -145,6 +145,11 @@ class EVLTrainer(Trainer):
         # The loss comes from `_metrics_of_usable_clips`, over the gathered logits: a per-batch mean would weigh
         # clips by how they fall into batches and processes, and count the masked slots' batches.
         labels = inputs.pop("labels", None)
+        unwrapped = self.accelerator.unwrap_model(model)
+        if labels is not None and unwrapped.config.problem_type is None:
+            # The views of a clip are combined as the problem type says, which a forward with the labels infers
+            # from them (and sets): inferred here, as the labels are held back.
+            unwrapped.config.problem_type = unwrapped.problem_type_for(labels)
         _, logits, _ = super().prediction_step(model, inputs, prediction_loss_only=False, ignore_keys=ignore_keys)
         return None, logits, labels
 
@@ -163,12 +168,8 @@ class EVLTrainer(Trainer):
             )
         scored = usable
         model = self.accelerator.unwrap_model(self.model)
-        config = model.config
         # Class labels, as transformers' losses tell them apart; a regression target of -1 is a target.
-        single_label = config.problem_type == "single_label_classification" or (
-            config.problem_type is None and config.num_labels > 1 and np.issubdtype(labels.dtype, np.integer)
-        )
-        if single_label:
+        if model.problem_type_for(torch.from_numpy(labels)) == "single_label_classification":
             scored = usable & (labels.reshape(len(labels), -1)[:, 0] != UNLABELED)
             if scored.any() and not scored[usable].all():
                 logger.warning("%d of the %d usable clips have no label (-1): the loss and the metrics are over the "
