@@ -1122,7 +1122,7 @@ def _train_with_trainer(tmp_path, batch_size, accumulation, learning_rate):
 
 
 def test_trainer_loss_does_not_depend_on_gradient_accumulation(tmp_path):
-    # The model returns a batch mean, so Trainer must average over the accumulated micro-batches itself.
+    # The model divides each micro-batch's summed loss by Trainer's count of the labels of the accumulated batch.
     clips = _clips()
     inputs = torch.stack([clip["pixel_values"] for clip in clips])
     labels = torch.stack([clip["labels"] for clip in clips])
@@ -1145,6 +1145,48 @@ def test_trainer_step_with_accumulation_matches_the_full_batch(tmp_path):
     for name, parameter in full.named_parameters():
         # float32 rounding of two half-batch sums, times lr 1: ~1e-6 on weights of size ~2; the bug was a 2x step.
         torch.testing.assert_close(accumulated_parameters[name], parameter, atol=1e-5, rtol=1e-5)
+
+
+ACCUMULATION_CASES = {
+    # An unusable clip (-100) in the first micro-batch: the loss is over the 3 others, not a mean of micro-batch means.
+    "single_label": (dict(num_labels=3), torch.tensor([0, -100, 2, 1])),
+    "regression": (dict(num_labels=1), torch.tensor([0.5, -1.0, 2.0, 0.0])),
+    "multi_label": (dict(num_labels=3), torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])),
+}
+
+
+@pytest.mark.parametrize("case", ACCUMULATION_CASES)
+def test_trainer_step_with_accumulation_matches_the_full_batch_per_labelled_item(tmp_path, case):
+    from transformers import Trainer, TrainingArguments
+
+    config, labels = ACCUMULATION_CASES[case]
+    inputs = pixel_values(batch=4, seed=1)
+    clips = [{"pixel_values": clip, "labels": label} for clip, label in zip(inputs, labels)]
+    weights = []
+    for batch_size, accumulation in [(2, 1), (1, 2)]:
+        model = seeded_classifier(tiny_config(**config)).train()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{batch_size}x{accumulation}"), per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, learning_rate=0.01, num_train_epochs=1, optim="sgd",
+            weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+            use_cpu=True, disable_tqdm=True,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=clips).train()
+        weights.append(torch.cat([parameter.detach().flatten() for parameter in model.parameters()]))
+    # Two steps at lr 0.01: at 1 the regression diverges and magnifies float32 rounding.
+    torch.testing.assert_close(weights[1], weights[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ACCUMULATION_CASES)
+def test_loss_over_num_items_in_batch_is_the_sum_over_items_divided_by_it(case):
+    config, labels = ACCUMULATION_CASES[case]
+    model = seeded_classifier(tiny_config(**config))
+    inputs = pixel_values(batch=4, seed=1)
+    with torch.no_grad():
+        mean = model(inputs, labels=labels).loss
+        scaled = model(inputs, labels=labels, num_items_in_batch=torch.tensor(10)).loss
+    # As Trainer counts them: the label elements that are not -100.
+    torch.testing.assert_close(scaled, mean * labels.ne(-100).sum() / 10)
 
 
 # ---------------------------------------------------------------- gradient checkpointing

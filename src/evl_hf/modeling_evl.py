@@ -966,9 +966,8 @@ class EVLPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("video",)
     supports_gradient_checkpointing = True
-    # `forward(**kwargs)` only forwards attention kwargs, and the loss is a batch mean, not a sum over
-    # `num_items_in_batch`: without this, `Trainer` would read the `**kwargs` as taking `num_items_in_batch` and skip
-    # its own division by the gradient accumulation steps (and multiply by the number of processes).
+    # `EVLModel.forward(**kwargs)` only forwards attention kwargs and computes no loss: without this, `Trainer` would
+    # read the `**kwargs` as taking `num_items_in_batch`. `EVLForVideoClassification` takes it.
     accepts_loss_kwargs = False
     _no_split_modules = [
         "CLIPEncoderLayer", "CLIPVisionEmbeddings", "SiglipEncoderLayer", "SiglipVisionEmbeddings", "Dinov2Layer",
@@ -1628,6 +1627,12 @@ class EVLForVideoClassification(EVLPreTrainedModel):
     losses do (`num_labels == 1`: regression; float `labels`: multi-label; otherwise single-label).
     """
 
+    # `forward` takes `num_items_in_batch` from `Trainer` (the label elements other than -100 over the accumulated
+    # batch, and over all processes with `average_tokens_across_devices`) and then returns the sum over the items
+    # divided by it, so that `Trainer` leaves out its own division by the accumulation steps: micro-batches and
+    # processes add up to the loss of the whole batch, whatever the number of -100 labels in each.
+    accepts_loss_kwargs = True
+
     def __init__(self, config: EVLConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -1781,6 +1786,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         cross_frame_features: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
         r"""
@@ -1794,6 +1800,9 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Labels for the loss. With `config.num_labels == 1` a regression (MSE) loss is computed, otherwise a
             classification loss (cross-entropy, or BCE for `problem_type="multi_label_classification"`).
+        num_items_in_batch (`torch.Tensor` or `int`, *optional*):
+            Passed by `Trainer`: the number of label elements other than -100 in the whole (accumulated) batch. The
+            loss is then the sum over this batch's items divided by it, rather than their mean.
 
         Example (a tiny random model; a converted checkpoint loads with `EVLForVideoClassification.from_pretrained`,
         and `EVLVideoProcessor` makes `pixel_values` from a video file):
@@ -1855,7 +1864,11 @@ class EVLForVideoClassification(EVLPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels, logits, self.config)
+            loss = self.loss_function(labels, logits, self.config, num_items_in_batch=num_items_in_batch)
+            if num_items_in_batch is not None and self.config.problem_type != "single_label_classification":
+                # transformers' MSE and BCE losses take no `num_items_in_batch`: their mean over the label elements
+                # (those `Trainer` counts), times their number, is the sum over the items.
+                loss = loss * labels.numel() / num_items_in_batch
 
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
 
