@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import seeded_classifier, tiny_config
 from transformers import EvalPrediction, TrainingArguments
+from transformers.modeling_outputs import ImageClassifierOutput
 
 from evl_hf import EVLForVideoClassification
 from evl_hf.training import EVLTrainer, make_compute_metrics
@@ -103,3 +104,28 @@ def test_views_are_combined_as_the_labels_say_before_any_training(tmp_path):
     np.testing.assert_allclose(output.predictions[usable], expected.logits.numpy(), atol=1e-5)
     assert output.metrics["test_loss"] == pytest.approx(float(expected.loss), rel=1e-5)
     assert model.config.problem_type == "multi_label_classification"  # as the first forward with labels sets it
+
+
+def focal_loss(outputs, labels, num_items_in_batch=None):
+    losses = torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="none")
+    return ((1 - torch.exp(-losses)) ** 2 * losses).sum() / num_items_in_batch
+
+
+@pytest.mark.parametrize("loss", ["label_smoothing", "compute_loss_func"])
+def test_the_evaluation_loss_is_the_one_trained_with(tmp_path, loss):
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = EVLForVideoClassification(tiny_config(num_labels=3))
+    if loss == "label_smoothing":
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, label_smoothing_factor=0.1)
+        scores, expected_loss = EVLTrainer(model=model, args=args), LabelSmoother(0.1)
+    else:
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+        scores, expected_loss = EVLTrainer(model=model, args=args, compute_loss_func=focal_loss), focal_loss
+    logits = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    labels = np.array([0, -1, 2, -100, 1])
+    metrics = scores._metrics_of_usable_clips(EvalPrediction(predictions=logits, label_ids=labels))
+    kept = [0, 2, 4]
+    outputs = ImageClassifierOutput(logits=torch.from_numpy(logits[kept]))
+    expected = expected_loss(outputs, torch.from_numpy(labels[kept]), num_items_in_batch=torch.tensor(3))
+    assert metrics["loss"] == pytest.approx(float(expected))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import EvalPrediction, Trainer
+from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data.video_dataset import IGNORE_LABEL, UNLABELED, EpochShuffleSampler, TrainingClips
@@ -39,8 +40,9 @@ class EVLTrainer(Trainer):
       interrupted one stopped, with persistent workers too;
     - in evaluation, slots whose clip could not be decoded (label -100) are left out of the loss and the metrics; the
       evaluation loss is computed over all usable clips at once, so it does not depend on how clips are batched or
-      split across processes; clips without a label (class label -1, `datasets`' convention) are predicted and
-      left out of the loss and the metrics too, so a test split without labels gives predictions and no scores;
+      split across processes, and with the loss trained with (`compute_loss_func`, label smoothing or the model's);
+      clips without a label (class label -1, `datasets`' convention) are predicted and left out of the loss and the
+      metrics too, so a test split without labels gives predictions and no scores;
     - the number of distinct unusable clips, over all processes, is reported as `train_unusable_clips` and
       `<prefix>_unusable_clips`;
     - `run_arguments`, when given, are written into every checkpoint as `RUN_ARGUMENTS_FILE`, and the unusable
@@ -177,11 +179,22 @@ class EVLTrainer(Trainer):
         logits, labels = logits[scored], labels[scored]
         metrics = {}
         if len(labels):
-            loss = model.loss_function(torch.from_numpy(labels), torch.from_numpy(logits).float(), model.config)
-            metrics["loss"] = float(loss)
+            metrics["loss"] = float(self._loss_of(torch.from_numpy(logits).float(), torch.from_numpy(labels)))
         if self._user_compute_metrics is not None and len(labels):
             metrics.update(self._user_compute_metrics(EvalPrediction(predictions=logits, label_ids=labels)))
         return metrics
+
+    def _loss_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss `Trainer.compute_loss` computes on these clips as one batch: `compute_loss_func` or label
+        smoothing where the run trains with one, else the model's own loss."""
+        model = self.accelerator.unwrap_model(self.model)
+        outputs = ImageClassifierOutput(logits=logits)
+        num_items_in_batch = labels.ne(IGNORE_LABEL).sum()  # as `Trainer` counts them
+        if self.compute_loss_func is not None:
+            return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        if self.label_smoother is not None:
+            return self.label_smoother(outputs, labels, num_items_in_batch=num_items_in_batch)
+        return model.loss_function(labels, logits, model.config)
 
     def _gather_unusable(self, phase: str) -> list[int]:
         """The distinct unusable clips of `phase` over all processes (every process must call it)."""
