@@ -129,3 +129,29 @@ def test_the_evaluation_loss_is_the_one_trained_with(tmp_path, loss):
     outputs = ImageClassifierOutput(logits=torch.from_numpy(logits[kept]))
     expected = expected_loss(outputs, torch.from_numpy(labels[kept]), num_items_in_batch=torch.tensor(3))
     assert metrics["loss"] == pytest.approx(float(expected))
+
+
+def test_inputs_and_losses_for_metrics_are_those_of_the_scored_clips(tmp_path):
+    model = seeded_classifier(tiny_config(num_labels=3))
+    inputs = torch.randn(5, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, -1, 2, -100, 1])
+    clips = [{"pixel_values": clip, "labels": label} for clip, label in zip(inputs, labels)]
+    received = {}
+
+    def compute_metrics(prediction):
+        received.update(inputs=prediction.inputs, losses=prediction.losses)
+        return {}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2,
+        include_for_metrics=["inputs", "loss"],
+    )  # fmt: skip
+    metrics = EVLTrainer(model=model, args=args, compute_metrics=compute_metrics).evaluate(clips)
+    kept = [0, 2, 4]
+    np.testing.assert_array_equal(received["inputs"], inputs[kept].numpy())
+    with torch.no_grad():
+        logits = model(inputs[kept]).logits
+    # Each clip's own loss (Trainer gives each clip its batch's): their mean is the evaluation loss.
+    expected = torch.nn.functional.cross_entropy(logits, labels[kept], reduction="none")
+    np.testing.assert_allclose(received["losses"], expected.numpy(), rtol=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(float(expected.mean()), rel=1e-5)

@@ -42,7 +42,8 @@ class EVLTrainer(Trainer):
       evaluation loss is computed over all usable clips at once, so it does not depend on how clips are batched or
       split across processes, and with the loss trained with (`compute_loss_func`, label smoothing or the model's);
       clips without a label (class label -1, `datasets`' convention) are predicted and left out of the loss and the
-      metrics too, so a test split without labels gives predictions and no scores;
+      metrics too, so a test split without labels gives predictions and no scores; `compute_metrics` sees the
+      scored clips alone, and with `include_for_metrics` their inputs and each one's own loss;
     - the number of distinct unusable clips, over all processes, is reported as `train_unusable_clips` and
       `<prefix>_unusable_clips`;
     - `run_arguments`, when given, are written into every checkpoint as `RUN_ARGUMENTS_FILE`, and the unusable
@@ -181,8 +182,19 @@ class EVLTrainer(Trainer):
         if len(labels):
             metrics["loss"] = float(self._loss_of(torch.from_numpy(logits).float(), torch.from_numpy(labels)))
         if self._user_compute_metrics is not None and len(labels):
-            metrics.update(self._user_compute_metrics(EvalPrediction(predictions=logits, label_ids=labels)))
+            inputs = eval_prediction.inputs
+            inputs = whole(inputs)[scored] if inputs is not None else None
+            losses = self._loss_per_clip(logits, labels) if "loss" in self.args.include_for_metrics else None
+            prediction = EvalPrediction(predictions=logits, label_ids=labels, inputs=inputs, losses=losses)
+            metrics.update(self._user_compute_metrics(prediction))
         return metrics
+
+    def _loss_per_clip(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """For `include_for_metrics=["loss"]`: each clip's loss, as if it were alone in its batch. `Trainer` gives each
+        clip its batch's loss, which here (one loss over all clips) would say nothing of the clip; for the model's
+        losses and label smoothing, the mean of these is the evaluation loss."""
+        logits, labels = torch.from_numpy(logits).float(), torch.from_numpy(labels)
+        return np.array([float(self._loss_of(logits[i : i + 1], labels[i : i + 1])) for i in range(len(labels))])
 
     def _loss_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss `Trainer.compute_loss` computes on these clips as one batch: `compute_loss_func` or label
