@@ -813,6 +813,19 @@ def test_clips_without_labels_are_predicted_as_the_labeled_ones(data_dir, backbo
         assert not (output / "test_confusion_matrix.csv").exists()
 
 
+def test_batch_eval_metrics_give_the_scores_of_a_whole_set_evaluation(data_dir, backbone_dir, tmp_path):
+    # `--batch_eval_metrics` crashed every evaluation: EVLTrainer's metrics did not take `compute_result`.
+    checkpoint = randomized_checkpoint(backbone_dir, tmp_path / "checkpoint", temporal_modules=True)
+    results = {
+        flag: predict(checkpoint, tmp_path / flag, "--test_dir", str(data_dir / "test"), "--batch_eval_metrics", flag)
+        for flag in ("false", "true")
+    }
+    scores = ("test_loss", "test_top1_accuracy", "test_top5_accuracy")
+    expected = {key: results["false"][0][key] for key in scores}
+    assert {key: results["true"][0][key] for key in scores} == pytest.approx(expected)
+    assert results["true"][1] == results["false"][1]
+
+
 def test_a_data_set_test_split_labeled_minus_one_next_to_a_labeled_one_and_another_label_order(
     data_dir, backbone_dir, tmp_path
 ):

@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import seeded_classifier, tiny_config
+from helpers import pixel_values, seeded_classifier, tiny_config
 from transformers import EvalPrediction, TrainingArguments
 from transformers.modeling_outputs import ImageClassifierOutput
 
@@ -155,3 +155,56 @@ def test_inputs_and_losses_for_metrics_are_those_of_the_scored_clips(tmp_path):
     expected = torch.nn.functional.cross_entropy(logits, labels[kept], reduction="none")
     np.testing.assert_allclose(received["losses"], expected.numpy(), rtol=1e-5)
     assert metrics["eval_loss"] == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_batch_eval_metrics_score_the_clips_a_whole_set_evaluation_scores(tmp_path):
+    # Batches of 2: the second holds an unusable clip, the last no scored clip at all.
+    model = seeded_classifier(tiny_config(num_labels=3))
+    inputs = torch.randn(8, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, -1, 2, -100, 1, 0, -1, -100])
+    clips = [{"pixel_values": clip, "labels": label} for clip, label in zip(inputs, labels)]
+    batches = []
+
+    def batch_metrics(prediction, compute_result):
+        batches.append(prediction)
+        if not compute_result:
+            return {}
+        logits, targets = torch.cat([p.predictions for p in batches]), torch.cat([p.label_ids for p in batches])
+        return {"accuracy": float((logits.argmax(-1) == targets).float().mean())}
+
+    def whole_set_metrics(prediction):
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    def evaluate(compute_metrics, **arguments):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2,
+            include_for_metrics=["inputs", "loss"], **arguments,
+        )  # fmt: skip
+        metrics = EVLTrainer(model=model, args=args, compute_metrics=compute_metrics).evaluate(clips)
+        return {key: metrics[key] for key in ("eval_loss", "eval_accuracy")}
+
+    whole_set = evaluate(whole_set_metrics)
+    assert evaluate(batch_metrics, batch_eval_metrics=True) == pytest.approx(whole_set, rel=1e-6)
+    kept = [0, 2, 4, 5]
+    assert [len(p.label_ids) for p in batches] == [1, 1, 2, 0]  # the last one empty, to ask for the result
+    assert torch.equal(torch.cat([p.label_ids for p in batches]), labels[kept])
+    torch.testing.assert_close(torch.cat([p.inputs["pixel_values"] for p in batches]), inputs[kept])
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(inputs[kept]).logits, labels[kept], reduction="none")
+    torch.testing.assert_close(torch.cat([p.losses for p in batches]), expected)
+
+
+def test_the_scripts_metrics_take_batches_too(tmp_path):
+    # `--batch_eval_metrics`: Trainer passes each batch's tensors and asks for the result with the last one.
+    model = seeded_classifier(tiny_config(num_labels=3))
+    clips = [{"pixel_values": clip, "labels": index % 3} for index, clip in enumerate(pixel_values(batch=5, seed=1))]
+    metrics = {}
+    for batch_eval_metrics in (False, True):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2,
+            batch_eval_metrics=batch_eval_metrics,
+        )  # fmt: skip
+        scores = EVLTrainer(model=model, args=args, compute_metrics=make_compute_metrics(top_k=2))
+        result = scores.evaluate(clips)
+        metrics[batch_eval_metrics] = {key: result[key] for key in ("eval_loss", "eval_top1_accuracy", "eval_top2_accuracy")}
+    assert metrics[True] == pytest.approx(metrics[False])

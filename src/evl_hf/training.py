@@ -43,7 +43,8 @@ class EVLTrainer(Trainer):
       split across processes, and with the loss trained with (`compute_loss_func`, label smoothing or the model's);
       clips without a label (class label -1, `datasets`' convention) are predicted and left out of the loss and the
       metrics too, so a test split without labels gives predictions and no scores; `compute_metrics` sees the
-      scored clips alone, and with `include_for_metrics` their inputs and each one's own loss;
+      scored clips alone, and with `include_for_metrics` their inputs and each one's own loss (with
+      `batch_eval_metrics`, batch by batch; the loss is still computed over all of them);
     - the number of distinct unusable clips, over all processes, is reported as `train_unusable_clips` and
       `<prefix>_unusable_clips`;
     - `run_arguments`, when given, are written into every checkpoint as `RUN_ARGUMENTS_FILE`, and the unusable
@@ -56,6 +57,12 @@ class EVLTrainer(Trainer):
         self._user_compute_metrics = self.compute_metrics
         self.compute_metrics = self._metrics_of_usable_clips
         self.unusable_clips = {"train": set(), "eval": set()}
+        self._start_evaluation()
+
+    def _start_evaluation(self) -> None:
+        self.unusable_clips["eval"] = set()
+        # `batch_eval_metrics`: the batches' logits and labels so far, and whether the user's metrics got clips.
+        self._eval_batches, self._eval_batches_scored = [], False
 
     @property
     def _data_seed(self) -> int:
@@ -156,31 +163,17 @@ class EVLTrainer(Trainer):
         _, logits, _ = super().prediction_step(model, inputs, prediction_loss_only=False, ignore_keys=ignore_keys)
         return None, logits, labels
 
-    def _metrics_of_usable_clips(self, eval_prediction: EvalPrediction) -> dict:
+    def _metrics_of_usable_clips(self, eval_prediction: EvalPrediction, compute_result: bool | None = None) -> dict:
+        if compute_result is not None:
+            return self._metrics_of_batch(eval_prediction, compute_result)
         logits = eval_prediction.predictions
         logits = logits[0] if isinstance(logits, tuple) else logits
         labels = eval_prediction.label_ids
         if labels is None:
             return {}
         logits, labels = whole(logits), whole(labels)
-        usable = labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL
-        if len(labels) and not usable.any():
-            raise ValueError(
-                f"None of the {len(labels)} evaluation clips could be decoded (see the warnings above): check the "
-                "data paths and files."
-            )
-        scored = usable
-        model = self.accelerator.unwrap_model(self.model)
-        # Class labels, as transformers' losses tell them apart; a regression target of -1 is a target.
-        if model.problem_type_for(torch.from_numpy(labels)) == "single_label_classification":
-            scored = usable & (labels.reshape(len(labels), -1)[:, 0] != UNLABELED)
-            if scored.any() and not scored[usable].all():
-                logger.warning("%d of the %d usable clips have no label (-1): the loss and the metrics are over the "
-                               "other %d.", (usable & ~scored).sum(), usable.sum(), scored.sum())  # fmt: skip
+        metrics, scored = self._loss_of_scored_clips(logits, labels)
         logits, labels = logits[scored], labels[scored]
-        metrics = {}
-        if len(labels):
-            metrics["loss"] = float(self._loss_of(torch.from_numpy(logits).float(), torch.from_numpy(labels)))
         if self._user_compute_metrics is not None and len(labels):
             inputs = eval_prediction.inputs
             inputs = whole(inputs)[scored] if inputs is not None else None
@@ -189,12 +182,75 @@ class EVLTrainer(Trainer):
             metrics.update(self._user_compute_metrics(prediction))
         return metrics
 
+    def _metrics_of_batch(self, eval_prediction: EvalPrediction, compute_result: bool) -> dict:
+        """
+        `batch_eval_metrics=True`: `Trainer` passes each batch's tensors (gathered over processes) and asks for the
+        result with the last batch. The user's `compute_metrics` gets each batch's scored clips as it would get the
+        whole set's, and the last batch even without any, to give its result; the loss, the checks and the warning
+        are those of a whole-set evaluation, over the batches' logits kept until the last one.
+        """
+        logits = eval_prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        labels = eval_prediction.label_ids
+        batch_logits, batch_labels = logits.detach().float().cpu().numpy(), labels.cpu().numpy()
+        self._eval_batches.append((batch_logits, batch_labels))
+        scored = self._scored(batch_labels)
+        metrics = {}
+        # The scored clips and the gathered labels are the same on every process: all of them gather the inputs.
+        if self._user_compute_metrics is not None and (scored.any() or (compute_result and self._eval_batches_scored)):
+            self._eval_batches_scored = True
+            mask = torch.from_numpy(scored).to(labels.device)
+            inputs = None
+            if eval_prediction.inputs is not None:
+                # `Trainer` gives this process's batch (a dict): gathered here as the predictions are, to be masked
+                # alike.
+                name = self.accelerator.unwrap_model(self.model).main_input_name
+                batch = self.accelerator.pad_across_processes(eval_prediction.inputs[name], dim=1, pad_index=-100)
+                inputs = {name: self.accelerator.gather_for_metrics(batch)[mask]}
+            losses = None
+            if "loss" in self.args.include_for_metrics:
+                losses = torch.from_numpy(self._loss_per_clip(batch_logits[scored], batch_labels[scored]))
+            prediction = EvalPrediction(predictions=logits[mask], label_ids=labels[mask], inputs=inputs, losses=losses)
+            metrics = self._user_compute_metrics(prediction, compute_result=compute_result)
+        if not compute_result:
+            return {}
+        batches, self._eval_batches, self._eval_batches_scored = self._eval_batches, [], False
+        loss, _ = self._loss_of_scored_clips(*(np.concatenate(arrays) for arrays in zip(*batches)))
+        return {**loss, **(metrics or {})}
+
+    def _scored(self, labels: np.ndarray, warn: bool = False) -> np.ndarray:
+        """The clips scored: those that could be decoded (label not -100) and, for class labels, labeled (not -1)."""
+        usable = labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL
+        model = self.accelerator.unwrap_model(self.model)
+        # Class labels, as transformers' losses tell them apart; a regression target of -1 is a target.
+        if model.problem_type_for(torch.from_numpy(labels)) != "single_label_classification":
+            return usable
+        scored = usable & (labels.reshape(len(labels), -1)[:, 0] != UNLABELED)
+        if warn and scored.any() and not scored[usable].all():
+            logger.warning("%d of the %d usable clips have no label (-1): the loss and the metrics are over the "
+                           "other %d.", (usable & ~scored).sum(), usable.sum(), scored.sum())  # fmt: skip
+        return scored
+
+    def _loss_of_scored_clips(self, logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
+        """`{"loss": ...}` over the scored clips of a whole evaluation (`{}` without any), and which those are."""
+        if len(labels) and not (labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL).any():
+            raise ValueError(
+                f"None of the {len(labels)} evaluation clips could be decoded (see the warnings above): check the "
+                "data paths and files."
+            )
+        scored = self._scored(labels, warn=True)
+        if not scored.any():
+            return {}, scored
+        loss = self._loss_of(torch.from_numpy(logits[scored]).float(), torch.from_numpy(labels[scored]))
+        return {"loss": float(loss)}, scored
+
     def _loss_per_clip(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """For `include_for_metrics=["loss"]`: each clip's loss, as if it were alone in its batch. `Trainer` gives each
         clip its batch's loss, which here (one loss over all clips) would say nothing of the clip; for the model's
         losses and label smoothing, the mean of these is the evaluation loss."""
         logits, labels = torch.from_numpy(logits).float(), torch.from_numpy(labels)
-        return np.array([float(self._loss_of(logits[i : i + 1], labels[i : i + 1])) for i in range(len(labels))])
+        losses = [float(self._loss_of(logits[i : i + 1], labels[i : i + 1])) for i in range(len(labels))]
+        return np.array(losses, dtype=np.float32)
 
     def _loss_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss `Trainer.compute_loss` computes on these clips as one batch: `compute_loss_func` or label
@@ -221,14 +277,14 @@ class EVLTrainer(Trainer):
         return len(self._gather_unusable(phase))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        self.unusable_clips["eval"] = set()
+        self._start_evaluation()
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         metrics[f"{metric_key_prefix}_unusable_clips"] = self._count_unusable("eval")
         self.log({f"{metric_key_prefix}_unusable_clips": metrics[f"{metric_key_prefix}_unusable_clips"]})
         return metrics
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
-        self.unusable_clips["eval"] = set()
+        self._start_evaluation()
         output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         output.metrics[f"{metric_key_prefix}_unusable_clips"] = self._count_unusable("eval")
         return output
@@ -378,12 +434,17 @@ def hub_repo_id(name_or_path: str | None) -> str | None:
 
 
 def make_compute_metrics(top_k: int = 5):
-    """`compute_metrics` for `Trainer`: top-1 / top-k accuracy through the packaged `evaluate` metric."""
+    """`compute_metrics` for `Trainer`: top-1 / top-k accuracy through the packaged `evaluate` metric. With
+    `batch_eval_metrics`, the batches go to the metric as they come and the result is computed with the last one."""
     metric = load_video_accuracy()
 
-    def compute_metrics(eval_prediction) -> dict:
+    def compute_metrics(eval_prediction, compute_result: bool | None = None) -> dict | None:
         logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
-        return metric.compute(predictions=logits, references=eval_prediction.label_ids, top_k=top_k)
+        if compute_result is None:
+            return metric.compute(predictions=logits, references=eval_prediction.label_ids, top_k=top_k)
+        if len(logits):
+            metric.add_batch(predictions=logits.float().cpu().numpy(), references=eval_prediction.label_ids.cpu().numpy())
+        return metric.compute(top_k=top_k) if compute_result else None
 
     return compute_metrics
 
