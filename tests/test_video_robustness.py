@@ -27,9 +27,13 @@ def processor(backend, **kwargs):
     return EVLVideoProcessor(decoding_backend=backend, **(values | kwargs))
 
 
-def encode(path, frames, codec="libx264", pix_fmt="yuv420p", fps=25, container_format=None, rotation=None, pts=None):
-    """Encode RGB frames with any codec/pixel format; optional display rotation and explicit timestamps (VFR)."""
-    with av.open(str(path), mode="w", format=container_format) as container:
+def encode(path, frames, codec="libx264", pix_fmt="yuv420p", fps=25, container_format=None, rotation=None, pts=None,
+           options=None):
+    """
+    Encode RGB frames with any codec/pixel format; optional display rotation, explicit timestamps (VFR) and muxer
+    `options`.
+    """
+    with av.open(str(path), mode="w", format=container_format, options=options) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
@@ -60,6 +64,25 @@ def test_truncated_at_half_its_size(tmp_path, decoding_backend):
     cut = tmp_path / "half.mp4"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     assert_named_error(cut, "not a readable video", decoding_backend)
+
+
+def test_truncated_faststart_file_is_refused_not_padded_with_its_last_frame(tmp_path, decoding_backend):
+    # The index (moov) first, as web videos are laid out: a download cut after 30% of the frames' data still opens
+    # and declares 300 frames. The frames it holds decode; frames past its end are refused, by both backends and the
+    # timeline's stream, rather than all being the last frame it holds.
+    data = encode(tmp_path / "good.mp4", index_coded_frames(300), options={"movflags": "faststart"}).read_bytes()
+    frames_start = data.index(b"mdat")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: frames_start + (len(data) - frames_start) * 3 // 10])
+    frames, _ = decode(cut, lambda metadata: [0, 20], decoding_backend)
+    assert [frame_index(frame) for frame in frames] == [0, 20]
+    message = r"the video ends at frame \d+ of the 300 its header declares"
+    with pytest.raises(EVLVideoDecodingError, match=message) as error:
+        decode_video(cut, lambda metadata: [0, 150, 299], backend=decoding_backend)
+    assert str(cut) in str(error.value)
+    assert_named_error(cut, message, decoding_backend, num_temporal_views=3)
+    with pytest.raises(EVLVideoDecodingError, match=message), VideoFrameStream(str(cut), step=10) as stream:
+        list(stream)
 
 
 def test_audio_only_file(tmp_path, decoding_backend):
