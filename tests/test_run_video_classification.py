@@ -604,6 +604,31 @@ def test_settings_the_script_cannot_train_are_refused(data_dir, backbone_dir, tm
         load_script().main(args)
 
 
+def test_data_of_one_class_is_refused_before_any_backbone_work(data_dir, backbone_dir, tmp_path, monkeypatch):
+    # One output would train a regression (transformers infers it from num_labels == 1 at the first forward), and
+    # the empty folder of the other class names no class.
+    checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
+    train = tmp_path / "train"
+    shutil.copytree(data_dir / "train" / "growing", train / "zooming")
+    (train / "shrinking").mkdir()
+
+    def backbone_work(*args, **kwargs):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(EVLForVideoClassification, "from_backbone_pretrained", backbone_work)
+    monkeypatch.setattr(EVLForVideoClassification, "from_pretrained", backbone_work)
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--max_steps", "1")
+    args[args.index("--train_dir") + 1] = str(train)
+    for flag in ("--validation_dir", "--test_dir"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    with pytest.raises(ValueError, match=rf"{train} has 1 class \['zooming'\]: .* 2 or more classes"):
+        load_script().main(args)
+    # A new head on a checkpoint for the data's classes (a class it does not know): the same.
+    args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(checkpoint)]
+    with pytest.raises(ValueError, match=rf"{train} has 1 class \['zooming'\]"):
+        load_script().main(args + ["--ignore_mismatched_sizes"])
+
+
 def test_an_evaluation_where_no_clip_decodes_stops_with_an_error(data_dir, backbone_dir, tmp_path):
     broken = tmp_path / "broken"
     for label in ("growing", "shrinking"):

@@ -187,6 +187,26 @@ def checkpoint_labels(config: EVLConfig, data_labels: list[str], ignore_mismatch
     )
 
 
+def data_source(data_args) -> str:
+    """Where the classes were read from, for messages: the class names file, else the first data given."""
+    for name in ("class_names_file", "dataset_name", "train_dir", "train_list", "validation_dir", "validation_list",
+                 "test_dir", "test_list"):  # fmt: skip
+        if getattr(data_args, name):
+            return getattr(data_args, name)
+    return "the data"
+
+
+def check_num_classes(id2label: dict, source: str) -> None:
+    """Refuse fewer than 2 classes: transformers takes a model with one output for a regression (at its first
+    forward), which would train and save as one without a word."""
+    if len(id2label) < 2:
+        names = list(id2label.values())
+        raise ValueError(
+            f"{source} has {len(names)} class {names}: video classification needs 2 or more classes (one output would "
+            "train as a regression). Give the clips of the other classes too (an empty class folder names no class)."
+        )
+
+
 def build_model(model_args, data_args, labels: list[str]):
     """The model and its processor: the checkpoint's (flags given on the command line override the processor's
     settings) or a new EVL around `--backbone`."""
@@ -199,6 +219,7 @@ def build_model(model_args, data_args, labels: list[str]):
             raise ValueError(f"{why}, and the data has no labeled clips (or --class_names_file) to give it classes.")
         new_head = kept is None and "EVLForVideoClassification" in (config.architectures or [])
         id2label = kept or dict(enumerate(labels))
+        check_num_classes(id2label, model_args.model_name_or_path if kept else data_source(data_args))
         config.id2label, config.label2id = id2label, {label: index for index, label in id2label.items()}
         config = apply_overrides(config, model_args.config_overrides)
         model = EVLForVideoClassification.from_pretrained(
@@ -218,6 +239,7 @@ def build_model(model_args, data_args, labels: list[str]):
             raise ValueError("The data has no labeled clips, so a new model around --backbone has no classes: give "
                              "labeled clips, or predict with a trained checkpoint (--model_name_or_path).")  # fmt: skip
         id2label = dict(enumerate(labels))
+        check_num_classes(id2label, data_source(data_args))
         fields = dict(id2label=id2label, label2id={label: index for index, label in id2label.items()})
         if data_args.num_frames is not None:
             fields["num_frames"] = data_args.num_frames
