@@ -497,6 +497,30 @@ def test_labels_map_to_the_checkpoint_by_name(data_dir, backbone_dir, tmp_path):
     assert not torch.equal(trainer.model.classifier.weight.detach(), old_head)
 
 
+def test_class_names_that_differ_only_in_case_are_different_classes(data_dir, backbone_dir, tmp_path):
+    # A checkpoint with the classes "GROWING" and "growing": clips of each keep their class when mapped to the
+    # checkpoint's (`datasets`' align_labels_with_mapping compares names lowercased).
+    checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
+    config = json.loads((checkpoint / "config.json").read_text())
+    names = ["GROWING" if name == "appearing" else name for name in MOTION_CLASSES]
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    validation = tmp_path / "validation"
+    for name in ("GROWING", "growing", "shrinking"):
+        shutil.copytree(data_dir / "validation" / ("appearing" if name == "GROWING" else name), validation / name)
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_eval")
+    args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(checkpoint)]
+    args[args.index("--validation_dir") + 1] = str(validation)
+    for flag in ("--train_dir", "--test_dir"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    load_script().main(args)
+    with open(tmp_path / "out" / "eval_predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["label"] for row in rows) == ["GROWING", "growing", "shrinking"]
+    assert all(Path(row["clip"]).parent.name == row["label"] for row in rows)
+
+
 def test_rerunning_into_a_checkpointed_output_dir_warns_about_changed_arguments(data_dir, backbone_dir, tmp_path, caplog):
     import logging
 

@@ -338,6 +338,22 @@ def warn_about_changed_arguments(checkpoint: str, current: dict) -> list[str]:
     return changed
 
 
+def labels_by_name(dataset, model_labels: ClassLabel):
+    """
+    `dataset` with its labels renumbered as `model_labels` numbers their names, names matched exactly: `datasets`'
+    `align_labels_with_mapping` compares them lowercased, so "B" would be scored as "b" next to it.
+    """
+    # Not `ClassLabel.str2int`, which also tries the name stripped and read as a number.
+    model_ids = {name: index for index, name in enumerate(model_labels.names)}
+    ids = [model_ids[name] for name in dataset.features["label"].names]
+    features = dataset.features.copy()
+    features["label"] = model_labels
+    return dataset.map(
+        lambda batch: {"label": [ids[label] for label in batch["label"]]}, batched=True, features=features,
+        desc="Mapping the labels to the model's classes",
+    )  # fmt: skip
+
+
 def check_checkpoint_classes(checkpoint: str, id2label: dict) -> None:
     """Refuse to resume from a checkpoint trained for other classes than this run's model has (e.g. the data gained a
     class): loading its head would fail deep in `Trainer` with a size mismatch, or, with as many classes, resume
@@ -433,7 +449,7 @@ def main(argv: list[str] | None = None):
             if split in unlabeled:
                 dataset[split] = dataset[split].cast_column("label", model_labels)
             else:
-                dataset[split] = dataset[split].align_labels_with_mapping(model.config.label2id, "label")
+                dataset[split] = labels_by_name(dataset[split], model_labels)
 
     def limit(split, maximum):
         # Shuffled first, as transformers' examples do: folders list clips class by class.
