@@ -379,6 +379,27 @@ def test_a_batch_of_mostly_unusable_clips_is_reported_loudly(clips, tmp_path, ca
     assert "2 of the 3 clips of this batch could not be decoded (clips [1, 2])" in caplog.text
 
 
+def test_a_row_without_a_video_is_an_unusable_clip_everywhere(clips, tmp_path, caplog):
+    # A null entry and an empty path: counted and handled as an unreadable file (in evaluation, prediction, training
+    # and the feature cache), not a crash in the processor, nor "is a directory" for the empty path.
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    stored = [{"bytes": clips[0].read_bytes(), "path": None}, None, {"bytes": None, "path": ""}]
+    data = rows(stored, [0, 1, 2], video_feature=Video(decode=False))
+    with caplog.at_level(logging.WARNING, logger="evl_hf.data.video_dataset"):
+        evaluation = EvaluationClips(data, VideoEvalTransform(processor()))
+        assert [evaluation[i]["unusable_clip_indices"] for i in range(3)] == [[], [1], [2]]
+    for index in (1, 2):
+        assert f"Clip {index} cannot be decoded, left out of the evaluation: no video (the row's entry is empty)" in caplog.text
+    training = TrainingClips(data, VideoTrainTransform(processor(), 4, 2, rand_augment=False), seed=3)
+    item = training[1]
+    assert item["unusable_clip_indices"][0] == 1 and item["pixel_values"].shape == (4, 3, 32, 32)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    transform = VideoEvalTransform(processor())
+    cached, unusable = build_feature_cache(model, data, transform, tmp_path, batch_size=2, progress=False)
+    assert (len(cached), unusable) == (1, 2)
+
+
 def test_a_data_set_of_broken_files_stops_with_a_clear_error(tmp_path):
     for number in range(3):
         (tmp_path / f"broken_{number}.mp4").write_bytes(b"not a video" * (number + 1))

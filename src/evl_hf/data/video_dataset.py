@@ -9,7 +9,8 @@ same shapes, so it runs the same collectives.
   index) alone, so every process and every resumed run makes the same replacement (`TrainingClips`).
 - Evaluation: the clip keeps its slot, with zero pixels and the label -100, and is left out of the loss and the
   metrics (`EvaluationClips`, `EVLTrainer`).
-- Only decoding failures of a file (`EVLVideoDecodingError`) are handled this way; any other error stops the run.
+- Only decoding failures of a file (`EVLVideoDecodingError`; a row without a video is one) are handled this way;
+  any other error stops the run.
 Both report the indices of the unusable clips in the batch (`unusable_clip_indices`), and `EVLTrainer` counts
 distinct clips across processes.
 """
@@ -41,15 +42,24 @@ IGNORE_LABEL = -100
 UNLABELED = -1
 
 
-def _video_path(example_video) -> str | bytes:
+def _video_path(example_video) -> str | bytes | None:
     """
     A video column entry as something `decode_video` reads: a path, or the bytes of `datasets.Video(decode=False)`'s
     {"path", "bytes"} dict. Bytes come first: a data set stored as Parquet keeps the clip in `bytes` and only the
-    original file name in `path`.
+    original file name in `path`. `None` for an entry without either (null).
     """
     if isinstance(example_video, dict):
         return example_video["bytes"] if example_video.get("bytes") is not None else example_video.get("path")
     return example_video
+
+
+def _video_to_decode(example_video) -> str | bytes:
+    """`_video_path`, for decoding: a row without a video (null, or an empty path) is an unusable clip, handled as a
+    file that cannot be decoded is, not a crash of the processor (or the directory "" names)."""
+    video = _video_path(example_video)
+    if video is None or video == "":
+        raise EVLVideoDecodingError("no video (the row's entry is empty).")
+    return video
 
 
 def clip_names(dataset: Dataset) -> list[str]:
@@ -556,7 +566,7 @@ class TrainingClips(torch.utils.data.Dataset):
             example = self.dataset[candidate]
             try:
                 pixel_values = self.transform(
-                    _video_path(example["video"]), np.random.default_rng([self.seed, epoch, index, attempt])
+                    _video_to_decode(example["video"]), np.random.default_rng([self.seed, epoch, index, attempt])
                 )
             except EVLVideoDecodingError as error:
                 self._warn(candidate, error, "replaced by another clip")
@@ -613,7 +623,7 @@ class EvaluationClips(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         example = self.dataset[int(index)]
         try:
-            pixel_values, label, unusable = self.transform(_video_path(example["video"])), int(example["label"]), []
+            pixel_values, label, unusable = self.transform(_video_to_decode(example["video"])), int(example["label"]), []
         except EVLVideoDecodingError as error:
             self._warn(index, error, "left out of the evaluation")
             pixel_values, label, unusable = torch.zeros(self.transform.output_shape), IGNORE_LABEL, [int(index)]
@@ -826,7 +836,7 @@ def build_feature_cache(
                 for index in range(start, min(start + batch_size, indices.stop)):
                     example = dataset[index]
                     try:
-                        pending.append((transform(_video_path(example["video"])), int(example["label"])))
+                        pending.append((transform(_video_to_decode(example["video"])), int(example["label"])))
                     except EVLVideoDecodingError as error:
                         logger.warning("Clip %d cannot be decoded, left out of the feature cache: %s", index, error)
                         unusable.append(index)
