@@ -287,6 +287,27 @@ def test_resuming_with_data_of_other_classes_is_refused_before_training(data_dir
         load_script().main(args)
 
 
+def test_a_checkpoint_that_cannot_be_resumed_is_refused_before_the_feature_cache(data_dir, backbone_dir, tmp_path):
+    # Trainer.train would refuse each only after the feature cache (a backbone pass over every training clip).
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    args = base_args(data_dir, backbone_dir, output, "--do_train", "--max_steps", "1", "--save_steps", "1")
+    load_script().main(args)
+    cached = [*args, "--cache_backbone_features", "--feature_cache_dir", str(cache)]
+    # A mistyped path, and a folder Trainer did not finish writing (without trainer_state.json).
+    partial = tmp_path / "partial"
+    shutil.copytree(output / "checkpoint-1", partial)
+    (partial / "trainer_state.json").unlink()
+    for resume, message in ((output / "checkpoint-typo", "no such directory"),
+                            (partial, "no trainer_state.json in it: not a checkpoint Trainer wrote")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"Cannot resume from {resume}: {message}"):
+            load_script().main([*cached, "--resume_from_checkpoint", str(resume)])
+    # A rerun into the output dir with another --num_frames: the tensors that differ are named.
+    cached[cached.index("--num_frames") + 1] = "6"
+    with pytest.raises(ValueError, match=r"(?s)Cannot resume from .*checkpoint-1: its weights do not fit .*temporal_position_embedding"):
+        load_script().main(cached)
+    assert not list(cache.rglob("*.arrow"))
+
+
 def test_resuming_a_run_whose_classes_are_transformers_default_names(data_dir, backbone_dir, tmp_path):
     """config.json leaves out an id2label equal to transformers' default (LABEL_0, LABEL_1): such a checkpoint
     resumes, its classes read as transformers reads them."""

@@ -30,6 +30,7 @@ import torch
 import transformers
 from datasets import ClassLabel
 from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 
 from .backbone_families import family_of_checkpoint, has_image_processor, processor_crop_size
 from .configuration_evl import EVLConfig
@@ -47,7 +48,7 @@ from .data.video_dataset import (
     load_video_dataset,
     read_class_names,
 )
-from .modeling_evl import EVLForVideoClassification
+from .modeling_evl import EVLCheckpointError, EVLForVideoClassification
 from .training import (
     RUN_ARGUMENTS_FILE,
     EVLTrainer,
@@ -354,6 +355,30 @@ def labels_by_name(dataset, model_labels: ClassLabel):
     )  # fmt: skip
 
 
+def check_trainer_checkpoint(checkpoint: str) -> None:
+    """Refuse a folder that does not exist (a typo) or that `Trainer` did not write (no `trainer_state.json`), which
+    `Trainer.train` would only refuse after the feature cache is built."""
+    folder = Path(checkpoint)
+    if not (folder / TRAINER_STATE_NAME).is_file():
+        why = "no such directory" if not folder.is_dir() else (
+            f"no {TRAINER_STATE_NAME} in it: not a checkpoint Trainer wrote (a checkpoint-N folder of an --output_dir)"
+        )  # fmt: skip
+        raise ValueError(f"Cannot resume from {checkpoint}: {why}.")
+
+
+def check_checkpoint_fits(checkpoint: str, model: EVLForVideoClassification) -> None:
+    """Refuse a checkpoint whose weights do not fit this run's model (e.g. saved with another `--num_frames`), the
+    tensors that differ named from the safetensors headers: `Trainer.train` would fail on them after the feature
+    cache is built."""
+    try:
+        EVLForVideoClassification._check_checkpoint_files(checkpoint, {"config": model.config})
+    except EVLCheckpointError as error:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its weights do not fit this run's model (start afresh with a new "
+            f"--output_dir, or resume with the run's own settings): {str(error).removeprefix(f'{checkpoint}: ')}"
+        ) from None
+
+
 def check_checkpoint_classes(checkpoint: str, id2label: dict) -> None:
     """Refuse to resume from a checkpoint trained for other classes than this run's model has (e.g. the data gained a
     class): loading its head would fail deep in `Trainer` with a size mismatch, or, with as many classes, resume
@@ -505,8 +530,10 @@ def main(argv: list[str] | None = None):
             if checkpoint is not None:
                 logger.warning("Resuming training from %s (found in --output_dir)", checkpoint)
         if checkpoint is not None:
+            check_trainer_checkpoint(checkpoint)
             warn_about_changed_arguments(checkpoint, arguments)
             check_checkpoint_classes(checkpoint, model.config.id2label)
+            check_checkpoint_fits(checkpoint, model)
 
     if training_args.do_train and data_args.cache_backbone_features:
         # After the Trainer has put the model on its device: the backbone runs on the accelerator, each process
