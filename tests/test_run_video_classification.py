@@ -840,6 +840,27 @@ def test_the_confusion_matrix_picture_shows_the_matrix(tmp_path, num_classes):
     assert correlations["diagonal"] > 0.95 and correlations["anti-diagonal"] < -0.95, correlations
 
 
+def test_clips_without_file_names_keep_their_rows_under_max_eval_samples(data_dir, backbone_dir, tmp_path):
+    # "#N" in eval_predictions.csv is the clip's row in the data set, not its place in the shuffled selection.
+    from datasets import ClassLabel, Dataset, Features, Video
+
+    videos = sorted((data_dir / "validation").rglob("*_0000.mp4"))[:6]
+    labels = [0, 1, 0, 1, 0, 1]
+    features = Features({"video": Video(decode=False), "label": ClassLabel(names=["cat", "dog"])})
+    stored = Dataset.from_dict({"video": [{"bytes": v.read_bytes(), "path": None} for v in videos], "label": labels},
+                               features=features)  # fmt: skip
+    (tmp_path / "data" / "data").mkdir(parents=True)
+    stored.to_parquet(str(tmp_path / "data" / "data" / "validation-00000-of-00001.parquet"))
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_eval", "--max_eval_samples", "4")
+    for flag in ("--train_dir", "--validation_dir", "--test_dir"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    load_script().main([*args, "--dataset_name", str(tmp_path / "data")])
+    with open(tmp_path / "out" / "eval_predictions.csv", newline="") as handle:
+        written = [(int(row["clip"][1:]), row["label"]) for row in csv.DictReader(handle)]
+    assert len(written) == 4
+    assert all(name == ["cat", "dog"][labels[row]] for row, name in written), written
+
+
 def predict(checkpoint, output, *data_flags) -> tuple[dict, dict]:
     """`--do_predict` with a checkpoint: the results and {clip file name: (label, predicted)}."""
     load_script().main([

@@ -468,6 +468,29 @@ def test_clip_names_are_the_paths_also_for_clips_stored_as_bytes(clips):
     assert clip_names(nameless) == ["#0"]
 
 
+def test_a_shuffled_subset_names_its_clips_by_their_rows_in_the_data_set(clips, tmp_path, caplog):
+    # --max_eval_samples / --max_predict_samples / --max_train_samples: clips without a file name are named by their
+    # row in the data set (in *_predictions.csv and warnings), not by their place in the shuffled selection.
+    from evl_hf.data.video_dataset import build_feature_cache, shuffled_subset
+
+    stored = [{"bytes": clips[i % 3].read_bytes(), "path": None} for i in range(5)] + [{"bytes": b"junk" * 40, "path": None}]
+    data = rows(stored, [0, 1, 2, 0, 1, 2], video_feature=Video(decode=False))
+    subset = shuffled_subset(data, 4, seed=0)
+    selected = [int(name[1:]) for name in clip_names(subset)]
+    assert 5 in selected and selected != [0, 1, 2, 3] and len(set(selected)) == 4
+    assert [subset[i]["label"] for i in range(4)] == [data[row]["label"] for row in selected]
+    junk = selected.index(5)
+    with caplog.at_level(logging.WARNING, logger="evl_hf.data.video_dataset"):
+        assert EvaluationClips(subset, VideoEvalTransform(processor()))[junk]["unusable_clip_indices"] == [junk]
+        TrainingClips(subset, VideoTrainTransform(processor(), 4, 2, rand_augment=False))[junk]
+        model = EVLForVideoClassification(tiny_config()).eval()
+        build_feature_cache(model, subset, VideoEvalTransform(processor()), tmp_path, batch_size=2, progress=False)
+    messages = [record.getMessage() for record in caplog.records]
+    for action in ("left out of the evaluation", "replaced by another clip", "left out of the feature cache"):
+        assert any(message.startswith(f"Clip 5 cannot be decoded, {action}") for message in messages), messages
+    assert shuffled_subset(data, 6, seed=1) is data
+
+
 def test_the_cache_is_written_a_batch_of_clips_at_a_time(clips, tmp_path):
     # datasets' ArrowWriter holds 1000 rows before writing: a whole shard in memory, and past about 300 ViT-B/16 clips
     # an Arrow record batch over its 32-bit list offsets (an OverflowError after all the backbone work).

@@ -47,6 +47,7 @@ from .data.video_dataset import (
     is_unlabeled,
     load_video_dataset,
     read_class_names,
+    shuffled_subset,
 )
 from .modeling_evl import EVLCheckpointError, EVLForVideoClassification
 from .training import (
@@ -477,11 +478,7 @@ def main(argv: list[str] | None = None):
                 dataset[split] = labels_by_name(dataset[split], model_labels)
 
     def limit(split, maximum):
-        # Shuffled first, as transformers' examples do: folders list clips class by class.
-        data = dataset[split]
-        if maximum is None or maximum >= len(data):
-            return data
-        return data.shuffle(seed=training_args.seed).select(range(maximum))
+        return shuffled_subset(dataset[split], maximum, seed=training_args.seed)
 
     train_split = eval_dataset = predict_dataset = None
     train_dataset = None

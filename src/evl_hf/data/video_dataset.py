@@ -40,6 +40,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 IGNORE_LABEL = -100
 # The label of a clip that has none (`datasets`' convention for test splits): predicted, never scored.
 UNLABELED = -1
+# The column `shuffled_subset` adds: each clip's row in the whole data set, which names it in reports.
+ROW_COLUMN = "__row__"
 
 
 def _video_path(example_video) -> str | bytes | None:
@@ -65,15 +67,33 @@ def _video_to_decode(example_video) -> str | bytes:
 def clip_names(dataset: Dataset) -> list[str]:
     """
     A name for every clip of a data set's `video` column, for reports: its path (for clips stored as bytes, the
-    original file name the data set keeps), else its row number. Read from Arrow batches, so clips stored in the data
-    set are never copied out.
+    original file name the data set keeps), else `#` and its row in the data set (in the whole data set for a
+    `shuffled_subset`). Read from Arrow batches, so clips stored in the data set are never copied out.
     """
     names = []
     for batch in dataset.select_columns(["video"]).with_format("arrow").iter(batch_size=1000):
         column = batch.column("video").combine_chunks()
         paths = column.field("path") if hasattr(column, "field") else column
         names.extend(paths.to_pylist())
-    return [str(name) if name is not None else f"#{row}" for row, name in enumerate(names)]
+    rows = dataset[ROW_COLUMN] if ROW_COLUMN in dataset.column_names else range(len(names))
+    return [str(name) if name is not None else f"#{row}" for row, name in zip(rows, names)]
+
+
+def shuffled_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """
+    `size` clips of `dataset`, shuffled first as transformers' examples do (folders list clips class by class), each
+    with its row in `dataset` (`ROW_COLUMN`): a clip without a file name is reported by that row, not by its place in
+    the selection. The whole data set where `size` is `None` or not smaller.
+    """
+    if size is None or size >= len(dataset):
+        return dataset
+    with_rows = dataset.add_column(ROW_COLUMN, np.arange(len(dataset)))
+    return with_rows.shuffle(seed=seed).select(range(size))
+
+
+def _row(example: dict, index: int) -> int:
+    """The clip's row in the data set, for messages: `index` unless it is a `shuffled_subset`'s clip."""
+    return int(example.get(ROW_COLUMN, index))
 
 
 def read_list_file(path: str | Path, class_names: list[str] | None = None, allow_unlabeled: bool = False) -> Dataset:
@@ -569,7 +589,7 @@ class TrainingClips(torch.utils.data.Dataset):
                     _video_to_decode(example["video"]), np.random.default_rng([self.seed, epoch, index, attempt])
                 )
             except EVLVideoDecodingError as error:
-                self._warn(candidate, error, "replaced by another clip")
+                self._warn(_row(example, candidate), error, "replaced by another clip")
                 unusable.append(candidate)
                 errors.append(str(error))
                 candidate = int(draws.integers(len(self.dataset)))
@@ -625,7 +645,7 @@ class EvaluationClips(torch.utils.data.Dataset):
         try:
             pixel_values, label, unusable = self.transform(_video_to_decode(example["video"])), int(example["label"]), []
         except EVLVideoDecodingError as error:
-            self._warn(index, error, "left out of the evaluation")
+            self._warn(_row(example, index), error, "left out of the evaluation")
             pixel_values, label, unusable = torch.zeros(self.transform.output_shape), IGNORE_LABEL, [int(index)]
         return {"pixel_values": pixel_values, "labels": label, "clip_index": int(index), "unusable_clip_indices": unusable}
 
@@ -838,7 +858,9 @@ def build_feature_cache(
                     try:
                         pending.append((transform(_video_to_decode(example["video"])), int(example["label"])))
                     except EVLVideoDecodingError as error:
-                        logger.warning("Clip %d cannot be decoded, left out of the feature cache: %s", index, error)
+                        logger.warning(
+                            "Clip %d cannot be decoded, left out of the feature cache: %s", _row(example, index), error
+                        )
                         unusable.append(index)
                 bar.update(min(start + batch_size, indices.stop) - start)
                 if not pending:
