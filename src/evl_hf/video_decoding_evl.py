@@ -242,10 +242,9 @@ def decode_video(
     so both backends pick the same frames). Indices past the end of the stream repeat its last frame, as the authors
     do for clips shorter than the sampling window, where the header declares the frames no further (or a frame or two
     further); a file whose frames stop short of what its header declares (a truncated download) is refused for
-    indices past its end. Display
-    rotation (phone videos) is applied. Any failure of the video raises `EVLVideoDecodingError` naming the video and
-    the problem; a failure of the process (out of file descriptors, or of disk space for a download) raises an
-    `OSError` naming the video instead.
+    indices past its end. Display rotation (phone videos) is applied. Any failure of the video raises
+    `EVLVideoDecodingError` naming the video and the problem; a failure of the process (out of file descriptors, or
+    of disk space for a download) raises an `OSError` naming the video instead.
     Frames over `max_frame_pixels`, decoding past `timeout` seconds and still images (a photo renamed `.mp4`, which
     FFmpeg would open as a one-frame video) are refused.
 
