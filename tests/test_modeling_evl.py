@@ -1619,3 +1619,21 @@ def test_offloaded_modules_give_the_models_outputs(device_map, tmp_path):
             torch.testing.assert_close(
                 base(pixel_values()).pooler_output, model.evl(pixel_values()).pooler_output, atol=1e-6, rtol=0
             )
+
+
+def test_a_device_map_splitting_a_decoder_layer_is_refused_by_name(tmp_path):
+    # A hand-written map can put part of a decoder layer on disk ("auto" never does: `_no_split_modules`); the layer
+    # reads its children's weights itself, so it would run on weights it cannot load.
+    pytest.importorskip("accelerate")
+    seeded_classifier().save_pretrained(tmp_path / "checkpoint")
+    parts = ["cross_attention", "temporal_conv", "temporal_position_embedding", "cross_frame_attention",
+             "query_layernorm", "frame_layernorm", "mlp_layernorm", "mlp"]  # fmt: skip
+    device_map = {
+        "evl.vision_model": "cpu", "evl.decoder.query": "cpu", "evl.decoder.layers.0": "cpu", "fc_norm": "cpu",
+        "dropout": "cpu", "classifier": "cpu", **{f"evl.decoder.layers.1.{part}": "cpu" for part in parts},
+        "evl.decoder.layers.1.mlp": "disk",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"part of `evl\.decoder\.layers\.1`.*\"evl\.decoder\.layers\.1\": \"disk\""):
+        EVLForVideoClassification.from_pretrained(
+            tmp_path / "checkpoint", device_map=device_map, offload_folder=tmp_path / "offload"
+        )

@@ -208,3 +208,18 @@ def test_the_scripts_metrics_take_batches_too(tmp_path):
         result = scores.evaluate(clips)
         metrics[batch_eval_metrics] = {key: result[key] for key in ("eval_loss", "eval_top1_accuracy", "eval_top2_accuracy")}
     assert metrics[True] == pytest.approx(metrics[False])
+
+
+def test_a_model_with_offloaded_trainable_modules_is_refused(tmp_path):
+    # Offloaded weights live in accelerate's hooks and come back from disk at every forward: an optimizer would update
+    # nothing of them, and the run would train the rest alone.
+    pytest.importorskip("accelerate")
+    seeded_classifier().save_pretrained(tmp_path / "checkpoint")
+    model = EVLForVideoClassification.from_pretrained(
+        tmp_path / "checkpoint", offload_folder=tmp_path / "offload",
+        device_map={"evl.vision_model": "cpu", "evl.decoder": "disk", "fc_norm": "cpu", "dropout": "cpu", "classifier": "cpu"},
+    )  # fmt: skip
+    clips = [{"pixel_values": pixel_values()[0], "labels": index % 2} for index in range(2)]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match=r"trainable tensors are offloaded.*evl\.decoder\."):
+        EVLTrainer(model=model, args=args, train_dataset=clips).train()

@@ -947,9 +947,18 @@ def _preload_offloaded_decoder_layers(model: nn.Module) -> None:
     for name, layer in model.named_modules():
         if not isinstance(layer, EVLDecoderLayer):
             continue
-        hook = next((module._hf_hook for module in layer.modules() if has_offloaded_params(module)), None)
-        if hook is None:
+        holders = [module for module in layer.modules() if next(module.parameters(recurse=False), None) is not None]
+        offloaded = [module for module in holders if has_offloaded_params(module)]
+        if not offloaded:
             continue
+        if len(offloaded) < len(holders):
+            # The hooks re-attached below load the whole layer from the offloaded weights, which hold only part of it.
+            raise ValueError(
+                f"The `device_map` offloads part of `{name}` and keeps the rest on a device: an EVL decoder layer is "
+                "one block (`_no_split_modules`, which `device_map=\"auto\"` respects); give the whole layer one "
+                f'place, e.g. "{name}": "disk".'
+            )
+        hook = offloaded[0]._hf_hook
         remove_hook_from_submodules(layer)
         attach_align_device_hook(
             layer, execution_device=hook.execution_device, offload=True,

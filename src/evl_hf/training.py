@@ -290,6 +290,15 @@ class EVLTrainer(Trainer):
         return output
 
     def train(self, *args, **kwargs):
+        # Offloaded weights (big-model loading) wait on the meta device and are loaded into accelerate's hooks at each
+        # forward: the optimizer would update none of them, and the run would silently train the rest alone.
+        offloaded = [name for name, parameter in self.model.named_parameters() if parameter.requires_grad and parameter.is_meta]
+        if offloaded:
+            raise ValueError(
+                f"{len(offloaded)} trainable tensors are offloaded (`device_map` to \"disk\" or \"cpu\"), e.g. "
+                f"{offloaded[0]}: offloaded modules cannot be trained. Load the model without offloading them (only "
+                "the frozen backbone may be offloaded)."
+            )
         result = super().train(*args, **kwargs)
         count = self._count_unusable("train")
         result.metrics["train_unusable_clips"] = count

@@ -377,8 +377,8 @@ def video_timeline(
         raise ValueError(
             "The video timeline reads the decoder's weights itself, outside the model's forward, so it cannot run a "
             "model loaded with `evl.decoder` offloaded (its weights are on the meta device); only the backbone can be "
-            'offloaded here, e.g. device_map={"evl.vision_model": "disk", "evl.decoder": 0, "fc_norm": 0, "dropout": 0, '
-            '"classifier": 0}.'
+            'offloaded here, e.g. device_map={"evl.decoder": 0, "fc_norm": 0, "dropout": 0, "classifier": 0, '
+            '"evl.vision_model": "disk"} (a device first: pipelines run on the first).'
         )
     num_frames = processor.num_frames if num_frames is None else num_frames
     frame_sampling_rate = window_frame_sampling_rate(processor, frame_sampling_rate)
