@@ -223,3 +223,34 @@ def test_a_model_with_offloaded_trainable_modules_is_refused(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, max_steps=1)
     with pytest.raises(ValueError, match=r"trainable tensors are offloaded.*evl\.decoder\."):
         EVLTrainer(model=model, args=args, train_dataset=clips).train()
+
+
+class _RandomlyJitteredClips(torch.utils.data.Dataset):
+    """A user's own data set whose clips are augmented in the dataloader's workers with torch's random numbers."""
+
+    def __init__(self):
+        self.clips = torch.randn(4, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.clips[index] + 0.1 * torch.rand(self.clips[index].shape), "labels": index % 3}
+
+
+def test_a_run_resumed_between_epochs_gives_the_workers_the_uninterrupted_runs_seeds(tmp_path):
+    # Workers made anew every epoch draw their seeds from the loader's generator: seeded by epoch, the resumed run's
+    # second epoch draws what the uninterrupted run's did (seeded once, it would draw that run's first epoch's).
+    def train(output, resume=None):
+        args = TrainingArguments(
+            output_dir=str(output), report_to="none", use_cpu=True, per_device_train_batch_size=2, num_train_epochs=2,
+            save_strategy="epoch", dataloader_num_workers=2, learning_rate=0.1, seed=7,
+        )  # fmt: skip
+        model = seeded_classifier(tiny_config(num_labels=3, decoder_mlp_dropout=0.5))
+        EVLTrainer(model=model, args=args, train_dataset=_RandomlyJitteredClips()).train(resume_from_checkpoint=resume)
+        return model.state_dict()
+
+    expected = train(tmp_path / "full")
+    actual = train(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=0, rtol=0, msg=key)

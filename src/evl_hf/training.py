@@ -35,9 +35,9 @@ class EVLTrainer(Trainer):
 
     - training clips come from `TrainingClips` with an `EpochShuffleSampler` (augmentation keyed by seed, epoch and
       clip; unusable clips replaced), so every process and every resumed run sees the same clips;
-    - its dataloaders draw their workers' seeds from a generator of their own (seeded from `data_seed`, else `seed`),
-      never from torch's global one, which the model's dropout draws from: a resumed run continues exactly where the
-      interrupted one stopped, with persistent workers too;
+    - its dataloaders draw their workers' seeds from a generator of their own (seeded from `data_seed`, else `seed`,
+      and for training the epoch), never from torch's global one, which the model's dropout draws from: a resumed run
+      continues exactly where the interrupted one stopped, with persistent workers too;
     - in evaluation, slots whose clip could not be decoded (label -100) are left out of the loss and the metrics; the
       evaluation loss is computed over all usable clips at once, so it does not depend on how clips are batched or
       split across processes, and with the loss trained with (`compute_loss_func`, label smoothing or the model's);
@@ -88,9 +88,18 @@ class EVLTrainer(Trainer):
         # Trainer's and accelerate's `set_epoch` reach the sampler through at most two wrappers; a run resumed
         # mid-epoch on several processes has three (skip, shard, batch), so set the epoch here, before the
         # sampler is iterated.
+        epoch = kwargs["epoch"] if "epoch" in kwargs else args[1]
         sampler = getattr(self, "_epoch_sampler", None)
         if sampler is not None:
-            sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
+            sampler.set_epoch(epoch)
+        # The workers' seeds keyed by the epoch, as the clips' augmentation is: workers made anew each epoch then
+        # get the same seeds in a resumed run as in the uninterrupted one (a generator seeded once per loader would
+        # hand the resumed run's first epoch the seeds of the uninterrupted run's first). Persistent workers keep the
+        # seeds of the epoch they were made in.
+        dataloader = kwargs["train_dataloader"] if "train_dataloader" in kwargs else args[2]
+        generator = getattr(getattr(dataloader, "base_dataloader", dataloader), "generator", None)
+        if generator is not None:
+            generator.manual_seed(int(np.random.SeedSequence([self._data_seed, epoch]).generate_state(1)[0]))
         return super()._run_epoch(*args, **kwargs)
 
     @contextlib.contextmanager
