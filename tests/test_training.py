@@ -254,3 +254,34 @@ def test_a_run_resumed_between_epochs_gives_the_workers_the_uninterrupted_runs_s
     actual = train(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("batch_eval_metrics", [False, True], ids=["whole set", "batch by batch"])
+def test_preprocessed_logits_reach_the_metrics_and_the_loss_is_the_models(tmp_path, batch_eval_metrics):
+    # `preprocess_logits_for_metrics` (often an argmax, to save memory) changes what `compute_metrics` and `predict`
+    # get; the loss, computed by the trainer over all scored clips, still needs the model's logits.
+    model = seeded_classifier(tiny_config(num_labels=3))
+    inputs = torch.randn(5, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, -1, 2, -100, 1])
+    clips = [{"pixel_values": clip, "labels": label} for clip, label in zip(inputs, labels)]
+    received = []
+
+    def compute_metrics(prediction, compute_result=None):
+        received.append(np.asarray(prediction.predictions))
+        return {"calls": len(received)} if compute_result in (None, True) else None
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2,
+        batch_eval_metrics=batch_eval_metrics,
+    )  # fmt: skip
+    scores = EVLTrainer(
+        model=model, args=args, compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+    )  # fmt: skip
+    metrics = scores.evaluate(clips)
+    kept = [0, 2, 4]
+    with torch.no_grad():
+        logits = model(inputs).logits
+    assert metrics["eval_loss"] == pytest.approx(float(model.loss_function(labels[kept], logits[kept], model.config)))
+    np.testing.assert_array_equal(np.concatenate(received), logits[kept].argmax(-1).numpy())
+    np.testing.assert_array_equal(scores.predict(clips).predictions, logits.argmax(-1).numpy())

@@ -56,8 +56,28 @@ class EVLTrainer(Trainer):
         self.run_arguments = run_arguments
         self._user_compute_metrics = self.compute_metrics
         self.compute_metrics = self._metrics_of_usable_clips
+        # The loss is computed over all scored clips at the end (`_metrics_of_usable_clips`) and needs the model's
+        # logits: both are kept, and the user's metrics and `predict` get the preprocessed ones, as with `Trainer`.
+        self._user_preprocess_logits = self.preprocess_logits_for_metrics
+        if self._user_preprocess_logits is not None:
+            self.preprocess_logits_for_metrics = self._logits_and_preprocessed
         self.unusable_clips = {"train": set(), "eval": set()}
         self._start_evaluation()
+
+    def _logits_and_preprocessed(self, logits, labels):
+        return logits, self._user_preprocess_logits(logits, labels)
+
+    def _split_predictions(self, predictions):
+        """(the model's logits, the predictions the user's metrics get): the same tensor without
+        `preprocess_logits_for_metrics`. A list (`eval_do_concat_batches=False`) is split batch by batch."""
+        if isinstance(predictions, list):
+            pairs = [self._split_predictions(batch) for batch in predictions]
+            return [logits for logits, _ in pairs], [shown for _, shown in pairs]
+        if self._user_preprocess_logits is None:
+            logits = predictions[0] if isinstance(predictions, tuple) else predictions
+            return logits, logits
+        logits, shown = predictions
+        return (logits[0] if isinstance(logits, tuple) else logits), shown
 
     def _start_evaluation(self) -> None:
         self.unusable_clips["eval"] = set()
@@ -175,19 +195,20 @@ class EVLTrainer(Trainer):
     def _metrics_of_usable_clips(self, eval_prediction: EvalPrediction, compute_result: bool | None = None) -> dict:
         if compute_result is not None:
             return self._metrics_of_batch(eval_prediction, compute_result)
-        logits = eval_prediction.predictions
-        logits = logits[0] if isinstance(logits, tuple) else logits
+        logits, shown = self._split_predictions(eval_prediction.predictions)
         labels = eval_prediction.label_ids
         if labels is None:
             return {}
-        logits, labels = whole(logits), whole(labels)
+        logits, shown, labels = whole(logits), whole(shown), whole(labels)
         metrics, scored = self._loss_of_scored_clips(logits, labels)
         logits, labels = logits[scored], labels[scored]
         if self._user_compute_metrics is not None and len(labels):
             inputs = eval_prediction.inputs
             inputs = whole(inputs)[scored] if inputs is not None else None
             losses = self._loss_per_clip(logits, labels) if "loss" in self.args.include_for_metrics else None
-            prediction = EvalPrediction(predictions=logits, label_ids=labels, inputs=inputs, losses=losses)
+            prediction = EvalPrediction(
+                predictions=_selected(shown, scored), label_ids=labels, inputs=inputs, losses=losses
+            )
             metrics.update(self._user_compute_metrics(prediction))
         return metrics
 
@@ -198,8 +219,7 @@ class EVLTrainer(Trainer):
         whole set's, and the last batch even without any, to give its result; the loss, the checks and the warning
         are those of a whole-set evaluation, over the batches' logits kept until the last one.
         """
-        logits = eval_prediction.predictions
-        logits = logits[0] if isinstance(logits, tuple) else logits
+        logits, shown = self._split_predictions(eval_prediction.predictions)
         labels = eval_prediction.label_ids
         batch_logits, batch_labels = logits.detach().float().cpu().numpy(), labels.cpu().numpy()
         self._eval_batches.append((batch_logits, batch_labels))
@@ -219,7 +239,9 @@ class EVLTrainer(Trainer):
             losses = None
             if "loss" in self.args.include_for_metrics:
                 losses = torch.from_numpy(self._loss_per_clip(batch_logits[scored], batch_labels[scored]))
-            prediction = EvalPrediction(predictions=logits[mask], label_ids=labels[mask], inputs=inputs, losses=losses)
+            prediction = EvalPrediction(
+                predictions=_selected(shown, mask), label_ids=labels[mask], inputs=inputs, losses=losses
+            )
             metrics = self._user_compute_metrics(prediction, compute_result=compute_result)
         if not compute_result:
             return {}
@@ -295,6 +317,8 @@ class EVLTrainer(Trainer):
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         self._start_evaluation()
         output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self._user_preprocess_logits is not None:
+            output = output._replace(predictions=self._split_predictions(output.predictions)[1])
         output.metrics[f"{metric_key_prefix}_unusable_clips"] = self._count_unusable("eval")
         return output
 
@@ -365,8 +389,18 @@ class EVLTrainer(Trainer):
 
 
 def whole(outputs):
-    """Evaluation outputs as one array: `eval_do_concat_batches=False` gives a list of per-batch arrays."""
-    return np.concatenate(outputs) if isinstance(outputs, list) else outputs
+    """Evaluation outputs as one array (or tuple of arrays): `eval_do_concat_batches=False` gives a list of per-batch
+    ones."""
+    if not isinstance(outputs, list):
+        return outputs
+    if outputs and isinstance(outputs[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*outputs))
+    return np.concatenate(outputs)
+
+
+def _selected(outputs, mask):
+    """The rows of `mask` of an output, or of each of a tuple's (`preprocess_logits_for_metrics` may return one)."""
+    return tuple(output[mask] for output in outputs) if isinstance(outputs, tuple) else outputs[mask]
 
 
 def warn_if_many_unusable(count: int, total: int, fate: str) -> None:
