@@ -76,13 +76,35 @@ def test_truncated_faststart_file_is_refused_not_padded_with_its_last_frame(tmp_
     cut.write_bytes(data[: frames_start + (len(data) - frames_start) * 3 // 10])
     frames, _ = decode(cut, lambda metadata: [0, 20], decoding_backend)
     assert [frame_index(frame) for frame in frames] == [0, 20]
-    message = r"the video ends at frame \d+ of the 300 its header declares"
+    message = r"the video stops at [\d.]+ s of the [\d.]+ s its header declares"
     with pytest.raises(EVLVideoDecodingError, match=message) as error:
         decode_video(cut, lambda metadata: [0, 150, 299], backend=decoding_backend)
     assert str(cut) in str(error.value)
     assert_named_error(cut, message, decoding_backend, num_temporal_views=3)
     with pytest.raises(EVLVideoDecodingError, match=message), VideoFrameStream(str(cut), step=10) as stream:
         list(stream)
+
+
+def test_an_intact_video_whose_frame_rate_rises_at_its_end_is_not_taken_for_a_truncated_one(tmp_path, decoding_backend):
+    # 10 frames at 10 fps, then 90 at 30 fps (a phone camera as the light changes): at the average rate (24.4 fps, not
+    # 100 frames in 3.97 s) the last frame's index is 96, four short of the 100 the header counts, yet nothing is
+    # missing: its time is the stream's end. The truncation check compares times, not an index with a count.
+    path = tmp_path / "rising_rate.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        time_ms = 0
+        for index, step_ms in enumerate([100] * 10 + [33] * 90):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 96, 3), index, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = time_ms, Fraction(1, 1000)
+            time_ms += step_ms
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    frames, metadata = decode_video(path, lambda metadata: list(range(metadata.total_num_frames)), backend=decoding_backend)
+    assert len(frames) == metadata.total_num_frames == 100
+    with VideoFrameStream(str(path), step=1) as frame_stream:
+        assert len(list(frame_stream)) >= 96
 
 
 def test_audio_only_file(tmp_path, decoding_backend):

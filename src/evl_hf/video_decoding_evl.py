@@ -45,8 +45,9 @@ _TORCHCODEC_CHUNK = 16
 # FFmpeg's decoding threads pay off on large frames; on small ones (Kinetics clips are about 340x256) synchronising
 # them costs more than they save: 1.25-1.4x the single-threaded time with either backend (benchmarks/bench_decoding.py).
 _SINGLE_THREAD_MAX_PIXELS = 160_000
-# Intact files may declare a frame or two more than they hold (a count rounded from a duration, frames an edit list
-# drops): up to this many frames missing at the end of the stream are its last frame repeated, not a truncated file.
+# Intact files may declare a frame or two more than they hold (a duration rounded up, a last frame's duration
+# unknown): up to this many frames' time missing at the end of the stream are its last frame repeated, not a truncated
+# file.
 _MISSING_END_FRAMES_TOLERATED = 2
 _VIDEO_SOURCE_TYPES = (str, Path, bytes, bytearray, io.IOBase)
 
@@ -240,9 +241,9 @@ def decode_video(
     Only what is needed is decoded: the demuxer seeks to the key frame before the first wanted frame and decoding stops
     after the last one. Frame `i` is the frame shown at `i / fps` seconds (the container's frame count and average rate,
     so both backends pick the same frames). Indices past the end of the stream repeat its last frame, as the authors
-    do for clips shorter than the sampling window, where the header declares the frames no further (or a frame or two
-    further); a file whose frames stop short of what its header declares (a truncated download) is refused for
-    indices past its end. Display rotation (phone videos) is applied. Any failure of the video raises
+    do for clips shorter than the sampling window; an MP4/MOV file whose frames stop more than two frames' time short
+    of its video track's duration (a truncated download whose index comes first) is refused for indices past its
+    end. Display rotation (phone videos) is applied. Any failure of the video raises
     `EVLVideoDecodingError` naming the video and the problem; a failure of the process (out of file descriptors, or
     of disk space for a download) raises an `OSError` naming the video instead.
     Frames over `max_frame_pixels`, decoding past `timeout` seconds and still images (a photo renamed `.mp4`, which
@@ -384,7 +385,7 @@ def _decode_container(container, request: "_DecodeRequest"):
     metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
     indices = request.indices(metadata)
     wanted = sorted(set(indices))
-    decoded = _decode_range(container, stream, request, wanted, wanted[0], fps, _declared_num_frames(stream, fps))
+    decoded = _decode_range(container, stream, request, wanted, wanted[0], fps, _declared_seconds(container, stream))
     return _displayed(request.stack([decoded[i] for i in indices]), metadata)
 
 
@@ -426,39 +427,43 @@ def _warn_if_damaged(name: str, damaged: list) -> None:
         logger.warning(f"{name}: skipped {len(damaged)} damaged packet(s) the decoder refused ({damaged[0]}).")
 
 
-def _declared_num_frames(stream, fps: float | None) -> int | None:
+def _declared_seconds(container, stream) -> float | None:
     """
-    The frame count the video stream's own header declares (its count, or its duration at its rate); `None` where only
-    the container's duration is known: Matroska and WebM measure all streams together, and an intact file whose audio
-    outlasts its video would look truncated.
+    How long the video stream lasts by its own track header, for MP4/MOV/3GP files only (`None` otherwise): their
+    index, which a cut download whose index comes first still holds whole, gives each track's duration, after its
+    edit list. Other containers may give the duration of all streams together (ASF, Matroska) or a frame count that
+    over-reports (AVI), which would make intact files look cut short.
     """
-    if stream.frames:
-        return stream.frames
-    if fps and stream.duration is not None and stream.time_base is not None:
-        return max(1, round(float(stream.duration * stream.time_base) * fps))
-    return None
+    if "mp4" not in container.format.name.split(",") or not stream.duration or stream.time_base is None:
+        return None
+    return float(stream.duration * stream.time_base)
 
 
-def _shown_until(frame, index: int, fps: float | None) -> int:
-    """The index after the last one that `frame` (frame `index`) is shown for: its duration, or one frame."""
-    if fps and frame.duration and frame.time_base is not None:
-        return index + max(1, round(float(frame.duration * frame.time_base) * fps))
-    return index + 1
+def _seconds_shown_until(frame, start_seconds: float | None, fps: float | None) -> float | None:
+    """When `frame` stops being shown, in seconds from the stream's first frame: its time plus its duration (one
+    frame at the average rate where it has none)."""
+    if frame.time is None or start_seconds is None:
+        return None
+    if frame.duration and frame.time_base is not None:
+        duration = float(frame.duration * frame.time_base)
+    else:
+        duration = 1 / fps if fps else 0.0
+    return frame.time - start_seconds + duration
 
 
-def _raise_if_cut_short(name: str, shown_until: int, needed: int, declared: int | None) -> None:
+def _raise_if_cut_short(name: str, shown_until: float | None, declared: float | None, fps: float | None, needed) -> None:
     """
-    Refuse a stream whose frames end (at `shown_until`) before frame `needed`, more than a frame or two short of the
-    `declared` count: a truncated file (a cut download of a video whose index comes first still opens and declares
-    all its frames), whose missing frames would otherwise all be its last one.
+    Refuse a stream whose frames stop (at `shown_until` seconds) more than a frame or two before the `declared`
+    duration of its track: a truncated file (a cut download of a video whose index comes first still opens and
+    declares its whole length), whose missing frames would otherwise all be its last one. Compared as times, not frame
+    counts: a variable frame rate makes indices at the average rate drift from the frames' count.
     """
-    if declared is None:
+    if declared is None or shown_until is None or not fps:
         return
-    needed = min(needed, declared - 1)
-    if needed + 1 - shown_until > _MISSING_END_FRAMES_TOLERATED:
+    if declared - shown_until > _MISSING_END_FRAMES_TOLERATED / fps + 1e-6:
         raise EVLVideoDecodingError(
-            f"{name}: the video ends at frame {shown_until} of the {declared} its header declares (a truncated "
-            f"file?); frame {needed} cannot be decoded."
+            f"{name}: the video stops at {shown_until:.2f} s of the {declared:.2f} s its header declares (a "
+            f"truncated file?); frame {needed} cannot be decoded."
         )
 
 
@@ -472,7 +477,7 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     """
     Decode forward from the key frame before frame `first`. With `wanted` (sorted indices), returns {index: frame}
     with each wanted index mapped to the first decoded frame at or after it (the last frame if the stream ends
-    early, unless it ends short of the `declared` frame count: see `_raise_if_cut_short`); without, returns the list
+    early, unless it stops short of the `declared` duration: see `_raise_if_cut_short`); without, returns the list
     of all frames.
     """
     name = request.name
@@ -487,7 +492,6 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     result = {} if wanted is not None else []
     position = 0
     latest = None  # the last frame decoded; converted to RGB only if it has to stand in for frames past the end
-    latest_index = None
     decoded = 0
     damaged = []
     try:
@@ -502,7 +506,6 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
             index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else None
             if index is None:
                 index = first + len(result)
-            latest_index = index
             if index < wanted[position]:
                 continue
             rgb = _to_rgb(frame)
@@ -531,7 +534,7 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
         )
     if position < len(wanted):
         # The stream ended before these indices: repeat its last frame, unless the file is cut short.
-        _raise_if_cut_short(name, _shown_until(latest, latest_index, fps), wanted[-1], declared)
+        _raise_if_cut_short(name, _seconds_shown_until(latest, start_seconds, fps), declared, fps, wanted[-1])
         rgb = _to_rgb(latest)
         for index in wanted[position:]:
             result[index] = rgb
@@ -583,7 +586,7 @@ class VideoFrameStream:
             raise
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else None
-        self._declared_num_frames = _declared_num_frames(self._stream, self.fps)  # a cut file stops short of it
+        self._declared_seconds = _declared_seconds(self._container, self._stream)  # a cut file stops short of it
         # The container's count, which may be missing or approximate: for progress bars only.
         self.total_num_frames = self._stream.frames or None
         if self.total_num_frames is None and self.fps:
@@ -598,7 +601,7 @@ class VideoFrameStream:
     def __iter__(self):
         stream, fps = self._stream, self.fps
         start_seconds = _start_seconds(stream)
-        wanted, counted, damaged, size, shown_until = 0, 0, [], None, 0
+        wanted, counted, damaged, size, shown_until = 0, 0, [], None, None
         try:
             for frame in _decoded_frames(self._container, stream, self.name, damaged, lambda: None):
                 if start_seconds is None:
@@ -606,7 +609,7 @@ class VideoFrameStream:
                 # The index `decode_video` gives this frame: by its time, or by its position without one.
                 index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else counted
                 counted += 1
-                shown_until = _shown_until(frame, index, fps)
+                shown_until = _seconds_shown_until(frame, start_seconds, fps)
                 if size is None:
                     size = (frame.width, frame.height)
                 elif (frame.width, frame.height) != size:  # windows of frames must stack
@@ -631,9 +634,7 @@ class VideoFrameStream:
             raise EVLVideoDecodingError(f"{self.name}: the video stream holds no decodable frame{detail}.")
         _warn_if_damaged(self.name, damaged)
         # As `decode_video` refuses its frames: the windows seen so far would score a part of the video as all of it.
-        declared = self._declared_num_frames
-        if declared is not None:
-            _raise_if_cut_short(self.name, shown_until, declared - 1, declared)
+        _raise_if_cut_short(self.name, shown_until, self._declared_seconds, fps, wanted)
 
     def reread_source(self):
         """
