@@ -489,6 +489,10 @@ def test_a_shuffled_subset_names_its_clips_by_their_rows_in_the_data_set(clips, 
     for action in ("left out of the evaluation", "replaced by another clip", "left out of the feature cache"):
         assert any(message.startswith(f"Clip 5 cannot be decoded, {action}") for message in messages), messages
     assert shuffled_subset(data, 6, seed=1) is data
+    # A column of the data set's own under that name would be read as rows, or clash with the one added: refused.
+    for size in (None, 4):
+        with pytest.raises(ValueError, match="column named '__row__'"):
+            shuffled_subset(data.add_column("__row__", ["a"] * 6), size, seed=0)
 
 
 def test_the_cache_is_written_a_batch_of_clips_at_a_time(clips, tmp_path):

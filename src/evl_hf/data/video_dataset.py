@@ -83,8 +83,14 @@ def shuffled_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     """
     `size` clips of `dataset`, shuffled first as transformers' examples do (folders list clips class by class), each
     with its row in `dataset` (`ROW_COLUMN`): a clip without a file name is reported by that row, not by its place in
-    the selection. The whole data set where `size` is `None` or not smaller.
+    the selection. The whole data set where `size` is `None` or not smaller. A data set with a column of that name
+    of its own is refused: it would be read as rows.
     """
+    if ROW_COLUMN in dataset.column_names:
+        raise ValueError(
+            f"The data set has a column named {ROW_COLUMN!r}, the name the script gives each clip's row (to name clips "
+            "without a file in reports): rename or remove that column."
+        )
     if size is None or size >= len(dataset):
         return dataset
     with_rows = dataset.add_column(ROW_COLUMN, np.arange(len(dataset)))
