@@ -107,6 +107,20 @@ def test_an_intact_video_whose_frame_rate_rises_at_its_end_is_not_taken_for_a_tr
         assert len(list(frame_stream)) >= 96
 
 
+def test_an_mpeg_ts_file_decodes_every_frame(tmp_path, decoding_backend):
+    # MPEG-TS (broadcast recordings, HLS segments) has no index: a seek within a clip of one key frame lands past it
+    # and the demuxer yields nothing from there; the frames are then decoded from the start.
+    path = tmp_path / "clip.ts"
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=25, options={"g": "250"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in index_coded_frames(60):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    frames, metadata = decode_video(path, lambda metadata: list(range(1, 60)), backend=decoding_backend)
+    assert [frame_index(frame) for frame in frames] == list(range(1, 60))
+
+
 def test_audio_only_file(tmp_path, decoding_backend):
     path = tmp_path / "audio.mp4"
     with av.open(str(path), mode="w") as container:

@@ -480,7 +480,6 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     early, unless it stops short of the `declared` duration: see `_raise_if_cut_short`); without, returns the list
     of all frames.
     """
-    name = request.name
     start_seconds = _start_seconds(stream)
     # Without a start time, the first frame's time is frame 0's: decoded from the start, not sought.
     if wanted is not None and fps and first > 0 and start_seconds is not None:
@@ -489,6 +488,23 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
             container.seek(target, stream=stream, backward=True, any_frame=False)
         except av.error.FFmpegError:
             pass  # an unseekable (e.g. damaged) stream: decode forward from where the demuxer is
+        else:
+            frames = _decode_frames_from(container, stream, request, wanted, first, fps, declared, start_seconds)
+            if frames is not None:
+                return frames
+            # The demuxer sought past frame `first`, or nothing decodes from there: containers without an index
+            # (MPEG-TS) can land after the wanted frame's key frame, or past the real end of a stream whose length is
+            # over-reported (FLV with longer audio). Decoded from the start instead.
+            container.seek(0)
+    return _decode_frames_from(container, stream, request, wanted, first, fps, declared, start_seconds, last_try=True)
+
+
+def _decode_frames_from(
+    container, stream, request: "_DecodeRequest", wanted, first, fps, declared, start_seconds, last_try: bool = False
+):
+    """`_decode_range` from where the demuxer is; unless `last_try`, `None` where no frame decodes from there
+    (without an error, which is raised) or the first one lies past frame `first`."""
+    name = request.name
     result = {} if wanted is not None else []
     position = 0
     latest = None  # the last frame decoded; converted to RGB only if it has to stand in for frames past the end
@@ -506,6 +522,8 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
             index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else None
             if index is None:
                 index = first + len(result)
+            if decoded == 1 and index > first and not last_try:
+                return None  # the demuxer sought past frame `first` (a container without an index): not its frames
             if index < wanted[position]:
                 continue
             rgb = _to_rgb(frame)
@@ -523,6 +541,8 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
             request.stats["decoded_frames"] = decoded
     if latest is None and damaged:
         raise EVLVideoDecodingError(f"{name}: the video stream cannot be decoded ({damaged[0]}).")
+    if latest is None and not last_try:
+        return None
     _warn_if_damaged(name, damaged)
     if wanted is None:
         if not result:
