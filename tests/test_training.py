@@ -285,3 +285,7 @@ def test_preprocessed_logits_reach_the_metrics_and_the_loss_is_the_models(tmp_pa
     assert metrics["eval_loss"] == pytest.approx(float(model.loss_function(labels[kept], logits[kept], model.config)))
     np.testing.assert_array_equal(np.concatenate(received), logits[kept].argmax(-1).numpy())
     np.testing.assert_array_equal(scores.predict(clips).predictions, logits.argmax(-1).numpy())
+    # Only the logits are kept beside the preprocessed outputs, not the hidden states or attentions given with them.
+    scores._user_preprocess_logits = lambda outputs, labels: outputs[0].argmax(-1)
+    kept_logits, _ = scores.preprocess_logits_for_metrics((logits, (logits, logits)), labels)
+    assert kept_logits is logits

@@ -65,7 +65,9 @@ class EVLTrainer(Trainer):
         self._start_evaluation()
 
     def _logits_and_preprocessed(self, logits, labels):
-        return logits, self._user_preprocess_logits(logits, labels)
+        # Only the classification logits are kept beside the preprocessed outputs: the rest of the model's outputs
+        # (hidden states, attentions) is what preprocessing exists to drop.
+        return (logits[0] if isinstance(logits, tuple) else logits), self._user_preprocess_logits(logits, labels)
 
     def _split_predictions(self, predictions):
         """(the model's logits, the predictions the user's metrics get): the same tensor without
