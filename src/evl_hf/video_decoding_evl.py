@@ -327,10 +327,18 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     if wanted and wanted[0] < 0:
         raise ValueError(f"negative frame index {wanted[0]}")
     decoded = {}
+    begin = stream.begin_stream_seconds or 0.0
     for chunk_start in range(0, len(wanted), _TORCHCODEC_CHUNK):
         request.check_time()
         chunk = wanted[chunk_start : chunk_start + _TORCHCODEC_CHUNK]
-        decoded.update(zip(chunk, decoder.get_frames_at(chunk).data.numpy()))
+        frames = decoder.get_frames_at(chunk)
+        # Approximate mode seeks by time, and FFmpeg can land on a key frame shown after the one wanted (MPEG-TS,
+        # HEVC, a B-frame delay without an edit list): that frame's own time says so. PyAV seeks again from earlier.
+        shown = frames.pts_seconds.tolist()
+        for index, seconds in zip(chunk, shown):
+            if seconds - (begin + index / float(fps)) > 0.5 / float(fps):
+                raise ValueError(f"torchcodec gave the frame shown at {seconds:.3f} s for frame {index}")
+        decoded.update(zip(chunk, frames.data.numpy()))
     return request.stack([decoded[min(index, total - 1)] for index in indices]), metadata
 
 
@@ -483,19 +491,26 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     start_seconds = _start_seconds(stream)
     # Without a start time, the first frame's time is frame 0's: decoded from the start, not sought.
     if wanted is not None and fps and first > 0 and start_seconds is not None:
-        target = int((start_seconds + first / fps) / stream.time_base)
-        try:
-            container.seek(target, stream=stream, backward=True, any_frame=False)
-        except av.error.FFmpegError:
-            pass  # an unseekable (e.g. damaged) stream: decode forward from where the demuxer is
-        else:
+        # FFmpeg seeks to a key frame by decoding timestamps, or without an index (MPEG-TS) by guessing a byte
+        # position: it can land on a key frame shown after frame `first` (a B-frame delay without an edit list, HEVC,
+        # MPEG-4 part 2), or past the real end of a stream whose length is over-reported (FLV with longer audio).
+        # Then it seeks again from earlier, backing off 1, 2, 4, ... seconds, and at last decodes from the start.
+        back_off = 0.0
+        while True:
+            seconds = first / fps - back_off
+            try:
+                if seconds > 0:
+                    container.seek(int((start_seconds + seconds) / stream.time_base), stream=stream, backward=True)
+                else:
+                    container.seek(0)
+            except av.error.FFmpegError:  # an unseekable (e.g. damaged) stream: decode forward from where it is
+                break
+            if seconds <= 0:
+                break
             frames = _decode_frames_from(container, stream, request, wanted, first, fps, declared, start_seconds)
             if frames is not None:
                 return frames
-            # The demuxer sought past frame `first`, or nothing decodes from there: containers without an index
-            # (MPEG-TS) can land after the wanted frame's key frame, or past the real end of a stream whose length is
-            # over-reported (FLV with longer audio). Decoded from the start instead.
-            container.seek(0)
+            back_off = max(1.0, 2 * back_off)
     return _decode_frames_from(container, stream, request, wanted, first, fps, declared, start_seconds, last_try=True)
 
 
