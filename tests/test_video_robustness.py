@@ -132,6 +132,40 @@ def test_a_seek_landing_after_the_wanted_frame_is_done_again_from_earlier(
         assert frame_index(frames[0]) == index
 
 
+def test_a_stream_that_cannot_seek_never_gives_a_later_frame_for_an_earlier_one(tmp_path):
+    # An FLV read from a pipe: the demuxer cannot seek, and after probing it stands past the first frames. Its frames
+    # from there must not stand for the ones before: a clear error instead (the path decodes it).
+    path = tmp_path / "clip.flv"
+    with av.open(str(path), "w", format="flv") as container:
+        stream = container.add_stream("libx264", rate=25, options={"g": "24"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in index_coded_frames(120):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+    class Pipe(io.RawIOBase):
+        def __init__(self, data):
+            self.data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            chunk = self.data.read(len(buffer))
+            buffer[: len(chunk)] = chunk
+            return len(chunk)
+
+    for indices in ([1], [41, 49]):
+        expected = [frame_index(frame) for frame in decode_video(path, lambda metadata: indices, backend="pyav")[0]]
+        assert expected == indices
+        try:
+            frames, _ = decode_video(io.BufferedReader(Pipe(path.read_bytes())), lambda metadata: indices)
+        except EVLVideoDecodingError as error:
+            assert "cannot seek to frame" in str(error) or "no decodable frame" in str(error), error
+        else:
+            assert [frame_index(frame) for frame in frames] == indices
+
+
 def test_audio_only_file(tmp_path, decoding_backend):
     path = tmp_path / "audio.mp4"
     with av.open(str(path), mode="w") as container:

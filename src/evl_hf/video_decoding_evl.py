@@ -503,8 +503,12 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
                     container.seek(int((start_seconds + seconds) / stream.time_base), stream=stream, backward=True)
                 else:
                     container.seek(0)
-            except av.error.FFmpegError:  # an unseekable (e.g. damaged) stream: decode forward from where it is
-                break
+            except av.error.FFmpegError:
+                # An unseekable stream (a damaged file, a file object that cannot seek): decoded forward from where
+                # the demuxer is, which must not lie past frame `first`.
+                return _decode_frames_from(
+                    container, stream, request, wanted, first, fps, declared, start_seconds, last_try=True, unsought=True
+                )
             if seconds <= 0:
                 break
             frames = _decode_frames_from(container, stream, request, wanted, first, fps, declared, start_seconds)
@@ -515,10 +519,20 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
 
 
 def _decode_frames_from(
-    container, stream, request: "_DecodeRequest", wanted, first, fps, declared, start_seconds, last_try: bool = False
+    container,
+    stream,
+    request: "_DecodeRequest",
+    wanted,
+    first,
+    fps,
+    declared,
+    start_seconds,
+    last_try: bool = False,
+    unsought: bool = False,
 ):
     """`_decode_range` from where the demuxer is; unless `last_try`, `None` where no frame decodes from there
-    (without an error, which is raised) or the first one lies past frame `first`."""
+    (without an error, which is raised) or the first one lies past frame `first`. `unsought`: the demuxer could not
+    seek, and a first frame past frame `first` is an error (its frames would stand for the ones before it)."""
     name = request.name
     result = {} if wanted is not None else []
     position = 0
@@ -539,6 +553,11 @@ def _decode_frames_from(
                 index = first + len(result)
             if decoded == 1 and index > first and not last_try:
                 return None  # the demuxer sought past frame `first` (a container without an index): not its frames
+            if decoded == 1 and index > first and unsought:
+                raise EVLVideoDecodingError(
+                    f"{name}: the stream cannot seek to frame {first}, and its frames from where it is start at frame "
+                    f"{index} (a file object that cannot seek? give the path or the bytes)."
+                )
             if index < wanted[position]:
                 continue
             rgb = _to_rgb(frame)
