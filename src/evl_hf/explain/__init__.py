@@ -26,6 +26,7 @@ has already imported this code: a plain module would be run a second time, with 
 """
 
 import argparse
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,18 @@ from ..video_processing_evl import EVLVideoProcessor
 
 
 logger = logging.get_logger(__name__)
+
+
+@contextlib.contextmanager
+def in_evaluation_mode(model: torch.nn.Module):
+    """The model in evaluation mode (a model just trained is in training mode, whose dropout changes every call's
+    logits), then back in the mode it had: for analyses of a model that may be in the middle of training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 COLORMAP = "inferno"
 # The heatmap's share of each displayed pixel: enough to read the colour, little enough to see the frame under it.
@@ -314,13 +327,8 @@ def explain(
     # its hooks then move the frames where each module runs.
     if model.device.type != "meta":
         pixel_values = pixel_values.to(model.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outputs = model(pixel_values, output_attentions=True)
-    finally:
-        model.train(was_training)
+    with in_evaluation_mode(model), torch.no_grad():
+        outputs = model(pixel_values, output_attentions=True)
     config = model.config
     layer_maps, prefix_share = attention_maps(
         outputs.attentions, pixel_values.shape[1], config.num_prefix_tokens, config.patch_grid

@@ -21,7 +21,6 @@ windows' overlap; only the light decoder runs per window. `import evl_hf` regist
 """
 
 import argparse
-import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.video_classification import VideoClassificationPipeline
 from transformers.utils import logging
 
+from ..explain import in_evaluation_mode, load_model_and_processor
 from ..modeling_evl import EVLForVideoClassification, _backbone_autocast, cross_frame_attention_maps
 from ..output_paths import check_output_path, figure_format
 from ..video_decoding_evl import EVLVideoDecodingError, VideoFrameStream, _video_name, decode_video
@@ -56,18 +56,6 @@ class EVLTimelineWindow:
     start: float
     end: float
     logits: torch.Tensor
-
-
-@contextlib.contextmanager
-def _in_evaluation_mode(model: torch.nn.Module):
-    """The model in evaluation mode (a model just trained is in training mode, whose dropout changes every call's
-    logits), then back in the mode it had."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -397,7 +385,7 @@ def video_timeline(
 
     done: list[tuple[int, torch.Tensor]] = []
     decoded_indices, chunk = [], []
-    with torch.inference_mode(), _in_evaluation_mode(model), VideoFrameStream(video, frame_sampling_rate) as stream:
+    with torch.inference_mode(), in_evaluation_mode(model), VideoFrameStream(video, frame_sampling_rate) as stream:
         # Built under inference mode: the maps' dtype follows a bf16/fp16 backbone only without autograd.
         timeline = _SharedBackboneTimeline(model, num_frames, window_stride, decoder_batch_size)
         fps = stream.fps or 1.0
@@ -600,8 +588,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     check_output_path(parser, "--output", args.output)
     check_output_path(parser, "--plot", args.plot, figure=True)
     from transformers import pipeline
-
-    from ..explain import load_model_and_processor
 
     try:
         # Loaded here, not by `pipeline`, which reports a loading error as a list of every class it tried.
