@@ -253,7 +253,7 @@ class EVLTrainer(Trainer):
 
     def _scored(self, labels: np.ndarray, warn: bool = False) -> np.ndarray:
         """The clips scored: those that could be decoded (label not -100) and, for class labels, labeled (not -1)."""
-        usable = labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL
+        usable = _decodable(labels)
         model = self.accelerator.unwrap_model(self.model)
         # Class labels, as transformers' losses tell them apart; a regression target of -1 is a target.
         if model.problem_type_for(torch.from_numpy(labels)) != "single_label_classification":
@@ -266,7 +266,7 @@ class EVLTrainer(Trainer):
 
     def _loss_of_scored_clips(self, logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
         """`{"loss": ...}` over the scored clips of a whole evaluation (`{}` without any), and which those are."""
-        if len(labels) and not (labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL).any():
+        if len(labels) and not _decodable(labels).any():
             raise ValueError(
                 f"None of the {len(labels)} evaluation clips could be decoded (see the warnings above): check the "
                 "data paths and files."
@@ -398,6 +398,11 @@ def whole(outputs):
     if outputs and isinstance(outputs[0], tuple):
         return tuple(np.concatenate(parts) for parts in zip(*outputs))
     return np.concatenate(outputs)
+
+
+def _decodable(labels: np.ndarray) -> np.ndarray:
+    """Which clips could be decoded: an unusable clip's label (each of its labels, for multi-label) is -100."""
+    return labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL
 
 
 def _selected(outputs, mask):
