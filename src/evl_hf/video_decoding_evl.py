@@ -489,6 +489,9 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     of all frames.
     """
     start_seconds = _start_seconds(stream)
+    decode_from_here = functools.partial(
+        _decode_frames_from, container, stream, request, wanted, first, fps, declared, start_seconds
+    )
     # Without a start time, the first frame's time is frame 0's: decoded from the start, not sought.
     if wanted is not None and fps and first > 0 and start_seconds is not None:
         # FFmpeg seeks to a key frame by decoding timestamps, or without an index (MPEG-TS) by guessing a byte
@@ -506,16 +509,14 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
             except av.error.FFmpegError:
                 # An unseekable stream (a damaged file, a file object that cannot seek): decoded forward from where
                 # the demuxer is, which must not lie past frame `first`.
-                return _decode_frames_from(
-                    container, stream, request, wanted, first, fps, declared, start_seconds, last_try=True, unsought=True
-                )
+                return decode_from_here(last_try=True, unsought=True)
             if seconds <= 0:
                 break
-            frames = _decode_frames_from(container, stream, request, wanted, first, fps, declared, start_seconds)
+            frames = decode_from_here()
             if frames is not None:
                 return frames
             back_off = max(1.0, 2 * back_off)
-    return _decode_frames_from(container, stream, request, wanted, first, fps, declared, start_seconds, last_try=True)
+    return decode_from_here(last_try=True)
 
 
 def _decode_frames_from(
