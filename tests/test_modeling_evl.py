@@ -576,7 +576,10 @@ def test_from_backbone_pretrained_takes_the_vision_tower_of_a_full_clip_checkpoi
 
 
 def test_presets_match_the_released_configurations():
-    config = EVLConfig.from_preset("k400-vit-b16-8f", num_labels=400)
+    # The Kinetics-400 presets carry its class count, as the SSv2 one carries 174.
+    for name in (name for name in EVL_PRESETS if name.startswith("k400-")):
+        assert EVLConfig.from_preset(name).num_labels == 400, name
+    config = EVLConfig.from_preset("k400-vit-b16-8f")
     assert (config.vision_config.hidden_size, config.vision_config.patch_size, config.vision_config.num_hidden_layers) == (768, 16, 12)
     assert (config.num_frames, config.decoder_num_layers, config.decoder_qkv_dim, config.decoder_num_heads) == (8, 4, 768, 12)
     large = EVLConfig.from_preset("k400-vit-l14-336-32f")

@@ -51,14 +51,14 @@ _OTHER_VISION_SHAPES = {
 # Released (and paper) configurations. `sampling_rate` and the view counts describe the authors' evaluation protocol
 # and are consumed by the video processor, not by the model.
 EVL_PRESETS = {
-    "k400-vit-b16-8f": dict(backbone="openai/clip-vit-base-patch16", num_frames=8, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=1, num_temporal_views=3),
-    "k400-vit-b16-16f": dict(backbone="openai/clip-vit-base-patch16", num_frames=16, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=3, num_temporal_views=1),
-    "k400-vit-b16-32f": dict(backbone="openai/clip-vit-base-patch16", num_frames=32, sampling_rate=8, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=3, num_temporal_views=1),
-    "k400-vit-l14-8f": dict(backbone="openai/clip-vit-large-patch14", num_frames=8, sampling_rate=16, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=1, num_temporal_views=3),
-    "k400-vit-l14-16f": dict(backbone="openai/clip-vit-large-patch14", num_frames=16, sampling_rate=16, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
-    "k400-vit-l14-32f": dict(backbone="openai/clip-vit-large-patch14", num_frames=32, sampling_rate=8, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
+    "k400-vit-b16-8f": dict(backbone="openai/clip-vit-base-patch16", num_labels=400, num_frames=8, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=1, num_temporal_views=3),
+    "k400-vit-b16-16f": dict(backbone="openai/clip-vit-base-patch16", num_labels=400, num_frames=16, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=3, num_temporal_views=1),
+    "k400-vit-b16-32f": dict(backbone="openai/clip-vit-base-patch16", num_labels=400, num_frames=32, sampling_rate=8, decoder_qkv_dim=768, decoder_num_heads=12, num_spatial_views=3, num_temporal_views=1),
+    "k400-vit-l14-8f": dict(backbone="openai/clip-vit-large-patch14", num_labels=400, num_frames=8, sampling_rate=16, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=1, num_temporal_views=3),
+    "k400-vit-l14-16f": dict(backbone="openai/clip-vit-large-patch14", num_labels=400, num_frames=16, sampling_rate=16, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
+    "k400-vit-l14-32f": dict(backbone="openai/clip-vit-large-patch14", num_labels=400, num_frames=32, sampling_rate=8, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
     # Reported in the paper, never released.
-    "k400-vit-l14-336-32f": dict(backbone="openai/clip-vit-large-patch14-336", num_frames=32, sampling_rate=8, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
+    "k400-vit-l14-336-32f": dict(backbone="openai/clip-vit-large-patch14-336", num_labels=400, num_frames=32, sampling_rate=8, decoder_qkv_dim=1024, decoder_num_heads=16, num_spatial_views=3, num_temporal_views=1),
     # The authors advise 12 decoder layers for Something-Something v2 (174 classes); no weights were released.
     "ssv2-vit-b16-8f-dec12": dict(backbone="openai/clip-vit-base-patch16", num_frames=8, sampling_rate=16, decoder_qkv_dim=768, decoder_num_heads=12, decoder_num_layers=12, num_labels=174, num_spatial_views=3, num_temporal_views=1),
     # The ViT-B/16 8-frame recipe on the other families' base towers (no EVL weights exist for them); DINOv2-B/14
