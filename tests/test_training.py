@@ -289,3 +289,37 @@ def test_preprocessed_logits_reach_the_metrics_and_the_loss_is_the_models(tmp_pa
     scores._user_preprocess_logits = lambda outputs, labels: outputs[0].argmax(-1)
     kept_logits, _ = scores.preprocess_logits_for_metrics((logits, (logits, logits)), labels)
     assert kept_logits is logits
+
+
+def test_metrics_get_per_batch_lists_without_concatenated_batches(tmp_path):
+    # `eval_do_concat_batches=False`: `Trainer` gives `compute_metrics` one array per batch; so does EVLTrainer, each
+    # batch holding its scored clips.
+    model = seeded_classifier(tiny_config(num_labels=3))
+    inputs = torch.randn(5, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, -1, 2, -100, 1])
+    clips = [{"pixel_values": clip, "labels": label} for clip, label in zip(inputs, labels)]
+    received = {}
+
+    def compute_metrics(prediction):
+        received.update(vars(prediction))
+        return {}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2,
+        include_for_metrics=["inputs", "loss"], eval_do_concat_batches=False,
+    )  # fmt: skip
+    EVLTrainer(model=model, args=args, compute_metrics=compute_metrics).evaluate(clips)
+    with torch.no_grad():
+        logits = model(inputs).logits.numpy()
+    # Batches [0, 1], [2, 3], [4]: clip 1 has no label, clip 3 could not be decoded.
+    for name, expected in (("predictions", logits), ("label_ids", labels.numpy()), ("inputs", inputs.numpy())):
+        batches = received[name]
+        assert isinstance(batches, list) and [len(batch) for batch in batches] == [1, 1, 1], name
+        np.testing.assert_allclose(np.concatenate(batches), expected[[0, 2, 4]], rtol=1e-5, err_msg=name)
+    assert [len(batch) for batch in received["losses"]] == [1, 1, 1]
+    # The script's top-k metric takes them too.
+    scores = trainer(tmp_path, make_compute_metrics(top_k=2), num_labels=3)
+    batches = EvalPrediction(predictions=[logits[:2], logits[2:]], label_ids=[np.array([0, 1]), np.array([2, 2, 1])])
+    assert scores._metrics_of_usable_clips(batches) == scores._metrics_of_usable_clips(
+        EvalPrediction(predictions=logits, label_ids=np.array([0, 1, 2, 2, 1]))
+    )

@@ -201,6 +201,7 @@ class EVLTrainer(Trainer):
         labels = eval_prediction.label_ids
         if labels is None:
             return {}
+        batch_sizes = [len(batch) for batch in labels] if isinstance(labels, list) else None
         logits, shown, labels = whole(logits), whole(shown), whole(labels)
         metrics, scored = self._loss_of_scored_clips(logits, labels)
         logits, labels = logits[scored], labels[scored]
@@ -208,10 +209,12 @@ class EVLTrainer(Trainer):
             inputs = eval_prediction.inputs
             inputs = whole(inputs)[scored] if inputs is not None else None
             losses = self._loss_per_clip(logits, labels) if "loss" in self.args.include_for_metrics else None
-            prediction = EvalPrediction(
-                predictions=_selected(shown, scored), label_ids=labels, inputs=inputs, losses=losses
-            )
-            metrics.update(self._user_compute_metrics(prediction))
+            outputs = (_selected(shown, scored), labels, inputs, losses)
+            if batch_sizes is not None:
+                # `eval_do_concat_batches=False`: per-batch arrays, as `Trainer` gives them, of each batch's scored clips.
+                scored_per_batch = [int(part.sum()) for part in np.split(scored, np.cumsum(batch_sizes)[:-1])]
+                outputs = tuple(None if output is None else per_batch(output, scored_per_batch) for output in outputs)
+            metrics.update(self._user_compute_metrics(EvalPrediction(*outputs)))
         return metrics
 
     def _metrics_of_batch(self, eval_prediction: EvalPrediction, compute_result: bool) -> dict:
@@ -400,6 +403,14 @@ def whole(outputs):
     return np.concatenate(outputs)
 
 
+def per_batch(outputs, batch_sizes: list[int]) -> list:
+    """A whole-set output (or tuple of them) split into batches of these sizes: `whole` undone."""
+    bounds = np.cumsum(batch_sizes)[:-1]
+    if isinstance(outputs, tuple):
+        return [tuple(parts) for parts in zip(*(np.split(output, bounds) for output in outputs))]
+    return np.split(outputs, bounds)
+
+
 def _decodable(labels: np.ndarray) -> np.ndarray:
     """Which clips could be decoded: an unusable clip's label (each of its labels, for multi-label) is -100."""
     return labels.reshape(len(labels), -1)[:, 0] != IGNORE_LABEL
@@ -498,9 +509,10 @@ def make_compute_metrics(top_k: int = 5):
     metric = load_video_accuracy()
 
     def compute_metrics(eval_prediction, compute_result: bool | None = None) -> dict | None:
-        logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
+        predictions = whole(eval_prediction.predictions)  # `eval_do_concat_batches=False` gives batches
+        logits = predictions[0] if isinstance(predictions, tuple) else predictions
         if compute_result is None:
-            return metric.compute(predictions=logits, references=eval_prediction.label_ids, top_k=top_k)
+            return metric.compute(predictions=logits, references=whole(eval_prediction.label_ids), top_k=top_k)
         if len(logits):
             metric.add_batch(predictions=logits.float().cpu().numpy(), references=eval_prediction.label_ids.cpu().numpy())
         return metric.compute(top_k=top_k) if compute_result else None
