@@ -486,6 +486,25 @@ def test_a_checkpoint_trained_on_decomposed_folder_names_knows_the_composed_ones
     assert mapped == {0: unicodedata.normalize("NFC", "café"), 1: "tea"}
 
 
+def test_checkpoint_classes_that_differ_only_in_unicode_form_stay_two_classes():
+    # Composed and decomposed "café" are two classes of this checkpoint: read in one form they would be one name
+    # twice (a ClassLabel refuses it), and the data set's "café" would be scored as either.
+    import unicodedata
+
+    from datasets import ClassLabel, Dataset
+
+    from evl_hf import EVLConfig
+    from evl_hf.run_video_classification import checkpoint_labels, labels_by_name
+
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    config = EVLConfig(id2label={0: decomposed, 1: composed, 2: "tea"})
+    config.architectures = ["EVLForVideoClassification"]
+    mapped = checkpoint_labels(config, [composed, "tea"], ignore_mismatched_sizes=False)
+    assert mapped == {0: decomposed, 1: composed, 2: "tea"}
+    clips = Dataset.from_dict({"label": [0, 1]}).cast_column("label", ClassLabel(names=[composed, "tea"]))
+    assert labels_by_name(clips, ClassLabel(names=[mapped[i] for i in range(3)]))["label"] == [1, 2]
+
+
 def test_labels_map_to_the_checkpoint_by_name(data_dir, backbone_dir, tmp_path):
     checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
     config = json.loads((checkpoint / "config.json").read_text())

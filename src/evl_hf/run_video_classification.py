@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,8 +174,12 @@ def checkpoint_labels(config: EVLConfig, data_labels: list[str], ignore_mismatch
     if "EVLForVideoClassification" not in (config.architectures or []):
         return None  # an EVLModel checkpoint: the head is new
     # In the form the data set's class names take (label folders' names are NFC): a checkpoint trained on folders
-    # named in another form has the same classes.
-    names = [unicodedata.normalize("NFC", config.id2label[i]) for i in range(config.num_labels)]
+    # named in another form has the same classes. Classes of its own that differ only in form stay as they are, two
+    # classes matched by exact name, not one name twice.
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    composed = [unicodedata.normalize("NFC", name) for name in names]
+    twins = {name for name, count in Counter(composed).items() if count > 1}
+    names = [name if form in twins else form for name, form in zip(names, composed)]
     missing = sorted(set(data_labels) - set(names))
     if not missing:
         return dict(enumerate(names))
