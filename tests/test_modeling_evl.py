@@ -16,7 +16,7 @@ from helpers import (
     tiny_vision_config,
 )
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionModel
+from transformers import CLIPConfig, CLIPVisionModel, Dinov2Config, SiglipConfig
 
 from evl_hf import EVL_PRESETS, EVLConfig, EVLForVideoClassification, EVLInputError, EVLModel
 from evl_hf.modeling_evl import EVLCheckpointError
@@ -627,6 +627,36 @@ def test_the_users_labels_win_over_the_presets_class_count(tiny_backbone_dir):
 def test_invalid_configurations_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("image_size", [0, -8])
+def test_a_frame_size_below_one_is_rejected(image_size):
+    # DINOv2 may run at another resolution than its config's: 0 built a model without patches, -8 failed in torch.
+    dinov2 = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8)
+    with pytest.raises(ValueError, match="`image_size` must be at least 1"):
+        EVLConfig(vision_config=dinov2, image_size=image_size, decoder_num_layers=1)
+
+
+def test_the_default_backbone_is_the_vit_b16_of_the_recipe(tmp_path):
+    # The docstring's and the other defaults' ViT-B/16 (transformers' CLIPVisionConfig defaults to B/32).
+    config = EVLConfig()
+    assert (config.vision_config.patch_size, config.vision_config.hidden_act, config.patch_grid) == (16, "quick_gelu", (14, 14))
+    config.save_pretrained(tmp_path)
+    assert EVLConfig.from_pretrained(tmp_path).vision_config.patch_size == 16
+    # A vision config given keeps its own fields.
+    assert EVLConfig(vision_config={"patch_size": 32}).vision_config.patch_size == 32
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+@pytest.mark.parametrize("two_tower", ["clip", "siglip"])
+def test_a_two_tower_config_gives_its_vision_tower(two_tower, as_dict):
+    # What `AutoConfig.from_pretrained("openai/clip-vit-base-patch16")` returns: its vision tower is the backbone, as
+    # `from_backbone_pretrained` takes a whole CLIP or SigLIP checkpoint's.
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+    whole = (CLIPConfig if two_tower == "clip" else SiglipConfig)(vision_config=shape)
+    config = EVLConfig(vision_config=whole.to_dict() if as_dict else whole, decoder_num_layers=1)
+    assert config.vision_config.model_type == f"{two_tower}_vision_model" and config.vision_config.hidden_size == 32
+    assert config.vision_config.to_dict() == whole.vision_config.to_dict()
 
 
 def test_config_with_wrong_field_type_is_rejected(tmp_path):

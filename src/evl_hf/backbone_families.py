@@ -214,6 +214,19 @@ def backbone_family(vision_config: PreTrainedConfig) -> EVLBackboneFamily:
     return BACKBONE_FAMILIES[model_type]
 
 
+def vision_tower_config(config):
+    """The vision tower's config of a two-tower model's (a whole CLIP or SigLIP config, as `AutoConfig` reads a CLIP
+    checkpoint; a config or its dict); any other config as it is."""
+    is_dict = isinstance(config, dict)
+    model_type = config.get("model_type") if is_dict else getattr(config, "model_type", None)
+    family = family_of_checkpoint(model_type)
+    if family is None or model_type == family.vision_model_type:
+        return config
+    if not is_dict:
+        return config.vision_config
+    return {"model_type": family.vision_model_type, **(config.get("vision_config") or {})}
+
+
 def family_of_checkpoint(model_type: str | None) -> EVLBackboneFamily | None:
     return next(
         (family for family in BACKBONE_FAMILIES.values() if model_type in family.checkpoint_model_types), None

@@ -19,7 +19,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .backbone_families import backbone_family
+from .backbone_families import backbone_family, vision_tower_config
 
 
 # The public OpenAI CLIP vision towers the authors built on. Kept here so that presets work offline.
@@ -85,7 +85,7 @@ class EVLConfig(PreTrainedConfig):
         vision_config (`PreTrainedConfig` or `dict`, *optional*):
             Configuration of the image backbone: a `CLIPVisionConfig` (the default, ViT-B/16 shaped), a
             `SiglipVisionConfig`, a `Dinov2Config`, a `Dinov2WithRegistersConfig` or a `ViTConfig` (a dict names
-            its `model_type`). See `evl_hf.backbone_families`.
+            its `model_type`); of a whole CLIP or SigLIP config, its vision tower's. See `evl_hf.backbone_families`.
         image_size (`int`, *optional*):
             Resolution of the frames the backbone reads. Defaults to the backbone's `image_size`. Only backbones that
             interpolate their position embeddings (DINOv2) may differ from it: DINOv2 checkpoints declare 518 and are
@@ -141,7 +141,14 @@ class EVLConfig(PreTrainedConfig):
     ```"""
 
     model_type = "evl"
-    sub_configs_defaults = {"vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model")}
+    # The default backbone is the recipe's ViT-B/16 (transformers' `CLIPVisionConfig` defaults to B/32).
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs=dict(hidden_act="quick_gelu", **_CLIP_VISION_SHAPES["openai/clip-vit-base-patch16"]),
+        )
+    }
 
     vision_config: dict | PreTrainedConfig | None = None
     image_size: int | None = None
@@ -161,6 +168,8 @@ class EVLConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        # A whole CLIP or SigLIP config (`AutoConfig` of such a checkpoint) gives its vision tower's, the backbone.
+        self.vision_config = vision_tower_config(self.vision_config)
         super().__post_init__(**kwargs)
         self.check_architecture()
 
@@ -173,6 +182,7 @@ class EVLConfig(PreTrainedConfig):
     def check_architecture(self):
         """Raise a `ValueError` naming the field when the model cannot be built from this configuration."""
         vision = self.vision_config
+        family = backbone_family(vision) if vision is not None else None  # first: an unsupported config is named
         if self.num_frames < 1:
             raise ValueError(f"`num_frames` must be at least 1, got {self.num_frames}.")
         if self.decoder_num_layers < 1:
@@ -206,8 +216,9 @@ class EVLConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"`image_size` must be at least 1, got {self.image_size}.")
         if vision is not None:
-            family = backbone_family(vision)  # first: an unsupported config is refused by name
             if vision.hidden_size % vision.num_attention_heads != 0:
                 raise ValueError(
                     f"`vision_config.hidden_size` ({vision.hidden_size}) must be divisible by "
