@@ -261,6 +261,16 @@ def test_a_partial_configuration_takes_the_class_defaults(tmp_path, caplog):
     assert "earlier evl-hf" not in caplog.text
 
 
+def test_numpy_numbers_are_saved_as_json_numbers(tmp_path):
+    # Accepted as whole numbers, they used to fail `save_pretrained` half way, leaving an empty JSON file behind.
+    processor = EVLVideoProcessor(num_frames=np.int64(4), sampling_rate=np.int32(2), num_temporal_views=np.int64(2),
+                                  num_spatial_views=np.int64(3), fps=np.float32(2.5))  # fmt: skip
+    processor.save_pretrained(tmp_path)
+    loaded = EVLVideoProcessor.from_pretrained(tmp_path)
+    assert (loaded.num_frames, loaded.sampling_rate, loaded.num_temporal_views, loaded.num_spatial_views, loaded.fps) == (4, 2, 2, 3, 2.5)
+    assert type(loaded.num_frames) is int and type(loaded.fps) is float
+
+
 def test_an_unknown_frame_sampling_is_refused_when_the_processor_is_built():
     with pytest.raises(ValueError, match="frame_sampling must be 'dense' or 'uniform', got 'Uniform'"):
         EVLVideoProcessor(frame_sampling="Uniform")

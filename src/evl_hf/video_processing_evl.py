@@ -218,6 +218,10 @@ class EVLVideoProcessor(BaseVideoProcessor):
             raise ValueError(f"frame_sampling must be 'dense' or 'uniform', got {self.frame_sampling!r}.")
         if self.decoding_backend not in DECODING_BACKENDS:
             raise ValueError(f"decoding_backend must be one of {DECODING_BACKENDS}, got {self.decoding_backend!r}.")
+        # Numbers given as numpy scalars are kept as Python ones, which the saved JSON can hold.
+        for name in ("num_frames", "sampling_rate", "num_temporal_views", "num_spatial_views", "fps"):
+            if isinstance(getattr(self, name), np.generic):
+                setattr(self, name, getattr(self, name).item())
 
     @classmethod
     def from_dict(cls, video_processor_dict: dict, **kwargs):
