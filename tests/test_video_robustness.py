@@ -132,6 +132,27 @@ def test_a_seek_landing_after_the_wanted_frame_is_done_again_from_earlier(
         assert frame_index(frames[0]) == index
 
 
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
+def test_an_avi_with_b_frames_gives_each_frame_for_its_own_index(tmp_path, decoding_backend, codec):
+    # AVI stores no presentation times, and FFmpeg's guesses for a B-frame stream are the reorder delay late (MPEG-4
+    # part 2, as Xvid/DivX write it) or in decoding order (H.264): indexed by them, frame i was frame i-1 or a
+    # neighbour. Each frame is its own index, alone or together, with both backends and the timeline's stream.
+    path = tmp_path / "bframes.avi"
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream(codec, rate=25, options={"g": "24", "bf": "2"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in index_coded_frames(72):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    frames, metadata = decode_video(path, lambda metadata: list(range(72)), backend=decoding_backend)
+    assert [frame_index(frame) for frame in frames] == list(range(72)) and metadata.total_num_frames == 72
+    for indices in ([0], [1], [22], [23], [24], [47, 71], [5, 30, 60]):
+        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
+        assert [frame_index(frame) for frame in frames] == indices
+    with VideoFrameStream(str(path), step=5) as frame_stream:
+        assert [(index, frame_index(frame)) for index, frame in frame_stream] == [(i, i) for i in range(0, 72, 5)]
+
+
 def test_a_stream_that_cannot_seek_never_gives_a_later_frame_for_an_earlier_one(tmp_path):
     # An FLV read from a pipe: the demuxer cannot seek, and after probing it stands past the first frames. Its frames
     # from there must not stand for the ones before: a clear error instead (the path decodes it).

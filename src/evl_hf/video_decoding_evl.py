@@ -308,6 +308,7 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     except ImportError as error:  # `decode_video` decodes with PyAV instead
         raise ImportError(f"torchcodec cannot be imported: {error}") from error
 
+    is_avi = _is_avi(opened, start_position)
     decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1)
     stream = decoder.metadata
     # Width and height are after rotation, as the frames come out; their product is what the limit is about.
@@ -328,6 +329,9 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
         raise ValueError(f"negative frame index {wanted[0]}")
     decoded = {}
     begin = stream.begin_stream_seconds or 0.0
+    if is_avi and decoder.get_frame_at(0).pts_seconds - begin > 0.5 / float(fps):
+        # A B-frame stream in AVI: see `_times_are_guessed`. PyAV indexes its frames by their order instead.
+        raise ValueError("an AVI stream with B-frames, whose frame times are FFmpeg's guesses")
     for chunk_start in range(0, len(wanted), _TORCHCODEC_CHUNK):
         request.check_time()
         chunk = wanted[chunk_start : chunk_start + _TORCHCODEC_CHUNK]
@@ -340,6 +344,18 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
                 raise ValueError(f"torchcodec gave the frame shown at {seconds:.3f} s for frame {index}")
         decoded.update(zip(chunk, frames.data.numpy()))
     return request.stack([decoded[min(index, total - 1)] for index in indices]), metadata
+
+
+def _is_avi(opened, start_position) -> bool:
+    """Whether the file (a path, or a seekable file object starting at `start_position`) is an AVI: its RIFF header."""
+    if isinstance(opened, str):
+        with open(opened, "rb") as file:
+            header = file.read(12)
+    else:
+        opened.seek(start_position)
+        header = opened.read(12)
+        opened.seek(start_position)
+    return header[:4] == b"RIFF" and header[8:12] == b"AVI "
 
 
 def _decode_with_pyav(opened, request: "_DecodeRequest"):
@@ -475,6 +491,27 @@ def _raise_if_cut_short(name: str, shown_until: float | None, declared: float | 
         )
 
 
+def _times_are_guessed(container, stream) -> bool:
+    """
+    Whether the stream's frame times are FFmpeg's guesses, which the frames' order must correct: AVI stores no
+    presentation times, only the frames in decoding order, and for a stream with B-frames the guesses are the reorder
+    delay late (MPEG-4 part 2, as Xvid and DivX write it) or in decoding order (H.264).
+    """
+    return "avi" in container.format.name.split(",") and bool(stream.codec_context.has_b_frames)
+
+
+def _first_frame_seconds(container, stream, request: "_DecodeRequest") -> float | None:
+    """The time of the stream's first frame, decoded from its start (the demuxer is left at the start again); `None`
+    where the stream cannot seek (the first frame decoded from where the demuxer is is then frame 0)."""
+    try:
+        container.seek(0)
+        first = next(iter(_decoded_frames(container, stream, request.name, [], request.check_time)), None)
+        container.seek(0)
+    except av.error.FFmpegError:
+        return None
+    return first.time if first is not None else None
+
+
 def _start_seconds(stream) -> float | None:
     """When the stream's first frame is shown, `None` where the container does not say (raw elementary streams): the
     first frame decoded is then frame 0."""
@@ -489,8 +526,12 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     of all frames.
     """
     start_seconds = _start_seconds(stream)
+    by_order = _times_are_guessed(container, stream)
+    if by_order:
+        # Frame 0 is the first frame shown, whose guessed time is the stream's start plus the reorder delay.
+        start_seconds = _first_frame_seconds(container, stream, request)
     decode_from_here = functools.partial(
-        _decode_frames_from, container, stream, request, wanted, first, fps, declared, start_seconds
+        _decode_frames_from, container, stream, request, wanted, first, fps, declared, start_seconds, by_order
     )
     # Without a start time, the first frame's time is frame 0's: decoded from the start, not sought.
     if wanted is not None and fps and first > 0 and start_seconds is not None:
@@ -528,17 +569,21 @@ def _decode_frames_from(
     fps,
     declared,
     start_seconds,
+    by_order: bool,
     last_try: bool = False,
     unsought: bool = False,
 ):
     """`_decode_range` from where the demuxer is; unless `last_try`, `None` where no frame decodes from there
     (without an error, which is raised) or the first one lies past frame `first`. `unsought`: the demuxer could not
-    seek, and a first frame past frame `first` is an error (its frames would stand for the ones before it)."""
+    seek, and a first frame past frame `first` is an error (its frames would stand for the ones before it).
+    `by_order`: the frames' times are guesses (`_times_are_guessed`), right for the first frame only (its time, less
+    the reorder delay that `start_seconds` includes); the frames after it are counted."""
     name = request.name
     result = {} if wanted is not None else []
     position = 0
     latest = None  # the last frame decoded; converted to RGB only if it has to stand in for frames past the end
     decoded = 0
+    index = None  # the last decoded frame's
     damaged = []
     try:
         for frame in _decoded_frames(container, stream, name, damaged, request.check_time):
@@ -549,8 +594,11 @@ def _decode_frames_from(
                 continue
             if start_seconds is None:
                 start_seconds = frame.time
-            index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else None
-            if index is None:
+            if by_order and index is not None:
+                index += 1
+            elif frame.time is not None and fps:
+                index = round((frame.time - start_seconds) * fps)
+            else:
                 index = first + len(result)
             if decoded == 1 and index > first and not last_try:
                 return None  # the demuxer sought past frame `first` (a container without an index): not its frames
@@ -656,13 +704,15 @@ class VideoFrameStream:
     def __iter__(self):
         stream, fps = self._stream, self.fps
         start_seconds = _start_seconds(stream)
+        by_order = _times_are_guessed(self._container, stream)  # counted from the start: frame i is the i-th shown
         wanted, counted, damaged, size, shown_until = 0, 0, [], None, None
         try:
             for frame in _decoded_frames(self._container, stream, self.name, damaged, lambda: None):
                 if start_seconds is None:
                     start_seconds = frame.time
                 # The index `decode_video` gives this frame: by its time, or by its position without one.
-                index = round((frame.time - start_seconds) * fps) if frame.time is not None and fps else counted
+                by_time = frame.time is not None and fps and not by_order
+                index = round((frame.time - start_seconds) * fps) if by_time else counted
                 counted += 1
                 shown_until = _seconds_shown_until(frame, start_seconds, fps)
                 if size is None:
