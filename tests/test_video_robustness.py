@@ -208,6 +208,68 @@ def test_a_stream_that_cannot_seek_never_gives_a_later_frame_for_an_earlier_one(
             assert [frame_index(frame) for frame in frames] == indices
 
 
+def test_a_stream_appearing_part_way_through_a_pipe_is_a_named_error(tmp_path):
+    # Two MPEG-TS parts joined, the second adding an audio stream: read from a pipe, FFmpeg announces the new stream
+    # only when it arrives, and PyAV's demuxer raised IndexError on its first packet. A named error instead.
+    def part(frames, first, audio):
+        buffer = io.BytesIO()
+        with av.open(buffer, "w", format="mpegts") as container:
+            video = container.add_stream("mpeg2video", rate=25)
+            video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+            if audio:
+                sound = container.add_stream("mp2", rate=48000)
+                sound.layout = "mono"
+            for index, frame in enumerate(frames):
+                video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                video_frame.pts = first + index
+                container.mux(video.encode(video_frame))
+                if audio:
+                    audio_frame = av.AudioFrame.from_ndarray(np.zeros((1, 1920), np.int16), format="s16", layout="mono")
+                    audio_frame.sample_rate, audio_frame.pts = 48000, (first + index) * 1920
+                    container.mux(sound.encode(audio_frame))
+            container.mux(video.encode())
+        return buffer.getvalue()
+
+    frames = index_coded_frames(60)
+    data = part(frames[:30], 0, audio=False) + part(frames[30:], 30, audio=True)
+    decoded, _ = decode_video(data, lambda metadata: [5, 20], backend="pyav")  # whole, it is read
+    assert [frame_index(frame) for frame in decoded] == [5, 20]
+
+    class Pipe(io.RawIOBase):
+        name = "camera-pipe"
+
+        def __init__(self, data):
+            self.data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            return self.data.readinto(buffer)
+
+    with pytest.raises(EVLVideoDecodingError, match="camera-pipe: a stream the header did not announce"):
+        decode_video(io.BufferedReader(Pipe(data)), lambda metadata: [5])
+
+
+def test_a_file_object_whose_seek_fails_is_a_named_error(tmp_path, decoding_backend):
+    # It says it can seek, but its seeks fail after the first few (a network file system, a wrapper): the decoders'
+    # own errors or the rewinding before PyAV's try raised io.UnsupportedOperation. A named error instead.
+    data = write_clip(tmp_path / "clip.mp4", index_coded_frames(30)).read_bytes()
+
+    class FailingSeek(io.BytesIO):
+        name = "flaky-share.mp4"
+        seeks = 0
+
+        def seek(self, position, whence=0):
+            self.seeks += 1
+            if self.seeks > 3 and whence == 0:
+                raise io.UnsupportedOperation("seek")
+            return super().seek(position, whence)
+
+    with pytest.raises(EVLVideoDecodingError, match="flaky-share.mp4: "):
+        decode_video(FailingSeek(data), lambda metadata: [5], backend=decoding_backend)
+
+
 def test_audio_only_file(tmp_path, decoding_backend):
     path = tmp_path / "audio.mp4"
     with av.open(str(path), mode="w") as container:

@@ -122,6 +122,17 @@ def _is_seekable(file: io.IOBase) -> bool:
         return False
 
 
+def _rewind(file: io.IOBase, position: int, name: str) -> None:
+    """Seek a file object to `position`: one that says it can seek but whose seek fails is an error naming it."""
+    try:
+        file.seek(position)
+    except (OSError, ValueError) as error:
+        _raise_if_environment_error(name, error)
+        raise EVLVideoDecodingError(
+            f"{name}: the file object cannot seek ({type(error).__name__}: {error}); give the path or the bytes."
+        ) from None
+
+
 def _open_source(source, timeout: float):
     """Return something `av.open` accepts, with clear errors for missing paths, directories, empty files and URLs; a
     seekable file object rewound to its start."""
@@ -133,7 +144,7 @@ def _open_source(source, timeout: float):
         # Read from its start, as PIL and PyAV read files: a caller that sniffed the header need not rewind. (torchcodec
         # would read some containers from where the file stands, fail, and leave the video to PyAV.)
         if _is_seekable(source):
-            source.seek(0)
+            _rewind(source, 0, _video_name(source))
         return source
     if not isinstance(source, (str, os.PathLike)):
         frames = " (decoded frames go to the video processor or the video-classification pipeline)"
@@ -277,7 +288,7 @@ def _decode_opened(opened, backend: str, request: "_DecodeRequest"):
         except Exception as error:
             logger.info(f"{request.name}: torchcodec cannot decode it ({type(error).__name__}: {error}); decoding with PyAV.")
             if start_position is not None:
-                opened.seek(start_position)
+                _rewind(opened, start_position, request.name)
         else:
             if request.stats is not None:
                 request.stats["backend"] = "torchcodec"
@@ -443,7 +454,19 @@ def _decoded_frames(container, stream, name: str, damaged: list, check_time: Cal
     still decode (until the next key frame they may show the damage). An error of the demuxer itself ends the frames
     and is raised to the caller. `check_time` runs before each packet.
     """
-    for packet in container.demux(stream):
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets, None)
+        except IndexError:
+            # PyAV's demuxer fails on the first packet of a stream that FFmpeg announces only when it arrives (MPEG-TS
+            # parts joined, or damaged data, read from a pipe): the frames cannot be read on.
+            raise EVLVideoDecodingError(
+                f"{name}: a stream the header did not announce starts part way through the file, which PyAV cannot "
+                "demux (read from a file object that cannot seek? give the path or the bytes)."
+            ) from None
+        if packet is None:
+            return
         check_time()
         try:
             frames = packet.decode()
@@ -771,7 +794,10 @@ class VideoFrameStream:
         if isinstance(self._source, io.IOBase):
             if not _is_seekable(self._source):
                 return None
-            self._source.seek(0)
+            try:
+                self._source.seek(0)
+            except (OSError, ValueError):  # it says it can seek, but fails
+                return None
             return self._source
         if isinstance(self._source, str) and self._owned is not None:  # a URL's download
             self._owned.seek(0)
