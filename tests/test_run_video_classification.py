@@ -308,6 +308,49 @@ def test_a_checkpoint_that_cannot_be_resumed_is_refused_before_the_feature_cache
     assert not list(cache.rglob("*.arrow"))
 
 
+def test_a_folder_without_the_optimizer_scheduler_and_random_states_is_not_resumed_from(data_dir, backbone_dir, tmp_path):
+    """A finished run's output dir has trainer_state.json but no optimizer, scheduler or random states: Trainer would
+    go on from its step with a fresh optimizer and a restarted learning-rate schedule, without a word."""
+    output = tmp_path / "out"
+    load_script().main(base_args(data_dir, backbone_dir, output, "--do_train", "--max_steps", "1", "--save_steps", "1"))
+    args = base_args(data_dir, backbone_dir, tmp_path / "resumed", "--do_train", "--max_steps", "2")
+    with pytest.raises(ValueError, match=rf"Cannot resume from {output}: no optimizer, scheduler or random states in it "
+                                         rf"\(a run's final model, not a checkpoint\): resume from its last checkpoint, "
+                                         rf"{output / 'checkpoint-1'}"):  # fmt: skip
+        load_script().main([*args, "--resume_from_checkpoint", str(output)])
+    # A checkpoint saved with --save_only_model cannot continue where it stopped either; its weights can be trained on.
+    model_only = tmp_path / "model_only"
+    shutil.copytree(output / "checkpoint-1", model_only)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (model_only / name).unlink()
+    with pytest.raises(ValueError, match=rf"Cannot resume from {model_only}: no optimizer, scheduler or random states "
+                                         rf"in it .*--save_only_model.*--model_name_or_path {model_only}"):  # fmt: skip
+        load_script().main([*args, "--resume_from_checkpoint", str(model_only)])
+
+
+def test_checkpoints_are_told_apart_by_the_states_trainer_resumes_from(tmp_path):
+    """Trainer writes the random states (one file per process when distributed) after the optimizer and scheduler,
+    in every layout: plain, DeepSpeed (its own folder, no scheduler.pt) and FSDP (a sharded optimizer folder). A
+    folder with the model alone is refused."""
+    from evl_hf.run_video_classification import check_trainer_checkpoint
+
+    layouts = {
+        "plain": ["optimizer.pt", "scheduler.pt", "rng_state.pth"],
+        "deepspeed": ["latest", "global_step4/mp_rank_00_model_states.pt", "rng_state_0.pth", "rng_state_1.pth"],
+        "fsdp": ["optimizer_0/.metadata", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"],
+        "model_only": ["model.safetensors", "config.json"],
+    }
+    for layout, files in layouts.items():
+        for name in ["trainer_state.json", *files]:
+            (tmp_path / layout / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / layout / name).write_text("{}")
+        if layout == "model_only":
+            with pytest.raises(ValueError, match="no optimizer, scheduler or random states in it"):
+                check_trainer_checkpoint(str(tmp_path / layout))
+        else:
+            check_trainer_checkpoint(str(tmp_path / layout))
+
+
 def test_resuming_a_run_whose_classes_are_transformers_default_names(data_dir, backbone_dir, tmp_path):
     """config.json leaves out an id2label equal to transformers' default (LABEL_0, LABEL_1): such a checkpoint
     resumes, its classes read as transformers reads them."""

@@ -362,14 +362,31 @@ def labels_by_name(dataset, model_labels: ClassLabel):
 
 
 def check_trainer_checkpoint(checkpoint: str) -> None:
-    """Refuse a folder that does not exist (a typo) or that `Trainer` did not write (no `trainer_state.json`), which
-    `Trainer.train` would only refuse after the feature cache is built."""
+    """
+    Refuse a folder that does not exist (a typo) or that `Trainer` did not write (no `trainer_state.json`), which
+    `Trainer.train` would only refuse after the feature cache is built, and one without the optimizer, scheduler and
+    random states (a run's final model, a `--save_only_model` checkpoint), from which `Trainer` would go on with a
+    fresh optimizer and a restarted learning-rate schedule without a word. `Trainer` writes the random states (one
+    file per process when distributed) after the optimizer and scheduler, in every layout (DeepSpeed's and FSDP's
+    included), and only with them: their presence tells a checkpoint that can be resumed exactly.
+    """
     folder = Path(checkpoint)
     if not (folder / TRAINER_STATE_NAME).is_file():
         why = "no such directory" if not folder.is_dir() else (
             f"no {TRAINER_STATE_NAME} in it: not a checkpoint Trainer wrote (a checkpoint-N folder of an --output_dir)"
         )  # fmt: skip
         raise ValueError(f"Cannot resume from {checkpoint}: {why}.")
+    if not any(folder.glob("rng_state*.pth")):
+        last = last_complete_checkpoint(checkpoint)
+        why = "no optimizer, scheduler or random states in it"
+        if last is not None:
+            raise ValueError(f"Cannot resume from {checkpoint}: {why} (a run's final model, not a checkpoint): resume "
+                             f"from its last checkpoint, {last}.")  # fmt: skip
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: {why} (a run's final model, or a checkpoint saved with "
+            "--save_only_model), so training cannot continue where it stopped. To train on from its weights with a "
+            f"new optimizer and schedule, give --model_name_or_path {checkpoint} and a new --output_dir."
+        )
 
 
 def check_checkpoint_fits(checkpoint: str, model: EVLForVideoClassification) -> None:
