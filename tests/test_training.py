@@ -323,3 +323,31 @@ def test_metrics_get_per_batch_lists_without_concatenated_batches(tmp_path):
     assert scores._metrics_of_usable_clips(batches) == scores._metrics_of_usable_clips(
         EvalPrediction(predictions=logits, label_ids=np.array([0, 1, 2, 2, 1]))
     )
+
+
+def test_the_model_card_says_how_the_model_was_made(tmp_path):
+    """Started from a local directory (no Hub id to link): from an image backbone, frozen or fine-tuned with the
+    decoder, or from an EVL checkpoint, which Trainer's card would call "trained from scratch"."""
+    from helpers import save_tiny_backbone
+
+    backbone = save_tiny_backbone(tmp_path / "clip")
+    starting = tmp_path / "evl-kinetics"
+    EVLForVideoClassification(tiny_config()).save_pretrained(starting)
+
+    def first_sentence(origin, **config) -> str:
+        output = tmp_path / f"out-{origin.name}-{config}"
+        model = EVLForVideoClassification(tiny_config(**config))
+        args = TrainingArguments(output_dir=str(output), report_to="none", use_cpu=True)
+        EVLTrainer(model=model, args=args).create_model_card(finetuned_from=str(origin), dataset="motion")
+        return next(line for line in (output / "README.md").read_text().splitlines() if line.startswith("This model"))
+
+    assert first_sentence(backbone) == (
+        "This model is an EVL video classifier (frozen image backbone) trained on the motion dataset."
+    )
+    assert first_sentence(backbone, freeze_backbone=False) == (
+        "This model is an EVL video classifier (image backbone fine-tuned end to end) trained on the motion dataset."
+    )
+    assert first_sentence(starting) == (
+        "This model is a fine-tuned version of the local EVL checkpoint evl-kinetics (frozen image backbone) on the "
+        "motion dataset."
+    )

@@ -347,11 +347,12 @@ class EVLTrainer(Trainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """
         Trainer's card, plus the metadata the Hub needs for a video classifier: the pipeline tag, `base_model` as a
-        Hub id (left out when the backbone came from a local directory of unknown origin) and `model-index` with the
-        latest evaluation results.
+        Hub id (left out when the model started from a local directory of unknown origin, which the card's text
+        names only if it is an EVL checkpoint) and `model-index` with the latest evaluation results.
         """
         # Trainer links `finetuned_from` and `dataset` as Hub repositories in the card's text: only Hub ids may go there.
-        kwargs["finetuned_from"] = hub_repo_id(kwargs.get("finetuned_from"))
+        origin = kwargs.get("finetuned_from") or self.model.config._name_or_path
+        kwargs["finetuned_from"] = hub_repo_id(origin)
         dataset = kwargs.get("dataset")
         local_dataset = dataset is not None and os.path.exists(str(dataset))
         if local_dataset:
@@ -367,10 +368,18 @@ class EVLTrainer(Trainer):
         card.data.library_name = "transformers"
         card.data.base_model = kwargs["finetuned_from"]  # None: left out of the metadata
         if kwargs["finetuned_from"] is None:
-            # Trainer falls back to the model's empty `_name_or_path` and writes an empty Hub link.
-            card.text = card.text.replace(
-                "a fine-tuned version of [](https://huggingface.co/)", "an EVL video classifier (frozen image backbone) trained"
-            )
+            # Without a Hub id, Trainer falls back to the model's `_name_or_path`: empty (a model built around a
+            # backbone) gives an empty Hub link, a local directory "trained from scratch". Neither says how it was made.
+            backbone = "frozen image backbone" if self.model.config.freeze_backbone else "image backbone fine-tuned end to end"
+            if local_evl_checkpoint(origin):
+                name = Path(origin).resolve()
+                name = f"{name.parent.name}/{name.name}" if name.name.startswith(PREFIX_CHECKPOINT_DIR) else name.name
+                made = f"This model is a fine-tuned version of the local EVL checkpoint {name} ({backbone}) on "
+            else:
+                made = f"This model is an EVL video classifier ({backbone}) trained on "
+            for opening in ("This model is a fine-tuned version of [](https://huggingface.co/) on ",
+                            "This model was trained from scratch on "):  # fmt: skip
+                card.text = card.text.replace(opening, made)
         dataset_type = kwargs.get("dataset_tags") or (("videofolder" if os.path.isdir(str(dataset)) else "custom") if local_dataset else dataset)
         results = latest_evaluation(self.state.log_history)
         if results and dataset_type:
@@ -501,6 +510,19 @@ def hub_repo_id(name_or_path: str | None) -> str | None:
     except HFValidationError:
         return None
     return text
+
+
+def local_evl_checkpoint(name_or_path: str | None) -> bool:
+    """Whether a model started from a local directory holding an EVL checkpoint (rather than an image backbone)."""
+    if not name_or_path or not os.path.isdir(str(name_or_path)):
+        return False
+    from .configuration_evl import EVLConfig
+
+    try:
+        config, _ = EVLConfig.get_config_dict(str(name_or_path))
+    except OSError:  # no config.json
+        return False
+    return config.get("model_type") == EVLConfig.model_type
 
 
 def make_compute_metrics(top_k: int = 5):
