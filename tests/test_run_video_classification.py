@@ -619,6 +619,85 @@ def test_rerunning_into_a_checkpointed_output_dir_warns_about_changed_arguments(
     assert "seed" not in warning.split("arguments")[-1].replace("data_seed", "")  # unchanged ones are not listed
 
 
+def test_do_eval_without_validation_data_splits_it_off_the_training_clips(data_dir, backbone_dir, tmp_path):
+    """--train_val_split, as in transformers' run_image_classification.py: with a share large enough for every class
+    to be in both sets, the split is stratified."""
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "1",
+                     "--save_strategy", "no", "--train_val_split", "0.5")  # fmt: skip
+    for flag in ("--validation_dir", "--test_dir"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    from evl_hf.data.video_dataset import clip_names
+
+    trainer = load_script().main(args)
+    training, validation = trainer.train_dataset.dataset, trainer.eval_dataset.dataset
+    assert len(validation) == 11 and len(training) == 11  # of the 22 training clips (2 of them unusable)
+    assert not set(clip_names(validation)) & set(clip_names(training))
+    assert set(validation["label"]) == set(training["label"]) == set(range(len(MOTION_CLASSES)))
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert "eval_top1_accuracy" in results
+    # Recorded with the run's arguments (written into each checkpoint): a resumed run that does not split says so.
+    assert trainer.run_arguments["train_val_split"] == 0.5
+    with pytest.raises(ValueError, match="--do_eval needs a validation split: .*--train_val_split"):
+        load_script().main([*args, "--train_val_split", "0"])
+
+
+def labeled_clips(counts: dict):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    names = list(counts)
+    videos = [f"{name}_{index}.mp4" for name in names for index in range(counts[name])]
+    labels = [label for label, name in enumerate(names) for _ in range(counts[name])]
+    features = Features({"video": Value("string"), "label": ClassLabel(names=names)})
+    return Dataset.from_dict({"video": videos, "label": labels}, features=features)
+
+
+SPLIT_IN_A_NEW_PROCESS = """
+import json, sys
+from datasets import ClassLabel, Dataset, Features, Value
+from evl_hf.run_video_classification import split_off_validation
+videos, labels, names = json.loads(sys.argv[1])
+features = Features({"video": Value("string"), "label": ClassLabel(names=names)})
+train = Dataset.from_dict({"video": videos, "label": labels}, features=features)
+print(json.dumps(list(split_off_validation(train, 0.3, seed=7, training=True)[1]["video"])))
+"""
+
+
+def test_the_train_val_split_is_stratified_and_the_same_in_every_process():
+    import random
+
+    from evl_hf.run_video_classification import split_off_validation
+
+    clips = labeled_clips({"a": 6, "b": 6, "c": 6})
+    training, validation = split_off_validation(clips, 0.3, seed=7, training=True)
+    assert len(validation) == 6 and sorted(validation["label"]) == [0, 0, 1, 1, 2, 2]
+    assert sorted([*training["video"], *validation["video"]]) == sorted(clips["video"])
+    assert list(split_off_validation(clips, 0.3, seed=8, training=True)[1]["video"]) != list(validation["video"])
+    # Each process splits on its own: the split depends on the seed alone, not on the random states of the process
+    # (they differ between ranks) nor on its hash seed.
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert list(split_off_validation(clips, 0.3, seed=7, training=True)[1]["video"]) == list(validation["video"])
+    data = json.dumps([list(clips["video"]), list(clips["label"]), clips.features["label"].names])
+    env = dict(os.environ, PYTHONHASHSEED="123", PYTHONPATH=str(ROOT / "src"))
+    result = subprocess.run([sys.executable, "-c", SPLIT_IN_A_NEW_PROCESS, data], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == list(validation["video"])
+
+
+def test_a_train_val_split_that_cannot_be_stratified_is_random_and_leaves_every_class_training_clips(caplog):
+    from evl_hf.run_video_classification import split_off_validation
+
+    clips = labeled_clips({"a": 4, "b": 4, "single": 1})
+    with caplog.at_level("WARNING"):
+        training, validation = split_off_validation(clips, 0.3, seed=7, training=False)
+    assert "not stratified: the class 'single' has 1 clip" in caplog.text
+    assert len(validation) == 3 and len(training) == 6
+    # Training: a class whose clips all went to the validation split would never be trained.
+    with pytest.raises(ValueError, match=r"--train_val_split 0.7 leaves no training clips of the classes \["):
+        split_off_validation(clips, 0.7, seed=7, training=True)  # 2 training clips for 3 classes
+    with pytest.raises(ValueError, match=r"--train_val_split must be at least 0 and less than 1, got 1.0"):
+        split_off_validation(clips, 1.0, seed=7, training=True)
+
+
 def test_data_directories_that_are_not_videofolders_say_what_is_wrong(data_dir, backbone_dir, tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -20,6 +20,7 @@ by name.
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import unicodedata
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from datasets import ClassLabel
+from datasets import ClassLabel, Dataset
 from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
@@ -147,6 +148,11 @@ class DataTrainingArguments:
                   "(eval_reversed_* / eval_shuffled_* metrics, per-clip predictions, a model-card section): how much "
                   "the model uses frame order. Three evaluations instead of one."},
     )  # fmt: skip
+    train_val_split: float | None = field(
+        default=0.15,
+        metadata={"help": "With --do_eval and no validation split, the share of the training clips split off as one "
+                  "(stratified by label where every class can be in both sets; seeded with --seed)."},
+    )  # fmt: skip
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     max_predict_samples: int | None = field(default=None)
@@ -201,6 +207,45 @@ def data_source(data_args) -> str:
         if getattr(data_args, name):
             return getattr(data_args, name)
     return "the data"
+
+
+def split_off_validation(train: Dataset, fraction: float, seed: int, training: bool) -> tuple[Dataset, Dataset]:
+    """
+    (training, validation) clips of `train`, `fraction` of them for validation, as transformers'
+    run_image_classification.py does with `--train_val_split`. Stratified by label, each class in both sets, where
+    `datasets` can: every class has 2 clips or more and each set room for every class; else a random split (with a
+    warning). Seeded with `seed` alone, so every process makes the same split. When `training`, a split that leaves a
+    class without training clips is refused: that class would never be trained.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--train_val_split must be at least 0 and less than 1, got {fraction}.")
+    names = train.features["label"].names
+    counts = Counter(train["label"])
+    num_validation = math.ceil(fraction * len(train))  # as `train_test_split` counts it
+    fewest, count = min(counts.items(), key=lambda item: item[1])
+    if count < 2:
+        why = f"the class {names[fewest]!r} has {count} clip"
+    elif min(num_validation, len(train) - num_validation) < len(counts):
+        why = (f"{num_validation} validation and {len(train) - num_validation} training clips cannot both hold each "
+               f"of the {len(counts)} classes")  # fmt: skip
+    else:
+        why = None
+    if why is not None:
+        logger.warning("--train_val_split %s: the split is not stratified: %s.", fraction, why)
+    try:
+        # The indices in memory: the processes would otherwise write the same cache file at once.
+        split = train.train_test_split(
+            test_size=fraction, seed=seed, stratify_by_column=None if why else "label", keep_in_memory=True
+        )
+    except ValueError as error:  # e.g. no clip left for training
+        raise ValueError(f"--train_val_split {fraction}: {error}") from None
+    missing = sorted(set(counts) - set(split["train"]["label"]))
+    if training and missing:
+        raise ValueError(
+            f"--train_val_split {fraction} leaves no training clips of the classes {[names[label] for label in missing]}: "
+            "they would never be trained. Give a smaller --train_val_split, another --seed, or a --validation_dir."
+        )
+    return split["train"], split["test"]
 
 
 def check_num_classes(id2label: dict, source: str) -> None:
@@ -477,6 +522,13 @@ def main(argv: list[str] | None = None):
         data_args.video_column, data_args.label_column, class_names, model_args.cache_dir,
         used_splits=[split for split, wanted in used.items() if wanted],
     )  # fmt: skip
+    if training_args.do_eval and "validation" not in dataset and "train" in dataset and data_args.train_val_split:
+        dataset["train"], dataset["validation"] = split_off_validation(
+            dataset["train"], data_args.train_val_split, training_args.seed, training=training_args.do_train
+        )  # fmt: skip
+    else:
+        # Recorded with the run's arguments: a resumed run that splits where this one did not says so.
+        data_args.train_val_split = None
     # Class names from the labeled splits (or --class_names_file); a test split without labels is only predicted.
     unlabeled = {split for split, data in dataset.items() if is_unlabeled(data)}
     labels = next(iter(dataset.values())).features["label"].names
@@ -517,7 +569,10 @@ def main(argv: list[str] | None = None):
     eval_transform = VideoEvalTransform(processor)
     if training_args.do_eval:
         if "validation" not in dataset:
-            raise ValueError("--do_eval needs a validation split.")
+            raise ValueError(
+                "--do_eval needs a validation split: give --validation_dir, --validation_list or a data set with one, "
+                "or split one off the training clips with --train_val_split."
+            )
         eval_dataset = EvaluationClips(limit("validation", data_args.max_eval_samples), eval_transform)
     # The same clips with their decoded frames reordered; a clip's shuffle depends on its index only, never the rank.
     reordered_eval_datasets = {}
