@@ -183,7 +183,7 @@ def test_feature_cache_built_by_two_processes_equals_the_single_process_one(data
         manifest = json.loads((directory / "cache.json").read_text())
         from datasets import Dataset, concatenate_datasets
 
-        rows = concatenate_datasets([Dataset.from_file(str(directory / name)) for name in manifest["shards"]])
+        rows = concatenate_datasets([Dataset.from_file(str(directory / shard["file"])) for shard in manifest["shards"]])
         return directory.name, manifest, rows.with_format("numpy")[:]
 
     name_1, manifest_1, rows_1 = read(single)

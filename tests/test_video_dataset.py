@@ -1,5 +1,6 @@
 """Data sets, bad-clip policy and feature cache of `evl_hf.data.video_dataset`, below the training script."""
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -340,8 +341,6 @@ def test_the_cache_fingerprint_follows_the_backbones_config_not_only_its_weights
 
 
 def test_a_cache_of_another_layout_is_built_again_not_read(clips, tmp_path, caplog):
-    import json
-
     from datasets import Array4D
     from datasets.arrow_writer import ArrowWriter
 
@@ -353,12 +352,12 @@ def test_a_cache_of_another_layout_is_built_again_not_read(clips, tmp_path, capl
     directory = tmp_path / feature_cache_fingerprint(model, data, transform, torch.float32)
     directory.mkdir()
     wrong = Features({"frame_features": Array4D((2, 4, 16, 32), "float32"), "labels": Value("int64")})
-    with ArrowWriter(features=wrong, path=str(directory / "shard-00000-of-00001.arrow")) as writer:
+    with ArrowWriter(features=wrong, path=str(directory / "shard-clips-000000000-000000003.arrow")) as writer:
         for _ in clips:
             writer.write({"frame_features": np.zeros((2, 4, 16, 32), np.float32), "labels": 0})
         writer.finalize()
-    (directory / "cache.json").write_text(json.dumps({"shards": ["shard-00000-of-00001.arrow"], "num_clips": 3,
-                                                      "unusable_clip_indices": []}))  # fmt: skip
+    shards = [{"file": "shard-clips-000000000-000000003.arrow", "clips": [0, 3]}]
+    (directory / "cache.json").write_text(json.dumps({"shards": shards, "num_clips": 3, "unusable_clip_indices": []}))
     with caplog.at_level(logging.WARNING, logger="evl_hf.data.video_dataset"):
         cached, unusable = build_feature_cache(model, data, transform, tmp_path, dtype=torch.float32, progress=False)
     assert "holds features of another layout: building it again" in caplog.text and unusable == 0
@@ -560,3 +559,82 @@ def test_a_label_folder_is_one_class_whatever_its_unicode_form(clips, tmp_path):
     data = load_video_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "validation"))
     assert data["train"].features["label"].names == [unicodedata.normalize("NFC", "café")]
     assert list(data["validation"]["label"]) == [0]
+
+
+class _Rank:
+    """accelerate's `PartialState` as process `index` of `count` sees it, to replay the processes of multi-process
+    cache builds one after another in this process (their barriers then passed already). `main`: whether it is the
+    main process, which writes the manifest once every process wrote its shard."""
+
+    def __init__(self, index: int, count: int, main: bool):
+        self.process_index, self.num_processes = index, count
+        self.is_main_process, self.is_local_main_process = main, index == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def build_as_rank(monkeypatch, index, count, *args, main=None, **kwargs):
+    import accelerate
+    import accelerate.utils
+
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda: _Rank(index, count, index == 0 if main is None else main))
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: objects)
+    if index == 0 if main is None else main:
+        return build_feature_cache(*args, **kwargs)
+    with pytest.raises(FileNotFoundError):  # reading the manifest, which its main process has not written yet
+        build_feature_cache(*args, **kwargs)
+
+
+def test_a_cache_shard_cut_short_is_built_again_not_reused(clips, tmp_path, caplog):
+    # A shard cut at a record batch (a copy or a sync interrupted there) still opens, with fewer clips.
+    import pyarrow as pa
+
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    model = EVLForVideoClassification(tiny_config()).eval()
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in [*clips, *clips]])
+    build_feature_cache(model, data, transform, tmp_path, batch_size=2, progress=False)
+    (shard,) = (tmp_path / feature_cache_fingerprint(model, data, transform, torch.float16)).glob("shard-*.arrow")
+    reader = pa.ipc.open_stream(shard.read_bytes())  # in memory: the file is written over
+    schema, batches = reader.schema, list(reader)
+    with pa.ipc.new_stream(str(shard), schema) as writer:
+        for batch in batches[:2]:
+            writer.write_batch(batch)
+    with caplog.at_level(logging.WARNING, logger="evl_hf.data.video_dataset"):
+        cached, unusable = build_feature_cache(model, data, transform, tmp_path, batch_size=2, progress=False)
+    assert f"{shard.name} holds 4 clips, not 6" in caplog.text and "building it again" in caplog.text
+    assert (len(cached), unusable) == (6, 0)
+
+
+def test_runs_with_other_batch_sizes_sharing_a_cache_never_mix_their_shards(clips, tmp_path, monkeypatch):
+    # Two 2-process runs build the same cache at once, one caching 2 clips per batch, the other 4: rank 0 of each
+    # caches another range of clips, and neither may take the other's shard for its own. The first run's main process
+    # has not written its manifest yet when the second's writes its own.
+    model = EVLForVideoClassification(tiny_config()).eval()
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in [*clips, *clips]], [0, 1, 2, 0, 1, 2])
+    for index, batch_size in ((1, 4), (1, 2), (0, 2)):
+        build_as_rank(monkeypatch, index, 2, model, data, transform, tmp_path, batch_size=batch_size, progress=False,
+                      main=False)  # fmt: skip
+    cached, unusable = build_as_rank(monkeypatch, 0, 2, model, data, transform, tmp_path, batch_size=4, progress=False)
+    assert cached[:]["labels"].tolist() == [0, 1, 2, 0, 1, 2] and unusable == 0
+    manifest = json.loads((tmp_path / feature_cache_fingerprint(model, data, transform, torch.float16) / "cache.json").read_text())
+    assert [shard["clips"] for shard in manifest["shards"]] == [[0, 4], [4, 6]]
+
+
+def test_the_cache_manifest_waits_for_every_process_shard_and_names_a_missing_one(clips, tmp_path, monkeypatch):
+    # On a shared file system another machine's shard may show up late: never listed by what is there at the time.
+    import evl_hf.data.video_dataset as video_dataset
+
+    monkeypatch.setattr(video_dataset, "SHARD_VISIBILITY_TIMEOUT", 0, raising=False)
+    model = EVLForVideoClassification(tiny_config()).eval()
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in [*clips, *clips]])
+    build_as_rank(monkeypatch, 1, 2, model, data, transform, tmp_path, batch_size=2, progress=False)
+    directory = tmp_path / feature_cache_fingerprint(model, data, transform, torch.float16)
+    (shard,) = directory.glob("shard-*.arrow")
+    shard.rename(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match=f"{shard.name}.* not in {directory}"):
+        build_as_rank(monkeypatch, 0, 2, model, data, transform, tmp_path, batch_size=2, progress=False)
+    assert not (directory / "cache.json").exists()

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import time
 import unicodedata
 import uuid
 from collections import Counter
@@ -42,6 +43,9 @@ IGNORE_LABEL = -100
 UNLABELED = -1
 # The column `shuffled_subset` adds: each clip's row in the whole data set, which names it in reports.
 ROW_COLUMN = "__row__"
+# How long the main process waits for another process's feature cache shard to show up before it calls the build
+# failed: on a file system shared by several machines, a file written on one may be listed late on another.
+SHARD_VISIBILITY_TIMEOUT = 60
 
 
 def _video_path(example_video) -> str | bytes | None:
@@ -747,7 +751,8 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
     """
     evl = model.evl if hasattr(model, "evl") else model
     # v3: the cross-frame maps are computed in the backbone's dtype. v4: the backbone's config and the tokens' layout.
-    digest = hashlib.sha256(b"evl-hf feature cache v4")
+    # v5: shards named by the clips they hold, the manifest giving each shard's range.
+    digest = hashlib.sha256(b"evl-hf feature cache v5")
     for name, tensor in sorted(evl.vision_model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -797,8 +802,11 @@ def build_feature_cache(
 
     Under `accelerate launch` / torchrun every process caches its own contiguous share of the clips and writes one
     shard; all processes then read all shards, in the data set's order. Batches are formed from fixed groups of
-    `batch_size` consecutive clips, so the cache is the same whatever the number of processes. A complete cache with
-    the same fingerprint (see `feature_cache_fingerprint`) is reused. Clips that cannot be decoded are left out.
+    `batch_size` consecutive clips, so the cache is the same whatever the number of processes. A shard is named by
+    the clips it holds, so runs with another batch size or number of processes sharing the cache never take each
+    other's shards. A complete cache with the same fingerprint (see `feature_cache_fingerprint`) is reused: its
+    manifest's shards hold every clip of the data set once, but those that could not be decoded, which are left out.
+    Any other one is built again, with a warning that says why.
     Returns the cached data set (torch format) and the number of clips left out. Only for training without
     augmentation: the cache freezes one view of every clip.
     """
@@ -829,19 +837,21 @@ def build_feature_cache(
     directory = Path(cache_dir) / feature_cache_fingerprint(model, dataset, transform, dtype)
     manifest = directory / "cache.json"
 
-    complete = manifest.exists() and _cache_has_features(directory, manifest, features)
+    complete = False
+    if manifest.exists():
+        problem = _cache_problem(directory, manifest.read_text(), features, len(dataset))
+        if problem is not None:
+            logger.warning("The feature cache in %s %s: building it again.", directory, problem)
+        complete = problem is None
     if state.num_processes > 1:  # one decision for all processes, or they would run different collectives
         from accelerate.utils import broadcast_object_list
 
         complete = broadcast_object_list([complete])[0]
     if not complete:
         directory.mkdir(parents=True, exist_ok=True)
-        # Whole groups of `batch_size` clips per process: the batches, and so the numbers, do not depend on the world.
-        groups = -(-len(dataset) // batch_size)
-        first_group = groups * state.process_index // state.num_processes
-        last_group = groups * (state.process_index + 1) // state.num_processes
-        indices = range(first_group * batch_size, min(last_group * batch_size, len(dataset)))
-        shard = directory / f"shard-{state.process_index:05d}-of-{state.num_processes:05d}.arrow"
+        clip_ranges = _shard_clip_ranges(len(dataset), batch_size, state.num_processes)
+        indices = clip_ranges[state.process_index]
+        shard = directory / _shard_name(indices)
         unusable = []
         device = next(evl.parameters()).device
         was_training = evl.training
@@ -885,32 +895,81 @@ def build_feature_cache(
         os.replace(partial, shard)
         state.wait_for_everyone()
         if state.is_main_process:
-            shards = sorted(directory.glob(f"shard-*-of-{state.num_processes:05d}.arrow"))
-            unusable = sorted(i for s in shards for i in json.loads(s.with_suffix(".json").read_text())["unusable_clip_indices"])
-            _write_atomically(manifest, json.dumps({"shards": [s.name for s in shards], "num_clips": len(dataset),
-                                                    "unusable_clip_indices": unusable}, indent=1))  # fmt: skip
+            # The shards of this run's processes, by name: a listing of the folder may miss one written on another
+            # machine, or hold one of another run. Processes given the same (empty) range of clips share a shard.
+            shard_clips = list(dict.fromkeys((clips.start, clips.stop) for clips in clip_ranges))
+            shard_files = [directory / _shard_name(range(*clips)) for clips in shard_clips]
+            _wait_for_files([file for shard in shard_files for file in (shard, shard.with_suffix(".json"))])
+            unusable = sorted(
+                index for shard in shard_files
+                for index in json.loads(shard.with_suffix(".json").read_text())["unusable_clip_indices"]
+            )  # fmt: skip
+            shards = [{"file": shard.name, "clips": list(clips)} for shard, clips in zip(shard_files, shard_clips)]
+            text = json.dumps({"shards": shards, "num_clips": len(dataset), "unusable_clip_indices": unusable}, indent=1)
+            # Checked as a later run checks it before reusing it: what this run reads is what a later one will.
+            problem = _cache_problem(directory, text, features, len(dataset))
+            if problem is not None:
+                raise RuntimeError(f"The feature cache just built in {directory} {problem}.")
+            _write_atomically(manifest, text)
         state.wait_for_everyone()
     else:
         logger.info("Reusing the backbone feature cache in %s", directory)
 
     info = json.loads(manifest.read_text())
-    shards = [Dataset.from_file(str(directory / name)) for name in info["shards"]]
+    shards = [Dataset.from_file(str(directory / shard["file"])) for shard in info["shards"]]
     cached = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     return cached.with_format("torch"), len(info["unusable_clip_indices"])
 
 
-def _cache_has_features(directory: Path, manifest: Path, features: Features) -> bool:
-    """Whether a finished cache holds what this model reads (a cache written by another version may not): it is
-    rebuilt otherwise, never read with the wrong layout."""
+def _shard_clip_ranges(num_clips: int, batch_size: int, num_processes: int) -> list[range]:
+    """The clips each process caches: whole groups of `batch_size` clips, so the batches, and so the numbers, do not
+    depend on the number of processes."""
+    groups = -(-num_clips // batch_size)
+    return [
+        range(groups * rank // num_processes * batch_size, min(groups * (rank + 1) // num_processes * batch_size, num_clips))
+        for rank in range(num_processes)
+    ]  # fmt: skip
+
+
+def _shard_name(clips: range) -> str:
+    return f"shard-clips-{clips.start:09d}-{clips.stop:09d}.arrow"
+
+
+def _wait_for_files(files: list[Path]) -> None:
+    deadline = time.monotonic() + SHARD_VISIBILITY_TIMEOUT
+    while missing := [file for file in files if not file.exists()]:
+        if time.monotonic() >= deadline:
+            raise FileNotFoundError(
+                f"{', '.join(file.name for file in missing)} not in {missing[0].parent} {SHARD_VISIBILITY_TIMEOUT} s "
+                "after every process wrote its feature cache shard: on several machines, the cache directory must be "
+                "on a file system they all see."
+            )
+        time.sleep(1)
+
+
+def _cache_problem(directory: Path, manifest_text: str, features: Features, num_clips: int) -> str | None:
+    """Why a finished cache cannot be reused, None when it can: it must hold what this model reads (a cache written
+    by another version may not) and every clip of the data set once, but the unusable ones (a shard cut short still
+    opens, with fewer rows)."""
     try:
-        names = json.loads(manifest.read_text())["shards"]
-        matches = all(Dataset.from_file(str(directory / name)).features == features for name in names)
-    except (OSError, ValueError, KeyError) as error:
-        logger.warning("The feature cache in %s cannot be read (%s): building it again.", directory, error)
-        return False
-    if not matches:
-        logger.warning("The feature cache in %s holds features of another layout: building it again.", directory)
-    return matches
+        info = json.loads(manifest_text)
+        ranges = [range(*shard["clips"]) for shard in info["shards"]]
+        shards = [Dataset.from_file(str(directory / shard["file"])) for shard in info["shards"]]
+        unusable = info["unusable_clip_indices"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"cannot be read ({error})"
+    if not all(shard.features == features for shard in shards):
+        return "holds features of another layout"
+    starts, stops = [r.start for r in ranges], [r.stop for r in ranges]
+    if info["num_clips"] != num_clips or not ranges or starts != [0, *stops[:-1]] or stops[-1] != num_clips:
+        return f"lists shards of clips {[[r.start, r.stop] for r in ranges]}, not of the data set's {num_clips} clips"
+    if len(set(unusable)) != len(unusable) or not all(0 <= index < num_clips for index in unusable):
+        return "lists unusable clips twice or beyond the data set"
+    for name, clips, shard in zip((s["file"] for s in info["shards"]), ranges, shards):
+        expected = len(clips) - sum(index in clips for index in unusable)
+        if shard.num_rows != expected:
+            return f"is incomplete: {name} holds {shard.num_rows} clips, not {expected}"
+    return None
 
 
 def _write_atomically(path: Path, text: str) -> None:
