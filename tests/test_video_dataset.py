@@ -620,7 +620,8 @@ def test_runs_with_other_batch_sizes_sharing_a_cache_never_mix_their_shards(clip
                       main=False)  # fmt: skip
     cached, unusable = build_as_rank(monkeypatch, 0, 2, model, data, transform, tmp_path, batch_size=4, progress=False)
     assert cached[:]["labels"].tolist() == [0, 1, 2, 0, 1, 2] and unusable == 0
-    manifest = json.loads((tmp_path / feature_cache_fingerprint(model, data, transform, torch.float16) / "cache.json").read_text())
+    directory = tmp_path / feature_cache_fingerprint(model, data, transform, torch.float16)
+    manifest = json.loads((directory / "cache.json").read_text())
     assert [shard["clips"] for shard in manifest["shards"]] == [[0, 4], [4, 6]]
 
 
@@ -638,3 +639,33 @@ def test_the_cache_manifest_waits_for_every_process_shard_and_names_a_missing_on
     with pytest.raises(FileNotFoundError, match=f"{shard.name}.* not in {directory}"):
         build_as_rank(monkeypatch, 0, 2, model, data, transform, tmp_path, batch_size=2, progress=False)
     assert not (directory / "cache.json").exists()
+
+
+def test_a_failed_cache_build_leaves_no_partial_file(clips, tmp_path, monkeypatch):
+    # A build stopped half-way (a full disk, Ctrl-C) gives its temporary shard's space back: a retry would add another.
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    model = EVLForVideoClassification(tiny_config()).eval()
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in [*clips, *clips]])
+    extract = model.evl.extract_backbone_features
+    calls = []
+
+    def interrupted_at_the_second_batch(pixel_values):
+        calls.append(pixel_values)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return extract(pixel_values)
+
+    monkeypatch.setattr(model.evl, "extract_backbone_features", interrupted_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        build_feature_cache(model, data, transform, tmp_path, batch_size=2, progress=False)
+    assert [path.name for path in tmp_path.rglob("*") if path.is_file()] == []
+
+
+def test_a_file_written_atomically_leaves_no_partial_file_when_it_fails(tmp_path):
+    from evl_hf.data.video_dataset import _write_atomically
+
+    (tmp_path / "cache.json" / "in the way").mkdir(parents=True)
+    with pytest.raises(OSError):
+        _write_atomically(tmp_path / "cache.json", "{}")
+    assert [path.name for path in tmp_path.iterdir()] == ["cache.json"]

@@ -864,35 +864,41 @@ def build_feature_cache(
         values_per_clip = max(math.prod(spec.shape) for spec in feature_spec.values() if hasattr(spec, "shape"))
         bytes_per_clip = feature_cache_bytes_per_clip(config, transform.num_frames, dtype)
         rows_per_batch = max(1, min(batch_size, 2**30 // values_per_clip, 2**29 // bytes_per_clip))
-        with ArrowWriter(features=features, path=str(partial), writer_batch_size=rows_per_batch) as writer:
-            bar = tqdm(total=len(indices), desc="Caching backbone features", unit="clip",
-                       disable=not progress or not state.is_local_main_process)  # fmt: skip
-            for start in range(indices.start, indices.stop, batch_size):
-                pending = []
-                for index in range(start, min(start + batch_size, indices.stop)):
-                    example = dataset[index]
-                    try:
-                        pending.append((transform(_video_to_decode(example["video"])), int(example["label"])))
-                    except EVLVideoDecodingError as error:
-                        logger.warning(
-                            "Clip %d cannot be decoded, left out of the feature cache: %s", _row(example, index), error
-                        )
-                        unusable.append(index)
-                bar.update(min(start + batch_size, indices.stop) - start)
-                if not pending:
-                    continue
-                with torch.no_grad():
-                    output = evl.extract_backbone_features(torch.stack([p for p, _ in pending]).to(device))
-                for row, (_, label) in enumerate(pending):
-                    item = {"frame_features": output.frame_features[row].to(dtype).cpu().numpy(), "labels": label}
-                    if output.cross_frame_maps is not None:
-                        item["cross_frame_maps"] = output.cross_frame_maps[row].to(dtype).cpu().numpy()
-                    writer.write(item)
-            bar.close()
-            writer.finalize()
-        evl.train(was_training)
-        _write_atomically(shard.with_suffix(".json"), json.dumps({"unusable_clip_indices": unusable}))
-        os.replace(partial, shard)
+        try:
+            with ArrowWriter(features=features, path=str(partial), writer_batch_size=rows_per_batch) as writer:
+                bar = tqdm(total=len(indices), desc="Caching backbone features", unit="clip",
+                           disable=not progress or not state.is_local_main_process)  # fmt: skip
+                for start in range(indices.start, indices.stop, batch_size):
+                    pending = []
+                    for index in range(start, min(start + batch_size, indices.stop)):
+                        example = dataset[index]
+                        try:
+                            pending.append((transform(_video_to_decode(example["video"])), int(example["label"])))
+                        except EVLVideoDecodingError as error:
+                            logger.warning(
+                                "Clip %d cannot be decoded, left out of the feature cache: %s",
+                                _row(example, index), error,
+                            )  # fmt: skip
+                            unusable.append(index)
+                    bar.update(min(start + batch_size, indices.stop) - start)
+                    if not pending:
+                        continue
+                    with torch.no_grad():
+                        output = evl.extract_backbone_features(torch.stack([p for p, _ in pending]).to(device))
+                    for row, (_, label) in enumerate(pending):
+                        item = {"frame_features": output.frame_features[row].to(dtype).cpu().numpy(), "labels": label}
+                        if output.cross_frame_maps is not None:
+                            item["cross_frame_maps"] = output.cross_frame_maps[row].to(dtype).cpu().numpy()
+                        writer.write(item)
+                bar.close()
+                writer.finalize()
+            _write_atomically(shard.with_suffix(".json"), json.dumps({"unusable_clip_indices": unusable}))
+            os.replace(partial, shard)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a failed build (a full disk, Ctrl-C) gives its space back
+            raise
+        finally:
+            evl.train(was_training)
         state.wait_for_everyone()
         if state.is_main_process:
             # The shards of this run's processes, by name: a listing of the folder may miss one written on another
@@ -974,8 +980,12 @@ def _cache_problem(directory: Path, manifest_text: str, features: Features, num_
 
 def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def feature_cache_bytes_per_clip(config, num_frames: int, dtype: torch.dtype = torch.float16) -> int:
