@@ -173,6 +173,14 @@ def test_feature_cache_training_matches_the_uncached_model(data_dir, backbone_di
     torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-5)
 
 
+def test_a_feature_cache_dtype_other_than_float16_or_float32_is_refused_by_the_argument_parser(tmp_path, capsys):
+    # Not after the data set is loaded and the model built.
+    for dtype in ("bfloat16", "fp16"):
+        with pytest.raises(SystemExit):
+            load_script().main(["--output_dir", str(tmp_path), "--feature_cache_dtype", dtype])
+        assert f"invalid choice: '{dtype}' (choose from 'float16', 'float32')" in capsys.readouterr().err
+
+
 class LocalHubApi(HfApi):
     """An HfApi whose repositories are local folders: commits are written to disk instead of uploaded."""
 

@@ -669,3 +669,13 @@ def test_a_file_written_atomically_leaves_no_partial_file_when_it_fails(tmp_path
     with pytest.raises(OSError):
         _write_atomically(tmp_path / "cache.json", "{}")
     assert [path.name for path in tmp_path.iterdir()] == ["cache.json"]
+
+
+def test_a_feature_cache_dtype_arrow_cannot_store_is_refused_by_name(clips, tmp_path):
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    model = EVLForVideoClassification(tiny_config()).eval()
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in clips])
+    with pytest.raises(ValueError, match=r"torch.bfloat16: the feature cache stores float16 or float32"):
+        build_feature_cache(model, data, transform, tmp_path, dtype=torch.bfloat16, progress=False)
+    assert not list(tmp_path.iterdir())

@@ -141,7 +141,10 @@ class DataTrainingArguments:
         metadata={"help": "Where feature caches live (one sub-folder per fingerprint); default: the datasets cache. "
                   "Never inside --output_dir, which is saved and pushed."},
     )  # fmt: skip
-    feature_cache_dtype: str = field(default="float16", metadata={"help": "float16 or float32."})
+    feature_cache_dtype: str = field(
+        default="float16",
+        metadata={"help": "float16 or float32 (Arrow stores no bfloat16).", "choices": ["float16", "float32"]},
+    )
     temporal_reliance: bool = field(
         default=False,
         metadata={"help": "Evaluate the validation clips also with their sampled frames reversed and shuffled in time "
@@ -615,7 +618,7 @@ def main(argv: list[str] | None = None):
         if data_args.rand_augment:
             logger.warning("Training from the feature cache: one fixed view per clip, no augmentation (RandAugment "
                            "and the random crop are not applied).")  # fmt: skip
-        dtype = {"float16": torch.float16, "float32": torch.float32}[data_args.feature_cache_dtype]
+        dtype = getattr(torch, data_args.feature_cache_dtype)
         trainer.train_dataset, unusable = build_feature_cache(
             trainer.model, train_split, VideoEvalTransform(processor, temporal_views=1, spatial_views=1),
             feature_cache_root(data_args, training_args), dtype=dtype,

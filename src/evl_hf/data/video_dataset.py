@@ -817,12 +817,14 @@ def build_feature_cache(
 
     if len(transform.output_shape) != 4:
         raise ValueError("The feature cache stores one view per clip: use 1 temporal and 1 spatial view.")
+    if dtype not in (torch.float16, torch.float32):  # Arrow, and so `datasets`' arrays, have no bfloat16
+        raise ValueError(f"dtype={dtype}: the feature cache stores float16 or float32.")
     state = PartialState()
     evl = model.evl if hasattr(model, "evl") else model
     config = evl.config
     num_patches = config.patch_grid[0] * config.patch_grid[1]
     num_tokens = config.num_prefix_tokens + num_patches
-    arrow_dtype = {torch.float16: "float16", torch.float32: "float32"}[dtype]
+    arrow_dtype = str(dtype).removeprefix("torch.")
     feature_spec = {
         "frame_features": Array4D(
             (config.decoder_num_layers, transform.num_frames, num_tokens, config.vision_config.hidden_size), arrow_dtype
