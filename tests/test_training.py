@@ -75,6 +75,23 @@ def test_evaluation_reads_every_clip_in_order_whatever_the_loader_settings_for_t
     assert scores.args.train_sampling_strategy == "group_by_length"
 
 
+@pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
+def test_length_grouping_strategies_shuffle_clips_of_one_shape_also_from_the_feature_cache(tmp_path, caplog, strategy):
+    # Clips decoded in training are shuffled by `EpochShuffleSampler` whatever the strategy; cached ones (rows of
+    # backbone features, no `pixel_values`) made Trainer's samplers look for lengths and fail, after the whole cache.
+    from datasets import Dataset
+
+    cached = Dataset.from_dict({"frame_features": np.zeros((6, 2, 4, 17, 32), np.float32), "labels": list(range(6))})
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=2,
+                             train_sampling_strategy=strategy)  # fmt: skip
+    model = EVLForVideoClassification(tiny_config(num_labels=6, use_temporal_cross_attention=False))
+    scores = EVLTrainer(model=model, args=args, train_dataset=cached.with_format("torch"))
+    with caplog.at_level(logging.WARNING, logger="evl_hf.training"):
+        labels = [int(label) for batch in scores.get_train_dataloader() for label in batch["labels"]]
+    assert sorted(labels) == list(range(6))
+    assert f"train_sampling_strategy={strategy!r} is ignored: every clip has the same length" in caplog.text
+
+
 def test_starting_to_read_a_dataloader_leaves_the_global_random_state_alone(tmp_path):
     # torch's DataLoader draws its workers' base seed each time an iterator is made; from torch's global generator, a
     # run with persistent workers (one iterator for the whole run) and its resumed run (one more) would draw the

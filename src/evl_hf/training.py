@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import RandomSampler
 from transformers import EvalPrediction, Trainer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -92,9 +93,19 @@ class EVLTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        # Strategies for examples of different lengths: Trainer's samplers would look for the lengths in the rows,
+        # which cached clips (backbone features) have none of.
+        grouping_by_length = self.args.train_sampling_strategy in ("group_by_length", "batch_rebalance")
+        if grouping_by_length:
+            logger.warning(
+                "train_sampling_strategy=%r is ignored: every clip has the same length; the clips are shuffled.",
+                self.args.train_sampling_strategy,
+            )
         if isinstance(dataset, TrainingClips):
             self._epoch_sampler = EpochShuffleSampler(len(dataset), seed=self._data_seed)
             return self._epoch_sampler
+        if grouping_by_length:
+            return RandomSampler(dataset)  # Trainer's for "random"
         return super()._get_train_sampler(train_dataset)
 
     def _get_dataloader(self, *args, **kwargs):
