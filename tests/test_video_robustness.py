@@ -153,27 +153,6 @@ def test_an_avi_with_b_frames_gives_each_frame_for_its_own_index(tmp_path, decod
         assert [(index, frame_index(frame)) for index, frame in frame_stream] == [(i, i) for i in range(0, 72, 5)]
 
 
-@pytest.mark.parametrize("container_format, codec", [("vob", "mpeg2video"), ("mpeg", "mpeg1video")])
-def test_an_mpeg_program_stream_gives_each_frame_for_its_own_index(tmp_path, decoding_backend, container_format, codec):
-    # MPEG-PS (.mpg, .vob): FFmpeg's frame times after a seek are off by a frame or two, either way (its parser
-    # restarts within a frame), and even from the start two frames can share one. Each frame asked for, alone or
-    # together, must be itself, with both backends and the timeline's stream.
-    path = tmp_path / "program_stream.mpg"
-    with av.open(str(path), "w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=25, options={"g": "12", "bf": "2"})
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for frame in index_coded_frames(120):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    for indices in ([0], [22], [23], [25], [37], [38], [53], [61], [90], [40, 41, 80]):
-        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
-        assert [frame_index(frame) for frame in frames] == indices
-    frames, metadata = decode_video(path, lambda metadata: list(range(metadata.total_num_frames)), backend=decoding_backend)
-    assert [frame_index(frame) for frame in frames] == list(range(metadata.total_num_frames))
-    with VideoFrameStream(str(path), step=7) as frame_stream:
-        assert all(frame_index(frame) == index for index, frame in frame_stream)
-
-
 def test_a_stream_that_cannot_seek_never_gives_a_later_frame_for_an_earlier_one(tmp_path):
     # An FLV read from a pipe: the demuxer cannot seek, and after probing it stands past the first frames. Its frames
     # from there must not stand for the ones before: a clear error instead (the path decodes it).

@@ -319,9 +319,7 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     except ImportError as error:  # `decode_video` decodes with PyAV instead
         raise ImportError(f"torchcodec cannot be imported: {error}") from error
 
-    container = _container_by_header(opened, start_position)
-    if container == "mpeg":
-        raise ValueError("an MPEG program stream, whose frame times after a seek are FFmpeg's guesses")
+    is_avi = _is_avi(opened, start_position)
     decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1)
     stream = decoder.metadata
     # Width and height are after rotation, as the frames come out; their product is what the limit is about.
@@ -342,7 +340,7 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
         raise ValueError(f"negative frame index {wanted[0]}")
     decoded = {}
     begin = stream.begin_stream_seconds or 0.0
-    if container == "avi" and decoder.get_frame_at(0).pts_seconds - begin > 0.5 / float(fps):
+    if is_avi and decoder.get_frame_at(0).pts_seconds - begin > 0.5 / float(fps):
         # A B-frame stream in AVI: see `_times_are_guessed`. PyAV indexes its frames by their order instead.
         raise ValueError("an AVI stream with B-frames, whose frame times are FFmpeg's guesses")
     for chunk_start in range(0, len(wanted), _TORCHCODEC_CHUNK):
@@ -359,12 +357,8 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     return request.stack([decoded[min(index, total - 1)] for index in indices]), metadata
 
 
-def _container_by_header(opened, start_position) -> str | None:
-    """
-    `"avi"` or `"mpeg"` (an MPEG program stream) where the file (a path, or a seekable file object starting at
-    `start_position`) starts with that container's header, for the containers whose frame times are guessed (see
-    `_times_are_guessed`); else `None`.
-    """
+def _is_avi(opened, start_position) -> bool:
+    """Whether the file (a path, or a seekable file object starting at `start_position`) is an AVI: its RIFF header."""
     if isinstance(opened, str):
         with open(opened, "rb") as file:
             header = file.read(12)
@@ -372,9 +366,7 @@ def _container_by_header(opened, start_position) -> str | None:
         opened.seek(start_position)
         header = opened.read(12)
         opened.seek(start_position)
-    if header[:4] == b"RIFF" and header[8:12] == b"AVI ":
-        return "avi"
-    return "mpeg" if header[:4] == b"\x00\x00\x01\xba" else None  # a pack header
+    return header[:4] == b"RIFF" and header[8:12] == b"AVI "
 
 
 def _decode_with_pyav(opened, request: "_DecodeRequest"):
@@ -526,19 +518,9 @@ def _times_are_guessed(container, stream) -> bool:
     """
     Whether the stream's frame times are FFmpeg's guesses, which the frames' order must correct: AVI stores no
     presentation times, only the frames in decoding order, and for a stream with B-frames the guesses are the reorder
-    delay late (MPEG-4 part 2, as Xvid and DivX write it) or in decoding order (H.264). An MPEG program stream stamps
-    only some frames, and FFmpeg's parser can give a stamp to a neighbour of its frame, more so after a seek (see
-    `_is_program_stream`).
+    delay late (MPEG-4 part 2, as Xvid and DivX write it) or in decoding order (H.264).
     """
-    return _is_program_stream(container) or (
-        "avi" in container.format.name.split(",") and bool(stream.codec_context.has_b_frames)
-    )
-
-
-def _is_program_stream(container) -> bool:
-    """An MPEG program stream (.mpg, .vob): after a seek its frames' times are a frame or two off, either way (FFmpeg's
-    parser restarts within a frame), so it is decoded from its start."""
-    return container.format.name == "mpeg"
+    return "avi" in container.format.name.split(",") and bool(stream.codec_context.has_b_frames)
 
 
 def _first_frame_seconds(container, stream, request: "_DecodeRequest") -> float | None:
@@ -568,9 +550,7 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     """
     start_seconds = _start_seconds(stream)
     by_order = _times_are_guessed(container, stream)
-    if _is_program_stream(container):
-        start_seconds = None  # not sought: the first frame decoded is frame 0
-    elif by_order:
+    if by_order:
         # Frame 0 is the first frame shown, whose guessed time is the stream's start plus the reorder delay.
         start_seconds = _first_frame_seconds(container, stream, request)
     decode_from_here = functools.partial(
