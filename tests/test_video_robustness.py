@@ -132,14 +132,15 @@ def test_a_seek_landing_after_the_wanted_frame_is_done_again_from_earlier(
         assert frame_index(frames[0]) == index
 
 
-@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
-def test_an_avi_with_b_frames_gives_each_frame_for_its_own_index(tmp_path, decoding_backend, codec):
+@pytest.mark.parametrize("codec, b_frames", [("mpeg4", "2"), ("libx264", "2"), ("libx264", "0")])
+def test_an_avi_gives_each_frame_for_its_own_index(tmp_path, decoding_backend, codec, b_frames):
     # AVI stores no presentation times, and FFmpeg's guesses for a B-frame stream are the reorder delay late (MPEG-4
-    # part 2, as Xvid/DivX write it) or in decoding order (H.264): indexed by them, frame i was frame i-1 or a
-    # neighbour. Each frame is its own index, alone or together, with both backends and the timeline's stream.
-    path = tmp_path / "bframes.avi"
+    # part 2, as Xvid/DivX write it) or in decoding order (H.264), and one frame late for H.264 without B-frames:
+    # indexed by them, frame i was frame i-1 or a neighbour. Each frame is its own index, alone or together, with both
+    # backends and the timeline's stream.
+    path = tmp_path / "clip.avi"
     with av.open(str(path), "w", format="avi") as container:
-        stream = container.add_stream(codec, rate=25, options={"g": "24", "bf": "2"})
+        stream = container.add_stream(codec, rate=25, options={"g": "24", "bf": b_frames})
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for frame in index_coded_frames(72):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))

@@ -520,7 +520,11 @@ def _times_are_guessed(container, stream) -> bool:
     presentation times, only the frames in decoding order, and for a stream with B-frames the guesses are the reorder
     delay late (MPEG-4 part 2, as Xvid and DivX write it) or in decoding order (H.264).
     """
-    return "avi" in container.format.name.split(",") and bool(stream.codec_context.has_b_frames)
+    return _is_avi_container(container) and bool(stream.codec_context.has_b_frames)
+
+
+def _is_avi_container(container) -> bool:
+    return "avi" in container.format.name.split(",")
 
 
 def _first_frame_seconds(container, stream, request: "_DecodeRequest") -> float | None:
@@ -550,8 +554,9 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     """
     start_seconds = _start_seconds(stream)
     by_order = _times_are_guessed(container, stream)
-    if by_order:
-        # Frame 0 is the first frame shown, whose guessed time is the stream's start plus the reorder delay.
+    if _is_avi_container(container):
+        # Frame 0 is the first frame shown, whose guessed time can be the stream's start plus the reorder delay (a
+        # B-frame stream) or one frame (H.264 without B-frames).
         start_seconds = _first_frame_seconds(container, stream, request)
     decode_from_here = functools.partial(
         _decode_frames_from, container, stream, request, wanted, first, fps, declared, start_seconds, by_order
@@ -726,7 +731,8 @@ class VideoFrameStream:
 
     def __iter__(self):
         stream, fps = self._stream, self.fps
-        start_seconds = _start_seconds(stream)
+        # AVI's times are guesses (see `_decode_range`): frame 0 is the first frame decoded.
+        start_seconds = None if _is_avi_container(self._container) else _start_seconds(stream)
         by_order = _times_are_guessed(self._container, stream)  # counted from the start: frame i is the i-th shown
         wanted, counted, damaged, size, shown_until = 0, 0, [], None, None
         try:
