@@ -201,6 +201,15 @@ def test_a_model_with_offloaded_modules_is_explained_as_the_model(saved_model, c
     np.testing.assert_allclose(explanation.scores, expected.scores, atol=1e-6, rtol=0)
 
 
+def test_a_model_returning_tuples_is_explained_as_the_model(saved_model, clip_path):
+    """`from_pretrained(..., return_dict=False)` makes the model return tuples; `explain` reads its outputs by name."""
+    processor = EVLVideoProcessor.from_pretrained(saved_model)
+    expected = explain(EVLForVideoClassification.from_pretrained(saved_model), processor, clip_path)
+    explanation = explain(EVLForVideoClassification.from_pretrained(saved_model, return_dict=False), processor, clip_path)
+    np.testing.assert_array_equal(explanation.layer_maps, expected.layer_maps)
+    assert explanation.labels == expected.labels and explanation.scores == expected.scores
+
+
 def test_a_multi_view_processor_is_explained_on_its_centred_single_view(saved_model, clip_path, caplog):
     model = EVLForVideoClassification.from_pretrained(saved_model)
     single = EVLVideoProcessor.from_pretrained(saved_model)

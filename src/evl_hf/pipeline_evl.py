@@ -126,6 +126,12 @@ class EVLVideoClassificationPipeline(VideoClassificationPipeline):
             )
         return processed
 
+    def _forward(self, model_inputs):
+        if not self._is_evl():
+            return super()._forward(model_inputs)
+        # `postprocess` reads the logits by name, also from a model loaded with `return_dict=False`.
+        return self.model(**model_inputs, return_dict=True)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         super().save_pretrained(save_directory, **kwargs)
         if self._is_evl() and not os.path.isfile(save_directory):

@@ -328,7 +328,7 @@ def explain(
     if model.device.type != "meta":
         pixel_values = pixel_values.to(model.device)
     with in_evaluation_mode(model), torch.no_grad():
-        outputs = model(pixel_values, output_attentions=True)
+        outputs = model(pixel_values, output_attentions=True, return_dict=True)  # whatever `config.return_dict`
     config = model.config
     layer_maps, prefix_share = attention_maps(
         outputs.attentions, pixel_values.shape[1], config.num_prefix_tokens, config.patch_grid

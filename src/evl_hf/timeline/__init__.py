@@ -418,7 +418,8 @@ def video_timeline(
                 )
             frames, metadata = decode_video(source, sample, backend="pyav")
             indices = [int(i) for i in metadata.frames_indices]
-            logits = model(pixel_values=prepare(list(frames))[None].to(model.device)).logits[0]
+            pixel_values = prepare(list(frames))[None].to(model.device)
+            logits = model(pixel_values=pixel_values, return_dict=True).logits[0]  # whatever `config.return_dict`
             windows = [EVLTimelineWindow(indices, indices[0] / fps, (indices[-1] + 1) / fps, logits)]
             timeline.stats.update(frames_through_backbone=num_frames, windows=1)
         else:
