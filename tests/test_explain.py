@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from evl_hf import (
     sample_frame_indices,
 )
 from evl_hf.backbone_families import backbone_family
-from evl_hf.explain import COLORMAP, OVERLAY_ALPHA, attention_maps, main, overlay_heatmap
+from evl_hf.explain import COLORMAP, OVERLAY_ALPHA, attention_maps, in_evaluation_mode, main, overlay_heatmap
 
 
 LABELS = {i: name for i, name in enumerate(["left", "right", "up", "down", "still"])}
@@ -208,6 +209,34 @@ def test_a_model_returning_tuples_is_explained_as_the_model(saved_model, clip_pa
     explanation = explain(EVLForVideoClassification.from_pretrained(saved_model, return_dict=False), processor, clip_path)
     np.testing.assert_array_equal(explanation.layer_maps, expected.layer_maps)
     assert explanation.labels == expected.labels and explanation.scores == expected.scores
+
+
+def test_overlapping_analyses_in_threads_keep_the_model_in_evaluation_mode_until_the_last_ends():
+    """Two explanations or timelines in threads on one model in training mode (e.g. a callback during training):
+    the first to finish must not switch dropout back on under the other, and the model ends in training mode."""
+    model = torch.nn.Dropout().train()
+    first_entered, second_entered, first_left = threading.Event(), threading.Event(), threading.Event()
+    modes = {}
+
+    def first():
+        with in_evaluation_mode(model):
+            first_entered.set()
+            second_entered.wait(10)
+        first_left.set()
+
+    def second():
+        first_entered.wait(10)
+        with in_evaluation_mode(model):
+            second_entered.set()
+            first_left.wait(10)
+            modes["after the first left"] = model.training
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert modes == {"after the first left": False} and model.training
 
 
 def test_a_multi_view_processor_is_explained_on_its_centred_single_view(saved_model, clip_path, caplog):

@@ -28,6 +28,8 @@ has already imported this code: a plain module would be run a second time, with 
 import argparse
 import contextlib
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,16 +48,30 @@ from ..video_processing_evl import EVLVideoProcessor
 logger = logging.get_logger(__name__)
 
 
+# Per model in an analysis: how many analyses (in any thread) are running it, and the mode it had before the first.
+_evaluation_users: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, bool]]" = weakref.WeakKeyDictionary()
+_evaluation_users_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def in_evaluation_mode(model: torch.nn.Module):
     """The model in evaluation mode (a model just trained is in training mode, whose dropout changes every call's
-    logits), then back in the mode it had: for analyses of a model that may be in the middle of training."""
-    was_training = model.training
-    model.eval()
+    logits), then back in the mode it had: for analyses of a model that may be in the middle of training. The mode
+    is one flag shared by every thread: overlapping analyses (threads of a server, callbacks) count themselves, the
+    first saves the mode and the last restores it, so none runs with dropout switched back on under it."""
+    with _evaluation_users_lock:
+        users, was_training = _evaluation_users.get(model, (0, model.training))
+        _evaluation_users[model] = (users + 1, was_training)
+        model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        with _evaluation_users_lock:
+            users, was_training = _evaluation_users.pop(model)
+            if users > 1:
+                _evaluation_users[model] = (users - 1, was_training)
+            else:
+                model.train(was_training)
 
 COLORMAP = "inferno"
 # The heatmap's share of each displayed pixel: enough to read the colour, little enough to see the frame under it.
