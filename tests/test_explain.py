@@ -252,6 +252,26 @@ def test_a_multi_view_processor_is_explained_on_its_centred_single_view(saved_mo
     np.testing.assert_allclose(explanation.layer_maps, reference.layer_maps, atol=1e-7)
 
 
+def test_a_model_without_a_head_is_explained_without_labels(tmp_path, clip_path, capsys):
+    """`num_labels=0`: the logits are the video embedding, not class scores; as the pipelines, `explain` reports no
+    labels (the maps do not depend on a class)."""
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(EVLConfig(
+        vision_config=FAMILIES["clip"][0], num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4,
+        num_labels=0,
+    )).eval()  # fmt: skip
+    randomize_decoder(model, scale=1.0)
+    model.save_pretrained(tmp_path / "evl")
+    small_processor().save_pretrained(tmp_path / "evl")
+    explanation = explain(model, small_processor(), clip_path, top_k=3)
+    assert explanation.labels == [] and explanation.scores == []
+    assert explanation.title() == str(clip_path)
+    assert explanation.layer_maps.shape == (2, 4, 4, 4)
+    main([str(clip_path), "--model", str(tmp_path / "evl"), "--output", str(tmp_path / "explain.png")])
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[1].startswith("Attention on the class token"), printed
+
+
 def test_overlay_draws_each_weight_over_its_own_patch():
     frame = np.zeros((4, 6, 3), dtype=np.uint8)
     heatmap = np.zeros((2, 3))

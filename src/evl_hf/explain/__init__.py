@@ -97,7 +97,8 @@ class EVLExplanation:
         Per decoder layer, the attention on the tokens before the patches (class token, registers), all frames
         together; 0 for a backbone without any (SigLIP).
     labels, scores (`list`):
-        The top predicted labels and their probabilities (see `explain`).
+        The top predicted labels and their probabilities (see `explain`); empty for a model without a classification
+        head (`num_labels=0`).
     backbone_blocks (`tuple[int, ...]`):
         The backbone block (0-based) whose features each decoder layer reads.
     num_prefix_tokens (`int`):
@@ -123,7 +124,7 @@ class EVLExplanation:
 
     def title(self) -> str:
         predictions = "   ".join(f"{label} {score:.2f}" for label, score in zip(self.labels, self.scores))
-        return f"{self.video_name}\n{predictions}"
+        return f"{self.video_name}\n{predictions}" if predictions else self.video_name
 
     def save_figure(self, path: str | os.PathLike, dpi: int = 100) -> Path:
         """
@@ -270,8 +271,11 @@ def displayed_frames(processor: EVLVideoProcessor, pixel_values: torch.Tensor) -
 def top_predictions(config: PreTrainedConfig, logits: torch.Tensor, top_k: int) -> tuple[list[str], list[float]]:
     """
     The `top_k` labels of one clip's `logits` and their scores: sigmoid probabilities for a multi-label model, the
-    raw outputs for regression, softmax probabilities otherwise (as `pipeline("video-classification")`).
+    raw outputs for regression, softmax probabilities otherwise (as `pipeline("video-classification")`). None for a
+    model without a classification head (`num_labels=0`), whose logits are the video embedding, as in the pipeline.
     """
+    if config.num_labels == 0:
+        return [], []
     logits = logits.detach().float().cpu()
     if config.problem_type == "multi_label_classification":
         scores = logits.sigmoid()
