@@ -254,6 +254,26 @@ def test_a_file_that_is_not_a_video_gets_an_error_message_and_the_app_goes_on(br
 
 
 
+def test_examples_are_every_video_under_the_folder(clips, tmp_path, caplog):
+    """`--examples DIR` offers every video under DIR, whatever FFmpeg container it is in (each clip below is the
+    real container its suffix names), not only mp4-like ones; a folder with none is said to give no examples."""
+    from evl_hf.app import find_examples
+    from helpers import index_coded_frames
+
+    frames = index_coded_frames(8, 32, 32)
+    containers = {"clip.mpg": "mpeg2video", "clip.mpeg": "mpeg1video", "clip.ts": "libx264", "clip.m2ts": "libx264",
+                  "clip.3gp": "libx264", "clip.flv": "libx264", "clip.mp4": "libx264"}  # fmt: skip
+    (tmp_path / "examples" / "class").mkdir(parents=True)
+    for name, codec in containers.items():
+        write_clip(tmp_path / "examples" / "class" / name, frames, codec=codec)
+    (tmp_path / "examples" / "notes.txt").write_text("not a video")
+    assert [Path(path).name for path in find_examples(tmp_path / "examples")] == sorted(containers)
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level("WARNING"):
+        assert find_examples(tmp_path / "empty") == []
+    assert f"{tmp_path / 'empty'}: no video files" in caplog.text
+
+
 def test_uploads_are_limited_in_size(monkeypatch):
     """`--max_file_size` reaches Gradio's launch (an upload over it is refused by Gradio's server), 1 GB by default."""
     import evl_hf.app

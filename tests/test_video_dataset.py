@@ -223,12 +223,13 @@ def test_a_videofolder_follows_linked_label_folders_and_skips_hidden_ones(clips,
     (tmp_path / "store" / "dog" / "loop").symlink_to(train, target_is_directory=True)  # not walked again
     (train / "cat" / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")  # a link to nothing is no clip
     # Extensions and names that `datasets`' videofolder loader drops without a word.
-    for name in ("__b.mp4", "e.webm", "f.m4v", "g[1].mp4"):
+    for name in ("__b.mp4", "e.webm", "f.m4v", "g[1].mp4", "h.ts"):
         shutil.copy(clips[0], train / "cat" / name)
     data = load_video_dataset(train_dir=str(train))["train"]
     assert data.features["label"].names == ["cat", "dog"]
     assert sorted((Path(video).name, label) for video, label in zip(clip_names(data), data["label"])) == [
-        ("__b.mp4", 0), ("a.mp4", 0), ("b.mp4", 1), ("c.mp4", 1), ("e.webm", 0), ("f.m4v", 0), ("g[1].mp4", 0)
+        ("__b.mp4", 0), ("a.mp4", 0), ("b.mp4", 1), ("c.mp4", 1), ("e.webm", 0), ("f.m4v", 0), ("g[1].mp4", 0),
+        ("h.ts", 0),
     ]
 
 

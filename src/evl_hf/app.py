@@ -42,23 +42,28 @@ except ImportError as error:  # an optional extra: say how to get it
 
 from PIL import Image
 from transformers import pipeline
+from transformers.utils import logging
 
 # Importing this module imports evl_hf first, which registers EVL's "video-classification" and "video-timeline"
 # pipelines.
 from .explain import explain
 from .timeline import plot_timeline, window_frame_sampling_rate
-from .video_decoding_evl import EVLVideoDecodingError
+from .video_decoding_evl import VIDEO_SUFFIXES, EVLVideoDecodingError
 
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+logger = logging.get_logger(__name__)
 
 
 def find_examples(examples_dir: str | os.PathLike) -> list[str]:
-    """The video files under `examples_dir` (any depth, e.g. a videofolder's `<class>/<clip>.mp4`), sorted."""
+    """The video files under `examples_dir` (any depth, e.g. a videofolder's `<class>/<clip>.mp4`; by suffix,
+    `VIDEO_SUFFIXES`), sorted."""
     directory = Path(examples_dir)
     if not directory.is_dir():
         raise ValueError(f"{examples_dir}: no such directory (of example clips).")
-    return sorted(str(path) for path in directory.rglob("*") if path.suffix.lower() in VIDEO_SUFFIXES)
+    examples = sorted(str(path) for path in directory.rglob("*") if path.suffix.lower() in VIDEO_SUFFIXES)
+    if not examples:
+        logger.warning(f"{examples_dir}: no video files ({', '.join(VIDEO_SUFFIXES)}) under it, so no examples.")
+    return examples
 
 
 def build_demo(

@@ -40,6 +40,14 @@ if is_av_available():
 logger = logging.get_logger(__name__)
 
 DECODING_BACKENDS = ("auto", "torchcodec", "pyav")
+# The file names taken for videos where the package looks for them by name (a videofolder's clips, the web demo's
+# examples): the containers and raw streams FFmpeg reads that hold video. Not `.gif` (an image format: a folder's
+# GIFs are mostly pictures, and a still image is no video) nor audio-first ones (`.ogg`).
+VIDEO_SUFFIXES = (
+    ".3g2", ".3gp", ".asf", ".avi", ".dv", ".f4v", ".flv", ".h264", ".h265", ".hevc", ".m1v", ".m2t", ".m2ts", ".m2v",
+    ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".mts", ".mxf", ".nut", ".ogv", ".qt", ".ts", ".vob", ".webm",
+    ".wmv", ".y4m",
+)  # fmt: skip
 # Frames fetched per torchcodec call: small enough that the decoding timeout is checked often.
 _TORCHCODEC_CHUNK = 16
 # FFmpeg's decoding threads pay off on large frames; on small ones (Kinetics clips are about 340x256) synchronising
@@ -806,4 +814,4 @@ class VideoFrameStream:
         self.close()
 
 
-__all__ = ["DECODING_BACKENDS", "EVLVideoDecodingError", "VideoFrameStream", "decode_video", "resolve_decoding_backend"]
+__all__ = ["DECODING_BACKENDS", "VIDEO_SUFFIXES", "EVLVideoDecodingError", "VideoFrameStream", "decode_video", "resolve_decoding_backend"]

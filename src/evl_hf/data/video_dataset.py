@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, Video, load_dataset
 
+from ..video_decoding_evl import VIDEO_SUFFIXES
 from ..video_processing_evl import EVLVideoDecodingError, EVLVideoProcessor, decode_video, sample_frame_indices
 
 
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 # The label of an evaluation slot whose clip could not be decoded: ignored by the loss and the metrics.
 IGNORE_LABEL = -100
 # The label of a clip that has none (`datasets`' convention for test splits): predicted, never scored.
@@ -226,7 +226,7 @@ def _folder_videos(folder: Path) -> list[str]:
         files.extend(
             path
             for path in (os.path.join(root, name) for name in names if not name.startswith("."))
-            if Path(path).suffix.lower() in VIDEO_EXTENSIONS and os.path.isfile(path)
+            if Path(path).suffix.lower() in VIDEO_SUFFIXES and os.path.isfile(path)
         )
     return sorted(files)
 
@@ -245,7 +245,7 @@ def _videofolder_files(folder: str | Path, allow_unlabeled: bool = False) -> tup
     folder = folder.absolute()  # clips are read by path from wherever the data set is used
     files = _folder_videos(folder)
     if not files:
-        raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in <label>/ sub-folders.")
+        raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_SUFFIXES)}) in <label>/ sub-folders.")
     loose = [f for f in files if Path(f).parent == folder]
     if allow_unlabeled and len(loose) == len(files):
         return files, False
