@@ -375,6 +375,12 @@ def test_a_damaged_checkpoint_is_named_in_one_line(saved_model, tmp_path, clip_p
     assert exit_info.value.code == 1 and "a `clip_vision_model` checkpoint, not an EVL model (`evl`)" in error, error
 
 
+def test_a_numpy_integer_top_k_is_taken_as_the_timeline_takes_it(saved_model, clip_path):
+    model = EVLForVideoClassification.from_pretrained(saved_model)
+    explanation = explain(model, small_processor(), clip_path, top_k=np.int64(2))
+    assert len(explanation.labels) == 2 == len(explanation.scores)
+
+
 def test_wrong_arguments_are_refused(saved_model, clip_path, tmp_path):
     model = EVLForVideoClassification.from_pretrained(saved_model)
     with pytest.raises(TypeError, match="must be the model's EVLVideoProcessor"):

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -307,6 +308,30 @@ def test_the_pipeline_returns_windows_in_time_order_with_labels(saved_model, cli
         assert [entry["label"] for entry in window["labels"]] == [LABELS[i] for i in best.indices.tolist()]
         np.testing.assert_allclose([entry["score"] for entry in window["labels"]], best.values.numpy(), atol=1e-5)
     assert len(timeline([str(clip_path), str(clip_path)], window_stride=4)) == 2  # a list of videos: one timeline each
+
+
+def test_the_functions_windows_plot_as_the_pipelines(saved_model, clip_path):
+    """`plot_timeline` draws `video_timeline`'s windows (logits) as it draws the pipeline's (labels and scores): the
+    classes named and scored by the model's config, without it by index (transformers' `LABEL_<i>`) with a softmax."""
+
+    def lines(figure):
+        return {line.get_label(): line.get_ydata() for line in figure.axes[0].get_lines()}
+
+    model, processor = load(saved_model)
+    windows = video_timeline(model, processor, str(clip_path), window_stride=4)
+    labelled = pipeline("video-timeline", model=str(saved_model))(str(clip_path), window_stride=4, top_k=len(LABELS))
+    expected = lines(evl_hf.plot_timeline(labelled, num_classes=3))
+    by_index = {LABELS[int(name.removeprefix("LABEL_"))]: scores
+                for name, scores in lines(evl_hf.plot_timeline(windows, num_classes=3)).items()}  # fmt: skip
+    for drawn in (lines(evl_hf.plot_timeline(windows, num_classes=3, config=model.config)), by_index):
+        assert len(drawn) == 3 and list(drawn) == list(expected)
+        for label in expected:
+            np.testing.assert_allclose(drawn[label], expected[label], atol=1e-6)
+    # A model without a head (`num_labels=0`) has no classes to draw: an empty plot, without matplotlib's warning
+    # about an empty legend (the web demo draws one per request).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lines(evl_hf.plot_timeline(windows, config=EVLConfig(num_labels=0))) == {}
 
 
 def test_the_cli_runs_as_a_module_without_runpys_warning(saved_model, clip_path, tmp_path):

@@ -139,6 +139,15 @@ def test_unreadable_inputs_raise_a_decoding_error_naming_the_file(tmp_path, make
     assert str(path) in str(error.value)
 
 
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+def test_an_empty_path_is_named_as_such(backend):
+    # `Path("")` is the working directory: it used to say ": is a directory, not a video file".
+    with pytest.raises(EVLVideoDecodingError, match="^The video's path is an empty string.$"):
+        decode_video("", backend=backend)
+    with pytest.raises(EVLVideoDecodingError, match="^The video's path is an empty string.$"):
+        small_processor()("", return_tensors="pt")
+
+
 def open_deleted_files() -> list[str]:
     """This process's open files that are already unlinked (what a temporary file is while open)."""
     targets = []

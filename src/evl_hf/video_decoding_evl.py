@@ -189,6 +189,8 @@ def _open_source(source, timeout: float):
             raise EVLVideoDecodingError(f"{text}: the download is empty (0 bytes).")
         downloaded.seek(0)
         return downloaded
+    if not text:  # `Path("")` is the working directory
+        raise EVLVideoDecodingError("The video's path is an empty string.")
     path = Path(text)
     if not path.exists():
         raise EVLVideoDecodingError(f"{text}: no such file.")

@@ -340,8 +340,9 @@ def explain(
             f"`processor` must be the model's EVLVideoProcessor, got {type(processor).__name__}: it decides which "
             "frames are read and how they are cropped."
         )
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:  # as the timeline's
         raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
+    top_k = int(top_k)
     pixel_values, frame_indices = sample_clip(processor, video)
     # A model loaded with its first weights offloaded (`device_map` to "disk"/"cpu") has them on the meta device:
     # its hooks then move the frames where each module runs.

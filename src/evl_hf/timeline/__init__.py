@@ -28,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForVideoClassification
+from transformers import AutoModelForVideoClassification, PreTrainedConfig
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.video_classification import VideoClassificationPipeline
 from transformers.utils import logging
 
-from ..explain import in_evaluation_mode, load_model_and_processor
+from ..explain import in_evaluation_mode, load_model_and_processor, top_predictions
 from ..modeling_evl import EVLForVideoClassification, _backbone_autocast, cross_frame_attention_maps
 from ..output_paths import check_output_path, figure_format
 from ..video_decoding_evl import EVLVideoDecodingError, VideoFrameStream, _video_name, decode_video
@@ -521,16 +521,34 @@ class EVLVideoTimelinePipeline(VideoClassificationPipeline):
         ]
 
 
-def plot_timeline(windows: list[dict], output_path: str | Path | None = None, num_classes: int = 5):
+def _labelled_window(window: EVLTimelineWindow, config: PreTrainedConfig | None) -> dict:
+    """A `video_timeline` window as the pipeline gives it: every class with its score, as the pipeline scores it."""
+    config = config if config is not None else PreTrainedConfig(num_labels=window.logits.numel())
+    labels, scores = top_predictions(config, window.logits, window.logits.numel())
+    entries = [{"label": label, "score": score} for label, score in zip(labels, scores)]
+    return {"start": window.start, "end": window.end, "frame_indices": window.frame_indices, "labels": entries}
+
+
+def plot_timeline(
+    windows: list[dict] | list[EVLTimelineWindow],
+    output_path: str | Path | None = None,
+    num_classes: int = 5,
+    config: PreTrainedConfig | None = None,
+):
     """
     The scores of the `num_classes` classes with the highest peak score over time, one line each, drawn at each
     window's centre; saved to `output_path` (PNG) when given. Returns the matplotlib `Figure`.
+
+    `windows`: the `"video-timeline"` pipeline's, or `video_timeline`'s, whose logits are scored as the pipeline
+    scores them and named by `config` (the model's: its `id2label` and `problem_type`); without it the classes are
+    `LABEL_<index>` and the scores a softmax.
     """
     output_format = figure_format(output_path) if output_path is not None else None  # checked before drawing
     from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     if not windows:
         raise ValueError("No windows to plot.")
+    windows = [_labelled_window(w, config) if isinstance(w, EVLTimelineWindow) else w for w in windows]
     centres = [(window["start"] + window["end"]) / 2 for window in windows]
     peaks: dict[str, float] = {}
     for window in windows:
@@ -547,7 +565,8 @@ def plot_timeline(windows: list[dict], output_path: str | Path | None = None, nu
     axes.set_ylabel("score (0 outside a window's top-k)")
     axes.set_xlim(windows[0]["start"], windows[-1]["end"])
     axes.set_title("Top classes over time")
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    if shown:  # none for a model without a head (`num_labels=0`)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     axes.grid(alpha=0.3)
     if output_path is not None:
         figure.savefig(output_path, dpi=100, format=output_format)
