@@ -269,6 +269,13 @@ def test_numpy_numbers_are_saved_as_json_numbers(tmp_path):
     loaded = EVLVideoProcessor.from_pretrained(tmp_path)
     assert (loaded.num_frames, loaded.sampling_rate, loaded.num_temporal_views, loaded.num_spatial_views, loaded.fps) == (4, 2, 2, 3, 2.5)
     assert type(loaded.num_frames) is int and type(loaded.fps) is float
+    # In the nested fields and the ones set after construction too.
+    processor = EVLVideoProcessor(size={"shortest_edge": np.int64(40)}, image_mean=[np.float32(0.5)] * 3,
+                                  rescale_factor=np.float32(0.5), do_resize=np.bool_(True))  # fmt: skip
+    processor.num_frames = np.int64(6)
+    processor.save_pretrained(tmp_path)
+    loaded = EVLVideoProcessor.from_pretrained(tmp_path)
+    assert (loaded.size.shortest_edge, loaded.image_mean, loaded.rescale_factor, loaded.do_resize, loaded.num_frames) == (40, (0.5,) * 3, 0.5, True, 6)
 
 
 def test_an_unknown_frame_sampling_is_refused_when_the_processor_is_built():

@@ -88,6 +88,17 @@ def _size_value(size, key: str):
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
+def _python_numbers(value):
+    """`value` with every numpy scalar in it (in dicts, lists and tuples too) as the Python number it holds."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _python_numbers(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_python_numbers(item) for item in value)
+    return value
+
+
 def _check_positive(**values) -> None:
     # None means "the processor's default"; anything given must be a whole number of frames, views or a stride.
     for name, value in values.items():
@@ -218,10 +229,11 @@ class EVLVideoProcessor(BaseVideoProcessor):
             raise ValueError(f"frame_sampling must be 'dense' or 'uniform', got {self.frame_sampling!r}.")
         if self.decoding_backend not in DECODING_BACKENDS:
             raise ValueError(f"decoding_backend must be one of {DECODING_BACKENDS}, got {self.decoding_backend!r}.")
-        # Numbers given as numpy scalars are kept as Python ones, which the saved JSON can hold.
-        for name in ("num_frames", "sampling_rate", "num_temporal_views", "num_spatial_views", "fps"):
-            if isinstance(getattr(self, name), np.generic):
-                setattr(self, name, getattr(self, name).item())
+
+    def to_dict(self) -> dict:
+        # Numbers given as numpy scalars (a size, a mean, a frame count set later) are written as Python ones: the
+        # JSON that `save_pretrained` writes takes no numpy type, and failed half way through the file.
+        return _python_numbers(super().to_dict())
 
     @classmethod
     def from_dict(cls, video_processor_dict: dict, **kwargs):
