@@ -83,9 +83,10 @@ class EVLConfig(PreTrainedConfig):
 
     Args:
         vision_config (`PreTrainedConfig` or `dict`, *optional*):
-            Configuration of the image backbone: a `CLIPVisionConfig` (the default, ViT-B/16 shaped), a
-            `SiglipVisionConfig`, a `Dinov2Config`, a `Dinov2WithRegistersConfig` or a `ViTConfig` (a dict names
-            its `model_type`); of a whole CLIP or SigLIP config, its vision tower's. See `evl_hf.backbone_families`.
+            Configuration of the image backbone: a `CLIPVisionConfig` (the default when none is given: ViT-B/16
+            shaped; a dict takes transformers' defaults for the fields it leaves out), a `SiglipVisionConfig`, a
+            `Dinov2Config`, a `Dinov2WithRegistersConfig` or a `ViTConfig` (a dict names its `model_type`); of a whole
+            CLIP or SigLIP config, its vision tower's. See `evl_hf.backbone_families`.
         image_size (`int`, *optional*):
             Resolution of the frames the backbone reads. Defaults to the backbone's `image_size`. Only backbones that
             interpolate their position embeddings (DINOv2) may differ from it: DINOv2 checkpoints declare 518 and are
