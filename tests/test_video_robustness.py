@@ -154,6 +154,26 @@ def test_an_avi_gives_each_frame_for_its_own_index(tmp_path, decoding_backend, c
         assert [(index, frame_index(frame)) for index, frame in frame_stream] == [(i, i) for i in range(0, 72, 5)]
 
 
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_an_avi_whose_video_starts_late_gives_each_frame_for_its_own_index(tmp_path, decoding_backend, codec):
+    # Empty chunks before the first frame (a capture's dropped frames): FFmpeg times the first frame by its place
+    # (H.264: one frame later), so it is no frame 0 to index from.
+    path = tmp_path / "late.avi"
+    frames = index_coded_frames(40)
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream(codec, rate=25, options={"g": "24", "bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(5, 40):
+            frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    decoded, _ = decode_video(path, lambda metadata: [10, 20, 30], backend=decoding_backend)
+    assert [frame_index(frame) for frame in decoded] == [10, 20, 30]
+    with VideoFrameStream(str(path), step=10) as frame_stream:
+        assert [(index, frame_index(frame)) for index, frame in frame_stream][1:] == [(10, 10), (20, 20), (30, 30)]
+
+
 def test_a_stream_that_cannot_seek_never_gives_a_later_frame_for_an_earlier_one(tmp_path):
     # An FLV read from a pipe: the demuxer cannot seek, and after probing it stands past the first frames. Its frames
     # from there must not stand for the ones before: a clear error instead (the path decodes it).

@@ -20,6 +20,7 @@ through `decode_video`.
 import errno
 import functools
 import io
+import itertools
 import os
 import tempfile
 import time
@@ -549,6 +550,24 @@ def _first_frame_seconds(container, stream, request: "_DecodeRequest") -> float 
     return first.time if first is not None else None
 
 
+def _avi_output_lag(container, stream, name: str, check_time) -> float:
+    """
+    How much later than its place FFmpeg times each frame of an AVI stream without B-frames: one frame for H.264
+    (frames come out of its decoder a packet late and take that packet's guessed time), none for the others. Measured
+    on the stream's second frame (the first can be timed at the stream's start whatever its place), 0 where it cannot
+    be; the demuxer is left at the start.
+    """
+    try:
+        container.seek(0)
+        frames = list(itertools.islice(_decoded_frames(container, stream, name, [], check_time), 2))
+        container.seek(0)
+    except av.error.FFmpegError:
+        return 0.0
+    if len(frames) < 2 or frames[1].pts is None or frames[1].dts is None:
+        return 0.0
+    return max(0.0, float((frames[1].pts - frames[1].dts) * frames[1].time_base))
+
+
 def _start_seconds(stream) -> float | None:
     """When the stream's first frame is shown, `None` where the container does not say (raw elementary streams): the
     first frame decoded is then frame 0."""
@@ -564,10 +583,11 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
     """
     start_seconds = _start_seconds(stream)
     by_order = _times_are_guessed(container, stream)
-    if _is_avi_container(container):
-        # Frame 0 is the first frame shown, whose guessed time can be the stream's start plus the reorder delay (a
-        # B-frame stream) or one frame (H.264 without B-frames).
+    if by_order:
+        # Frame 0 is the first frame shown, whose guessed time is the stream's start plus the reorder delay.
         start_seconds = _first_frame_seconds(container, stream, request)
+    elif start_seconds is not None and _is_avi_container(container):
+        start_seconds += _avi_output_lag(container, stream, request.name, request.check_time)
     decode_from_here = functools.partial(
         _decode_frames_from, container, stream, request, wanted, first, fps, declared, start_seconds, by_order
     )
@@ -741,9 +761,10 @@ class VideoFrameStream:
 
     def __iter__(self):
         stream, fps = self._stream, self.fps
-        # AVI's times are guesses (see `_decode_range`): frame 0 is the first frame decoded.
-        start_seconds = None if _is_avi_container(self._container) else _start_seconds(stream)
+        start_seconds = _start_seconds(stream)
         by_order = _times_are_guessed(self._container, stream)  # counted from the start: frame i is the i-th shown
+        if not by_order and start_seconds is not None and _is_avi_container(self._container):
+            start_seconds += _avi_output_lag(self._container, stream, self.name, lambda: None)  # see `_decode_range`
         wanted, counted, damaged, size, shown_until = 0, 0, [], None, None
         try:
             for frame in _decoded_frames(self._container, stream, self.name, damaged, lambda: None):
