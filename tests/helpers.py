@@ -1,6 +1,7 @@
 """Builders shared by the tests: tiny random CLIP backbones, EVL configs and synthetic clips."""
 
 import contextlib
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,31 @@ def serving(directory, requests: list | None = None):
             yield f"http://127.0.0.1:{server.server_address[1]}"
         finally:
             server.shutdown()
+
+
+def write_matroska(
+    path: Path, frames: np.ndarray, fps: int = 25, audio_seconds: float = 0.0, start_ms: int = 0
+) -> Path:
+    """
+    Encode (T, H, W, 3) uint8 frames to a Matroska/WebM file with PyAV (FFmpeg's muxer, which tags each track with
+    its DURATION), the first frame shown at `start_ms`, with `audio_seconds` of silent PCM audio from time 0 (or none).
+    """
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"g": "12"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        audio = container.add_stream("pcm_s16le", rate=8000, layout="mono") if audio_seconds else None
+        for index, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts, video_frame.time_base = start_ms + index * 1000 // fps, Fraction(1, 1000)
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode())
+        for start in range(0, round(audio_seconds * 8000), 800):  # 0.1 s a frame
+            audio_frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+            audio_frame.sample_rate, audio_frame.pts = 8000, start
+            container.mux(audio.encode(audio_frame))
+        if audio is not None:
+            container.mux(audio.encode())
+    return path

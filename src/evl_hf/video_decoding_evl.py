@@ -330,7 +330,13 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     except ImportError as error:  # `decode_video` decodes with PyAV instead
         raise ImportError(f"torchcodec cannot be imported: {error}") from error
 
-    is_avi = _is_avi(opened, start_position)
+    container = _container_by_header(opened, start_position)
+    is_avi = container == "avi"
+    matroska_count = None
+    if container == "matroska":
+        # The video track's own length is in a tag torchcodec cannot read (see `_matroska_video_seconds`): the frame
+        # count is PyAV's, from the header alone, so that both backends number the same frames.
+        matroska_count = _matroska_frame_count(opened, start_position)
     decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1)
     stream = decoder.metadata
     # Width and height are after rotation, as the frames come out; their product is what the limit is about.
@@ -340,11 +346,13 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
         if start_position is not None:
             opened.seek(start_position)
         decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0)
-    total, fps = stream.num_frames, stream.average_fps
+    total, fps, duration = stream.num_frames, stream.average_fps, stream.duration_seconds
+    if matroska_count is not None:
+        total, duration = matroska_count  # past torchcodec's own count, a frame is an IndexError: PyAV decodes it
     _check_not_still_image(request.name, None, stream.codec, total)
     if not total or not fps:
         raise ValueError("the container gives no frame count or rate to seek by")
-    metadata = VideoMetadata(total, float(fps), stream.width, stream.height, stream.duration_seconds, "torchcodec")
+    metadata = VideoMetadata(total, float(fps), stream.width, stream.height, duration, "torchcodec")
     indices = request.indices(metadata)
     wanted = sorted({min(index, total - 1) for index in indices})
     if wanted and wanted[0] < 0:
@@ -368,22 +376,50 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     return request.stack([decoded[min(index, total - 1)] for index in indices]), metadata
 
 
-def _is_avi(opened, start_position) -> bool:
-    """Whether the file (a path, or a seekable file object starting at `start_position`) is an AVI: its RIFF header."""
+def _container_by_header(opened, start_position) -> str | None:
+    """
+    `"avi"` where the file (a path, or a seekable file object starting at `start_position`) starts with AVI's header
+    (its frame times are guessed, see `_times_are_guessed`), `"matroska"` for Matroska/WebM (see
+    `_matroska_video_seconds`); else `None`.
+    """
+    header = _file_header(opened, start_position, 12)
+    if header[:4] == b"RIFF" and header[8:12] == b"AVI ":
+        return "avi"
+    return "matroska" if header[:4] == _EBML_ID else None
+
+
+def _file_header(opened, start_position, size: int) -> bytes:
+    """The first `size` bytes of a path, or of a seekable file object starting at `start_position` (left there)."""
     if isinstance(opened, str):
         with open(opened, "rb") as file:
-            header = file.read(12)
-    else:
-        opened.seek(start_position)
-        header = opened.read(12)
-        opened.seek(start_position)
-    return header[:4] == b"RIFF" and header[8:12] == b"AVI "
+            return file.read(size)
+    opened.seek(start_position)
+    header = opened.read(size)
+    opened.seek(start_position)
+    return header
+
+
+def _matroska_frame_count(opened, start_position) -> tuple[int | None, float | None]:
+    """`_frame_count` of a Matroska/WebM file (a path, or a seekable file object starting at `start_position`, left
+    there), read by PyAV from its header."""
+    if not is_av_available():
+        raise ImportError("counting the frames of a Matroska/WebM file needs PyAV")
+    muxing_app = _matroska_muxing_app(_file_header(opened, start_position, _MATROSKA_HEADER_BYTES))
+    try:
+        with av.open(opened, mode="r", metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            return _frame_count(container, stream, float(rate) if rate else None, muxing_app)
+    finally:
+        if start_position is not None:
+            opened.seek(start_position)
 
 
 def _decode_with_pyav(opened, request: "_DecodeRequest"):
     if not is_av_available():
         raise ImportError(f"{request.name}: decoding a video file without torchcodec needs PyAV: pip install av")
 
+    muxing_app = _muxing_app_of(opened, request.name)
     try:
         container = av.open(opened, mode="r", metadata_errors="ignore")
     except (av.error.FFmpegError, OSError, ValueError) as error:
@@ -391,14 +427,14 @@ def _decode_with_pyav(opened, request: "_DecodeRequest"):
         raise EVLVideoDecodingError(f"{request.name}: not a readable video file ({error}).") from None
     with container:
         try:
-            return _decode_container(container, request)
+            return _decode_container(container, request, muxing_app)
         except av.error.FFmpegError as error:
             _raise_if_environment_error(request.name, error)
             raise EVLVideoDecodingError(f"{request.name}: the video cannot be decoded ({error}).") from None
 
 
-def _decode_container(container, request: "_DecodeRequest"):
-    """The body of `decode_video` once the container is open."""
+def _decode_container(container, request: "_DecodeRequest", muxing_app: str | None):
+    """The body of `decode_video` once the container is open (`muxing_app`: see `_matroska_muxing_app`)."""
     name = request.name
     if not container.streams.video:
         raise EVLVideoDecodingError(f"{name}: the file has no video stream.")
@@ -412,14 +448,7 @@ def _decode_container(container, request: "_DecodeRequest"):
         stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else None
-    duration = None
-    if stream.duration is not None and stream.time_base is not None:
-        duration = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
-        duration = container.duration / 1_000_000
-    total = stream.frames
-    if not total and fps and duration:
-        total = max(1, int(round(duration * fps)))
+    total, duration = _frame_count(container, stream, fps, muxing_app)
     if not total:
         # Neither a frame count nor a duration: count by decoding (bounded by the timeout).
         frames = _decode_range(container, stream, request, None, 0, None)
@@ -433,6 +462,106 @@ def _decode_container(container, request: "_DecodeRequest"):
     wanted = sorted(set(indices))
     decoded = _decode_range(container, stream, request, wanted, wanted[0], fps, _declared_seconds(container, stream))
     return _displayed(request.stack([decoded[i] for i in indices]), metadata)
+
+
+def _frame_count(container, stream, fps: float | None, muxing_app: str | None) -> tuple[int | None, float | None]:
+    """
+    The stream's frame count (`None` where it has neither a count nor a duration) and duration in seconds: the
+    container's count, or the duration at the average rate: a Matroska video track's own (see
+    `_matroska_video_seconds`; Matroska has no other: the stream's duration, where FFmpeg fills it in for a short
+    file, is the container's), the stream's, else the container's, which for Matroska/WebM, ASF, ... covers all
+    streams.
+    """
+    duration = _matroska_video_seconds(container, stream, muxing_app)
+    if duration is None and stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif duration is None and container.duration is not None:
+        duration = container.duration / 1_000_000
+    total = stream.frames
+    if not total and fps and duration:
+        total = max(1, int(round(duration * fps)))
+    return total or None, duration
+
+
+def _muxing_app_of(opened, name: str) -> str | None:
+    """`_matroska_muxing_app` of a path or a seekable file object (from where it stands); `None` for one that cannot
+    seek (PyAV reads it as it comes) or is not Matroska."""
+    if not isinstance(opened, str) and not _is_seekable(opened):
+        return None
+    try:
+        return _matroska_muxing_app(_file_header(opened, None if isinstance(opened, str) else opened.tell(),
+                                                 _MATROSKA_HEADER_BYTES))  # fmt: skip
+    except (OSError, ValueError) as error:
+        _raise_if_environment_error(name, error)
+        return None  # PyAV's opening reports the file
+
+
+# Matroska (EBML) element IDs: the file's EBML header, the segment, its info and the info's MuxingApp.
+_EBML_ID, _SEGMENT_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67"
+_INFO_ID, _MUXING_APP_ID = b"\x15\x49\xa9\x66", b"\x4d\x80"
+# The segment info follows the EBML header and the seek head: a few hundred bytes into the files FFmpeg writes.
+_MATROSKA_HEADER_BYTES = 8192
+
+
+def _ebml_number(data: bytes, position: int, keep_marker: bool) -> tuple[int, int] | None:
+    """An EBML variable-length number at `position` (an element ID keeps its length marker, a size does not) and the
+    position after it; `None` past the end of `data` or for an invalid one. A size of all ones (unknown) is -1."""
+    if position >= len(data) or not data[position]:
+        return None
+    length = 9 - data[position].bit_length()
+    if position + length > len(data):
+        return None
+    value = int.from_bytes(data[position : position + length], "big")
+    if not keep_marker:
+        value &= (1 << (7 * length)) - 1
+        if value == (1 << (7 * length)) - 1:
+            value = -1
+    return value, position + length
+
+
+def _matroska_muxing_app(header: bytes) -> str | None:
+    """
+    The MuxingApp of a Matroska/WebM file's segment info (the library that wrote the file: "Lavf60.16.100", or
+    "Lavf" for a bit-exact file, from FFmpeg's muxer; "libebml ..." from mkvmerge), read from the file's first bytes;
+    `None` for another container or where they do not hold it. FFmpeg's `encoder` metadata is no substitute: a tag of
+    that name, which mkvmerge copies from its source, replaces it.
+    """
+    position, parents = 0, {_SEGMENT_ID: None, _INFO_ID: None}  # elements read into, not skipped
+    while True:
+        element = _ebml_number(header, position, keep_marker=True)
+        size = element and _ebml_number(header, element[1], keep_marker=False)
+        if size is None:
+            return None
+        identifier = element[0].to_bytes(element[1] - position, "big")
+        if position == 0 and identifier != _EBML_ID:
+            return None
+        body, position = size[1], size[1] + size[0]
+        if identifier == _MUXING_APP_ID:
+            return header[body:position].decode("utf-8", "replace").rstrip("\0") if position <= len(header) else None
+        if identifier in parents:
+            position = body
+        elif size[0] < 0:
+            return None  # an element of unknown size other than the segment: nothing to skip it by
+
+
+def _matroska_video_seconds(container, stream, muxing_app: str | None) -> float | None:
+    """
+    How long a Matroska/WebM file's video track lasts, from its first frame to the end of its last, where FFmpeg's
+    muxer wrote the file (`muxing_app` "Lavf..."; else `None`). Matroska's only length is the container's, which covers
+    all streams (audio that outlasts the video made 50 frames count 126); FFmpeg's muxer tags each track with its end
+    time (`DURATION`, "00:00:04.823000000", near the start of the file, so a cut file keeps it), never copying a tag
+    of that name from its source. Other files keep the container's length: mkvmerge's `DURATION` is measured from
+    the track's first frame, and a tool may keep a tag from its source, stale after a cut or a shift.
+    """
+    if muxing_app is None or not muxing_app.startswith("Lavf") or "matroska" not in container.format.name.split(","):
+        return None
+    try:
+        hours, minutes, seconds = stream.metadata.get("DURATION", "").split(":")
+        end = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None  # no tag: a file written as a live stream, or not seekable
+    seconds = end - (_start_seconds(stream) or 0.0)
+    return seconds if seconds > 0 else None
 
 
 def _displayed(frames: np.ndarray, metadata: VideoMetadata) -> tuple[np.ndarray, VideoMetadata]:
@@ -722,6 +851,7 @@ class VideoFrameStream:
         opened = _open_source(source, 120.0)
         self._owned = opened if _opened_here(opened, source) else None  # this stream's to close
         try:
+            muxing_app = _muxing_app_of(opened, self.name)
             self._container = av.open(opened, mode="r", metadata_errors="ignore")
         except (av.error.FFmpegError, OSError, ValueError) as error:
             self._close_owned()
@@ -748,16 +878,8 @@ class VideoFrameStream:
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else None
         self._declared_seconds = _declared_seconds(self._container, self._stream)  # a cut file stops short of it
-        # The container's count, which may be missing or approximate: for progress bars only.
-        self.total_num_frames = self._stream.frames or None
-        if self.total_num_frames is None and self.fps:
-            if self._stream.duration and self._stream.time_base:
-                seconds = float(self._stream.duration * self._stream.time_base)
-            else:
-                # Matroska/WebM give no per-stream duration or frame count, only the container's (in microseconds).
-                seconds = self._container.duration / av.time_base if self._container.duration else None
-            if seconds:
-                self.total_num_frames = max(1, round(seconds * self.fps))
+        # `decode_video`'s count, which may be missing or approximate: for progress bars only.
+        self.total_num_frames, _ = _frame_count(self._container, self._stream, self.fps, muxing_app)
 
     def __iter__(self):
         stream, fps = self._stream, self.fps
