@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import decode_on_backend as decode
-from helpers import frame_index, index_coded_frames, write_clip
+from helpers import frame_index, index_coded_frames, write_clip, write_matroska
 from PIL import Image
 
 from evl_hf import EVLVideoDecodingError, EVLVideoProcessor, decode_video
@@ -79,6 +79,24 @@ def test_truncated_faststart_file_is_refused_not_padded_with_its_last_frame(tmp_
     message = r"the video stops at [\d.]+ s of the [\d.]+ s its header declares"
     with pytest.raises(EVLVideoDecodingError, match=message) as error:
         decode_video(cut, lambda metadata: [0, 150, 299], backend=decoding_backend)
+    assert str(cut) in str(error.value)
+    assert_named_error(cut, message, decoding_backend, num_temporal_views=3)
+    with pytest.raises(EVLVideoDecodingError, match=message), VideoFrameStream(str(cut), step=10) as stream:
+        list(stream)
+
+
+def test_truncated_matroska_file_is_refused_not_padded_with_its_last_frame(tmp_path, decoding_backend):
+    # FFmpeg's muxer tags each track with its duration near the start of the file: a Matroska/WebM file cut at half
+    # still declares its whole video, and frames past its end are refused as for MP4, by both backends and the
+    # timeline's stream, rather than all being its last frame.
+    data = write_matroska(tmp_path / "good.mkv", index_coded_frames(120), audio_seconds=6).read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 2])
+    frames, metadata = decode(cut, lambda metadata: [0, 20], decoding_backend)
+    assert metadata.total_num_frames == 120 and [frame_index(frame) for frame in frames] == [0, 20]
+    message = r"the video stops at [\d.]+ s of the 4.80 s its header declares"
+    with pytest.raises(EVLVideoDecodingError, match=message) as error:
+        decode_video(cut, lambda metadata: [0, 60, 119], backend=decoding_backend)
     assert str(cut) in str(error.value)
     assert_named_error(cut, message, decoding_backend, num_temporal_views=3)
     with pytest.raises(EVLVideoDecodingError, match=message), VideoFrameStream(str(cut), step=10) as stream:

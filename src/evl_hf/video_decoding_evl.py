@@ -263,11 +263,11 @@ def decode_video(
     Only what is needed is decoded: the demuxer seeks to the key frame before the first wanted frame and decoding stops
     after the last one. Frame `i` is the frame shown at `i / fps` seconds (the container's frame count and average rate,
     so both backends pick the same frames). Indices past the end of the stream repeat its last frame, as the authors
-    do for clips shorter than the sampling window; an MP4/MOV file whose frames stop more than two frames' time short
-    of its video track's duration (a truncated download whose index comes first) is refused for indices past its
-    end. Display rotation (phone videos) is applied. Any failure of the video raises
-    `EVLVideoDecodingError` naming the video and the problem; a failure of the process (out of file descriptors, or
-    of disk space for a download) raises an `OSError` naming the video instead.
+    do for clips shorter than the sampling window; an MP4/MOV file (or a Matroska/WebM file FFmpeg wrote) whose frames
+    stop more than two frames' time short of its video track's duration (a truncated download whose index comes
+    first) is refused for indices past its end. Display rotation (phone videos) is applied. Any failure of the video
+    raises `EVLVideoDecodingError` naming the video and the problem; a failure of the process (out of file
+    descriptors, or of disk space for a download) raises an `OSError` naming the video instead.
     Frames over `max_frame_pixels`, decoding past `timeout` seconds and still images (a photo renamed `.mp4`, which
     FFmpeg would open as a one-frame video) are refused.
 
@@ -460,7 +460,8 @@ def _decode_container(container, request: "_DecodeRequest", muxing_app: str | No
     metadata = VideoMetadata(total, fps, width, height, duration, "pyav")
     indices = request.indices(metadata)
     wanted = sorted(set(indices))
-    decoded = _decode_range(container, stream, request, wanted, wanted[0], fps, _declared_seconds(container, stream))
+    declared = _declared_seconds(container, stream, muxing_app)
+    decoded = _decode_range(container, stream, request, wanted, wanted[0], fps, declared)
     return _displayed(request.stack([decoded[i] for i in indices]), metadata)
 
 
@@ -614,13 +615,16 @@ def _warn_if_damaged(name: str, damaged: list) -> None:
         logger.warning(f"{name}: skipped {len(damaged)} damaged packet(s) the decoder refused ({damaged[0]}).")
 
 
-def _declared_seconds(container, stream) -> float | None:
+def _declared_seconds(container, stream, muxing_app: str | None) -> float | None:
     """
-    How long the video stream lasts by its own track header, for MP4/MOV/3GP files only (`None` otherwise): their
-    index, which a cut download whose index comes first still holds whole, gives each track's duration, after its
-    edit list. Other containers may give the duration of all streams together (ASF, Matroska) or a frame count that
-    over-reports (AVI), which would make intact files look cut short.
+    How long the video stream lasts by its own track header, for MP4/MOV/3GP files (their index, which a cut download
+    whose index comes first still holds whole, gives each track's duration, after its edit list) and Matroska/WebM
+    files FFmpeg's muxer wrote (its per-track tag near the start of the file, see `_matroska_video_seconds`); `None`
+    otherwise. Other containers may give the duration of all streams together (ASF, other Matroska files) or a frame
+    count that over-reports (AVI), which would make intact files look cut short.
     """
+    if "matroska" in container.format.name.split(","):
+        return _matroska_video_seconds(container, stream, muxing_app)
     if "mp4" not in container.format.name.split(",") or not stream.duration or stream.time_base is None:
         return None
     return float(stream.duration * stream.time_base)
@@ -877,7 +881,8 @@ class VideoFrameStream:
             raise
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else None
-        self._declared_seconds = _declared_seconds(self._container, self._stream)  # a cut file stops short of it
+        # A cut file stops short of it.
+        self._declared_seconds = _declared_seconds(self._container, self._stream, muxing_app)
         # `decode_video`'s count, which may be missing or approximate: for progress bars only.
         self.total_num_frames, _ = _frame_count(self._container, self._stream, self.fps, muxing_app)
 
