@@ -239,6 +239,20 @@ def test_overlapping_analyses_in_threads_keep_the_model_in_evaluation_mode_until
     assert modes == {"after the first left": False} and model.training
 
 
+def test_analyses_through_a_wrapper_and_the_model_count_as_one_models():
+    # torch.compile's and DataParallel's wrappers share the model's dropout: one analysis through a wrapper and one
+    # through the model overlap on the same mode.
+    model = torch.nn.Sequential(torch.nn.Dropout()).train()
+    for wrapper in (torch.nn.DataParallel(model), torch.compile(model)):
+        through_wrapper, through_model = in_evaluation_mode(wrapper), in_evaluation_mode(model)
+        through_wrapper.__enter__()
+        through_model.__enter__()
+        through_wrapper.__exit__(None, None, None)  # the first to start ends first, as threads may
+        assert not model.training, type(wrapper).__name__
+        through_model.__exit__(None, None, None)
+        assert model.training, type(wrapper).__name__
+
+
 def test_a_multi_view_processor_is_explained_on_its_centred_single_view(saved_model, clip_path, caplog):
     model = EVLForVideoClassification.from_pretrained(saved_model)
     single = EVLVideoProcessor.from_pretrained(saved_model)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
@@ -59,6 +60,8 @@ def in_evaluation_mode(model: torch.nn.Module):
     logits), then back in the mode it had: for analyses of a model that may be in the middle of training. The mode
     is one flag shared by every thread: overlapping analyses (threads of a server, callbacks) count themselves, the
     first saves the mode and the last restores it, so none runs with dropout switched back on under it."""
+    # `torch.compile`'s and (Distributed)DataParallel's wrappers share the model's dropout: counted as the model.
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
     with _evaluation_users_lock:
         users, was_training = _evaluation_users.get(model, (0, model.training))
         _evaluation_users[model] = (users + 1, was_training)
