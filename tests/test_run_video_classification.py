@@ -649,6 +649,17 @@ def test_do_eval_without_validation_data_splits_it_off_the_training_clips(data_d
         load_script().main([*args, "--train_val_split", "0"])
 
 
+def test_an_evaluation_only_run_never_splits_the_training_clips(data_dir, backbone_dir, tmp_path):
+    """Without --do_train the model was trained elsewhere, most likely on these very training clips: a validation
+    split drawn from them would be scored as held-out data."""
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_eval")
+    for flag in ("--validation_dir", "--test_dir"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    with pytest.raises(ValueError, match=r"--do_eval without --do_train and no validation split: .*clips the model was "
+                                         r"trained on.*--validation_dir"):  # fmt: skip
+        load_script().main(args)
+
+
 def labeled_clips(counts: dict):
     from datasets import ClassLabel, Dataset, Features, Value
 

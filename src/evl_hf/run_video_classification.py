@@ -525,6 +525,13 @@ def main(argv: list[str] | None = None):
         data_args.video_column, data_args.label_column, class_names, model_args.cache_dir,
         used_splits=[split for split, wanted in used.items() if wanted],
     )  # fmt: skip
+    if training_args.do_eval and "validation" not in dataset and "train" in dataset and not training_args.do_train:
+        # The model was trained elsewhere, most likely on these clips: a split of them is no held-out data.
+        raise ValueError(
+            "--do_eval without --do_train and no validation split: --train_val_split would split the validation "
+            "clips off the training data and score clips the model was trained on. Give --validation_dir, "
+            "--validation_list or a data set with a validation split."
+        )
     if training_args.do_eval and "validation" not in dataset and "train" in dataset and data_args.train_val_split:
         dataset["train"], dataset["validation"] = split_off_validation(
             dataset["train"], data_args.train_val_split, training_args.seed, training=training_args.do_train
@@ -572,9 +579,10 @@ def main(argv: list[str] | None = None):
     eval_transform = VideoEvalTransform(processor)
     if training_args.do_eval:
         if "validation" not in dataset:
+            split_off = ", or split one off the training clips with --train_val_split" if training_args.do_train else ""
             raise ValueError(
-                "--do_eval needs a validation split: give --validation_dir, --validation_list or a data set with one, "
-                "or split one off the training clips with --train_val_split."
+                f"--do_eval needs a validation split: give --validation_dir, --validation_list or a data set with "
+                f"one{split_off}."
             )
         eval_dataset = EvaluationClips(limit("validation", data_args.max_eval_samples), eval_transform)
     # The same clips with their decoded frames reordered; a clip's shuffle depends on its index only, never the rank.
