@@ -381,19 +381,40 @@ def test_resuming_skips_a_checkpoint_the_killed_run_did_not_finish_writing(tmp_p
     # Trainer writes trainer_state.json last: a run killed while saving leaves a folder without it (seen: only
     # config.json and the code files), or with it cut short. transformers' get_last_checkpoint returns such a folder,
     # and resuming from it fails with "Can't find a valid checkpoint".
-    from evl_hf.run_video_classification import last_complete_checkpoint
+    # A --save_only_model checkpoint (no random states) is complete but cannot be resumed from: skipped too.
+    from evl_hf.run_video_classification import last_resumable_checkpoint
 
-    assert last_complete_checkpoint(tmp_path) is None
-    for step in (2, 4, 10, 12):
+    assert last_resumable_checkpoint(tmp_path) is None
+    for step in (2, 4, 6, 10, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "config.json").write_text("{}")
-    for step in (2, 4):
+    for step in (2, 4, 6):
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "rng_state.pth").write_text("")
     (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')
     (tmp_path / "checkpoint-x").mkdir()
     with caplog.at_level("WARNING"):
-        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+        assert last_resumable_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
     assert "checkpoint-12" in caplog.text and "checkpoint-10" in caplog.text
+    assert "checkpoint-6: it was saved with --save_only_model" in caplog.text
+
+
+def test_an_output_dir_of_save_only_model_checkpoints_is_not_resumed_and_says_what_to_do(data_dir, backbone_dir, tmp_path):
+    """transformers cannot resume from a --save_only_model checkpoint (no optimizer, scheduler or random states): a
+    rerun into such an --output_dir is refused with what to do, and a finished run's --output_dir names no such
+    checkpoint to resume from."""
+    output = tmp_path / "out"
+    steps = ("--do_train", "--save_steps", "1", "--save_only_model", "true", "--save_strategy", "steps")
+    load_script().main(base_args(data_dir, backbone_dir, output, *steps, "--max_steps", "1"))
+    with pytest.raises(ValueError, match=rf"{output} holds only checkpoints saved with --save_only_model, which cannot "
+                                         rf"be resumed from.*--model_name_or_path {output / 'checkpoint-1'} and a new "
+                                         rf"--output_dir"):  # fmt: skip
+        load_script().main(base_args(data_dir, backbone_dir, output, *steps, "--max_steps", "2"))
+    args = base_args(data_dir, backbone_dir, tmp_path / "resumed", "--do_train", "--max_steps", "2")
+    with pytest.raises(ValueError, match=rf"Cannot resume from {output}: no optimizer") as error:
+        load_script().main([*args, "--resume_from_checkpoint", str(output)])
+    assert "checkpoint-1" not in str(error.value)
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_result(data_dir, backbone_dir, tmp_path):

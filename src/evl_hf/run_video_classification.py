@@ -334,18 +334,27 @@ def build_model(model_args, data_args, labels: list[str]):
     return model, processor
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """
-    The newest `checkpoint-N` folder of `output_dir` that `Trainer` finished writing, `None` if there is none. A run
-    killed while saving leaves a folder with only some of its files; `Trainer` writes `trainer_state.json` last, so a
-    folder whose state file is missing or does not parse is skipped, with a warning naming it.
-    """
+def checkpoint_folders(output_dir: str) -> list[Path]:
+    """The `checkpoint-N` folders of `output_dir`, newest first."""
     folders = [path for path in Path(output_dir).glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
-    for folder in sorted(folders, key=lambda path: int(path.name[11:]), reverse=True):
+    return sorted(folders, key=lambda path: int(path.name[11:]), reverse=True)
+
+
+def last_resumable_checkpoint(output_dir: str) -> str | None:
+    """
+    The newest `checkpoint-N` folder of `output_dir` that `Trainer` can resume from, `None` if there is none. A run
+    killed while saving leaves a folder with only some of its files; `Trainer` writes `trainer_state.json` last, so a
+    folder whose state file is missing or does not parse is skipped, with a warning naming it. So is one without the
+    random states (saved with `--save_only_model`), as `check_trainer_checkpoint` would refuse it.
+    """
+    for folder in checkpoint_folders(output_dir):
         try:
-            json.loads((folder / "trainer_state.json").read_text())
+            json.loads((folder / TRAINER_STATE_NAME).read_text())
         except (OSError, ValueError):
             logger.warning("Skipping %s: it was not completely written (the run stopped while saving it).", folder)
+            continue
+        if not any(folder.glob("rng_state*.pth")):
+            logger.warning("Skipping %s: it was saved with --save_only_model, which cannot be resumed from.", folder)
             continue
         return str(folder)
     return None
@@ -425,7 +434,7 @@ def check_trainer_checkpoint(checkpoint: str) -> None:
         )  # fmt: skip
         raise ValueError(f"Cannot resume from {checkpoint}: {why}.")
     if not any(folder.glob("rng_state*.pth")):
-        last = last_complete_checkpoint(checkpoint)
+        last = last_resumable_checkpoint(checkpoint)
         why = "no optimizer, scheduler or random states in it"
         if last is not None:
             raise ValueError(f"Cannot resume from {checkpoint}: {why} (a run's final model, not a checkpoint): resume "
@@ -611,9 +620,21 @@ def main(argv: list[str] | None = None):
         # Checked before any backbone work (the feature cache): a run that cannot resume stops at once.
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint is None and os.path.isdir(training_args.output_dir):
-            checkpoint = last_complete_checkpoint(training_args.output_dir)
+            checkpoint = last_resumable_checkpoint(training_args.output_dir)
             if checkpoint is not None:
                 logger.warning("Resuming training from %s (found in --output_dir)", checkpoint)
+            else:
+                # Starting afresh would overwrite the checkpoints, and Trainer cannot resume from model-only ones.
+                folders = checkpoint_folders(training_args.output_dir)
+                saved = [folder for folder in folders if (folder / TRAINER_STATE_NAME).is_file()]
+                if saved:
+                    raise ValueError(
+                        f"{training_args.output_dir} holds only checkpoints saved with --save_only_model, which cannot "
+                        "be resumed from (transformers saves no optimizer, scheduler or random states with them). To "
+                        f"train on from the last one's weights with a new optimizer and schedule, give "
+                        f"--model_name_or_path {saved[0]} and a new --output_dir; to start afresh, give a new "
+                        "--output_dir (or remove its checkpoint-N folders)."
+                    )
         if checkpoint is not None:
             check_trainer_checkpoint(checkpoint)
             warn_about_changed_arguments(checkpoint, arguments)
