@@ -663,6 +663,47 @@ def test_a_failed_cache_build_leaves_no_partial_file(clips, tmp_path, monkeypatc
     assert [path.name for path in tmp_path.rglob("*") if path.is_file()] == []
 
 
+BUILD_STOPPED_BY_SIGTERM = """
+import json, os, signal, sys
+from datasets import ClassLabel, Dataset, Features, Value
+from helpers import tiny_config
+from evl_hf import EVLForVideoClassification, EVLVideoProcessor
+from evl_hf.data.video_dataset import VideoEvalTransform, build_feature_cache
+videos, cache = json.loads(sys.argv[1]), sys.argv[2]
+features = Features({"video": Value("string"), "label": ClassLabel(names=["a", "b"])})
+data = Dataset.from_dict({"video": videos, "label": [0] * len(videos)}, features=features)
+model = EVLForVideoClassification(tiny_config()).eval()
+extract, calls = model.evl.extract_backbone_features, []
+def terminated_at_the_second_batch(pixel_values):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return extract(pixel_values)
+model.evl.extract_backbone_features = terminated_at_the_second_batch
+processor = EVLVideoProcessor(num_frames=4, sampling_rate=2, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+build_feature_cache(model, data, VideoEvalTransform(processor), cache, batch_size=2, progress=False)
+print("the build went on")
+"""
+
+
+def test_a_cache_build_stopped_by_sigterm_leaves_no_partial_file_and_ends_by_the_signal(clips, tmp_path):
+    # SIGTERM: a scheduler's time limit, or torchrun stopping the other processes when one fails. Python's default
+    # handling ends the process at once, running no cleanup; each retry would leave another temporary shard.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root / "tests")]))
+    videos = json.dumps([str(p) for p in [*clips, *clips]])
+    result = subprocess.run([sys.executable, "-c", BUILD_STOPPED_BY_SIGTERM, videos, str(tmp_path / "cache")],
+                            capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]
+    assert "the build went on" not in result.stdout
+    assert [path.name for path in (tmp_path / "cache").rglob("*") if path.is_file()] == []
+
+
 def test_a_file_written_atomically_leaves_no_partial_file_when_it_fails(tmp_path):
     from evl_hf.data.video_dataset import _write_atomically
 

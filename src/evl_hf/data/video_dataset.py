@@ -15,11 +15,14 @@ Both report the indices of the unusable clips in the batch (`unusable_clip_indic
 distinct clips across processes.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import unicodedata
 import uuid
@@ -785,6 +788,41 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
     return digest.hexdigest()[:20]
 
 
+class _Terminated(BaseException):
+    """SIGTERM received while the feature cache was built (see `_sigterm_raises`)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """
+    Make SIGTERM (a scheduler's time limit; torchrun stopping the other processes when one fails) raise `_Terminated`
+    in the main thread for the duration, so that the build's `except BaseException` removes its temporary files:
+    Python's default handling ends the process at once, running no cleanup. Afterwards the previous handler is back,
+    and a SIGTERM received is delivered again to it, so the process still ends (or does what its own handler says).
+    Only the main thread can set handlers; an ignored SIGTERM stays ignored.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+        yield
+        return
+    previous = signal.SIG_DFL if previous is None else previous  # None: set outside Python, taken as the default
+
+    def terminate(signum, frame):
+        raise _Terminated("SIGTERM received while the feature cache was built")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        signal.raise_signal(signal.SIGTERM)
+        raise  # the previous handler returned: the build stopped all the same
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# Its temporary files are removed also when the process is told to stop.
+@_sigterm_raises()
 def build_feature_cache(
     model,
     dataset: Dataset,
