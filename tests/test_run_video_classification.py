@@ -738,6 +738,20 @@ def test_a_train_val_split_that_cannot_be_stratified_is_random_and_leaves_every_
         split_off_validation(clips, 1.0, seed=7, training=True)
 
 
+def test_classes_a_stratified_split_leaves_out_of_validation_are_named(caplog):
+    """datasets stratifies in proportion to the classes' sizes: next to a large class, one of 2 clips may get no
+    validation clip at all, and would not be scored."""
+    from evl_hf.run_video_classification import split_off_validation
+
+    clips = labeled_clips({"big": 100, **{f"c{i}": 2 for i in range(9)}})
+    with caplog.at_level("WARNING"):
+        training, validation = split_off_validation(clips, 0.1, seed=7, training=True)
+    names = clips.features["label"].names
+    absent = [names[label] for label in sorted(set(range(len(names))) - set(validation["label"]))]
+    assert absent and "not stratified" not in caplog.text
+    assert f"--train_val_split 0.1 leaves no validation clips of the classes {absent}" in caplog.text
+
+
 def test_data_directories_that_are_not_videofolders_say_what_is_wrong(data_dir, backbone_dir, tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()

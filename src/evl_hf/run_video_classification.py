@@ -215,10 +215,11 @@ def data_source(data_args) -> str:
 def split_off_validation(train: Dataset, fraction: float, seed: int, training: bool) -> tuple[Dataset, Dataset]:
     """
     (training, validation) clips of `train`, `fraction` of them for validation, as transformers'
-    run_image_classification.py does with `--train_val_split`. Stratified by label, each class in both sets, where
-    `datasets` can: every class has 2 clips or more and each set room for every class; else a random split (with a
-    warning). Seeded with `seed` alone, so every process makes the same split. When `training`, a split that leaves a
-    class without training clips is refused: that class would never be trained.
+    run_image_classification.py does with `--train_val_split`. Stratified by label where `datasets` can (every class
+    has 2 clips or more and each set room for every class), else a random split (with a warning). `datasets` splits
+    each class in proportion to its size, so a small class next to large ones may have no validation clip: a warning
+    names such classes, which are not scored. Seeded with `seed` alone, so every process makes the same split. When
+    `training`, a split that leaves a class without training clips is refused: that class would never be trained.
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"--train_val_split must be at least 0 and less than 1, got {fraction}.")
@@ -242,6 +243,13 @@ def split_off_validation(train: Dataset, fraction: float, seed: int, training: b
         )
     except ValueError as error:  # e.g. no clip left for training
         raise ValueError(f"--train_val_split {fraction}: {error}") from None
+    unscored = sorted(set(counts) - set(split["test"]["label"]))
+    if unscored:
+        logger.warning(
+            "--train_val_split %s leaves no validation clips of the classes %s (too few clips for their share): they "
+            "are not scored. Give a larger --train_val_split, or a --validation_dir.",
+            fraction, [names[label] for label in unscored],
+        )  # fmt: skip
     missing = sorted(set(counts) - set(split["train"]["label"]))
     if training and missing:
         raise ValueError(
