@@ -368,3 +368,16 @@ def test_the_model_card_says_how_the_model_was_made(tmp_path):
         "This model is a fine-tuned version of the local EVL checkpoint evl-kinetics (frozen image backbone) on the "
         "motion dataset."
     )
+
+
+def test_the_model_card_of_a_model_from_a_hub_id_says_whether_the_backbone_was_frozen(tmp_path):
+    """Trainer's own sentence links the Hub id, and says nothing about the backbone."""
+    hub_id = "openai/clip-vit-base-patch16"
+    for freeze, backbone in ((True, "frozen image backbone"), (False, "image backbone fine-tuned end to end")):
+        output = tmp_path / f"out-{freeze}"
+        model = EVLForVideoClassification(tiny_config(freeze_backbone=freeze))
+        args = TrainingArguments(output_dir=str(output), report_to="none", use_cpu=True)
+        EVLTrainer(model=model, args=args).create_model_card(finetuned_from=hub_id, dataset="motion")
+        text = (output / "README.md").read_text()
+        assert (f"This model is a fine-tuned version of [{hub_id}](https://huggingface.co/{hub_id}) ({backbone}) on "
+                "the motion dataset.") in text  # fmt: skip

@@ -378,10 +378,15 @@ class EVLTrainer(Trainer):
         card.data.pipeline_tag = "video-classification"
         card.data.library_name = "transformers"
         card.data.base_model = kwargs["finetuned_from"]  # None: left out of the metadata
-        if kwargs["finetuned_from"] is None:
+        backbone = "frozen image backbone" if self.model.config.freeze_backbone else "image backbone fine-tuned end to end"
+        if kwargs["finetuned_from"] is not None:
+            # Trainer's sentence links the Hub id but says nothing of the backbone.
+            link = f"[{kwargs['finetuned_from']}](https://huggingface.co/{kwargs['finetuned_from']})"
+            opening = f"This model is a fine-tuned version of {link} "
+            card.text = card.text.replace(f"{opening}on ", f"{opening}({backbone}) on ", 1)
+        else:
             # Without a Hub id, Trainer falls back to the model's `_name_or_path`: empty (a model built around a
             # backbone) gives an empty Hub link, a local directory "trained from scratch". Neither says how it was made.
-            backbone = "frozen image backbone" if self.model.config.freeze_backbone else "image backbone fine-tuned end to end"
             if local_evl_checkpoint(origin):
                 name = Path(origin).resolve()
                 name = f"{name.parent.name}/{name.name}" if name.name.startswith(PREFIX_CHECKPOINT_DIR) else name.name
