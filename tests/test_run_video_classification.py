@@ -181,6 +181,18 @@ def test_a_feature_cache_dtype_other_than_float16_or_float32_is_refused_by_the_a
         assert f"invalid choice: '{dtype}' (choose from 'float16', 'float32')" in capsys.readouterr().err
 
 
+def test_a_feature_cache_dtype_other_than_float16_or_float32_in_a_json_file_is_refused_when_parsed(tmp_path):
+    # A JSON arguments file bypasses argparse's choices.
+    from evl_hf.run_video_classification import parse_arguments
+
+    for dtype in ("bfloat16", "fp16"):
+        arguments = tmp_path / "args.json"
+        arguments.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "feature_cache_dtype": dtype}))
+        with pytest.raises(ValueError, match=rf"--feature_cache_dtype {dtype}: the feature cache stores float16 or "
+                                             r"float32 \(Arrow stores no bfloat16\)"):  # fmt: skip
+            parse_arguments([str(arguments)])
+
+
 class LocalHubApi(HfApi):
     """An HfApi whose repositories are local folders: commits are written to disk instead of uploaded."""
 

@@ -66,6 +66,9 @@ from .video_processing_evl import EVLVideoProcessor
 
 logger = logging.getLogger(__name__)
 
+# What --feature_cache_dtype names: Arrow, and so the cache, stores no bfloat16.
+FEATURE_CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
 
 @dataclass
 class ModelArguments:
@@ -143,7 +146,7 @@ class DataTrainingArguments:
     )  # fmt: skip
     feature_cache_dtype: str = field(
         default="float16",
-        metadata={"help": "float16 or float32 (Arrow stores no bfloat16).", "choices": ["float16", "float32"]},
+        metadata={"help": "float16 or float32 (Arrow stores no bfloat16).", "choices": list(FEATURE_CACHE_DTYPES)},
     )
     temporal_reliance: bool = field(
         default=False,
@@ -159,6 +162,14 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     max_predict_samples: int | None = field(default=None)
+
+    def __post_init__(self):
+        # Also for a JSON arguments file, which argparse's choices do not check: refused before any data is loaded.
+        if self.feature_cache_dtype not in FEATURE_CACHE_DTYPES:
+            raise ValueError(
+                f"--feature_cache_dtype {self.feature_cache_dtype}: the feature cache stores float16 or float32 (Arrow "
+                "stores no bfloat16)."
+            )
 
 
 def apply_overrides(config: EVLConfig, text: str | None, check: bool = True) -> EVLConfig:
@@ -655,7 +666,7 @@ def main(argv: list[str] | None = None):
         if data_args.rand_augment:
             logger.warning("Training from the feature cache: one fixed view per clip, no augmentation (RandAugment "
                            "and the random crop are not applied).")  # fmt: skip
-        dtype = getattr(torch, data_args.feature_cache_dtype)
+        dtype = FEATURE_CACHE_DTYPES[data_args.feature_cache_dtype]
         trainer.train_dataset, unusable = build_feature_cache(
             trainer.model, train_split, VideoEvalTransform(processor, temporal_views=1, spatial_views=1),
             feature_cache_root(data_args, training_args), dtype=dtype,
