@@ -704,6 +704,21 @@ def test_a_cache_build_stopped_by_sigterm_leaves_no_partial_file_and_ends_by_the
     assert [path.name for path in (tmp_path / "cache").rglob("*") if path.is_file()] == []
 
 
+def test_a_cache_build_names_the_other_caches_beside_it_and_leaves_them(clips, tmp_path, caplog):
+    # A cache of other clips or settings, or of an older version (another fingerprint), is never read again.
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    older = tmp_path / "0123456789abcdef0123"
+    older.mkdir()
+    (older / "cache.json").write_text("{}")
+    model = EVLForVideoClassification(tiny_config()).eval()
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in clips])
+    with caplog.at_level(logging.WARNING):
+        build_feature_cache(model, data, transform, tmp_path, batch_size=2, progress=False)
+    assert f"other feature caches beside it: {[older.name]}" in caplog.text
+    assert (older / "cache.json").exists()
+
+
 def test_a_file_written_atomically_leaves_no_partial_file_when_it_fails(tmp_path):
     from evl_hf.data.video_dataset import _write_atomically
 

@@ -888,6 +888,14 @@ def build_feature_cache(
 
         complete = broadcast_object_list([complete])[0]
     if not complete:
+        if state.is_main_process:
+            # Caches are never removed: one of other clips or settings, or of an older version, would stay unseen.
+            others = sorted(path.parent.name for path in Path(cache_dir).glob("*/cache.json") if path.parent != directory)
+            if others:
+                logger.warning(
+                    "Building the feature cache in %s; other feature caches beside it: %s (of other clips or settings, "
+                    "or of an older evl-hf version). They are kept: delete those no longer needed.", directory, others,
+                )  # fmt: skip
         directory.mkdir(parents=True, exist_ok=True)
         clip_ranges = _shard_clip_ranges(len(dataset), batch_size, state.num_processes)
         indices = clip_ranges[state.process_index]
