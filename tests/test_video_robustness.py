@@ -192,6 +192,47 @@ def test_an_avi_whose_video_starts_late_gives_each_frame_for_its_own_index(tmp_p
         assert [(index, frame_index(frame)) for index, frame in frame_stream][1:] == [(10, 10), (20, 20), (30, 30)]
 
 
+def _ffmpeg_can_encode(encoder):
+    try:
+        result = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return False
+    return f" {encoder} " in result.stdout
+
+
+def test_an_avi_whose_key_frame_times_are_off_is_counted_from_its_start(tmp_path, decoding_backend):
+    # H.264 with open GOPs in AVI: after a seek the key frame comes out first (its leading B-frames, shown before it,
+    # dropped), and its guessed time is its decoding position, 3 frames early: frame 21 came back as 24.
+    path = tmp_path / "clip.avi"
+    with av.open(str(path), "w", format="avi") as container:
+        params = "open-gop=1:keyint=24:min-keyint=24:scenecut=0:bframes=3:b-pyramid=normal"
+        stream = container.add_stream("libx264", rate=25, options={"x264-params": params})
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for frame in index_coded_frames(72, 96, 128):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    for indices in ([21], [22], [23], [24], [30], [45, 70], list(range(1, 12))):
+        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
+        assert [frame_index(frame) for frame in frames] == indices
+
+
+@pytest.mark.skipif(not _ffmpeg_can_encode("libxvid"), reason="needs the ffmpeg command with libxvid")
+def test_an_xvid_avi_with_packed_b_frames_gives_each_frame_for_its_own_index(tmp_path, decoding_backend):
+    # Xvid's packed B-frames: a reference frame and a B-frame share a packet, and a 6-byte placeholder, flagged a key
+    # frame, follows. The key frames' guessed times are a frame off either way: [1..11] came back as [2..12].
+    raw, path = tmp_path / "clip.rgb", tmp_path / "clip.avi"
+    index_coded_frames(72, 96, 128).tofile(raw)
+    subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "128x96",
+         "-r", "25", "-i", str(raw), "-c:v", "libxvid", "-bf", "2", "-g", "24", "-q:v", "3", str(path)],
+        check=True, timeout=60,
+    )
+    # (FFmpeg decodes 70 of the 72 frames: its last two are lost at the end, from the start too.)
+    for indices in ([1], [2], [6], [16], [22], [47, 69], list(range(1, 12))):
+        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
+        assert [frame_index(frame) for frame in frames] == indices
+
+
 def test_a_stream_that_cannot_seek_never_gives_a_later_frame_for_an_earlier_one(tmp_path):
     # An FLV read from a pipe: the demuxer cannot seek, and after probing it stands past the first frames. Its frames
     # from there must not stand for the ones before: a clear error instead (the path decodes it).

@@ -58,6 +58,9 @@ _SINGLE_THREAD_MAX_PIXELS = 160_000
 # unknown): up to this many frames' time missing at the end of the stream are its last frame repeated, not a truncated
 # file.
 _MISSING_END_FRAMES_TOLERATED = 2
+# An AVI B-frame stream is sought only where this many of its first key frames are where their guessed times say
+# (`_key_frames_placed_by_their_times`); the check decodes up to this many GOPs from the start.
+_KEY_FRAMES_CHECKED = 2
 _VIDEO_SOURCE_TYPES = (str, Path, bytes, bytearray, io.IOBase)
 
 
@@ -701,6 +704,32 @@ def _avi_output_lag(container, stream, name: str, check_time) -> float:
     return max(0.0, float((frames[1].pts - frames[1].dts) * frames[1].time_base))
 
 
+def _key_frames_placed_by_their_times(container, stream, request: "_DecodeRequest", start_seconds, fps, first) -> bool:
+    """
+    For a `_times_are_guessed` stream: whether its key frames' guessed times (less the reorder delay), which place the
+    first frame after a seek, put them where counting from the start does, checked on its first key frames before frame
+    `first` (the demuxer is left at the start). Not so for H.264 with open GOPs (a key frame's leading B-frames, shown
+    before it, come after it: its time is its decoding position) or Xvid's packed B-frames (a frame off either way).
+    Where no key frame before `first` says, `False`: counting from the start then costs no more than the check did.
+    """
+    checked = 0
+    try:
+        container.seek(0)
+        for index, frame in enumerate(_decoded_frames(container, stream, request.name, [], request.check_time)):
+            if index >= first:
+                break
+            if index and frame.key_frame:
+                if frame.time is None or round((frame.time - start_seconds) * fps) != index:
+                    break
+                checked += 1
+                if checked == _KEY_FRAMES_CHECKED:
+                    break
+        container.seek(0)
+    except av.error.FFmpegError:
+        return False
+    return checked == _KEY_FRAMES_CHECKED
+
+
 def _start_seconds(stream) -> float | None:
     """When the stream's first frame is shown, `None` where the container does not say (raw elementary streams): the
     first frame decoded is then frame 0."""
@@ -721,6 +750,9 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
         start_seconds = _first_frame_seconds(container, stream, request)
     elif start_seconds is not None and _is_avi_container(container):
         start_seconds += _avi_output_lag(container, stream, request.name, request.check_time)
+    if by_order and wanted is not None and fps and first > 0 and start_seconds is not None:
+        if not _key_frames_placed_by_their_times(container, stream, request, start_seconds, fps, first):
+            start_seconds = None  # counted from the first frame decoded, frame 0
     decode_from_here = functools.partial(
         _decode_frames_from, container, stream, request, wanted, first, fps, declared, start_seconds, by_order
     )
@@ -785,6 +817,8 @@ def _decode_frames_from(
                 continue
             if start_seconds is None:
                 start_seconds = frame.time
+            if by_order and decoded == 1 and not frame.key_frame and not last_try:
+                return None  # sought onto a packet flagged a key frame that is none (Xvid's placeholders): earlier
             if by_order and index is not None:
                 index += 1
             elif frame.time is not None and fps:
