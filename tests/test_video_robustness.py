@@ -233,6 +233,23 @@ def test_an_xvid_avi_with_packed_b_frames_gives_each_frame_for_its_own_index(tmp
         assert [frame_index(frame) for frame in frames] == indices
 
 
+@pytest.mark.parametrize("codec", ["mpeg2video", "mpeg1video"])
+def test_an_mpeg_program_stream_gives_each_frame_for_its_own_index_after_a_seek(tmp_path, decoding_backend, codec):
+    # An MPEG program stream stamps only the first frame starting in each PES packet; after a seek FFmpeg's parser
+    # restarts within a frame and gives the first key frames a neighbour's time (frame 24 timed 22.5): frames 22-31
+    # came back as 24-31 and so on.
+    path = tmp_path / "clip.mpg"
+    with av.open(str(path), "w", format="mpeg") as container:
+        stream = container.add_stream(codec, rate=25, options={"g": "12", "bf": "2", "qscale": "3"})
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for frame in index_coded_frames(120, 96, 128):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    for indices in ([22], [23], [25], [35], [50], [70, 90], list(range(30, 42))):
+        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
+        assert [frame_index(frame) for frame in frames] == indices
+
+
 def test_a_stream_that_cannot_seek_never_gives_a_later_frame_for_an_earlier_one(tmp_path):
     # An FLV read from a pipe: the demuxer cannot seek, and after probing it stands past the first frames. Its frames
     # from there must not stand for the ones before: a clear error instead (the path decodes it).

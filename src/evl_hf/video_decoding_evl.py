@@ -58,6 +58,8 @@ _SINGLE_THREAD_MAX_PIXELS = 160_000
 # unknown): up to this many frames' time missing at the end of the stream are its last frame repeated, not a truncated
 # file.
 _MISSING_END_FRAMES_TOLERATED = 2
+# How much earlier than the wanted frame an MPEG program stream is sought (see `_decode_range`).
+_PROGRAM_STREAM_RESYNC_SECONDS = 2.0
 # An AVI B-frame stream is sought only where this many of its first key frames are where their guessed times say
 # (`_key_frames_placed_by_their_times`); the check decodes up to this many GOPs from the start.
 _KEY_FRAMES_CHECKED = 2
@@ -334,6 +336,9 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
         raise ImportError(f"torchcodec cannot be imported: {error}") from error
 
     container = _container_by_header(opened, start_position)
+    if container == "mpeg":
+        # An MPEG program stream (.mpg, .vob): its frame times after a seek are off (see `_decode_range`).
+        raise ValueError("an MPEG program stream, whose frame times after a seek are its neighbours'")
     is_avi = container == "avi"
     matroska_count = None
     if container == "matroska":
@@ -381,13 +386,16 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
 
 def _container_by_header(opened, start_position) -> str | None:
     """
-    `"avi"` where the file (a path, or a seekable file object starting at `start_position`) starts with AVI's header
-    (its frame times are guessed, see `_times_are_guessed`), `"matroska"` for Matroska/WebM (see
-    `_matroska_video_seconds`); else `None`.
+    `"avi"` or `"mpeg"` (an MPEG program stream: a pack header) where the file (a path, or a seekable file object
+    starting at `start_position`) starts with that container's header (their frame times are guessed, see
+    `_times_are_guessed` and `_decode_range`), `"matroska"` for Matroska/WebM (see `_matroska_video_seconds`); else
+    `None`.
     """
     header = _file_header(opened, start_position, 12)
     if header[:4] == b"RIFF" and header[8:12] == b"AVI ":
         return "avi"
+    if header[:4] == b"\x00\x00\x01\xba":
+        return "mpeg"
     return "matroska" if header[:4] == _EBML_ID else None
 
 
@@ -674,6 +682,10 @@ def _is_avi_container(container) -> bool:
     return "avi" in container.format.name.split(",")
 
 
+def _is_program_stream_container(container) -> bool:
+    return container.format.name in ("mpeg", "vob")
+
+
 def _first_frame_seconds(container, stream, request: "_DecodeRequest") -> float | None:
     """The time of the stream's first frame, decoded from its start (the demuxer is left at the start again); `None`
     where the stream cannot seek (the first frame decoded from where the demuxer is is then frame 0)."""
@@ -762,7 +774,11 @@ def _decode_range(container, stream, request: "_DecodeRequest", wanted, first, f
         # position: it can land on a key frame shown after frame `first` (a B-frame delay without an edit list, HEVC,
         # MPEG-4 part 2), or past the real end of a stream whose length is over-reported (FLV with longer audio).
         # Then it seeks again from earlier, backing off 1, 2, 4, ... seconds, and at last decodes from the start.
-        back_off = 0.0
+        # An MPEG program stream stamps only the first frame starting in each PES packet, and after a seek FFmpeg's
+        # parser, restarted within a frame, gives the first frames a neighbour's time (frame 24 timed 22.5) until the
+        # next stamp: within 22 frames (0.9 s) in the files measured. Seeking that much earlier, the frames from
+        # frame `first` on are past it.
+        back_off = _PROGRAM_STREAM_RESYNC_SECONDS if _is_program_stream_container(container) else 0.0
         while True:
             seconds = first / fps - back_off
             try:
