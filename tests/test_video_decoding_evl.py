@@ -3,6 +3,7 @@
 import io
 import os
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -79,6 +80,31 @@ def test_an_unseekable_stream_is_decoded_by_pyav(coded_clip):
 def test_indices_past_the_end_repeat_the_last_frame_of_the_stream(coded_clip, decoding_backend):
     frames, _ = decode_video(coded_clip, lambda metadata: [290, 305, 400], backend=decoding_backend)
     assert [frame_index(frame) for frame in frames] == [290, 299, 299]
+
+
+def test_a_file_with_two_video_tracks_is_decoded_from_ffmpegs_best_by_both_backends(tmp_path, decoding_backend):
+    # FFmpeg's best video stream (the default track) is torchcodec's; PyAV, the frame count and the timeline took the
+    # first track: frames of one track counted by the other, or each backend its own track.
+    path = tmp_path / "two_tracks.mkv"
+    with av.open(str(path), "w", format="matroska") as container:
+        small, large = (container.add_stream("libx264", rate=25) for _ in range(2))
+        small.width, small.height, small.pix_fmt = 64, 48, "yuv420p"
+        large.width, large.height, large.pix_fmt = 128, 96, "yuv420p"
+        small.disposition, large.disposition = av.stream.Disposition(0), av.stream.Disposition.default
+        small_frames, large_frames = index_coded_frames(30), index_coded_frames(60, 96, 128)
+        for index in range(60):
+            if index < 30:
+                container.mux(small.encode(av.VideoFrame.from_ndarray(small_frames[index], format="rgb24")))
+            container.mux(large.encode(av.VideoFrame.from_ndarray(large_frames[index], format="rgb24")))
+        container.mux(small.encode())
+        container.mux(large.encode())
+    frames, metadata = decode_video(path, lambda metadata: [0, 20, 50], backend=decoding_backend)
+    assert frames.shape[1:3] == (96, 128) and metadata.total_num_frames == 60
+    assert [frame_index(frame) for frame in frames] == [0, 20, 50]
+    with VideoFrameStream(str(path), step=25) as frame_stream:
+        assert [(index, frame.shape[:2], frame_index(frame)) for index, frame in frame_stream] == [
+            (index, (96, 128), index) for index in (0, 25, 50)
+        ]
 
 
 @pytest.mark.parametrize(

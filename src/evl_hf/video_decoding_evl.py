@@ -418,7 +418,7 @@ def _matroska_frame_count(opened, start_position) -> tuple[int | None, float | N
     muxing_app = _matroska_muxing_app(_file_header(opened, start_position, _MATROSKA_HEADER_BYTES))
     try:
         with av.open(opened, mode="r", metadata_errors="ignore") as container:
-            stream = container.streams.video[0]
+            stream = container.streams.best("video")  # torchcodec's, see `_decode_container`
             rate = stream.average_rate or stream.guessed_rate
             return _frame_count(container, stream, float(rate) if rate else None, muxing_app)
     finally:
@@ -449,7 +449,8 @@ def _decode_container(container, request: "_DecodeRequest", muxing_app: str | No
     name = request.name
     if not container.streams.video:
         raise EVLVideoDecodingError(f"{name}: the file has no video stream.")
-    stream = container.streams.video[0]
+    # FFmpeg's best video stream (the default track where there are several), which torchcodec decodes too.
+    stream = container.streams.best("video")
     if stream.codec_context is None:
         raise EVLVideoDecodingError(f"{name}: the video stream has no usable codec.")
     width, height = stream.codec_context.width, stream.codec_context.height
@@ -914,7 +915,7 @@ class VideoFrameStream:
         try:
             if not self._container.streams.video:
                 raise EVLVideoDecodingError(f"{self.name}: the file has no video stream.")
-            self._stream = self._container.streams.video[0]
+            self._stream = self._container.streams.best("video")  # as `decode_video`'s
             if self._stream.codec_context is None:
                 raise EVLVideoDecodingError(f"{self.name}: the video stream has no usable codec.")
             context = self._stream.codec_context
