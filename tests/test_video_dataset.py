@@ -686,6 +686,16 @@ print("the build went on")
 """
 
 
+def test_a_sigterm_handler_set_outside_python_is_left_alone(monkeypatch):
+    # `signal.getsignal` gives None for it: it cannot be put back, so the build does not replace it.
+    from evl_hf.data import video_dataset
+
+    monkeypatch.setattr(video_dataset.signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(video_dataset.signal, "signal", lambda *args: pytest.fail("the handler was replaced"))
+    with video_dataset._sigterm_raises():
+        pass
+
+
 def test_a_cache_build_stopped_by_sigterm_leaves_no_partial_file_and_ends_by_the_signal(clips, tmp_path):
     # SIGTERM: a scheduler's time limit, or torchrun stopping the other processes when one fails. Python's default
     # handling ends the process at once, running no cleanup; each retry would leave another temporary shard.

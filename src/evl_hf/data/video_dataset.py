@@ -799,13 +799,13 @@ def _sigterm_raises():
     in the main thread for the duration, so that the build's `except BaseException` removes its temporary files:
     Python's default handling ends the process at once, running no cleanup. Afterwards the previous handler is back,
     and a SIGTERM received is delivered again to it, so the process still ends (or does what its own handler says).
-    Only the main thread can set handlers; an ignored SIGTERM stays ignored.
+    Only the main thread can set handlers; an ignored SIGTERM stays ignored, and one handled outside Python (which
+    could not be put back) is left alone.
     """
     previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
         yield
         return
-    previous = signal.SIG_DFL if previous is None else previous  # None: set outside Python, taken as the default
 
     def terminate(signum, frame):
         raise _Terminated("SIGTERM received while the feature cache was built")
