@@ -107,6 +107,28 @@ def test_a_file_with_two_video_tracks_is_decoded_from_ffmpegs_best_by_both_backe
         ]
 
 
+@pytest.mark.parametrize("container_format", ["mp4", "matroska"])
+def test_a_cover_picture_flagged_default_is_not_taken_for_the_video(tmp_path, decoding_backend, container_format):
+    # FFmpeg's best video stream is the default track, here a one-frame cover beside the real video.
+    path = tmp_path / f"cover.{'mp4' if container_format == 'mp4' else 'mkv'}"
+    with av.open(str(path), "w", format=container_format) as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 128, 96, "yuv420p"
+        cover = container.add_stream("mjpeg", rate=25)
+        cover.width, cover.height, cover.pix_fmt = 64, 48, "yuvj420p"
+        video.disposition, cover.disposition = av.stream.Disposition(0), av.stream.Disposition.default
+        container.mux(cover.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")))
+        container.mux(cover.encode())
+        for frame in index_coded_frames(60, 96, 128):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+    frames, metadata = decode_video(path, lambda metadata: [0, 20, 50], backend=decoding_backend)
+    assert frames.shape[1:3] == (96, 128) and metadata.total_num_frames == 60
+    assert [frame_index(frame) for frame in frames] == [0, 20, 50]
+    with VideoFrameStream(str(path), step=25) as frame_stream:
+        assert [(index, frame_index(frame)) for index, frame in frame_stream] == [(0, 0), (25, 25), (50, 50)]
+
+
 @pytest.mark.parametrize(
     "num_frames, start_ms", [(50, 0), (50, 200), (3, 0)], ids=["50 frames", "50 frames from 0.2 s", "3 frames"]
 )

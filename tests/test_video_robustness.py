@@ -250,6 +250,28 @@ def test_an_mpeg_program_stream_gives_each_frame_for_its_own_index_after_a_seek(
         assert [frame_index(frame) for frame in frames] == indices
 
 
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
+def test_an_avi_whose_second_key_frame_is_damaged_keeps_the_frames_after_it(tmp_path, decoding_backend, codec):
+    # The check of a B-frame stream's key frames (sought only where they are where their times say) met the damaged
+    # one and counted the file from its start, where the frames the decoder dropped shifted every later index.
+    path = tmp_path / "damaged.avi"
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream(codec, rate=25, options={"g": "24", "bf": "2"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in index_coded_frames(120):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        key_packets = [(packet.pos, packet.size) for packet in container.demux(video=0) if packet.is_keyframe]
+    position, size = key_packets[1]
+    with open(path, "r+b") as file:
+        file.seek(position + 8)  # past the chunk's header
+        file.write(bytes(size))
+    for indices in ([60, 61], [100, 101]):
+        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
+        assert [frame_index(frame) for frame in frames] == indices
+
+
 def test_a_stream_that_cannot_seek_never_gives_a_later_frame_for_an_earlier_one(tmp_path):
     # An FLV read from a pipe: the demuxer cannot seek, and after probing it stands past the first frames. Its frames
     # from there must not stand for the ones before: a clear error instead (the path decodes it).

@@ -340,12 +340,14 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
         # An MPEG program stream (.mpg, .vob): its frame times after a seek are off (see `_decode_range`).
         raise ValueError("an MPEG program stream, whose frame times after a seek are its neighbours'")
     is_avi = container == "avi"
-    matroska_count = None
+    matroska_count, stream_index = None, None
     if container == "matroska":
         # The video track's own length is in a tag torchcodec cannot read (see `_matroska_video_seconds`): the frame
-        # count is PyAV's, from the header alone, so that both backends number the same frames.
-        matroska_count = _matroska_frame_count(opened, start_position)
-    decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1)
+        # count is PyAV's, from the header alone, so that both backends number the same frames of the same track.
+        matroska_count, stream_index = _matroska_frame_count(opened, start_position)
+    decoder = VideoDecoder(
+        opened, stream_index=stream_index, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1
+    )
     stream = decoder.metadata
     # Width and height are after rotation, as the frames come out; their product is what the limit is about.
     request.check_frame_size(stream.width, stream.height)
@@ -353,11 +355,16 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
         # The thread count is fixed when the decoder opens: reopen (milliseconds, against 100s of ms of decoding).
         if start_position is not None:
             opened.seek(start_position)
-        decoder = VideoDecoder(opened, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0)
+        decoder = VideoDecoder(
+            opened, stream_index=stream_index, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0
+        )
     total, fps, duration = stream.num_frames, stream.average_fps, stream.duration_seconds
     if matroska_count is not None:
         total, duration = matroska_count  # past torchcodec's own count, a frame is an IndexError: PyAV decodes it
     _check_not_still_image(request.name, None, stream.codec, total)
+    if total == 1 and stream_index is None and _pyav_video_stream_index(opened, start_position) != stream.stream_index:
+        # FFmpeg's best video stream, a cover picture flagged default beside the real video: see `_video_stream`.
+        raise ValueError("the best video stream is a cover picture beside the video")
     if not total or not fps:
         raise ValueError("the container gives no frame count or rate to seek by")
     metadata = VideoMetadata(total, float(fps), stream.width, stream.height, duration, "torchcodec")
@@ -410,17 +417,32 @@ def _file_header(opened, start_position, size: int) -> bytes:
     return header
 
 
-def _matroska_frame_count(opened, start_position) -> tuple[int | None, float | None]:
+def _pyav_video_stream_index(opened, start_position) -> int | None:
+    """The index of the stream `_video_stream` picks (a path, or a seekable file object starting at `start_position`,
+    left there); `None` where PyAV cannot open it."""
+    if not is_av_available():
+        return None
+    try:
+        with av.open(opened, mode="r", metadata_errors="ignore") as container:
+            return _video_stream(container).index if container.streams.video else None
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+    finally:
+        if start_position is not None:
+            opened.seek(start_position)
+
+
+def _matroska_frame_count(opened, start_position) -> tuple[tuple[int | None, float | None], int]:
     """`_frame_count` of a Matroska/WebM file (a path, or a seekable file object starting at `start_position`, left
-    there), read by PyAV from its header."""
+    there), read by PyAV from its header, and the index of the stream counted (`_video_stream`)."""
     if not is_av_available():
         raise ImportError("counting the frames of a Matroska/WebM file needs PyAV")
     muxing_app = _matroska_muxing_app(_file_header(opened, start_position, _MATROSKA_HEADER_BYTES))
     try:
         with av.open(opened, mode="r", metadata_errors="ignore") as container:
-            stream = container.streams.best("video")  # torchcodec's, see `_decode_container`
+            stream = _video_stream(container)
             rate = stream.average_rate or stream.guessed_rate
-            return _frame_count(container, stream, float(rate) if rate else None, muxing_app)
+            return _frame_count(container, stream, float(rate) if rate else None, muxing_app), stream.index
     finally:
         if start_position is not None:
             opened.seek(start_position)
@@ -444,13 +466,34 @@ def _decode_with_pyav(opened, request: "_DecodeRequest"):
             raise EVLVideoDecodingError(f"{request.name}: the video cannot be decoded ({error}).") from None
 
 
+def _video_stream(container):
+    """
+    The video stream decoded: FFmpeg's best (the default track where there are several), which torchcodec decodes,
+    unless that is a still picture (cover art: an attached picture, or one frame) beside a moving video.
+    """
+    best = container.streams.best("video")
+    if _is_still_picture(best):
+        moving = [stream for stream in container.streams.video if not _is_still_picture(stream)]
+        if moving:
+            return moving[0]
+    return best
+
+
+def _is_still_picture(stream) -> bool:
+    """Cover art: an attached picture, or a track of one frame (by its count, or, where the container gives none, by
+    its `DURATION` tag)."""
+    if stream.disposition & av.stream.Disposition.attached_pic or stream.frames == 1:
+        return True
+    rate, seconds = stream.average_rate or stream.guessed_rate, _duration_tag_seconds(stream)
+    return bool(rate) and seconds is not None and seconds <= 1.5 / float(rate)
+
+
 def _decode_container(container, request: "_DecodeRequest", muxing_app: str | None):
     """The body of `decode_video` once the container is open (`muxing_app`: see `_matroska_muxing_app`)."""
     name = request.name
     if not container.streams.video:
         raise EVLVideoDecodingError(f"{name}: the file has no video stream.")
-    # FFmpeg's best video stream (the default track where there are several), which torchcodec decodes too.
-    stream = container.streams.best("video")
+    stream = _video_stream(container)
     if stream.codec_context is None:
         raise EVLVideoDecodingError(f"{name}: the video stream has no usable codec.")
     width, height = stream.codec_context.width, stream.codec_context.height
@@ -568,13 +611,20 @@ def _matroska_video_seconds(container, stream, muxing_app: str | None) -> float 
     """
     if muxing_app is None or not muxing_app.startswith("Lavf") or "matroska" not in container.format.name.split(","):
         return None
-    try:
-        hours, minutes, seconds = stream.metadata.get("DURATION", "").split(":")
-        end = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    except ValueError:
+    end = _duration_tag_seconds(stream)
+    if end is None:
         return None  # no tag: a file written as a live stream, or not seekable
     seconds = end - (_start_seconds(stream) or 0.0)
     return seconds if seconds > 0 else None
+
+
+def _duration_tag_seconds(stream) -> float | None:
+    """A Matroska track's `DURATION` tag ("00:00:04.823000000") in seconds; `None` without one."""
+    try:
+        hours, minutes, seconds = stream.metadata.get("DURATION", "").split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
 
 
 def _displayed(frames: np.ndarray, metadata: VideoMetadata) -> tuple[np.ndarray, VideoMetadata]:
@@ -692,10 +742,12 @@ def _first_frame_seconds(container, stream, request: "_DecodeRequest") -> float 
     where the stream cannot seek (the first frame decoded from where the demuxer is is then frame 0)."""
     try:
         container.seek(0)
-        first = next(iter(_decoded_frames(container, stream, request.name, [], request.check_time)), None)
-        container.seek(0)
     except av.error.FFmpegError:
         return None
+    try:
+        first = next(iter(_decoded_frames(container, stream, request.name, [], request.check_time)), None)
+    finally:
+        container.seek(0)
     return first.time if first is not None else None
 
 
@@ -725,10 +777,17 @@ def _key_frames_placed_by_their_times(container, stream, request: "_DecodeReques
     before it, come after it: its time is its decoding position) or Xvid's packed B-frames (a frame off either way).
     Where no key frame before `first` says, `False`: counting from the start then costs no more than the check did.
     """
-    checked = 0
+    checked, damaged = 0, []
     try:
         container.seek(0)
-        for index, frame in enumerate(_decoded_frames(container, stream, request.name, [], request.check_time)):
+    except av.error.FFmpegError:
+        return False
+    try:
+        for index, frame in enumerate(_decoded_frames(container, stream, request.name, damaged, request.check_time)):
+            if damaged:
+                # A packet the decoder refused: the frames counted from here on would be off by those it lost, while
+                # the times are not; they are trusted, as for any other stream.
+                return True
             if index >= first:
                 break
             if index and frame.key_frame:
@@ -737,9 +796,13 @@ def _key_frames_placed_by_their_times(container, stream, request: "_DecodeReques
                 checked += 1
                 if checked == _KEY_FRAMES_CHECKED:
                     break
-        container.seek(0)
-    except av.error.FFmpegError:
-        return False
+    except (av.error.FFmpegError, EVLVideoDecodingError):
+        return True  # the demuxer failed: as damage, the times are trusted
+    finally:
+        try:
+            container.seek(0)  # whatever the outcome, decoding starts from the start or seeks
+        except av.error.FFmpegError:
+            pass
     return checked == _KEY_FRAMES_CHECKED
 
 
@@ -840,6 +903,8 @@ def _decode_frames_from(
                 index += 1
             elif frame.time is not None and fps:
                 index = round((frame.time - start_seconds) * fps)
+            elif index is not None:
+                index += 1  # an untimed frame (H.264 in an MPEG program stream times only some) follows the last
             else:
                 index = first + len(result)
             if decoded == 1 and index > first and not last_try:
@@ -915,7 +980,7 @@ class VideoFrameStream:
         try:
             if not self._container.streams.video:
                 raise EVLVideoDecodingError(f"{self.name}: the file has no video stream.")
-            self._stream = self._container.streams.best("video")  # as `decode_video`'s
+            self._stream = _video_stream(self._container)
             if self._stream.codec_context is None:
                 raise EVLVideoDecodingError(f"{self.name}: the video stream has no usable codec.")
             context = self._stream.codec_context
