@@ -107,11 +107,13 @@ def test_a_file_with_two_video_tracks_is_decoded_from_ffmpegs_best_by_both_backe
         ]
 
 
-@pytest.mark.parametrize("container_format", ["mp4", "matroska"])
+@pytest.mark.parametrize("container_format", ["mp4", "matroska", "matroska-live"])
 def test_a_cover_picture_flagged_default_is_not_taken_for_the_video(tmp_path, decoding_backend, container_format):
-    # FFmpeg's best video stream is the default track, here a one-frame cover beside the real video.
+    # FFmpeg's best video stream is the default track, here a one-frame cover beside the real video. A live Matroska
+    # file has no frame count or DURATION tag to tell it by: its picture codec does.
     path = tmp_path / f"cover.{'mp4' if container_format == 'mp4' else 'mkv'}"
-    with av.open(str(path), "w", format=container_format) as container:
+    live = {"live": "1"} if container_format.endswith("-live") else {}
+    with av.open(str(path), "w", format=container_format.removesuffix("-live"), options=live) as container:
         video = container.add_stream("libx264", rate=25)
         video.width, video.height, video.pix_fmt = 128, 96, "yuv420p"
         cover = container.add_stream("mjpeg", rate=25)

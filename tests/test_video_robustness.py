@@ -433,6 +433,15 @@ def test_one_frame_video_repeats_its_frame(tmp_path, decoding_backend):
     assert processor(decoding_backend)(str(path), return_tensors="pt")["pixel_values"].shape == (1, 4, 3, 32, 32)
 
 
+def test_a_one_frame_video_given_as_bytes_stays_with_torchcodec(tmp_path):
+    # Its one frame makes torchcodec ask PyAV which stream it would pick (a cover beside a video?): PyAV read the bytes
+    # from where torchcodec had left them, failed, and the video went to PyAV for nothing.
+    path = write_clip(tmp_path / "one.mp4", index_coded_frames(1))
+    stats = {}
+    frames, _ = decode_video(path.read_bytes(), lambda metadata: [0], backend="torchcodec", stats=stats)
+    assert stats["backend"] == "torchcodec" and frame_index(frames[0]) == 0
+
+
 def test_clip_shorter_than_the_window_repeats_the_last_frame(tmp_path, decoding_backend):
     path = write_clip(tmp_path / "short.mp4", index_coded_frames(5))
     out = processor(decoding_backend, do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False,

@@ -422,6 +422,8 @@ def _pyav_video_stream_index(opened, start_position) -> int | None:
     left there); `None` where PyAV cannot open it."""
     if not is_av_available():
         return None
+    if start_position is not None:
+        opened.seek(start_position)  # torchcodec has read it
     try:
         with av.open(opened, mode="r", metadata_errors="ignore") as container:
             return _video_stream(container).index if container.streams.video else None
@@ -472,17 +474,23 @@ def _video_stream(container):
     unless that is a still picture (cover art: an attached picture, or one frame) beside a moving video.
     """
     best = container.streams.best("video")
-    if _is_still_picture(best):
+    if len(container.streams.video) > 1 and _is_still_picture(best):
         moving = [stream for stream in container.streams.video if not _is_still_picture(stream)]
         if moving:
             return moving[0]
     return best
 
 
+# Codecs of pictures rather than videos: beside a video track, a track of one of them is cover art.
+_PICTURE_CODECS = frozenset({"mjpeg", "png", "bmp", "webp", "tiff", "gif"})
+
+
 def _is_still_picture(stream) -> bool:
-    """Cover art: an attached picture, or a track of one frame (by its count, or, where the container gives none, by
-    its `DURATION` tag)."""
+    """Cover art: an attached picture, a picture codec, or a track of one frame (by its count, or, where the container
+    gives none, by its `DURATION` tag)."""
     if stream.disposition & av.stream.Disposition.attached_pic or stream.frames == 1:
+        return True
+    if stream.codec_context is not None and stream.codec_context.name in _PICTURE_CODECS:
         return True
     rate, seconds = stream.average_rate or stream.guessed_rate, _duration_tag_seconds(stream)
     return bool(rate) and seconds is not None and seconds <= 1.5 / float(rate)
@@ -747,7 +755,10 @@ def _first_frame_seconds(container, stream, request: "_DecodeRequest") -> float 
     try:
         first = next(iter(_decoded_frames(container, stream, request.name, [], request.check_time)), None)
     finally:
-        container.seek(0)
+        try:
+            container.seek(0)
+        except av.error.FFmpegError:
+            pass  # the error decoding raised, if any, is the one to report
     return first.time if first is not None else None
 
 
