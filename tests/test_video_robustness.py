@@ -433,6 +433,28 @@ def test_one_frame_video_repeats_its_frame(tmp_path, decoding_backend):
     assert processor(decoding_backend)(str(path), return_tensors="pt")["pixel_values"].shape == (1, 4, 3, 32, 32)
 
 
+def test_an_audio_file_with_cover_art_is_refused_not_decoded_as_the_picture_repeated(tmp_path, decoding_backend):
+    # Its only video stream is the attached picture: it decoded as a 95,940-frame video of the cover.
+    path = tmp_path / "song.m4a"
+    with av.open(str(path), "w", format="mp4") as container:
+        audio = container.add_stream("aac", rate=48000)
+        audio.layout = "mono"
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 48, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        container.mux(cover.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")))
+        container.mux(cover.encode())
+        for index in range(50):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 48000, index * 1024
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    with pytest.raises(EVLVideoDecodingError, match="song.m4a: its only picture is cover art"):
+        decode_video(path, lambda metadata: [0, 1], backend=decoding_backend)
+    with pytest.raises(EVLVideoDecodingError, match="cover art"):
+        VideoFrameStream(str(path))
+
+
 def test_a_one_frame_video_given_as_bytes_stays_with_torchcodec(tmp_path):
     # Its one frame makes torchcodec ask PyAV which stream it would pick (a cover beside a video?): PyAV read the bytes
     # from where torchcodec had left them, failed, and the video went to PyAV for nothing.

@@ -362,9 +362,11 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     if matroska_count is not None:
         total, duration = matroska_count  # past torchcodec's own count, a frame is an IndexError: PyAV decodes it
     _check_not_still_image(request.name, None, stream.codec, total)
-    if total == 1 and stream_index is None and _pyav_video_stream_index(opened, start_position) != stream.stream_index:
-        # FFmpeg's best video stream, a cover picture flagged default beside the real video: see `_video_stream`.
-        raise ValueError("the best video stream is a cover picture beside the video")
+    if (total == 1 or stream.codec in _PICTURE_CODECS) and stream_index is None:
+        # A picture as the best video stream: a cover flagged default beside the real video (see `_video_stream`), or
+        # an audio file's cover art (refused there). torchcodec cannot tell: PyAV's choice decides.
+        if _pyav_video_stream_index(opened, start_position) != stream.stream_index:
+            raise ValueError("the best video stream is a cover picture beside the video")
     if not total or not fps:
         raise ValueError("the container gives no frame count or rate to seek by")
     metadata = VideoMetadata(total, float(fps), stream.width, stream.height, duration, "torchcodec")
@@ -426,8 +428,12 @@ def _pyav_video_stream_index(opened, start_position) -> int | None:
         opened.seek(start_position)  # torchcodec has read it
     try:
         with av.open(opened, mode="r", metadata_errors="ignore") as container:
-            return _video_stream(container).index if container.streams.video else None
-    except (av.error.FFmpegError, OSError, ValueError):
+            if not container.streams.video:
+                return None
+            stream = _video_stream(container)
+            _check_not_cover_art(_video_name(opened), stream)
+            return stream.index
+    except (av.error.FFmpegError, OSError):
         return None
     finally:
         if start_position is not None:
@@ -485,6 +491,13 @@ def _video_stream(container):
 _PICTURE_CODECS = frozenset({"mjpeg", "png", "bmp", "webp", "tiff", "gif"})
 
 
+def _check_not_cover_art(name: str, stream) -> None:
+    """Refuse a file whose video is an attached picture: an audio file's cover art, which would decode as that picture
+    repeated for the whole length of the audio."""
+    if stream.disposition & av.stream.Disposition.attached_pic:
+        raise EVLVideoDecodingError(f"{name}: its only picture is cover art (an audio file?), not a video.")
+
+
 def _is_still_picture(stream) -> bool:
     """Cover art: an attached picture, a picture codec, or a track of one frame (by its count, or, where the container
     gives none, by its `DURATION` tag)."""
@@ -506,6 +519,7 @@ def _decode_container(container, request: "_DecodeRequest", muxing_app: str | No
         raise EVLVideoDecodingError(f"{name}: the video stream has no usable codec.")
     width, height = stream.codec_context.width, stream.codec_context.height
     _check_not_still_image(name, container.format.name, stream.codec_context.name, stream.frames)
+    _check_not_cover_art(name, stream)
     request.check_frame_size(width, height)
     if width * height > _SINGLE_THREAD_MAX_PIXELS:
         stream.thread_type = "AUTO"
@@ -996,6 +1010,7 @@ class VideoFrameStream:
                 raise EVLVideoDecodingError(f"{self.name}: the video stream has no usable codec.")
             context = self._stream.codec_context
             _check_not_still_image(self.name, self._container.format.name, context.name, self._stream.frames)
+            _check_not_cover_art(self.name, self._stream)
             if context.width * context.height > max_frame_pixels:
                 raise EVLVideoDecodingError(
                     f"{self.name}: frames are {context.width}x{context.height}, over the {max_frame_pixels}-pixel "
