@@ -455,6 +455,23 @@ def test_an_audio_file_with_cover_art_is_refused_not_decoded_as_the_picture_repe
         VideoFrameStream(str(path))
 
 
+@pytest.mark.skipif(not _ffmpeg_can_encode("mjpeg"), reason="needs the ffmpeg command")
+def test_an_mjpeg_video_given_as_bytes_gives_the_frames_its_path_gives(tmp_path):
+    # A picture codec makes torchcodec ask PyAV which stream it would pick; PyAV's read of the file object moved it
+    # under torchcodec's buffered reads, which then returned other frames, silently.
+    path = tmp_path / "camera.mov"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=10",
+         "-t", "3", "-c:v", "mjpeg", "-q:v", "5", str(path)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    expected, _ = decode_video(path, lambda metadata: [0, 15, 29], backend="torchcodec")
+    stats = {}
+    frames, _ = decode_video(path.read_bytes(), lambda metadata: [0, 15, 29], backend="torchcodec", stats=stats)
+    assert stats["backend"] == "torchcodec"
+    np.testing.assert_array_equal(frames, expected)
+
+
 def test_a_one_frame_video_given_as_bytes_stays_with_torchcodec(tmp_path):
     # Its one frame makes torchcodec ask PyAV which stream it would pick (a cover beside a video?): PyAV read the bytes
     # from where torchcodec had left them, failed, and the video went to PyAV for nothing.

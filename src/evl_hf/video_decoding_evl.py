@@ -351,22 +351,26 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     stream = decoder.metadata
     # Width and height are after rotation, as the frames come out; their product is what the limit is about.
     request.check_frame_size(stream.width, stream.height)
-    if stream.width * stream.height > _SINGLE_THREAD_MAX_PIXELS:
+    reread = False
+    if (stream.num_frames == 1 or stream.codec in _PICTURE_CODECS) and stream_index is None:
+        # A picture as the best video stream: a cover flagged default beside the real video (see `_video_stream`), or
+        # an audio file's cover art (refused there). torchcodec cannot tell: PyAV's choice decides.
+        if _pyav_video_stream_index(opened, start_position, request.name) != stream.stream_index:
+            raise ValueError("the best video stream is a cover picture beside the video")
+        reread = start_position is not None  # PyAV moved the file object under torchcodec's buffered reads
+    large = stream.width * stream.height > _SINGLE_THREAD_MAX_PIXELS
+    if large or reread:
         # The thread count is fixed when the decoder opens: reopen (milliseconds, against 100s of ms of decoding).
         if start_position is not None:
             opened.seek(start_position)
         decoder = VideoDecoder(
-            opened, stream_index=stream_index, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0
-        )
+            opened, stream_index=stream_index, seek_mode="approximate", dimension_order="NHWC",
+            num_ffmpeg_threads=0 if large else 1,
+        )  # fmt: skip
     total, fps, duration = stream.num_frames, stream.average_fps, stream.duration_seconds
     if matroska_count is not None:
         total, duration = matroska_count  # past torchcodec's own count, a frame is an IndexError: PyAV decodes it
     _check_not_still_image(request.name, None, stream.codec, total)
-    if (total == 1 or stream.codec in _PICTURE_CODECS) and stream_index is None:
-        # A picture as the best video stream: a cover flagged default beside the real video (see `_video_stream`), or
-        # an audio file's cover art (refused there). torchcodec cannot tell: PyAV's choice decides.
-        if _pyav_video_stream_index(opened, start_position) != stream.stream_index:
-            raise ValueError("the best video stream is a cover picture beside the video")
     if not total or not fps:
         raise ValueError("the container gives no frame count or rate to seek by")
     metadata = VideoMetadata(total, float(fps), stream.width, stream.height, duration, "torchcodec")
@@ -419,7 +423,7 @@ def _file_header(opened, start_position, size: int) -> bytes:
     return header
 
 
-def _pyav_video_stream_index(opened, start_position) -> int | None:
+def _pyav_video_stream_index(opened, start_position, name: str) -> int | None:
     """The index of the stream `_video_stream` picks (a path, or a seekable file object starting at `start_position`,
     left there); `None` where PyAV cannot open it."""
     if not is_av_available():
@@ -431,7 +435,7 @@ def _pyav_video_stream_index(opened, start_position) -> int | None:
             if not container.streams.video:
                 return None
             stream = _video_stream(container)
-            _check_not_cover_art(_video_name(opened), stream)
+            _check_not_cover_art(name, stream)
             return stream.index
     except (av.error.FFmpegError, OSError):
         return None
@@ -482,9 +486,19 @@ def _video_stream(container):
     best = container.streams.best("video")
     if len(container.streams.video) > 1 and _is_still_picture(best):
         moving = [stream for stream in container.streams.video if not _is_still_picture(stream)]
+        # Pictures only (an MJPEG video beside an MJPEG thumbnail): the one known to hold several frames.
+        moving = moving or [stream for stream in container.streams.video if _known_frames(stream) > 1]
         if moving:
             return moving[0]
     return best
+
+
+def _known_frames(stream) -> int:
+    """A stream's frame count where its container or its `DURATION` tag says it; 0 where neither does."""
+    rate, seconds = stream.average_rate or stream.guessed_rate, _duration_tag_seconds(stream)
+    if stream.frames:
+        return stream.frames
+    return round(seconds * float(rate)) if rate and seconds is not None else 0
 
 
 # Codecs of pictures rather than videos: beside a video track, a track of one of them is cover art.
