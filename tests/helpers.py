@@ -74,13 +74,15 @@ def pixel_values(batch=2, frames=4, size=32, seed=0) -> torch.Tensor:
 
 
 def write_clip(
-    path: Path, frames: np.ndarray, fps: int = 25, codec: str = "libx264", pix_fmt: str = "yuv420p", gop: int = 12
+    path: Path, frames: np.ndarray, fps: int = 25, codec: str = "libx264", pix_fmt: str = "yuv420p", gop: int = 12,
+    container_format: str | None = None, options: dict | None = None,
 ) -> Path:
-    """Encode (T, H, W, 3) uint8 frames to an mp4 with PyAV, a key frame every `gop` frames."""
+    """Encode (T, H, W, 3) uint8 frames with PyAV (an mp4 unless `container_format` or the suffix says otherwise), a
+    key frame every `gop` frames; `options` go to the encoder (e.g. `{"bf": "2"}`)."""
     import av
 
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
+    with av.open(str(path), mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         stream.codec_context.gop_size = gop

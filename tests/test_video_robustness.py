@@ -156,18 +156,10 @@ def test_an_avi_gives_each_frame_for_its_own_index(tmp_path, decoding_backend, c
     # part 2, as Xvid/DivX write it) or in decoding order (H.264), and one frame late for H.264 without B-frames:
     # indexed by them, frame i was frame i-1 or a neighbour. Each frame is its own index, alone or together, with both
     # backends and the timeline's stream.
-    path = tmp_path / "clip.avi"
-    with av.open(str(path), "w", format="avi") as container:
-        stream = container.add_stream(codec, rate=25, options={"g": "24", "bf": b_frames})
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for frame in index_coded_frames(72):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    path = write_clip(tmp_path / "clip.avi", index_coded_frames(72), codec=codec, gop=24, options={"bf": b_frames})
     frames, metadata = decode_video(path, lambda metadata: list(range(72)), backend=decoding_backend)
     assert [frame_index(frame) for frame in frames] == list(range(72)) and metadata.total_num_frames == 72
-    for indices in ([0], [1], [22], [23], [24], [47, 71], [5, 30, 60]):
-        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
-        assert [frame_index(frame) for frame in frames] == indices
+    assert_each_frame_is_its_index(path, ([0], [1], [22], [23], [24], [47, 71], [5, 30, 60]), decoding_backend)
     with VideoFrameStream(str(path), step=5) as frame_stream:
         assert [(index, frame_index(frame)) for index, frame in frame_stream] == [(i, i) for i in range(0, 72, 5)]
 
@@ -192,6 +184,13 @@ def test_an_avi_whose_video_starts_late_gives_each_frame_for_its_own_index(tmp_p
         assert [(index, frame_index(frame)) for index, frame in frame_stream][1:] == [(10, 10), (20, 20), (30, 30)]
 
 
+def assert_each_frame_is_its_index(path, index_sets, decoding_backend):
+    """Each set of indices of an index-coded clip, decoded alone, gives the frames showing those indices."""
+    for indices in index_sets:
+        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
+        assert [frame_index(frame) for frame in frames] == indices
+
+
 def _ffmpeg_can_encode(encoder):
     try:
         result = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True, timeout=30)
@@ -203,17 +202,9 @@ def _ffmpeg_can_encode(encoder):
 def test_an_avi_whose_key_frame_times_are_off_is_counted_from_its_start(tmp_path, decoding_backend):
     # H.264 with open GOPs in AVI: after a seek the key frame comes out first (its leading B-frames, shown before it,
     # dropped), and its guessed time is its decoding position, 3 frames early: frame 21 came back as 24.
-    path = tmp_path / "clip.avi"
-    with av.open(str(path), "w", format="avi") as container:
-        params = "open-gop=1:keyint=24:min-keyint=24:scenecut=0:bframes=3:b-pyramid=normal"
-        stream = container.add_stream("libx264", rate=25, options={"x264-params": params})
-        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
-        for frame in index_coded_frames(72, 96, 128):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    for indices in ([21], [22], [23], [24], [30], [45, 70], list(range(1, 12))):
-        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
-        assert [frame_index(frame) for frame in frames] == indices
+    params = "open-gop=1:keyint=24:min-keyint=24:scenecut=0:bframes=3:b-pyramid=normal"
+    path = write_clip(tmp_path / "clip.avi", index_coded_frames(72, 96, 128), gop=24, options={"x264-params": params})
+    assert_each_frame_is_its_index(path, ([21], [22], [23], [24], [30], [45, 70], list(range(1, 12))), decoding_backend)
 
 
 @pytest.mark.skipif(not _ffmpeg_can_encode("libxvid"), reason="needs the ffmpeg command with libxvid")
@@ -228,9 +219,7 @@ def test_an_xvid_avi_with_packed_b_frames_gives_each_frame_for_its_own_index(tmp
         check=True, timeout=60,
     )
     # (FFmpeg decodes 70 of the 72 frames: its last two are lost at the end, from the start too.)
-    for indices in ([1], [2], [6], [16], [22], [47, 69], list(range(1, 12))):
-        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
-        assert [frame_index(frame) for frame in frames] == indices
+    assert_each_frame_is_its_index(path, ([1], [2], [6], [16], [22], [47, 69], list(range(1, 12))), decoding_backend)
 
 
 @pytest.mark.parametrize("codec", ["mpeg2video", "mpeg1video"])
@@ -238,38 +227,23 @@ def test_an_mpeg_program_stream_gives_each_frame_for_its_own_index_after_a_seek(
     # An MPEG program stream stamps only the first frame starting in each PES packet; after a seek FFmpeg's parser
     # restarts within a frame and gives the first key frames a neighbour's time (frame 24 timed 22.5): frames 22-31
     # came back as 24-31 and so on.
-    path = tmp_path / "clip.mpg"
-    with av.open(str(path), "w", format="mpeg") as container:
-        stream = container.add_stream(codec, rate=25, options={"g": "12", "bf": "2", "qscale": "3"})
-        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
-        for frame in index_coded_frames(120, 96, 128):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    for indices in ([22], [23], [25], [35], [50], [70, 90], list(range(30, 42))):
-        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
-        assert [frame_index(frame) for frame in frames] == indices
+    path = write_clip(tmp_path / "clip.mpg", index_coded_frames(120, 96, 128), codec=codec, container_format="mpeg",
+                      options={"bf": "2", "qscale": "3"})  # fmt: skip
+    assert_each_frame_is_its_index(path, ([22], [23], [25], [35], [50], [70, 90], list(range(30, 42))), decoding_backend)
 
 
 @pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
 def test_an_avi_whose_second_key_frame_is_damaged_keeps_the_frames_after_it(tmp_path, decoding_backend, codec):
     # The check of a B-frame stream's key frames (sought only where they are where their times say) met the damaged
     # one and counted the file from its start, where the frames the decoder dropped shifted every later index.
-    path = tmp_path / "damaged.avi"
-    with av.open(str(path), "w", format="avi") as container:
-        stream = container.add_stream(codec, rate=25, options={"g": "24", "bf": "2"})
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for frame in index_coded_frames(120):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    path = write_clip(tmp_path / "damaged.avi", index_coded_frames(120), codec=codec, gop=24, options={"bf": "2"})
     with av.open(str(path)) as container:
         key_packets = [(packet.pos, packet.size) for packet in container.demux(video=0) if packet.is_keyframe]
     position, size = key_packets[1]
     with open(path, "r+b") as file:
         file.seek(position + 8)  # past the chunk's header
         file.write(bytes(size))
-    for indices in ([60, 61], [100, 101]):
-        frames, _ = decode_video(path, lambda metadata: indices, backend=decoding_backend)
-        assert [frame_index(frame) for frame in frames] == indices
+    assert_each_frame_is_its_index(path, ([60, 61], [100, 101]), decoding_backend)
 
 
 def test_a_stream_that_cannot_seek_never_gives_a_later_frame_for_an_earlier_one(tmp_path):
