@@ -95,6 +95,12 @@ def test_pipeline_on_a_real_clip_and_a_list(saved_model):
     check_result(results[0], expected_scores(saved_model, bikes), 2)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_an_empty_list_of_videos_gives_an_empty_list(saved_model, batch_size):
+    # A list of N videos gives N results, also for N = 0 (transformers' pipeline indexes the first item).
+    assert pipeline("video-classification", model=str(saved_model))([], batch_size=batch_size) == []
+
+
 def test_pipeline_on_a_frames_array(saved_model):
     frames = np.random.default_rng(0).integers(0, 255, (24, 40, 48, 3), dtype=np.uint8)
     result = pipeline("video-classification", model=str(saved_model))(frames, top_k=5)

@@ -308,6 +308,7 @@ def test_the_pipeline_returns_windows_in_time_order_with_labels(saved_model, cli
         assert [entry["label"] for entry in window["labels"]] == [LABELS[i] for i in best.indices.tolist()]
         np.testing.assert_allclose([entry["score"] for entry in window["labels"]], best.values.numpy(), atol=1e-5)
     assert len(timeline([str(clip_path), str(clip_path)], window_stride=4)) == 2  # a list of videos: one timeline each
+    assert timeline([]) == []
 
 
 def test_the_functions_windows_plot_as_the_pipelines(saved_model, clip_path):

@@ -107,6 +107,15 @@ class EVLVideoClassificationPipeline(VideoClassificationPipeline):
             function_to_apply=function_to_apply,
         )  # fmt: skip
 
+    def __call__(self, inputs, **kwargs):
+        # A list of N videos gives N results, none for an empty list: transformers' `Pipeline.__call__` reads its
+        # first item.
+        if isinstance(inputs, list) and not inputs:
+            return []
+        return super().__call__(inputs, **kwargs)
+
+    __call__.__doc__ = VideoClassificationPipeline.__call__.__doc__
+
     def preprocess(self, video, num_frames=None, frame_sampling_rate=None):
         if not self._is_evl():
             return super().preprocess(video, num_frames=num_frames, frame_sampling_rate=frame_sampling_rate or 1)

@@ -479,6 +479,8 @@ class EVLVideoTimelinePipeline(VideoClassificationPipeline):
         """Label `inputs` (a video, or a list of videos) over time: a list of windows per video (see the class)."""
         if inputs is None:
             raise ValueError("Cannot call the video-timeline pipeline without a video.")
+        if isinstance(inputs, list) and not inputs:
+            return []  # one timeline per video; transformers' `Pipeline.__call__` reads the first item
         # One video at a time, decoded while the model runs: the work is batched inside it, by frames and windows.
         # As transformers resolves them: an argument given as None falls back to the pipeline's own.
         batch_size = kwargs.get("batch_size") if kwargs.get("batch_size") is not None else self._batch_size
