@@ -92,6 +92,23 @@ def test_length_grouping_strategies_shuffle_clips_of_one_shape_also_from_the_fea
     assert f"train_sampling_strategy={strategy!r} is ignored: every clip has the same length" in caplog.text
 
 
+def test_the_sequential_strategy_reads_decoded_training_clips_in_order(tmp_path):
+    # Decoded clips are keyed `epoch * len + index` by their own sampler, which shuffled whatever the strategy.
+    from datasets import Dataset
+
+    from evl_hf.data.video_dataset import TrainingClips
+
+    clips = TrainingClips(Dataset.from_dict({"video": [f"{index}.mp4" for index in range(5)], "label": [0] * 5}), None)
+    model = EVLForVideoClassification(tiny_config(num_labels=2))
+    for strategy, in_order in (("sequential", True), ("random", False)):
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                 train_sampling_strategy=strategy)  # fmt: skip
+        sampler = EVLTrainer(model=model, args=args, train_dataset=clips)._get_train_sampler()
+        sampler.set_epoch(2)
+        keys = list(sampler)
+        assert sorted(keys) == list(range(10, 15)) and (keys == sorted(keys)) == in_order
+
+
 def test_starting_to_read_a_dataloader_leaves_the_global_random_state_alone(tmp_path):
     # torch's DataLoader draws its workers' base seed each time an iterator is made; from torch's global generator, a
     # run with persistent workers (one iterator for the whole run) and its resumed run (one more) would draw the

@@ -102,7 +102,9 @@ class EVLTrainer(Trainer):
                 self.args.train_sampling_strategy,
             )
         if isinstance(dataset, TrainingClips):
-            self._epoch_sampler = EpochShuffleSampler(len(dataset), seed=self._data_seed)
+            self._epoch_sampler = EpochShuffleSampler(
+                len(dataset), seed=self._data_seed, shuffle=self.args.train_sampling_strategy != "sequential"
+            )
             return self._epoch_sampler
         if grouping_by_length:
             return RandomSampler(dataset)  # Trainer's for "random"

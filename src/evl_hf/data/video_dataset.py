@@ -618,12 +618,14 @@ class TrainingClips(torch.utils.data.Dataset):
 class EpochShuffleSampler(torch.utils.data.Sampler):
     """
     A new permutation of the clips every epoch, drawn from (seed, epoch), yielding `epoch * num_clips + index` for
-    `TrainingClips`. The Trainer calls `set_epoch` at the start of every epoch, also on resume.
+    `TrainingClips`; with `shuffle=False` (`train_sampling_strategy="sequential"`), the clips in order. The Trainer
+    calls `set_epoch` at the start of every epoch, also on resume.
     """
 
-    def __init__(self, num_clips: int, seed: int = 0):
+    def __init__(self, num_clips: int, seed: int = 0, shuffle: bool = True):
         self.num_clips = num_clips
         self.seed = seed
+        self.shuffle = shuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -633,8 +635,10 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.num_clips
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         offset = self.epoch * self.num_clips
+        if not self.shuffle:
+            return iter(range(offset, offset + self.num_clips))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter((offset + torch.randperm(self.num_clips, generator=generator)).tolist())
 
 
