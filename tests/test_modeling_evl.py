@@ -1303,6 +1303,68 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert _gradients_and_calls(model)[1] == {"decoder": 1, "backbone": 1}, case
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(en|dis)able` is deprecated:FutureWarning")
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_partly_trainable_backbone_checkpointed_gets_its_exact_gradients(use_reentrant):
+    # Only the last block trains: its input (from frozen blocks) needs no gradient, so a reentrant checkpoint of the
+    # block would record no graph and its tensors would get none, silently.
+    torch.manual_seed(0)
+    model = EVLForVideoClassification(tiny_config(freeze_backbone=False)).train()
+    randomize_decoder(model)
+    model.evl.vision_model.requires_grad_(False)
+    model.evl.vision_model.encoder.layers[-1].requires_grad_(True)
+    expected, _ = _gradients_and_calls(model)
+    assert any(name.startswith("evl.vision_model.encoder.layers.") for name in expected)
+    model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+    gradients, calls = _gradients_and_calls(model)
+    assert calls == {"decoder": 2, "backbone": 2} and gradients.keys() == expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(gradients[name], gradient, atol=2e-6 * max(1.0, gradient.abs().max().item()), rtol=1e-5)
+
+
+def _frozen_and_trainable_twins():
+    """The default model (frozen backbone) and the same weights with `freeze_backbone=False`, both in eval mode."""
+    frozen = seeded_classifier(tiny_config())
+    trainable = EVLForVideoClassification(tiny_config(freeze_backbone=False)).eval()
+    trainable.load_state_dict(frozen.state_dict())
+    return frozen, trainable
+
+
+def test_tensors_made_trainable_in_a_frozen_backbone_get_their_gradients():
+    # `requires_grad` decides what trains, as everywhere in transformers (PEFT's adapters, a block unfrozen by hand):
+    # the frozen backbone ran without autograd whatever its tensors asked, and they silently never trained.
+    frozen, trainable = _frozen_and_trainable_twins()
+    trainable.evl.vision_model.requires_grad_(False)
+    gradients = []
+    for model in (frozen, trainable):
+        model.evl.vision_model.encoder.layers[-1].requires_grad_(True)
+        model(pixel_values(), labels=torch.tensor([0, 3])).loss.backward()
+        gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys()
+    assert any(name.startswith("evl.vision_model.") for name in gradients[0])
+    for name, gradient in gradients[1].items():
+        assert gradients[0][name] is not None, name
+        torch.testing.assert_close(gradients[0][name], gradient, msg=name)
+
+
+def test_a_frozen_backbone_gives_gradients_to_its_inputs():
+    # Saliency maps, integrated gradients, adversarial clips: a frozen transformers model still differentiates
+    # through to `pixel_values` (the grad was silently None).
+    frozen, trainable = _frozen_and_trainable_twins()
+    gradients = []
+    for model in (frozen, trainable):
+        inputs = pixel_values().requires_grad_(True)
+        model(inputs, labels=torch.tensor([0, 3])).loss.backward()
+        gradients.append(inputs.grad)
+    assert gradients[0] is not None and gradients[0].abs().sum() > 0
+    torch.testing.assert_close(gradients[0], gradients[1])
+    # Without such a request the frozen backbone records nothing (what makes EVL's training cheap).
+    frozen.zero_grad()
+    loss = frozen(pixel_values(), labels=torch.tensor([0, 3])).loss
+    assert all(p.grad is None for p in frozen.evl.vision_model.parameters())
+    assert frozen.evl.vision_model.embeddings.patch_embedding.weight.grad is None and loss.requires_grad
+
+
 def test_torch_compile_fullgraph_matches_eager_execution():
     # The backbone's block outputs and q/k are read without per-call hooks, so the whole forward is one graph
     # (inductor, generating and building real kernels).

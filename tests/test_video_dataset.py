@@ -400,6 +400,19 @@ def test_a_row_without_a_video_is_an_unusable_clip_everywhere(clips, tmp_path, c
     assert (len(cached), unusable) == (1, 2)
 
 
+@pytest.mark.parametrize("trainable", ["freeze_backbone=False", "a block unfrozen"])
+def test_the_feature_cache_refuses_a_backbone_that_trains(clips, tmp_path, trainable):
+    # Cached features would freeze tensors the optimizer is meant to train (they would never get a gradient).
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    model = EVLForVideoClassification(tiny_config(freeze_backbone=trainable == "a block unfrozen")).eval()
+    model.evl.vision_model.encoder.layers[-1].requires_grad_(True)
+    first = "encoder.layers.2." if trainable == "a block unfrozen" else "embeddings."
+    with pytest.raises(ValueError, match=f"trainable tensors in the backbone .*the first: {first}"):
+        build_feature_cache(model, rows([str(clips[0])]), VideoEvalTransform(processor()), tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_data_set_of_broken_files_stops_with_a_clear_error(tmp_path):
     for number in range(3):
         (tmp_path / f"broken_{number}.mp4").write_bytes(b"not a video" * (number + 1))

@@ -115,8 +115,9 @@ class EVLConfig(PreTrainedConfig):
             Add the cross-frame attention feature (attention maps between neighbouring frames, turned into features
             through learned relative-offset tables) to the decoder's keys/values.
         freeze_backbone (`bool`, *optional*, defaults to `True`):
-            Keep the CLIP backbone frozen: no gradient, always in eval mode, not trainable. Set to `False` to fine-tune
-            end to end.
+            Keep the image backbone frozen: its tensors do not require gradients, it stays in eval mode and runs
+            without autograd, unless something in it asks for a gradient (its input, e.g. for a saliency map, or
+            tensors made trainable by hand or by PEFT adapters). Set to `False` to fine-tune end to end.
         backbone_dtype (`str`, *optional*):
             Run the frozen backbone in `"float16"` or `"bfloat16"` (as the authors run it in fp16) while the decoder's
             parameters keep the model's dtype (float32 by default). The cross-frame maps' scores are computed in the

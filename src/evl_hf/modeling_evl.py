@@ -17,6 +17,7 @@
 from .transformers_requirement import TRANSFORMERS_REQUIREMENT  # noqa: F401  # isort: skip
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -29,6 +30,7 @@ from huggingface_hub import is_offline_mode
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -1000,6 +1002,18 @@ class EVLPreTrainedModel(PreTrainedModel):
         config.check_architecture()
         super().__init__(config, *inputs, **kwargs)
 
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = activation_checkpoint, every_n_layers: int = 1
+    ):
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        # The backbone's blocks are checkpointed non-reentrantly whatever was asked: behind frozen blocks (a backbone
+        # trained in part, or only through adapters) a block's input needs no gradient, and a reentrant checkpoint
+        # would then record no graph for it, leaving its trainable tensors without gradients.
+        non_reentrant = functools.partial(gradient_checkpointing_func, use_reentrant=False)
+        for module in self.base_model.vision_model.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module._gradient_checkpointing_func = non_reentrant
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """
@@ -1460,7 +1474,14 @@ class EVLModel(EVLPreTrainedModel):
         first_used = len(layers) - self.config.decoder_num_layers
         need_query_key = self.config.use_temporal_cross_attention
         heads = self.config.vision_config.num_attention_heads
-        grad_enabled = torch.is_grad_enabled() and not self.config.freeze_backbone
+        # A frozen backbone runs without autograd, unless something in it asks for a gradient: its input (saliency
+        # maps), or tensors made trainable in it (PEFT adapters, a block unfrozen by hand), as `requires_grad` decides
+        # what trains everywhere in transformers.
+        grad_enabled = torch.is_grad_enabled() and (
+            not self.config.freeze_backbone
+            or frames.requires_grad
+            or any(parameter.requires_grad for parameter in backbone.parameters())
+        )
         # The backbone's own modules, called in its own forward's order (its final norm, pooler or head unused): no
         # hook or shared state, so the forward is one graph under `torch.compile` and safe in concurrent threads.
         with torch.set_grad_enabled(grad_enabled), _backbone_autocast(frames.device.type, backbone.dtype):

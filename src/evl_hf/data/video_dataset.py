@@ -864,6 +864,14 @@ def build_feature_cache(
     state = PartialState()
     evl = model.evl if hasattr(model, "evl") else model
     config = evl.config
+    # Cached features would freeze what the optimizer is meant to train: those tensors would never get a gradient.
+    trainable = [name for name, parameter in evl.vision_model.named_parameters() if parameter.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"The feature cache stores a frozen backbone's outputs, but this model has {len(trainable)} trainable "
+            f"tensors in the backbone (freeze_backbone={config.freeze_backbone}; the first: {trainable[0]}): train "
+            "it on decoded clips instead."
+        )
     num_patches = config.patch_grid[0] * config.patch_grid[1]
     num_tokens = config.num_prefix_tokens + num_patches
     arrow_dtype = str(dtype).removeprefix("torch.")
