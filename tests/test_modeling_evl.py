@@ -1509,6 +1509,20 @@ def test_multi_view_multi_label_averages_the_views_sigmoids(problem_type):
     torch.testing.assert_close(outputs.loss, expected_loss.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("problem_type", ["single_label_classification", "multi_label_classification"])
+def test_multi_view_logits_of_a_float64_model_are_combined_in_float64(problem_type):
+    # Gradient checks in float64 (`torch.autograd.gradcheck`) need the views combined at the model's precision.
+    model = seeded_classifier(tiny_config(problem_type=problem_type)).double()
+    views, per_view = _views_and_per_view_logits(model)
+    with torch.no_grad():
+        combined = model(views).logits
+    assert combined.dtype == torch.float64
+    if problem_type == "multi_label_classification":
+        torch.testing.assert_close(combined.sigmoid(), per_view.sigmoid().mean(1), atol=1e-12, rtol=1e-12)
+    else:
+        torch.testing.assert_close(combined.softmax(-1), per_view.softmax(-1).mean(1), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("problem_type", [None, "single_label_classification"])
 def test_multi_view_embeddings_of_a_headless_model_are_averaged(problem_type):
     # num_labels=0: `logits` are the video embeddings (the head is nn.Identity), not class scores to combine.

@@ -1925,7 +1925,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             # Without a head (`num_labels=0`) the logits are the video embeddings: no class scores to combine.
             return logits.mean(1)
         # In log space, so that confident views give finite logits: log(mean_v p_v) = logsumexp_v(log p_v) - log(V).
-        views = logits.float()
+        views = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
         if problem_type == "multi_label_classification":
             # logit(p) = log(p) - log(1 - p), with p the mean sigmoid and 1 - p the mean of sigmoid(-x).
             combined = torch.logsumexp(nn.functional.logsigmoid(views), 1) - torch.logsumexp(
