@@ -154,6 +154,21 @@ def test_config_overrides_are_typed_by_the_configuration(data_dir, backbone_dir,
         load_script().main(args)
 
 
+def test_config_overrides_set_the_fields_that_default_to_none():
+    # transformers' `update_from_string` types a value by the field's current one, and refuses a field set to None:
+    # `backbone_dtype` and `image_size` (the README's low-precision backbone, DINOv2 at another size) could not be set.
+    from helpers import tiny_config
+
+    from evl_hf.run_video_classification import apply_overrides
+
+    config = apply_overrides(tiny_config(), "backbone_dtype=bfloat16,image_size=48,num_frames=6", check=False)
+    assert (config.backbone_dtype, config.image_size, config.num_frames) == ("bfloat16", 48, 6)
+    assert apply_overrides(config, "backbone_dtype=none,image_size=None", check=False).backbone_dtype is None
+    assert config.image_size is None
+    with pytest.raises(ValueError, match="--config_overrides: image_size=big is not a valid int"):
+        apply_overrides(config, "image_size=big")
+
+
 def test_feature_cache_training_matches_the_uncached_model(data_dir, backbone_dir, tmp_path):
     trainer = load_script().main(
         base_args(data_dir, backbone_dir, tmp_path / "cached", "--do_train", "--do_eval", "--max_steps", "3",

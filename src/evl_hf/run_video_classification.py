@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import typing
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -172,14 +173,35 @@ class DataTrainingArguments:
             )
 
 
+# EVLConfig's fields that may be None (`int | None` ...): the type their value is read as, and `none` unsets them.
+OPTIONAL_FIELD_TYPES = {
+    name: next(kind for kind in typing.get_args(hint) if kind is not type(None))
+    for name, hint in EVLConfig.__annotations__.items()
+    if type(None) in typing.get_args(hint) and name != "vision_config"
+}
+
+
 def apply_overrides(config: EVLConfig, text: str | None, check: bool = True) -> EVLConfig:
     """`--config_overrides "a=1,b=false"` through `PretrainedConfig.update_from_string` (typed by each field's current
-    value), then the configuration's own checks."""
+    value), then the configuration's own checks. A field that may be None (`image_size`, `backbone_dtype`) is typed by
+    its annotation when it is None, which `update_from_string` refuses, and `none` sets it to None."""
     if text:
         malformed = [item for item in text.split(",") if "=" not in item]
         if malformed:
             raise ValueError(f"--config_overrides: expected key=value pairs separated by commas, got {malformed[0]!r}.")
-        config.update_from_string(text)
+        typed_by_current_value = []
+        for item in text.split(","):
+            key, value = item.split("=", 1)
+            if key not in OPTIONAL_FIELD_TYPES or (value.lower() != "none" and getattr(config, key) is not None):
+                typed_by_current_value.append(item)
+                continue
+            kind = OPTIONAL_FIELD_TYPES[key]
+            try:
+                setattr(config, key, None if value.lower() == "none" else kind(value))
+            except ValueError:
+                raise ValueError(f"--config_overrides: {key}={value} is not a valid {kind.__name__}.") from None
+        if typed_by_current_value:
+            config.update_from_string(",".join(typed_by_current_value))
     if check:
         config.check_architecture()
     return config
