@@ -403,6 +403,16 @@ def test_the_cli_checks_its_output_files_before_any_work(clip_path, tmp_path, ca
         evl_hf.plot_timeline([{"start": 0.0, "end": 1.0, "scores": {"a": 1.0}}], tmp_path / "plot")
 
 
+def test_a_pgf_plot_without_its_tex_system_is_refused_before_any_work(clip_path, tmp_path, capsys, monkeypatch):
+    # matplotlib lists .pgf, but writes it through a TeX system: without one the save failed after the whole run.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SystemExit) as refused:
+        evl_hf.timeline.main([str(clip_path), "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "t.json"),
+                              "--plot", str(tmp_path / "t.pgf")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and re.search(r"--plot .*t.pgf: \.pgf is written by xelatex, .* not found", error), error
+
+
 def test_the_cli_writes_the_windows_and_the_plot(saved_model, clip_path, tmp_path):
     from PIL import Image
 

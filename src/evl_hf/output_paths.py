@@ -16,6 +16,7 @@ traceback about its output path."""
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 
 
@@ -29,6 +30,13 @@ def figure_format(path: str | os.PathLike) -> str:
     if suffix not in formats:
         found = f"'.{suffix}'" if suffix else "no suffix"
         raise ValueError(f"{path}: a figure is written as {', '.join(f'.{name}' for name in sorted(formats))}; got {found}.")
+    if suffix == "pgf":
+        # matplotlib writes PGF through a TeX system: without it the save would fail only after the work.
+        from matplotlib import rcParams
+
+        tex_system = rcParams["pgf.texsystem"]
+        if shutil.which(tex_system) is None:
+            raise ValueError(f"{path}: .pgf is written by {tex_system}, which is not found on PATH; use .pdf or .svg.")
     return suffix
 
 
