@@ -14,8 +14,8 @@ multi-view forward already returns the log of the averaged softmax.
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list[list[float]]`): scores, shape (num_clips, num_classes).
-    references (`list[int]`): the true class of each clip.
-    top_k (`int`, defaults to 5): the k of the top-k accuracy (clamped to the number of classes).
+    references (`list[int]`): the true class of each clip, in [0, num_classes).
+    top_k (`int`, defaults to 5): the k of the top-k accuracy (1.0 with no more classes than k).
     num_classes (`int`, optional): the number of classes, for the per-class outputs (defaults to the score width).
     per_class (`bool`, defaults to False): also return `per_class_accuracy` and `confusion_matrix` (rows: true class).
 Returns:
@@ -44,12 +44,21 @@ class VideoAccuracy(evaluate.Metric):
         if scores.ndim != 2 or len(scores) != len(labels):
             raise ValueError(f"predictions must be (num_clips, num_classes) scores for {len(labels)} clips, got {scores.shape}.")
         num_classes = num_classes or scores.shape[1]
+        outside = labels[(labels < 0) | (labels >= num_classes)]
+        if len(outside):
+            # -1 (no label in `datasets`) would count as the last class, -100 (transformers' ignore index) fail.
+            raise ValueError(
+                f"references must be class indices in [0, {num_classes}); got {int(outside[0])} ({len(outside)} "
+                "clips). Leave clips without a label (-1) or ignored ones (-100) out before scoring."
+            )
+        # A NaN score ranks last (numpy sorts it so), as in EVL's predictions files.
         ranking = np.argsort(-scores, axis=1, kind="stable")
         results = {"top1_accuracy": float((ranking[:, 0] == labels).mean()) if len(labels) else 0.0}
-        k = min(top_k, scores.shape[1])
-        if k > 1:
-            hits = (ranking[:, :k] == labels[:, None]).any(axis=1)
-            results[f"top{k}_accuracy"] = float(hits.mean()) if len(labels) else 0.0
+        if top_k > 1:
+            # Named by the k asked for whatever the number of classes (`metric_for_best_model` looks it up by name):
+            # with no more classes than k, every clip is a hit.
+            hits = (ranking[:, :top_k] == labels[:, None]).any(axis=1)
+            results[f"top{top_k}_accuracy"] = float(hits.mean()) if len(labels) else 0.0
         if per_class:
             confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
             np.add.at(confusion, (labels, ranking[:, 0]), 1)
