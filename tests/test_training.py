@@ -228,6 +228,45 @@ def test_batch_eval_metrics_score_the_clips_a_whole_set_evaluation_scores(tmp_pa
     torch.testing.assert_close(torch.cat([p.losses for p in batches]), expected)
 
 
+def test_a_nan_logit_ranks_last_in_the_predictions_file_as_in_the_metrics(tmp_path):
+    # `argmax` put a NaN first and the metric's ranking last: the file and the confusion matrix disagreed on a clip.
+    from evl_hf.training import write_per_class_report, write_predictions
+
+    logits, labels, names = np.array([[np.nan, 0.2, 0.1], [0.3, np.nan, 0.5]]), np.array([1, 2]), {0: "a", 1: "b", 2: "c"}
+    rows = write_predictions(["x", "y"], labels, {"predicted": logits}, names, str(tmp_path), "eval").read_text()
+    assert rows.splitlines()[1:] == ["x,b,b", "y,c,c"]
+    assert write_per_class_report(logits, labels, names, str(tmp_path), "eval") == {"a": None, "b": 1.0, "c": 1.0}
+
+
+def test_an_interrupted_batched_evaluation_leaves_nothing_behind(tmp_path):
+    # `batch_eval_metrics`: batches of an evaluation stopped part way (Ctrl-C) were scored with the next one's.
+    model = seeded_classifier(tiny_config(num_labels=3))
+    clips = [{"pixel_values": clip, "labels": index % 3} for index, clip in enumerate(pixel_values(batch=6, seed=1))]
+
+    class StoppedAtTheThirdBatch(torch.utils.data.Dataset):
+        stop = True
+
+        def __len__(self):
+            return len(clips)
+
+        def __getitem__(self, index):
+            if self.stop and index == 4:
+                raise KeyboardInterrupt
+            return clips[index]
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2,
+                             batch_eval_metrics=True)  # fmt: skip
+    expected = EVLTrainer(model=model, args=args, compute_metrics=make_compute_metrics(top_k=2)).evaluate(clips)
+    scores = EVLTrainer(model=model, args=args, compute_metrics=make_compute_metrics(top_k=2))
+    stopped = StoppedAtTheThirdBatch()
+    with pytest.raises(KeyboardInterrupt):
+        scores.evaluate(stopped)
+    stopped.stop = False
+    result = scores.evaluate(stopped)
+    for key in ("eval_loss", "eval_top1_accuracy", "eval_top2_accuracy"):
+        assert result[key] == pytest.approx(expected[key]), key
+
+
 def test_the_scripts_metrics_take_batches_too(tmp_path):
     # `--batch_eval_metrics`: Trainer passes each batch's tensors and asks for the result with the last one.
     model = seeded_classifier(tiny_config(num_labels=3))

@@ -84,6 +84,9 @@ class EVLTrainer(Trainer):
 
     def _start_evaluation(self) -> None:
         self.unusable_clips["eval"] = set()
+        reset_metrics = getattr(self._user_compute_metrics, "reset", None)
+        if callable(reset_metrics):
+            reset_metrics()
         # `batch_eval_metrics`: the batches' logits and labels so far, and whether the user's metrics got clips.
         self._eval_batches, self._eval_batches_scored = [], False
 
@@ -547,6 +550,7 @@ def make_compute_metrics(top_k: int = 5):
     """`compute_metrics` for `Trainer`: top-1 / top-k accuracy through the packaged `evaluate` metric. With
     `batch_eval_metrics`, the batches go to the metric as they come and the result is computed with the last one."""
     metric = load_video_accuracy()
+    batches = []  # `batch_eval_metrics`: (logits, labels) of the evaluation under way
 
     def compute_metrics(eval_prediction, compute_result: bool | None = None) -> dict | None:
         predictions = whole(eval_prediction.predictions)  # `eval_do_concat_batches=False` gives batches
@@ -554,9 +558,15 @@ def make_compute_metrics(top_k: int = 5):
         if compute_result is None:
             return metric.compute(predictions=logits, references=whole(eval_prediction.label_ids), top_k=top_k)
         if len(logits):
-            metric.add_batch(predictions=logits.float().cpu().numpy(), references=eval_prediction.label_ids.cpu().numpy())
-        return metric.compute(top_k=top_k) if compute_result else None
+            batches.append((logits.float().cpu().numpy(), eval_prediction.label_ids.cpu().numpy()))
+        if not compute_result:
+            return None
+        scored = [np.concatenate(column) for column in zip(*batches)] if batches else [np.zeros((0, 0)), np.zeros(0)]
+        batches.clear()
+        return metric.compute(predictions=scored[0], references=scored[1], top_k=top_k)
 
+    # `EVLTrainer` calls it as an evaluation starts: the batches of one stopped part way (Ctrl-C) are dropped.
+    compute_metrics.reset = batches.clear
     return compute_metrics
 
 
@@ -628,7 +638,8 @@ def write_predictions(
     usable = labels != IGNORE_LABEL
     path = Path(output_dir) / f"{prefix}_predictions.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    predicted = {column: values.argmax(-1) for column, values in logits.items()}
+    # A NaN logit ranks last, as in the metrics (`argmax` would put it first).
+    predicted = {column: np.nan_to_num(values, nan=-np.inf).argmax(-1) for column, values in logits.items()}
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["clip", "label", *predicted])
