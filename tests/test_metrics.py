@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from evl_hf.metrics import load_video_accuracy
