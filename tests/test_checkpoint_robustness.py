@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_decoder, tiny_config
+from helpers import randomize_decoder, seeded_classifier, tiny_config
 from safetensors.torch import load_file, save_file
 
 from evl_hf import EVLCheckpointError, EVLForVideoClassification, EVLModel
@@ -58,7 +58,14 @@ def test_missing_decoder_tensors_are_refused_not_reinitialised(saved):
         EVLForVideoClassification.from_pretrained(directory)
 
 
-@pytest.mark.parametrize("removed", [["classifier.weight"], ["classifier.weight", "classifier.bias", "fc_norm.weight", "fc_norm.bias"]])
+@pytest.mark.parametrize(
+    "removed",
+    [
+        ["classifier.weight"],
+        ["classifier.weight", "classifier.bias"],  # as a headless (num_labels=0) checkpoint, but config.json has labels
+        ["classifier.weight", "classifier.bias", "fc_norm.weight", "fc_norm.bias"],
+    ],
+)
 @pytest.mark.parametrize("architectures", ["saved", "missing"])
 def test_a_classifier_checkpoint_missing_head_tensors_is_refused(saved, removed, architectures):
     # Only a checkpoint saved without a head (an EVLModel's) gets a new one: a classifier's that lost part or all of
@@ -92,6 +99,20 @@ def test_new_head_on_a_base_model_checkpoint_is_allowed(tmp_path):
     model = EVLForVideoClassification.from_pretrained(tmp_path)
     for key, value in base.state_dict().items():
         assert torch.equal(model.evl.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("ignore_mismatched_sizes", [False, True])
+def test_new_head_on_a_headless_classifier_checkpoint_is_allowed(tmp_path, ignore_mismatched_sizes):
+    # A num_labels=0 classifier (logits are the video embeddings) saves its LayerNorm but no classifier tensors: like
+    # an EVLModel checkpoint, it gets a new head for labels, with or without the flag.
+    headless = seeded_classifier(tiny_config(num_labels=0))
+    headless.save_pretrained(tmp_path)
+    model = EVLForVideoClassification.from_pretrained(
+        tmp_path, num_labels=3, ignore_mismatched_sizes=ignore_mismatched_sizes
+    )
+    assert model.classifier.weight.shape == (3, 32)
+    for key, value in headless.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_new_label_count_with_ignore_mismatched_sizes(saved):

@@ -572,6 +572,22 @@ def test_a_loaded_checkpoint_keeps_its_processor_settings_unless_a_flag_says_oth
     assert (processor.sampling_rate, processor.num_temporal_views, processor.num_spatial_views) == (1, 1, 3)
 
 
+@pytest.mark.parametrize("flags", [[], ["--ignore_mismatched_sizes"]])
+def test_a_headless_checkpoint_gets_a_head_for_the_data_classes(data_dir, backbone_dir, tmp_path, flags):
+    # A num_labels=0 classifier (its logits are the video embeddings) has no classes to map the data set's to: as an
+    # EVLModel checkpoint, it trains a new head for them, its decoder loaded as saved.
+    headless = EVLForVideoClassification.from_backbone_pretrained(
+        backbone_dir, num_labels=0, num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4
+    )
+    headless.save_pretrained(tmp_path / "headless")
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--max_steps", "1", "--save_strategy", "no", *flags)
+    args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(tmp_path / "headless")]
+    model = load_script().main(args).model
+    assert sorted(model.config.label2id) == sorted(MOTION_CLASSES)
+    assert model.classifier.weight.shape == (len(MOTION_CLASSES), 32)
+    assert torch.equal(model.evl.decoder.query.cpu(), headless.evl.decoder.query)
+
+
 def test_a_checkpoint_trained_on_decomposed_folder_names_knows_the_composed_ones():
     # Label folders' names are read in NFC; a checkpoint trained before on NFD-named folders has the same classes.
     import unicodedata

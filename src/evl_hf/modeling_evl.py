@@ -1019,10 +1019,10 @@ class EVLPreTrainedModel(PreTrainedModel):
         """
         `PreTrainedModel.from_pretrained`, stricter: a checkpoint that lacks decoder or backbone tensors, or whose
         tensors do not fit the configuration, raises `EVLCheckpointError` listing them instead of leaving freshly
-        initialised weights behind (only the classification head may be new, e.g. when starting from an `EVLModel`
-        checkpoint, or with `ignore_mismatched_sizes=True`, which allows no other mismatch). A truncated or corrupt
-        weights file is named in the error. With `output_loading_info=True` missing keys are reported in the returned
-        info instead, for the caller to handle.
+        initialised weights behind (only the classification head may be new: from a checkpoint saved without one, an
+        `EVLModel`'s or a classifier's with `num_labels=0`, or with `ignore_mismatched_sizes=True`, which allows no
+        other mismatch). A truncated or corrupt weights file is named in the error. With `output_loading_info=True`
+        missing keys are reported in the returned info instead, for the caller to handle.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         checkpoint_keys = None
@@ -1053,6 +1053,11 @@ class EVLPreTrainedModel(PreTrainedModel):
             head = [key for key in model.state_dict() if key.startswith(_HEAD_PREFIXES)]
             if saved_without_head and sum(key.startswith(_HEAD_PREFIXES) for key in missing) == len(head):
                 missing = [key for key in missing if not key.startswith(_HEAD_PREFIXES)]
+            elif any(key.startswith("classifier.") for key in missing) and cls._saved_headless(
+                pretrained_model_name_or_path, kwargs
+            ):
+                # A classifier saved with `num_labels=0` has a LayerNorm but no linear layer (an identity): a new one.
+                missing = [key for key in missing if not key.startswith("classifier.")]
             # The loader re-initialises every mismatched tensor under `ignore_mismatched_sizes`: only the head may be.
             mismatched = [
                 f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
@@ -1072,6 +1077,16 @@ class EVLPreTrainedModel(PreTrainedModel):
             if isinstance(module, EVLModel):
                 module._apply_backbone_freeze()
         return (model, info) if output_loading_info else model
+
+    @classmethod
+    def _saved_headless(cls, pretrained_model_name_or_path, kwargs: dict) -> bool:
+        """Whether the checkpoint's own config.json (not `kwargs`' overrides or `config=`) has `num_labels=0`."""
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+        try:
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:
+            return False  # no config.json of its own (a weights file given with `config=`): nothing says so
+        return config.num_labels == 0
 
     @classmethod
     def _checkpoint_weight_files(cls, name: str, kwargs: dict, hub_kwargs: dict, explicit: str | None) -> list[str]:

@@ -211,10 +211,11 @@ def checkpoint_labels(config: EVLConfig, data_labels: list[str], ignore_mismatch
     """
     The id2label to train/evaluate with when starting from an EVL checkpoint: the checkpoint's own when every class
     of the data set is one of its classes (the data set is then mapped to it by name), None (a new head for the data
-    set's labels) for a checkpoint without a head or with `--ignore_mismatched_sizes`; otherwise a `ValueError`.
+    set's labels) for a checkpoint without a head (an `EVLModel`'s, or a classifier's saved with `num_labels=0`) or
+    with `--ignore_mismatched_sizes`; otherwise a `ValueError`.
     """
-    if "EVLForVideoClassification" not in (config.architectures or []):
-        return None  # an EVLModel checkpoint: the head is new
+    if "EVLForVideoClassification" not in (config.architectures or []) or config.num_labels == 0:
+        return None  # no classes to map the data set's to: the head is new
     # In the form the data set's class names take (label folders' names are NFC): a checkpoint trained on folders
     # named in another form has the same classes. Classes of its own that differ only in form stay as they are, two
     # classes matched by exact name, not one name twice.
