@@ -429,6 +429,19 @@ def test_from_backbone_pretrained_returns_the_model_in_evaluation_mode(tiny_back
 BACKBONE_KWARGS = dict(num_frames=4, decoder_num_layers=2, decoder_qkv_dim=32, decoder_num_heads=4, num_labels=3)
 
 
+def test_from_backbone_pretrained_names_the_backbone_in_config_json_only_by_hub_id(tiny_backbone_dir, tmp_path):
+    # config.json is pushed to the Hub with the model: a local directory's path (the user's file system) is left out,
+    # a Hub cache snapshot's repository is kept, as the model card names them.
+    model = EVLForVideoClassification.from_backbone_pretrained(str(tiny_backbone_dir.resolve()), **BACKBONE_KWARGS)
+    model.save_pretrained(tmp_path / "local")
+    assert "base_model" not in json.loads((tmp_path / "local" / "config.json").read_text())
+    snapshot = save_tiny_backbone(tmp_path / "hub" / "models--openai--clip-vit-base-patch16" / "snapshots" / "0123abc")
+    model = EVLForVideoClassification.from_backbone_pretrained(str(snapshot), **BACKBONE_KWARGS)
+    model.save_pretrained(tmp_path / "snapshot")
+    saved = json.loads((tmp_path / "snapshot" / "config.json").read_text())
+    assert saved["base_model"] == "openai/clip-vit-base-patch16"
+
+
 def test_from_backbone_pretrained_applies_loading_arguments_and_refuses_others(tiny_backbone_dir, tmp_path):
     # As with `from_pretrained`: `dtype` (or the older `torch_dtype`) and a `device_map` naming one device are applied
     # to the model built, never written into its configuration; other loading arguments are refused by name.

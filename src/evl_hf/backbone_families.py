@@ -19,6 +19,8 @@ everything else (features, cross-frame maps, decoder) is shared.
 
 import inspect
 import json
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -240,6 +242,30 @@ def checkpoint_model_type(pretrained_model_name_or_path, **hub_kwargs) -> str | 
     if not config_dict:
         raise ValueError(f"{pretrained_model_name_or_path}: no {CONFIG_NAME} there, so it is not a model checkpoint.")
     return config_dict.get("model_type")
+
+
+_HUB_CACHE_FOLDER = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)")
+
+
+def hub_repo_id(name_or_path: str | None) -> str | None:
+    """
+    The Hub id a model came from: the id itself, or the repository of a `huggingface_hub` cache snapshot
+    (`.../models--owner--name/snapshots/<revision>`). None for any other local directory: the Hub's `base_model`
+    must name a repository, never a local path.
+    """
+    if not name_or_path:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = str(name_or_path)
+    if os.path.exists(text):
+        match = _HUB_CACHE_FOLDER.search(Path(text).resolve().as_posix())
+        return f"{match['owner']}/{match['name']}" if match else None
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
 
 
 # The loading arguments that locate a checkpoint's files (not those that load a model: `dtype`,

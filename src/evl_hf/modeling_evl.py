@@ -48,6 +48,7 @@ from .backbone_families import (
     backbone_family,
     checkpoint_model_type,
     family_of_checkpoint,
+    hub_repo_id,
     processor_crop_size,
     supported_checkpoint_types,
 )
@@ -1776,7 +1777,10 @@ class EVLForVideoClassification(EVLPreTrainedModel):
             model.config.dtype = model_dtype
             model.evl._apply_backbone_freeze()  # a `backbone_dtype="float32"` backbone back in float32
         model.evl.vision_model.load_state_dict(backbone.state_dict())
-        model.config.base_model = str(pretrained_model_name_or_path)
+        # config.json goes to the Hub with the model: the backbone is named there by its Hub id, never a local path.
+        base_model = hub_repo_id(pretrained_model_name_or_path)
+        if base_model is not None:
+            model.config.base_model = base_model
         # In evaluation mode, as `from_pretrained` returns a model: the dropout would otherwise change every inference
         # call's logits (`Trainer` switches training mode on itself).
         model.eval()

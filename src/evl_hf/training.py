@@ -7,7 +7,6 @@ import csv
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from transformers import EvalPrediction, Trainer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .backbone_families import hub_repo_id
 from .data.video_dataset import IGNORE_LABEL, UNLABELED, EpochShuffleSampler, TrainingClips
 from .metrics import load_video_accuracy
 
@@ -507,30 +507,6 @@ def dataset_display_name(path) -> str:
     if path.is_file():
         return path.stem
     return path.parent.name if path.name in ("train", "training", "validation", "val", "test") else path.name
-
-
-_HUB_CACHE_FOLDER = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)")
-
-
-def hub_repo_id(name_or_path: str | None) -> str | None:
-    """
-    The Hub id a model came from: the id itself, or the repository of a `huggingface_hub` cache snapshot
-    (`.../models--owner--name/snapshots/<revision>`). None for any other local directory: the Hub's `base_model`
-    must name a repository, never a local path.
-    """
-    if not name_or_path:
-        return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    text = str(name_or_path)
-    if os.path.exists(text):
-        match = _HUB_CACHE_FOLDER.search(Path(text).resolve().as_posix())
-        return f"{match['owner']}/{match['name']}" if match else None
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return None
-    return text
 
 
 def local_evl_checkpoint(name_or_path: str | None) -> bool:
