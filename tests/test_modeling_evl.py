@@ -16,7 +16,9 @@ from helpers import (
     tiny_vision_config,
 )
 from safetensors.torch import load_file, save_file
-from transformers import CLIPConfig, CLIPVisionModel, Dinov2Config, SiglipConfig
+from transformers import CLIPConfig, CLIPVisionModel, Dinov2Config, SiglipConfig, modeling_utils
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from evl_hf import EVL_PRESETS, EVLConfig, EVLForVideoClassification, EVLInputError, EVLModel
 from evl_hf.modeling_evl import EVLCheckpointError
@@ -579,11 +581,15 @@ def test_from_backbone_pretrained_refuses_a_clip_checkpoint_with_wrong_tensors(p
     state_dict = load_file(directory / "model.safetensors")
     key = _edit_tensors(state_dict, problem)
     save_file(state_dict, directory / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(EVLCheckpointError) as raised:
-        EVLForVideoClassification.from_backbone_pretrained(directory, **BACKBONE_KWARGS)
+    with CaptureLogger(logging.get_logger(modeling_utils.__name__)) as report:
+        with pytest.raises(EVLCheckpointError) as raised:
+            EVLForVideoClassification.from_backbone_pretrained(directory, **BACKBONE_KWARGS)
     message = str(raised.value)
     assert str(directory) in message and "`clip_vision_model`" in message
     assert f"{problem}: [" in message and key in message, message
+    # transformers' loading report, held back while a backbone loads (a two-tower checkpoint's unused text tower
+    # would fill it), is logged where a tensor is wrong.
+    assert "LOAD REPORT" in report.out and key.split(":")[0] in report.out
 
 
 def test_from_backbone_pretrained_takes_the_vision_tower_of_a_full_clip_checkpoint(tmp_path):

@@ -41,6 +41,7 @@ from transformers.utils import ModelOutput, cached_file, is_accelerate_available
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import resolve_revision
 from transformers.utils.import_utils import is_tracing
+from transformers.utils.loading_report import log_state_dict_report
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .backbone_families import (
@@ -914,6 +915,31 @@ def _architecture_differences(given: PreTrainedConfig, checkpoint: PreTrainedCon
         and not any(word in field.name for word in ("initializer", "dropout", "drop_path"))
         and getattr(given, field.name) != getattr(checkpoint, field.name)
     ]
+
+
+@contextlib.contextmanager
+def _loading_report_logged_on_error():
+    """Hold back the loading report transformers logs (its table of a checkpoint's unexpected, missing and mismatched
+    tensors) while the block runs, and log it only if the block raises."""
+    loading_logger = logging.get_logger(PreTrainedModel.__module__)  # the one `from_pretrained` logs the report to
+    held = []
+
+    def hold(record) -> bool:
+        if record.funcName != log_state_dict_report.__name__:
+            return True
+        held.append(record)
+        return False
+
+    loading_logger.addFilter(hold)
+    try:
+        yield
+    except BaseException:
+        loading_logger.removeFilter(hold)
+        for record in held:
+            loading_logger.handle(record)
+        raise
+    finally:
+        loading_logger.removeFilter(hold)
 
 
 def _single_device(device_map) -> torch.device | None:
@@ -1805,24 +1831,29 @@ class EVLForVideoClassification(EVLPreTrainedModel):
                 f"{name} is a `{model_type}` checkpoint, not an image backbone EVL can read: `from_backbone_pretrained` "
                 f"supports {supported_checkpoint_types()}.{hint}"
             )
-        # Shape mismatches are collected and reported below rather than raised by the loader.
-        backbone, info = family.from_pretrained(
-            pretrained_model_name_or_path, output_loading_info=True, ignore_mismatched_sizes=True, **hub_kwargs
-        )
-        problems = {
-            "missing": sorted(info["missing_keys"]),
-            "unexpected": sorted(key for key in info["unexpected_keys"] if not key.startswith(family.unused_prefixes)),
-            "shape mismatch": [
-                f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
-                for key, found, expected in sorted(info["mismatched_keys"], key=lambda item: item[0])
-            ],
-        }
-        if any(problems.values()):
-            raise EVLCheckpointError(
-                f"{name}: the `{model_type}` checkpoint does not hold exactly a {family.name} vision tower; refusing to leave "
-                "randomly initialised backbone weights in place."
-                + "".join(f"\n  {kind}: {keys}" for kind, keys in problems.items() if keys)
+        # transformers' loading report is logged only with a problem: a two-tower checkpoint's text tower, left out on
+        # purpose, would otherwise be listed tensor by tensor as UNEXPECTED ("not ok if you expect identical arch").
+        with _loading_report_logged_on_error():
+            # Shape mismatches are collected and reported below rather than raised by the loader.
+            backbone, info = family.from_pretrained(
+                pretrained_model_name_or_path, output_loading_info=True, ignore_mismatched_sizes=True, **hub_kwargs
             )
+            problems = {
+                "missing": sorted(info["missing_keys"]),
+                "unexpected": sorted(
+                    key for key in info["unexpected_keys"] if not key.startswith(family.unused_prefixes)
+                ),
+                "shape mismatch": [
+                    f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
+                    for key, found, expected in sorted(info["mismatched_keys"], key=lambda item: item[0])
+                ],
+            }
+            if any(problems.values()):
+                raise EVLCheckpointError(
+                    f"{name}: the `{model_type}` checkpoint does not hold exactly a {family.name} vision tower; refusing "
+                    "to leave randomly initialised backbone weights in place."
+                    + "".join(f"\n  {kind}: {keys}" for kind, keys in problems.items() if keys)
+                )
         return backbone
 
     @can_return_tuple
