@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     BitImageProcessor,
     CLIPConfig,
     CLIPModel,
@@ -169,6 +170,12 @@ def test_dinov2_runs_at_its_processors_crop_or_at_image_size(tmp_path):
     assert table.shape == (7 * 7, 32)
     other = EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / "dinov2"), image_size=48, **DECODER)
     assert other.config.patch_grid == (6, 6)
+    # A complete `config=` built from the backbone's (as the error on a config for another backbone says) runs at the
+    # crop too, the frames the backbone's processor gives, unless it sets `image_size`.
+    for image_size, patch_grid in ((None, (4, 4)), (48, (6, 6))):
+        config = EVLConfig(vision_config=AutoConfig.from_pretrained(tmp_path / "dinov2"), image_size=image_size, **DECODER)
+        other = EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / "dinov2"), config=config)
+        assert other.config.patch_grid == patch_grid
     with pytest.raises(ValueError, match="position embeddings are not interpolated"):
         EVLConfig(vision_config=FAMILIES["clip"][0], image_size=48, **DECODER)
 

@@ -1730,7 +1730,7 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         `"openai/clip-vit-base-patch16"`), a `SiglipVisionModel` or a whole `SiglipModel` (SigLIP 2 at a fixed
         resolution too), `Dinov2Model`, `Dinov2WithRegistersModel` or `ViTModel`; of a two-tower model only the vision
         tower is loaded. A DINOv2 backbone runs at its image processor's crop size (`preprocessor_config.json`, 224
-        for the released ones) unless `image_size=` says otherwise. The decoder and head are freshly initialised; `config_kwargs` go to `EVLConfig` (e.g. `num_frames`,
+        for the released ones) unless `image_size=` (or `config.image_size`) says otherwise. The decoder and head are freshly initialised; `config_kwargs` go to `EVLConfig` (e.g. `num_frames`,
         `id2label`, `label2id`). `preset=NAME` takes the other fields from one of `EVL_PRESETS`; `config=` gives a
         complete `EVLConfig` instead (its `vision_config` must describe this backbone: one that differs from the
         backbone's own in an architecture field is an `EVLCheckpointError` naming the fields). As with
@@ -1765,14 +1765,15 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         elif dtype is not None:
             hub_kwargs["dtype"] = dtype  # the tower loads in it ("auto": its checkpoint's dtype)
         backbone = cls._load_backbone(pretrained_model_name_or_path, hub_kwargs)
-        if (
-            config is None
-            and "image_size" not in config_kwargs
-            and backbone_family(backbone.config).interpolates_position_embeddings
-        ):
+        # A backbone that resizes its position embeddings (DINOv2) runs at its image processor's crop, the frames that
+        # processor gives, rather than at the size its config declares (518), unless `image_size` is given; with
+        # `config=` too (built from `AutoConfig`, its `image_size` is unset).
+        image_size_given = config.image_size is not None if config is not None else "image_size" in config_kwargs
+        crop_size = None
+        if not image_size_given and backbone_family(backbone.config).interpolates_position_embeddings:
             crop_size = processor_crop_size(pretrained_model_name_or_path, **hub_kwargs)
-            if crop_size is not None:
-                config_kwargs["image_size"] = crop_size
+        if crop_size is not None and config is None:
+            config_kwargs["image_size"] = crop_size
         if config is not None:
             if config_kwargs or preset is not None:
                 raise ValueError("Pass either `config` or configuration fields/`preset`, not both.")
@@ -1786,6 +1787,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
                     "backbone's (`EVLConfig(vision_config=AutoConfig.from_pretrained(...), ...)`, its `.vision_config` "
                     "for a two-tower checkpoint)."
                 )
+            if crop_size is not None:
+                config.image_size = crop_size
         elif preset is not None:
             config = EVLConfig.from_preset(preset, vision_config=backbone.config, **config_kwargs)
         else:
