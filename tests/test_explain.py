@@ -253,6 +253,52 @@ def test_analyses_through_a_wrapper_and_the_model_count_as_one_models():
         assert model.training, type(wrapper).__name__
 
 
+HIDE_ACCELERATE = """
+import importlib.abc, sys
+
+
+class HideAccelerate(importlib.abc.MetaPathFinder):
+    # As if it were not installed: no module spec, no distribution metadata.
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "accelerate" or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def find_distributions(self, *args, **kwargs):
+        find = getattr(self.finder, "find_distributions", None)
+        for distribution in find(*args, **kwargs) if find else ():
+            if (distribution.metadata["Name"] or "").lower() != "accelerate":
+                yield distribution
+
+
+sys.meta_path[:] = [HideAccelerate(finder) for finder in sys.meta_path]
+"""
+
+
+def test_evl_hf_imports_and_unwraps_models_without_accelerate(tmp_path):
+    # accelerate comes with the `train` extra only: `import evl_hf` failed on a core install (the explanations
+    # imported it to unwrap models).
+    (tmp_path / "sitecustomize.py").write_text(HIDE_ACCELERATE)
+    script = """
+import torch
+import evl_hf
+from evl_hf.explain import in_evaluation_mode
+
+model = torch.nn.Sequential(torch.nn.Dropout()).train()
+for wrapper in (torch.nn.DataParallel(model), torch.compile(model)):
+    with in_evaluation_mode(wrapper), in_evaluation_mode(model):
+        assert not model.training
+    assert model.training
+print("ok")
+"""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), "src", os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_a_multi_view_processor_is_explained_on_its_centred_single_view(saved_model, clip_path, caplog):
     model = EVLForVideoClassification.from_pretrained(saved_model)
     single = EVLVideoProcessor.from_pretrained(saved_model)

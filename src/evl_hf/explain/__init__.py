@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import extract_model_from_parallel
 from transformers import PreTrainedConfig
-from transformers.utils import logging
+from transformers.utils import is_accelerate_available, logging
 
 from ..backbone_families import checkpoint_model_type
 from ..configuration_evl import EVLConfig
@@ -54,6 +53,22 @@ _evaluation_users: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, bool]]
 _evaluation_users_lock = threading.Lock()
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under `torch.compile`'s and (Distributed)DataParallel's wrappers: accelerate's unwrapping (which
+    knows DeepSpeed's and FSDP's too) where it is installed; it comes with the `train` extra only."""
+    if is_accelerate_available():
+        from accelerate.utils import extract_model_from_parallel
+
+        return extract_model_from_parallel(model, keep_torch_compile=False)
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 @contextlib.contextmanager
 def in_evaluation_mode(model: torch.nn.Module):
     """The model in evaluation mode (a model just trained is in training mode, whose dropout changes every call's
@@ -61,7 +76,7 @@ def in_evaluation_mode(model: torch.nn.Module):
     is one flag shared by every thread: overlapping analyses (threads of a server, callbacks) count themselves, the
     first saves the mode and the last restores it, so none runs with dropout switched back on under it."""
     # `torch.compile`'s and (Distributed)DataParallel's wrappers share the model's dropout: counted as the model.
-    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    model = _unwrapped(model)
     with _evaluation_users_lock:
         users, was_training = _evaluation_users.get(model, (0, model.training))
         _evaluation_users[model] = (users + 1, was_training)
