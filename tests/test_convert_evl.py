@@ -56,6 +56,28 @@ def test_cli_names_a_bad_file_in_one_line(golden_dir, tmp_path, capsys):
         assert ended.value.code == 1 and re.search(message, error) and "Traceback" not in error, error
 
 
+def test_cli_names_a_checkpoint_that_does_not_fit_or_holds_a_pickled_model_in_one_line(golden_dir, tmp_path, capsys):
+    state = random_original_state_dict(64, (4, 4), 2, 4, 64, 4.0, 5)
+    torch.save({"model": {**state, "module.decoder.temporal_conv.0.weight": torch.zeros(64, 1, 5)}}, tmp_path / "misshaped.pth")
+    torch.save({"model": {**state, "module.decoder.extra.weight": torch.zeros(3)}}, tmp_path / "extra.pth")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled_model.pth")
+    for name, message in (
+        ("misshaped.pth", r"does not fit the EVL model .* shape mismatch: \['evl.decoder.layers.0.temporal_conv"),
+        ("extra.pth", "Unexpected key 'decoder.extra.weight'"),
+        ("pickled_model.pth", r"holds Python objects other than tensors .*torch.nn.modules.linear.Linear"),
+    ):
+        with pytest.raises(SystemExit) as ended:
+            main([
+                "--checkpoint", str(tmp_path / name), "--backbone", str(golden_dir / "clip-vision"),
+                "--output_dir", str(tmp_path / "out"), "--decoder_num_heads", "4",
+            ])  # fmt: skip
+        error = capsys.readouterr().err  # after the loader's progress bar
+        report = error[error.index("error: ") :]
+        assert ended.value.code == 1 and report.count("\n") == 1 and "\x1b" not in report, error
+        assert re.match(f"error: {re.escape(str(tmp_path / name))}: .*{message}", report), report
+        assert "weights_only=False" not in report
+
+
 def test_every_decoder_tensor_is_loaded_from_the_checkpoint(golden_dir):
     model, _ = convert_evl_checkpoint(golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision", 4)
     original = torch.load(golden_dir / "evl_checkpoint.pth", weights_only=True)["model"]

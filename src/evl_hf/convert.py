@@ -12,6 +12,7 @@ modules exist) is read from it; the decoder head count defaults to the backbone'
 
 import argparse
 import json
+import pickle
 import re
 from collections import Counter
 from pathlib import Path
@@ -66,8 +67,20 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise EVLCheckpointError(f"{path}: no such checkpoint file.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated/corrupt/unsafe pickles
-        raise EVLCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error}).")
+    except pickle.UnpicklingError as error:
+        # torch's weights-only unpickler refused an object. Its text spans lines (with terminal escapes) and advises
+        # weights_only=False, which would run the file's code: keep only what it refused.
+        refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n|$)", str(error))
+        raise EVLCheckpointError(
+            f"{path}: cannot be read safely: it holds Python objects other than tensors (e.g. a pickled model), "
+            "refused because loading them could run code, or it is not a PyTorch checkpoint"
+            + (f" ({refused[1]})." if refused else ".")
+        ) from None
+    except Exception as error:  # torch raises several types for truncated/corrupt files
+        detail = " ".join(str(error).split())  # one line
+        raise EVLCheckpointError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {detail})."
+        ) from None
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         found = f"a dict with the keys {list(checkpoint)[:5]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -140,12 +153,9 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], model: EVLForVideoCl
         if converted[key].shape != expected[key]
     ]
     if missing or unexpected or mismatched:
-        raise EVLCheckpointError(
-            "The checkpoint does not fit the EVL model built from it and the backbone:"
-            + (f"\n  missing: {missing}" if missing else "")
-            + (f"\n  unexpected: {unexpected}" if unexpected else "")
-            + (f"\n  shape mismatch: {mismatched}" if mismatched else "")
-        )
+        found = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        problems = "; ".join(f"{kind}: {keys}" for kind, keys in found if keys)
+        raise EVLCheckpointError(f"The checkpoint does not fit the EVL model built from it and the backbone; {problems}")
     return converted
 
 
@@ -184,12 +194,16 @@ def convert_evl_checkpoint(
     if id2label is not None:
         if len(id2label) != config.num_labels:
             raise EVLCheckpointError(
-                f"{len(id2label)} labels given but the checkpoint's classifier has {config.num_labels} outputs."
+                f"{checkpoint_path}: {len(id2label)} labels given but the checkpoint's classifier has {config.num_labels} "
+                "outputs."
             )
         config.id2label = dict(id2label)
         config.label2id = {label: index for index, label in id2label.items()}
     model = EVLForVideoClassification.from_backbone_pretrained(backbone, config=config)
-    converted = convert_state_dict(state_dict, model)
+    try:
+        converted = convert_state_dict(state_dict, model)
+    except EVLCheckpointError as error:
+        raise EVLCheckpointError(f"{checkpoint_path}: {error}") from None
     model.load_state_dict(converted, strict=False)
     model.eval()
     overrides = {"sampling_rate": sampling_rate} if sampling_rate is not None else {}
