@@ -322,6 +322,22 @@ def test_resuming_with_data_of_other_classes_is_refused_before_training(data_dir
         load_script().main(args)
 
 
+def test_resuming_with_another_freeze_backbone_is_refused_before_training(data_dir, backbone_dir, tmp_path):
+    """The optimizer state saved with a trained backbone holds more parameters than a frozen one trains: Trainer would
+    fail in torch's optimizer.load_state_dict ("a parameter group that doesn't match the size"), after the warning
+    about the changed --config_overrides."""
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--max_steps", "1", "--save_steps", "1")
+    overrides = args.index("--config_overrides") + 1
+    frozen = args[overrides]
+    args[overrides] += ",freeze_backbone=false"
+    load_script().main(args)
+    args[args.index("--max_steps") + 1] = "2"
+    args[overrides] = frozen
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-1: it was trained with freeze_backbone=False, "
+                                         r"this run's model has freeze_backbone=True"):  # fmt: skip
+        load_script().main(args)
+
+
 def test_a_checkpoint_that_cannot_be_resumed_is_refused_before_the_feature_cache(data_dir, backbone_dir, tmp_path):
     # Trainer.train would refuse each only after the feature cache (a backbone pass over every training clip).
     output, cache = tmp_path / "out", tmp_path / "cache"

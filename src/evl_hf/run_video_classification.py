@@ -522,6 +522,22 @@ def check_checkpoint_classes(checkpoint: str, id2label: dict) -> None:
         )
 
 
+def check_checkpoint_freeze(checkpoint: str, freeze_backbone: bool) -> None:
+    """Refuse to resume from a checkpoint trained with the backbone frozen when this run's model trains it, or the other
+    way round: its optimizer state holds the other set of parameters, which `Trainer` would only refuse in torch's
+    `load_state_dict` (a parameter group that does not match in size)."""
+    config_path = Path(checkpoint) / "config.json"
+    if not config_path.exists():
+        return
+    saved = EVLConfig.from_json_file(str(config_path)).freeze_backbone
+    if saved != freeze_backbone:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was trained with freeze_backbone={saved}, this run's model has "
+            f"freeze_backbone={freeze_backbone}, so the optimizer state it saved is for other parameters. Resume with "
+            f"freeze_backbone={str(saved).lower()} in --config_overrides, or start afresh with a new --output_dir."
+        )
+
+
 def parse_arguments(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
@@ -681,6 +697,7 @@ def main(argv: list[str] | None = None):
             check_trainer_checkpoint(checkpoint)
             warn_about_changed_arguments(checkpoint, arguments)
             check_checkpoint_classes(checkpoint, model.config.id2label)
+            check_checkpoint_freeze(checkpoint, model.config.freeze_backbone)
             check_checkpoint_fits(checkpoint, model)
 
     if training_args.do_train and data_args.cache_backbone_features:
