@@ -604,6 +604,20 @@ def test_a_headless_checkpoint_gets_a_head_for_the_data_classes(data_dir, backbo
     assert torch.equal(model.evl.decoder.query.cpu(), headless.evl.decoder.query)
 
 
+def test_three_spatial_views_a_checkpoints_processor_cannot_crop_are_refused_before_training(data_dir, backbone_dir, tmp_path):
+    # A processor that neither crops nor resizes to a square has no crop size for 3 views: evaluation would fail
+    # only after training.
+    checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
+    settings = json.loads((checkpoint / "video_preprocessor_config.json").read_text())
+    settings.update(do_center_crop=False, size={"shortest_edge": 32})
+    (checkpoint / "video_preprocessor_config.json").write_text(json.dumps(settings))
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--do_eval", "--num_spatial_views", "3")
+    args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(checkpoint)]
+    with pytest.raises(ValueError, match=r"--num_spatial_views 3: num_spatial_views=3 takes 3 crops .*do_center_crop=True"):
+        load_script().main(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_checkpoint_trained_on_decomposed_folder_names_knows_the_composed_ones():
     # Label folders' names are read in NFC; a checkpoint trained before on NFD-named folders has the same classes.
     import unicodedata

@@ -345,6 +345,37 @@ def test_from_backbone_pretrained_takes_the_backbones_image_settings(tmp_path, n
     assert AutoVideoProcessor.from_pretrained(tmp_path / "evl").to_dict() == processor.to_dict()
 
 
+@pytest.mark.parametrize("portrait", [False, True])
+def test_three_spatial_views_of_a_square_resize_keep_the_aspect_ratio(tmp_path, portrait):
+    """SigLIP and ViT resize to a square with no crop, which would give 3 equal crops: for 3 views the short side is
+    resized to the square's side instead, and the crops are taken along the long side, as for CLIP."""
+    image_processor = backbone_image_processors()["siglip"][0]
+    image_processor.save_pretrained(tmp_path)
+    processor = EVLVideoProcessor.from_backbone_pretrained(str(tmp_path), num_frames=4, num_spatial_views=3)
+    assert not processor.do_center_crop
+    torch.manual_seed(0)
+    coarse = torch.rand(4, 3, 6, 8) * 255
+    frames = torch.nn.functional.interpolate(coarse, size=(48, 64), mode="bilinear").round().byte().permute(0, 2, 3, 1)
+    frames = frames.transpose(1, 2) if portrait else frames
+    ours = processor(frames.numpy(), return_tensors="pt")["pixel_values"][0]
+    # What a short-side resize to 32 and three 32x32 crops give, with the same resampling and normalisation.
+    cropping = EVLVideoProcessor(**{**processor.to_dict(), "size": {"shortest_edge": 32}, "do_center_crop": True})
+    theirs = cropping(frames.numpy(), return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == (3, 4, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    assert (ours[0] - ours[2]).abs().mean() > 0.1  # both ends of the long side, not one squashed frame three times
+    # A processor saved so (as the training script saves it) loads and runs.
+    processor.save_pretrained(tmp_path / "evl")
+    loaded = AutoVideoProcessor.from_pretrained(tmp_path / "evl")
+    torch.testing.assert_close(loaded(frames.numpy(), return_tensors="pt")["pixel_values"][0], ours)
+
+
+@pytest.mark.parametrize("settings", [{"size": {"shortest_edge": 32}}, {"do_resize": False}])
+def test_three_spatial_views_without_a_crop_size_are_refused_when_the_processor_is_built(settings):
+    with pytest.raises(ValueError, match="num_spatial_views=3 takes 3 crops .*do_center_crop=True"):
+        small_processor(do_center_crop=False, num_spatial_views=3, **settings)
+
+
 def test_from_backbone_pretrained_finds_the_backbones_files_as_the_model_does(tmp_path):
     # The Hub arguments the model's `from_backbone_pretrained` takes (`subfolder`, ...) locate the processor too.
     image_processor, size, *_ = backbone_image_processors()["clip"]

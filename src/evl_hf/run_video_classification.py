@@ -62,7 +62,7 @@ from .training import (
     write_per_class_report,
     write_predictions,
 )
-from .video_processing_evl import EVLVideoProcessor
+from .video_processing_evl import EVLVideoProcessor, _check_spatial_views
 
 
 logger = logging.getLogger(__name__)
@@ -373,6 +373,10 @@ def build_model(model_args, data_args, labels: list[str]):
             setattr(processor, name, value)
     if processor.num_spatial_views not in (1, 3):
         raise ValueError(f"--num_spatial_views must be 1 or 3, got {processor.num_spatial_views}.")
+    try:  # as the processor checks its settings when built: evaluation would refuse them only after training
+        _check_spatial_views(processor.num_spatial_views, processor.do_center_crop, processor.do_resize, processor.size)
+    except ValueError as error:
+        raise ValueError(f"--num_spatial_views {processor.num_spatial_views}: {error}") from None
     return model, processor
 
 

@@ -61,7 +61,9 @@ class EVLVideoProcessorKwargs(VideosKwargs, total=False):
     num_temporal_views (`int`, *optional*):
         Temporal views per video: dense windows (or uniform offsets) spread evenly over the video.
     num_spatial_views (`int`, *optional*):
-        1 (centre crop) or 3 (crops at both ends and the centre of the long side).
+        1 (centre crop) or 3 (crops at both ends and the centre of the long side). A processor that resizes to a
+        square without cropping (SigLIP's, ViT's) resizes the short side to that square's side for 3 views, keeping
+        the aspect ratio, and takes the 3 squares along the long side.
     random_temporal_offset (`bool`, *optional*):
         Training augmentation: draw the dense window's start (or the uniform offsets) at random.
     decoding_backend (`str`, *optional*):
@@ -104,6 +106,19 @@ def _check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_spatial_views(num_spatial_views, do_center_crop: bool, do_resize: bool, size) -> None:
+    if num_spatial_views not in (1, 3):
+        raise ValueError(f"num_spatial_views must be 1 or 3, got {num_spatial_views}.")
+    side = _size_value(size, "height")
+    square = do_resize and side is not None and side == _size_value(size, "width")
+    if num_spatial_views == 3 and not do_center_crop and not square:
+        raise ValueError(
+            "num_spatial_views=3 takes 3 crops along each frame's long side: set do_center_crop=True (with a "
+            "crop_size), or resize to a square, size={'height': S, 'width': S} (for 3 views the short side is then "
+            "resized to S, keeping the aspect ratio)."
+        )
 
 
 def sample_frame_indices(
@@ -223,8 +238,7 @@ class EVLVideoProcessor(BaseVideoProcessor):
                         num_temporal_views=self.num_temporal_views)  # fmt: skip
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be positive, got {self.fps!r}.")
-        if self.num_spatial_views not in (1, 3):
-            raise ValueError(f"num_spatial_views must be 1 or 3, got {self.num_spatial_views}.")
+        _check_spatial_views(self.num_spatial_views, self.do_center_crop, self.do_resize, self.size)
         if self.frame_sampling not in ("dense", "uniform"):
             raise ValueError(f"frame_sampling must be 'dense' or 'uniform', got {self.frame_sampling!r}.")
         if self.decoding_backend not in DECODING_BACKENDS:
@@ -293,7 +307,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
         A processor that prepares frames as an image backbone's own image processor does (a Hub id or a directory
         holding its `preprocessor_config.json`): its resize (short side, or a fixed height x width), centre crop or
         none, resampling, rescale factor and mean / std. SigLIP resizes to a square and normalises with 0.5 / 0.5,
-        DINOv2 crops and uses the ImageNet mean / std, CLIP its own. PIL, which those processors resize with,
+        DINOv2 crops and uses the ImageNet mean / std, CLIP its own (for `num_spatial_views=3` a square resize keeps
+        the aspect ratio, see `EVLVideoProcessorKwargs`). PIL, which those processors resize with,
         antialiases, so `antialias=True`. Frame sampling keeps this class's defaults (8 frames, stride 16);
         `kwargs` override any field (`num_frames=`, `sampling_rate=`, ...). The Hub arguments that locate the
         backbone's files for `EVLForVideoClassification.from_backbone_pretrained` (`subfolder`, `revision`, `token`,
@@ -484,10 +499,12 @@ class EVLVideoProcessor(BaseVideoProcessor):
         num_temporal_views = 1 if num_temporal_views is None else num_temporal_views
         num_spatial_views = 1 if num_spatial_views is None else num_spatial_views
         _check_positive(num_temporal_views=num_temporal_views)
-        if num_spatial_views not in (1, 3):
-            raise ValueError(f"num_spatial_views must be 1 or 3, got {num_spatial_views}.")
+        _check_spatial_views(num_spatial_views, do_center_crop, do_resize, size)
         if num_spatial_views > 1 and not do_center_crop:
-            raise ValueError("Spatial views are crops: set do_center_crop=True to use num_spatial_views=3.")
+            # A square resize without a crop (SigLIP's, ViT's) would give 3 equal crops of a squashed frame: resize
+            # the short side to the square's side instead, and take the 3 squares along the long side (the authors'
+            # 3-crop testing).
+            size, crop_size, do_center_crop = SizeDict(shortest_edge=size.height), size, True
         processed = []
         for video in videos:
             if video.shape[0] % num_temporal_views:
