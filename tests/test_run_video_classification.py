@@ -992,6 +992,31 @@ def test_training_from_another_backbone_family_with_its_processor_and_the_featur
     assert json.loads((tmp_path / "run" / "all_results.json").read_text())["eval_top1_accuracy"] >= 0
 
 
+def test_a_dinov2_backbone_at_another_image_size_gets_its_processor_scaled_to_it(data_dir, tmp_path, caplog):
+    """`image_size=` in --config_overrides runs DINOv2 at another resolution: the processor built from the backbone's
+    image processor (a 32 crop of a 36 short side) crops at that size, its resize scaled by as much."""
+    import logging
+
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             patch_size=8, image_size=32)).save_pretrained(tmp_path / "backbone")  # fmt: skip
+    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "backbone")
+    args = base_args(data_dir, tmp_path / "backbone", tmp_path / "run", "--do_train", "--do_eval", "--max_steps", "1",
+                     "--save_strategy", "no")  # fmt: skip
+    args[args.index("--config_overrides") + 1] += ",image_size=48"
+    with caplog.at_level(logging.WARNING, logger="evl_hf.run_video_classification"):
+        trainer = load_script().main(args)
+    processor = trainer.processing_class
+    assert trainer.model.config.frame_size == 48
+    assert (processor.size.shortest_edge, processor.crop_size.height, processor.crop_size.width) == (54, 48, 48)
+    assert ("its image processor crops 32x32 frames, the model reads 48x48 (its image_size); the video processor crops "
+            "those, after resizing the short side to 54") in caplog.text
+    saved = json.loads((tmp_path / "run" / "video_preprocessor_config.json").read_text())
+    assert (saved["size"]["shortest_edge"], saved["crop_size"]["height"]) == (54, 48)
+
+
 TEMPORAL_MODULES_OFF = "use_temporal_conv=false,use_temporal_pos_embed=false,use_temporal_cross_attention=false"
 
 
