@@ -38,6 +38,16 @@ def test_cli_converts_the_golden_checkpoint_with_labels(golden_dir, tmp_path, ca
     assert pipeline("video-classification", model=str(out)).model.config.id2label[0] == "archery"
 
 
+def test_cli_names_itself_and_shows_its_example_as_written(capsys):
+    # Its errors read `evl-convert: error: ...` (as the README's troubleshooting quotes them), not `convert.py`, and
+    # the example's line continuation is shown, not folded into spaces.
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: evl-convert ")
+    assert "--backbone openai/clip-vit-base-patch16 \\\n        --output_dir" in shown
+
+
 def test_cli_names_a_bad_file_in_one_line(golden_dir, tmp_path, capsys):
     checkpoint, backbone = golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision"
     (tmp_path / "labels.json").write_text("archery\nbowling\n")

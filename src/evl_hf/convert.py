@@ -3,7 +3,7 @@ Convert the authors' released EVL checkpoints (`k400_vit*_dec4x*.pth`, decoder a
 checkpoint: safetensors weights, `config.json` and `video_preprocessor_config.json`, loadable with
 `AutoModelForVideoClassification`, `AutoVideoProcessor` and `pipeline("video-classification")`.
 
-    python -m evl_hf.convert --checkpoint k400_vitb16_8f_dec4x768.pth --backbone openai/clip-vit-base-patch16 \
+    evl-convert --checkpoint k400_vitb16_8f_dec4x768.pth --backbone openai/clip-vit-base-patch16 \\
         --output_dir evl-vit-b16-8f-k400 --labels kinetics400_labels.json
 
 Everything the checkpoint's shapes determine (frames, decoder depth, qkv width, MLP factor, classes, which temporal
@@ -214,7 +214,10 @@ def convert_evl_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Named as installed (`python -m evl_hf.convert` runs the same), not after this file.
+    parser = argparse.ArgumentParser(
+        prog="evl-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="The authors' .pth file (decoder and head).")
     parser.add_argument("--backbone", required=True, help="CLIP id (e.g. openai/clip-vit-base-patch16) or local dir.")
     parser.add_argument("--output_dir", required=True)

@@ -121,7 +121,7 @@ class DataTrainingArguments:
     # Processor settings: None means "the checkpoint's" (or EVLVideoProcessor's default for a new model).
     num_frames: int | None = field(default=None, metadata={"help": "Frames per clip (default: the model's)."})
     sampling_rate: int | None = field(
-        default=None, metadata={"help": "Stride between sampled frames (default: the checkpoint's, else 16)."}
+        default=None, metadata={"help": "Stride between sampled frames (default: the checkpoint's, else 16, or 8 for 32 frames or more)."}
     )
     num_spatial_views: int | None = field(
         default=None, metadata={"help": "Evaluation crops per window: 1 or 3 (default: the checkpoint's, else 1)."}
