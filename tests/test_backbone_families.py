@@ -176,6 +176,8 @@ def test_dinov2_runs_at_its_processors_crop_or_at_image_size(tmp_path):
         config = EVLConfig(vision_config=AutoConfig.from_pretrained(tmp_path / "dinov2"), image_size=image_size, **DECODER)
         other = EVLForVideoClassification.from_backbone_pretrained(str(tmp_path / "dinov2"), config=config)
         assert other.config.patch_grid == patch_grid
+        # The caller's config is left as given (another backbone built from it would take this one's crop).
+        assert config.image_size == image_size and other.config is not config
     with pytest.raises(ValueError, match="position embeddings are not interpolated"):
         EVLConfig(vision_config=FAMILIES["clip"][0], image_size=48, **DECODER)
 

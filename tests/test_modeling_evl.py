@@ -436,12 +436,16 @@ def test_from_backbone_pretrained_names_the_backbone_in_config_json_only_by_hub_
     # a Hub cache snapshot's repository is kept, as the model card names them.
     model = EVLForVideoClassification.from_backbone_pretrained(str(tiny_backbone_dir.resolve()), **BACKBONE_KWARGS)
     model.save_pretrained(tmp_path / "local")
-    assert "base_model" not in json.loads((tmp_path / "local" / "config.json").read_text())
+    saved = (tmp_path / "local" / "config.json").read_text()
+    assert "base_model" not in json.loads(saved) and str(tiny_backbone_dir.resolve()) not in saved
     snapshot = save_tiny_backbone(tmp_path / "hub" / "models--openai--clip-vit-base-patch16" / "snapshots" / "0123abc")
     model = EVLForVideoClassification.from_backbone_pretrained(str(snapshot), **BACKBONE_KWARGS)
     model.save_pretrained(tmp_path / "snapshot")
-    saved = json.loads((tmp_path / "snapshot" / "config.json").read_text())
-    assert saved["base_model"] == "openai/clip-vit-base-patch16"
+    saved = (tmp_path / "snapshot" / "config.json").read_text()
+    assert json.loads(saved)["base_model"] == "openai/clip-vit-base-patch16" and str(tmp_path) not in saved
+    # A `config=` from that model names no backbone once built around a local one (it named the Hub one).
+    model = EVLForVideoClassification.from_backbone_pretrained(str(tiny_backbone_dir.resolve()), config=model.config)
+    assert getattr(model.config, "base_model", None) is None
 
 
 def test_from_backbone_pretrained_applies_loading_arguments_and_refuses_others(tiny_backbone_dir, tmp_path):

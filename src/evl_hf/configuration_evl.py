@@ -117,7 +117,8 @@ class EVLConfig(PreTrainedConfig):
         freeze_backbone (`bool`, *optional*, defaults to `True`):
             Keep the image backbone frozen: its tensors do not require gradients, it stays in eval mode and runs
             without autograd, unless something in it asks for a gradient (its input, e.g. for a saliency map, or
-            tensors made trainable by hand or by PEFT adapters). Set to `False` to fine-tune end to end.
+            tensors made trainable by hand or by PEFT adapters, which then train in eval mode, without gradient
+            checkpointing). Set to `False` to fine-tune end to end.
         backbone_dtype (`str`, *optional*):
             Run the frozen backbone in `"float16"` or `"bfloat16"` (as the authors run it in fp16) while the decoder's
             parameters keep the model's dtype (float32 by default). The cross-frame maps' scores are computed in the

@@ -16,11 +16,13 @@
 # Imported first: where transformers is older than EVL needs, it says so before the imports below fail.
 from .transformers_requirement import TRANSFORMERS_REQUIREMENT  # noqa: F401  # isort: skip
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
 import json
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -924,8 +926,11 @@ def _loading_report_logged_on_error():
     loading_logger = logging.get_logger(PreTrainedModel.__module__)  # the one `from_pretrained` logs the report to
     held = []
 
+    loading_thread = threading.get_ident()
+
     def hold(record) -> bool:
-        if record.funcName != log_state_dict_report.__name__:
+        # Only this load's: another thread's `from_pretrained` logs to the same logger meanwhile.
+        if record.funcName != log_state_dict_report.__name__ or record.thread != loading_thread:
             return True
         held.append(record)
         return False
@@ -1034,8 +1039,9 @@ class EVLPreTrainedModel(PreTrainedModel):
     ):
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
         # The backbone's blocks are checkpointed non-reentrantly whatever was asked: behind frozen blocks (a backbone
-        # trained in part, or only through adapters) a block's input needs no gradient, and a reentrant checkpoint
-        # would then record no graph for it, leaving its trainable tensors without gradients.
+        # with `freeze_backbone=False` trained in part, or only through adapters) a block's input needs no gradient,
+        # and a reentrant checkpoint would then record no graph for it, leaving its trainable tensors without
+        # gradients. (A `freeze_backbone=True` backbone stays in eval mode, which transformers never checkpoints.)
         non_reentrant = functools.partial(gradient_checkpointing_func, use_reentrant=False)
         for module in self.base_model.vision_model.modules():
             if hasattr(module, "gradient_checkpointing"):
@@ -1758,7 +1764,8 @@ class EVLForVideoClassification(EVLPreTrainedModel):
                 "naming one device and the Hub's arguments apply, `from_pretrained`'s other loading arguments do not)."
             )
         preset = config_kwargs.pop("preset", None)
-        config = config_kwargs.pop("config", None)
+        # A copy, as `from_pretrained` takes one: the crop, attention and backbone set below are this model's only.
+        config = copy.deepcopy(config_kwargs.pop("config", None))
         backbone_dtype = config.backbone_dtype if config is not None else config_kwargs.get("backbone_dtype")
         if dtype is not None and backbone_dtype == "float32":
             hub_kwargs["dtype"] = torch.float32  # the backbone kept in float32 keeps its weights exact
@@ -1808,8 +1815,11 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         model.evl.vision_model.load_state_dict(backbone.state_dict())
         # config.json goes to the Hub with the model: the backbone is named there by its Hub id, never a local path.
         base_model = hub_repo_id(pretrained_model_name_or_path)
+        model.config.vision_config._name_or_path = base_model or ""
         if base_model is not None:
             model.config.base_model = base_model
+        elif hasattr(model.config, "base_model"):
+            del model.config.base_model  # a `config=` of another model's names its backbone
         # In evaluation mode, as `from_pretrained` returns a model: the dropout would otherwise change every inference
         # call's logits (`Trainer` switches training mode on itself).
         model.eval()
