@@ -825,6 +825,25 @@ def test_classes_a_stratified_split_leaves_out_of_validation_are_named(caplog):
     assert f"--train_val_split 0.1 leaves no validation clips of the classes {absent}" in caplog.text
 
 
+def test_the_train_val_split_of_a_data_set_backed_by_cache_files(tmp_path):
+    """What `load_dataset` returns (a CSV, JSON lines, Parquet) is backed by cache files, where `datasets` refuses to
+    keep a split's indices in memory: the split is the same as an in-memory data set's."""
+    from datasets import load_dataset
+
+    from evl_hf.run_video_classification import split_off_validation
+
+    clips = labeled_clips({"a": 6, "b": 6, "c": 6})
+    clips.to_csv(tmp_path / "train.csv", index=False)
+    cached = load_dataset("csv", data_files=str(tmp_path / "train.csv"), features=clips.features, split="train",
+                          cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert cached.cache_files
+    training, validation = split_off_validation(cached, 0.3, seed=7, training=True)
+    expected_training, expected_validation = split_off_validation(clips, 0.3, seed=7, training=True)
+    assert list(validation["video"]) == list(expected_validation["video"]) and sorted(validation["label"]) == [0, 0, 1, 1, 2, 2]
+    assert list(training["video"]) == list(expected_training["video"])
+    assert training.features == validation.features == clips.features
+
+
 def test_data_directories_that_are_not_videofolders_say_what_is_wrong(data_dir, backbone_dir, tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()

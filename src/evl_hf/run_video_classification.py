@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, Features, Value
 from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
@@ -270,9 +270,15 @@ def split_off_validation(train: Dataset, fraction: float, seed: int, training: b
         why = None
     if why is not None:
         logger.warning("--train_val_split %s: the split is not stratified: %s.", fraction, why)
+    # The split of the labels and row numbers alone, in memory, then the rows selected in memory: the processes would
+    # otherwise write the same cache file at once, and `datasets` refuses `keep_in_memory` to split a data set backed
+    # by cache files (everything `load_dataset` returns).
+    rows = Dataset.from_dict(
+        {"label": train["label"], "row": range(len(train))},
+        features=Features({"label": train.features["label"], "row": Value("int64")}),
+    )
     try:
-        # The indices in memory: the processes would otherwise write the same cache file at once.
-        split = train.train_test_split(
+        split = rows.train_test_split(
             test_size=fraction, seed=seed, stratify_by_column=None if why else "label", keep_in_memory=True
         )
     except ValueError as error:  # e.g. no clip left for training
@@ -290,7 +296,7 @@ def split_off_validation(train: Dataset, fraction: float, seed: int, training: b
             f"--train_val_split {fraction} leaves no training clips of the classes {[names[label] for label in missing]}: "
             "they would never be trained. Give a smaller --train_val_split, another --seed, or a --validation_dir."
         )
-    return split["train"], split["test"]
+    return tuple(train.select(split[part]["row"], keep_in_memory=True) for part in ("train", "test"))
 
 
 def check_num_classes(id2label: dict, source: str) -> None:
