@@ -102,6 +102,23 @@ def test_a_test_split_without_labels_takes_the_other_splits_classes(clips, tmp_p
     assert loaded.features["label"].names == ["x", "y"]
 
 
+def test_a_data_set_saved_with_save_to_disk_loads_as_one_split_or_a_dict(clips, tmp_path):
+    # `datasets` refuses `load_dataset` for a single `Dataset.save_to_disk` folder ("use load_from_disk").
+    from datasets import DatasetDict
+
+    data = rows([str(p) for p in clips], [0, 1, 2], video_feature=Video())
+    data.save_to_disk(str(tmp_path / "single"))
+    DatasetDict(train=data, validation=data.select([2])).save_to_disk(str(tmp_path / "dict"))
+    single = load_video_dataset(dataset_name=str(tmp_path / "single"))
+    assert list(single) == ["train"] and single["train"]["label"] == [0, 1, 2]
+    assert single["train"].features["label"].names == ["a", "b", "c"]
+    assert [Path(name).name for name in clip_names(single["train"])] == [p.name for p in clips]
+    saved = load_video_dataset(dataset_name=str(tmp_path / "dict"))
+    assert sorted(saved) == ["train", "validation"] and saved["validation"]["label"] == [2]
+    with pytest.raises(ValueError, match=f"--dataset_config_name other: {tmp_path / 'single'} is a data set saved with"):
+        load_video_dataset(dataset_name=str(tmp_path / "single"), dataset_config_name="other")
+
+
 def test_clips_without_labels_only_in_a_whole_test_split(clips, tmp_path):
     import json
 

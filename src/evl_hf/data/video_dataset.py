@@ -326,7 +326,7 @@ def load_video_dataset(
 
     from_data_set, columns = set(), {}
     if dataset_name:
-        loaded = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        loaded = _load_dataset(dataset_name, dataset_config_name, cache_dir)
         columns = {split: data.column_names for split, data in loaded.items()}
         if label_column != "label" and not any(label_column in names for names in columns.values()):
             raise ValueError(f"--label_column {label_column!r} is in no split of {dataset_name}: {columns}.")
@@ -435,6 +435,24 @@ def load_video_dataset(
     for split in unlabeled:
         result[split] = result[split].cast_column("label", class_label)
     return result
+
+
+def _load_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir: str | None) -> DatasetDict:
+    """`load_dataset`, or `load_from_disk` for a folder written by `save_to_disk` (`load_dataset` refuses a saved
+    `Dataset`): a single saved `Dataset` is the train split."""
+    import datasets
+
+    folder = Path(dataset_name)
+    if not any((folder / name).is_file() for name in (datasets.config.DATASET_STATE_JSON_FILENAME,
+                                                      datasets.config.DATASETDICT_JSON_FILENAME)):  # fmt: skip
+        return load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    if dataset_config_name:
+        raise ValueError(
+            f"--dataset_config_name {dataset_config_name}: {dataset_name} is a data set saved with `save_to_disk`, "
+            "which has no configurations."
+        )
+    loaded = datasets.load_from_disk(dataset_name)
+    return DatasetDict(train=loaded) if isinstance(loaded, Dataset) else loaded
 
 
 def _checked_labels(split: str, dataset: Dataset) -> tuple[Dataset, bool]:
