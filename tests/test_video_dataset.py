@@ -179,6 +179,14 @@ def test_the_label_column_is_the_one_named_or_a_clear_error(clips, tmp_path, cap
         load_video_dataset(dataset_name=data)
 
 
+def test_the_video_column_is_the_one_named_also_beside_a_column_called_video(clips, tmp_path):
+    # Metadata files often keep an id in a `video` column and the file in another.
+    rows_ = [{"video": f"v_{i:03d}", "path": str(p), "label": "ab"[i % 2]} for i, p in enumerate(clips)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows_))
+    loaded = load_video_dataset(dataset_name=str(tmp_path), video_column="path")["train"]
+    assert loaded["video"] == [str(p) for p in clips] and "path" not in loaded.column_names
+
+
 def test_a_broken_split_the_run_does_not_use_is_left_out_whatever_its_source(clips, tmp_path, caplog):
     import json
 

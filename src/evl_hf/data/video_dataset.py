@@ -332,6 +332,8 @@ def load_video_dataset(
             raise ValueError(f"--label_column {label_column!r} is in no split of {dataset_name}: {columns}.")
         for split, dataset in loaded.items():
             if video_column != "video":
+                # Another column named "video" (often a clip's id) is not the videos the run was told to read.
+                dataset = dataset.remove_columns([name for name in ("video",) if name in dataset.column_names])
                 dataset = dataset.rename_column(video_column, "video")
             if label_column != "label":
                 # Another column named "label" is not the labels the run was told to use. A split without
