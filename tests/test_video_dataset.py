@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -585,6 +586,20 @@ def test_integer_labels_of_a_data_set_are_class_ids_and_take_the_class_names_giv
     assert list(train["label"]) == [0, 1] and train.features["label"].names == ["dog", "cat"]
     with pytest.raises(ValueError, match=r"labels not among the class names given: \['cat'\]"):
         load_video_dataset(dataset_name=str(folder), class_names=["dog", "bird"])
+
+
+def test_class_names_other_than_a_class_label_or_label_folders_own_are_refused(clips, tmp_path):
+    # A ClassLabel column and label folders name their classes themselves: other names given were ignored unsaid.
+    rows([str(p) for p in clips], [0, 1, 2]).to_parquet(str(tmp_path / "stored" / "train.parquet"))
+    train = tmp_path / "train"
+    for label, clip in zip(("cat", "dog"), clips):
+        (train / label).mkdir(parents=True)
+        shutil.copy(clip, train / label / clip.name)
+    for data, own in (({"dataset_name": str(tmp_path / "stored")}, ["a", "b", "c"]), ({"train_dir": str(train)}, ["cat", "dog"])):
+        assert load_video_dataset(**data, class_names=own)["train"].features["label"].names == own
+        for other in (["zebra", "yak", "xeno"], own[::-1]):
+            with pytest.raises(ValueError, match=re.escape(f"The class names given {other} differ from ") + f".* {re.escape(str(own))}, which number"):
+                load_video_dataset(**data, class_names=other)
 
 
 def test_a_label_folder_is_one_class_whatever_its_unicode_form(clips, tmp_path):

@@ -433,6 +433,17 @@ def load_video_dataset(
     names = {tuple(result[split].features["label"].names) for split in labeled}
     if len(names) > 1:
         raise ValueError(f"The splits disagree on the class names: {sorted(names)}")
+    if names and class_names is not None and list(class_names) != list(next(iter(names))):
+        # Label folders and a ClassLabel column name their classes themselves (numbers and strings take the names
+        # given): class names that are not theirs would be ignored without a word.
+        own = list(next(iter(names)))
+        source = (f"the names of {dataset_name}'s ClassLabel" if any(split in from_data_set for split in labeled)
+                  else "the label folders' names")  # fmt: skip
+        raise ValueError(
+            f"The class names given {class_names[:10]}{' ...' if len(class_names) > 10 else ''} differ from {source} "
+            f"{own[:10]}{' ...' if len(own) > 10 else ''}, which number its labels: give those, in that order, or no "
+            "class names (they name labels that are numbers or strings)."
+        )
     class_label = ClassLabel(names=list(names.pop()) if names else list(class_names or []))
     for split in unlabeled:
         result[split] = result[split].cast_column("label", class_label)
