@@ -188,6 +188,23 @@ def test_the_video_column_is_the_one_named_also_beside_a_column_called_video(cli
     assert loaded["video"] == [str(p) for p in clips] and "path" not in loaded.column_names
 
 
+def test_relative_paths_of_a_data_set_folder_are_read_from_that_folder(clips, tmp_path, monkeypatch):
+    # As a list file's and datasets' videofolder metadata: not from wherever the run is started.
+    import csv
+
+    folder = tmp_path / "data"
+    (folder / "videos").mkdir(parents=True)
+    shutil.copy(clips[0], folder / "videos" / "c0.mp4")
+    url = "https://example.com/c1.mp4"
+    with open(folder / "train.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["video", "label"], ["videos/c0.mp4", "a"], [str(clips[1]), "b"], [url, "a"]])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_video_dataset(dataset_name="../data")["train"]
+    assert loaded["video"] == [str(folder / "videos" / "c0.mp4"), str(clips[1]), url]
+    assert EvaluationClips(loaded, VideoEvalTransform(processor()))[0]["unusable_clip_indices"] == []
+
+
 def test_a_broken_split_the_run_does_not_use_is_left_out_whatever_its_source(clips, tmp_path, caplog):
     import json
 

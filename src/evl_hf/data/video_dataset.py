@@ -335,6 +335,10 @@ def load_video_dataset(
                 # Another column named "video" (often a clip's id) is not the videos the run was told to read.
                 dataset = dataset.remove_columns([name for name in ("video",) if name in dataset.column_names])
                 dataset = dataset.rename_column(video_column, "video")
+            if Path(dataset_name).is_dir() and not _saved_to_disk(Path(dataset_name)):
+                # Relative paths in a folder's data files are read from it, as a list file's and datasets'
+                # videofolder metadata's: not from wherever the run is started.
+                dataset = _paths_read_from(dataset, dataset_name)
             if label_column != "label":
                 # Another column named "label" is not the labels the run was told to use. A split without
                 # `label_column` is left without labels: a test split is predicted, another split refused below.
@@ -450,14 +454,20 @@ def load_video_dataset(
     return result
 
 
+def _saved_to_disk(folder: Path) -> bool:
+    """Whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    import datasets
+
+    names = (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASETDICT_JSON_FILENAME)
+    return any((folder / name).is_file() for name in names)
+
+
 def _load_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir: str | None) -> DatasetDict:
     """`load_dataset`, or `load_from_disk` for a folder written by `save_to_disk` (`load_dataset` refuses a saved
     `Dataset`): a single saved `Dataset` is the train split."""
     import datasets
 
-    folder = Path(dataset_name)
-    if not any((folder / name).is_file() for name in (datasets.config.DATASET_STATE_JSON_FILENAME,
-                                                      datasets.config.DATASETDICT_JSON_FILENAME)):  # fmt: skip
+    if not _saved_to_disk(Path(dataset_name)):
         return load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
     if dataset_config_name:
         raise ValueError(
@@ -466,6 +476,26 @@ def _load_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir:
         )
     loaded = datasets.load_from_disk(dataset_name)
     return DatasetDict(train=loaded) if isinstance(loaded, Dataset) else loaded
+
+
+def _paths_read_from(dataset: Dataset, folder: str | Path) -> Dataset:
+    """`dataset` with the relative paths of its string `video` column read from `folder`; URLs, absolute paths and
+    empty entries are kept."""
+    from datasets.utils.file_utils import is_relative_path
+
+    feature = dataset.features.get("video")
+    if not isinstance(feature, Value) or feature.dtype not in ("string", "large_string"):
+        return dataset
+    folder = os.path.abspath(folder)  # clips are read by path from wherever the data set is used
+
+    def read_from_folder(batch):
+        return {"video": [os.path.join(folder, path) if path and is_relative_path(path) else path
+                          for path in batch["video"]]}  # fmt: skip
+
+    # In memory, as the paths are small: the processes would otherwise write the same cache file at once.
+    return dataset.map(
+        read_from_folder, batched=True, keep_in_memory=True, desc="Reading relative clip paths from the data set folder"
+    )
 
 
 def _checked_labels(split: str, dataset: Dataset) -> tuple[Dataset, bool]:
