@@ -208,3 +208,44 @@ def write_matroska(
         if audio is not None:
             container.mux(audio.encode())
     return path
+
+
+# A child process's sitecustomize: the packages named are not installed there, as far as the import system and the
+# package metadata can tell (`import` raises ModuleNotFoundError, importlib.metadata finds no distribution).
+HIDE_PACKAGES = """
+import importlib.abc, sys
+
+HIDDEN = {hidden!r}
+
+
+class Hide(importlib.abc.MetaPathFinder):
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def find_distributions(self, *args, **kwargs):
+        find = getattr(self.finder, "find_distributions", None)
+        for distribution in find(*args, **kwargs) if find else ():
+            if (distribution.metadata["Name"] or "").lower() not in HIDDEN:
+                yield distribution
+
+
+sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
+"""
+
+
+def run_without_packages(packages: set[str], arguments: list[str], site: Path):
+    """`python *arguments` in a child process where `packages` are not installed (a core install of evl-hf lacks its
+    extras' packages); `site` is a folder for its sitecustomize."""
+    import os
+    import subprocess
+    import sys
+
+    (site / "sitecustomize.py").write_text(HIDE_PACKAGES.format(hidden=set(packages)))
+    source = Path(__file__).resolve().parents[1] / "src"
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(source), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *arguments], env=environment, capture_output=True, text=True, timeout=300)

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import run_without_packages
 from PIL import Image
 from timm.data import auto_augment  # part of the test install: a missing timm fails, never skips
 
@@ -244,6 +245,13 @@ def test_independent_of_and_invisible_to_global_random_states():
     after = np.random.get_state()
     assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
     assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_without_timm_it_says_how_to_install_it(tmp_path):
+    # timm comes with the `train` extra: a core install raised a bare "No module named 'timm'".
+    script = "from evl_hf.data.augmentation import ClipRandAugment; ClipRandAugment()"
+    result = run_without_packages({"timm"}, ["-c", script], tmp_path)
+    assert result.returncode != 0 and 'needs timm: pip install "evl-hf[train]"' in result.stderr, result.stderr[-3000:]
 
 
 def test_rejects_what_it_cannot_augment():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_backbone
+from helpers import run_without_packages, save_tiny_backbone
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from PIL import Image
@@ -139,6 +139,13 @@ def test_bf16_mixed_precision_training(data_dir, backbone_dir, tmp_path):
     assert trainer.args.bf16 and trainer.state.global_step == 2
     assert json.loads((tmp_path / "bf16" / "train_results.json").read_text())["train_loss"] > 0
     assert trainer.model.classifier.weight.dtype == torch.float32  # mixed precision: float32 master weights
+
+
+def test_without_the_train_extra_the_script_and_the_demo_say_how_to_install_it(tmp_path):
+    # A core install (`pip install evl-hf`) has no `datasets`: a bare "No module named 'datasets'" named no extra.
+    for module in ("evl_hf.run_video_classification", "evl_hf.demo"):
+        result = run_without_packages({"datasets"}, ["-m", module, "--help"], tmp_path)
+        assert result.returncode != 0 and 'needs datasets: pip install "evl-hf[train]"' in result.stderr, result.stderr[-3000:]
 
 
 def test_config_overrides_are_typed_by_the_configuration(data_dir, backbone_dir, tmp_path):

@@ -31,9 +31,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from datasets import ClassLabel, Dataset, Features, Value
 from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
+
+
+try:
+    from datasets import ClassLabel, Dataset, Features, Value
+except ImportError as error:  # an optional extra: say how to get it
+    raise ImportError('Training and evaluating EVL needs datasets: pip install "evl-hf[train]"') from error
 
 from .backbone_families import family_of_checkpoint, has_image_processor, processor_crop_size
 from .configuration_evl import EVLConfig

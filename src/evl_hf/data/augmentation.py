@@ -44,6 +44,15 @@ def seeded_global_rngs(seed: int) -> Iterator[Callable[[], None]]:
         np.random.set_state(numpy_state)
 
 
+def _timm_auto_augment():
+    """timm's RandAugment module; timm comes with the `train` extra."""
+    try:
+        from timm.data import auto_augment
+    except ImportError as error:  # an optional extra: say how to get it
+        raise ImportError('RandAugment (ClipRandAugment) needs timm: pip install "evl-hf[train]"') from error
+    return auto_augment
+
+
 class ClipRandAugment:
     """
     The EVL authors' RandAugment for training clips, through timm's implementation
@@ -83,7 +92,7 @@ class ClipRandAugment:
         interpolation: str = "bicubic",
         op_names: Sequence[str] | None = None,
     ):
-        from timm.data.auto_augment import NAME_TO_OP
+        known_ops = _timm_auto_augment().NAME_TO_OP
 
         if not isinstance(num_ops, int) or num_ops < 0:
             raise ValueError(f"num_ops must be a non-negative integer, got {num_ops!r}.")
@@ -92,9 +101,9 @@ class ClipRandAugment:
             raise ValueError(f"magnitude must be an integer in [0, 10] (timm's levels), got {magnitude!r}.")
         if magnitude_std < 0 or not 0 <= prob <= 1:
             raise ValueError(f"Need magnitude_std >= 0 and prob in [0, 1], got {magnitude_std} and {prob}.")
-        unknown = sorted(set(op_names or ()) - set(NAME_TO_OP))
+        unknown = sorted(set(op_names or ()) - set(known_ops))
         if unknown:
-            raise ValueError(f"Unknown timm RandAugment ops {unknown}; known: {sorted(NAME_TO_OP)}.")
+            raise ValueError(f"Unknown timm RandAugment ops {unknown}; known: {sorted(known_ops)}.")
         self.config_str = f"rand-m{magnitude}-n{num_ops}-mstd{magnitude_std}-p{prob}"
         if increasing:
             self.config_str += "-inc1"
@@ -107,15 +116,13 @@ class ClipRandAugment:
 
     def timm_transform(self, height: int, width: int):
         """timm's RandAugment for one image of this size, with the hparams the authors' `create_random_augment` gives."""
-        from timm.data.auto_augment import rand_augment_transform
-
         hparams = {
             # Only absolute translations use it (not in either default op set); passed as the authors do.
             "translate_const": int(min(height, width) * 0.45),
             "img_mean": self.fill,
             "interpolation": self.resample,
         }
-        return rand_augment_transform(self.config_str, hparams, transforms=self.op_names)
+        return _timm_auto_augment().rand_augment_transform(self.config_str, hparams, transforms=self.op_names)
 
     def __call__(self, frames: torch.Tensor, seed: int) -> torch.Tensor:
         if frames.ndim != 4 or frames.shape[1] != 3 or frames.dtype != torch.uint8:

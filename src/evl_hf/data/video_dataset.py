@@ -32,7 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, Video, load_dataset
+
+
+try:
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, Video, load_dataset
+except ImportError as error:  # an optional extra: say how to get it
+    raise ImportError('Training and evaluating EVL needs datasets: pip install "evl-hf[train]"') from error
 
 from ..video_decoding_evl import VIDEO_SUFFIXES
 from ..video_processing_evl import EVLVideoDecodingError, EVLVideoProcessor, decode_video, sample_frame_indices
