@@ -247,5 +247,6 @@ def run_without_packages(packages: set[str], arguments: list[str], site: Path):
 
     (site / "sitecustomize.py").write_text(HIDE_PACKAGES.format(hidden=set(packages)))
     source = Path(__file__).resolve().parents[1] / "src"
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(source), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(site), str(source), os.environ.get("PYTHONPATH", "")])
+    environment = {**os.environ, "PYTHONPATH": path}
     return subprocess.run([sys.executable, *arguments], env=environment, capture_output=True, text=True, timeout=300)

@@ -251,7 +251,8 @@ def test_without_timm_it_says_how_to_install_it(tmp_path):
     # timm comes with the `train` extra: a core install raised a bare "No module named 'timm'".
     script = "from evl_hf.data.augmentation import ClipRandAugment; ClipRandAugment()"
     result = run_without_packages({"timm"}, ["-c", script], tmp_path)
-    assert result.returncode != 0 and 'needs timm: pip install "evl-hf[train]"' in result.stderr, result.stderr[-3000:]
+    assert result.returncode != 0, result.stdout
+    assert 'needs timm: pip install "evl-hf[train]"' in result.stderr, result.stderr[-3000:]
 
 
 def test_rejects_what_it_cannot_augment():

@@ -28,4 +28,5 @@ def test_without_evaluate_it_says_how_to_install_it(tmp_path):
     # evaluate comes with the `train` extra: a core install raised a bare "No module named 'evaluate'".
     script = "from evl_hf.metrics import load_video_accuracy; load_video_accuracy()"
     result = run_without_packages({"evaluate"}, ["-c", script], tmp_path)
-    assert result.returncode != 0 and 'needs evaluate: pip install "evl-hf[train]"' in result.stderr, result.stderr[-3000:]
+    assert result.returncode != 0, result.stdout
+    assert 'needs evaluate: pip install "evl-hf[train]"' in result.stderr, result.stderr[-3000:]

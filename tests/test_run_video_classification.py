@@ -145,7 +145,8 @@ def test_without_the_train_extra_the_script_and_the_demo_say_how_to_install_it(t
     # A core install (`pip install evl-hf`) has no `datasets`: a bare "No module named 'datasets'" named no extra.
     for module in ("evl_hf.run_video_classification", "evl_hf.demo"):
         result = run_without_packages({"datasets"}, ["-m", module, "--help"], tmp_path)
-        assert result.returncode != 0 and 'needs datasets: pip install "evl-hf[train]"' in result.stderr, result.stderr[-3000:]
+        assert result.returncode != 0, result.stdout
+        assert 'needs datasets: pip install "evl-hf[train]"' in result.stderr, result.stderr[-3000:]
 
 
 def test_config_overrides_are_typed_by_the_configuration(data_dir, backbone_dir, tmp_path):
@@ -846,7 +847,8 @@ def test_the_train_val_split_of_a_data_set_backed_by_cache_files(tmp_path):
     assert cached.cache_files
     training, validation = split_off_validation(cached, 0.3, seed=7, training=True)
     expected_training, expected_validation = split_off_validation(clips, 0.3, seed=7, training=True)
-    assert list(validation["video"]) == list(expected_validation["video"]) and sorted(validation["label"]) == [0, 0, 1, 1, 2, 2]
+    assert list(validation["video"]) == list(expected_validation["video"])
+    assert sorted(validation["label"]) == [0, 0, 1, 1, 2, 2]
     assert list(training["video"]) == list(expected_training["video"])
     assert training.features == validation.features == clips.features
 

@@ -116,7 +116,7 @@ def test_a_data_set_saved_with_save_to_disk_loads_as_one_split_or_a_dict(clips, 
     assert [Path(name).name for name in clip_names(single["train"])] == [p.name for p in clips]
     saved = load_video_dataset(dataset_name=str(tmp_path / "dict"))
     assert sorted(saved) == ["train", "validation"] and saved["validation"]["label"] == [2]
-    with pytest.raises(ValueError, match=f"--dataset_config_name other: {tmp_path / 'single'} is a data set saved with"):
+    with pytest.raises(ValueError, match=f"--dataset_config_name other: {tmp_path / 'single'} is a data set saved"):
         load_video_dataset(dataset_name=str(tmp_path / "single"), dataset_config_name="other")
 
 
@@ -612,10 +612,12 @@ def test_class_names_other_than_a_class_label_or_label_folders_own_are_refused(c
     for label, clip in zip(("cat", "dog"), clips):
         (train / label).mkdir(parents=True)
         shutil.copy(clip, train / label / clip.name)
-    for data, own in (({"dataset_name": str(tmp_path / "stored")}, ["a", "b", "c"]), ({"train_dir": str(train)}, ["cat", "dog"])):
+    for data, own in (({"dataset_name": str(tmp_path / "stored")}, ["a", "b", "c"]),
+                      ({"train_dir": str(train)}, ["cat", "dog"])):  # fmt: skip
         assert load_video_dataset(**data, class_names=own)["train"].features["label"].names == own
         for other in (["zebra", "yak", "xeno"], own[::-1]):
-            with pytest.raises(ValueError, match=re.escape(f"The class names given {other} differ from ") + f".* {re.escape(str(own))}, which number"):
+            given, theirs = re.escape(str(other)), re.escape(str(own))
+            with pytest.raises(ValueError, match=f"The class names given {given} differ from .* {theirs}, which number"):
                 load_video_dataset(**data, class_names=other)
 
 

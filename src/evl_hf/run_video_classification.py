@@ -115,7 +115,8 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": "Class names in label order for list files and --dataset_name labels that are numbers or "
                           "strings: a JSON list, a JSON object of name to label (or label to name), or one name per "
-                          "line. Label folders and a ClassLabel name their classes: other names are refused."},  # fmt: skip
+                          "line. Label folders and a ClassLabel name their classes: other names are "
+                          "refused."},  # fmt: skip
     )
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` data set with video and label."})
     dataset_config_name: str | None = field(default=None)
