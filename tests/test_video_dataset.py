@@ -203,6 +203,13 @@ def test_relative_paths_of_a_data_set_folder_are_read_from_that_folder(clips, tm
     loaded = load_video_dataset(dataset_name="../data")["train"]
     assert loaded["video"] == [str(folder / "videos" / "c0.mp4"), str(clips[1]), url]
     assert EvaluationClips(loaded, VideoEvalTransform(processor()))[0]["unusable_clip_indices"] == []
+    # A path found only from where the run starts (as it was read before) is still read from there.
+    (tmp_path / "elsewhere" / "own").mkdir()
+    shutil.copy(clips[2], tmp_path / "elsewhere" / "own" / "c2.mp4")
+    with open(folder / "train.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow(["own/c2.mp4", "b"])
+    loaded = load_video_dataset(dataset_name="../data", cache_dir=str(tmp_path / "cache"))["train"]
+    assert loaded["video"][-1] == "own/c2.mp4"
 
 
 def test_a_broken_split_the_run_does_not_use_is_left_out_whatever_its_source(clips, tmp_path, caplog):

@@ -485,7 +485,7 @@ def _load_dataset(dataset_name: str, dataset_config_name: str | None, cache_dir:
 
 def _paths_read_from(dataset: Dataset, folder: str | Path) -> Dataset:
     """`dataset` with the relative paths of its string `video` column read from `folder`; URLs, absolute paths and
-    empty entries are kept."""
+    empty entries are kept, and so is a relative path found only from the current directory (read from there before)."""
     from datasets.utils.file_utils import is_relative_path
 
     feature = dataset.features.get("video")
@@ -493,9 +493,14 @@ def _paths_read_from(dataset: Dataset, folder: str | Path) -> Dataset:
         return dataset
     folder = os.path.abspath(folder)  # clips are read by path from wherever the data set is used
 
+    def read_from(path):
+        if not path or not is_relative_path(path):
+            return path
+        in_folder = os.path.join(folder, path)
+        return path if os.path.exists(path) and not os.path.exists(in_folder) else in_folder
+
     def read_from_folder(batch):
-        return {"video": [os.path.join(folder, path) if path and is_relative_path(path) else path
-                          for path in batch["video"]]}  # fmt: skip
+        return {"video": [read_from(path) for path in batch["video"]]}
 
     # In memory, as the paths are small: the processes would otherwise write the same cache file at once.
     return dataset.map(
