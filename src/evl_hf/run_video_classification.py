@@ -53,6 +53,7 @@ from .data.video_dataset import (
     build_feature_cache,
     clip_names,
     is_unlabeled,
+    labels_by_name,
     load_video_dataset,
     read_class_names,
     shuffled_subset,
@@ -113,10 +114,9 @@ class DataTrainingArguments:
     )
     class_names_file: str | None = field(
         default=None,
-        metadata={"help": "Class names in label order for list files and --dataset_name labels that are numbers or "
-                          "strings: a JSON list, a JSON object of name to label (or label to name), or one name per "
-                          "line. Label folders and a ClassLabel name their classes: other names are "
-                          "refused."},  # fmt: skip
+        metadata={"help": "Class names in label order (a JSON list, a JSON object of name to label or label to "
+                          "name, or one name per line): they name list files' and --dataset_name's number labels, "
+                          "and number string labels, label folders and a ClassLabel's classes."},  # fmt: skip
     )
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` data set with video and label."})
     dataset_config_name: str | None = field(default=None)
@@ -488,22 +488,6 @@ def warn_about_changed_arguments(checkpoint: str, current: dict) -> list[str]:
             "afresh):\n  %s", checkpoint, "\n  ".join(changed),
         )  # fmt: skip
     return changed
-
-
-def labels_by_name(dataset, model_labels: ClassLabel):
-    """
-    `dataset` with its labels renumbered as `model_labels` numbers their names, names matched exactly: `datasets`'
-    `align_labels_with_mapping` compares them lowercased, so "B" would be scored as "b" next to it.
-    """
-    # Not `ClassLabel.str2int`, which also tries the name stripped and read as a number.
-    model_ids = {name: index for index, name in enumerate(model_labels.names)}
-    ids = [model_ids[name] for name in dataset.features["label"].names]
-    features = dataset.features.copy()
-    features["label"] = model_labels
-    return dataset.map(
-        lambda batch: {"label": [ids[label] for label in batch["label"]]}, batched=True, features=features,
-        desc="Mapping the labels to the model's classes",
-    )  # fmt: skip
 
 
 def check_trainer_checkpoint(checkpoint: str) -> None:

@@ -442,21 +442,46 @@ def load_video_dataset(
     names = {tuple(result[split].features["label"].names) for split in labeled}
     if len(names) > 1:
         raise ValueError(f"The splits disagree on the class names: {sorted(names)}")
-    if names and class_names is not None and list(class_names) != list(next(iter(names))):
-        # Label folders and a ClassLabel column name their classes themselves (numbers and strings take the names
-        # given): class names that are not theirs would be ignored without a word.
+    if names and class_names is not None:
+        # Label folders and a ClassLabel column name their classes themselves: names given (numbers and strings take
+        # them as they are) number those classes, matched by name in any Unicode form (a file written on macOS).
         own = list(next(iter(names)))
-        source = (f"the names of {dataset_name}'s ClassLabel" if any(split in from_data_set for split in labeled)
-                  else "the label folders' names")  # fmt: skip
-        raise ValueError(
-            f"The class names given {class_names[:10]}{' ...' if len(class_names) > 10 else ''} differ from {source} "
-            f"{own[:10]}{' ...' if len(own) > 10 else ''}, which number its labels: give those, in that order, or no "
-            "class names (they name labels that are numbers or strings)."
-        )
+        own_by_form = {unicodedata.normalize("NFC", name): name for name in own}
+        given = [own_by_form.get(unicodedata.normalize("NFC", name), name) for name in class_names]
+        missing = [name for name in own if name not in given]
+        if missing:
+            source = (f"the names of {dataset_name}'s ClassLabel" if any(split in from_data_set for split in labeled)
+                      else "the label folders' names")  # fmt: skip
+            raise ValueError(
+                f"The class names given lack {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                f"{'one' if len(missing) == 1 else f'{len(missing)}'} of {source} ({len(own)} classes): give names "
+                "that include every class of the data, in the order that numbers them."
+            )
+        if given != own:
+            class_names = ClassLabel(names=given)
+            for split in labeled:
+                result[split] = labels_by_name(result[split], class_names)
+            names = {tuple(given)}
     class_label = ClassLabel(names=list(names.pop()) if names else list(class_names or []))
     for split in unlabeled:
         result[split] = result[split].cast_column("label", class_label)
     return result
+
+
+def labels_by_name(dataset: Dataset, class_label: ClassLabel) -> Dataset:
+    """
+    `dataset` with its labels renumbered as `class_label` numbers their names, names matched exactly: `datasets`'
+    `align_labels_with_mapping` compares them lowercased, so "B" would be scored as "b" next to it.
+    """
+    # Not `ClassLabel.str2int`, which also tries the name stripped and read as a number.
+    new_ids = {name: index for index, name in enumerate(class_label.names)}
+    ids = [new_ids[name] for name in dataset.features["label"].names]
+    features = dataset.features.copy()
+    features["label"] = class_label
+    return dataset.map(
+        lambda batch: {"label": [ids[label] for label in batch["label"]]}, batched=True, features=features,
+        desc="Numbering the labels as the classes given",
+    )  # fmt: skip
 
 
 def _saved_to_disk(folder: Path) -> bool:
