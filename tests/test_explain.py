@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import index_coded_frames, randomize_decoder, save_tiny_backbone, small_processor, write_clip
+from helpers import (
+    index_coded_frames,
+    randomize_decoder,
+    run_without_packages,
+    save_tiny_backbone,
+    small_processor,
+    write_clip,
+)
 from PIL import Image
 from transformers import CLIPVisionConfig, Dinov2WithRegistersConfig, SiglipVisionConfig
 
@@ -253,35 +260,9 @@ def test_analyses_through_a_wrapper_and_the_model_count_as_one_models():
         assert model.training, type(wrapper).__name__
 
 
-HIDE_ACCELERATE = """
-import importlib.abc, sys
-
-
-class HideAccelerate(importlib.abc.MetaPathFinder):
-    # As if it were not installed: no module spec, no distribution metadata.
-    def __init__(self, finder):
-        self.finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "accelerate" or not hasattr(self.finder, "find_spec"):
-            return None
-        return self.finder.find_spec(name, path, target)
-
-    def find_distributions(self, *args, **kwargs):
-        find = getattr(self.finder, "find_distributions", None)
-        for distribution in find(*args, **kwargs) if find else ():
-            if (distribution.metadata["Name"] or "").lower() != "accelerate":
-                yield distribution
-
-
-sys.meta_path[:] = [HideAccelerate(finder) for finder in sys.meta_path]
-"""
-
-
 def test_evl_hf_imports_and_unwraps_models_without_accelerate(tmp_path):
     # accelerate comes with the `train` extra only: `import evl_hf` failed on a core install (the explanations
     # imported it to unwrap models).
-    (tmp_path / "sitecustomize.py").write_text(HIDE_ACCELERATE)
     script = """
 import torch
 import evl_hf
@@ -294,8 +275,7 @@ for wrapper in (torch.nn.DataParallel(model), torch.compile(model)):
     assert model.training
 print("ok")
 """
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), "src", os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    result = run_without_packages({"accelerate"}, ["-c", script], tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 

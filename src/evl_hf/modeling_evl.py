@@ -924,9 +924,7 @@ def _loading_report_logged_on_error():
     """Hold back the loading report transformers logs (its table of a checkpoint's unexpected, missing and mismatched
     tensors) while the block runs, and log it only if the block raises."""
     loading_logger = logging.get_logger(PreTrainedModel.__module__)  # the one `from_pretrained` logs the report to
-    held = []
-
-    loading_thread = threading.get_ident()
+    held, loading_thread = [], threading.get_ident()
 
     def hold(record) -> bool:
         # Only this load's: another thread's `from_pretrained` logs to the same logger meanwhile.
@@ -1035,7 +1033,10 @@ class EVLPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
 
     def _set_gradient_checkpointing(
-        self, enable: bool = True, gradient_checkpointing_func: Callable = activation_checkpoint, every_n_layers: int = 1
+        self,
+        enable: bool = True,
+        gradient_checkpointing_func: Callable = activation_checkpoint,
+        every_n_layers: int = 1,
     ):
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
         # The backbone's blocks are checkpointed non-reentrantly whatever was asked: behind frozen blocks (a backbone

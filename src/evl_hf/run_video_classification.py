@@ -128,7 +128,8 @@ class DataTrainingArguments:
     # Processor settings: None means "the checkpoint's" (or EVLVideoProcessor's default for a new model).
     num_frames: int | None = field(default=None, metadata={"help": "Frames per clip (default: the model's)."})
     sampling_rate: int | None = field(
-        default=None, metadata={"help": "Stride between sampled frames (default: the checkpoint's, else 16, or 8 for 32 frames or more)."}
+        default=None,
+        metadata={"help": "Stride between sampled frames (default: the checkpoint's, else 16, or 8 for 32 frames or more)."},
     )
     num_spatial_views: int | None = field(
         default=None, metadata={"help": "Evaluation crops per window: 1 or 3 (default: the checkpoint's, else 1)."}
@@ -395,8 +396,6 @@ def build_model(model_args, data_args, labels: list[str]):
         value = getattr(data_args, name)
         if value is not None:
             setattr(processor, name, value)
-    if processor.num_spatial_views not in (1, 3):
-        raise ValueError(f"--num_spatial_views must be 1 or 3, got {processor.num_spatial_views}.")
     try:  # as the processor checks its settings when built: evaluation would refuse them only after training
         _check_spatial_views(processor.num_spatial_views, processor.do_center_crop, processor.do_resize, processor.size)
     except ValueError as error:

@@ -250,14 +250,16 @@ def sample_clip(processor: EVLVideoProcessor, video) -> tuple[torch.Tensor, np.n
     """
     `pixel_values` `(1, num_frames, channels, height, width)` of the one view `explain` shows, and the index in the
     decoded video of each of its frames: the processor's own decoding and sampling, with one temporal view (its
-    centred window) and one spatial view (its centre crop), and no random offset.
+    centred window) and one spatial view (its centre crop, or the whole frame resized to a square), and no random
+    offset.
     """
     num_views = processor.num_temporal_views * processor.num_spatial_views
     if num_views > 1:
         logger.warning(
             f"This video processor evaluates {processor.num_temporal_views} temporal x {processor.num_spatial_views} "
-            "spatial views and averages their predictions; the explanation is of one view, the centred window's "
-            "centre crop, and its prediction is that view's."
+            "spatial views and averages their predictions; the explanation is of one view, the centred window as "
+            "one spatial view gives it (its centre crop, or the whole frame where the processor resizes to a square "
+            "without a crop), and its prediction is that view's."
         )
     inputs = processor(
         video, return_tensors="pt", return_metadata=True, num_temporal_views=1, num_spatial_views=1,
