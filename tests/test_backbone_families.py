@@ -3,6 +3,7 @@
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -25,7 +26,7 @@ from transformers import (
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
-from evl_hf import EVLConfig, EVLForVideoClassification
+from evl_hf import EVLConfig, EVLForVideoClassification, EVLVideoProcessor
 from evl_hf.backbone_families import BACKBONE_FAMILIES, backbone_family
 
 
@@ -180,6 +181,19 @@ def test_dinov2_runs_at_its_processors_crop_or_at_image_size(tmp_path):
         assert config.image_size == image_size and other.config is not config
     with pytest.raises(ValueError, match="position embeddings are not interpolated"):
         EVLConfig(vision_config=FAMILIES["clip"][0], image_size=48, **DECODER)
+
+
+def test_a_dinov2_processor_at_another_image_size_gives_the_models_frames(tmp_path):
+    # The model at `image_size=48` and its processor from the backbone's (a 32 crop of a 224 short side): the crop
+    # becomes the model's frame size and the resize is scaled by as much, as DINOv2 users run it at 448.
+    model = family_model(tmp_path, "dinov2", image_size=48)
+    processor = EVLVideoProcessor.from_backbone_pretrained(str(tmp_path / "dinov2"), image_size=48, num_frames=4)
+    assert processor.crop_size.height == processor.crop_size.width == 48
+    assert processor.size.shortest_edge == round(224 * 48 / 32)
+    frames = np.random.default_rng(0).integers(0, 255, (8, 60, 80, 3), dtype=np.uint8)
+    with torch.no_grad():
+        model(**processor(frames, return_tensors="pt"))  # the frames it was built for
+    assert EVLVideoProcessor.from_backbone_pretrained(str(tmp_path / "dinov2"), image_size=32).crop_size.height == 32
 
 
 def test_an_unsupported_backbone_is_refused_naming_its_type(tmp_path):

@@ -375,19 +375,19 @@ def build_model(model_args, data_args, labels: list[str]):
         if family.vision_model_type != "clip_vision_model" and has_image_processor(model_args.backbone, cache_dir=model_args.cache_dir):
             settings = dict(cache_dir=model_args.cache_dir, num_frames=model.config.num_frames,
                             sampling_rate=8 if model.config.num_frames >= 32 else 16)  # fmt: skip
-            processor = EVLVideoProcessor.from_backbone_pretrained(model_args.backbone, **settings)
-            fitted = frame_size_settings(processor, model.config.frame_size)
-            if fitted:
-                resize = fitted["size"]
-                resize = (f"the short side to {resize['shortest_edge']}" if "shortest_edge" in resize
-                          else f"to {resize['height']}x{resize['width']}")  # fmt: skip
+            # At the model's frame size: DINOv2 run at another `image_size` than its processor's crop.
+            processor = EVLVideoProcessor.from_backbone_pretrained(
+                model_args.backbone, image_size=model.config.frame_size, **settings
+            )
+            backbone_crop = processor_crop_size(model_args.backbone, cache_dir=model_args.cache_dir)
+            if backbone_crop is not None and backbone_crop != model.config.frame_size:
                 logger.warning(
                     "--backbone %s: its image processor crops %dx%d frames, the model reads %dx%d (its image_size); the "
                     "video processor crops those, after resizing %s (scaled by as much).", model_args.backbone,
-                    processor.crop_size.height, processor.crop_size.width, model.config.frame_size,
-                    model.config.frame_size, resize,
+                    backbone_crop, backbone_crop, model.config.frame_size, model.config.frame_size,
+                    f"the short side to {processor.size.shortest_edge}" if processor.size.shortest_edge is not None
+                    else f"to {processor.size.height}x{processor.size.width}",
                 )  # fmt: skip
-                processor = EVLVideoProcessor.from_backbone_pretrained(model_args.backbone, **settings, **fitted)
     else:
         raise ValueError("Give --model_name_or_path (an EVL checkpoint) or --backbone (an image backbone: CLIP, SigLIP, DINOv2, ViT).")
     if processor is None:
@@ -401,24 +401,6 @@ def build_model(model_args, data_args, labels: list[str]):
     except ValueError as error:
         raise ValueError(f"--num_spatial_views {processor.num_spatial_views}: {error}") from None
     return model, processor
-
-
-def frame_size_settings(processor: EVLVideoProcessor, frame_size: int) -> dict:
-    """
-    The resize and crop that make a processor built from a backbone's image processor give the model's frames
-    (`config.frame_size`), empty where it gives them: DINOv2 run at another `image_size` than its processor's crop
-    crops frames of that size, its resize scaled by as much (a 224 crop of a 256 short side becomes a 448 crop of a
-    512 one).
-    """
-    crop, size = processor.crop_size, processor.size
-    if (crop.height, crop.width) == (frame_size, frame_size):
-        return {}
-    scale = frame_size / crop.height
-    if size.shortest_edge is not None:
-        resize = {"shortest_edge": round(size.shortest_edge * scale)}
-    else:
-        resize = {"height": round(size.height * scale), "width": round(size.width * scale)}
-    return {"size": resize, "crop_size": {"height": frame_size, "width": frame_size}}
 
 
 def checkpoint_folders(output_dir: str) -> list[Path]:

@@ -302,7 +302,9 @@ class EVLVideoProcessor(BaseVideoProcessor):
         return cls(**values)
 
     @classmethod
-    def from_backbone_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "EVLVideoProcessor":
+    def from_backbone_pretrained(
+        cls, pretrained_model_name_or_path, image_size: int | None = None, **kwargs
+    ) -> "EVLVideoProcessor":
         """
         A processor that prepares frames as an image backbone's own image processor does (a Hub id or a directory
         holding its `preprocessor_config.json`): its resize (short side, or a fixed height x width), centre crop or
@@ -312,7 +314,9 @@ class EVLVideoProcessor(BaseVideoProcessor):
         antialiases, so `antialias=True`. Frame sampling keeps this class's defaults (8 frames, stride 16);
         `kwargs` override any field (`num_frames=`, `sampling_rate=`, ...). The Hub arguments that locate the
         backbone's files for `EVLForVideoClassification.from_backbone_pretrained` (`subfolder`, `revision`, `token`,
-        `cache_dir`, ...) locate its image processor.
+        `cache_dir`, ...) locate its image processor. `image_size` (the model's, for DINOv2 run at another size than
+        its processor's crop) crops frames of that size, the resize scaled by as much (a 224 crop of a 256 short side
+        becomes a 448 crop of a 512 one).
         """
         from transformers import AutoImageProcessor
 
@@ -335,6 +339,10 @@ class EVLVideoProcessor(BaseVideoProcessor):
         crop_size = size_fields(image_processor.crop_size) if do_center_crop else dict(size)
         if "shortest_edge" in crop_size:
             crop_size = {"height": crop_size["shortest_edge"], "width": crop_size["shortest_edge"]}
+        if image_size is not None and (crop_size["height"], crop_size["width"]) != (image_size, image_size):
+            scale = image_size / crop_size["height"]
+            size = {key: round(value * scale) for key, value in size.items()}
+            crop_size = {"height": image_size, "width": image_size}
         values = dict(
             size=size, do_center_crop=do_center_crop, crop_size=crop_size, antialias=True,
             image_mean=list(image_processor.image_mean), image_std=list(image_processor.image_std),
