@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
             "--weight_decay", "0.05", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1",
             "--num_train_epochs", str(args.epochs), "--logging_strategy", "epoch", "--save_strategy", "no",
             "--report_to", "none", "--seed", str(args.seed), "--dataloader_num_workers", "0",
+            # Pinned memory serves an accelerator only (torch warns at every step without one).
+            "--dataloader_pin_memory", str(torch.accelerator.is_available()).lower(),
             "--log_level", "warning", "--temporal_reliance",
         ])  # fmt: skip
         seconds = time.perf_counter() - train_started
