@@ -535,6 +535,19 @@ def test_variable_frame_rate_picks_frames_by_timestamp(tmp_path, decoding_backen
     assert indices == sorted(indices) and indices[-1] >= 25 and len(set(indices)) > 3
 
 
+def test_a_variable_frame_rate_mp4_gives_the_same_frames_at_the_same_average_rate_on_both_backends(
+    tmp_path, decoding_backend
+):
+    # 1 s at 30 fps, then 1 s at 15 fps (a phone in low light): the header's nominal rate is 30 fps, the average
+    # 45 frames / 1.9 s. torchcodec took the nominal rate and gave frame 17 for index 17, PyAV frame 21 (shown at
+    # 17 / 23.7 s). Both now use the average rate (`decode` checks that the frames and metadata are PyAV's).
+    pts = [round(i * 1000 / 30) for i in range(30)] + [1000 + round(i * 1000 / 15) for i in range(15)]
+    path = encode(tmp_path / "phone_vfr.mp4", index_coded_frames(45), fps=30, pts=pts)
+    frames, metadata = decode(path, lambda metadata: [17, 20, 23, 26], decoding_backend, decoded_by="pyav")
+    assert metadata.fps == pytest.approx(45 / 1.9)
+    assert [frame_index(f) for f in frames] == [21, 25, 29, 32]
+
+
 def test_stream_without_frame_count_or_duration(tmp_path, decoding_backend):
     # A raw H.264 elementary stream carries neither a frame count nor a duration: frames are counted by decoding
     # (PyAV; torchcodec has nothing to seek by and hands the stream over, also from a file object it has read).

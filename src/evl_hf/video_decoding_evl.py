@@ -340,40 +340,34 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
         # An MPEG program stream (.mpg, .vob): its frame times after a seek are off (see `_decode_range`).
         raise ValueError("an MPEG program stream, whose frame times after a seek are its neighbours'")
     is_avi = container == "avi"
-    matroska_count, stream_index = None, None
-    if container == "matroska":
-        # The video track's own length is in a tag torchcodec cannot read (see `_matroska_video_seconds`): the frame
-        # count is PyAV's, from the header alone, so that both backends number the same frames of the same track.
-        matroska_count, stream_index = _matroska_frame_count(opened, start_position)
+    # The stream, frame count and average rate are PyAV's, read from the header, so that both backends number the
+    # same frames of the same stream: torchcodec's own rate is the header's nominal one (FFmpeg's `r_frame_rate`),
+    # not the average (a variable-frame-rate phone video: 30 fps against 23.7), and a Matroska video track's own length
+    # is in a tag torchcodec cannot read (see `_matroska_video_seconds`). A picture as the best video stream (a cover
+    # flagged default beside the real video, see `_video_stream`) is not decoded: PyAV's choice decides.
+    header = _pyav_header(opened, start_position, request.name)
     decoder = VideoDecoder(
-        opened, stream_index=stream_index, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1
+        opened, stream_index=header.index, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1
     )
     stream = decoder.metadata
     # Width and height are after rotation, as the frames come out; their product is what the limit is about.
     request.check_frame_size(stream.width, stream.height)
-    reread = False
-    if (stream.num_frames == 1 or stream.codec in _PICTURE_CODECS) and stream_index is None:
-        # A picture as the best video stream: a cover flagged default beside the real video (see `_video_stream`), or
-        # an audio file's cover art (refused there). torchcodec cannot tell: PyAV's choice decides.
-        if _pyav_video_stream_index(opened, start_position, request.name) != stream.stream_index:
-            raise ValueError("the best video stream is a cover picture beside the video")
-        reread = start_position is not None  # PyAV moved the file object under torchcodec's buffered reads
-    large = stream.width * stream.height > _SINGLE_THREAD_MAX_PIXELS
-    if large or reread:
+    if stream.width * stream.height > _SINGLE_THREAD_MAX_PIXELS:
         # The thread count is fixed when the decoder opens: reopen (milliseconds, against 100s of ms of decoding).
         if start_position is not None:
             opened.seek(start_position)
         decoder = VideoDecoder(
-            opened, stream_index=stream_index, seek_mode="approximate", dimension_order="NHWC",
-            num_ffmpeg_threads=0 if large else 1,
-        )  # fmt: skip
-    total, fps, duration = stream.num_frames, stream.average_fps, stream.duration_seconds
-    if matroska_count is not None:
-        total, duration = matroska_count  # past torchcodec's own count, a frame is an IndexError: PyAV decodes it
+            opened, stream_index=header.index, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0
+        )
+    (total, duration), fps = header.count, stream.average_fps  # past torchcodec's own count, a frame is an IndexError
     _check_not_still_image(request.name, None, stream.codec, total)
-    if not total or not fps:
+    if not total or not fps or not header.fps:
         raise ValueError("the container gives no frame count or rate to seek by")
-    metadata = VideoMetadata(total, float(fps), stream.width, stream.height, duration, "torchcodec")
+    # torchcodec takes frame i as the one shown at i / its rate: where that drifts a quarter of a frame from PyAV's
+    # over the stream (a variable frame rate), the frames would be others than PyAV's.
+    if total * abs(header.fps / fps - 1) > 0.25:
+        raise ValueError(f"a variable frame rate ({header.fps:.3f} fps on average, {fps:.3f} fps nominal)")
+    metadata = VideoMetadata(total, header.fps, stream.width, stream.height, duration, "torchcodec")
     indices = request.indices(metadata)
     wanted = sorted({min(index, total - 1) for index in indices})
     if wanted and wanted[0] < 0:
@@ -423,38 +417,31 @@ def _file_header(opened, start_position, size: int) -> bytes:
     return header
 
 
-def _pyav_video_stream_index(opened, start_position, name: str) -> int | None:
-    """The index of the stream `_video_stream` picks (a path, or a seekable file object starting at `start_position`,
-    left there); `None` where PyAV cannot open it."""
-    if not is_av_available():
-        return None
-    if start_position is not None:
-        opened.seek(start_position)  # torchcodec has read it
-    try:
-        with av.open(opened, mode="r", metadata_errors="ignore") as container:
-            if not container.streams.video:
-                return None
-            stream = _video_stream(container)
-            _check_not_cover_art(name, stream)
-            return stream.index
-    except (av.error.FFmpegError, OSError):
-        return None
-    finally:
-        if start_position is not None:
-            opened.seek(start_position)
+@dataclass
+class _PyAVHeader:
+    """What PyAV reads from a video's header about the stream it decodes (see `_pyav_header`)."""
+
+    index: int  # the stream's (`_video_stream`)
+    count: tuple[int | None, float | None]  # `_frame_count`
+    fps: float | None  # the average rate
 
 
-def _matroska_frame_count(opened, start_position) -> tuple[tuple[int | None, float | None], int]:
-    """`_frame_count` of a Matroska/WebM file (a path, or a seekable file object starting at `start_position`, left
-    there), read by PyAV from its header, and the index of the stream counted (`_video_stream`)."""
+def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
+    """`_PyAVHeader` of a path, or of a seekable file object starting at `start_position` (left there). Raises (for
+    `decode_video` to decode with PyAV, which reports the problem) where PyAV finds no video stream; a cover picture
+    as the only video is refused (`_check_not_cover_art`)."""
     if not is_av_available():
-        raise ImportError("counting the frames of a Matroska/WebM file needs PyAV")
+        raise ImportError("reading the video's header needs PyAV")
     muxing_app = _matroska_muxing_app(_file_header(opened, start_position, _MATROSKA_HEADER_BYTES))
     try:
         with av.open(opened, mode="r", metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
             stream = _video_stream(container)
+            _check_not_cover_art(name, stream)
             rate = stream.average_rate or stream.guessed_rate
-            return _frame_count(container, stream, float(rate) if rate else None, muxing_app), stream.index
+            fps = float(rate) if rate else None
+            return _PyAVHeader(stream.index, _frame_count(container, stream, fps, muxing_app), fps)
     finally:
         if start_position is not None:
             opened.seek(start_position)
