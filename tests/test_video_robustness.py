@@ -513,6 +513,28 @@ def test_pixel_formats_bit_depths_and_odd_sizes(tmp_path, codec, pix_fmt, height
     assert metadata.total_num_frames == 20
 
 
+@pytest.mark.parametrize(
+    "codec, pix_fmt, suffix, torchcodec_decodes",
+    [("libx264", "yuvj420p", "mp4", True), ("libx264", "yuv420p10le", "mp4", False),
+     ("libvpx-vp9", "yuv420p", "webm", False)],
+)  # fmt: skip
+def test_a_full_range_video_keeps_its_levels(tmp_path, codec, pix_fmt, suffix, torchcodec_decodes, decoding_backend):
+    # Flat grey 64 coded full range (color_range=pc). torchcodec takes the range from yuvj* pixel formats only and
+    # decoded the others as limited range (54-56): PyAV decodes them, as FFmpeg shows them.
+    if not _ffmpeg_can_encode(codec):
+        pytest.skip(f"ffmpeg has no {codec} encoder")
+    path = tmp_path / f"full_{pix_fmt}.{suffix}"
+    lossless = ["-qp", "0"] if codec == "libx264" else ["-lossless", "1"]
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=0x404040:size=64x64:rate=25:duration=0.4", "-vf",
+         f"scale=out_range=full,format={pix_fmt}", "-c:v", codec, *lossless, "-color_range", "pc", str(path)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    decoded_by = "torchcodec" if decoding_backend == "torchcodec" and torchcodec_decodes else "pyav"
+    frames, _ = decode(path, lambda metadata: [0, 5], decoding_backend, decoded_by=decoded_by)
+    assert np.abs(frames.astype(int) - 64).max() <= 1
+
+
 def test_phone_rotation_metadata_is_applied(tmp_path, decoding_backend):
     frames = np.zeros((4, 32, 64, 3), dtype=np.uint8)
     frames[:, :, :32] = 255  # left half white

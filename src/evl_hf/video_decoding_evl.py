@@ -346,6 +346,10 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     # is in a tag torchcodec cannot read (see `_matroska_video_seconds`). A picture as the best video stream (a cover
     # flagged default beside the real video, see `_video_stream`) is not decoded: PyAV's choice decides.
     header = _pyav_header(opened, start_position, request.name)
+    if header.full_range_unflagged:
+        # torchcodec's colour conversion takes full range from the yuvj* pixel formats alone: it would decode these
+        # frames as limited range (grey 64 as 54-56; shadows and highlights clipped).
+        raise ValueError("full-range YUV in a pixel format other than yuvj*, which torchcodec decodes as limited range")
     decoder = VideoDecoder(
         opened, stream_index=header.index, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=1
     )
@@ -417,6 +421,10 @@ def _file_header(opened, start_position, size: int) -> bytes:
     return header
 
 
+# FFmpeg's AVCOL_RANGE_JPEG: full-range YUV (0-255 for 8 bits), not the 16-235 of broadcast video.
+_FULL_RANGE = 2
+
+
 @dataclass
 class _PyAVHeader:
     """What PyAV reads from a video's header about the stream it decodes (see `_pyav_header`)."""
@@ -424,6 +432,7 @@ class _PyAVHeader:
     index: int  # the stream's (`_video_stream`)
     count: tuple[int | None, float | None]  # `_frame_count`
     fps: float | None  # the average rate
+    full_range_unflagged: bool  # full range (color_range=pc) in a pixel format other than yuvj*
 
 
 def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
@@ -441,7 +450,10 @@ def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
             _check_not_cover_art(name, stream)
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else None
-            return _PyAVHeader(stream.index, _frame_count(container, stream, fps, muxing_app), fps)
+            context = stream.codec_context
+            yuvj = context is not None and (context.pix_fmt or "").startswith("yuvj")
+            full_range = context is not None and context.color_range == _FULL_RANGE and not yuvj
+            return _PyAVHeader(stream.index, _frame_count(container, stream, fps, muxing_app), fps, full_range)
     finally:
         if start_position is not None:
             opened.seek(start_position)
