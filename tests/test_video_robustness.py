@@ -103,6 +103,21 @@ def test_truncated_matroska_file_is_refused_not_padded_with_its_last_frame(tmp_p
         list(stream)
 
 
+def test_a_cut_mp4_counts_the_frames_its_edit_list_shows_not_those_it_hides(tmp_path, decoding_backend):
+    # `ffmpeg -ss 1.3 -c copy` keeps the GOP from the key frame before the cut, its first 8 frames hidden by an edit
+    # list: players show 117 frames, the container holds 125 samples. Counted 125, every sampling spread over 8
+    # phantom frames that came back as copies of the last one.
+    source, cut = tmp_path / "source.mp4", tmp_path / "cut.mp4"
+    write_clip(source, index_coded_frames(150), fps=25, gop=25, options={"bf": "2"})
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-ss", "1.3", "-i", str(source), "-c", "copy", str(cut)],
+                   check=True, timeout=60)  # fmt: skip
+    frames, metadata = decode(cut, None, decoding_backend)
+    assert metadata.total_num_frames == len(frames) == 117
+    assert [frame_index(f) for f in frames] == list(range(33, 150))
+    with VideoFrameStream(str(cut)) as stream:
+        assert stream.total_num_frames == len(list(stream)) == 117
+
+
 def test_an_intact_video_whose_frame_rate_rises_at_its_end_is_not_taken_for_a_truncated_one(tmp_path, decoding_backend):
     # 10 frames at 10 fps, then 90 at 30 fps (a phone camera as the light changes): at the average rate (24.4 fps, not
     # 100 frames in 3.97 s) the last frame's index is 96, four short of the 100 the header counts, yet nothing is

@@ -453,7 +453,8 @@ def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
             context = stream.codec_context
             yuvj = context is not None and (context.pix_fmt or "").startswith("yuvj")
             full_range = context is not None and context.color_range == _FULL_RANGE and not yuvj
-            return _PyAVHeader(stream.index, _frame_count(container, stream, fps, muxing_app), fps, full_range)
+            count = _frame_count(container, stream, fps, muxing_app, rewindable=True)
+            return _PyAVHeader(stream.index, count, fps, full_range)
     finally:
         if start_position is not None:
             opened.seek(start_position)
@@ -471,7 +472,7 @@ def _decode_with_pyav(opened, request: "_DecodeRequest"):
         raise EVLVideoDecodingError(f"{request.name}: not a readable video file ({error}).") from None
     with container:
         try:
-            return _decode_container(container, request, muxing_app)
+            return _decode_container(container, request, muxing_app, _can_rewind(opened))
         except av.error.FFmpegError as error:
             _raise_if_environment_error(request.name, error)
             raise EVLVideoDecodingError(f"{request.name}: the video cannot be decoded ({error}).") from None
@@ -522,8 +523,9 @@ def _is_still_picture(stream) -> bool:
     return bool(rate) and seconds is not None and seconds <= 1.5 / float(rate)
 
 
-def _decode_container(container, request: "_DecodeRequest", muxing_app: str | None):
-    """The body of `decode_video` once the container is open (`muxing_app`: see `_matroska_muxing_app`)."""
+def _decode_container(container, request: "_DecodeRequest", muxing_app: str | None, rewindable: bool):
+    """The body of `decode_video` once the container is open (`muxing_app`: see `_matroska_muxing_app`; `rewindable`:
+    see `_frame_count`)."""
     name = request.name
     if not container.streams.video:
         raise EVLVideoDecodingError(f"{name}: the file has no video stream.")
@@ -538,7 +540,7 @@ def _decode_container(container, request: "_DecodeRequest", muxing_app: str | No
         stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else None
-    total, duration = _frame_count(container, stream, fps, muxing_app)
+    total, duration = _frame_count(container, stream, fps, muxing_app, rewindable)
     if not total:
         # Neither a frame count nor a duration: count by decoding (bounded by the timeout).
         frames = _decode_range(container, stream, request, None, 0, None)
@@ -555,12 +557,15 @@ def _decode_container(container, request: "_DecodeRequest", muxing_app: str | No
     return _displayed(request.stack([decoded[i] for i in indices]), metadata)
 
 
-def _frame_count(container, stream, fps: float | None, muxing_app: str | None) -> tuple[int | None, float | None]:
+def _frame_count(
+    container, stream, fps: float | None, muxing_app: str | None, rewindable: bool
+) -> tuple[int | None, float | None]:
     """
     The stream's frame count (`None` where it has neither a count nor a duration) and duration in seconds: the
-    container's count, or the duration at the average rate: a Matroska video track's own (see
-    `_matroska_video_seconds`; Matroska has no other: the stream's duration, where FFmpeg fills it in for a short
-    file, is the container's), the stream's, else the container's, which for Matroska/WebM, ASF, ... covers all
+    container's count (less the frames an MP4/MOV edit list hides, see `_frames_hidden_at_start`, where the source
+    is `rewindable`: a path or a seekable file object), or the duration at the average rate: a Matroska video track's
+    own (see `_matroska_video_seconds`; Matroska has no other: the stream's duration, where FFmpeg fills it in for a
+    short file, is the container's), the stream's, else the container's, which for Matroska/WebM, ASF, ... covers all
     streams.
     """
     duration = _matroska_video_seconds(container, stream, muxing_app)
@@ -569,9 +574,36 @@ def _frame_count(container, stream, fps: float | None, muxing_app: str | None) -
     elif duration is None and container.duration is not None:
         duration = container.duration / 1_000_000
     total = stream.frames
+    if total and rewindable and "mp4" in container.format.name.split(","):
+        total -= _frames_hidden_at_start(container, stream)
     if not total and fps and duration:
         total = max(1, int(round(duration * fps)))
     return total or None, duration
+
+
+def _frames_hidden_at_start(container, stream) -> int:
+    """
+    How many of an MP4/MOV stream's samples its edit list hides before its first shown frame: a cut made without
+    re-encoding (`ffmpeg -ss 1.3 -c copy`) keeps the key frame before the cut and the frames up to it, which players
+    (and both decoders) never show, yet the container counts (125 samples, 117 frames shown). Hidden samples are shown
+    before the stream's start, so they are decoded before it: the packets are read (not decoded) until their decoding
+    times reach the start, at most a GOP. The demuxer is left at the start.
+    """
+    start, hidden = stream.start_time or 0, 0
+    try:
+        for packet in container.demux(stream):
+            if packet.dts is None or packet.dts >= start:
+                break
+            hidden += bool(packet.is_discard)
+    except av.error.FFmpegError:
+        hidden = 0  # a damaged start: decoding reports it, or the frames after it
+    container.seek(0)
+    return hidden
+
+
+def _can_rewind(opened) -> bool:
+    """Whether a source `_open_source` returned can be read again from its start: a path or a seekable file object."""
+    return isinstance(opened, str) or _is_seekable(opened)
 
 
 def _muxing_app_of(opened, name: str) -> str | None:
@@ -1039,7 +1071,9 @@ class VideoFrameStream:
         # A cut file stops short of it.
         self._declared_seconds = _declared_seconds(self._container, self._stream, muxing_app)
         # `decode_video`'s count, which may be missing or approximate: for progress bars only.
-        self.total_num_frames, _ = _frame_count(self._container, self._stream, self.fps, muxing_app)
+        self.total_num_frames, _ = _frame_count(
+            self._container, self._stream, self.fps, muxing_app, _can_rewind(opened)
+        )
 
     def __iter__(self):
         stream, fps = self._stream, self.fps
