@@ -560,6 +560,33 @@ def test_phone_rotation_metadata_is_applied(tmp_path, decoding_backend):
     assert decoded[0, 40:].mean() > 200 and decoded[0, :24].mean() < 50
 
 
+@pytest.mark.parametrize(
+    "matrix", [(-1, 0, 0, 1), (1, 0, 0, -1), (0, 1, 1, 0), (0, -1, -1, 0), (0, 1, -1, 0)],
+    ids=["mirrored", "upside-down mirror", "transposed", "transposed the other way", "rotated 90"],
+)  # fmt: skip
+def test_a_display_matrix_that_mirrors_the_picture_is_applied_as_ffmpeg_shows_it(tmp_path, matrix, decoding_backend):
+    # A "flip" edit writes a display matrix of negative determinant: the picture is mirrored, not rotated. Its angle
+    # alone (-180 for a horizontal mirror) turned the frames upside down. The frames must be FFmpeg's autorotated ones.
+    base, path = tmp_path / "base.mp4", tmp_path / "flipped.mp4"
+    frames = np.zeros((3, 32, 48, 3), np.uint8)
+    frames[:, :16, :16] = (255, 0, 0)  # a red top-left corner and a green bottom row tell all eight orientations
+    frames[:, 24:] = (0, 255, 0)
+    write_clip(base, frames, options={"qp": "0"})
+    data = bytearray(base.read_bytes())
+    tkhd = data.find(b"tkhd") - 4
+    offset = tkhd + 8 + 4 + (32 if data[tkhd + 8] == 1 else 20) + 8 + 8
+    a, b, c, d = (value * 0x10000 for value in matrix)
+    struct.pack_into(">9i", data, offset, a, b, 0, c, d, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+    shown = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt",
+                            "rgb24", "-"], capture_output=True, check=True, timeout=60).stdout  # fmt: skip
+    decoded_by = "torchcodec" if decoding_backend == "torchcodec" and matrix == (0, 1, -1, 0) else "pyav"
+    decoded, metadata = decode(path, lambda metadata: [0, 2], decoding_backend, decoded_by=decoded_by)
+    expected = np.frombuffer(shown, np.uint8).reshape(decoded.shape[1:])
+    assert (metadata.height, metadata.width) == expected.shape[:2]
+    assert np.abs(decoded[0].astype(int) - expected).max() < 40
+
+
 def test_variable_frame_rate_picks_frames_by_timestamp(tmp_path, decoding_backend):
     # 30 frames: the first 10 at 10 ms spacing, then 100 ms spacing; nominal rate from the average.
     pts = [i * 10 for i in range(10)] + [100 + i * 100 for i in range(20)]

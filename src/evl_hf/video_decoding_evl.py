@@ -356,13 +356,22 @@ def _decode_with_torchcodec(opened, start_position, request: "_DecodeRequest"):
     stream = decoder.metadata
     # Width and height are after rotation, as the frames come out; their product is what the limit is about.
     request.check_frame_size(stream.width, stream.height)
-    if stream.width * stream.height > _SINGLE_THREAD_MAX_PIXELS:
+    reread = False
+    if stream.rotation is not None:
+        # A display matrix: torchcodec applies its angle alone, which turns a mirrored picture upside down (see
+        # `_display_orientation`). Only a decoded frame carries the matrix itself: PyAV decodes the first one.
+        if _pyav_first_frame_mirrored(opened, start_position, header.index):
+            raise ValueError("a display matrix that mirrors the picture")
+        reread = start_position is not None  # PyAV moved the file object under torchcodec's buffered reads
+    large = stream.width * stream.height > _SINGLE_THREAD_MAX_PIXELS
+    if large or reread:
         # The thread count is fixed when the decoder opens: reopen (milliseconds, against 100s of ms of decoding).
         if start_position is not None:
             opened.seek(start_position)
         decoder = VideoDecoder(
-            opened, stream_index=header.index, seek_mode="approximate", dimension_order="NHWC", num_ffmpeg_threads=0
-        )
+            opened, stream_index=header.index, seek_mode="approximate", dimension_order="NHWC",
+            num_ffmpeg_threads=0 if large else 1,
+        )  # fmt: skip
     (total, duration), fps = header.count, stream.average_fps  # past torchcodec's own count, a frame is an IndexError
     _check_not_still_image(request.name, None, stream.codec, total)
     if not total or not fps or not header.fps:
@@ -455,6 +464,18 @@ def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
             full_range = context is not None and context.color_range == _FULL_RANGE and not yuvj
             count = _frame_count(container, stream, fps, muxing_app, rewindable=True)
             return _PyAVHeader(stream.index, count, fps, full_range)
+    finally:
+        if start_position is not None:
+            opened.seek(start_position)
+
+
+def _pyav_first_frame_mirrored(opened, start_position, index: int) -> bool:
+    """Whether the first frame of stream `index` of a path, or of a seekable file object starting at `start_position`
+    (left there), is mirrored by its display matrix (`_display_orientation`)."""
+    try:
+        with av.open(opened, mode="r", metadata_errors="ignore") as container:
+            frame = next(iter(container.decode(container.streams[index])), None)
+            return frame is not None and _display_orientation(frame)[1]
     finally:
         if start_position is not None:
             opened.seek(start_position)
@@ -703,10 +724,29 @@ def _displayed(frames: np.ndarray, metadata: VideoMetadata) -> tuple[np.ndarray,
 def _to_rgb(frame) -> np.ndarray:
     """(H, W, 3) uint8 RGB as a player shows the frame: any pixel format converted, display rotation applied."""
     array = frame.to_ndarray(format="rgb24")
-    rotation = frame.rotation  # counterclockwise degrees from the stream's display matrix (phone videos)
+    rotation, mirrored = _display_orientation(frame)
     if rotation:
-        array = np.ascontiguousarray(np.rot90(array, k=round(rotation / 90) % 4))
-    return array
+        array = np.rot90(array, k=round(rotation / 90) % 4)
+    if mirrored:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array) if rotation or mirrored else array
+
+
+def _display_orientation(frame) -> tuple[float, bool]:
+    """
+    How the frame's display matrix (phone videos, a "flip" edit) turns it: counterclockwise degrees, then whether
+    the result is mirrored left to right. A matrix of negative determinant mirrors; FFmpeg's angle
+    (`frame.rotation`) ignores that (a left-right mirror read as -180 turned the picture upside down): the angle is
+    that of the matrix with its mirror undone (its first column negated, as `av_display_matrix_flip` does it).
+    """
+    rotation = frame.rotation  # 0 without a display matrix
+    matrix = None
+    for side_data in frame.side_data:
+        if side_data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            matrix = np.frombuffer(bytes(side_data), dtype=np.int32)
+    if matrix is None or len(matrix) != 9 or int(matrix[0]) * int(matrix[4]) - int(matrix[1]) * int(matrix[3]) >= 0:
+        return rotation, False
+    return -float(np.degrees(np.arctan2(float(matrix[1]), -float(matrix[0])))), True
 
 
 def _decoded_frames(container, stream, name: str, damaged: list, check_time: Callable[[], None]):
