@@ -587,6 +587,22 @@ def test_a_display_matrix_that_mirrors_the_picture_is_applied_as_ffmpeg_shows_it
     assert np.abs(decoded[0].astype(int) - expected).max() < 40
 
 
+def test_an_anamorphic_video_is_decoded_at_its_coded_size_with_one_warning_naming_its_aspect_ratio(
+    tmp_path, caplog, decoding_backend
+):
+    # Pixels 64:45 as wide as tall (DVD, broadcast 16:9): players stretch 64x48 to 91x48. The coded frames (squeezed
+    # to EVL) came back without a word; now the file's first decoding warns, naming the ratio and the display size.
+    path = tmp_path / f"anamorphic_{decoding_backend}.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25:duration=0.4",
+                    "-vf", "setsar=64/45", "-c:v", "libx264", str(path)], check=True, timeout=60)  # fmt: skip
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            frames, metadata = decode(path, lambda metadata: [0, 5], decoding_backend)
+    assert frames.shape[1:3] == (48, 64) and (metadata.width, metadata.height) == (64, 48)
+    warnings = [record.getMessage() for record in caplog.records if "aspect ratio" in record.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "64:45" in warnings[0] and "91x48" in warnings[0]
+
+
 def test_variable_frame_rate_picks_frames_by_timestamp(tmp_path, decoding_backend):
     # 30 frames: the first 10 at 10 ms spacing, then 100 ms spacing; nominal rate from the average.
     pts = [i * 10 for i in range(10)] + [100 + i * 100 for i in range(20)]

@@ -457,6 +457,7 @@ def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
                 raise ValueError("no video stream")
             stream = _video_stream(container)
             _check_not_cover_art(name, stream)
+            _warn_if_anamorphic(name, stream)
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else None
             context = stream.codec_context
@@ -533,6 +534,24 @@ def _check_not_cover_art(name: str, stream) -> None:
         raise EVLVideoDecodingError(f"{name}: its only picture is cover art (an audio file?), not a video.")
 
 
+def _warn_if_anamorphic(name: str, stream) -> None:
+    """
+    Warn, once per file and process, where the stream's pixels are not square (DVD and broadcast 16:9, 720x576 at
+    64:45): players stretch the frames to the display aspect ratio, but both backends return them at their coded
+    size, as EVL's preprocessing takes them, so the picture is squeezed (circles become ellipses).
+    """
+    context = stream.codec_context
+    ratio = stream.sample_aspect_ratio or (context.sample_aspect_ratio if context is not None else None)
+    if not ratio or ratio == 1 or context is None or not context.width or not context.height:
+        return
+    logger.warning_once(
+        f"{name}: the pixels are not square (sample aspect ratio {ratio.numerator}:{ratio.denominator}): its "
+        f"{context.width}x{context.height} frames are shown at {round(context.width * ratio)}x{context.height}, "
+        "but are decoded at their coded size, so the picture is squeezed; re-encode it with square pixels (e.g. "
+        "`ffmpeg -vf scale=iw*sar:ih,setsar=1`) to see it as players do."
+    )
+
+
 def _is_still_picture(stream) -> bool:
     """Cover art: an attached picture, a picture codec, or a track of one frame (by its count, or, where the container
     gives none, by its `DURATION` tag)."""
@@ -557,6 +576,7 @@ def _decode_container(container, request: "_DecodeRequest", muxing_app: str | No
     _check_not_still_image(name, container.format.name, stream.codec_context.name, stream.frames)
     _check_not_cover_art(name, stream)
     request.check_frame_size(width, height)
+    _warn_if_anamorphic(name, stream)
     if width * height > _SINGLE_THREAD_MAX_PIXELS:
         stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate
@@ -1103,6 +1123,7 @@ class VideoFrameStream:
                 )
             if context.width * context.height > _SINGLE_THREAD_MAX_PIXELS:
                 self._stream.thread_type = "AUTO"
+            _warn_if_anamorphic(self.name, self._stream)
         except BaseException:
             self.close()
             raise
