@@ -531,7 +531,8 @@ def test_pixel_formats_bit_depths_and_odd_sizes(tmp_path, codec, pix_fmt, height
 @pytest.mark.parametrize(
     "codec, pix_fmt, suffix, torchcodec_decodes",
     [("libx264", "yuvj420p", "mp4", True), ("libx264", "yuv420p10le", "mp4", False),
-     ("libvpx-vp9", "yuv420p", "webm", False)],
+     ("libvpx-vp9", "yuv420p", "webm", False),
+     ("libx264rgb", "bgr0", "mp4", True)],  # RGB: its range flag means nothing, torchcodec decodes it as it is
 )  # fmt: skip
 def test_a_full_range_video_keeps_its_levels(tmp_path, codec, pix_fmt, suffix, torchcodec_decodes, decoding_backend):
     # Flat grey 64 coded full range (color_range=pc). torchcodec takes the range from yuvj* pixel formats only and
@@ -539,7 +540,7 @@ def test_a_full_range_video_keeps_its_levels(tmp_path, codec, pix_fmt, suffix, t
     if not _ffmpeg_can_encode(codec):
         pytest.skip(f"ffmpeg has no {codec} encoder")
     path = tmp_path / f"full_{pix_fmt}.{suffix}"
-    lossless = ["-qp", "0"] if codec == "libx264" else ["-lossless", "1"]
+    lossless = ["-qp", "0"] if codec.startswith("libx264") else ["-lossless", "1"]
     subprocess.run(
         ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=0x404040:size=64x64:rate=25:duration=0.4", "-vf",
          f"scale=out_range=full,format={pix_fmt}", "-c:v", codec, *lossless, "-color_range", "pc", str(path)],
@@ -585,6 +586,9 @@ def test_a_display_matrix_that_mirrors_the_picture_is_applied_as_ffmpeg_shows_it
     expected = np.frombuffer(shown, np.uint8).reshape(decoded.shape[1:])
     assert (metadata.height, metadata.width) == expected.shape[:2]
     assert np.abs(decoded[0].astype(int) - expected).max() < 40
+    # As bytes (a data set's column): the same, decoded by the same backend (torchcodec had read them to their end).
+    in_memory, _ = decode(path.read_bytes(), lambda metadata: [0, 2], decoding_backend, decoded_by=decoded_by)
+    np.testing.assert_array_equal(in_memory, decoded)
 
 
 def test_an_anamorphic_video_is_decoded_at_its_coded_size_with_one_warning_naming_its_aspect_ratio(

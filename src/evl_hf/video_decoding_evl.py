@@ -461,8 +461,14 @@ def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else None
             context = stream.codec_context
-            yuvj = context is not None and (context.pix_fmt or "").startswith("yuvj")
-            full_range = context is not None and context.color_range == _FULL_RANGE and not yuvj
+            # YUV only: RGB streams flag full range too, which means nothing to their conversion.
+            pixel_format = (context.pix_fmt or "") if context is not None else ""
+            full_range = (
+                context is not None
+                and context.color_range == _FULL_RANGE
+                and pixel_format.startswith("yuv")
+                and not pixel_format.startswith("yuvj")
+            )
             count = _frame_count(container, stream, fps, muxing_app, rewindable=True)
             return _PyAVHeader(stream.index, count, fps, full_range)
     finally:
@@ -473,6 +479,8 @@ def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
 def _pyav_first_frame_mirrored(opened, start_position, index: int) -> bool:
     """Whether the first frame of stream `index` of a path, or of a seekable file object starting at `start_position`
     (left there), is mirrored by its display matrix (`_display_orientation`)."""
+    if start_position is not None:
+        opened.seek(start_position)  # torchcodec has read the file object to its end
     try:
         with av.open(opened, mode="r", metadata_errors="ignore") as container:
             frame = next(iter(container.decode(container.streams[index])), None)
