@@ -524,10 +524,14 @@ def _paths_read_from(dataset: Dataset, folder: str | Path) -> Dataset:
         in_folder = os.path.join(folder, path)
         return path if os.path.exists(path) and not os.path.exists(in_folder) else in_folder
 
-    # The new column alone, in memory (the processes would otherwise write the same cache file at once): the rest of
-    # the table stays in its cache files.
-    paths = [read_from(path) for path in dataset["video"]]
-    return dataset.remove_columns("video").add_column("video", paths, feature=feature)
+    def read_from_folder(batch):
+        return {"video": [read_from(path) for path in batch["video"]]}
+
+    # In memory, as the paths are small: the processes would otherwise write the same cache file at once. (A new
+    # column added to the table would not follow a selection's indices mapping.)
+    return dataset.map(
+        read_from_folder, batched=True, keep_in_memory=True, desc="Reading relative clip paths from the data set folder"
+    )
 
 
 def _checked_labels(split: str, dataset: Dataset) -> tuple[Dataset, bool]:
