@@ -769,7 +769,9 @@ def _display_orientation(frame) -> tuple[float, bool]:
     """
     rotation = frame.rotation  # 0 without a display matrix
     matrix = None
-    for side_data in frame.side_data:
+    for entry in frame.side_data:
+        # PyAV 18.1.0 iterates the side data, later versions their types (keys of a mapping).
+        side_data = entry if isinstance(entry, av.sidedata.sidedata.SideData) else frame.side_data[entry]
         if side_data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
             matrix = np.frombuffer(bytes(side_data), dtype=np.int32)
     if matrix is None or len(matrix) != 9 or int(matrix[0]) * int(matrix[4]) - int(matrix[1]) * int(matrix[3]) >= 0:
