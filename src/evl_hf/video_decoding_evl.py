@@ -17,6 +17,7 @@ time, still images) and one error type, `EVLVideoDecodingError`, that names the 
 through `decode_video`.
 """
 
+import contextlib
 import errno
 import functools
 import io
@@ -451,7 +452,7 @@ def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
     if not is_av_available():
         raise ImportError("reading the video's header needs PyAV")
     muxing_app = _matroska_muxing_app(_file_header(opened, start_position, _MATROSKA_HEADER_BYTES))
-    try:
+    with _read_from_start(opened, start_position):
         with av.open(opened, mode="r", metadata_errors="ignore") as container:
             if not container.streams.video:
                 raise ValueError("no video stream")
@@ -471,20 +472,24 @@ def _pyav_header(opened, start_position, name: str) -> _PyAVHeader:
             )
             count = _frame_count(container, stream, fps, muxing_app, rewindable=True)
             return _PyAVHeader(stream.index, count, fps, full_range)
-    finally:
-        if start_position is not None:
-            opened.seek(start_position)
 
 
 def _pyav_first_frame_mirrored(opened, start_position, index: int) -> bool:
     """Whether the first frame of stream `index` of a path, or of a seekable file object starting at `start_position`
     (left there), is mirrored by its display matrix (`_display_orientation`)."""
-    if start_position is not None:
-        opened.seek(start_position)  # torchcodec has read the file object to its end
-    try:
+    with _read_from_start(opened, start_position):  # torchcodec may have read the file object to its end
         with av.open(opened, mode="r", metadata_errors="ignore") as container:
             frame = next(iter(container.decode(container.streams[index])), None)
             return frame is not None and _display_orientation(frame)[1]
+
+
+@contextlib.contextmanager
+def _read_from_start(opened, start_position):
+    """A path, or a seekable file object read from `start_position` and left there (`None` for a path)."""
+    if start_position is not None:
+        opened.seek(start_position)
+    try:
+        yield
     finally:
         if start_position is not None:
             opened.seek(start_position)
@@ -658,7 +663,7 @@ def _can_rewind(opened) -> bool:
 def _muxing_app_of(opened, name: str) -> str | None:
     """`_matroska_muxing_app` of a path or a seekable file object (from where it stands); `None` for one that cannot
     seek (PyAV reads it as it comes) or is not Matroska."""
-    if not isinstance(opened, str) and not _is_seekable(opened):
+    if not _can_rewind(opened):
         return None
     try:
         return _matroska_muxing_app(_file_header(opened, None if isinstance(opened, str) else opened.tell(),
