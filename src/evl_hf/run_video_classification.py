@@ -34,19 +34,17 @@ import transformers
 from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
-
-try:
-    from datasets import ClassLabel, Dataset, Features, Value
-except ImportError as error:  # an optional extra: say how to get it
-    raise ImportError('Training and evaluating EVL needs datasets: pip install "evl-hf[train]"') from error
-
 from .backbone_families import family_of_checkpoint, has_image_processor, processor_crop_size
 from .configuration_evl import EVLConfig
-from .data.video_dataset import (
+from .data.video_dataset import (  # it says how to get `datasets` where that is missing
     FRAME_ORDERS,
+    ClassLabel,
+    Dataset,
     EvaluationClips,
+    Features,
     FrameOrderClips,
     TrainingClips,
+    Value,
     VideoClipCollator,
     VideoEvalTransform,
     VideoTrainTransform,
@@ -68,7 +66,7 @@ from .training import (
     write_per_class_report,
     write_predictions,
 )
-from .video_processing_evl import EVLVideoProcessor, _check_spatial_views
+from .video_processing_evl import EVLVideoProcessor
 
 
 logger = logging.getLogger(__name__)
@@ -392,14 +390,17 @@ def build_model(model_args, data_args, labels: list[str]):
         raise ValueError("Give --model_name_or_path (an EVL checkpoint) or --backbone (an image backbone: CLIP, SigLIP, DINOv2, ViT).")
     if processor is None:
         processor = EVLVideoProcessor.from_model_config(model.config)
-    for name in ("num_frames", "sampling_rate", "num_spatial_views", "num_temporal_views", "decoding_backend"):
-        value = getattr(data_args, name)
-        if value is not None:
-            setattr(processor, name, value)
-    try:  # as the processor checks its settings when built: evaluation would refuse them only after training
-        _check_spatial_views(processor.num_spatial_views, processor.do_center_crop, processor.do_resize, processor.size)
-    except ValueError as error:
-        raise ValueError(f"--num_spatial_views {processor.num_spatial_views}: {error}") from None
+    overrides = {
+        name: getattr(data_args, name)
+        for name in ("num_frames", "sampling_rate", "num_spatial_views", "num_temporal_views", "decoding_backend")
+        if getattr(data_args, name) is not None
+    }
+    if overrides:  # rebuilt, so the processor checks them with its other settings now, not at evaluation after training
+        try:
+            processor = type(processor).from_dict(processor.to_dict(), **overrides)
+        except ValueError as error:
+            flags = " ".join(f"--{name} {value}" for name, value in overrides.items())
+            raise ValueError(f"{flags}: {error}") from None
     return model, processor
 
 
