@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import re
+import threading
 
 import pytest
 import torch
@@ -594,6 +595,24 @@ def test_from_backbone_pretrained_refuses_a_clip_checkpoint_with_wrong_tensors(p
     # transformers' loading report, held back while a backbone loads (a two-tower checkpoint's unused text tower
     # would fill it), is logged where a tensor is wrong.
     assert "LOAD REPORT" in report.out and key.split(":")[0] in report.out
+
+
+def test_a_held_back_loading_report_is_this_threads_only(tmp_path):
+    # While one thread loads a backbone (its report held back), another thread's `from_pretrained` logs its own
+    # report as transformers does: the filter sits on a logger every thread shares.
+    from evl_hf.modeling_evl import _loading_report_logged_on_error
+
+    directory = save_tiny_backbone(tmp_path / "clip")
+    state_dict = load_file(directory / "model.safetensors")
+    key = _edit_tensors(state_dict, "unexpected")
+    save_file(state_dict, directory / "model.safetensors", metadata={"format": "pt"})
+    with CaptureLogger(logging.get_logger(modeling_utils.__name__)) as report:
+        with _loading_report_logged_on_error():
+            other_thread = threading.Thread(target=CLIPVisionModel.from_pretrained, args=(directory,))
+            other_thread.start()
+            other_thread.join()
+            CLIPVisionModel.from_pretrained(directory)  # this thread's: held back
+    assert report.out.count("LOAD REPORT") == 1 and key in report.out, report.out
 
 
 def test_from_backbone_pretrained_takes_the_vision_tower_of_a_full_clip_checkpoint(tmp_path):
