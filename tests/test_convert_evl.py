@@ -38,6 +38,18 @@ def test_cli_converts_the_golden_checkpoint_with_labels(golden_dir, tmp_path, ca
     assert pipeline("video-classification", model=str(out)).model.config.id2label[0] == "archery"
 
 
+def test_cli_takes_the_class_names_in_the_formats_the_training_script_takes(golden_dir, tmp_path, capsys):
+    # One name per line (as `--class_names_file`), e.g. the Kinetics label lists shipped as text; was refused as not
+    # JSON.
+    labels = ["archery", "bowling", "cooking", "dancing", "eating"]
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
+    main([
+        "--checkpoint", str(golden_dir / "evl_checkpoint.pth"), "--backbone", str(golden_dir / "clip-vision"),
+        "--output_dir", str(tmp_path / "out"), "--decoder_num_heads", "4", "--labels", str(tmp_path / "labels.txt"),
+    ])  # fmt: skip
+    assert EVLForVideoClassification.from_pretrained(tmp_path / "out").config.id2label == dict(enumerate(labels))
+
+
 def test_cli_names_itself_and_shows_its_example_as_written(capsys):
     # Its errors read `evl-convert: error: ...` (as the README's troubleshooting quotes them), not `convert.py`, and
     # the example's line continuation is shown, not folded into spaces.
@@ -50,12 +62,12 @@ def test_cli_names_itself_and_shows_its_example_as_written(capsys):
 
 def test_cli_names_a_bad_file_in_one_line(golden_dir, tmp_path, capsys):
     checkpoint, backbone = golden_dir / "evl_checkpoint.pth", golden_dir / "clip-vision"
-    (tmp_path / "labels.json").write_text("archery\nbowling\n")
+    (tmp_path / "labels.json").write_text('["archery", "bowling",]')
     torch.save({"state_dict": {"decoder.cls_token": torch.zeros(1)}}, tmp_path / "other_layout.pth")
     torch.save({"model": {"decoder.decoder_layers.0.attn.q_proj.weight": torch.zeros(1)}}, tmp_path / "partial.pth")
     for arguments, message in (
         (["--checkpoint", str(checkpoint), "--labels", str(tmp_path / "labels.json")],
-         f"{tmp_path / 'labels.json'}: not a JSON list of class names"),
+         f"{tmp_path / 'labels.json'}: the class names are not valid JSON"),
         (["--checkpoint", str(tmp_path / "other_layout.pth")],
          f"{tmp_path / 'other_layout.pth'}: expected the tensors under 'model' .* found a dict with the keys \\['state_dict'\\]"),
         (["--checkpoint", str(tmp_path / "partial.pth")], f"{tmp_path / 'partial.pth'}: The checkpoint lacks 'decoder.cls_token'"),
@@ -211,7 +223,7 @@ def test_cli_refuses_zero_heads_and_repeated_labels(golden_dir, tmp_path, capsys
     (tmp_path / "labels.json").write_text(json.dumps(["archery", "bowling", "archery", "cooking", "dancing"]))
     for arguments, code, message in (
         (["--decoder_num_heads", "0"], 2, "--decoder_num_heads must be a positive integer, got 0"),
-        (["--labels", str(tmp_path / "labels.json")], 1, f"{tmp_path / 'labels.json'}: the class names must be distinct; repeated: \\['archery'\\]"),
+        (["--labels", str(tmp_path / "labels.json")], 1, f"{tmp_path / 'labels.json'}: class names given more than once: \\['archery'\\]"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as ended:
             main(["--checkpoint", str(checkpoint), "--backbone", str(backbone), "--output_dir", str(tmp_path / "out"), *arguments])

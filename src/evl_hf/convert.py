@@ -11,10 +11,8 @@ modules exist) is read from it; the decoder head count defaults to the backbone'
 """
 
 import argparse
-import json
 import pickle
 import re
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from transformers import CLIPVisionConfig
 from .backbone_families import BACKBONE_FAMILIES, checkpoint_model_type, family_of_checkpoint
 from .configuration_evl import EVLConfig
 from .modeling_evl import EVLCheckpointError, EVLForVideoClassification
+from .class_names import read_class_names, repeated_labels
 from .output_paths import check_output_dir
 from .video_processing_evl import EVLVideoProcessor
 
@@ -159,11 +158,6 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], model: EVLForVideoCl
     return converted
 
 
-def repeated_labels(labels) -> list[str]:
-    """The class names given more than once: `label2id` keeps one index per name, so the head would lose classes."""
-    return sorted(label for label, count in Counter(labels).items() if count > 1)
-
-
 def convert_evl_checkpoint(
     checkpoint_path: str | Path,
     backbone: str | Path,
@@ -222,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", required=True, help="CLIP id (e.g. openai/clip-vit-base-patch16) or local dir.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--decoder_num_heads", type=int, default=None, help="Defaults to the backbone's head count.")
-    parser.add_argument("--labels", default=None, help="JSON list of class names in index order.")
+    parser.add_argument("--labels", default=None, help="Class names in label order: a JSON list or object, or one name per line (as --class_names_file).",)
     parser.add_argument("--sampling_rate", type=int, default=None, help="Frame stride (default: 16, or 8 for 32 frames).")
     parser.add_argument("--num_spatial_views", type=int, default=1, help="Evaluation crops saved in the processor (1 or 3).")
     parser.add_argument("--num_temporal_views", type=int, default=1, help="Evaluation windows saved in the processor.")
@@ -236,15 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     try:  # a bad file or argument is one line naming it, not a traceback
         id2label = None
         if args.labels:
-            try:
-                labels = json.loads(Path(args.labels).read_text(encoding="utf-8-sig"))
-            except ValueError as error:
-                raise ValueError(f"{args.labels}: not a JSON list of class names ({error}).") from None
-            if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-                raise ValueError(f"{args.labels}: expected a JSON list of class names.")
-            if repeated := repeated_labels(labels):
-                raise ValueError(f"{args.labels}: the class names must be distinct; repeated: {repeated}.")
-            id2label = dict(enumerate(labels))
+            id2label = dict(enumerate(read_class_names(args.labels)))
         model, processor = convert_evl_checkpoint(
             args.checkpoint, args.backbone, args.decoder_num_heads, id2label, args.sampling_rate,
             args.num_spatial_views, args.num_temporal_views,

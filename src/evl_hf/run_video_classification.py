@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoVideoProcessor, HfArgumentParser, Train
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .backbone_families import family_of_checkpoint, has_image_processor, processor_crop_size
+from .class_names import read_class_names
 from .configuration_evl import EVLConfig
 from .data.video_dataset import (  # it says how to get `datasets` where that is missing
     FRAME_ORDERS,
@@ -53,7 +54,6 @@ from .data.video_dataset import (  # it says how to get `datasets` where that is
     is_unlabeled,
     labels_by_name,
     load_video_dataset,
-    read_class_names,
     shuffled_subset,
 )
 from .modeling_evl import EVLCheckpointError, EVLForVideoClassification
