@@ -61,7 +61,7 @@ def save_tiny_classifier(directory: Path, labels: dict, decoder_scale: float = 0
     folder that `pipeline(...)` and `from_pretrained` load."""
     from evl_hf import EVLVideoProcessor
 
-    config = tiny_config(id2label=labels, label2id={v: k for k, v in labels.items()})
+    config = tiny_config(num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})
     seeded_classifier(config, decoder_scale).save_pretrained(directory)
     EVLVideoProcessor(
         num_frames=4, sampling_rate=3, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}

@@ -32,7 +32,15 @@ from evl_hf import (
     sample_frame_indices,
 )
 from evl_hf.backbone_families import backbone_family
-from evl_hf.explain import COLORMAP, OVERLAY_ALPHA, attention_maps, in_evaluation_mode, main, overlay_heatmap
+from evl_hf.explain import (
+    COLORMAP,
+    OVERLAY_ALPHA,
+    attention_maps,
+    in_evaluation_mode,
+    main,
+    overlay_heatmap,
+    top_predictions,
+)
 
 
 LABELS = {i: name for i, name in enumerate(["left", "right", "up", "down", "still"])}
@@ -310,6 +318,15 @@ def test_a_model_without_a_head_is_explained_without_labels(tmp_path, clip_path,
     main([str(clip_path), "--model", str(tmp_path / "evl"), "--output", str(tmp_path / "explain.png")])
     printed = capsys.readouterr().out
     assert printed.splitlines()[1].startswith("Attention on the class token"), printed
+
+
+def test_predictions_are_scored_as_the_model_trains_its_outputs():
+    logits = torch.tensor([-3.0, 1.0])
+    assert top_predictions(EVLConfig(num_labels=2), logits, 1) == (["LABEL_1"], [pytest.approx(0.982, abs=1e-3)])
+    multi_label = EVLConfig(num_labels=2, problem_type="multi_label_classification")
+    assert top_predictions(multi_label, logits, 2)[1] == pytest.approx([0.731, 0.047], abs=1e-3)
+    # One output and no problem_type: a regression, as transformers' losses take it (a softmax gave 1.0 always).
+    assert top_predictions(EVLConfig(num_labels=1), logits[:1], 1) == (["LABEL_0"], [-3.0])
 
 
 def test_overlay_draws_each_weight_over_its_own_patch():

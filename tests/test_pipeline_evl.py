@@ -24,6 +24,7 @@ from evl_hf import (
     EVLVideoClassificationPipeline,
     EVLVideoDecodingError,
     EVLVideoProcessor,
+    video_timeline,
 )
 
 
@@ -127,6 +128,26 @@ def test_pipeline_with_multi_view_processor_averages_views(saved_model, clip_pat
     with torch.no_grad():
         averaged = torch.stack([model(views[:, v]).logits.softmax(-1) for v in range(6)]).mean(0)[0]
     check_result(result, averaged, 5)
+
+
+def test_a_one_output_model_without_problem_type_is_scored_as_the_regression_it_trains_as(clip_path, tmp_path):
+    # transformers' losses take one output for a regression, and so does the model (`problem_type_for`); the pipelines
+    # took a softmax over the one logit: a score of 1.0 for every video.
+    directory = save_tiny_classifier(tmp_path / "one-output", {0: "speed"})
+    assert EVLConfig.from_pretrained(directory).problem_type is None
+    model = EVLForVideoClassification.from_pretrained(directory).eval()
+    with torch.no_grad():
+        raw = model(**EVLVideoProcessor.from_pretrained(directory)(str(clip_path), return_tensors="pt")).logits[0, 0]
+    assert model.problem_type_for(None) == "regression" and abs(float(raw)) != 1.0
+    (result,) = pipeline("video-classification", model=str(directory))(str(clip_path))
+    assert result["label"] == "speed" and result["score"] == pytest.approx(float(raw), abs=1e-5)
+    windows = pipeline("video-timeline", model=str(directory))(str(clip_path), window_stride=4)
+    outputs = video_timeline(model, EVLVideoProcessor.from_pretrained(directory), str(clip_path), window_stride=4)
+    assert [window["labels"][0]["score"] for window in windows] == pytest.approx(
+        [float(window.logits[0]) for window in outputs], abs=1e-5
+    )
+    sigmoid = pipeline("video-classification", model=str(directory))(str(clip_path), function_to_apply="sigmoid")
+    assert sigmoid[0]["score"] == pytest.approx(float(raw.sigmoid()), abs=1e-5)  # an explicit choice still holds
 
 
 def copy_checkpoint(source, destination):

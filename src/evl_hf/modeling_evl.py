@@ -945,6 +945,15 @@ def _loading_report_logged_on_error():
         loading_logger.removeFilter(hold)
 
 
+def problem_type_without_labels(config: PreTrainedConfig) -> str | None:
+    """`config.problem_type`, or where it is unset what transformers' classification losses take a model's outputs
+    for whatever the labels: a regression for one output. None where that depends on the labels' dtype. The
+    pipelines score outputs by it, as the model trains them."""
+    if config.problem_type is None and config.num_labels == 1:
+        return "regression"
+    return config.problem_type
+
+
 def _single_device(device_map) -> torch.device | None:
     """The device a `device_map` places a model built in one piece on: a device, its name or index, a map of every
     module to one device (`{"": 0}`), or "auto" (the accelerator if there is one); `None` without one."""
@@ -1974,10 +1983,9 @@ class EVLForVideoClassification(EVLPreTrainedModel):
         (and set on the first forward with labels): regression for one label, multi-label for float labels, else
         single-label. Only the labels' dtype counts, so unusable (-100) and unlabeled (-1) clips may be among them.
         """
-        if self.config.problem_type is not None:
-            return self.config.problem_type
-        if self.num_labels == 1:
-            return "regression"
+        problem_type = problem_type_without_labels(self.config)
+        if problem_type is not None:
+            return problem_type
         if labels is not None and labels.dtype not in (torch.long, torch.int):
             return "multi_label_classification"
         return "single_label_classification"

@@ -23,6 +23,7 @@ from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from transformers.pipelines.video_classification import VideoClassificationPipeline
 from transformers.utils import logging
 
+from .modeling_evl import problem_type_without_labels
 from .video_processing_evl import EVLVideoProcessor
 
 
@@ -34,6 +35,15 @@ TASK = "video-classification"
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def scoring_function(config, function_to_apply: str | None) -> str | None:
+    """The pipelines' `function_to_apply`: the one given, else "none" for a model that trains as a regression without
+    saying so (one output, no `problem_type`), where transformers' pipeline would take a softmax of the one logit
+    (1.0 for every video); otherwise transformers' default, from `problem_type`."""
+    if function_to_apply is None and problem_type_without_labels(config) == "regression":
+        return "none"
+    return function_to_apply
 
 
 def _collate_videos(items: list) -> dict:
@@ -140,6 +150,11 @@ class EVLVideoClassificationPipeline(VideoClassificationPipeline):
             return super()._forward(model_inputs)
         # `postprocess` reads the logits by name, also from a model loaded with `return_dict=False`.
         return self.model(**model_inputs, return_dict=True)
+
+    def postprocess(self, model_outputs, top_k=5, function_to_apply=None):
+        if self._is_evl():
+            function_to_apply = scoring_function(self.model.config, function_to_apply)
+        return super().postprocess(model_outputs, top_k=top_k, function_to_apply=function_to_apply)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         super().save_pretrained(save_directory, **kwargs)

@@ -40,7 +40,7 @@ from transformers.utils import is_accelerate_available, logging
 
 from ..backbone_families import checkpoint_model_type
 from ..configuration_evl import EVLConfig
-from ..modeling_evl import EVLForVideoClassification
+from ..modeling_evl import EVLForVideoClassification, problem_type_without_labels
 from ..output_paths import check_output_path, figure_format
 from ..video_processing_evl import EVLVideoProcessor
 
@@ -291,15 +291,16 @@ def displayed_frames(processor: EVLVideoProcessor, pixel_values: torch.Tensor) -
 def top_predictions(config: PreTrainedConfig, logits: torch.Tensor, top_k: int) -> tuple[list[str], list[float]]:
     """
     The `top_k` labels of one clip's `logits` and their scores: sigmoid probabilities for a multi-label model, the
-    raw outputs for regression, softmax probabilities otherwise (as `pipeline("video-classification")`). None for a
+    raw outputs for regression (also one output without a `problem_type`), softmax probabilities otherwise (as `pipeline("video-classification")`). None for a
     model without a classification head (`num_labels=0`), whose logits are the video embedding, as in the pipeline.
     """
     if config.num_labels == 0:
         return [], []
     logits = logits.detach().float().cpu()
-    if config.problem_type == "multi_label_classification":
+    problem_type = problem_type_without_labels(config)
+    if problem_type == "multi_label_classification":
         scores = logits.sigmoid()
-    elif config.problem_type == "regression":
+    elif problem_type == "regression":
         scores = logits
     else:
         scores = logits.softmax(-1)

@@ -37,6 +37,7 @@ from transformers.utils import logging
 from ..explain import in_evaluation_mode, load_model_and_processor, top_predictions
 from ..modeling_evl import EVLForVideoClassification, _backbone_autocast, cross_frame_attention_maps
 from ..output_paths import check_output_path, figure_format
+from ..pipeline_evl import scoring_function
 from ..video_decoding_evl import EVLVideoDecodingError, VideoFrameStream, _video_name, decode_video
 from ..video_processing_evl import EVLVideoProcessor, sample_frame_indices
 
@@ -510,6 +511,7 @@ class EVLVideoTimelinePipeline(VideoClassificationPipeline):
         return {"windows": video_timeline(self.model, self.video_processor, model_inputs["video"], **forward_params)}
 
     def postprocess(self, model_outputs, top_k=5, function_to_apply=None):
+        function_to_apply = scoring_function(self.model.config, function_to_apply)
         return [
             {
                 "start": window.start,
@@ -543,7 +545,7 @@ def plot_timeline(
 
     `windows`: the `"video-timeline"` pipeline's, or `video_timeline`'s, whose logits are scored as the pipeline
     scores them and named by `config` (the model's: its `id2label` and `problem_type`); without it the classes are
-    `LABEL_<index>` and the scores a softmax.
+    `LABEL_<index>` and the scores a softmax (the raw output of a single one).
     """
     output_format = figure_format(output_path) if output_path is not None else None  # checked before drawing
     from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
