@@ -61,7 +61,7 @@ def script_args(data_dir, backbone_dir, output_dir, *extra):
     ]  # fmt: skip
 
 
-def launch(launcher: str, args: list[str], port: int) -> str:
+def launch(launcher: str, args: list[str], port: int, cwd: Path | None = None) -> str:
     if launcher == "accelerate":
         # `--cpu` would start one process only; `--multi_gpu` with `--use_cpu` trains data-parallel on the CPU (gloo).
         prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -69,7 +69,10 @@ def launch(launcher: str, args: list[str], port: int) -> str:
                   "--main_process_port", str(port)]  # fmt: skip
     else:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run([*prefix, str(WORKER), *args], capture_output=True, text=True, env=ENV, timeout=600)
+    env = ENV
+    if cwd is not None:  # the package under test, also where a relative PYTHONPATH would point elsewhere
+        env = dict(ENV, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), *filter(None, [ENV.get("PYTHONPATH")])]))
+    result = subprocess.run([*prefix, str(WORKER), *args], capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result.stderr
 
@@ -235,3 +238,100 @@ def test_a_trained_dinov2_backbone_under_checkpointing_is_the_same_over_two_proc
     assert not torch.equal(single["evl.vision_model.encoder.layer.2.mlp.fc1.weight"], initial["encoder.layer.2.mlp.fc1.weight"])
     for key, tensor in single.items():
         torch.testing.assert_close(double[key], tensor, atol=2e-6, rtol=1e-5, msg=key)
+
+
+def data_set_args(backbone_dir, output_dir, *extra):
+    """`script_args` with the data from `--dataset_name` (given in `extra`) instead of the folders."""
+    args = script_args(Path("unused"), backbone_dir, output_dir, *extra)
+    for flag in ("--train_dir", "--validation_dir"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    return args
+
+
+def test_data_sets_read_by_datasets_are_the_same_over_two_processes(data_dir, backbone_dir, tmp_path, monkeypatch):
+    """
+    The clips of the train and validation folders (but moving_up, of which there is one clip) as one `datasets` data
+    set, each clip labeled by a ClassLabel of the names sorted: a folder with a CSV of clip paths relative to it (a
+    README's YAML gives the ClassLabel), loaded into the `datasets` cache, and the same rows saved with
+    `Dataset.save_to_disk`. Each run splits half of the clips off as the validation split (`--train_val_split`),
+    numbers the classes as `--class_names_file` does (reversed, one class more than the data) and reads the training
+    clips in order (`--train_sampling_strategy sequential`). The CSV folder read from another directory in 1 process
+    and in 2 (accelerate launch), and the saved data set in 2 (torchrun), give the same split, labels, weights,
+    metrics and per-clip predictions.
+    """
+    hub, saved, elsewhere = tmp_path / "hub", tmp_path / "saved", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    clips = sorted(p for split in ("train", "validation") for p in (data_dir / split).rglob("*.mp4"))
+    clips = [clip for clip in clips if clip.parent.name != "moving_up"]
+    relative = [f"videos/{clip.parent.name}/{index:02d}.mp4" for index, clip in enumerate(clips)]
+    for clip, path in zip(clips, relative):
+        (hub / path).parent.mkdir(parents=True, exist_ok=True)
+        (hub / path).write_bytes(clip.read_bytes())
+    names = sorted({clip.parent.name for clip in clips})
+    lines = [f"{path},{clip.parent.name}\n" for clip, path in zip(clips, relative)]
+    (hub / "train.csv").write_text("video,label\n" + "".join(lines))
+    features = [{"name": "video", "dtype": "string"},
+                {"name": "label", "dtype": {"class_label": {"names": dict(enumerate(names))}}}]  # fmt: skip
+    (hub / "README.md").write_text(f"---\ndataset_info: {json.dumps({'features': features})}\n---\n")  # YAML
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    # The paths as the CSV's are read: from the folder, not from the current directory.
+    original = {os.path.join(hub, path): clip.name for clip, path in zip(clips, relative)}
+    rows = {"video": list(original), "label": [names.index(clip.parent.name) for clip in clips]}
+    features = Features({"video": Value("string"), "label": ClassLabel(names=names)})
+    Dataset.from_dict(rows, features=features).save_to_disk(saved)
+    class_names = list(reversed(MOTION_CLASSES))
+    (tmp_path / "classes.json").write_text(json.dumps(class_names))
+    unusable = {"random_bytes.mp4", "truncated.mp4", "empty.mp4", "truncated_header.mp4"}
+    steps = ("--do_train", "--do_eval", "--max_steps", "1", "--optim", "sgd", "--learning_rate", "0.5",
+             "--lr_scheduler_type", "constant", "--weight_decay", "0", "--logging_steps", "1",
+             "--per_device_eval_batch_size", "2", "--train_val_split", "0.5", "--train_sampling_strategy", "sequential",
+             "--class_names_file", str(tmp_path / "classes.json"))  # fmt: skip
+
+    def args(name, dataset, batch):
+        return data_set_args(backbone_dir, tmp_path / name, *steps, "--dataset_name", str(dataset), "--cache_dir",
+                             str(tmp_path / f"cache-{name}"), "--per_device_train_batch_size", batch)  # fmt: skip
+
+    monkeypatch.chdir(elsewhere)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = run_script(args("1x4", hub, "4"))
+    finally:
+        torch.set_num_threads(threads)
+    launch("accelerate", args("2x2", hub, "2"), 29641, cwd=elsewhere)
+    launch("torchrun", args("2x2-saved", saved, "2"), 29642, cwd=elsewhere)
+
+    from evl_hf.data.video_dataset import clip_names
+
+    assert list(tmp_path.glob("cache-1x4/**/*.arrow")) and list(tmp_path.glob("cache-2x2/**/*.arrow"))  # by datasets
+    assert trainer.run_arguments["train_val_split"] == 0.5
+    training, validation = clip_names(trainer.train_dataset.dataset), clip_names(trainer.eval_dataset.dataset)
+    assert len(training) == len(validation) == 11 and sorted(training + validation) == sorted(rows["video"])
+    reference = "1x4"
+    runs = ("1x4", "2x2", "2x2-saved")
+    results = {name: json.loads((tmp_path / name / "all_results.json").read_text()) for name in runs}
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in results}
+    for name in results:
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert [config["id2label"][str(i)] for i in range(len(class_names))] == class_names, name
+        predictions = (tmp_path / name / "eval_predictions.csv").read_text().splitlines()
+        # Each clip under its own class: the labels numbered as the class names file does.
+        assert all(row.split(",")[1] == Path(row.split(",")[0]).parent.name for row in predictions[1:]), name
+        assert predictions[0] == "clip,label,predicted" and len(predictions) == 10, name
+        assert predictions == (tmp_path / reference / "eval_predictions.csv").read_text().splitlines(), name
+        assert results[name]["eval_unusable_clips"] == 2, name
+        for metric in ("eval_top1_accuracy", "eval_top5_accuracy"):
+            assert results[name][metric] == results[reference][metric], (name, metric)
+        assert results[name]["eval_loss"] == pytest.approx(results[reference]["eval_loss"], rel=1e-5), name
+        for key, tensor in weights[reference].items():
+            torch.testing.assert_close(weights[name][key], tensor, atol=2e-6, rtol=1e-5, msg=f"{name}: {key}")
+    for name in ("2x2", "2x2-saved"):
+        digests = {(tmp_path / name / f"weights_rank{rank}_of_2.sha256").read_text() for rank in (0, 1)}
+        assert len(digests) == 1, f"{name}: the replicas differ"
+        history = json.loads((tmp_path / name / "log_history_rank0_of_2.json").read_text())
+        np.testing.assert_allclose(step_losses(history), step_losses(trainer.state.log_history), rtol=1e-5,
+                                   err_msg=name)  # fmt: skip
+    # The one step reads the first 4 training clips, all usable: a shuffled order would read unusable ones.
+    assert not {original[clip] for clip in training[:4]} & unusable and {original[clip] for clip in training} & unusable
+    assert [results[name]["train_unusable_clips"] for name in results] == [0, 0, 0]
