@@ -430,6 +430,12 @@ def test_a_damaged_checkpoint_is_named_in_one_line(saved_model, tmp_path, clip_p
         main([str(clip_path), "--model", str(tmp_path / "backbone"), "--output", str(tmp_path / "out.png")])
     error = capsys.readouterr().err
     assert exit_info.value.code == 1 and "a `clip_vision_model` checkpoint, not an EVL model (`evl`)" in error, error
+    # The checkpoint's config.json given for its folder: transformers unpickled the JSON as weights (a traceback).
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(clip_path), "--model", str(saved_model / "config.json"), "--output", str(tmp_path / "out.png")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and error.count("\n") == 1, error
+    assert f"{saved_model / 'config.json'} is a file: give the checkpoint's folder" in error, error
 
 
 def test_a_numpy_integer_top_k_is_taken_as_the_timeline_takes_it(saved_model, clip_path):

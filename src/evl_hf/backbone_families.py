@@ -237,7 +237,13 @@ def family_of_checkpoint(model_type: str | None) -> EVLBackboneFamily | None:
 
 def checkpoint_model_type(pretrained_model_name_or_path, **hub_kwargs) -> str | None:
     """The `model_type` in a checkpoint's `config.json`; a `ValueError` naming the checkpoint when it has none (a folder
-    of videos, a mistyped output folder), where transformers would read an empty configuration."""
+    of videos, a mistyped output folder), where transformers would read an empty configuration, or when it is a file
+    (its `config.json`, say), which transformers would read as the config and then load as weights."""
+    if os.path.isfile(pretrained_model_name_or_path):
+        raise ValueError(
+            f"{pretrained_model_name_or_path} is a file: give the checkpoint's folder (with its {CONFIG_NAME} and "
+            "weights) or its Hub id."
+        )
     config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_file_kwargs(hub_kwargs))
     if not config_dict:
         raise ValueError(f"{pretrained_model_name_or_path}: no {CONFIG_NAME} there, so it is not a model checkpoint.")
