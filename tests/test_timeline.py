@@ -394,6 +394,8 @@ def test_the_cli_checks_its_output_files_before_any_work(clip_path, tmp_path, ca
         ([*output, "--plot", str(tmp_path / "missing" / "t.png")], "--plot .*t.png: the folder .* does not exist"),
         ([*output, "--plot", str(tmp_path / "t.xyz")], "--plot .*t.xyz: a figure is written as .*; got '.xyz'"),
         ([*output, "--plot", str(tmp_path / "t")], "--plot .*: a figure is written as .*; got no suffix"),
+        # A typo or a GPU this machine lacks: torch's traceback after the model had loaded.
+        ([*output, "--device", "gpu"], "argument --device: 'gpu' is not a device name"),
     ):
         with pytest.raises(SystemExit) as refused:
             evl_hf.timeline.main([str(clip_path), "--model", str(tmp_path / "no-model"), *arguments])

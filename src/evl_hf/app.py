@@ -46,6 +46,7 @@ from transformers.utils import logging
 
 # Importing this module imports evl_hf first, which registers EVL's "video-classification" and "video-timeline"
 # pipelines.
+from .devices import device_argument
 from .explain import explain
 from .timeline import plot_timeline, window_frame_sampling_rate
 from .video_decoding_evl import VIDEO_SUFFIXES, EVLVideoDecodingError
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         help="decoded frames between two of a timeline window's frames (default: the checkpoint's processor's stride; "
         "needed where that processor samples uniformly or by fps)",
     )
-    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
+    parser.add_argument("--device", default=None, type=device_argument, help="e.g. cuda:0 (default: CPU)")
     parser.add_argument(
         "--max_file_size",
         default="1gb",

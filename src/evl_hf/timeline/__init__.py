@@ -34,6 +34,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.video_classification import VideoClassificationPipeline
 from transformers.utils import logging
 
+from ..devices import device_argument
 from ..explain import in_evaluation_mode, load_model_and_processor, top_predictions
 from ..modeling_evl import EVLForVideoClassification, _backbone_autocast, cross_frame_attention_maps
 from ..output_paths import check_output_path, figure_format
@@ -604,7 +605,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--output", required=True, help="where to write the windows (JSON)")
     parser.add_argument("--plot", default=None, help="also draw the top classes' scores over time (PNG)")
-    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
+    parser.add_argument("--device", default=None, type=device_argument, help="e.g. cuda:0 (default: CPU)")
     args = parser.parse_args(argv)
     for name in ("window_stride", "top_k", "frame_sampling_rate"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
