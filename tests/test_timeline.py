@@ -97,6 +97,16 @@ def test_frames_three_pixels_tall_are_read_as_channels_last(saved_model, tmp_pat
             torch.testing.assert_close(window.logits, model(**inputs).logits[0], atol=1e-5, rtol=1e-5)
 
 
+def test_window_logits_are_ordinary_tensors(saved_model, clip_path):
+    # They were inference tensors: `div_` or a loss against them as targets raised outside inference mode.
+    model = EVLForVideoClassification.from_pretrained(saved_model)
+    windows = video_timeline(model, EVLVideoProcessor.from_pretrained(saved_model), str(clip_path), window_stride=8)
+    short = video_timeline(model, EVLVideoProcessor.from_pretrained(saved_model, num_frames=64), str(clip_path))
+    for window in windows + short:
+        assert not window.logits.is_inference()
+        window.logits.div_(2)
+
+
 def test_the_backbone_runs_once_per_sampled_frame(saved_model, clip_path):
     """Counted at the backbone itself: frames through its embeddings, and the cross-frame map computations."""
     model, processor = load(saved_model)

@@ -430,6 +430,10 @@ def video_timeline(
             for start, logits in sorted(done, key=lambda item: item[0]):
                 indices = decoded_indices[start : start + num_frames]
                 windows.append(EVLTimelineWindow(indices, indices[0] / fps, (indices[-1] + 1) / fps, logits))
+    for window in windows:
+        # Copied out of inference mode: ordinary tensors, as the model's forward under `no_grad` returns (an
+        # inference tensor cannot be changed in place, nor saved for a backward, e.g. as a distillation target).
+        window.logits = window.logits.clone()
     if stats is not None:
         stats.update(timeline.stats)
     return windows
