@@ -637,6 +637,12 @@ def test_a_checkpoint_trained_on_decomposed_folder_names_knows_the_composed_ones
     config.architectures = ["EVLForVideoClassification"]
     mapped = checkpoint_labels(config, [unicodedata.normalize("NFC", "café"), "tea"], ignore_mismatched_sizes=False)
     assert mapped == {0: unicodedata.normalize("NFC", "café"), 1: "tea"}
+    # A data set whose ClassLabel names its classes in NFD (not folders, which are read in NFC): the same classes, in
+    # the data set's form (they were refused as classes the checkpoint does not know).
+    config = EVLConfig(id2label={0: unicodedata.normalize("NFC", "café"), 1: "tea"})
+    config.architectures = ["EVLForVideoClassification"]
+    mapped = checkpoint_labels(config, [unicodedata.normalize("NFD", "café"), "tea"], ignore_mismatched_sizes=False)
+    assert mapped == {0: unicodedata.normalize("NFD", "café"), 1: "tea"}
 
 
 def test_checkpoint_classes_that_differ_only_in_unicode_form_stay_two_classes():

@@ -222,13 +222,14 @@ def checkpoint_labels(config: EVLConfig, data_labels: list[str], ignore_mismatch
     """
     if "EVLForVideoClassification" not in (config.architectures or []) or config.num_labels == 0:
         return None  # no classes to map the data set's to: the head is new
-    # In the form the data set's class names take (label folders' names are NFC): a checkpoint trained on folders
-    # named in another form has the same classes. Classes of its own that differ only in form stay as they are, two
-    # classes matched by exact name, not one name twice.
+    # In the form the data set's class names take (label folders' names are NFC, a ClassLabel's as written): a
+    # checkpoint trained on names in another form has the same classes. Classes of its own that differ only in form
+    # stay as they are, two classes matched by exact name, not one name twice.
     names = [config.id2label[i] for i in range(config.num_labels)]
     composed = [unicodedata.normalize("NFC", name) for name in names]
     twins = {name for name, count in Counter(composed).items() if count > 1}
-    names = [name if form in twins else form for name, form in zip(names, composed)]
+    data_by_form = {unicodedata.normalize("NFC", name): name for name in data_labels}
+    names = [name if form in twins else data_by_form.get(form, form) for name, form in zip(names, composed)]
     missing = sorted(set(data_labels) - set(names))
     if not missing:
         return dict(enumerate(names))
