@@ -437,3 +437,44 @@ def test_the_model_card_of_a_model_from_a_hub_id_says_whether_the_backbone_was_f
         text = (output / "README.md").read_text()
         assert (f"This model is a fine-tuned version of [{hub_id}](https://huggingface.co/{hub_id}) ({backbone}) on "
                 "the motion dataset.") in text  # fmt: skip
+
+
+def evaluated_trainer(output, **config) -> EVLTrainer:
+    """A trainer whose log history holds an evaluation, which the model card's `model-index` reports."""
+    model = EVLForVideoClassification(tiny_config(**config))
+    args = TrainingArguments(output_dir=str(output), report_to="none", use_cpu=True)
+    evaluated = EVLTrainer(model=model, args=args)
+    evaluated.state.log_history = [{"eval_top1_accuracy": 0.5, "eval_top5_accuracy": 1.0, "epoch": 1.0, "step": 1}]
+    return evaluated
+
+
+def test_the_model_card_gives_each_data_set_its_own_result(tmp_path):
+    # Lists of tags and names (Trainer takes `str | list[str]`) used to make one result whose `type` was the str() of
+    # the tags list and whose `name` was the list of names: the Hub could read neither. Tags without names raised
+    # KeyError: 'dataset'.
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    def results(output, **kwargs) -> set:
+        evaluated_trainer(output).create_model_card(**kwargs)
+        card = ModelCard.load(output / "README.md")
+        _, eval_results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+        return {(result.dataset_type, result.dataset_name, result.metric_name) for result in eval_results}
+
+    expected = {
+        (tag, name, metric)
+        for tag, name in (("kinetics400", "Kinetics 400"), ("ssv2", "SSv2"))
+        for metric in ("Top-1 accuracy", "Top-5 accuracy")
+    }  # fmt: skip
+    assert results(tmp_path / "hub", dataset_tags=["kinetics400", "ssv2"], dataset=["Kinetics 400", "SSv2"]) == expected
+    # Without names, as in Trainer, the tags name the data sets; a local one is named by its folder.
+    local = tmp_path / "motion" / "train"
+    local.mkdir(parents=True)
+    assert results(tmp_path / "tags", dataset_tags=["kinetics400", "ssv2"]) == {
+        (tag, tag, metric) for tag in ("kinetics400", "ssv2") for metric in ("Top-1 accuracy", "Top-5 accuracy")
+    }
+    assert results(tmp_path / "local", dataset=[str(local), "ssv2"]) == {
+        (tag, name, metric)
+        for tag, name in (("videofolder", "motion"), ("ssv2", "ssv2"))
+        for metric in ("Top-1 accuracy", "Top-5 accuracy")
+    }  # fmt: skip

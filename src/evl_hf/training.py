@@ -369,10 +369,12 @@ class EVLTrainer(Trainer):
         # Trainer links `finetuned_from` and `dataset` as Hub repositories in the card's text: only Hub ids may go there.
         origin = kwargs.get("finetuned_from") or self.model.config._name_or_path
         kwargs["finetuned_from"] = hub_repo_id(origin)
-        dataset = kwargs.get("dataset")
-        local_dataset = dataset is not None and os.path.exists(str(dataset))
-        if local_dataset:
-            kwargs["dataset"] = dataset_display_name(dataset)
+        # Like Trainer, one data set or several (`str | list[str]`): a local one is named by its folder.
+        datasets = _listify(kwargs.get("dataset"))
+        local = [os.path.exists(str(dataset)) for dataset in datasets]
+        names = [dataset_display_name(dataset) if is_local else dataset for dataset, is_local in zip(datasets, local)]
+        if any(local):
+            kwargs["dataset"] = names if isinstance(kwargs["dataset"], (list, tuple)) else names[0]
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():
             return
@@ -401,17 +403,21 @@ class EVLTrainer(Trainer):
             for opening in ("This model is a fine-tuned version of [](https://huggingface.co/) on ",
                             "This model was trained from scratch on "):  # fmt: skip
                 card.text = card.text.replace(opening, made)
-        dataset_type = kwargs.get("dataset_tags") or (("videofolder" if os.path.isdir(str(dataset)) else "custom") if local_dataset else dataset)
+        tags = _listify(kwargs.get("dataset_tags")) or [
+            ("videofolder" if os.path.isdir(str(dataset)) else "custom") if is_local else dataset
+            for dataset, is_local in zip(datasets, local)
+        ]  # fmt: skip
         results = latest_evaluation(self.state.log_history)
-        if results and dataset_type:
-            name = kwargs["dataset"]
+        if results and tags:
             card.data.model_name = Path(self.args.output_dir).name if self.hub_model_id is None else self.hub_model_id.split("/")[-1]
+            # One result per data set, each tag paired with its name (the tag without one), as in TrainingSummary.
             card.data.eval_results = [
                 EvalResult(
-                    task_type="video-classification", task_name="Video Classification", dataset_type=str(dataset_type),
+                    task_type="video-classification", task_name="Video Classification", dataset_type=tag,
                     dataset_name=name, dataset_split="validation", metric_type="accuracy", metric_name=metric_name,
                     metric_value=value,
                 )  # fmt: skip
+                for tag, name in zip(tags, names or tags)
                 for metric_name, value in results.items()
             ]
         reliance = latest_temporal_reliance(self.state.log_history)
@@ -499,6 +505,13 @@ def temporal_reliance_section(reliance: dict) -> str:
         "time reversals of each other (opening / closing), a model that reads time gets the reversed clips wrong.",
         "",
     ])  # fmt: skip
+
+
+def _listify(value) -> list:
+    """`str | list[str] | None`, as Trainer's card arguments take them, as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def dataset_display_name(path) -> str:
