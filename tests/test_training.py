@@ -478,3 +478,18 @@ def test_the_model_card_gives_each_data_set_its_own_result(tmp_path):
         for tag, name in (("videofolder", "motion"), ("ssv2", "ssv2"))
         for metric in ("Top-1 accuracy", "Top-5 accuracy")
     }  # fmt: skip
+
+
+def test_the_model_card_keeps_the_model_name_it_is_given(tmp_path):
+    # model-index's name used to be the output folder's (or hub_model_id's) whatever `model_name` said, while the
+    # card's heading, from Trainer, said `model_name`; push_to_hub passes its `model_name` here too.
+    from huggingface_hub import ModelCard
+
+    def names(output, **kwargs) -> tuple[str, str]:
+        evaluated_trainer(output).create_model_card(dataset="kinetics400", **kwargs)
+        card = ModelCard.load(output / "README.md")
+        heading = next(line for line in card.text.splitlines() if line.startswith("# "))
+        return heading, card.data.to_dict()["model-index"][0]["name"]
+
+    assert names(tmp_path / "named", model_name="my-evl") == ("# my-evl", "my-evl")
+    assert names(tmp_path / "unnamed") == ("# unnamed", "unnamed")

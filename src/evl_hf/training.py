@@ -409,7 +409,10 @@ class EVLTrainer(Trainer):
         ]  # fmt: skip
         results = latest_evaluation(self.state.log_history)
         if results and tags:
-            card.data.model_name = Path(self.args.output_dir).name if self.hub_model_id is None else self.hub_model_id.split("/")[-1]
+            # The name Trainer's heading gives (push_to_hub passes the Hub repository's), else the run's.
+            card.data.model_name = kwargs.get("model_name") or (
+                Path(self.args.output_dir).name if self.hub_model_id is None else self.hub_model_id.split("/")[-1]
+            )
             # One result per data set, each tag paired with its name (the tag without one), as in TrainingSummary.
             card.data.eval_results = [
                 EvalResult(
