@@ -604,6 +604,29 @@ def test_class_names_given_number_the_classes_of_a_class_label_or_label_folders(
     assert load_video_dataset(train_dir=str(train), class_names=decomposed)["train"].features["label"].names == ["cat", "café"]
 
 
+def test_class_names_given_number_string_labels_and_label_folders_alike(clips, tmp_path):
+    # String labels took the class names' order and label folders the sorted one, and the splits were compared
+    # before the folders were renumbered by name: "The splits disagree on the class names: [('a', 'b'), ('b', 'a')]".
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [json.dumps({"video": str(path), "label": label}) for path, label in zip(clips, ("a", "b", "b"))]
+    (data / "train.jsonl").write_text("\n".join(lines))
+    for label, clip in zip(("a", "b"), clips):
+        (tmp_path / "test" / label).mkdir(parents=True)
+        shutil.copy(clip, tmp_path / "test" / label / clip.name)
+    given = ["b", "a"]
+    loaded = load_video_dataset(dataset_name=str(data), test_dir=str(tmp_path / "test"), class_names=given)
+    for split, labels in (("train", ["a", "b", "b"]), ("test", ["a", "b"])):
+        assert loaded[split].features["label"].names == given
+        assert [given[index] for index in loaded[split]["label"]] == labels, split
+    # Names that lack a folder's class are still refused, and so are splits that disagree without names given.
+    with pytest.raises(ValueError, match=r"The class names given lack \['a'\], one of the label folders' names"):
+        load_video_dataset(test_dir=str(tmp_path / "test"), class_names=["b"])
+    shutil.move(tmp_path / "test" / "b", tmp_path / "test" / "c")
+    with pytest.raises(ValueError, match="The splits disagree on the class names"):
+        load_video_dataset(dataset_name=str(data), test_dir=str(tmp_path / "test"))
+
+
 def test_a_label_folder_is_one_class_whatever_its_unicode_form(clips, tmp_path):
     # 'café' composed (NFC) in one split and decomposed (NFD, as macOS copies it) in another: one class.
     import unicodedata

@@ -396,28 +396,39 @@ def load_video_dataset(
             labels = result[split].cast_column("label", Value("string"))
             result[split] = labels.cast_column("label", ClassLabel(names=names))
     names = {tuple(result[split].features["label"].names) for split in labeled}
-    if len(names) > 1:
-        raise ValueError(f"The splits disagree on the class names: {sorted(names)}")
     if names and class_names is not None:
         # Label folders and a ClassLabel column name their classes themselves: names given (numbers and strings take
         # them as they are) number those classes, matched by name in any Unicode form (a file written on macOS).
-        own = list(next(iter(names)))
-        own_by_form = {unicodedata.normalize("NFC", name): name for name in own}
-        given = [own_by_form.get(unicodedata.normalize("NFC", name), name) for name in class_names]
-        missing = [name for name in own if name not in given]
+        # Every split is numbered so before the splits are compared: folders beside string labels number their
+        # classes in sorted order, the strings in the order given.
+        own = {}
+        for split in labeled:
+            for name in result[split].features["label"].names:
+                own.setdefault(unicodedata.normalize("NFC", name), name)
+        given = [own.get(unicodedata.normalize("NFC", name), name) for name in class_names]
+        missing = [name for name in own.values() if name not in given]
         if missing:
-            source = (f"the names of {dataset_name}'s ClassLabel" if any(split in from_data_set for split in labeled)
+            lacking = [split for split in labeled if set(missing) & set(result[split].features["label"].names)]
+            source = (f"the names of {dataset_name}'s ClassLabel" if any(split in from_data_set for split in lacking)
                       else "the label folders' names")  # fmt: skip
             raise ValueError(
                 f"The class names given lack {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                 f"{'one' if len(missing) == 1 else f'{len(missing)}'} of {source} ({len(own)} classes): give names "
                 "that include every class of the data, in the order that numbers them."
             )
-        if given != own:
-            class_names = ClassLabel(names=given)
-            for split in labeled:
-                result[split] = labels_by_name(result[split], class_names)
-            names = {tuple(given)}
+        class_label = ClassLabel(names=given)
+        for split in labeled:
+            split_names = result[split].features["label"].names
+            if split_names != given:
+                # Matched in the split's own Unicode form, then named as the first split names them.
+                by_form = {unicodedata.normalize("NFC", name): name for name in split_names}
+                in_its_form = [by_form.get(unicodedata.normalize("NFC", name), name) for name in given]
+                result[split] = labels_by_name(result[split], ClassLabel(names=in_its_form))
+                if in_its_form != given:
+                    result[split] = result[split].cast_column("label", class_label)
+        names = {tuple(given)}
+    if len(names) > 1:
+        raise ValueError(f"The splits disagree on the class names: {sorted(names)}")
     class_label = ClassLabel(names=list(names.pop()) if names else list(class_names or []))
     for split in unlabeled:
         result[split] = result[split].cast_column("label", class_label)
