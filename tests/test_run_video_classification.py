@@ -346,6 +346,20 @@ def test_resuming_with_another_freeze_backbone_is_refused_before_training(data_d
         load_script().main(args)
 
 
+def test_weight_decay_on_norms_and_biases_is_the_runs_and_kept_on_resuming(data_dir, backbone_dir, tmp_path):
+    # The authors' recipe decays every tensor. Resuming with the other choice would fail in torch's
+    # optimizer.load_state_dict (its two parameter groups change size), after the feature cache.
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--max_steps", "1", "--save_steps", "1",
+                     "--weight_decay", "0.05")  # fmt: skip
+    trainer = load_script().main([*args, "--decay_norms_and_biases", "true"])
+    decayed = {id(p) for group in trainer.optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert id(trainer.model.classifier.bias) in decayed
+    args[args.index("--max_steps") + 1] = "2"
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-1: it was trained with "
+                                         r"--decay_norms_and_biases true, this run has false"):  # fmt: skip
+        load_script().main(args)
+
+
 def test_a_checkpoint_that_cannot_be_resumed_is_refused_before_the_feature_cache(data_dir, backbone_dir, tmp_path):
     # Trainer.train would refuse each only after the feature cache (a backbone pass over every training clip).
     output, cache = tmp_path / "out", tmp_path / "cache"

@@ -109,6 +109,23 @@ def test_the_sequential_strategy_reads_decoded_training_clips_in_order(tmp_path)
         assert sorted(keys) == list(range(10, 15)) and (keys == sorted(keys)) == in_order
 
 
+@pytest.mark.parametrize("decay_norms_and_biases", [False, True])
+def test_weight_decay_reaches_norms_and_biases_only_when_asked(tmp_path, decay_norms_and_biases):
+    # The authors' AdamW decays every tensor; transformers' Trainer leaves biases and LayerNorm weights undecayed.
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, weight_decay=0.05)
+    model = EVLForVideoClassification(tiny_config())
+    scores = EVLTrainer(model=model, args=args, decay_norms_and_biases=decay_norms_and_biases)
+    optimizer = scores.create_optimizer()
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0.05 for p in group["params"]}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    undecayed = sorted(name for name, p in trainable.items() if id(p) not in decayed)
+    if decay_norms_and_biases:
+        assert undecayed == []
+    else:
+        assert "classifier.bias" in undecayed and "fc_norm.weight" in undecayed and "classifier.weight" not in undecayed
+    assert not any(id(p) in decayed for p in model.evl.vision_model.parameters())  # frozen: not in the optimizer
+
+
 def test_starting_to_read_a_dataloader_leaves_the_global_random_state_alone(tmp_path):
     # torch's DataLoader draws its workers' base seed each time an iterator is made; from torch's global generator, a
     # run with persistent workers (one iterator for the whole run) and its resumed run (one more) would draw the

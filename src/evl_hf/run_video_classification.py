@@ -94,6 +94,13 @@ class ModelArguments:
         metadata={"help": "Start a new classification head when the checkpoint's labels are not the data set's."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models/data sets are cached."})
+    decay_norms_and_biases: bool = field(
+        default=False,
+        metadata={
+            "help": "Apply --weight_decay to biases and LayerNorm weights too, as the authors' AdamW does (Trainer "
+            "leaves them undecayed)."
+        },
+    )
 
 
 @dataclass
@@ -551,6 +558,22 @@ def check_checkpoint_freeze(checkpoint: str, freeze_backbone: bool) -> None:
         )
 
 
+def check_checkpoint_decay(checkpoint: str, decay_norms_and_biases: bool) -> None:
+    """Refuse to resume with the other `--decay_norms_and_biases`: the optimizer's decayed and undecayed parameter
+    groups change size, which `Trainer` would only refuse in torch's `load_state_dict`. A checkpoint without its run's
+    arguments cannot be checked."""
+    saved_path = Path(checkpoint) / RUN_ARGUMENTS_FILE
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text()).get("decay_norms_and_biases", False)  # older runs: Trainer's groups
+    if saved != decay_norms_and_biases:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was trained with --decay_norms_and_biases {str(saved).lower()}, this "
+            f"run has {str(decay_norms_and_biases).lower()}, so the optimizer state it saved is for other parameter "
+            f"groups. Resume with --decay_norms_and_biases {str(saved).lower()}, or start afresh with a new --output_dir."
+        )
+
+
 def parse_arguments(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
@@ -684,6 +707,7 @@ def main(argv: list[str] | None = None):
         compute_metrics=make_compute_metrics(top_k=5),
         processing_class=processor,
         run_arguments=arguments,
+        decay_norms_and_biases=model_args.decay_norms_and_biases,
     )
 
     checkpoint = None
@@ -711,6 +735,7 @@ def main(argv: list[str] | None = None):
             warn_about_changed_arguments(checkpoint, arguments)
             check_checkpoint_classes(checkpoint, model.config.id2label)
             check_checkpoint_freeze(checkpoint, model.config.freeze_backbone)
+            check_checkpoint_decay(checkpoint, model_args.decay_norms_and_biases)
             check_checkpoint_fits(checkpoint, model)
 
     if training_args.do_train and data_args.cache_backbone_features:

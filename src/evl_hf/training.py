@@ -49,12 +49,15 @@ class EVLTrainer(Trainer):
     - the number of distinct unusable clips, over all processes, is reported as `train_unusable_clips` and
       `<prefix>_unusable_clips`;
     - `run_arguments`, when given, are written into every checkpoint as `RUN_ARGUMENTS_FILE`, and the unusable
-      training clips met so far as `UNUSABLE_CLIPS_FILE`, which a resumed run counts in.
+      training clips met so far as `UNUSABLE_CLIPS_FILE`, which a resumed run counts in;
+    - with `decay_norms_and_biases=True`, `weight_decay` applies to every trained tensor, biases and LayerNorm weights
+      too, as the authors' AdamW does (`Trainer` leaves those undecayed).
     """
 
-    def __init__(self, *args, run_arguments: dict | None = None, **kwargs):
+    def __init__(self, *args, run_arguments: dict | None = None, decay_norms_and_biases: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.run_arguments = run_arguments
+        self.decay_norms_and_biases = decay_norms_and_biases
         self._user_compute_metrics = self.compute_metrics
         self.compute_metrics = self._metrics_of_usable_clips
         # The loss is computed over all scored clips at the end (`_metrics_of_usable_clips`) and needs the model's
@@ -64,6 +67,11 @@ class EVLTrainer(Trainer):
             self.preprocess_logits_for_metrics = self._logits_and_preprocessed
         self.unusable_clips = {"train": set(), "eval": set()}
         self._start_evaluation()
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        if self.decay_norms_and_biases:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
 
     def _logits_and_preprocessed(self, logits, labels):
         # Only the classification logits are kept beside the preprocessed outputs: the rest of the model's outputs
