@@ -6,7 +6,8 @@ Train, evaluate and predict with EVL on video folders, list files or a `datasets
     python examples/run_video_classification.py --backbone openai/clip-vit-base-patch16 \
         --train_dir data/train --validation_dir data/val --output_dir evl-out \
         --do_train --do_eval --num_frames 8 --sampling_rate 16 --learning_rate 4e-4 --weight_decay 0.05 \
-        --lr_scheduler_type cosine --per_device_train_batch_size 32 --num_train_epochs 30 --bf16
+        --decay_norms_and_biases true --lr_scheduler_type cosine --max_grad_norm 0 \
+        --per_device_train_batch_size 32 --max_steps 50000 --bf16
 
     # 8 GPUs:                   accelerate launch --num_processes 8 examples/run_video_classification.py ...
     # 2 processes on the CPU:   accelerate launch --multi_gpu --num_processes 2 examples/run_video_classification.py ... --use_cpu true

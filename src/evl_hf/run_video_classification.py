@@ -8,7 +8,8 @@ Start from pretrained CLIP (the frozen backbone) or from an EVL checkpoint:
     python examples/run_video_classification.py --backbone openai/clip-vit-base-patch16 \
         --train_dir data/train --validation_dir data/val --output_dir evl-out \
         --do_train --do_eval --num_frames 8 --sampling_rate 16 --learning_rate 4e-4 --weight_decay 0.05 \
-        --lr_scheduler_type cosine --per_device_train_batch_size 32 --num_train_epochs 30 --bf16
+        --decay_norms_and_biases true --lr_scheduler_type cosine --max_grad_norm 0 \
+        --per_device_train_batch_size 32 --max_steps 50000 --bf16
 
 Works unchanged under `accelerate launch` / torchrun (data parallel, mixed precision, gradient accumulation).
 
