@@ -345,6 +345,30 @@ def test_from_backbone_pretrained_takes_the_backbones_image_settings(tmp_path, n
     assert AutoVideoProcessor.from_pretrained(tmp_path / "evl").to_dict() == processor.to_dict()
 
 
+@pytest.mark.parametrize(
+    "settings", [{"do_rescale": False}, {"do_resize": False}, {"image_mean": 0.5, "image_std": 0.5}],
+    ids=["no-rescale", "no-resize", "scalar-mean-std"],
+)
+def test_from_backbone_pretrained_follows_the_backbones_rescale_resize_and_scalar_statistics(tmp_path, settings):
+    # Its do_rescale / do_resize used to be ignored (frames rescaled and resized anyway), and a scalar mean / std,
+    # which image processors take for every channel, was a TypeError.
+    from transformers import ViTImageProcessor
+
+    image_processor = ViTImageProcessor(size={"height": 32, "width": 32}, **settings)
+    image_processor.save_pretrained(tmp_path)
+    processor = EVLVideoProcessor.from_backbone_pretrained(str(tmp_path), num_frames=4, sampling_rate=1)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 40, 48, 3), dtype=np.uint8)
+    ours = processor(frames, return_tensors="pt")["pixel_values"][0]
+    theirs = image_processor(list(frames), return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().mean() < 0.005 * (255 if settings.get("do_rescale") is False else 1)
+    assert list(processor.image_mean) == pytest.approx(list(np.broadcast_to(image_processor.image_mean, 3)))
+    # Unresized frames have no square to take 3 views of: refused as for any processor without a crop.
+    if settings.get("do_resize") is False:
+        with pytest.raises(ValueError, match="num_spatial_views=3 takes 3 crops"):
+            EVLVideoProcessor.from_backbone_pretrained(str(tmp_path), num_spatial_views=3)
+
+
 @pytest.mark.parametrize("portrait", [False, True])
 def test_three_spatial_views_of_a_square_resize_keep_the_aspect_ratio(tmp_path, portrait):
     """SigLIP and ViT resize to a square with no crop, which would give 3 equal crops: for 3 views the short side is

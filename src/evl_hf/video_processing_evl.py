@@ -308,7 +308,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
         """
         A processor that prepares frames as an image backbone's own image processor does (a Hub id or a directory
         holding its `preprocessor_config.json`): its resize (short side, or a fixed height x width), centre crop or
-        none, resampling, rescale factor and mean / std. SigLIP resizes to a square and normalises with 0.5 / 0.5,
+        none, whether it resizes and rescales at all, resampling, rescale factor and mean / std (one number for every
+        channel is spread to the 3). SigLIP resizes to a square and normalises with 0.5 / 0.5,
         DINOv2 crops and uses the ImageNet mean / std, CLIP its own (for `num_spatial_views=3` a square resize keeps
         the aspect ratio, see `EVLVideoProcessorKwargs`). PIL, which those processors resize with,
         antialiases, so `antialias=True`. Frame sampling keeps this class's defaults (8 frames, stride 16);
@@ -343,10 +344,17 @@ class EVLVideoProcessor(BaseVideoProcessor):
             scale = image_size / crop_size["height"]
             size = {key: round(value * scale) for key, value in size.items()}
             crop_size = {"height": image_size, "width": image_size}
+
+        def per_channel(value) -> list:
+            # Image processors take one number for every channel as well as one per channel.
+            return [float(value)] * 3 if np.ndim(value) == 0 else [float(item) for item in value]
+
         values = dict(
+            do_resize=bool(getattr(image_processor, "do_resize", True)),
             size=size, do_center_crop=do_center_crop, crop_size=crop_size, antialias=True,
-            image_mean=list(image_processor.image_mean), image_std=list(image_processor.image_std),
+            image_mean=per_channel(image_processor.image_mean), image_std=per_channel(image_processor.image_std),
             do_normalize=bool(getattr(image_processor, "do_normalize", True)),
+            do_rescale=bool(getattr(image_processor, "do_rescale", True)),
             rescale_factor=getattr(image_processor, "rescale_factor", 1 / 255),
         )  # fmt: skip
         resample = getattr(image_processor, "resample", None)
