@@ -30,6 +30,27 @@ def test_random_dense_start_stays_inside_the_video():
     assert min(starts) >= 0 and max(starts) <= 100 - 31 and len(starts) > 30
 
 
+@pytest.mark.parametrize("frame_sampling", ["dense", "uniform"])
+def test_random_offsets_follow_the_global_seed(frame_sampling):
+    # They were drawn from an unseeded generator: `set_seed` could not make a training clip reproducible.
+    from transformers import set_seed
+
+    processor = small_processor(sampling_rate=1, frame_sampling=frame_sampling, random_temporal_offset=True,
+                                do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False)  # fmt: skip
+    video = np.broadcast_to(np.arange(200, dtype=np.uint8)[:, None, None, None], (200, 4, 4, 3))
+
+    def clip_after_seed(seed):
+        set_seed(seed)
+        return processor(video, return_tensors="pt")["pixel_values"][0, :, 0, 0, 0].tolist()
+
+    assert clip_after_seed(0) == clip_after_seed(0) != clip_after_seed(1)
+    # Sampling without a random offset draws nothing: the global state (a model's dropout, ...) is left alone.
+    state = torch.get_rng_state()
+    sample_frame_indices(200, 4, num_temporal_views=3)
+    small_processor()(video, return_tensors="pt")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_uniform_sampling_takes_one_frame_per_segment():
     assert sample_frame_indices(80, 8, frame_sampling="uniform").tolist() == [5, 15, 25, 35, 45, 55, 65, 75]
     views = sample_frame_indices(80, 4, frame_sampling="uniform", num_temporal_views=2).reshape(2, 4)

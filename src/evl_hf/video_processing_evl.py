@@ -65,7 +65,8 @@ class EVLVideoProcessorKwargs(VideosKwargs, total=False):
         square without cropping (SigLIP's, ViT's) resizes the short side to that square's side for 3 views, keeping
         the aspect ratio, and takes the 3 squares along the long side.
     random_temporal_offset (`bool`, *optional*):
-        Training augmentation: draw the dense window's start (or the uniform offsets) at random.
+        Training augmentation: draw the dense window's start (or the uniform offsets) at random, following torch's
+        global seed (`transformers.set_seed`).
     decoding_backend (`str`, *optional*):
         `"auto"` (torchcodec when it can load, else PyAV), `"torchcodec"` or `"pyav"`; see `decode_video`.
     antialias (`bool`, *optional*):
@@ -140,11 +141,17 @@ def sample_frame_indices(
     `[0, 4, 8, 12, 16, 16, 16, 16]`; evaluation: `[0, 4, 8, 12, 16, 19, 19, 19]`). Uniform: the video is cut into
     `num_frames` equal segments and one frame is taken per segment, at the same relative offset in each (centred,
     spread over views, or random).
+
+    Random offsets are drawn from `generator`, or, without one, from a generator seeded by torch's default one, so
+    `transformers.set_seed` (or `torch.manual_seed`) makes them reproducible.
     """
     if total_num_frames < 1:
         raise ValueError(f"Cannot sample frames from a video with {total_num_frames} frames.")
     _check_positive(num_frames=num_frames, sampling_rate=sampling_rate, num_temporal_views=num_temporal_views)
-    generator = generator or np.random.default_rng()
+    if generator is None and random_temporal_offset:
+        # Seeded from torch's default generator, which `transformers.set_seed` and `torch.manual_seed` seed (and a
+        # DataLoader seeds per worker); drawn only for a random offset, so evaluation leaves the global state alone.
+        generator = np.random.default_rng(int(torch.randint(2**63 - 1, ())))
     views = []
     if frame_sampling == "dense":
         window = (num_frames - 1) * sampling_rate + 1
