@@ -158,6 +158,34 @@ def test_frames_given_as_an_array_of_other_lengths():
     assert out.shape[1] == 3
 
 
+def test_frames_loaded_with_their_metadata_are_taken_as_already_sampled(coded_clip):
+    # transformers' `load_video(path, num_frames=N)` gives N frames with the metadata of the whole video; the
+    # processor used to sample indices of the whole video from those N frames: a bare IndexError.
+    from transformers.video_utils import load_video
+
+    raw = dict(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False)
+    processor = small_processor(**raw)
+    for num_loaded in (4, 12):
+        video, metadata = load_video(str(coded_clip), backend="pyav", num_frames=num_loaded)
+        loaded = list(metadata.frames_indices)
+        out = processor(video, video_metadata=metadata, return_tensors="pt", return_metadata=True)
+        indices = [frame_index(f.permute(1, 2, 0).numpy()) for f in out["pixel_values"][0]]
+        # As many as num_frames are used as they are, more sampled from those given (the dense window, centred);
+        # the metadata gives their indices in the video.
+        expected = loaded if num_loaded == 4 else [loaded[i] for i in sample_frame_indices(num_loaded, 4, 3)]
+        assert indices == list(out["video_metadata"][0].frames_indices) == expected
+        assert list(metadata.frames_indices) == loaded  # the caller's metadata is left as it was
+    # By time: 24 frames of 12 s were taken 2 a second, so one a second is 12 of them.
+    video, metadata = load_video(str(coded_clip), backend="pyav", num_frames=24)
+    out = processor(video, video_metadata=metadata, fps=1, return_tensors="pt", return_metadata=True)
+    indices = [frame_index(f.permute(1, 2, 0).numpy()) for f in out["pixel_values"][0]]
+    assert len(indices) == 12 and indices == list(out["video_metadata"][0].frames_indices)
+    assert set(indices) <= set(metadata.frames_indices.tolist())
+    video, metadata = load_video(str(coded_clip), backend="pyav", num_frames=3)
+    with pytest.raises(ValueError, match="The video has 3 frames, fewer than num_frames=4"):
+        processor(video, video_metadata=metadata, return_tensors="pt")
+
+
 def test_fps_samples_by_time_and_excludes_num_frames(coded_clip):
     # BaseVideoProcessor's contract, which `fps` used to ignore: 300 frames at 25 fps are 12 s, one frame a second.
     raw = dict(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False)

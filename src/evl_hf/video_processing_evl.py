@@ -17,6 +17,7 @@
 # Imported first: where transformers is older than EVL needs, it says so before the imports below fail.
 from .transformers_requirement import TRANSFORMERS_REQUIREMENT  # noqa: F401  # isort: skip
 import contextvars
+import dataclasses
 import functools
 
 import numpy as np
@@ -26,7 +27,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelD
 from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.utils import logging
 from transformers.video_processing_utils import BaseVideoProcessor
-from transformers.video_utils import VideoMetadata
+from transformers.video_utils import VideoMetadata, make_batched_metadata, make_batched_videos
 
 from .backbone_families import HUB_FILE_ARGUMENTS
 from .video_decoding_evl import (
@@ -202,6 +203,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
     Frames given as an array: exactly `num_frames` of them are a clip already sampled and are used as they are (every
     temporal view is that clip); more are sampled like a decoded video; fewer raise a `ValueError` (a file that short
     repeats its last frame, as the authors' evaluation does). `do_sample_frames=False` takes any array as it is.
+    Frames given with the `video_metadata` of a longer video (`transformers.video_utils.load_video(path,
+    num_frames=N)`) were sampled already: the same rules apply to them, and `frames_indices` stay the video's.
 
     ```python
     >>> import numpy as np
@@ -476,10 +479,38 @@ class EVLVideoProcessor(BaseVideoProcessor):
             backend = _CALL_DECODING_BACKEND.get() or self.decoding_backend
             decoded = [decode_video(v, sample, backend=backend) for v in videos]
             return [frames for frames, _ in decoded], [metadata for _, metadata in decoded]
-        if do_sample_frames and sample_indices_fn is not None:
-            # transformers samples an array as if it were a whole decoded video; tell `sample_frames` it is not.
-            sample_indices_fn = functools.partial(sample_indices_fn, given_frames=True)
-        return super()._decode_and_sample_videos(videos, video_metadata, do_sample_frames, sample_indices_fn)
+        if not do_sample_frames or sample_indices_fn is None:
+            return super()._decode_and_sample_videos(videos, video_metadata, do_sample_frames, sample_indices_fn)
+        # transformers samples an array as if it were a whole decoded video; tell `sample_frames` it is not.
+        sample_indices_fn = functools.partial(sample_indices_fn, given_frames=True)
+        if video_metadata is None:
+            return super()._decode_and_sample_videos(videos, video_metadata, do_sample_frames, sample_indices_fn)
+        videos = make_batched_videos(videos)
+        video_metadata = make_batched_metadata(videos, video_metadata)
+        video_metadata = [VideoMetadata(**m) if isinstance(m, dict) else m for m in video_metadata]  # a mixed list
+        # Frames loaded with the metadata of their whole video (`transformers.video_utils.load_video(path,
+        # num_frames=N)`) are fewer than its `total_num_frames`: they were sampled already, so they are sampled from
+        # as given frames, at the rate they were taken at, and the indices they carry are mapped back to the video's.
+        already_sampled = {}
+        for position, (video, metadata) in enumerate(zip(videos, video_metadata)):
+            total = metadata.total_num_frames
+            if total == len(video):
+                continue
+            known = metadata.frames_indices is not None and len(metadata.frames_indices) == len(video)
+            already_sampled[position] = np.asarray(metadata.frames_indices) if known else None
+            fps = metadata.fps * len(video) / total if metadata.fps and total else None
+            # A copy: the caller's metadata keeps describing the video it loaded.
+            video_metadata[position] = dataclasses.replace(
+                metadata, total_num_frames=len(video), fps=fps, frames_indices=None
+            )
+        videos, video_metadata = super()._decode_and_sample_videos(
+            videos, video_metadata, do_sample_frames, sample_indices_fn
+        )
+        for position, indices in already_sampled.items():
+            metadata = video_metadata[position]
+            # Unknown, the indices in the video are left out rather than given as positions in the frames.
+            metadata.frames_indices = None if indices is None else indices[metadata.frames_indices]
+        return videos, video_metadata
 
     def _spatial_crops(self, frames: torch.Tensor, crop_size: SizeDict, num_spatial_views: int) -> list[torch.Tensor]:
         if num_spatial_views == 1:
