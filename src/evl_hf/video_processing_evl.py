@@ -71,7 +71,8 @@ class EVLVideoProcessorKwargs(VideosKwargs, total=False):
     decoding_backend (`str`, *optional*):
         `"auto"` (torchcodec when it can load, else PyAV), `"torchcodec"` or `"pyav"`; see `decode_video`.
     antialias (`bool`, *optional*):
-        Antialias when resizing. Off by default, as in the authors' evaluation (the released checkpoints' accuracy).
+        Antialias when resizing. Off by default, as in the authors' evaluation (the released checkpoints' accuracy),
+        which resizes frames as floats; on, 8-bit frames are resized as 8-bit, as image processors resize them.
     """
 
     sampling_rate: int | None
@@ -319,15 +320,15 @@ class EVLVideoProcessor(BaseVideoProcessor):
         A processor that prepares frames as an image backbone's own image processor does (a Hub id or a directory
         holding its `preprocessor_config.json`): its resize (short side, or a fixed height x width), centre crop or
         none, whether it resizes and rescales at all, resampling, rescale factor and mean / std (one number for every
-        channel is spread to the 3). SigLIP resizes to a square and normalises with 0.5 / 0.5,
-        DINOv2 crops and uses the ImageNet mean / std, CLIP its own (for `num_spatial_views=3` a square resize keeps
-        the aspect ratio, see `EVLVideoProcessorKwargs`). PIL, which those processors resize with,
-        antialiases, so `antialias=True`. Frame sampling keeps this class's defaults (8 frames, stride 16);
-        `kwargs` override any field (`num_frames=`, `sampling_rate=`, ...). The Hub arguments that locate the
-        backbone's files for `EVLForVideoClassification.from_backbone_pretrained` (`subfolder`, `revision`, `token`,
-        `cache_dir`, ...) locate its image processor. `image_size` (the model's, for DINOv2 run at another size than
-        its processor's crop) crops frames of that size, the resize scaled by as much (a 224 crop of a 256 short side
-        becomes a 448 crop of a 512 one).
+        channel is spread to the 3). SigLIP resizes to a square and normalises with 0.5 / 0.5, DINOv2 crops and uses
+        the ImageNet mean / std, CLIP its own (for `num_spatial_views=3` a square resize keeps the aspect ratio, see
+        `EVLVideoProcessorKwargs`). Those processors resize 8-bit frames as 8-bit, with antialias, so `antialias=True`,
+        which does the same: the same pixels as their torchvision backend. Frame sampling keeps this class's defaults
+        (8 frames, stride 16); `kwargs` override any field (`num_frames=`, `sampling_rate=`, ...). The Hub arguments
+        that locate the backbone's files for `EVLForVideoClassification.from_backbone_pretrained` (`subfolder`,
+        `revision`, `token`, `cache_dir`, ...) locate its image processor. `image_size` (the model's, for DINOv2 run at
+        another size than its processor's crop) crops frames of that size, the resize scaled by as much (a 224 crop of
+        a 256 short side becomes a 448 crop of a 512 one).
         """
         from transformers import AutoImageProcessor
 
@@ -567,9 +568,13 @@ class EVLVideoProcessor(BaseVideoProcessor):
                     "let the processor sample frames (do_sample_frames=True) for multi-view evaluation."
                 )
             if do_resize:
-                # The authors resize float frames: resizing uint8 would round every resized pixel to an integer.
-                video = video if video.is_floating_point() else video.float()
+                # The authors resize float frames: resizing uint8 would round every resized pixel to an integer. Image
+                # processors (PIL, torchvision) resize 8-bit frames as 8-bit, with antialias: so does an antialiased
+                # resize here (`from_backbone_pretrained`'s, an earlier version's), to give the backbone's pixels.
+                eight_bit = bool(antialias) and video.dtype == torch.uint8
+                video = video if video.is_floating_point() or eight_bit else video.float()
                 video = self.resize(video, size=size, resample=resample, antialias=bool(antialias))
+                video = video.float() if eight_bit else video
             crops = self._spatial_crops(video, crop_size, num_spatial_views) if do_center_crop else [video]
             crops = [
                 self.rescale_and_normalize(crop, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
