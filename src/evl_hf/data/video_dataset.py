@@ -536,32 +536,33 @@ def _count_missing_labels(dataset: Dataset) -> int:
 class VideoTrainTransform:
     """
     The authors' training augmentation: a random dense window, then RandAugment (timm's `rand-m7-n4-mstd0.5-inc1`,
-    the same ops and magnitudes for every frame of a clip, see `ClipRandAugment`), then one random resized crop box (scale 0.08-1,
-    ratio 3/4-4/3) for all frames, then CLIP normalisation.
+    the same ops and magnitudes for every frame of a clip, see `ClipRandAugment`) on the decoded 8-bit frames, then
+    normalisation, then one random resized crop box (scale 0.08-1, ratio 3/4-4/3) for all frames, resized to the
+    crop size bilinearly on the float frames, without antialias as the authors' `random_resized_crop` (and the
+    processor's evaluation) does; with antialias for a processor that antialiases (`processor.antialias`).
 
     All randomness comes from the `generator` given with each clip, never from a global state, so the caller decides
     what it depends on (`TrainingClips`: seed, epoch and clip index).
     """
 
     def __init__(self, processor: EVLVideoProcessor, num_frames: int, sampling_rate: int, rand_augment: bool = True):
-        from torchvision.transforms import v2
-
         if num_frames < 1 or sampling_rate < 1:
             raise ValueError(f"num_frames ({num_frames}) and sampling_rate ({sampling_rate}) must be positive.")
         self.processor = processor
         self.num_frames = num_frames
         self.sampling_rate = sampling_rate
-        crop = processor.crop_size["height"], processor.crop_size["width"]
+        self.crop_size = processor.crop_size["height"], processor.crop_size["width"]
         self.rand_augment = None
         if rand_augment:
             from .augmentation import ClipRandAugment
 
             self.rand_augment = ClipRandAugment()
-        self.crop = v2.RandomResizedCrop(crop, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
         self.mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
 
     def __call__(self, video, generator: np.random.Generator) -> torch.Tensor:
+        from torchvision.transforms import RandomResizedCrop
+
         frames, _ = decode_video(
             video,
             lambda metadata: sample_frame_indices(
@@ -575,8 +576,16 @@ class VideoTrainTransform:
             frames = self.rand_augment(frames, seed=int(generator.integers(2**63 - 1)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(generator.integers(2**63 - 1)))
-            frames = self.crop(frames)  # v2 transforms draw their parameters once per call: same box for every frame
-        return (frames.float() / 255 - self.mean) / self.std
+            # One box for every frame, drawn as torchvision's RandomResizedCrop draws it.
+            top, left, height, width = RandomResizedCrop.get_params(frames, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+        # Cropped before normalising, which acts on each pixel alone: the same numbers, fewer to compute.
+        frames = frames[..., top : top + height, left : left + width]
+        frames = (frames.float() / 255 - self.mean) / self.std
+        # As the processor resizes for evaluation: by default the authors' bilinear resize of float frames without
+        # antialias. An antialiased resize of uint8 frames trained on smoother frames than the model is evaluated on.
+        return torch.nn.functional.interpolate(
+            frames, size=self.crop_size, mode="bilinear", align_corners=False, antialias=bool(self.processor.antialias)
+        )
 
 
 class VideoEvalTransform:
