@@ -965,6 +965,19 @@ def test_settings_the_script_cannot_train_are_refused(data_dir, backbone_dir, tm
         load_script().main(args)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_training_a_checkpoint_whose_processor_samples_by_fps_is_refused(data_dir, backbone_dir, tmp_path, cached):
+    # Training took `num_frames` frames a clip, where the saved processor samples as many as each clip lasts; with
+    # the feature cache it went on without a word.
+    checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
+    settings = json.loads((checkpoint / "video_preprocessor_config.json").read_text())
+    (checkpoint / "video_preprocessor_config.json").write_text(json.dumps({**settings, "fps": 2}))
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--max_steps", "1")
+    args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(checkpoint)]
+    with pytest.raises(ValueError, match=r"samples by time \(fps=2\)"):
+        load_script().main(args + (["--cache_backbone_features", "--rand_augment", "false"] if cached else []))
+
+
 def test_data_of_one_class_is_refused_before_any_backbone_work(data_dir, backbone_dir, tmp_path, monkeypatch):
     # One output would train a regression (transformers infers it from num_labels == 1 at the first forward), and
     # the empty folder of the other class names no class.

@@ -27,6 +27,7 @@ from evl_hf.data.video_dataset import (
     load_video_dataset,
     shuffled_frame_order,
 )
+from evl_hf.video_processing_evl import sample_frame_indices
 
 
 @pytest.fixture(scope="module")
@@ -865,3 +866,43 @@ def test_the_training_crop_is_the_authors_bilinear_resize_of_normalised_float_fr
                 decoded[0][0], boxes[0], (224, 224), processor.image_mean, processor.image_std, antialias
             )
             torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("frame_sampling", ["dense", "uniform"])
+def test_training_samples_frames_as_the_processor_does_from_a_random_offset(clips, monkeypatch, frame_sampling):
+    # Training always took a dense window at the processor's stride: a checkpoint whose processor samples uniformly
+    # was evaluated on frames spread over the whole clip and fine-tuned on a short window of it.
+    import evl_hf.data.video_dataset as video_dataset
+
+    sampled = []
+    decode = video_dataset.decode_video
+
+    def spy(video, sample_indices_fn, **kwargs):
+        return decode(video, lambda metadata: sampled.append(sample_indices_fn(metadata)) or sampled[-1], **kwargs)
+
+    monkeypatch.setattr(video_dataset, "decode_video", spy)
+    sampling = EVLVideoProcessor(
+        num_frames=4, sampling_rate=2, frame_sampling=frame_sampling, size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+    )  # fmt: skip
+    transform = VideoTrainTransform(sampling, 4, 2, rand_augment=False)
+    for seed in range(6):
+        transform(str(clips[0]), np.random.default_rng(seed))  # 12 frames
+        expected = sample_frame_indices(
+            12, 4, 2, frame_sampling, random_temporal_offset=True, generator=np.random.default_rng(seed)
+        )  # fmt: skip
+        np.testing.assert_array_equal(sampled[-1], expected)
+    if frame_sampling == "uniform":  # one frame in each third of the clip, at a random offset shared by all four
+        offsets = {tuple(indices - 3 * np.arange(4)) for indices in sampled}
+        assert len(offsets) > 1 and all(len(set(offset)) == 1 and 0 <= offset[0] < 3 for offset in offsets)
+
+
+def test_training_refuses_a_processor_that_samples_by_fps():
+    # It trained on a dense window of `num_frames` frames, where the processor samples as many frames as the clip
+    # lasts (`fps`): frame counts that differ from clip to clip cannot be batched, nor match the processor's.
+    by_time = EVLVideoProcessor(fps=2, num_frames=4, sampling_rate=2)
+    with pytest.raises(ValueError, match=r"samples by time \(fps=2\).*fps=None"):
+        VideoTrainTransform(by_time, 4, 2)
+    # The processor's frames and stride are the defaults.
+    transform = VideoTrainTransform(processor(), rand_augment=False)
+    assert (transform.num_frames, transform.sampling_rate) == (4, 2)

@@ -674,10 +674,9 @@ def main(argv: list[str] | None = None):
         if "train" not in dataset:
             raise ValueError("--do_train needs a train split.")
         train_split = limit("train", data_args.max_train_samples)
+        # Built with the feature cache too, which does not use it: it refuses what cannot be trained either way.
+        train_transform = VideoTrainTransform(processor, rand_augment=data_args.rand_augment)
         if not data_args.cache_backbone_features:
-            train_transform = VideoTrainTransform(
-                processor, processor.num_frames, processor.sampling_rate, data_args.rand_augment
-            )
             seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
             train_dataset = TrainingClips(train_split, train_transform, seed=seed)
     eval_transform = VideoEvalTransform(processor)

@@ -535,19 +535,38 @@ def _count_missing_labels(dataset: Dataset) -> int:
 
 class VideoTrainTransform:
     """
-    The authors' training augmentation: a random dense window, then RandAugment (timm's `rand-m7-n4-mstd0.5-inc1`,
-    the same ops and magnitudes for every frame of a clip, see `ClipRandAugment`) on the decoded 8-bit frames, then
+    The authors' training augmentation: frames sampled as the processor samples them (`frame_sampling`) from a random
+    offset (`sample_frame_indices` with `random_temporal_offset`: a random dense window start, the authors', or one
+    random offset shared by the uniform segments), then RandAugment (timm's `rand-m7-n4-mstd0.5-inc1`, the same ops
+    and magnitudes for every frame of a clip, see `ClipRandAugment`) on the decoded 8-bit frames, then
     normalisation, then one random resized crop box (scale 0.08-1, ratio 3/4-4/3) for all frames, resized to the
     crop size bilinearly on the float frames, without antialias as the authors' `random_resized_crop` (and the
     processor's evaluation) does; with antialias for a processor that antialiases (`processor.antialias`).
+
+    `num_frames` and `sampling_rate` default to the processor's. A processor that samples by time (`fps`) is refused:
+    its frame count follows each clip's length, and clips of different lengths cannot be batched.
 
     All randomness comes from the `generator` given with each clip, never from a global state, so the caller decides
     what it depends on (`TrainingClips`: seed, epoch and clip index).
     """
 
-    def __init__(self, processor: EVLVideoProcessor, num_frames: int, sampling_rate: int, rand_augment: bool = True):
+    def __init__(
+        self,
+        processor: EVLVideoProcessor,
+        num_frames: int | None = None,
+        sampling_rate: int | None = None,
+        rand_augment: bool = True,
+    ):
+        num_frames = processor.num_frames if num_frames is None else num_frames
+        sampling_rate = processor.sampling_rate if sampling_rate is None else sampling_rate
         if num_frames < 1 or sampling_rate < 1:
             raise ValueError(f"num_frames ({num_frames}) and sampling_rate ({sampling_rate}) must be positive.")
+        if processor.fps is not None:
+            raise ValueError(
+                f"This video processor samples by time (fps={processor.fps:g}): as many frames as each clip lasts, "
+                "which cannot be batched for training. Train with a processor that samples num_frames frames a clip: "
+                "load it with fps=None (EVLVideoProcessor.from_pretrained(..., fps=None), then save_pretrained)."
+            )
         self.processor = processor
         self.num_frames = num_frames
         self.sampling_rate = sampling_rate
@@ -566,8 +585,8 @@ class VideoTrainTransform:
         frames, _ = decode_video(
             video,
             lambda metadata: sample_frame_indices(
-                metadata.total_num_frames, self.num_frames, self.sampling_rate, random_temporal_offset=True,
-                generator=generator,
+                metadata.total_num_frames, self.num_frames, self.sampling_rate, self.processor.frame_sampling,
+                random_temporal_offset=True, generator=generator,
             ),
             backend=self.processor.decoding_backend,
         )  # fmt: skip
