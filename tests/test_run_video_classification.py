@@ -965,17 +965,18 @@ def test_settings_the_script_cannot_train_are_refused(data_dir, backbone_dir, tm
         load_script().main(args)
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_training_a_checkpoint_whose_processor_samples_by_fps_is_refused(data_dir, backbone_dir, tmp_path, cached):
-    # Training took `num_frames` frames a clip, where the saved processor samples as many as each clip lasts; with
-    # the feature cache it went on without a word.
+@pytest.mark.parametrize("run", ["train", "train cached", "evaluate"])
+def test_a_checkpoint_whose_processor_samples_by_fps_is_refused(data_dir, backbone_dir, tmp_path, run):
+    # Training and evaluation took `num_frames` frames a clip, where the saved processor (and the pipeline) samples as
+    # many as each clip lasts; with the feature cache, or evaluating, it went on without a word.
     checkpoint = saved_checkpoint(data_dir, backbone_dir, tmp_path)
     settings = json.loads((checkpoint / "video_preprocessor_config.json").read_text())
     (checkpoint / "video_preprocessor_config.json").write_text(json.dumps({**settings, "fps": 2}))
-    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--max_steps", "1")
+    steps = ["--do_eval"] if run == "evaluate" else ["--do_train", "--max_steps", "1"]
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", *steps)
     args[args.index("--backbone") : args.index("--backbone") + 2] = ["--model_name_or_path", str(checkpoint)]
     with pytest.raises(ValueError, match=r"samples by time \(fps=2\)"):
-        load_script().main(args + (["--cache_backbone_features", "--rand_augment", "false"] if cached else []))
+        load_script().main(args + (["--cache_backbone_features", "--rand_augment", "false"] if run == "train cached" else []))
 
 
 def test_data_of_one_class_is_refused_before_any_backbone_work(data_dir, backbone_dir, tmp_path, monkeypatch):

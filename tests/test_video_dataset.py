@@ -897,12 +897,14 @@ def test_training_samples_frames_as_the_processor_does_from_a_random_offset(clip
         assert len(offsets) > 1 and all(len(set(offset)) == 1 and 0 <= offset[0] < 3 for offset in offsets)
 
 
-def test_training_refuses_a_processor_that_samples_by_fps():
-    # It trained on a dense window of `num_frames` frames, where the processor samples as many frames as the clip
-    # lasts (`fps`): frame counts that differ from clip to clip cannot be batched, nor match the processor's.
+def test_training_and_evaluation_refuse_a_processor_that_samples_by_fps():
+    # They read a dense window of `num_frames` frames, where the processor (and so the pipeline) samples as many
+    # frames as the clip lasts (`fps`): frame counts that differ from clip to clip cannot be batched.
     by_time = EVLVideoProcessor(fps=2, num_frames=4, sampling_rate=2)
-    with pytest.raises(ValueError, match=r"samples by time \(fps=2\).*fps=None"):
+    with pytest.raises(ValueError, match=r"samples by time \(fps=2\).*batched for training.*fps=None"):
         VideoTrainTransform(by_time, 4, 2)
+    with pytest.raises(ValueError, match=r"samples by time \(fps=2\).*batched for evaluation.*fps=None"):
+        VideoEvalTransform(by_time)
     # The processor's frames and stride are the defaults.
     transform = VideoTrainTransform(processor(), rand_augment=False)
     assert (transform.num_frames, transform.sampling_rate) == (4, 2)

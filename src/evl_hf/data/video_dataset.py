@@ -533,6 +533,17 @@ def _count_missing_labels(dataset: Dataset) -> int:
     return missing
 
 
+def _check_frame_count_fixed(processor: EVLVideoProcessor, purpose: str) -> None:
+    """Refuse a processor that samples by time (`fps`): it takes as many frames as each clip lasts, which cannot be
+    batched (and sampling `num_frames` instead would score other frames than the pipeline does)."""
+    if processor.fps is not None:
+        raise ValueError(
+            f"This video processor samples by time (fps={processor.fps:g}): as many frames as each clip lasts, which "
+            f"cannot be batched for {purpose}. Use a processor that samples num_frames frames a clip: load it with "
+            "fps=None (EVLVideoProcessor.from_pretrained(..., fps=None), then save_pretrained)."
+        )
+
+
 class VideoTrainTransform:
     """
     The authors' training augmentation: frames sampled as the processor samples them (`frame_sampling`) from a random
@@ -561,12 +572,7 @@ class VideoTrainTransform:
         sampling_rate = processor.sampling_rate if sampling_rate is None else sampling_rate
         if num_frames < 1 or sampling_rate < 1:
             raise ValueError(f"num_frames ({num_frames}) and sampling_rate ({sampling_rate}) must be positive.")
-        if processor.fps is not None:
-            raise ValueError(
-                f"This video processor samples by time (fps={processor.fps:g}): as many frames as each clip lasts, "
-                "which cannot be batched for training. Train with a processor that samples num_frames frames a clip: "
-                "load it with fps=None (EVLVideoProcessor.from_pretrained(..., fps=None), then save_pretrained)."
-            )
+        _check_frame_count_fixed(processor, "training")
         self.processor = processor
         self.num_frames = num_frames
         self.sampling_rate = sampling_rate
@@ -631,6 +637,7 @@ class VideoEvalTransform:
             )
         if spatial_views not in (1, 3):
             raise ValueError(f"num_spatial_views must be 1 or 3, got {spatial_views}.")
+        _check_frame_count_fixed(processor, "evaluation")
         self.kwargs = dict(
             num_frames=num_frames, sampling_rate=sampling_rate, num_temporal_views=temporal_views,
             num_spatial_views=spatial_views, return_tensors="pt",
