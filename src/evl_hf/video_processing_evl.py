@@ -532,6 +532,22 @@ class EVLVideoProcessor(BaseVideoProcessor):
             crops.append(frames[..., top : top + crop_height, left : left + crop_width])
         return crops
 
+    def resize_frames(
+        self, frames: torch.Tensor, size: SizeDict, resample=None, antialias: bool | None = None
+    ) -> torch.Tensor:
+        """
+        `frames` (T, C, H, W) resized to `size` as this processor resizes them (`resample` and `antialias` default to
+        its own), returned as floats (0-255 for 8-bit frames). The authors resize float frames: resizing uint8 would
+        round every resized pixel to an integer. Image processors (PIL, torchvision) resize 8-bit frames as 8-bit, with
+        antialias: so does an antialiased resize here (`from_backbone_pretrained`'s, an earlier version's), to give the
+        backbone's pixels. The training augmentation resizes its crops with it too.
+        """
+        resample = self.resample if resample is None else resample
+        antialias = bool(self.antialias if antialias is None else antialias)
+        eight_bit = antialias and frames.dtype == torch.uint8
+        frames = frames if frames.is_floating_point() or eight_bit else frames.float()
+        return self.resize(frames, size=size, resample=resample, antialias=antialias).float()
+
     def _preprocess(
         self,
         videos: list[torch.Tensor],
@@ -568,13 +584,7 @@ class EVLVideoProcessor(BaseVideoProcessor):
                     "let the processor sample frames (do_sample_frames=True) for multi-view evaluation."
                 )
             if do_resize:
-                # The authors resize float frames: resizing uint8 would round every resized pixel to an integer. Image
-                # processors (PIL, torchvision) resize 8-bit frames as 8-bit, with antialias: so does an antialiased
-                # resize here (`from_backbone_pretrained`'s, an earlier version's), to give the backbone's pixels.
-                eight_bit = bool(antialias) and video.dtype == torch.uint8
-                video = video if video.is_floating_point() or eight_bit else video.float()
-                video = self.resize(video, size=size, resample=resample, antialias=bool(antialias))
-                video = video.float() if eight_bit else video
+                video = self.resize_frames(video, size, resample, antialias)
             crops = self._spatial_crops(video, crop_size, num_spatial_views) if do_center_crop else [video]
             crops = [
                 self.rescale_and_normalize(crop, do_rescale, rescale_factor, do_normalize, image_mean, image_std)

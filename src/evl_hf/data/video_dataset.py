@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.image_utils import SizeDict
 
 
 try:
@@ -549,10 +550,10 @@ class VideoTrainTransform:
     The authors' training augmentation: frames sampled as the processor samples them (`frame_sampling`) from a random
     offset (`sample_frame_indices` with `random_temporal_offset`: a random dense window start, the authors', or one
     random offset shared by the uniform segments), then RandAugment (timm's `rand-m7-n4-mstd0.5-inc1`, the same ops
-    and magnitudes for every frame of a clip, see `ClipRandAugment`) on the decoded 8-bit frames, then
-    normalisation, then one random resized crop box (scale 0.08-1, ratio 3/4-4/3) for all frames, resized to the
-    crop size bilinearly on the float frames, without antialias as the authors' `random_resized_crop` (and the
-    processor's evaluation) does; with antialias for a processor that antialiases (`processor.antialias`).
+    and magnitudes for every frame of a clip, see `ClipRandAugment`) on the decoded 8-bit frames, then one random
+    resized crop box (scale 0.08-1, ratio 3/4-4/3) for all frames, resized to the crop size, rescaled and normalised
+    as the processor prepares evaluation frames (`EVLVideoProcessor.resize_frames`): by default bilinearly on float
+    frames without antialias, as the authors' `random_resized_crop` does; a backbone's own preprocessing otherwise.
 
     `num_frames` and `sampling_rate` default to the processor's. A processor that samples by time (`fps`) is refused:
     its frame count follows each clip's length, and clips of different lengths cannot be batched.
@@ -576,14 +577,12 @@ class VideoTrainTransform:
         self.processor = processor
         self.num_frames = num_frames
         self.sampling_rate = sampling_rate
-        self.crop_size = processor.crop_size["height"], processor.crop_size["width"]
+        self.crop_size = SizeDict(height=processor.crop_size["height"], width=processor.crop_size["width"])
         self.rand_augment = None
         if rand_augment:
             from .augmentation import ClipRandAugment
 
             self.rand_augment = ClipRandAugment()
-        self.mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
 
     def __call__(self, video, generator: np.random.Generator) -> torch.Tensor:
         from torchvision.transforms import RandomResizedCrop
@@ -603,14 +602,15 @@ class VideoTrainTransform:
             torch.manual_seed(int(generator.integers(2**63 - 1)))
             # One box for every frame, drawn as torchvision's RandomResizedCrop draws it.
             top, left, height, width = RandomResizedCrop.get_params(frames, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-        # Cropped before normalising, which acts on each pixel alone: the same numbers, fewer to compute.
-        frames = frames[..., top : top + height, left : left + width]
-        frames = (frames.float() / 255 - self.mean) / self.std
-        # As the processor resizes for evaluation: by default the authors' bilinear resize of float frames without
-        # antialias. An antialiased resize of uint8 frames trained on smoother frames than the model is evaluated on.
-        return torch.nn.functional.interpolate(
-            frames, size=self.crop_size, mode="bilinear", align_corners=False, antialias=bool(self.processor.antialias)
-        )
+        # Resized, rescaled and normalised as the processor prepares frames for evaluation: by default the authors'
+        # bilinear resize of float frames without antialias (they normalise first: the same numbers, resizing and
+        # normalising being linear), a backbone's own preprocessing otherwise.
+        processor = self.processor
+        frames = processor.resize_frames(frames[..., top : top + height, left : left + width], self.crop_size)
+        return processor.rescale_and_normalize(
+            frames, processor.do_rescale, processor.rescale_factor, processor.do_normalize, processor.image_mean,
+            processor.image_std,
+        )  # fmt: skip
 
 
 class VideoEvalTransform:
