@@ -922,6 +922,17 @@ def test_training_samples_frames_as_the_processor_does_from_a_random_offset(clip
         assert len(offsets) > 1 and all(len(set(offset)) == 1 and 0 <= offset[0] < 3 for offset in offsets)
 
 
+def test_evaluation_input_is_deterministic_for_a_processor_saved_with_random_offsets(clips):
+    # A processor saved with random_temporal_offset=True evaluated each clip on a random window, drawn from torch's
+    # global generator (shifting the dropout masks of the training steps after an evaluation).
+    transform = VideoEvalTransform(EVLVideoProcessor.from_dict({**processor().to_dict(), "random_temporal_offset": True}))
+    state = torch.random.get_rng_state()
+    first = transform(str(clips[0]))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.testing.assert_close(transform(str(clips[0])), first, atol=0, rtol=0)
+    torch.testing.assert_close(VideoEvalTransform(processor())(str(clips[0])), first, atol=0, rtol=0)
+
+
 def test_training_and_evaluation_refuse_a_processor_that_samples_by_fps():
     # They read a dense window of `num_frames` frames, where the processor (and so the pipeline) samples as many
     # frames as the clip lasts (`fps`): frame counts that differ from clip to clip cannot be batched.

@@ -640,7 +640,7 @@ class VideoEvalTransform:
         _check_frame_count_fixed(processor, "evaluation")
         self.kwargs = dict(
             num_frames=num_frames, sampling_rate=sampling_rate, num_temporal_views=temporal_views,
-            num_spatial_views=spatial_views, return_tensors="pt",
+            num_spatial_views=spatial_views, random_temporal_offset=False, return_tensors="pt",
         )  # fmt: skip
         num_views = temporal_views * spatial_views
         clip_shape = (num_frames, 3, processor.crop_size["height"], processor.crop_size["width"])
