@@ -196,6 +196,29 @@ def test_feature_cache_training_matches_the_uncached_model(data_dir, backbone_di
     torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-5)
 
 
+def test_feature_cache_under_bf16_holds_the_features_the_uncached_run_trains_on(data_dir, backbone_dir, tmp_path):
+    # With --bf16 the uncached run's frozen backbone runs under the Trainer's autocast, but the cache was built
+    # outside it (float32 features) and reused by float32 runs alike: cached training was not uncached training.
+    cache = tmp_path / "feature-cache"
+    steps = ("--do_train", "--max_steps", "1", "--save_strategy", "no", "--use_cpu", "true", "--cache_backbone_features",
+             "true", "--feature_cache_dtype", "float32", "--feature_cache_dir", str(cache))  # fmt: skip
+    trainer = load_script().main(base_args(data_dir, backbone_dir, tmp_path / "bf16", *steps, "--bf16", "true"))
+    model = trainer.model.eval()
+    clip = sorted((data_dir / "train").rglob("*.mp4"))[0]
+    pixel_values = trainer.processing_class(str(clip), num_frames=4, sampling_rate=2, return_tensors="pt")["pixel_values"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = model.evl.extract_backbone_features(pixel_values)
+    with torch.no_grad():
+        float32 = model.evl.extract_backbone_features(pixel_values)
+    first = trainer.train_dataset[0]
+    for name in ("frame_features", "cross_frame_maps"):
+        torch.testing.assert_close(first[name][None], getattr(under_autocast, name).float(), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(first[name][None], getattr(float32, name), atol=1e-5, rtol=1e-5)
+    # A float32 run builds its own cache.
+    load_script().main(base_args(data_dir, backbone_dir, tmp_path / "float32", *steps))
+    assert len(list(cache.iterdir())) == 2
+
+
 def test_a_feature_cache_dtype_other_than_float16_or_float32_is_refused_by_the_argument_parser(tmp_path, capsys):
     # Not after the data set is loaded and the model built.
     for dtype in ("bfloat16", "fp16"):

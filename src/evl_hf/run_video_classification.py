@@ -745,11 +745,14 @@ def main(argv: list[str] | None = None):
             logger.warning("Training from the feature cache: one fixed view per clip, no augmentation (RandAugment "
                            "and the random crop are not applied).")  # fmt: skip
         dtype = FEATURE_CACHE_DTYPES[data_args.feature_cache_dtype]
-        trainer.train_dataset, unusable = build_feature_cache(
-            trainer.model, train_split, VideoEvalTransform(processor, temporal_views=1, spatial_views=1),
-            feature_cache_root(data_args, training_args), dtype=dtype,
-            batch_size=training_args.per_device_eval_batch_size, progress=not training_args.disable_tqdm,
-        )  # fmt: skip
+        # Under the autocast the training step runs the model in (accelerate's, for --bf16/--fp16; Trainer's own
+        # `autocast_smart_context_manager` does nothing): the backbone computes what it would uncached.
+        with trainer.accelerator.autocast():
+            trainer.train_dataset, unusable = build_feature_cache(
+                trainer.model, train_split, VideoEvalTransform(processor, temporal_views=1, spatial_views=1),
+                feature_cache_root(data_args, training_args), dtype=dtype,
+                batch_size=training_args.per_device_eval_batch_size, progress=not training_args.disable_tqdm,
+            )  # fmt: skip
         logger.info("Feature cache: %d clips cached, %d could not be decoded", len(trainer.train_dataset), unusable)
         if not len(trainer.train_dataset):
             raise RuntimeError(

@@ -852,8 +852,9 @@ class VideoClipCollator:
 def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTransform, dtype: torch.dtype) -> str:
     """
     A hash of everything a cached clip depends on: the backbone's weights, which blocks and maps the decoder reads,
-    the evaluation transform (processor settings, frames, stride), the storage dtype, and the clips (paths, labels,
-    file sizes and modification times). A cache is reused only when all of it is unchanged.
+    the evaluation transform (processor settings, frames, stride), the storage dtype, the autocast it is built under
+    (if any), and the clips (paths, labels, file sizes and modification times). A cache is reused only when all of it
+    is unchanged.
     """
     evl = model.evl if hasattr(model, "evl") else model
     # v3: the cross-frame maps are computed in the backbone's dtype. v4: the backbone's config and the tokens' layout.
@@ -863,6 +864,9 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     config = evl.config
+    # Built under autocast (a --bf16/--fp16 run's), the backbone computes in its dtype: other features.
+    device_type = next(evl.parameters()).device.type
+    autocast = str(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
     settings = {
         "decoder_num_layers": config.decoder_num_layers,
         "cross_frame_maps": config.use_temporal_cross_attention,
@@ -878,6 +882,7 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
             if key not in ("auto_map", "processor_class", "video_processor_type")
         },  # fmt: skip
         "dtype": str(dtype),
+        "autocast": autocast,
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for example in dataset:
@@ -939,7 +944,9 @@ def build_feature_cache(
     Run the frozen backbone once per clip and store what the decoder reads (`EVLModel.extract_backbone_features`:
     the last blocks' outputs and the cross-frame attention maps) as Arrow files under
     `cache_dir/<fingerprint>/`, in `dtype` (float16 halves the disk cost; float32 makes cached logits equal uncached
-    ones to float precision). The backbone runs where the model is (put it on the accelerator first).
+    ones to float precision). The backbone runs where the model is (put it on the accelerator first), under the
+    autocast the call is made in: build it under the one training runs in (`accelerator.autocast()` for mixed
+    precision), so that the features are those the backbone gives in training.
 
     Under `accelerate launch` / torchrun every process caches its own contiguous share of the clips and writes one
     shard; all processes then read all shards, in the data set's order. Batches are formed from fixed groups of
