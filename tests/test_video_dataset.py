@@ -348,6 +348,24 @@ def test_the_cache_fingerprint_does_not_change_when_the_processor_is_saved(clips
     assert feature_cache_fingerprint(model, data, VideoEvalTransform(video_processor), torch.float16) == before
 
 
+def test_the_cache_fingerprint_ignores_the_processors_evaluation_views(clips):
+    # The cache always stores the 1x1 view, which the transform's settings record; the processor's own views (the
+    # evaluation's) were hashed too, so changing only --num_temporal_views built the same cache again.
+    model, data = EVLForVideoClassification(tiny_config()), rows([str(p) for p in clips])
+
+    def fingerprint(**settings):
+        settings = {"num_frames": 4, "sampling_rate": 2, "size": {"shortest_edge": 32}, **settings}
+        transform = VideoEvalTransform(
+            EVLVideoProcessor(crop_size={"height": 32, "width": 32}, **settings), temporal_views=1, spatial_views=1
+        )
+        return feature_cache_fingerprint(model, data, transform, torch.float16)
+
+    first = fingerprint()
+    assert fingerprint(num_temporal_views=3) == fingerprint(num_temporal_views=2, num_spatial_views=3) == first
+    assert fingerprint(return_metadata=True) == first
+    assert fingerprint(size={"shortest_edge": 40}) != first
+
+
 def test_the_cache_fingerprint_follows_the_backbones_config_not_only_its_weights(clips):
     """Equal weights under another config (a norm's eps, the activation) give other features."""
     transform, data = VideoEvalTransform(processor()), rows([str(p) for p in clips])

@@ -876,10 +876,12 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
         "frame_size": config.frame_size,
         "tokens": [config.num_prefix_tokens, *config.patch_grid],
         "transform": {k: v for k, v in transform.kwargs.items() if k != "return_tensors"},
-        # The settings, not how the processor was saved or named (`save_pretrained` adds `auto_map`).
+        # The settings, not how the processor was saved or named (`save_pretrained` adds `auto_map`), nor its
+        # evaluation views: the transform's own (above) are those cached.
         "processor": {
             key: value for key, value in transform.processor.to_dict().items()
-            if key not in ("auto_map", "processor_class", "video_processor_type")
+            if key not in ("auto_map", "processor_class", "video_processor_type", "num_temporal_views",
+                           "num_spatial_views", "return_metadata")
         },  # fmt: skip
         "dtype": str(dtype),
         "autocast": autocast,
