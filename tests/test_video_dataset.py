@@ -377,6 +377,20 @@ def test_the_cache_fingerprint_follows_the_backbones_config_not_only_its_weights
         assert feature_cache_fingerprint(other, data, transform, torch.float16) != first, change
 
 
+def test_the_cache_fingerprint_follows_the_dtype_the_decoder_computes_the_maps_in(clips):
+    # The maps are computed in the decoder's dtype, but only the backbone's was recorded: a float32 decoder on a
+    # bfloat16 backbone reused the cache of the model cast wholly to bfloat16, and trained on bf16-rounded maps.
+    transform, data = VideoEvalTransform(processor()), rows([str(p) for p in clips])
+    model = EVLForVideoClassification(tiny_config(backbone_dtype="bfloat16"))
+    cast = EVLForVideoClassification(tiny_config())
+    cast.load_state_dict(model.state_dict())
+    cast.to(torch.bfloat16)
+    assert model.evl.vision_model.dtype == cast.evl.vision_model.dtype == torch.bfloat16
+    assert feature_cache_fingerprint(model, data, transform, torch.float32) != feature_cache_fingerprint(
+        cast, data, transform, torch.float32
+    )
+
+
 def test_a_cache_of_another_layout_is_built_again_not_read(clips, tmp_path, caplog):
     from datasets import Array4D
     from datasets.arrow_writer import ArrowWriter

@@ -871,6 +871,8 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
         "decoder_num_layers": config.decoder_num_layers,
         "cross_frame_maps": config.use_temporal_cross_attention,
         "backbone_dtype": str(evl.vision_model.dtype),  # what `backbone_dtype="auto"` resolved to on this machine
+        # The features are returned, and the maps computed, in the decoder's: float32 on a bf16 backbone, or not.
+        "decoder_dtype": str(evl.decoder.query.dtype),
         # Weights alone do not fix the features: the family, norms' eps, activation, resolution and registers do too.
         "vision_config": config.vision_config.to_diff_dict(),
         "frame_size": config.frame_size,
