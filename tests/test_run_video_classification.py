@@ -974,6 +974,19 @@ def test_a_cached_training_set_of_broken_clips_stops_and_a_mostly_broken_one_is_
         train_on(broken, tmp_path / "out-broken")
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_an_empty_training_split_is_refused_with_or_without_the_feature_cache(data_dir, backbone_dir, tmp_path, cached):
+    # --max_train_samples 0: uncached, the run trained 0 steps and saved an untrained model; cached, it stopped
+    # saying no clip could be decoded and the data set looked broken. Neither said the training split was empty.
+    args = base_args(data_dir, backbone_dir, tmp_path / "out", "--do_train", "--max_steps", "1", "--save_strategy", "no",
+                     "--max_train_samples", "0")  # fmt: skip
+    if cached:
+        args += ["--cache_backbone_features", "--feature_cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(ValueError, match=r"--do_train: the training split has no clips \(--max_train_samples 0\)"):
+        load_script().main(args)
+    assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "cache").exists()
+
+
 def test_settings_the_script_cannot_train_are_refused(data_dir, backbone_dir, tmp_path):
     args = base_args(data_dir, backbone_dir, tmp_path / "unfrozen", "--do_train", "--cache_backbone_features")
     args[args.index("--config_overrides") + 1] += ",freeze_backbone=false"

@@ -674,6 +674,11 @@ def main(argv: list[str] | None = None):
         if "train" not in dataset:
             raise ValueError("--do_train needs a train split.")
         train_split = limit("train", data_args.max_train_samples)
+        # Trainer would train 0 steps and save an untrained model; the feature cache would call the data set broken.
+        if not len(train_split):
+            maximum = data_args.max_train_samples
+            given = "" if maximum is None else f" (--max_train_samples {maximum})"
+            raise ValueError(f"--do_train: the training split has no clips{given}.")
         # Built with the feature cache too, which does not use it: it refuses what cannot be trained either way.
         train_transform = VideoTrainTransform(processor, rand_augment=data_args.rand_augment)
         if not data_args.cache_backbone_features:
