@@ -316,3 +316,20 @@ def test_a_checkpoint_sampling_uniformly_needs_a_timeline_stride_given_once(save
     with pytest.raises(SystemExit) as ended:  # the command line says so in one line
         evl_hf.app.main(["--model", str(uniform)])
     assert ended.value.code == 1
+
+
+def test_a_regression_model_shows_its_values_not_confidences(clips, tmp_path):
+    # One output without a problem_type trains as a regression; the page showed its value in a gr.Label, as a
+    # confidence (3.7 as 370%).
+    import gradio as gr
+
+    import evl_hf.app
+
+    directory = save_tiny_classifier(tmp_path / "one-output", {0: "speed"})
+    demo = evl_hf.app.build_demo(directory)
+    (shown,) = [block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "labels"]
+    assert isinstance(shown, gr.JSON) and not isinstance(shown, gr.Label)
+    (analyse,) = [block.fn for block in demo.fns.values() if block.fn.__name__ == "analyse"]
+    values, _, _ = analyse(str(clips["upload"]))
+    (expected,) = pipeline("video-classification", model=str(directory))(str(clips["upload"]))
+    assert values == {"speed": expected["score"]} and expected["score"] != 1.0

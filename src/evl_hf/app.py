@@ -48,6 +48,7 @@ from transformers.utils import logging
 # pipelines.
 from .devices import device_argument
 from .explain import explain
+from .modeling_evl import problem_type_without_labels
 from .timeline import plot_timeline, window_frame_sampling_rate
 from .video_decoding_evl import VIDEO_SUFFIXES, EVLVideoDecodingError
 
@@ -137,7 +138,11 @@ def build_demo(
                 if examples:
                     gr.Examples(examples=[[path] for path in examples], inputs=video, label="Example clips")
             with gr.Column():
-                labels = gr.Label(num_top_classes=top_k, label=f"Top {top_k} labels", elem_id="labels")
+                if problem_type_without_labels(classifier.model.config) == "regression":
+                    # The model's values, not probabilities: a `gr.Label` would show 3.7 as a confidence of 370%.
+                    labels = gr.JSON(label="Predicted values (regression)", elem_id="labels")
+                else:
+                    labels = gr.Label(num_top_classes=top_k, label=f"Top {top_k} labels", elem_id="labels")
         timeline_plot = gr.Plot(label="Labels over time (the whole video)", elem_id="timeline")
         heatmap_image = gr.Image(
             label="Where the decoder looked (attention per decoder layer, over the frames it read)", type="pil",
