@@ -1,4 +1,5 @@
 
+import dataclasses
 import json
 
 import numpy as np
@@ -160,32 +161,77 @@ def test_frames_given_as_an_array_of_other_lengths():
     assert out.shape[1] == 3
 
 
-def test_frames_loaded_with_their_metadata_are_taken_as_already_sampled(coded_clip):
-    # transformers' `load_video(path, num_frames=N)` gives N frames with the metadata of the whole video; the
-    # processor used to sample indices of the whole video from those N frames: a bare IndexError.
+def _nearest_loaded(loaded, wanted) -> list[int]:
+    # For each index the processor samples from the whole video, the loaded frame nearest to it (ties: the earlier).
+    loaded = np.asarray(loaded)
+    return [int(loaded[np.argmin(np.abs(loaded - index))]) for index in wanted]
+
+
+def _consecutive(metadata, **kwargs):
+    return np.arange(80, 240)
+
+
+def _first_24(metadata, **kwargs):
+    return np.arange(24)
+
+
+@pytest.mark.parametrize(
+    "load, call, wanted",
+    [
+        # As many as num_frames, spread over the video: used as they are (the README's promise).
+        (dict(num_frames=8), {}, None),
+        # More: the processor's dense window of the whole video (stride 16 in the video's frames, centred), each
+        # frame the loaded one nearest; the stride used to be applied to the 32 loaded frames: frames 0, 150, then
+        # six copies of frame 290.
+        (dict(num_frames=32), {}, sample_frame_indices(300, 8, 16)),
+        (dict(num_frames=32), dict(frame_sampling="uniform", num_temporal_views=2),
+         sample_frame_indices(300, 8, 16, "uniform", 2)),
+        # Consecutive frames holding the window: exactly the frames a decoded video gives.
+        (dict(sample_indices_fn=_consecutive), {}, sample_frame_indices(300, 8, 16)),
+        # By time, one frame a second of the 12 s video; 24 consecutive frames (0.96 s) used to be taken for 12 s.
+        (dict(num_frames=32), dict(fps=1), sample_frame_indices(300, 12, frame_sampling="uniform")),
+        (dict(sample_indices_fn=_first_24), dict(fps=1), sample_frame_indices(300, 12, frame_sampling="uniform")),
+    ],
+)
+def test_frames_loaded_with_their_metadata_are_sampled_in_the_videos_frames(coded_clip, load, call, wanted):
+    # transformers' `load_video(path, ...)` gives some frames with the metadata of the whole video (300 frames at
+    # 25 fps) and their indices in it; the processor samples the video as it would decode it, from those frames.
     from transformers.video_utils import load_video
 
     raw = dict(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False)
-    processor = small_processor(**raw)
-    for num_loaded in (4, 12):
-        video, metadata = load_video(str(coded_clip), backend="pyav", num_frames=num_loaded)
-        loaded = list(metadata.frames_indices)
-        out = processor(video, video_metadata=metadata, return_tensors="pt", return_metadata=True)
-        indices = [frame_index(f.permute(1, 2, 0).numpy()) for f in out["pixel_values"][0]]
-        # As many as num_frames are used as they are, more sampled from those given (the dense window, centred);
-        # the metadata gives their indices in the video.
-        expected = loaded if num_loaded == 4 else [loaded[i] for i in sample_frame_indices(num_loaded, 4, 3)]
-        assert indices == list(out["video_metadata"][0].frames_indices) == expected
-        assert list(metadata.frames_indices) == loaded  # the caller's metadata is left as it was
-    # By time: 24 frames of 12 s were taken 2 a second, so one a second is 12 of them.
-    video, metadata = load_video(str(coded_clip), backend="pyav", num_frames=24)
-    out = processor(video, video_metadata=metadata, fps=1, return_tensors="pt", return_metadata=True)
-    indices = [frame_index(f.permute(1, 2, 0).numpy()) for f in out["pixel_values"][0]]
-    assert len(indices) == 12 and indices == list(out["video_metadata"][0].frames_indices)
-    assert set(indices) <= set(metadata.frames_indices.tolist())
+    processor = EVLVideoProcessor(**raw)  # 8 frames, stride 16
+    video, metadata = load_video(str(coded_clip), backend="pyav", **load)
+    loaded = [int(index) for index in metadata.frames_indices]
+    assert (metadata.total_num_frames, metadata.fps) == (300, 25)
+    expected = loaded if wanted is None else _nearest_loaded(loaded, wanted)
+    for given in (metadata, dict(metadata)):  # a VideoMetadata or a dict
+        out = processor(video, video_metadata=given, return_tensors="pt", return_metadata=True, **call)
+        indices = [frame_index(f.permute(1, 2, 0).numpy()) for f in out["pixel_values"][0].reshape(-1, 3, 48, 64)]
+        # The metadata gives the indices, in the video, of the frames used.
+        assert indices == [int(index) for index in out["video_metadata"][0].frames_indices] == expected
+        assert [int(index) for index in metadata.frames_indices] == loaded  # the caller's is left as it was
+        assert metadata.total_num_frames == 300 and metadata.fps == 25
+
+
+def test_frames_with_the_metadata_of_a_longer_video_need_their_indices(coded_clip, caplog):
+    import logging
+
+    from transformers.video_utils import load_video
+
+    # Fewer than the frames sampled from the video: the nearest stand in, and a warning says some repeat.
     video, metadata = load_video(str(coded_clip), backend="pyav", num_frames=3)
-    with pytest.raises(ValueError, match="The video has 3 frames, fewer than num_frames=4"):
-        processor(video, video_metadata=metadata, return_tensors="pt")
+    with caplog.at_level(logging.WARNING):
+        out = small_processor()(video, video_metadata=metadata, return_tensors="pt", return_metadata=True)
+    assert list(out["video_metadata"][0].frames_indices) == _nearest_loaded(
+        metadata.frames_indices, sample_frame_indices(300, 4, 3)
+    )
+    assert "some repeat" in caplog.text
+
+    video, metadata = load_video(str(coded_clip), backend="pyav", num_frames=24)
+    for broken in (dataclasses.replace(metadata, frames_indices=None),
+                   dataclasses.replace(metadata, frames_indices=metadata.frames_indices[:12])):  # fmt: skip
+        with pytest.raises(ValueError, match=r"24 frames .* 300 frames.*without the metadata.*the video itself"):
+            small_processor()(video, video_metadata=broken, return_tensors="pt")
 
 
 def test_fps_samples_by_time_and_excludes_num_frames(coded_clip):

@@ -204,8 +204,10 @@ class EVLVideoProcessor(BaseVideoProcessor):
     Frames given as an array: exactly `num_frames` of them are a clip already sampled and are used as they are (every
     temporal view is that clip); more are sampled like a decoded video; fewer raise a `ValueError` (a file that short
     repeats its last frame, as the authors' evaluation does). `do_sample_frames=False` takes any array as it is.
-    Frames given with the `video_metadata` of a longer video (`transformers.video_utils.load_video(path,
-    num_frames=N)`) were sampled already: the same rules apply to them, and `frames_indices` stay the video's.
+    Frames given with the `video_metadata` of a longer video and their indices in it (`frames_indices`, as
+    `transformers.video_utils.load_video(path, num_frames=N)` gives): `num_frames` of them are used as they are, else
+    the video is sampled as if decoded (stride and `fps` in its own frames), each frame the given one nearest; the
+    returned `frames_indices` are the video's. Without `frames_indices`, such frames are a `ValueError`.
 
     ```python
     >>> import numpy as np
@@ -384,6 +386,7 @@ class EVLVideoProcessor(BaseVideoProcessor):
         random_temporal_offset: bool | None = None,
         given_frames: bool = False,
         fps: float | None = None,
+        given_frame_indices=None,
         **kwargs,
     ) -> np.ndarray:
         """
@@ -396,7 +399,35 @@ class EVLVideoProcessor(BaseVideoProcessor):
         `num_frames` frames is taken as already sampled and used as it is (for every temporal view); a longer one is
         sampled like a decoded video; a shorter one is an error, as in transformers' samplers (a file shorter than
         the window repeats its last frame instead, as the authors' evaluation does).
+
+        `given_frame_indices`: the frames given were taken from the video `metadata` describes, these are their indices
+        in it (one per frame; transformers' `load_video(path, num_frames=N)`). Exactly `num_frames` of them (without
+        `fps`) are used as they are; otherwise the video is sampled as if decoded (`sampling_rate` and `fps` count in
+        its own frames) and each index is the given frame nearest to it (ties: the earlier). The indices returned are
+        positions in the given frames.
         """
+        if given_frame_indices is not None:
+            given = np.asarray(given_frame_indices, dtype=np.int64)
+            if fps is None and num_frames is None:
+                fps = self.fps
+            views = self.num_temporal_views if num_temporal_views is None else num_temporal_views
+            if fps is None and len(given) == (self.num_frames if num_frames is None else num_frames):
+                return np.tile(np.arange(len(given)), views)
+            wanted = self.sample_frames(
+                metadata, num_frames=num_frames, sampling_rate=sampling_rate, frame_sampling=frame_sampling,
+                num_temporal_views=views, random_temporal_offset=random_temporal_offset, fps=fps,
+            )  # fmt: skip
+            # The nearest given frame, ties to the earlier: sorted by index, the first of the closest.
+            order = np.argsort(given, kind="stable")
+            distance = np.abs(given[order][None, :] - wanted[:, None])
+            positions = order[np.argmin(distance, axis=1)]
+            if len(np.unique(given[positions])) < len(np.unique(wanted)):
+                logger.warning(
+                    f"The {len(given)} frames given (of a video of {metadata.total_num_frames}) do not hold the "
+                    f"{len(np.unique(wanted))} different frames sampled from it: the nearest stand in and some repeat. "
+                    "Give the video itself, or the frames without `video_metadata` to sample among them."
+                )
+            return positions
         if fps is not None and num_frames is not None:
             raise ValueError("`num_frames` and `fps` are mutually exclusive arguments, please use only one!")
         if fps is None and num_frames is None:
@@ -490,28 +521,36 @@ class EVLVideoProcessor(BaseVideoProcessor):
         video_metadata = make_batched_metadata(videos, video_metadata)
         video_metadata = [VideoMetadata(**m) if isinstance(m, dict) else m for m in video_metadata]  # a mixed list
         # Frames loaded with the metadata of their whole video (`transformers.video_utils.load_video(path,
-        # num_frames=N)`) are fewer than its `total_num_frames`: they were sampled already, so they are sampled from
-        # as given frames, at the rate they were taken at, and the indices they carry are mapped back to the video's.
-        already_sampled = {}
+        # num_frames=N)`) are fewer than its `total_num_frames`: the video is sampled in its own frames, from those
+        # given, by their indices in it (`frames_indices`), which the frames used keep.
+        whole, from_given = [], {}
         for position, (video, metadata) in enumerate(zip(videos, video_metadata)):
             total = metadata.total_num_frames
-            if total == len(video):
+            if total is None:  # a copy: the frames given are the video
+                video_metadata[position] = dataclasses.replace(metadata, total_num_frames=len(video))
+            if total is None or total == len(video):
+                whole.append(position)
                 continue
-            known = metadata.frames_indices is not None and len(metadata.frames_indices) == len(video)
-            already_sampled[position] = np.asarray(metadata.frames_indices) if known else None
-            fps = metadata.fps * len(video) / total if metadata.fps and total else None
-            # A copy: the caller's metadata keeps describing the video it loaded.
-            video_metadata[position] = dataclasses.replace(
-                metadata, total_num_frames=len(video), fps=fps, frames_indices=None
+            given = metadata.frames_indices
+            if given is None or len(given) != len(video):
+                described = "no frames_indices" if given is None else f"{len(given)} frames_indices"
+                raise ValueError(
+                    f"{len(video)} frames were given with the metadata of a video of {total} frames and "
+                    f"{described}, not the index in that video of each frame given. Pass the frames without the "
+                    "metadata to sample among them as a video of their own, the video itself, or metadata whose "
+                    "frames_indices give each frame's index in the video."
+                )
+            given = np.asarray(given, dtype=np.int64)
+            positions = sample_indices_fn(metadata=metadata, given_frame_indices=given)
+            # A copy: the caller's metadata keeps describing the frames it loaded.
+            from_given[position] = video[positions], dataclasses.replace(metadata, frames_indices=given[positions])
+        sampled = dict(from_given)
+        if whole:
+            whole_videos, whole_metadata = super()._decode_and_sample_videos(
+                [videos[i] for i in whole], [video_metadata[i] for i in whole], do_sample_frames, sample_indices_fn
             )
-        videos, video_metadata = super()._decode_and_sample_videos(
-            videos, video_metadata, do_sample_frames, sample_indices_fn
-        )
-        for position, indices in already_sampled.items():
-            metadata = video_metadata[position]
-            # Unknown, the indices in the video are left out rather than given as positions in the frames.
-            metadata.frames_indices = None if indices is None else indices[metadata.frames_indices]
-        return videos, video_metadata
+            sampled.update(zip(whole, zip(whole_videos, whole_metadata)))
+        return [sampled[i][0] for i in range(len(videos))], [sampled[i][1] for i in range(len(videos))]
 
     def _spatial_crops(self, frames: torch.Tensor, crop_size: SizeDict, num_spatial_views: int) -> list[torch.Tensor]:
         if num_spatial_views == 1:
