@@ -721,6 +721,25 @@ def test_a_cache_shard_cut_short_is_built_again_not_reused(clips, tmp_path, capl
     assert (len(cached), unusable) == (6, 0)
 
 
+def test_relabelled_clips_reuse_the_cache_with_their_new_labels(clips, tmp_path, monkeypatch):
+    # The labels were part of the cache and its fingerprint: numbering the classes otherwise (another
+    # --class_names_file order, a checkpoint's id2label) ran the backbone over every clip again.
+    from evl_hf.data.video_dataset import build_feature_cache
+
+    model = EVLForVideoClassification(tiny_config()).eval()
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    videos = [str(clips[0]), str(broken), str(clips[1]), str(clips[2])]
+    transform = VideoEvalTransform(processor())
+    cached, unusable = build_feature_cache(model, rows(videos, [0, 1, 2, 0]), transform, tmp_path / "c", progress=False)
+    assert cached[:]["labels"].tolist() == [0, 2, 0] and unusable == 1
+    monkeypatch.setattr(model.evl, "extract_backbone_features", lambda *args: pytest.fail("the backbone ran again"))
+    again, unusable = build_feature_cache(model, rows(videos, [2, 0, 1, 1]), transform, tmp_path / "c", progress=False)
+    assert again[:]["labels"].tolist() == [2, 1, 1] and unusable == 1
+    torch.testing.assert_close(again[:]["frame_features"], cached[:]["frame_features"], atol=0, rtol=0)
+    assert len(list((tmp_path / "c").iterdir())) == 1
+
+
 def test_runs_with_other_batch_sizes_sharing_a_cache_never_mix_their_shards(clips, tmp_path, monkeypatch):
     # Two 2-process runs build the same cache at once, one caching 2 clips per batch, the other 4: rank 0 of each
     # caches another range of clips, and neither may take the other's shard for its own. The first run's main process

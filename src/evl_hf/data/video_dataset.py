@@ -853,13 +853,14 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
     """
     A hash of everything a cached clip depends on: the backbone's weights, which blocks and maps the decoder reads,
     the evaluation transform (processor settings, frames, stride), the storage dtype, the autocast it is built under
-    (if any), and the clips (paths, labels, file sizes and modification times). A cache is reused only when all of it
-    is unchanged.
+    (if any), and the clips (paths, file sizes and modification times). A cache is reused only when all of it is
+    unchanged. Not the labels: the cache holds no label (they are the data set's, added when it is read), so clips
+    numbered otherwise reuse it.
     """
     evl = model.evl if hasattr(model, "evl") else model
     # v3: the cross-frame maps are computed in the backbone's dtype. v4: the backbone's config and the tokens' layout.
-    # v5: shards named by the clips they hold, the manifest giving each shard's range.
-    digest = hashlib.sha256(b"evl-hf feature cache v5")
+    # v5: shards named by the clips they hold, the manifest giving each shard's range. v6: no labels in the shards.
+    digest = hashlib.sha256(b"evl-hf feature cache v6")
     for name, tensor in sorted(evl.vision_model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -896,7 +897,7 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
         else:
             stat = os.stat(video) if os.path.exists(str(video)) else None
             identity = [str(video), stat and (stat.st_size, stat.st_mtime_ns)]
-        digest.update(json.dumps([identity, int(example["label"])]).encode())
+        digest.update(json.dumps(identity).encode())
     return digest.hexdigest()[:20]
 
 
@@ -959,8 +960,9 @@ def build_feature_cache(
     other's shards. A complete cache with the same fingerprint (see `feature_cache_fingerprint`) is reused: its
     manifest's shards hold every clip of the data set once, but those that could not be decoded, which are left out.
     Any other one is built again, with a warning that says why.
-    Returns the cached data set (torch format) and the number of clips left out. Only for training without
-    augmentation: the cache freezes one view of every clip.
+    Returns the cached data set (torch format), with `dataset`'s labels of the clips cached (the cache holds none: clips
+    numbered otherwise reuse it), and the number of clips left out. Only for training without augmentation: the cache
+    freezes one view of every clip.
     """
     from accelerate import PartialState
     from datasets import Array4D, Array5D, concatenate_datasets
@@ -989,7 +991,6 @@ def build_feature_cache(
         "frame_features": Array4D(
             (config.decoder_num_layers, transform.num_frames, num_tokens, config.vision_config.hidden_size), arrow_dtype
         ),
-        "labels": Value("int64"),
     }
     if config.use_temporal_cross_attention:
         feature_spec["cross_frame_maps"] = Array5D(
@@ -1043,7 +1044,7 @@ def build_feature_cache(
                     for index in range(start, min(start + batch_size, indices.stop)):
                         example = dataset[index]
                         try:
-                            pending.append((transform(_video_to_decode(example["video"])), int(example["label"])))
+                            pending.append(transform(_video_to_decode(example["video"])))
                         except EVLVideoDecodingError as error:
                             logger.warning(
                                 "Clip %d cannot be decoded, left out of the feature cache: %s",
@@ -1054,9 +1055,9 @@ def build_feature_cache(
                     if not pending:
                         continue
                     with torch.no_grad():
-                        output = evl.extract_backbone_features(torch.stack([p for p, _ in pending]).to(device))
-                    for row, (_, label) in enumerate(pending):
-                        item = {"frame_features": output.frame_features[row].to(dtype).cpu().numpy(), "labels": label}
+                        output = evl.extract_backbone_features(torch.stack(pending).to(device))
+                    for row in range(len(pending)):
+                        item = {"frame_features": output.frame_features[row].to(dtype).cpu().numpy()}
                         if output.cross_frame_maps is not None:
                             item["cross_frame_maps"] = output.cross_frame_maps[row].to(dtype).cpu().numpy()
                         writer.write(item)
@@ -1094,7 +1095,10 @@ def build_feature_cache(
     info = json.loads(manifest.read_text())
     shards = [Dataset.from_file(str(directory / shard["file"])) for shard in info["shards"]]
     cached = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
-    return cached.with_format("torch"), len(info["unusable_clip_indices"])
+    unusable = set(info["unusable_clip_indices"])
+    labels = [int(label) for index, label in enumerate(dataset["label"]) if index not in unusable]
+    cached = cached.add_column("labels", labels, feature=Value("int64"))
+    return cached.with_format("torch"), len(unusable)
 
 
 def _shard_clip_ranges(num_clips: int, batch_size: int, num_processes: int) -> list[range]:
