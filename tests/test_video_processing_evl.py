@@ -232,6 +232,17 @@ def test_frames_with_the_metadata_of_a_longer_video_need_their_indices(coded_cli
                    dataclasses.replace(metadata, frames_indices=metadata.frames_indices[:12])):  # fmt: skip
         with pytest.raises(ValueError, match=r"24 frames .* 300 frames.*without the metadata.*the video itself"):
             small_processor()(video, video_metadata=broken, return_tensors="pt")
+    # Indices beyond the video described: metadata that does not describe the frames (they were sampled silently).
+    outside = dataclasses.replace(metadata, total_num_frames=10)
+    with pytest.raises(ValueError, match=r"frames_indices run from 0 to \d+, outside its video of 10 frames"):
+        small_processor()(video, video_metadata=outside, return_tensors="pt")
+    # Exactly the frames a clip takes need no indices: used as they are, the metadata giving only the frame rate (they
+    # were refused without indices).
+    four, _ = load_video(str(coded_clip), backend="pyav", num_frames=4)
+    given = {"total_num_frames": 300, "fps": 25}
+    out = small_processor()(four, video_metadata=given, return_tensors="pt", return_metadata=True)
+    torch.testing.assert_close(out["pixel_values"], small_processor()(four, return_tensors="pt")["pixel_values"])
+    assert out["video_metadata"][0].frames_indices is None
 
 
 def test_fps_samples_by_time_and_excludes_num_frames(coded_clip):

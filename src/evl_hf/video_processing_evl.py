@@ -207,7 +207,8 @@ class EVLVideoProcessor(BaseVideoProcessor):
     Frames given with the `video_metadata` of a longer video and their indices in it (`frames_indices`, as
     `transformers.video_utils.load_video(path, num_frames=N)` gives): `num_frames` of them are used as they are, else
     the video is sampled as if decoded (stride and `fps` in its own frames), each frame the given one nearest; the
-    returned `frames_indices` are the video's. Without `frames_indices`, such frames are a `ValueError`.
+    returned `frames_indices` are the video's. Otherwise, without `frames_indices` (or with indices outside the video),
+    such frames are a `ValueError`.
 
     ```python
     >>> import numpy as np
@@ -387,6 +388,7 @@ class EVLVideoProcessor(BaseVideoProcessor):
         given_frames: bool = False,
         fps: float | None = None,
         given_frame_indices=None,
+        num_given_frames: int | None = None,
         **kwargs,
     ) -> np.ndarray:
         """
@@ -400,19 +402,33 @@ class EVLVideoProcessor(BaseVideoProcessor):
         sampled like a decoded video; a shorter one is an error, as in transformers' samplers (a file shorter than
         the window repeats its last frame instead, as the authors' evaluation does).
 
-        `given_frame_indices`: the frames given were taken from the video `metadata` describes, these are their indices
-        in it (one per frame; transformers' `load_video(path, num_frames=N)`). Exactly `num_frames` of them (without
-        `fps`) are used as they are; otherwise the video is sampled as if decoded (`sampling_rate` and `fps` count in
-        its own frames) and each index is the given frame nearest to it (ties: the earlier). The indices returned are
-        positions in the given frames.
+        `num_given_frames`: that many frames were given, taken from the longer video `metadata` describes, and
+        `given_frame_indices` are their indices in it (one per frame; transformers' `load_video(path, num_frames=N)`).
+        Exactly `num_frames` of them (without `fps`) are used as they are (the indices are not needed); otherwise the
+        video is sampled as if decoded (`sampling_rate` and `fps` count in its own frames) and each index is the given
+        frame nearest to it (ties: the earlier). The indices returned are positions in the given frames.
         """
-        if given_frame_indices is not None:
-            given = np.asarray(given_frame_indices, dtype=np.int64)
+        if num_given_frames is not None:
             if fps is None and num_frames is None:
                 fps = self.fps
             views = self.num_temporal_views if num_temporal_views is None else num_temporal_views
-            if fps is None and len(given) == (self.num_frames if num_frames is None else num_frames):
-                return np.tile(np.arange(len(given)), views)
+            if fps is None and num_given_frames == (self.num_frames if num_frames is None else num_frames):
+                return np.tile(np.arange(num_given_frames), views)
+            total = metadata.total_num_frames
+            if given_frame_indices is None or len(given_frame_indices) != num_given_frames:
+                described = "no frames_indices" if given_frame_indices is None else f"{len(given_frame_indices)} frames_indices"
+                raise ValueError(
+                    f"{num_given_frames} frames were given with the metadata of a video of {total} frames and "
+                    f"{described}, not the index in that video of each frame given. Pass the frames without the "
+                    "metadata to sample among them as a video of their own, the video itself, or metadata whose "
+                    "frames_indices give each frame's index in the video."
+                )
+            given = np.asarray(given_frame_indices, dtype=np.int64)
+            if given.min() < 0 or given.max() >= total:
+                raise ValueError(
+                    f"The metadata's frames_indices run from {given.min()} to {given.max()}, outside its video of "
+                    f"{total} frames (total_num_frames): they do not describe the frames given."
+                )
             wanted = self.sample_frames(
                 metadata, num_frames=num_frames, sampling_rate=sampling_rate, frame_sampling=frame_sampling,
                 num_temporal_views=views, random_temporal_offset=random_temporal_offset, fps=fps,
@@ -532,18 +548,10 @@ class EVLVideoProcessor(BaseVideoProcessor):
                 whole.append(position)
                 continue
             given = metadata.frames_indices
-            if given is None or len(given) != len(video):
-                described = "no frames_indices" if given is None else f"{len(given)} frames_indices"
-                raise ValueError(
-                    f"{len(video)} frames were given with the metadata of a video of {total} frames and "
-                    f"{described}, not the index in that video of each frame given. Pass the frames without the "
-                    "metadata to sample among them as a video of their own, the video itself, or metadata whose "
-                    "frames_indices give each frame's index in the video."
-                )
-            given = np.asarray(given, dtype=np.int64)
-            positions = sample_indices_fn(metadata=metadata, given_frame_indices=given)
+            positions = sample_indices_fn(metadata=metadata, given_frame_indices=given, num_given_frames=len(video))
             # A copy: the caller's metadata keeps describing the frames it loaded.
-            from_given[position] = video[positions], dataclasses.replace(metadata, frames_indices=given[positions])
+            used = None if given is None else np.asarray(given, dtype=np.int64)[positions]
+            from_given[position] = video[positions], dataclasses.replace(metadata, frames_indices=used)
         sampled = dict(from_given)
         if whole:
             whole_videos, whole_metadata = super()._decode_and_sample_videos(
