@@ -607,10 +607,12 @@ class VideoTrainTransform:
         # normalising being linear), a backbone's own preprocessing otherwise.
         processor = self.processor
         frames = processor.resize_frames(frames[..., top : top + height, left : left + width], self.crop_size)
+        # Tuples, as the processor's call passes them: transformers caches the statistics by value (a list set on
+        # the processor after it was built would be unhashable).
+        mean, std = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (processor.image_mean, processor.image_std))
         return processor.rescale_and_normalize(
-            frames, processor.do_rescale, processor.rescale_factor, processor.do_normalize, processor.image_mean,
-            processor.image_std,
-        )  # fmt: skip
+            frames, processor.do_rescale, processor.rescale_factor, processor.do_normalize, mean, std
+        )
 
 
 class VideoEvalTransform:
@@ -880,11 +882,11 @@ def feature_cache_fingerprint(model, dataset: Dataset, transform: VideoEvalTrans
         "tokens": [config.num_prefix_tokens, *config.patch_grid],
         "transform": {k: v for k, v in transform.kwargs.items() if k != "return_tensors"},
         # The settings, not how the processor was saved or named (`save_pretrained` adds `auto_map`), nor its
-        # evaluation views: the transform's own (above) are those cached.
+        # evaluation views or random offsets: the transform's own (above, never a random window) are those cached.
         "processor": {
             key: value for key, value in transform.processor.to_dict().items()
             if key not in ("auto_map", "processor_class", "video_processor_type", "num_temporal_views",
-                           "num_spatial_views", "return_metadata")
+                           "num_spatial_views", "return_metadata", "random_temporal_offset")
         },  # fmt: skip
         "dtype": str(dtype),
         "autocast": autocast,
