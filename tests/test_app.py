@@ -327,9 +327,18 @@ def test_a_regression_model_shows_its_values_not_confidences(clips, tmp_path):
 
     directory = save_tiny_classifier(tmp_path / "one-output", {0: "speed"})
     demo = evl_hf.app.build_demo(directory)
+    (header,) = [block for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
+    assert "(1 output, a regression)" in header.value, header.value
     (shown,) = [block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "labels"]
     assert isinstance(shown, gr.JSON) and not isinstance(shown, gr.Label)
     (analyse,) = [block.fn for block in demo.fns.values() if block.fn.__name__ == "analyse"]
     values, _, _ = analyse(str(clips["upload"]))
     (expected,) = pipeline("video-classification", model=str(directory))(str(clips["upload"]))
     assert values == {"speed": expected["score"]} and expected["score"] != 1.0
+    # A regression of several outputs shows all of them, whatever top_k ranks.
+    three = save_tiny_classifier(tmp_path / "three-outputs", {0: "speed", 1: "size", 2: "angle"})
+    config = json.loads((three / "config.json").read_text())
+    (three / "config.json").write_text(json.dumps({**config, "problem_type": "regression"}))
+    demo = evl_hf.app.build_demo(three, top_k=2)
+    (analyse,) = [block.fn for block in demo.fns.values() if block.fn.__name__ == "analyse"]
+    assert sorted(analyse(str(clips["upload"]))[0]) == ["angle", "size", "speed"]

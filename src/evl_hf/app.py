@@ -99,6 +99,12 @@ def build_demo(
     frame_sampling_rate = window_frame_sampling_rate(classifier.video_processor, frame_sampling_rate)
     examples = find_examples(examples_dir) if examples_dir is not None else []
 
+    regression = problem_type_without_labels(classifier.model.config) == "regression"
+    num_outputs = len(classifier.model.config.id2label)
+    outputs = f"{num_outputs} {'output' if num_outputs == 1 else 'outputs'}, a regression" if regression else (
+        f"{num_outputs} {'class' if num_outputs == 1 else 'classes'}"
+    )  # fmt: skip
+
     def heatmaps(video: str) -> Image.Image:
         explanation = explain(classifier.model, classifier.video_processor, video, top_k=top_k)
         # Titled with the upload's name, not its path in Gradio's temporary folder.
@@ -112,7 +118,8 @@ def build_demo(
         if video is None:
             raise gr.Error("Upload a video or pick an example first.")
         try:
-            labels = classifier(video, top_k=top_k)
+            # A regression's outputs are values, not a ranking of classes: all of them.
+            labels = classifier(video, top_k=num_outputs if regression else top_k)
             windows = timeline(
                 video, window_stride=window_stride, frame_sampling_rate=frame_sampling_rate, top_k=top_k
             )
@@ -128,7 +135,7 @@ def build_demo(
     with gr.Blocks(title="EVL video classification", analytics_enabled=False) as demo:
         gr.Markdown(
             f"# EVL video classification\n"
-            f"Model: `{model_dir}` ({len(classifier.model.config.id2label)} classes). Upload a video or pick an "
+            f"Model: `{model_dir}` ({outputs}). Upload a video or pick an "
             f"example clip, then press **Classify**."
         )
         with gr.Row():
@@ -138,7 +145,7 @@ def build_demo(
                 if examples:
                     gr.Examples(examples=[[path] for path in examples], inputs=video, label="Example clips")
             with gr.Column():
-                if problem_type_without_labels(classifier.model.config) == "regression":
+                if regression:
                     # The model's values, not probabilities: a `gr.Label` would show 3.7 as a confidence of 370%.
                     labels = gr.JSON(label="Predicted values (regression)", elem_id="labels")
                 else:
