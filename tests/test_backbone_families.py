@@ -262,6 +262,22 @@ def test_an_unsupported_vision_config_is_refused_by_name():
         EVLConfig(vision_config=ConvNextConfig())
 
 
+def test_a_vit_config_with_sizes_as_pairs_runs_square_and_names_a_non_square_one():
+    # ViTConfig takes (height, width) pairs: EVLConfig failed on them with a bare TypeError (tuple % int).
+    shape = {key: value for key, value in SHAPE.items() if key != "patch_size"}
+    torch.manual_seed(0)
+    square = EVLForVideoClassification(
+        EVLConfig(vision_config=ViTConfig(image_size=(32, 32), patch_size=(8, 8), **shape), **DECODER)
+    ).eval()
+    assert (square.config.frame_size, square.config.patch_grid) == (32, (4, 4))
+    with torch.no_grad():
+        assert square(torch.randn(1, 3, 3, 32, 32)).logits.shape == (1, 5)
+    for sizes, field in (({"image_size": (32, 48), "patch_size": 8}, "image_size"),
+                         ({"image_size": 32, "patch_size": (8, 4)}, "patch_size")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"`vision_config.{field}` .* a square"):
+            EVLConfig(vision_config=ViTConfig(**sizes, **shape), **DECODER)
+
+
 def test_a_dinov2_processor_without_a_crop_sets_the_frame_size_from_its_resize(tmp_path):
     vision_config = FAMILIES["dinov2"][0]
     save_backbone(tmp_path / "dinov2", vision_config)
