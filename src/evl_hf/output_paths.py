@@ -41,8 +41,8 @@ def figure_format(path: str | os.PathLike) -> str:
 
 
 def check_output_path(parser: argparse.ArgumentParser, option: str, path: str | None, figure: bool = False) -> None:
-    """Stop the command (`parser.error`, one line) unless `path` can be written: its folder exists and, for a figure,
-    its suffix is a format matplotlib writes."""
+    """Stop the command (`parser.error`, one line) unless `path` can be written: its folder exists and may be written
+    to (the file too, if it exists) and, for a figure, its suffix is a format matplotlib writes."""
     if path is None:
         return
     folder = Path(path).parent
@@ -50,6 +50,9 @@ def check_output_path(parser: argparse.ArgumentParser, option: str, path: str | 
         parser.error(f"{option} {path}: the folder {folder} does not exist.")
     if Path(path).is_dir():
         parser.error(f"{option} {path}: is a folder, not a file.")
+    # Found out at the end, a long timeline's windows would be lost.
+    if not os.access(folder, os.W_OK | os.X_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+        parser.error(f"{option} {path}: no permission to write it.")
     if figure:
         try:
             figure_format(path)
