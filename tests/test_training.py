@@ -92,6 +92,29 @@ def test_length_grouping_strategies_shuffle_clips_of_one_shape_also_from_the_fea
     assert f"train_sampling_strategy={strategy!r} is ignored: every clip has the same length" in caplog.text
 
 
+def test_input_tokens_seen_count_the_pixels_of_cached_clips_as_of_decoded_ones(tmp_path, caplog):
+    # Batches of cached features have no `pixel_values` (the model's main input): transformers counted nothing and
+    # warned at every step. They count the pixels the clips would have had, as training on decoded clips does.
+    from datasets import Dataset
+
+    config = tiny_config(num_labels=3, use_temporal_cross_attention=False)
+    tokens = config.vision_config.image_size // config.vision_config.patch_size
+    features = np.zeros((4, 2, config.num_frames, 1 + tokens * tokens, 32), np.float32)
+    cached = Dataset.from_dict({"frame_features": features, "labels": [0, 1, 2, 0]}).with_format("torch")
+    decoded = [{"pixel_values": torch.zeros(config.num_frames, 3, 32, 32), "labels": 0}] * 4
+    seen = []
+    for data in (cached, decoded):
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=2,
+                                 per_device_train_batch_size=2, include_num_input_tokens_seen=True,
+                                 save_strategy="no")  # fmt: skip
+        scores = EVLTrainer(model=EVLForVideoClassification(config), args=args, train_dataset=data)
+        with caplog.at_level(logging.WARNING):
+            scores.train()
+        seen.append(scores.state.num_input_tokens_seen)
+    assert seen[0] == seen[1] == 4 * config.num_frames * 3 * 32 * 32
+    assert "Tried to track the number of tokens seen" not in caplog.text
+
+
 def test_the_sequential_strategy_reads_decoded_training_clips_in_order(tmp_path):
     # Decoded clips are keyed `epoch * len + index` by their own sampler, which shuffled whatever the strategy.
     from datasets import Dataset

@@ -68,6 +68,17 @@ class EVLTrainer(Trainer):
         self.unusable_clips = {"train": set(), "eval": set()}
         self._start_evaluation()
 
+    def _track_num_input_tokens(self, inputs):
+        # `--include_num_input_tokens_seen` counts the main input's elements: cached clips (backbone features, no
+        # `pixel_values`) count the pixels they were computed from, as decoded clips do, without allocating them.
+        frame_features = inputs.get("frame_features")
+        if "pixel_values" not in inputs and frame_features is not None:
+            config = self.accelerator.unwrap_model(self.model).config
+            batch_size, _, num_frames = frame_features.shape[:3]
+            shape = (batch_size, num_frames, config.vision_config.num_channels, config.frame_size, config.frame_size)
+            inputs = {**inputs, "pixel_values": torch.empty(shape, device="meta")}
+        return super()._track_num_input_tokens(inputs)
+
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         if self.decay_norms_and_biases:
             return [name for name, _ in model.named_parameters()]
