@@ -243,6 +243,17 @@ def test_frames_with_the_metadata_of_a_longer_video_need_their_indices(coded_cli
     out = small_processor()(four, video_metadata=given, return_tensors="pt", return_metadata=True)
     torch.testing.assert_close(out["pixel_values"], small_processor()(four, return_tensors="pt")["pixel_values"])
     assert out["video_metadata"][0].frames_indices is None
+    # Indices that are given are checked even where they are not needed: they are returned as the frames' own.
+    indices = dataclasses.replace(metadata, frames_indices=[0, 50, 100, 150])
+    for wrong, message in (([0, 50], "4 frames .* 2 frames_indices"), ([0, 1, 2, 3, 4, 5], "6 frames_indices"),
+                           ([100, 200, 300, 400], "run from 100 to 400, outside its video of 300")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            small_processor()(four, video_metadata=dataclasses.replace(indices, frames_indices=wrong), return_tensors="pt")
+    out = small_processor()(four, video_metadata=indices, return_tensors="pt", return_metadata=True)
+    assert list(out["video_metadata"][0].frames_indices) == [0, 50, 100, 150]
+    # `sample_frames` given the indices alone counts the frames from them.
+    positions = small_processor().sample_frames(metadata, given_frame_indices=metadata.frames_indices)
+    assert all(0 <= position < len(video) for position in positions)
 
 
 def test_fps_samples_by_time_and_excludes_num_frames(coded_clip):

@@ -408,27 +408,33 @@ class EVLVideoProcessor(BaseVideoProcessor):
         video is sampled as if decoded (`sampling_rate` and `fps` count in its own frames) and each index is the given
         frame nearest to it (ties: the earlier). The indices returned are positions in the given frames.
         """
+        if given_frame_indices is not None and num_given_frames is None:
+            num_given_frames = len(given_frame_indices)
         if num_given_frames is not None:
+            total = metadata.total_num_frames
+            given = None if given_frame_indices is None else np.asarray(given_frame_indices, dtype=np.int64)
+            described = "no frames_indices" if given is None else f"{len(given)} frames_indices"
+            not_each_frames_index = ValueError(
+                f"{num_given_frames} frames were given with the metadata of a video of {total} frames and "
+                f"{described}, not the index in that video of each frame given. Pass the frames without the metadata "
+                "to sample among them as a video of their own, the video itself, or metadata whose frames_indices "
+                "give each frame's index in the video."
+            )
+            # Indices given are checked whether they are needed or not: they are returned as the frames' own.
+            if given is not None and len(given) != num_given_frames:
+                raise not_each_frames_index
+            if given is not None and len(given) and (given.min() < 0 or given.max() >= total):
+                raise ValueError(
+                    f"The metadata's frames_indices run from {given.min()} to {given.max()}, outside its video of "
+                    f"{total} frames (total_num_frames): they do not describe the frames given."
+                )
             if fps is None and num_frames is None:
                 fps = self.fps
             views = self.num_temporal_views if num_temporal_views is None else num_temporal_views
             if fps is None and num_given_frames == (self.num_frames if num_frames is None else num_frames):
                 return np.tile(np.arange(num_given_frames), views)
-            total = metadata.total_num_frames
-            if given_frame_indices is None or len(given_frame_indices) != num_given_frames:
-                described = "no frames_indices" if given_frame_indices is None else f"{len(given_frame_indices)} frames_indices"
-                raise ValueError(
-                    f"{num_given_frames} frames were given with the metadata of a video of {total} frames and "
-                    f"{described}, not the index in that video of each frame given. Pass the frames without the "
-                    "metadata to sample among them as a video of their own, the video itself, or metadata whose "
-                    "frames_indices give each frame's index in the video."
-                )
-            given = np.asarray(given_frame_indices, dtype=np.int64)
-            if given.min() < 0 or given.max() >= total:
-                raise ValueError(
-                    f"The metadata's frames_indices run from {given.min()} to {given.max()}, outside its video of "
-                    f"{total} frames (total_num_frames): they do not describe the frames given."
-                )
+            if given is None:
+                raise not_each_frames_index
             wanted = self.sample_frames(
                 metadata, num_frames=num_frames, sampling_rate=sampling_rate, frame_sampling=frame_sampling,
                 num_temporal_views=views, random_temporal_offset=random_temporal_offset, fps=fps,
