@@ -262,7 +262,7 @@ def test_an_unsupported_vision_config_is_refused_by_name():
         EVLConfig(vision_config=ConvNextConfig())
 
 
-def test_a_vit_config_with_sizes_as_pairs_runs_square_and_names_a_non_square_one():
+def test_a_vit_config_with_sizes_as_pairs_runs_square_and_names_a_non_square_one(tmp_path):
     # ViTConfig takes (height, width) pairs: EVLConfig failed on them with a bare TypeError (tuple % int).
     shape = {key: value for key, value in SHAPE.items() if key != "patch_size"}
     torch.manual_seed(0)
@@ -272,6 +272,12 @@ def test_a_vit_config_with_sizes_as_pairs_runs_square_and_names_a_non_square_one
     assert (square.config.frame_size, square.config.patch_grid) == (32, (4, 4))
     with torch.no_grad():
         assert square(torch.randn(1, 3, 3, 32, 32)).logits.shape == (1, 5)
+    # A saved tower's config.json holds the pairs as lists, the same sizes: `config=` of either form fits it.
+    square.evl.vision_model.save_pretrained(tmp_path / "vit")
+    for vision in (square.config.vision_config, ViTConfig(image_size=32, patch_size=8, **shape)):
+        EVLForVideoClassification.from_backbone_pretrained(
+            str(tmp_path / "vit"), config=EVLConfig(vision_config=vision, **DECODER)
+        )
     for sizes, field in (({"image_size": (32, 48), "patch_size": 8}, "image_size"),
                          ({"image_size": 32, "patch_size": (8, 4)}, "patch_size")):  # fmt: skip
         with pytest.raises(ValueError, match=rf"`vision_config.{field}` .* a square"):

@@ -74,7 +74,7 @@ _PROCESSOR_PRESET_KEYS = ("backbone", "sampling_rate", "num_spatial_views", "num
 _AUTO_MODEL_CLASSES = {"AutoModel": "EVLModel", "AutoModelForVideoClassification": "EVLForVideoClassification"}
 
 
-def _square_side(vision_config, name: str) -> int:
+def square_side(vision_config, name: str) -> int:
     """`vision_config.<name>` (`image_size`, `patch_size`) as one side: ViT's config also takes a (height, width)
     pair, which must be square, since EVL's cross-frame offset tables are built for a square patch grid."""
     value = getattr(vision_config, name)
@@ -242,15 +242,15 @@ class EVLConfig(PreTrainedConfig):
                     f"`vision_config.num_attention_heads` ({vision.num_attention_heads})."
                 )
             for name in ("image_size", "patch_size"):
-                _square_side(vision, name)  # a (height, width) pair must be square
-            if self.image_size is not None and self.image_size != _square_side(vision, "image_size"):
+                square_side(vision, name)  # a (height, width) pair must be square
+            if self.image_size is not None and self.image_size != square_side(vision, "image_size"):
                 if not family.interpolates_position_embeddings:
                     raise ValueError(
                         f"`image_size` ({self.image_size}) differs from the {family.name} backbone's "
                         f"(`vision_config.image_size` = {vision.image_size}), whose position embeddings are not "
                         "interpolated: leave `image_size` unset."
                     )
-            if self.frame_size % _square_side(vision, "patch_size") != 0:
+            if self.frame_size % square_side(vision, "patch_size") != 0:
                 raise ValueError(
                     f"The frame size ({self.frame_size}) must be a multiple of `vision_config.patch_size` "
                     f"({vision.patch_size}) for the cross-frame attention's patch grid."
@@ -275,12 +275,12 @@ class EVLConfig(PreTrainedConfig):
     @property
     def frame_size(self) -> int:
         """Height and width of the frames the backbone reads (`image_size`, or the backbone's)."""
-        return self.image_size if self.image_size is not None else _square_side(self.vision_config, "image_size")
+        return self.image_size if self.image_size is not None else square_side(self.vision_config, "image_size")
 
     @property
     def patch_grid(self) -> tuple[int, int]:
         """(height, width) of the backbone's patch grid."""
-        side = self.frame_size // _square_side(self.vision_config, "patch_size")
+        side = self.frame_size // square_side(self.vision_config, "patch_size")
         return side, side
 
     @property

@@ -55,7 +55,7 @@ from .backbone_families import (
     processor_crop_size,
     supported_checkpoint_types,
 )
-from .configuration_evl import EVLConfig
+from .configuration_evl import EVLConfig, square_side
 from .cpu_info import cpu_flags
 
 
@@ -915,8 +915,20 @@ def _architecture_differences(given: PreTrainedConfig, checkpoint: PreTrainedCon
         if field.name not in common | _FIELDS_THE_TOWER_DOES_NOT_RUN
         and not field.name.startswith("_")
         and not any(word in field.name for word in ("initializer", "dropout", "drop_path"))
-        and getattr(given, field.name) != getattr(checkpoint, field.name)
+        and _setting(given, field.name) != _setting(checkpoint, field.name)
     ]
+
+
+def _setting(config: PreTrainedConfig, name: str):
+    """A config field as compared between configs: a pair read back from config.json is a list, and a ViT's square
+    `image_size` / `patch_size` is the same given as one number or as a pair."""
+    if name in ("image_size", "patch_size"):
+        try:
+            return square_side(config, name)
+        except ValueError:  # not square: compared as it is
+            pass
+    value = getattr(config, name)
+    return tuple(value) if isinstance(value, list) else value
 
 
 @contextlib.contextmanager
