@@ -341,4 +341,7 @@ def test_a_regression_model_shows_its_values_not_confidences(clips, tmp_path):
     (three / "config.json").write_text(json.dumps({**config, "problem_type": "regression"}))
     demo = evl_hf.app.build_demo(three, top_k=2)
     (analyse,) = [block.fn for block in demo.fns.values() if block.fn.__name__ == "analyse"]
-    assert sorted(analyse(str(clips["upload"]))[0]) == ["angle", "size", "speed"]
+    values, figure, _ = analyse(str(clips["upload"]))
+    assert sorted(values) == ["angle", "size", "speed"]
+    # and the timeline draws every output (a value outside a window's top 2 was left out, or drawn as 0)
+    assert sorted(line.get_label() for line in figure.axes[0].get_lines()) == ["angle", "size", "speed"]

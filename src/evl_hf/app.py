@@ -104,9 +104,12 @@ def build_demo(
     outputs = f"{num_outputs} {'output' if num_outputs == 1 else 'outputs'}, a regression" if regression else (
         f"{num_outputs} {'class' if num_outputs == 1 else 'classes'}"
     )  # fmt: skip
+    # A regression's outputs are values, not a ranking of classes: all of them are shown and drawn (a value left
+    # out of a window's top-k would be drawn as 0 there).
+    shown = num_outputs if regression else top_k
 
     def heatmaps(video: str) -> Image.Image:
-        explanation = explain(classifier.model, classifier.video_processor, video, top_k=top_k)
+        explanation = explain(classifier.model, classifier.video_processor, video, top_k=shown)
         # Titled with the upload's name, not its path in Gradio's temporary folder.
         explanation = dataclasses.replace(explanation, video_name=Path(video).name)
         # Read back into memory, so that no file is left behind per request.
@@ -118,10 +121,9 @@ def build_demo(
         if video is None:
             raise gr.Error("Upload a video or pick an example first.")
         try:
-            # A regression's outputs are values, not a ranking of classes: all of them.
-            labels = classifier(video, top_k=num_outputs if regression else top_k)
+            labels = classifier(video, top_k=shown)
             windows = timeline(
-                video, window_stride=window_stride, frame_sampling_rate=frame_sampling_rate, top_k=top_k
+                video, window_stride=window_stride, frame_sampling_rate=frame_sampling_rate, top_k=shown
             )
             heatmap_grid = heatmaps(video)
         except EVLVideoDecodingError as error:
@@ -129,7 +131,7 @@ def build_demo(
             # temporary folder means nothing to the user, its file name does.
             message = str(error).replace(video, Path(video).name)
             raise gr.Error(html.escape(f"Cannot read this video: {message}")) from None
-        figure = plot_timeline(windows, num_classes=top_k)
+        figure = plot_timeline(windows, num_classes=shown)
         return {entry["label"]: entry["score"] for entry in labels}, figure, heatmap_grid
 
     with gr.Blocks(title="EVL video classification", analytics_enabled=False) as demo:
