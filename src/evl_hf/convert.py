@@ -19,9 +19,9 @@ import torch
 from transformers import CLIPVisionConfig
 
 from .backbone_families import BACKBONE_FAMILIES, checkpoint_model_type, family_of_checkpoint
+from .class_names import read_class_names, repeated_labels
 from .configuration_evl import EVLConfig
 from .modeling_evl import EVLCheckpointError, EVLForVideoClassification
-from .class_names import read_class_names, repeated_labels
 from .output_paths import check_output_dir
 from .video_processing_evl import EVLVideoProcessor
 
@@ -216,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", required=True, help="CLIP id (e.g. openai/clip-vit-base-patch16) or local dir.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--decoder_num_heads", type=int, default=None, help="Defaults to the backbone's head count.")
-    parser.add_argument("--labels", default=None, help="Class names in label order: a JSON list or object, or one name per line (as --class_names_file).",)
+    parser.add_argument(
+        "--labels", default=None,
+        help="Class names in label order: a JSON list or object, or one name per line (as --class_names_file).",
+    )  # fmt: skip
     parser.add_argument("--sampling_rate", type=int, default=None, help="Frame stride (default: 16, or 8 for 32 frames).")
     parser.add_argument("--num_spatial_views", type=int, default=1, help="Evaluation crops saved in the processor (1 or 3).")
     parser.add_argument("--num_temporal_views", type=int, default=1, help="Evaluation windows saved in the processor.")

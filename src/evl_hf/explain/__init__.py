@@ -291,8 +291,9 @@ def displayed_frames(processor: EVLVideoProcessor, pixel_values: torch.Tensor) -
 def top_predictions(config: PreTrainedConfig, logits: torch.Tensor, top_k: int) -> tuple[list[str], list[float]]:
     """
     The `top_k` labels of one clip's `logits` and their scores: sigmoid probabilities for a multi-label model, the
-    raw outputs for regression (also one output without a `problem_type`), softmax probabilities otherwise (as `pipeline("video-classification")`). None for a
-    model without a classification head (`num_labels=0`), whose logits are the video embedding, as in the pipeline.
+    raw outputs for regression (also one output without a `problem_type`), softmax probabilities otherwise (as
+    `pipeline("video-classification")`). None for a model without a classification head (`num_labels=0`), whose
+    logits are the video embedding, as in the pipeline.
     """
     if config.num_labels == 0:
         return [], []
